@@ -1,0 +1,97 @@
+"""The catalogue of ServiceTitan Export feeds, built from the packaged OpenAPI extract."""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+# Feeds whose records have no `id`: their key fields, per ServiceTitan's documentation.
+_KEY_EXCEPTIONS: dict[str, tuple[str, ...]] = {
+    "customer-interactions.technician-ratings": ("technicianId", "jobId"),
+    "payroll.payroll-settings": ("employeeId",),
+    "jpm.job-history": ("jobId",),
+}
+
+# Feeds taking `active`: a sync wants every record, active or not.
+_ACTIVE_ANY = {"active": "Any"}
+
+
+@dataclass(frozen=True, slots=True)
+class Feed:
+    """One Export feed: where to fetch it and how to key and date its records."""
+
+    name: str  # "<module>.<resource>", e.g. "crm.customers"
+    module: str
+    resource: str
+    path: str  # with a "{tenant}" placeholder
+    key_fields: tuple[str, ...]
+    timestamp_field: str | None  # modifiedOn, else createdOn, else None
+    params: tuple[tuple[str, str], ...]  # extra query parameters
+    schema: dict[str, Any] | None  # JSON schema of one record; None where the spec has none
+
+    def url_path(self, tenant: int) -> str:
+        return self.path.replace("{tenant}", str(tenant))
+
+    def record_key(self, record: dict[str, Any]) -> str | None:
+        """The record's key as a string (`a:b` for composite keys), or None when missing."""
+        parts = []
+        for field in self.key_fields:
+            value = record.get(field)
+            if value is None or isinstance(value, (dict, list, bool)):
+                return None
+            parts.append(str(value))
+        return ":".join(parts)
+
+
+def _timestamp_field(schema: dict[str, Any] | None) -> str | None:
+    if schema is None:
+        return "modifiedOn"
+    props = schema.get("properties", {})
+    for name in ("modifiedOn", "createdOn"):
+        if name in props:
+            return name
+    return None
+
+
+def _build(raw: dict[str, Any]) -> Feed:
+    name = raw["feed"]
+    module, _, resource = name.partition(".")
+    extra = [q["name"] for q in raw["query"] if q["name"] not in ("from", "includeRecentChanges")]
+    params = tuple((k, _ACTIVE_ANY[k]) for k in extra if k in _ACTIVE_ANY)
+    schema = raw.get("record_schema")
+    return Feed(
+        name=name,
+        module=module,
+        resource=resource,
+        path=raw["path"],
+        key_fields=_KEY_EXCEPTIONS.get(name, ("id",)),
+        timestamp_field=_timestamp_field(schema),
+        params=params,
+        schema=schema,
+    )
+
+
+@functools.cache
+def _load() -> tuple[dict[str, Feed], dict[str, Any]]:
+    text = resources.files("syncd").joinpath("data/export-feeds.json").read_text("utf-8")
+    raw = json.loads(text)
+    feeds = {f["feed"]: _build(f) for f in raw["feeds"]}
+    return feeds, raw["error_schema"]
+
+
+def feeds() -> dict[str, Feed]:
+    """Every export feed by name, in the catalogue's order."""
+    return _load()[0]
+
+
+def feed(name: str) -> Feed:
+    """The feed called `name`; KeyError if there is none."""
+    return _load()[0][name]
+
+
+def error_schema() -> dict[str, Any]:
+    """JSON schema of ServiceTitan's ProblemDetails error body."""
+    return _load()[1]

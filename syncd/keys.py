@@ -1,0 +1,42 @@
+"""Every Redis key syncd reads or writes, built in one place (see the README's Redis layout).
+
+The tenant id sits in a hash tag, so all keys of one tenant share a Redis Cluster slot.
+"""
+
+from __future__ import annotations
+
+DEFAULT_PREFIX = "st"
+
+
+class Keys:
+    """Key names of one tenant under one prefix."""
+
+    __slots__ = ("base", "prefix", "tenant")
+
+    def __init__(self, prefix: str, tenant: int) -> None:
+        self.prefix = prefix
+        self.tenant = tenant
+        self.base = f"{prefix}:{{{tenant}}}"
+
+    def stream(self, feed: str) -> str:
+        """Change events of one feed."""
+        return f"{self.base}:{feed}"
+
+    @property
+    def cursors(self) -> str:
+        """Hash: feed -> last stored continueFrom."""
+        return f"{self.base}:cursors"
+
+    def seen(self, feed: str) -> str:
+        """Hash: record key -> fingerprint of the last published version."""
+        return f"{self.base}:seen:{feed}"
+
+    @property
+    def dead(self) -> str:
+        """Stream of records that could not be turned into events, with the reason."""
+        return f"{self.base}:dead"
+
+    @property
+    def state(self) -> str:
+        """Hash: per-feed operational state (last poll, last error), for `syncd status`."""
+        return f"{self.base}:state"

