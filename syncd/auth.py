@@ -1,0 +1,126 @@
+"""OAuth 2.0 client credentials: one cached token per tenant, renewed before it expires."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import aiohttp
+import msgspec
+import structlog
+
+from syncd.config import Secret
+from syncd.errors import AuthFailed, RateLimited, TransientError
+from syncd.ratelimit import parse_retry_after
+
+log = structlog.get_logger("syncd.auth")
+
+# Renew this long before expiry, so that a request never leaves with a token about to lapse.
+RENEW_MARGIN_S = 60.0
+
+
+class _TokenResponse(msgspec.Struct):
+    access_token: str
+    expires_in: float = 900.0
+    token_type: str = "Bearer"
+
+
+class TokenProvider:
+    """The token of one tenant: cached, renewed by one caller at a time however many wait."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        auth_url: str,
+        tenant: int,
+        client_id: str,
+        client_secret: Secret,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        on_renewal: Callable[[int], None] | None = None,
+    ) -> None:
+        self._session = session
+        self._url = auth_url
+        self.tenant = tenant
+        self._client_id = client_id
+        self._secret = client_secret
+        self._clock = clock
+        self._on_renewal = on_renewal
+        self._token: str | None = None
+        self._expires_at = 0.0
+        self._lock = asyncio.Lock()
+        self.renewals = 0
+
+    def _valid(self) -> bool:
+        return self._token is not None and self._clock() < self._expires_at - RENEW_MARGIN_S
+
+    async def token(self) -> str:
+        """A valid access token; fetches a new one when the cached one is near expiry."""
+        if self._valid():
+            assert self._token is not None
+            return self._token
+        async with self._lock:
+            # Whoever waited on the lock finds the token a previous holder fetched.
+            if not self._valid():
+                await self._renew()
+            assert self._token is not None
+            return self._token
+
+    def invalidate(self, token: str) -> None:
+        """Drop `token` after a 401, unless a newer one already replaced it."""
+        if self._token == token:
+            self._token = None
+
+    async def _renew(self) -> None:
+        form = {
+            "grant_type": "client_credentials",
+            "client_id": self._client_id,
+            "client_secret": self._secret.reveal(),
+        }
+        try:
+            async with self._session.post(self._url, data=form) as resp:
+                body = await resp.read()
+                status = resp.status
+                retry_after = resp.headers.get("Retry-After")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise TransientError(f"token endpoint unreachable: {type(exc).__name__}") from None
+        if status == 429:
+            title = _title(body)
+            raise RateLimited(parse_retry_after(retry_after, title, time.time()), where="token")
+        if status >= 500:
+            raise TransientError(f"token endpoint answered {status}")
+        if status != 200:
+            # The body names the OAuth error (invalid_client, ...); it never echoes the secret.
+            raise AuthFailed(f"token endpoint answered {status}: {_oauth_error(body)}")
+        try:
+            parsed = msgspec.json.decode(body, type=_TokenResponse)
+        except msgspec.DecodeError:
+            raise TransientError("token endpoint answered unreadable JSON") from None
+        self._token = parsed.access_token
+        self._expires_at = self._clock() + parsed.expires_in
+        self.renewals += 1
+        if self._on_renewal is not None:
+            self._on_renewal(self.tenant)
+        log.info("token_renewed", tenant=self.tenant, expires_in_s=parsed.expires_in)
+
+
+def _title(body: bytes) -> str | None:
+    try:
+        data = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return None
+    title = data.get("title") if isinstance(data, dict) else None
+    return title if isinstance(title, str) else None
+
+
+def _oauth_error(body: bytes) -> str:
+    try:
+        data = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return "unreadable body"
+    if isinstance(data, dict):
+        err = data.get("error") or data.get("title")
+        if isinstance(err, str):
+            return err[:200]
+    return "unexpected body"

@@ -1,0 +1,389 @@
+"""Configuration: a TOML file validated into immutable typed structures.
+
+Loading is two steps: `load()` parses and validates the file (pure: no connections, no secret
+reads), `resolve()` reads the secrets it points at. Every error names the file, the key path and
+what is wrong: `syncd.toml: tenants[1].feeds[0]: unknown feed 'crm.customer'`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import msgspec
+
+from syncd import catalogue
+from syncd.keys import DEFAULT_PREFIX
+
+ENVIRONMENTS: dict[str, tuple[str, str]] = {
+    "production": ("https://auth.servicetitan.io/connect/token", "https://api.servicetitan.io"),
+    "integration": (
+        "https://auth-integration.servicetitan.io/connect/token",
+        "https://api-integration.servicetitan.io",
+    ),
+}
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names file, key and problem."""
+
+
+class Secret:
+    """A secret string that never shows itself in reprs, logs or tracebacks."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+class _Base(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class RedisConfig(_Base):
+    url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = DEFAULT_PREFIX
+    # Client-side socket timeout; a page's script must finish within it.
+    timeout: float = 30.0
+
+
+class ServiceTitanConfig(_Base):
+    environment: Literal["production", "integration"] = "production"
+    auth_url: str | None = None
+    api_url: str | None = None
+    app_key: str | None = None
+    app_key_file: str | None = None
+    app_key_env: str | None = None
+    # ServiceTitan gives up after 100 s; wait a little longer than that.
+    request_timeout: float = 105.0
+    connect_timeout: float = 10.0
+    max_connections: int = 256
+
+
+class TenantDefaults(_Base):
+    """Per-tenant settings; each tenant may override any of them."""
+
+    requests_per_second: float = 20.0
+    max_in_flight: int = 8
+    poll_interval: float = 300.0
+    include_recent_changes: bool = True
+    start: str = "beginning"  # or a date: "2024-01-01"
+    feeds: list[str] | None = None
+
+
+class FeedOptions(_Base):
+    change_detection: bool = True
+    poll_interval: float | None = None
+
+
+class TenantConfig(_Base):
+    id: int
+    client_id: str
+    client_secret: str | None = None
+    client_secret_file: str | None = None
+    client_secret_env: str | None = None
+    name: str | None = None
+    requests_per_second: float | None = None
+    max_in_flight: int | None = None
+    poll_interval: float | None = None
+    include_recent_changes: bool | None = None
+    start: str | None = None
+    feeds: list[str] | None = None
+
+
+class EngineConfig(_Base):
+    workers: int = 64
+    shutdown_grace: float = 30.0
+    # Consecutive failures of one feed after which `--once` gives up on it.
+    once_max_failures: int = 6
+    backoff_base: float = 1.0
+    backoff_max: float = 300.0
+    jitter: float = 0.1
+
+
+class LogConfig(_Base):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class OpsConfig(_Base):
+    listen: str | None = None
+
+
+class Config(_Base):
+    redis: RedisConfig = msgspec.field(default_factory=RedisConfig)
+    servicetitan: ServiceTitanConfig = msgspec.field(default_factory=ServiceTitanConfig)
+    defaults: TenantDefaults = msgspec.field(default_factory=TenantDefaults)
+    feeds: dict[str, FeedOptions] = msgspec.field(default_factory=dict)
+    engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+    ops: OpsConfig = msgspec.field(default_factory=OpsConfig)
+    tenants: list[TenantConfig] = msgspec.field(default_factory=list)
+    path: str = ""  # set by load(); not a configuration key
+
+
+@dataclass(frozen=True, slots=True)
+class TenantSettings:
+    """A tenant's effective settings: its own values over the defaults, secrets read."""
+
+    id: int
+    client_id: str
+    client_secret: Secret
+    requests_per_second: float
+    max_in_flight: int
+    poll_interval: float
+    include_recent_changes: bool
+    start: str | None  # None: from the beginning; else a date string for `from`
+    feeds: tuple[str, ...]
+    name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the daemon needs, resolved: URLs chosen, secrets read."""
+
+    config: Config
+    auth_url: str
+    api_url: str
+    app_key: Secret
+    tenants: tuple[TenantSettings, ...]
+
+    def feed_options(self, feed: str) -> FeedOptions:
+        return self.config.feeds.get(feed) or _DEFAULT_FEED_OPTIONS
+
+    def poll_interval(self, tenant: TenantSettings, feed: str) -> float:
+        own = self.feed_options(feed).poll_interval
+        return own if own is not None else tenant.poll_interval
+
+
+_DEFAULT_FEED_OPTIONS = FeedOptions()
+_T = TypeVar("_T")
+_AT_PATH = re.compile(r"\s*-\s*at `\$(?P<path>[^`]*)`$")
+
+
+def _key_path(message: str) -> tuple[str, str]:
+    """Split msgspec's "Expected `int`, got `str` - at `$.tenants[0].id`" into path and text."""
+    m = _AT_PATH.search(message)
+    if not m:
+        return "", message
+    path = m.group("path").lstrip(".")
+    return path, message[: m.start()]
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a configuration file; ConfigError on any problem."""
+    name = str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read: {exc.strerror or exc}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{name}: not valid TOML: {exc}") from None
+    return parse(data, name)
+
+
+def parse(data: Mapping[str, Any], name: str = "<config>") -> Config:
+    """Validate an already-parsed TOML document."""
+    try:
+        cfg = msgspec.convert(dict(data), Config, strict=True)
+    except msgspec.ValidationError as exc:
+        key, text = _key_path(str(exc))
+        m = re.fullmatch(r"Object (missing required|contains unknown) field `(.+)`", text)
+        if m:
+            key = f"{key}.{m.group(2)}" if key else m.group(2)
+            text = "missing required key" if m.group(1) == "missing required" else "unknown key"
+        raise ConfigError(f"{name}: {key or '(top level)'}: {text}") from None
+    _check(cfg, name)
+    return msgspec.structs.replace(cfg, path=name)
+
+
+def _fail(name: str, key: str, what: str) -> ConfigError:
+    return ConfigError(f"{name}: {key}: {what}")
+
+
+def _check_feeds(name: str, key: str, feeds: list[str] | None) -> None:
+    known = catalogue.feeds()
+    for i, feed in enumerate(feeds or ()):
+        if feed not in known:
+            raise _fail(name, f"{key}[{i}]", f"unknown feed {feed!r} (see `syncd feeds`)")
+
+
+def _check_start(name: str, key: str, start: str | None) -> None:
+    if start is None or start == "beginning":
+        return
+    try:
+        dt.date.fromisoformat(start[:10])
+        if len(start) > 10:
+            dt.datetime.fromisoformat(start.replace("Z", "+00:00"))
+    except ValueError:
+        raise _fail(name, key, f"expected 'beginning' or a date like 2024-01-01, got {start!r}")
+
+
+def _check_secret_source(name: str, key: str, obj: Any, field: str) -> None:
+    given = [s for s in ("", "_file", "_env") if getattr(obj, field + s) is not None]
+    if len(given) != 1:
+        options = f"{field}, {field}_file or {field}_env"
+        what = "missing" if not given else "more than one given"
+        raise _fail(name, key + field, f"{what}: set exactly one of {options}")
+
+
+def _check(cfg: Config, name: str) -> None:
+    st = cfg.servicetitan
+    _check_secret_source(name, "servicetitan.", st, "app_key")
+    for field in ("auth_url", "api_url"):
+        value = getattr(st, field)
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise _fail(name, f"servicetitan.{field}", f"expected an http(s) URL, got {value!r}")
+    if not cfg.redis.url.startswith(("redis://", "rediss://", "unix://")):
+        raise _fail(name, "redis.url", "expected a redis://, rediss:// or unix:// URL")
+    if not cfg.redis.key_prefix or "{" in cfg.redis.key_prefix:
+        raise _fail(name, "redis.key_prefix", "must be non-empty and without '{'")
+    if cfg.engine.workers < 1:
+        raise _fail(name, "engine.workers", "must be at least 1")
+    for feed in cfg.feeds:
+        if feed not in catalogue.feeds():
+            raise _fail(name, f"feeds.{feed}", f"unknown feed {feed!r}")
+    _check_feeds(name, "defaults.feeds", cfg.defaults.feeds)
+    _check_start(name, "defaults.start", cfg.defaults.start)
+    _check_limits(name, "defaults", cfg.defaults)
+    if not cfg.tenants:
+        raise _fail(name, "tenants", "no tenants configured: add at least one [[tenants]]")
+    seen: set[int] = set()
+    for i, t in enumerate(cfg.tenants):
+        key = f"tenants[{i}]"
+        if t.id <= 0:
+            raise _fail(name, f"{key}.id", f"expected a positive tenant id, got {t.id}")
+        if t.id in seen:
+            raise _fail(name, f"{key}.id", f"tenant {t.id} is configured twice")
+        seen.add(t.id)
+        _check_secret_source(name, f"{key}.", t, "client_secret")
+        _check_feeds(name, f"{key}.feeds", t.feeds)
+        _check_start(name, f"{key}.start", t.start)
+        _check_limits(name, key, t)
+    if cfg.ops.listen is not None and not re.fullmatch(r"\[?[^\s\]]*\]?:\d+", cfg.ops.listen):
+        raise _fail(name, "ops.listen", f"expected HOST:PORT, got {cfg.ops.listen!r}")
+
+
+def _check_limits(name: str, key: str, obj: TenantDefaults | TenantConfig) -> None:
+    if obj.requests_per_second is not None and not 0 < obj.requests_per_second <= 60:
+        raise _fail(
+            name, f"{key}.requests_per_second", "must be > 0 and <= 60 (ServiceTitan's limit)"
+        )
+    if obj.max_in_flight is not None and obj.max_in_flight < 1:
+        raise _fail(name, f"{key}.max_in_flight", "must be at least 1")
+    if obj.poll_interval is not None and obj.poll_interval <= 0:
+        raise _fail(name, f"{key}.poll_interval", "must be > 0 seconds")
+
+
+def _read_secret(name: str, key: str, value: str | None, file: str | None, env: str | None,
+                 environ: Mapping[str, str]) -> Secret:
+    if value is not None:
+        return Secret(value)
+    if env is not None:
+        if env not in environ:
+            raise _fail(name, key + "_env", f"environment variable {env} is not set")
+        return Secret(environ[env])
+    assert file is not None
+    path = _expand(file, environ)
+    if path is None:
+        raise _fail(name, key + "_file", f"{file!r} names an unset variable")
+    try:
+        text = Path(path).read_text("utf-8")
+    except OSError as exc:
+        raise _fail(name, key + "_file", f"cannot read {path}: {exc.strerror or exc}") from None
+    secret = text.strip()
+    if not secret:
+        raise _fail(name, key + "_file", f"{path} is empty")
+    return Secret(secret)
+
+
+_VAR = re.compile(r"\$\{(\w+)\}|\$(\w+)")
+
+
+def _expand(path: str, environ: Mapping[str, str]) -> str | None:
+    """Expand $VAR / ${VAR} (e.g. ${CREDENTIALS_DIRECTORY} under systemd); None if unset."""
+    missing = False
+
+    def sub(m: re.Match[str]) -> str:
+        nonlocal missing
+        var = m.group(1) or m.group(2)
+        if var not in environ:
+            missing = True
+            return ""
+        return environ[var]
+
+    out = _VAR.sub(sub, path)
+    return None if missing else out
+
+
+def resolve(cfg: Config, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read secrets and compute each tenant's effective settings."""
+    env = os.environ if environ is None else environ
+    name, st, d = cfg.path or "<config>", cfg.servicetitan, cfg.defaults
+    default_auth, default_api = ENVIRONMENTS[st.environment]
+    app_key = _read_secret(
+        name, "servicetitan.app_key", st.app_key, st.app_key_file, st.app_key_env, env
+    )
+    tenants = []
+    all_feeds = tuple(catalogue.feeds())
+    for i, t in enumerate(cfg.tenants):
+        secret = _read_secret(
+            name, f"tenants[{i}].client_secret", t.client_secret, t.client_secret_file,
+            t.client_secret_env, env,
+        )
+        start = t.start if t.start is not None else d.start
+        feeds = t.feeds if t.feeds is not None else d.feeds
+        tenants.append(
+            TenantSettings(
+                id=t.id,
+                name=t.name,
+                client_id=t.client_id,
+                client_secret=secret,
+                requests_per_second=_pick(t.requests_per_second, d.requests_per_second),
+                max_in_flight=_pick(t.max_in_flight, d.max_in_flight),
+                poll_interval=_pick(t.poll_interval, d.poll_interval),
+                include_recent_changes=_pick(t.include_recent_changes, d.include_recent_changes),
+                start=None if start == "beginning" else start,
+                feeds=tuple(dict.fromkeys(feeds)) if feeds is not None else all_feeds,
+            )
+        )
+    return Settings(
+        config=cfg,
+        auth_url=(st.auth_url or default_auth),
+        api_url=(st.api_url or default_api).rstrip("/"),
+        app_key=app_key,
+        tenants=tuple(tenants),
+    )
+
+
+def _pick(own: _T | None, default: _T) -> _T:
+    return default if own is None else own
+
+
+def load_settings(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None
+                  ) -> Settings:
+    """load() then resolve(): the one call the daemon and the commands use."""
+    return resolve(load(path), environ)

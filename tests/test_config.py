@@ -1,0 +1,143 @@
+"""Configuration: valid files load, bad ones fail with FILE: key: what, exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from syncd import catalogue, config
+
+GOOD = """
+[servicetitan]
+app_key = "k"
+api_url = "http://127.0.0.1:1"
+auth_url = "http://127.0.0.1:1/connect/token"
+
+[defaults]
+requests_per_second = 10
+
+[feeds."crm.customers"]
+change_detection = false
+
+[[tenants]]
+id = 1001
+client_id = "client-1001"
+client_secret = "secret-1001"
+feeds = ["crm.customers", "jpm.jobs"]
+
+[[tenants]]
+id = 1002
+client_id = "client-1002"
+client_secret_file = "SECRET_FILE"
+max_in_flight = 2
+start = "2024-01-01"
+"""
+
+
+def write(tmp_path: Path, text: str, secret: str = "secret-1002\n") -> Path:
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(secret)
+    path = tmp_path / "syncd.toml"
+    path.write_text(text.replace("SECRET_FILE", str(secret_file)))
+    return path
+
+
+def test_good_config_resolves(tmp_path: Path) -> None:
+    s = config.load_settings(write(tmp_path, GOOD), environ={})
+    t1, t2 = s.tenants
+    assert t1.feeds == ("crm.customers", "jpm.jobs")
+    assert t1.requests_per_second == 10 and t2.max_in_flight == 2
+    assert t2.client_secret.reveal() == "secret-1002"
+    assert t2.feeds == tuple(catalogue.feeds())
+    assert t1.start is None and t2.start == "2024-01-01"
+    assert s.feed_options("crm.customers").change_detection is False
+    assert s.feed_options("jpm.jobs").change_detection is True
+    assert s.api_url == "http://127.0.0.1:1"
+    assert "secret-1002" not in repr(t2) and "secret-1002" not in repr(s)
+
+
+def test_environment_picks_urls(tmp_path: Path) -> None:
+    text = GOOD.replace('api_url = "http://127.0.0.1:1"\n', "").replace(
+        'app_key = "k"', 'app_key_env = "ST_KEY"\nenvironment = "integration"'
+    )
+    s = config.load_settings(write(tmp_path, text), environ={"ST_KEY": "from-env"})
+    assert s.api_url == "https://api-integration.servicetitan.io"
+    assert s.app_key.reveal() == "from-env"
+
+
+def test_credentials_directory_expansion(tmp_path: Path) -> None:
+    (tmp_path / "creds").mkdir()
+    (tmp_path / "creds" / "app_key").write_text("cred-key\n")
+    text = GOOD.replace('app_key = "k"', 'app_key_file = "${CREDENTIALS_DIRECTORY}/app_key"')
+    s = config.load_settings(
+        write(tmp_path, text), environ={"CREDENTIALS_DIRECTORY": str(tmp_path / "creds")}
+    )
+    assert s.app_key.reveal() == "cred-key"
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t.replace('id = 1001\n', ''), "tenants[0].id: missing required key"),
+        (lambda t: t.replace('id = 1001', 'id = "x"'), "tenants[0].id: Expected `int`, got `str`"),
+        (lambda t: t.replace('"jpm.jobs"', '"jpm.job"'), "tenants[0].feeds[1]: unknown feed 'jpm.job'"),
+        (lambda t: t.replace('max_in_flight = 2', 'max_inflight = 2'), "tenants[1].max_inflight: unknown key"),
+        (lambda t: t.replace('app_key = "k"', ''), "servicetitan.app_key: missing"),
+        (lambda t: t.replace('requests_per_second = 10', 'requests_per_second = 100'),
+         "defaults.requests_per_second: must be > 0 and <= 60"),
+        (lambda t: t.replace('start = "2024-01-01"', 'start = "yesterday"'),
+         "tenants[1].start: expected 'beginning' or a date"),
+        (lambda t: t.replace('[feeds."crm.customers"]', '[feeds."crm.nope"]'),
+         "feeds.crm.nope: unknown feed"),
+        (lambda t: t + "\n[[tenants]]\nid = 1001\nclient_id = 'a'\nclient_secret = 'b'\n",
+         "tenants[2].id: tenant 1001 is configured twice"),
+        (lambda t: t.replace('[defaults]', '[defaults\n'), "not valid TOML"),
+    ],
+)
+def test_bad_config_names_key(tmp_path: Path, edit, message: str) -> None:  # type: ignore[no-untyped-def]
+    path = write(tmp_path, edit(GOOD))
+    with pytest.raises(config.ConfigError) as err:
+        config.load_settings(path, environ={})
+    assert str(err.value).startswith(f"{path}: ")
+    assert message in str(err.value)
+
+
+def test_unreadable_secret_file(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD.replace("SECRET_FILE", str(tmp_path / "missing")))
+    with pytest.raises(config.ConfigError, match=r"tenants\[1\]\.client_secret_file: cannot read"):
+        config.load_settings(path, environ={})
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "syncd", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_check_config_command(tmp_path: Path) -> None:
+    ok = run_cli("check-config", str(write(tmp_path, GOOD)))
+    assert ok.returncode == 0, ok.stderr
+    assert "ok (2 tenants, 57 feeds)" in ok.stdout
+    bad = write(tmp_path, GOOD.replace('"jpm.jobs"', '"jpm.jbs"'))
+    res = run_cli("check-config", str(bad))
+    assert res.returncode == 2
+    assert f"{bad}: tenants[0].feeds[1]: unknown feed 'jpm.jbs'" in res.stderr
+
+
+def test_run_with_bad_config_exits_2(tmp_path: Path) -> None:
+    res = run_cli("run", "--config", str(tmp_path / "nope.toml"))
+    assert res.returncode == 2
+    assert "nope.toml: cannot read" in res.stderr
+    secret = write(tmp_path, GOOD.replace("SECRET_FILE", "/nonexistent/secret"))
+    res = run_cli("run", "--config", str(secret), "--once")
+    assert res.returncode == 2
+    assert "tenants[1].client_secret_file: cannot read /nonexistent/secret" in res.stderr
+
+
+def test_example_config_is_valid() -> None:
+    root = Path(__file__).parent.parent
+    cfg = config.load(root / "config" / "example.toml")
+    assert cfg.tenants

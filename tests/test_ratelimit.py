@@ -1,0 +1,88 @@
+"""Pure timing logic, driven by an explicit clock."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from syncd.ratelimit import TokenBucket, backoff, jittered, parse_retry_after
+from syncd.scheduler import Outcome, next_due
+
+
+def test_bucket_allows_burst_then_paces() -> None:
+    b = TokenBucket(rate=10, burst=3, updated=100.0)
+    assert [b.try_acquire(100.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+    wait = b.try_acquire(100.0)
+    assert wait == pytest.approx(0.1)
+    assert b.try_acquire(100.0 + wait) == 0.0
+    # An idle bucket refills only up to its burst.
+    assert sum(b.try_acquire(200.0) == 0.0 for _ in range(10)) == 3
+
+
+def test_bucket_rate_over_a_long_run() -> None:
+    b = TokenBucket(rate=60, burst=60, updated=0.0)
+    now, granted = 0.0, 0
+    while now < 10.0:
+        wait = b.try_acquire(now)
+        if wait == 0.0:
+            granted += 1
+        else:
+            now += wait
+    assert 600 <= granted <= 661
+
+
+@pytest.mark.parametrize(
+    ("header", "title", "expected"),
+    [
+        ("3", None, 3.0),
+        ("0.5", None, 0.5),
+        (None, "Rate limit is exceeded. Try again in 7 seconds.", 7.0),
+        ("", "Too many requests. Try again in 1 second.", 1.0),
+        ("2", "Try again in 9 seconds.", 2.0),
+        ("Thu, 01 Jan 1970 00:00:30 GMT", None, 20.0),
+        (None, "Rate limit is exceeded.", None),
+        ("soon", None, None),
+        (None, None, None),
+    ],
+)
+def test_parse_retry_after(header: str | None, title: str | None, expected: float | None) -> None:
+    assert parse_retry_after(header, title, now_unix=10.0) == expected
+
+
+def test_backoff_grows_caps_and_jitters() -> None:
+    rng = random.Random(1)
+    plain = [backoff(n, base=1, cap=60, jitter=0) for n in range(1, 9)]
+    assert plain == [1, 2, 4, 8, 16, 32, 60, 60]
+    spread = {round(backoff(3, base=1, cap=60, jitter=0.2, rng=rng), 6) for _ in range(50)}
+    assert len(spread) > 40
+    assert all(3.2 <= x <= 4.8 for x in spread)
+    assert 90 <= jittered(100, 0.1, rng) <= 110
+
+
+@pytest.mark.parametrize(
+    ("outcome", "failures", "low", "high"),
+    [
+        (Outcome("more"), 0, 0.0, 0.0),
+        (Outcome("refused"), 0, 0.0, 0.0),
+        (Outcome("page"), 0, 270.0, 330.0),
+        (Outcome("rate_limited", 12.0), 1, 12.0, 12.0),
+        (Outcome("rate_limited"), 3, 3.6, 4.4),
+        (Outcome("error"), 1, 0.9, 1.1),
+        (Outcome("error"), 20, 270.0, 330.0),
+        (Outcome("parked"), 1, 3600.0, 3600.0),
+        (Outcome("auth"), 1, 300.0, 300.0),
+    ],
+)
+def test_next_due(outcome: Outcome, failures: int, low: float, high: float) -> None:
+    due = next_due(
+        outcome,
+        1000.0,
+        poll_interval=300.0,
+        failures=failures,
+        backoff_base=1.0,
+        backoff_max=300.0,
+        jitter=0.1,
+        rng=random.Random(7),
+    )
+    assert low <= due - 1000.0 <= high
