@@ -19,9 +19,12 @@ _KEY_EXCEPTIONS: dict[str, tuple[str, ...]] = {
 _ACTIVE_ANY = {"active": "Any"}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Feed:
-    """One Export feed: where to fetch it and how to key and date its records."""
+    """One Export feed: where to fetch it and how to key and date its records.
+
+    Feeds are singletons of the catalogue: compared and hashed by identity.
+    """
 
     name: str  # "<module>.<resource>", e.g. "crm.customers"
     module: str

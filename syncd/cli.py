@@ -1,30 +1,106 @@
-"""Command line: `syncd run|check-config|simulate|demo|...`."""
+"""syncd: keeps downstream systems in sync with ServiceTitan through Redis streams.
+
+exit codes:
+  0  success (run: stopped by a signal; --once: every feed drained)
+  1  --once: at least one feed could not be synced; other command failures
+  2  invalid configuration or usage
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
+
+from syncd import catalogue
+from syncd.config import ConfigError, load, load_settings
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="syncd", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
     from syncd.simulator import cli as sim_cli
+
+    parser = argparse.ArgumentParser(
+        prog="syncd",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the sync daemon")
+    run.add_argument("--config", "-c", required=True, help="configuration file (TOML)")
+    run.add_argument(
+        "--once", action="store_true", help="drain every feed once, then exit (1 if any failed)"
+    )
+
+    check = sub.add_parser("check-config", help="validate a configuration file and exit")
+    check.add_argument("config", help="configuration file (TOML)")
+
+    sub.add_parser("feeds", help="list the export feeds syncd knows")
 
     sim = sub.add_parser("simulate", help="run the ServiceTitan simulator")
     sim_cli.add_arguments(sim)
+
+    demo = sub.add_parser(
+        "demo", help="syncd on the built-in simulator and a local Redis, showing the events"
+    )
+    demo.add_argument("--redis-url", default=None, help="Redis to use (default: local or own)")
     return parser
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"syncd: {message}", file=sys.stderr)
+    return code
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from syncd import log
+    from syncd.daemon import Daemon
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        return _fail(str(exc), 2)
+    log.configure(settings.config.log.level, settings.config.log.format)
+    return asyncio.run(Daemon(settings, once=args.once).run())
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        return _fail(str(exc), 2)
+    feeds = sum(len(t.feeds) for t in settings.tenants)
+    print(f"{args.config}: ok ({len(settings.tenants)} tenants, {feeds} feeds)")
+    return 0
+
+
+def cmd_feeds(_: argparse.Namespace) -> int:
+    for f in catalogue.feeds().values():
+        print(f"{f.name:45} key={'+'.join(f.key_fields):22} {f.path}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "run":
+        return cmd_run(args)
+    if args.command == "check-config":
+        return cmd_check_config(args)
+    if args.command == "feeds":
+        return cmd_feeds(args)
     if args.command == "simulate":
         from syncd.simulator import cli as sim_cli
 
         return sim_cli.run(args)
+    if args.command == "demo":
+        from syncd.demo import main as demo_main
+
+        return demo_main(args)
     return 2
 
+
+__all__ = ["load", "main"]
 
 if __name__ == "__main__":
     sys.exit(main())

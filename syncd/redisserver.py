@@ -62,16 +62,16 @@ class RedisServer:
     def start(self, timeout: float = 10.0) -> None:
         if not self.port:
             self.port = free_port()
-        self._dir = tempfile.TemporaryDirectory(prefix="syncd-redis-")
+        if self._dir is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="syncd-redis-")
         args = [
             find_binary(),
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--save", "",
-            "--appendonly", "no",
             "--dir", self._dir.name,
             "--daemonize", "no",
-            *self.extra_args,
+            *(self.extra_args or ["--appendonly", "no"]),
         ]
         self.proc = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
@@ -86,7 +86,7 @@ class RedisServer:
         self.stop()
         raise RedisServerError(f"redis server on port {self.port} did not answer in {timeout}s")
 
-    def stop(self) -> None:
+    def stop(self, *, keep_data: bool = False) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -95,13 +95,14 @@ class RedisServer:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
-        if self._dir is not None:
+        if self._dir is not None and not keep_data:
             self._dir.cleanup()
             self._dir = None
 
     def restart(self) -> None:
-        """Stop and start again on the same port (the data is lost: nothing is saved)."""
-        self.stop()
+        """Stop and start again on the same port and directory: with `--appendonly yes` among
+        the extra arguments the data survives, else it is gone."""
+        self.stop(keep_data=True)
         self.start()
 
 

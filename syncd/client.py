@@ -1,0 +1,195 @@
+"""The Export API client: fetch one page of one feed, decode it, classify failures."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import msgspec
+import structlog
+
+from syncd.auth import TokenProvider
+from syncd.catalogue import Feed
+from syncd.config import Secret
+from syncd.errors import AuthFailed, BadRequest, FeedUnavailable, RateLimited, TransientError
+from syncd.metrics import Metrics
+from syncd.ratelimit import parse_retry_after
+
+log = structlog.get_logger("syncd.client")
+
+
+class _Envelope(msgspec.Struct):
+    hasMore: bool
+    continueFrom: str
+    data: list[msgspec.Raw]
+
+
+class _Problem(msgspec.Struct):
+    title: str | None = None
+    status: int | None = None
+    errors: dict[str, list[str]] | None = None
+    traceId: str | None = None
+
+
+_ENVELOPE = msgspec.json.Decoder(_Envelope)
+_PROBLEM = msgspec.json.Decoder(_Problem)
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One record of a page, ready for the publisher. `key` None means: dead-letter it."""
+
+    key: str | None
+    fingerprint: bytes
+    modified_on: str
+    data: bytes
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    has_more: bool
+    continue_from: str
+    records: list[Record]
+    fetch_s: float
+
+
+@functools.cache
+def _head_decoder(feed: Feed) -> msgspec.json.Decoder[Any]:
+    """A decoder reading only a record's key and timestamp fields; the rest is skipped."""
+    fields: list[tuple[str, Any, Any]] = [(f, int | str | None, None) for f in feed.key_fields]
+    if feed.timestamp_field and feed.timestamp_field not in feed.key_fields:
+        fields.append((feed.timestamp_field, str | None, None))
+    head = msgspec.defstruct(f"Head_{feed.name}", fields)
+    return msgspec.json.Decoder(head)
+
+
+def fingerprint(data: bytes) -> bytes:
+    """A short digest of a record's exact bytes: equal bytes, equal fingerprint."""
+    return hashlib.blake2b(data, digest_size=8).digest()
+
+
+def decode_page(body: bytes, feed: Feed, fetch_s: float = 0.0) -> Page:
+    """Decode an export envelope; each record stays its raw bytes. Raises TransientError on a
+    body that is not a valid envelope (the page is fetched again)."""
+    try:
+        env = _ENVELOPE.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise TransientError(f"invalid export page: {exc}") from None
+    decoder = _head_decoder(feed)
+    keys, ts_field = feed.key_fields, feed.timestamp_field
+    single = keys[0] if len(keys) == 1 else None
+    records = []
+    for raw in env.data:
+        data = bytes(raw)
+        try:
+            head = decoder.decode(data)
+        except msgspec.ValidationError as exc:
+            records.append(Record(None, b"", "", data, f"record does not decode: {exc}"))
+            continue
+        if single is not None:
+            value = getattr(head, single)
+            key = None if value is None else str(value)
+        else:
+            parts = [getattr(head, k) for k in keys]
+            key = None if any(p is None for p in parts) else ":".join(map(str, parts))
+        if key is None or key == "":
+            missing = "+".join(keys)
+            records.append(Record(None, b"", "", data, f"record has no key ({missing})"))
+            continue
+        modified = (getattr(head, ts_field) if ts_field else None) or ""
+        records.append(Record(key, fingerprint(data), modified, data))
+    return Page(env.hasMore, env.continueFrom, records, fetch_s)
+
+
+def _problem_text(body: bytes) -> str:
+    try:
+        p = _PROBLEM.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return body[:200].decode("utf-8", "replace")
+    parts = [p.title or ""]
+    for field, msgs in (p.errors or {}).items():
+        parts.append(f"{field}: {'; '.join(msgs)}")
+    if p.traceId:
+        parts.append(f"traceId {p.traceId}")
+    return " | ".join(x for x in parts if x)
+
+
+def _title(body: bytes) -> str | None:
+    try:
+        return _PROBLEM.decode(body).title
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+class ExportClient:
+    """Fetches export pages for every tenant over one shared HTTP session."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        api_url: str,
+        app_key: Secret,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._session = session
+        self._api = api_url.rstrip("/")
+        self._app_key = app_key
+        self._metrics = metrics
+
+    async def fetch(
+        self,
+        tokens: TokenProvider,
+        feed: Feed,
+        cursor: str | None,
+        *,
+        include_recent_changes: bool,
+    ) -> Page:
+        """One page of `feed` after `cursor` (a continueFrom token or a date; None: the start).
+
+        A 401 renews the token and tries once more; other failures raise the engine's errors.
+        """
+        url = self._api + feed.url_path(tokens.tenant)
+        params = {"includeRecentChanges": "true" if include_recent_changes else "false"}
+        if cursor:
+            params["from"] = cursor
+        params.update(feed.params)
+        for attempt in (1, 2):
+            token = await tokens.token()
+            headers = {"Authorization": f"Bearer {token}", "ST-App-Key": self._app_key.reveal()}
+            started = time.monotonic()
+            try:
+                async with self._session.get(url, params=params, headers=headers) as resp:
+                    status = resp.status
+                    body = await resp.read()
+                    retry_after = resp.headers.get("Retry-After")
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                self._count(tokens.tenant, None)
+                kind = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
+                raise TransientError(f"request failed: {kind}") from None
+            elapsed = time.monotonic() - started
+            self._count(tokens.tenant, status)
+            if status == 200:
+                return decode_page(body, feed, elapsed)
+            if status == 401:
+                tokens.invalidate(token)
+                if attempt == 1:
+                    continue
+                raise AuthFailed(f"401 with a fresh token: {_problem_text(body)}")
+            if status == 429:
+                wait = parse_retry_after(retry_after, _title(body), time.time())
+                raise RateLimited(wait)
+            if status in (403, 404):
+                raise FeedUnavailable(status, _problem_text(body))
+            if status == 400:
+                raise BadRequest(_problem_text(body))
+            raise TransientError(f"HTTP {status}: {_problem_text(body)}")
+        raise AssertionError("unreachable")
+
+    def _count(self, tenant: int, status: int | None) -> None:
+        if self._metrics is not None:
+            self._metrics.request(tenant, status)

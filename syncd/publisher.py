@@ -1,0 +1,182 @@
+"""The publisher: one atomic Redis script applies one page, all or nothing.
+
+The script checks the cursor fence (the stored cursor must be the one the page was fetched
+from), drops records whose fingerprint is unchanged, XADDs the rest, records their fingerprints
+and stores the page's continueFrom. A crash before the call refetches the page; after it, the
+next page is fetched; an instance that fetched the same page finds the cursor moved.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from syncd.client import Page
+from syncd.errors import TransientError
+from syncd.keys import Keys
+
+# `#!lua` makes Redis (>= 7) refuse the whole script up front when over maxmemory, instead of
+# failing between two writes: together with the fence this keeps a page all-or-nothing.
+APPLY_PAGE = r"""#!lua
+local cursors, seen, stream, dead, state = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local feed, expected, new_cursor = ARGV[1], ARGV[2], ARGV[3]
+local detect = ARGV[4] == '1'
+local n, ndead, now = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
+
+local stored = redis.call('HGET', cursors, feed)
+if expected == '' then
+  if stored then return {1, stored} end
+elseif stored ~= string.sub(expected, 2) then
+  return {1, stored or ''}
+end
+
+local base = 8
+local published, unchanged = 0, 0
+local CHUNK = 1000
+if detect then
+  local olds = {}
+  local i = 0
+  while i < n do
+    local last = math.min(n, i + CHUNK)
+    local args = {}
+    for j = i, last - 1 do args[#args + 1] = ARGV[base + j * 4] end
+    local got = redis.call('HMGET', seen, unpack(args))
+    for j = 1, #got do olds[i + j] = got[j] end
+    i = last
+  end
+  local latest = {}
+  local pending = {}
+  for j = 0, n - 1 do
+    local p = base + j * 4
+    local key, fp = ARGV[p], ARGV[p + 1]
+    local old = latest[key]
+    if old == nil then old = olds[j + 1] end
+    if old == fp then
+      unchanged = unchanged + 1
+    else
+      local op = 'created'
+      if old then op = 'updated' end
+      redis.call('XADD', stream, '*', 'op', op, 'key', key, 'data', ARGV[p + 3],
+                 'modified_on', ARGV[p + 2])
+      latest[key] = fp
+      pending[#pending + 1] = key
+      pending[#pending + 1] = fp
+      published = published + 1
+      if #pending >= 2 * CHUNK then
+        redis.call('HSET', seen, unpack(pending))
+        pending = {}
+      end
+    end
+  end
+  if #pending > 0 then redis.call('HSET', seen, unpack(pending)) end
+else
+  for j = 0, n - 1 do
+    local p = base + j * 4
+    redis.call('XADD', stream, '*', 'op', 'upsert', 'key', ARGV[p], 'data', ARGV[p + 3],
+               'modified_on', ARGV[p + 2])
+  end
+  published = n
+end
+
+local d = base + n * 4
+for j = 0, ndead - 1 do
+  redis.call('XADD', dead, '*', 'feed', feed, 'reason', ARGV[d + j * 2],
+             'data', ARGV[d + j * 2 + 1])
+end
+
+redis.call('HSET', cursors, feed, new_cursor)
+redis.call('HSET', state, feed .. ':last_ok', now)
+return {0, published, unchanged}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """What one page did: `applied` False means the fence refused it (`stored` is the cursor
+    found in Redis, '' for none)."""
+
+    applied: bool
+    published: int = 0
+    unchanged: int = 0
+    dead: int = 0
+    stored: str | None = None
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class Publisher:
+    """Applies pages to one Redis (or Redis Cluster) under one key prefix."""
+
+    def __init__(self, redis_client: aioredis.Redis, prefix: str) -> None:
+        self.redis = redis_client
+        self.prefix = prefix
+        self._script = redis_client.register_script(APPLY_PAGE)
+
+    def keys(self, tenant: int) -> Keys:
+        return Keys(self.prefix, tenant)
+
+    async def cursors(self, tenant: int) -> dict[str, str]:
+        """Every stored cursor of a tenant, feed -> continueFrom."""
+        try:
+            raw = await self.redis.hgetall(self.keys(tenant).cursors)
+        except redis.exceptions.RedisError as exc:
+            raise TransientError(f"redis: {exc}") from None
+        return {_text(k): _text(v) for k, v in raw.items()}
+
+    async def apply(
+        self,
+        tenant: int,
+        feed: str,
+        expected: str | None,
+        page: Page,
+        *,
+        change_detection: bool = True,
+    ) -> Applied:
+        """Apply `page`, fetched from cursor `expected` (None: nothing stored yet)."""
+        k = self.keys(tenant)
+        good = [r for r in page.records if r.key is not None]
+        bad = [r for r in page.records if r.key is None]
+        args: list[Any] = [
+            feed,
+            "" if expected is None else "=" + expected,
+            page.continue_from,
+            "1" if change_detection else "0",
+            len(good),
+            len(bad),
+            f"{time.time():.3f}",
+        ]
+        for r in good:
+            args += (r.key, r.fingerprint, r.modified_on, r.data)
+        for r in bad:
+            args += (r.error or "unusable record", r.data)
+        keys = [k.cursors, k.seen(feed), k.stream(feed), k.dead, k.state]
+        try:
+            result = await self._script(keys=keys, args=args)
+        except redis.exceptions.ResponseError as exc:
+            # OOM and friends: nothing was written; the page is retried later.
+            raise TransientError(f"redis refused the page: {exc}") from None
+        except redis.exceptions.RedisError as exc:
+            raise TransientError(f"redis: {type(exc).__name__}: {exc}") from None
+        if int(result[0]) == 1:
+            stored = _text(result[1]) if result[1] else ""
+            return Applied(False, stored=stored)
+        return Applied(True, int(result[1]), int(result[2]), len(bad))
+
+    async def ping(self) -> bool:
+        return bool(await self.redis.ping())
+
+    async def record_error(self, tenant: int, feed: str, error: str) -> None:
+        """Remember a feed's last error for `syncd status` (best effort)."""
+        k = self.keys(tenant)
+        try:
+            await self.redis.hset(
+                k.state, mapping={f"{feed}:last_error": error, f"{feed}:last_error_at": time.time()}
+            )
+        except redis.exceptions.RedisError:
+            pass
