@@ -17,7 +17,7 @@ from syncd.config import ConfigError, load, load_settings
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from syncd.simulator import cli as sim_cli
+    import syncd.simulator.cli as sim_cli
 
     parser = argparse.ArgumentParser(
         prog="syncd",
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "feeds":
         return cmd_feeds(args)
     if args.command == "simulate":
-        from syncd.simulator import cli as sim_cli
+        import syncd.simulator.cli as sim_cli
 
         return sim_cli.run(args)
     if args.command == "demo":

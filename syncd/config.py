@@ -61,14 +61,14 @@ class _Base(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     pass
 
 
-class RedisConfig(_Base):
+class RedisConfig(_Base, frozen=True):
     url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = DEFAULT_PREFIX
     # Client-side socket timeout; a page's script must finish within it.
     timeout: float = 30.0
 
 
-class ServiceTitanConfig(_Base):
+class ServiceTitanConfig(_Base, frozen=True):
     environment: Literal["production", "integration"] = "production"
     auth_url: str | None = None
     api_url: str | None = None
@@ -81,7 +81,7 @@ class ServiceTitanConfig(_Base):
     max_connections: int = 256
 
 
-class TenantDefaults(_Base):
+class TenantDefaults(_Base, frozen=True):
     """Per-tenant settings; each tenant may override any of them."""
 
     requests_per_second: float = 20.0
@@ -92,12 +92,12 @@ class TenantDefaults(_Base):
     feeds: list[str] | None = None
 
 
-class FeedOptions(_Base):
+class FeedOptions(_Base, frozen=True):
     change_detection: bool = True
     poll_interval: float | None = None
 
 
-class TenantConfig(_Base):
+class TenantConfig(_Base, frozen=True):
     id: int
     client_id: str
     client_secret: str | None = None
@@ -112,7 +112,7 @@ class TenantConfig(_Base):
     feeds: list[str] | None = None
 
 
-class EngineConfig(_Base):
+class EngineConfig(_Base, frozen=True):
     workers: int = 64
     shutdown_grace: float = 30.0
     # Consecutive failures of one feed after which `--once` gives up on it.
@@ -122,16 +122,16 @@ class EngineConfig(_Base):
     jitter: float = 0.1
 
 
-class LogConfig(_Base):
+class LogConfig(_Base, frozen=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
 
 
-class OpsConfig(_Base):
+class OpsConfig(_Base, frozen=True):
     listen: str | None = None
 
 
-class Config(_Base):
+class Config(_Base, frozen=True):
     redis: RedisConfig = msgspec.field(default_factory=RedisConfig)
     servicetitan: ServiceTitanConfig = msgspec.field(default_factory=ServiceTitanConfig)
     defaults: TenantDefaults = msgspec.field(default_factory=TenantDefaults)
@@ -239,7 +239,8 @@ def _check_start(name: str, key: str, start: str | None) -> None:
         if len(start) > 10:
             dt.datetime.fromisoformat(start.replace("Z", "+00:00"))
     except ValueError:
-        raise _fail(name, key, f"expected 'beginning' or a date like 2024-01-01, got {start!r}")
+        what = f"expected 'beginning' or a date like 2024-01-01, got {start!r}"
+        raise _fail(name, key, what) from None
 
 
 def _check_secret_source(name: str, key: str, obj: Any, field: str) -> None:
@@ -298,8 +299,14 @@ def _check_limits(name: str, key: str, obj: TenantDefaults | TenantConfig) -> No
         raise _fail(name, f"{key}.poll_interval", "must be > 0 seconds")
 
 
-def _read_secret(name: str, key: str, value: str | None, file: str | None, env: str | None,
-                 environ: Mapping[str, str]) -> Secret:
+def _read_secret(
+    name: str,
+    key: str,
+    value: str | None,
+    file: str | None,
+    env: str | None,
+    environ: Mapping[str, str],
+) -> Secret:
     if value is not None:
         return Secret(value)
     if env is not None:
@@ -351,8 +358,12 @@ def resolve(cfg: Config, environ: Mapping[str, str] | None = None) -> Settings:
     all_feeds = tuple(catalogue.feeds())
     for i, t in enumerate(cfg.tenants):
         secret = _read_secret(
-            name, f"tenants[{i}].client_secret", t.client_secret, t.client_secret_file,
-            t.client_secret_env, env,
+            name,
+            f"tenants[{i}].client_secret",
+            t.client_secret,
+            t.client_secret_file,
+            t.client_secret_env,
+            env,
         )
         start = t.start if t.start is not None else d.start
         feeds = t.feeds if t.feeds is not None else d.feeds
@@ -383,7 +394,8 @@ def _pick(own: _T | None, default: _T) -> _T:
     return default if own is None else own
 
 
-def load_settings(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None
-                  ) -> Settings:
+def load_settings(
+    path: str | os.PathLike[str], environ: Mapping[str, str] | None = None
+) -> Settings:
     """load() then resolve(): the one call the daemon and the commands use."""
     return resolve(load(path), environ)

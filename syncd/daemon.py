@@ -80,7 +80,8 @@ class Daemon:
         ]
 
     async def _add_tenant(self, t: TenantSettings) -> TenantState:
-        assert self.scheduler is not None and self.publisher is not None
+        assert self.scheduler is not None
+        assert self.publisher is not None
         assert self._session is not None
         publisher = self.publisher
         cursors = await self._wait_for_redis(lambda: publisher.cursors(t.id))

@@ -8,13 +8,15 @@ from typing import Literal
 
 import structlog
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-           "error": logging.ERROR}
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 
 
-def configure(
-    level: str = "info", fmt: Literal["auto", "json", "console"] = "auto"
-) -> None:
+def configure(level: str = "info", fmt: Literal["auto", "json", "console"] = "auto") -> None:
     """Configure structlog once for the process."""
     console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
     renderer: structlog.typing.Processor = (

@@ -8,6 +8,7 @@ next page is fetched; an instance that fetched the same page finds the cursor mo
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -174,9 +175,7 @@ class Publisher:
     async def record_error(self, tenant: int, feed: str, error: str) -> None:
         """Remember a feed's last error for `syncd status` (best effort)."""
         k = self.keys(tenant)
-        try:
+        with contextlib.suppress(redis.exceptions.RedisError):
             await self.redis.hset(
                 k.state, mapping={f"{feed}:last_error": error, f"{feed}:last_error_at": time.time()}
             )
-        except redis.exceptions.RedisError:
-            pass

@@ -66,11 +66,16 @@ class RedisServer:
             self._dir = tempfile.TemporaryDirectory(prefix="syncd-redis-")
         args = [
             find_binary(),
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--save", "",
-            "--dir", self._dir.name,
-            "--daemonize", "no",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--dir",
+            self._dir.name,
+            "--daemonize",
+            "no",
             *(self.extra_args or ["--appendonly", "no"]),
         ]
         self.proc = subprocess.Popen(

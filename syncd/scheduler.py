@@ -10,6 +10,7 @@ holds a worker that another tenant could use.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import random
@@ -261,10 +262,8 @@ class Scheduler:
             if not self._ready or self._ready[0][0] > now:
                 timeout = (self._ready[0][0] - now) if self._ready else 1.0
                 self._wake.clear()
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=min(max(timeout, 0), 1.0))
-                except TimeoutError:
-                    pass
                 continue
             _, _, t, version = heapq.heappop(self._ready)
             if version != t.version or t.removed:
@@ -382,8 +381,9 @@ class Scheduler:
             flog.info("feed_drained")
         self._after(fs, Outcome("more" if page.has_more else "page"))
 
-    def _after(self, fs: FeedState, outcome: Outcome, *, error: str | None = None,
-               fatal: bool = False) -> None:
+    def _after(
+        self, fs: FeedState, outcome: Outcome, *, error: str | None = None, fatal: bool = False
+    ) -> None:
         """Reschedule a feed after a poll, or retire it (--once, removed)."""
         fs.running = False
         if error is None:

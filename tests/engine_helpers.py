@@ -88,9 +88,10 @@ async def truth(sim_url: str, tenant: int, feed: str) -> dict[str, Any]:
     from syncd import catalogue
 
     f = catalogue.feed(feed)
-    async with aiohttp.ClientSession() as s, s.get(
-        f"{sim_url}/_sim/tenants/{tenant}/feeds/{feed}/records"
-    ) as resp:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(f"{sim_url}/_sim/tenants/{tenant}/feeds/{feed}/records") as resp,
+    ):
         resp.raise_for_status()
         records = await resp.json()
     out = {}
@@ -102,9 +103,12 @@ async def truth(sim_url: str, tenant: int, feed: str) -> dict[str, Any]:
 
 
 async def mutate(sim_url: str, tenant: int, feed: str, count: int) -> list[str]:
-    async with aiohttp.ClientSession() as s, s.post(
-        f"{sim_url}/_sim/tenants/{tenant}/feeds/{feed}/mutate", params={"count": str(count)}
-    ) as resp:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
+            f"{sim_url}/_sim/tenants/{tenant}/feeds/{feed}/mutate", params={"count": str(count)}
+        ) as resp,
+    ):
         resp.raise_for_status()
         body = await resp.json()
     return [str(k) for k in body["keys"]]
@@ -158,8 +162,16 @@ class DaemonProcess:
     def start(self, *extra: str, env: dict[str, str] | None = None) -> DaemonProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "syncd", "run", "--config", str(self.config_path),
-             *self.extra, *extra],
+            [
+                sys.executable,
+                "-m",
+                "syncd",
+                "run",
+                "--config",
+                str(self.config_path),
+                *self.extra,
+                *extra,
+            ],
             stdout=log,
             stderr=log,
             env={**os.environ, **(env or {})},

@@ -49,14 +49,17 @@ def test_good_config_resolves(tmp_path: Path) -> None:
     s = config.load_settings(write(tmp_path, GOOD), environ={})
     t1, t2 = s.tenants
     assert t1.feeds == ("crm.customers", "jpm.jobs")
-    assert t1.requests_per_second == 10 and t2.max_in_flight == 2
+    assert t1.requests_per_second == 10
+    assert t2.max_in_flight == 2
     assert t2.client_secret.reveal() == "secret-1002"
     assert t2.feeds == tuple(catalogue.feeds())
-    assert t1.start is None and t2.start == "2024-01-01"
+    assert t1.start is None
+    assert t2.start == "2024-01-01"
     assert s.feed_options("crm.customers").change_detection is False
     assert s.feed_options("jpm.jobs").change_detection is True
     assert s.api_url == "http://127.0.0.1:1"
-    assert "secret-1002" not in repr(t2) and "secret-1002" not in repr(s)
+    assert "secret-1002" not in repr(t2)
+    assert "secret-1002" not in repr(s)
 
 
 def test_environment_picks_urls(tmp_path: Path) -> None:
@@ -81,20 +84,34 @@ def test_credentials_directory_expansion(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda t: t.replace('id = 1001\n', ''), "tenants[0].id: missing required key"),
-        (lambda t: t.replace('id = 1001', 'id = "x"'), "tenants[0].id: Expected `int`, got `str`"),
-        (lambda t: t.replace('"jpm.jobs"', '"jpm.job"'), "tenants[0].feeds[1]: unknown feed 'jpm.job'"),
-        (lambda t: t.replace('max_in_flight = 2', 'max_inflight = 2'), "tenants[1].max_inflight: unknown key"),
-        (lambda t: t.replace('app_key = "k"', ''), "servicetitan.app_key: missing"),
-        (lambda t: t.replace('requests_per_second = 10', 'requests_per_second = 100'),
-         "defaults.requests_per_second: must be > 0 and <= 60"),
-        (lambda t: t.replace('start = "2024-01-01"', 'start = "yesterday"'),
-         "tenants[1].start: expected 'beginning' or a date"),
-        (lambda t: t.replace('[feeds."crm.customers"]', '[feeds."crm.nope"]'),
-         "feeds.crm.nope: unknown feed"),
-        (lambda t: t + "\n[[tenants]]\nid = 1001\nclient_id = 'a'\nclient_secret = 'b'\n",
-         "tenants[2].id: tenant 1001 is configured twice"),
-        (lambda t: t.replace('[defaults]', '[defaults\n'), "not valid TOML"),
+        (lambda t: t.replace("id = 1001\n", ""), "tenants[0].id: missing required key"),
+        (lambda t: t.replace("id = 1001", 'id = "x"'), "tenants[0].id: Expected `int`, got `str`"),
+        (
+            lambda t: t.replace('"jpm.jobs"', '"jpm.job"'),
+            "tenants[0].feeds[1]: unknown feed 'jpm.job'",
+        ),
+        (
+            lambda t: t.replace("max_in_flight = 2", "max_inflight = 2"),
+            "tenants[1].max_inflight: unknown key",
+        ),
+        (lambda t: t.replace('app_key = "k"', ""), "servicetitan.app_key: missing"),
+        (
+            lambda t: t.replace("requests_per_second = 10", "requests_per_second = 100"),
+            "defaults.requests_per_second: must be > 0 and <= 60",
+        ),
+        (
+            lambda t: t.replace('start = "2024-01-01"', 'start = "yesterday"'),
+            "tenants[1].start: expected 'beginning' or a date",
+        ),
+        (
+            lambda t: t.replace('[feeds."crm.customers"]', '[feeds."crm.nope"]'),
+            "feeds.crm.nope: unknown feed",
+        ),
+        (
+            lambda t: t + "\n[[tenants]]\nid = 1001\nclient_id = 'a'\nclient_secret = 'b'\n",
+            "tenants[2].id: tenant 1001 is configured twice",
+        ),
+        (lambda t: t.replace("[defaults]", "[defaults\n"), "not valid TOML"),
     ],
 )
 def test_bad_config_names_key(tmp_path: Path, edit, message: str) -> None:  # type: ignore[no-untyped-def]

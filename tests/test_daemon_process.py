@@ -10,10 +10,21 @@ import redis.asyncio as aioredis
 
 from syncd.redisserver import RedisServer
 from syncd.simulator.testing import run_simulator
-from tests.engine_helpers import DaemonProcess, assert_exactly_once, config_dict, stream_events, truth
+from tests.engine_helpers import (
+    DaemonProcess,
+    assert_exactly_once,
+    config_dict,
+    stream_events,
+    truth,
+)
 
 TENANTS = [6001, 6002, 6003]
-FEEDS = ["crm.customers", "jpm.jobs", "customer-interactions.technician-ratings", "settings.employees"]
+FEEDS = [
+    "crm.customers",
+    "jpm.jobs",
+    "customer-interactions.technician-ratings",
+    "settings.employees",
+]
 
 
 async def wait_exit(daemon: DaemonProcess, timeout: float = 60.0) -> int:
@@ -28,16 +39,16 @@ async def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
         data = config_dict(redis_server.url, sim.url, sim.app_key, TENANTS, FEEDS)
         daemon = DaemonProcess(data)
         try:
-            kills = 0
-            for _ in range(6):
+            for kills in range(6):
                 daemon.start()
                 # Let it get somewhere first (imports take a moment), then kill it mid-page.
-                while sum([await redis.xlen(f"st:{{{t}}}:{f}") for t in TENANTS for f in FEEDS]) < 50 * (kills + 1):
+                while sum(
+                    [await redis.xlen(f"st:{{{t}}}:{f}") for t in TENANTS for f in FEEDS]
+                ) < 50 * (kills + 1):
                     await asyncio.sleep(0.02)
                 await asyncio.sleep(rng.uniform(0.0, 0.4))
                 daemon.signal(signal.SIGKILL)
                 await wait_exit(daemon)
-                kills += 1
             total = sum([await redis.xlen(f"st:{{{t}}}:{f}") for t in TENANTS for f in FEEDS])
             assert 0 < total < 1500 * len(TENANTS) * len(FEEDS), "the kills came too late"
             daemon.start("--once")
@@ -55,7 +66,11 @@ async def test_sigterm_stops_gracefully_and_logs_no_secrets(
 ) -> None:
     async with run_simulator(tenants=[7001, 7002], records=3000, page_size=20) as sim:
         data = config_dict(
-            redis_server.url, sim.url, sim.app_key, [7001, 7002], ["crm.customers"],
+            redis_server.url,
+            sim.url,
+            sim.app_key,
+            [7001, 7002],
+            ["crm.customers"],
             requests_per_second=10.0,
         )
         daemon = DaemonProcess(data)
@@ -67,7 +82,8 @@ async def test_sigterm_stops_gracefully_and_logs_no_secrets(
             assert await wait_exit(daemon, 20) == 0
             events = daemon.events()
             names = [e["event"] for e in events]
-            assert "shutdown_requested" in names and names[-1] == "stopped"
+            assert "shutdown_requested" in names
+            assert names[-1] == "stopped"
             for e in events:
                 if e["event"] in ("page_applied", "poll_failed", "feed_drained", "token_renewed"):
                     assert "tenant" in e, e

@@ -65,7 +65,7 @@ async def test_once_publishes_every_record_exactly_once_then_only_changes(
         assert await run_once(data) == 0
         for t in TENANTS:
             for f in FEEDS:
-                new = (await stream_events(redis, t, f))[before[t, f]:]
+                new = (await stream_events(redis, t, f))[before[t, f] :]
                 expected = changed.get(f, set()) if t == 1002 else set()
                 assert [e["op"] for e in new] == [b"updated"] * len(expected), f"{t}/{f}"
                 assert {e["key"].decode() for e in new} == expected
@@ -75,9 +75,7 @@ async def test_once_publishes_every_record_exactly_once_then_only_changes(
         # A third pass over unchanged data (overlapping pages, replays) adds nothing.
         total = sum(len(await stream_events(redis, t, f)) for t in TENANTS for f in FEEDS)
         assert await run_once(data) == 0
-        assert total == sum(
-            len(await stream_events(redis, t, f)) for t in TENANTS for f in FEEDS
-        )
+        assert total == sum(len(await stream_events(redis, t, f)) for t in TENANTS for f in FEEDS)
 
 
 async def test_without_recent_changes_and_upsert_mode(
@@ -85,7 +83,11 @@ async def test_without_recent_changes_and_upsert_mode(
 ) -> None:
     async with run_simulator(tenants=[2001], records=90, page_size=25, recent_delay=0) as sim:
         data = config_dict(
-            redis_server.url, sim.url, sim.app_key, [2001], ["crm.customers", "jpm.jobs"],
+            redis_server.url,
+            sim.url,
+            sim.app_key,
+            [2001],
+            ["crm.customers", "jpm.jobs"],
             include_recent_changes=False,
         )
         data["feeds"] = {"jpm.jobs": {"change_detection": False}}
@@ -120,7 +122,11 @@ async def test_token_expiry_mid_backfill_costs_nothing(
 ) -> None:
     async with run_simulator(tenants=[3001], records=600, page_size=20) as sim:
         data = config_dict(
-            redis_server.url, sim.url, sim.app_key, [3001], ["crm.customers"],
+            redis_server.url,
+            sim.url,
+            sim.app_key,
+            [3001],
+            ["crm.customers"],
             requests_per_second=20.0,
         )
         daemon = Daemon(settings(data), once=True)
@@ -143,8 +149,12 @@ async def test_failing_tenant_does_not_stop_or_slow_others(
         await sim_post(sim.url, "/_sim/tenants/4002/faults", {"rate_limit": 0.2})
         await sim_post(sim.url, "/_sim/tenants/4003/faults", {"error_rate": 1.0, "status": 503})
         data = config_dict(
-            redis_server.url, sim.url, sim.app_key, [4001, 4002, 4003],
-            ["crm.customers", "crm.locations"], max_in_flight=4,
+            redis_server.url,
+            sim.url,
+            sim.app_key,
+            [4001, 4002, 4003],
+            ["crm.customers", "crm.locations"],
+            max_in_flight=4,
         )
         daemon = Daemon(settings(data))
         task = asyncio.create_task(daemon.run())
@@ -185,7 +195,11 @@ async def test_redis_restart_mid_run_loses_nothing() -> None:
     try:
         async with run_simulator(tenants=[5001], records=1500, page_size=25) as sim:
             data = config_dict(
-                server.url, sim.url, sim.app_key, [5001], ["crm.customers", "jpm.jobs"],
+                server.url,
+                sim.url,
+                sim.app_key,
+                [5001],
+                ["crm.customers", "jpm.jobs"],
                 requests_per_second=30.0,
             )
             daemon = Daemon(settings(data))
@@ -217,16 +231,18 @@ async def test_dead_letters_and_fence(redis: aioredis.Redis) -> None:
     from syncd.publisher import Publisher
 
     feed = catalogue.feed("customer-interactions.technician-ratings")
-    body = json.dumps({
-        "hasMore": False,
-        "continueFrom": "c1",
-        "data": [
-            {"technicianId": 1, "jobId": 2, "rating": 5, "modifiedOn": "2024-01-01T00:00:00Z"},
-            {"technicianId": 1, "rating": 4},
-            {"technicianId": {"x": 1}, "jobId": 3},
-            7,
-        ],
-    }).encode()
+    body = json.dumps(
+        {
+            "hasMore": False,
+            "continueFrom": "c1",
+            "data": [
+                {"technicianId": 1, "jobId": 2, "rating": 5, "modifiedOn": "2024-01-01T00:00:00Z"},
+                {"technicianId": 1, "rating": 4},
+                {"technicianId": {"x": 1}, "jobId": 3},
+                7,
+            ],
+        }
+    ).encode()
     page = decode_page(body, feed)
     pub = Publisher(redis, "st")
     applied = await pub.apply(9, feed.name, None, page)
@@ -238,7 +254,7 @@ async def test_dead_letters_and_fence(redis: aioredis.Redis) -> None:
     reasons = [fields[b"reason"].decode() for _, fields in dead]
     assert "record has no key (technicianId+jobId)" in reasons
     assert all(fields[b"feed"] == feed.name.encode() for _, fields in dead)
-    assert [fields[b"data"] for _, fields in dead][0] == b'{"technicianId": 1, "rating": 4}'
+    assert next(fields[b"data"] for _, fields in dead) == b'{"technicianId": 1, "rating": 4}'
     # A second instance applying the same page from the same cursor is refused.
     again = await pub.apply(9, feed.name, None, page)
     assert (again.applied, again.stored) == (False, "c1")
