@@ -1,0 +1,276 @@
+"""Everything a running simulator knows: feed logs, issued tokens, throttles, faults, counters."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from random import Random
+from typing import Any
+
+from aiohttp import web
+
+from syncd import catalogue
+from syncd.catalogue import Feed
+from syncd.simulator.cache import SizedCache
+from syncd.simulator.cursor import CursorCodec
+from syncd.simulator.data import ActiveFilter, FeedLog, MutationKind
+from syncd.simulator.faults import FaultOverrides, FaultSettings
+from syncd.simulator.limits import SlidingWindow, TokenBucket
+from syncd.simulator.options import SimOptions
+from syncd.simulator.pages import Page, Pager
+
+_RECORD_CACHE_BYTES = 256 * 1024 * 1024
+_SCOPE = (
+    "tn.acc.invoices:r tn.crm.customers:r tn.dsp.appointments:r tn.eqs.installedequipment:r "
+    "tn.inv.purchaseorders:r tn.jpm.jobs:r tn.mem.memberships:r tn.pay.payrolls:r "
+    "tn.pb.pricebook:r tn.sls.estimates:r tn.sa.serviceagreements:r tn.set.employees:r "
+    "tn.tel.calls:r tn.tsm.activities:r"
+)
+# Share of random mutations of each kind (the mutator's mix; deactivations need `active`).
+_MUTATION_MIX: tuple[tuple[MutationKind, float], ...] = (
+    ("update", 0.6),
+    ("deactivate", 0.15),
+    ("create", 0.25),
+)
+# dispatch.appointment-assignments returns only active records unless asked otherwise.
+_DEFAULT_ACTIVE: dict[str, ActiveFilter] = {"dispatch.appointment-assignments": "True"}
+_ACTIVE_PARAM: dict[str, ActiveFilter] = {"True": "True", "False": "False", "Any": "Any"}
+
+
+def now_ticks() -> int:
+    """Wall-clock time in the 100 ns ticks record timestamps use."""
+    return time.time_ns() // 100
+
+
+@dataclass(slots=True)
+class TenantStats:
+    """Counters of one tenant, as `GET /_sim/stats` shows them."""
+
+    requests: int = 0
+    rate_limited: int = 0
+    errors: int = 0
+    token_grants: int = 0
+    token_rejected: int = 0
+    in_flight: int = 0
+    max_in_flight: int = 0
+    feeds: Counter[str] = field(default_factory=Counter)
+
+    def reset(self) -> None:
+        """Zero the counters in place (requests in flight keep their reference to this)."""
+        self.requests = self.rate_limited = self.errors = 0
+        self.token_grants = self.token_rejected = 0
+        self.max_in_flight = self.in_flight
+        self.feeds.clear()
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            "requests": self.requests,
+            "rate_limited": self.rate_limited,
+            "errors": self.errors,
+            "token_grants": self.token_grants,
+            "token_rejected": self.token_rejected,
+            "in_flight": self.in_flight,
+            "max_in_flight": self.max_in_flight,
+            "feeds": dict(self.feeds),
+        }
+
+
+class UnknownFeed(KeyError):
+    """The named feed is not served by this simulator."""
+
+
+class SimState:
+    """The simulated ServiceTitan tenants of one simulator instance."""
+
+    scope = _SCOPE
+
+    def __init__(self, options: SimOptions) -> None:
+        self.options = options.validate()
+        every = catalogue.feeds()
+        self.feed_numbers = {name: n for n, name in enumerate(every)}
+        self._names_by_number = {n: name for name, n in self.feed_numbers.items()}
+        names = options.feeds if options.feeds is not None else tuple(every)
+        unknown = [name for name in names if name not in every]
+        if unknown:
+            raise ValueError(f"simulator option feeds: unknown feed(s) {', '.join(unknown)}")
+        self.feeds: dict[str, Feed] = {name: every[name] for name in names}
+        self.tenants = tuple(options.tenants)
+        self.codec = CursorCodec(options.seed)
+        self.record_cache: SizedCache[bytes] = SizedCache(_RECORD_CACHE_BYTES)
+        self.pager = Pager(
+            self.codec,
+            options.page_size,
+            options.recent_delay,
+            SizedCache[Page](options.cache_mb * 1024 * 1024),
+        )
+        self._logs: dict[tuple[int, str], FeedLog] = {}
+        self.tokens: dict[str, tuple[int, float]] = {}  # token -> (tenant, monotonic expiry)
+        self.grants: dict[str, SlidingWindow] = {}
+        self.buckets: dict[int, TokenBucket] = {}
+        self.overrides: dict[int, FaultOverrides] = {}
+        self._settings: dict[int, FaultSettings] = {}
+        self.fault_rng = Random(f"faults:{options.seed}")
+        self.mutation_rng = Random(f"mutations:{options.seed}")
+        self.stats: dict[int, TenantStats] = {t: TenantStats() for t in self.tenants}
+        self.internal_errors = 0  # unexpected exceptions in handlers (a simulator bug)
+
+    # -- feeds ------------------------------------------------------------------------------
+
+    def log(self, tenant: int, feed_name: str) -> FeedLog:
+        """The feed log, created on first use (its initial state depends only on the seed)."""
+        found = self._logs.get((tenant, feed_name))
+        if found is not None:
+            return found
+        feed = self.feeds.get(feed_name)
+        if feed is None or tenant not in self.stats:
+            raise UnknownFeed(feed_name)
+        made = FeedLog(
+            feed,
+            self.feed_numbers[feed_name],
+            tenant,
+            self.options.seed,
+            self.options.records,
+            self.record_cache,
+        )
+        self._logs[(tenant, feed_name)] = made
+        return made
+
+    def feed_by_number(self, feed_no: int) -> str | None:
+        """The served feed with catalogue number `feed_no`."""
+        name = self._names_by_number.get(feed_no)
+        return name if name in self.feeds else None
+
+    @staticmethod
+    def default_active(feed_name: str) -> ActiveFilter:
+        """The `active` filter a feed applies when the request does not say."""
+        return _DEFAULT_ACTIVE.get(feed_name, "Any")
+
+    def prerender(self) -> int:
+        """Render every feed's first pass in both modes, with the catalogue's parameters."""
+        ticks = now_ticks()
+        pages = 0
+        for tenant in self.tenants:
+            for name, feed in self.feeds.items():
+                active = _ACTIVE_PARAM.get(dict(feed.params).get("active", ""))
+                active = active or self.default_active(name)
+                log = self.log(tenant, name)
+                pages += self.pager.prerender(log, active, self.options.effective_overlap, ticks)
+        return pages
+
+    def mutate(
+        self, tenant: int, feed_name: str, kind: MutationKind | None, count: int
+    ) -> list[str]:
+        """Change (or create) `count` records now; their keys. A random kind when None."""
+        log = self.log(tenant, feed_name)
+        rng = self.mutation_rng
+        if kind is None:
+            draw, kind = rng.random(), "update"
+            for candidate, share in _MUTATION_MIX:
+                if draw < share:
+                    kind = candidate
+                    break
+                draw -= share
+        return log.mutate(kind, count, rng, now_ticks())
+
+    def mutate_random(self, tenant: int) -> None:
+        """One random change in a random feed of `tenant` (the background mutator's step)."""
+        name = self.mutation_rng.choice(tuple(self.feeds))
+        self.mutate(tenant, name, None, 1)
+
+    # -- auth and throttles -----------------------------------------------------------------
+
+    def check_client(self, client_id: str, client_secret: str) -> int | None:
+        """The tenant whose credentials these are, or None."""
+        for tenant in self.tenants:
+            if client_id == f"client-{tenant}" and secrets.compare_digest(
+                client_secret, f"secret-{tenant}"
+            ):
+                return tenant
+        return None
+
+    def issue_token(self, tenant: int, now: float) -> str:
+        """A new access token for `tenant`, valid for the configured TTL."""
+        token = secrets.token_urlsafe(48)
+        self.tokens[token] = (tenant, now + self.options.token_ttl)
+        if len(self.tokens) > 10_000:
+            self.tokens = {k: v for k, v in self.tokens.items() if v[1] > now}
+        return token
+
+    def token_tenant(self, token: str, now: float) -> int | None:
+        """The tenant of a valid, unexpired token; None otherwise."""
+        found = self.tokens.get(token)
+        if found is None or found[1] <= now:
+            return None
+        return found[0]
+
+    def expire_tokens(self) -> int:
+        """Expire every issued token; how many there were."""
+        count = len(self.tokens)
+        self.tokens = {k: (tenant, 0.0) for k, (tenant, _) in self.tokens.items()}
+        return count
+
+    def grant_window(self, client_id: str) -> SlidingWindow:
+        """The token endpoint's throttle for one client."""
+        window = self.grants.get(client_id)
+        if window is None:
+            window = self.grants[client_id] = SlidingWindow(self.options.token_throttle)
+        return window
+
+    def bucket(self, tenant: int) -> TokenBucket:
+        """The request limiter of one tenant (for the single app key)."""
+        bucket = self.buckets.get(tenant)
+        rate = self.settings(tenant).rate_limit
+        if bucket is None or bucket.rate != rate:
+            bucket = self.buckets[tenant] = TokenBucket(rate)
+        return bucket
+
+    def settings(self, tenant: int) -> FaultSettings:
+        """Fault rates in force for `tenant`."""
+        found = self._settings.get(tenant)
+        if found is None:
+            over = self.overrides.get(tenant, FaultOverrides())
+            found = self._settings[tenant] = FaultSettings.resolve(self.options, over)
+        return found
+
+    def set_overrides(self, tenant: int, overrides: FaultOverrides) -> None:
+        """Replace the runtime fault overrides of `tenant` (empty overrides clear them)."""
+        self.overrides[tenant] = overrides
+        self._settings.pop(tenant, None)
+
+    # -- stats ------------------------------------------------------------------------------
+
+    def tenant_stats(self, tenant: int) -> TenantStats:
+        """Counters of a served tenant; a throwaway for any other (nothing to report there)."""
+        return self.stats.get(tenant) or TenantStats()
+
+    def reset_stats(self) -> None:
+        """Zero every counter, keeping the current in-flight numbers."""
+        for tenant, old in list(self.stats.items()):
+            self.stats[tenant] = TenantStats(in_flight=old.in_flight, max_in_flight=old.in_flight)
+
+    def stats_json(self) -> dict[str, Any]:
+        """The body of `GET /_sim/stats`."""
+        tenants = {str(t): s.to_json() for t, s in self.stats.items()}
+        totals = {
+            key: sum(s[key] for s in tenants.values())
+            for key in ("requests", "rate_limited", "errors", "token_grants", "token_rejected")
+        }
+        return {
+            "tenants": tenants,
+            "totals": totals,
+            "internal_errors": self.internal_errors,
+            "cache": {
+                "pages": len(self.pager.cache),
+                "page_bytes": self.pager.cache.size,
+                "page_hits": self.pager.cache.hits,
+                "page_misses": self.pager.cache.misses,
+                "records": len(self.record_cache),
+                "record_bytes": self.record_cache.size,
+            },
+        }
+
+
+STATE_KEY = web.AppKey("syncd_sim_state", SimState)
