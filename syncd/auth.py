@@ -51,6 +51,7 @@ class TokenProvider:
         self._expires_at = 0.0
         self._lock = asyncio.Lock()
         self.renewals = 0
+        self.last_error: str | None = None  # the last renewal's failure, None once one succeeds
 
     def _valid(self) -> bool:
         return self._token is not None and self._clock() < self._expires_at
@@ -67,12 +68,25 @@ class TokenProvider:
             assert self._token is not None
             return self._token
 
+    def set_credentials(self, client_id: str, client_secret: Secret) -> None:
+        """New credentials (configuration reload): the next request fetches a new token."""
+        self._client_id, self._secret = client_id, client_secret
+        self._token = None
+
     def invalidate(self, token: str) -> None:
         """Drop `token` after a 401, unless a newer one already replaced it."""
         if self._token == token:
             self._token = None
 
     async def _renew(self) -> None:
+        try:
+            await self._grant()
+        except (AuthFailed, TransientError, RateLimited) as exc:
+            self.last_error = str(exc)
+            raise
+        self.last_error = None
+
+    async def _grant(self) -> None:
         form = {
             "grant_type": "client_credentials",
             "client_id": self._client_id,

@@ -62,7 +62,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _fail(str(exc), 2)
     log.configure(settings.config.log.level, settings.config.log.format)
-    return asyncio.run(Daemon(settings, once=args.once).run())
+    return asyncio.run(Daemon(settings, once=args.once, config_path=args.config).run())
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import os
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import TypeVar
 
 import aiohttp
+import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
@@ -17,14 +20,20 @@ import structlog
 from syncd import catalogue
 from syncd.auth import TokenProvider
 from syncd.client import ExportClient
-from syncd.config import Config, Settings, TenantSettings
+from syncd.config import Config, ConfigError, Settings, TenantSettings, load_settings
 from syncd.metrics import Metrics
+from syncd.ops import OpsServer
 from syncd.publisher import Publisher
 from syncd.scheduler import Scheduler, TenantState
+from syncd.sdnotify import Notifier, watchdog_interval
 
 log = structlog.get_logger("syncd.daemon")
 
 _T = TypeVar("_T")
+
+# /healthz fails when the dispatcher has not ticked for this long (it ticks at least each second).
+LIVENESS_S = 30.0
+STATUS_EVERY_S = 10.0
 
 EXIT_OK = 0
 EXIT_FEEDS_FAILED = 1
@@ -55,15 +64,28 @@ async def http_session(settings: Settings) -> AsyncIterator[aiohttp.ClientSessio
 class Daemon:
     """Owns the connections and the scheduler for one configuration."""
 
-    def __init__(self, settings: Settings, *, once: bool = False) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        once: bool = False,
+        config_path: str | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
         self.settings = settings
         self.once = once
+        self.config_path = config_path
+        self.environ = os.environ if environ is None else environ
         self.metrics = Metrics()
+        self.notifier = Notifier(self.environ)
+        self.ops: OpsServer | None = None
         self._signals = 0
         self.scheduler: Scheduler | None = None
         self._session: aiohttp.ClientSession | None = None
         self.redis: aioredis.Redis | None = None
         self.publisher: Publisher | None = None
+        self._reloads: asyncio.Queue[None] = asyncio.Queue()
+        self.reloaded = 0  # configurations applied by SIGHUP
 
     def _tenant_feeds(
         self, t: TenantSettings, cursors: dict[str, str]
@@ -79,12 +101,15 @@ class Daemon:
             for name in t.feeds
         ]
 
+    async def _cursors(self, tenant: int) -> dict[str, str]:
+        publisher = self.publisher
+        assert publisher is not None
+        return await self._wait_for_redis(lambda: publisher.cursors(tenant))
+
     async def _add_tenant(self, t: TenantSettings) -> TenantState:
         assert self.scheduler is not None
-        assert self.publisher is not None
         assert self._session is not None
-        publisher = self.publisher
-        cursors = await self._wait_for_redis(lambda: publisher.cursors(t.id))
+        cursors = await self._cursors(t.id)
         tokens = TokenProvider(
             self._session,
             self.settings.auth_url,
@@ -110,16 +135,138 @@ class Daemon:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
+    # -- signals -----------------------------------------------------------------------
+
     def _on_signal(self, signum: int) -> None:
         self._signals += 1
         name = signal.Signals(signum).name
         assert self.scheduler is not None
         if self._signals == 1:
             log.info("shutdown_requested", signal=name)
+            self.notifier.stopping()
             self.scheduler.stop()
         else:
             log.warning("shutdown_forced", signal=name)
             self.scheduler.force()
+
+    def _on_hup(self) -> None:
+        self._reloads.put_nowait(None)
+
+    # -- reload ------------------------------------------------------------------------
+
+    async def _reload_loop(self) -> None:
+        while True:
+            await self._reloads.get()
+            self.notifier.reloading()
+            try:
+                await self.reload()
+            except Exception:
+                log.exception("reload_failed")
+            self.notifier.ready(self._status())
+
+    async def reload(self) -> bool:
+        """Re-read the configuration file and apply it; keep the old one if it is invalid."""
+        if self.config_path is None:
+            log.warning("reload_ignored", reason="no configuration file")
+            return False
+        try:
+            new = load_settings(self.config_path, self.environ)
+        except ConfigError as exc:
+            log.error("reload_rejected", error=str(exc))
+            return False
+        old = self.settings
+        fixed = ("redis", "servicetitan", "engine", "ops", "log")
+        changed = [k for k in fixed if getattr(old.config, k) != getattr(new.config, k)]
+        if changed or new.app_key != old.app_key:
+            # Connections and pools are built once; these need a restart to change.
+            log.warning("reload_needs_restart", sections=changed or ["servicetitan.app_key"])
+        self.settings = msgspec_replace_tenants(old, new)
+        assert self.scheduler is not None
+        before = set(self.scheduler.tenants)
+        wanted = {t.id: t for t in self.settings.tenants}
+        for tid in before - set(wanted):
+            self.scheduler.remove_tenant(tid)
+            log.info("tenant_removed", tenant=tid)
+        for tid, t in wanted.items():
+            if tid not in before:
+                await self._add_tenant(t)
+                continue
+            state = self.scheduler.tenants[tid]
+            if (
+                state.settings.client_id != t.client_id
+                or state.settings.client_secret != t.client_secret
+            ):
+                state.tokens.set_credentials(t.client_id, t.client_secret)
+            cursors = await self._cursors(tid)
+            added, removed = self.scheduler.reconfigure_tenant(t, self._tenant_feeds(t, cursors))
+            if added or removed:
+                log.info("tenant_feeds_changed", tenant=tid, added=added, removed=removed)
+        self.reloaded += 1
+        log.info("reloaded", tenants=len(wanted))
+        return True
+
+    # -- health ------------------------------------------------------------------------
+
+    def liveness(self) -> tuple[bool, dict[str, object]]:
+        """Alive when the scheduler's dispatcher ticked within the last 30 seconds."""
+        if self.scheduler is None:
+            return True, {"phase": "starting"}
+        idle = time.monotonic() - self.scheduler.last_progress
+        ok = idle < LIVENESS_S
+        details: dict[str, object] = {"scheduler_idle_s": round(idle, 3)}
+        if not ok:
+            details["reason"] = f"scheduler made no progress for {idle:.0f}s"
+        return ok, details
+
+    async def readiness(self) -> tuple[bool, dict[str, object]]:
+        """Ready when Redis answers and no tenant's last token request failed."""
+        reasons: list[str] = []
+        details: dict[str, object] = {}
+        try:
+            assert self.redis is not None
+            await self.redis.ping()
+            details["redis"] = "ok"
+        except Exception as exc:
+            details["redis"] = "unavailable"
+            reasons.append(f"redis: {type(exc).__name__}")
+        failing = {}
+        if self.scheduler is not None:
+            for tid, t in self.scheduler.tenants.items():
+                if t.tokens.last_error is not None:
+                    failing[str(tid)] = t.tokens.last_error
+        else:
+            reasons.append("starting")
+        if failing:
+            details["tenants_failing_auth"] = failing
+            reasons.append(f"{len(failing)} tenant(s) cannot authenticate")
+        if reasons:
+            details["reasons"] = reasons
+        return not reasons, details
+
+    def _status(self) -> str:
+        sched = self.scheduler
+        if sched is None:
+            return "starting"
+        feeds = sum(len(t.feeds) for t in sched.tenants.values())
+        text = f"{len(sched.tenants)} tenants, {feeds} feeds, {sched.pages} pages"
+        if not sched.redis_ok.is_set():
+            text += "; waiting for Redis"
+        return text
+
+    async def _watchdog(self) -> None:
+        """Ping systemd's watchdog while the scheduler is alive; report STATUS now and then."""
+        interval = watchdog_interval(self.environ)
+        period = interval if interval is not None else STATUS_EVERY_S
+        last_status = 0.0
+        while True:
+            await asyncio.sleep(min(period, STATUS_EVERY_S))
+            if interval is not None and self.liveness()[0]:
+                self.notifier.watchdog()
+            if time.monotonic() - last_status >= STATUS_EVERY_S:
+                self.notifier.status(self._status())
+                last_status = time.monotonic()
+
+    # -- lifecycle ---------------------------------------------------------------------
 
     async def run(self) -> int:
         """Run until a signal (or, with once, until every feed drained once)."""
@@ -127,6 +274,7 @@ class Daemon:
         started = time.monotonic()
         self.redis = redis_client(cfg)
         loop = asyncio.get_running_loop()
+        helpers: list[asyncio.Task[None]] = []
         try:
             async with http_session(self.settings) as session:
                 self._session = session
@@ -146,20 +294,34 @@ class Daemon:
                     jitter=e.jitter,
                     metrics=self.metrics,
                 )
+                self.metrics.set_last_success_source(self._last_success)
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.add_signal_handler(sig, self._on_signal, sig)
+                loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+                if cfg.ops.listen is not None:
+                    self.ops = OpsServer(cfg.ops.listen, self.metrics, self)
+                    await self.ops.start()
                 for t in self.settings.tenants:
                     await self._add_tenant(t)
+                helpers.append(asyncio.create_task(self._watchdog()))
+                helpers.append(asyncio.create_task(self._reload_loop()))
                 log.info(
                     "started",
                     tenants=len(self.settings.tenants),
                     feeds=sum(len(t.feeds) for t in self.settings.tenants),
                     once=self.once,
                 )
+                self.notifier.ready(self._status())
                 await self.scheduler.run(grace=e.shutdown_grace)
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            self.notifier.stopping()
+            for task in helpers:
+                task.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+            if self.ops is not None:
+                await self.ops.stop()
             with contextlib.suppress(redis.exceptions.RedisError):
                 await self.redis.aclose()
         failed = self.scheduler.failed_feeds if self.scheduler else []
@@ -171,3 +333,23 @@ class Daemon:
             return EXIT_FEEDS_FAILED
         log.info("stopped", elapsed_s=elapsed, pages=self.scheduler.pages if self.scheduler else 0)
         return EXIT_OK
+
+    def _last_success(self) -> Iterator[tuple[str, str, float]]:
+        if self.scheduler is None:
+            return
+        for t in self.scheduler.tenants.values():
+            tid = str(t.id)
+            for fs in t.feeds.values():
+                if fs.last_ok is not None:
+                    yield tid, fs.name, fs.last_ok
+
+
+def msgspec_replace_tenants(old: Settings, new: Settings) -> Settings:
+    """Take the tenants and per-feed options of `new`, keep the connection settings of `old`."""
+    config = msgspec.structs.replace(
+        old.config,
+        tenants=new.config.tenants,
+        defaults=new.config.defaults,
+        feeds=new.config.feeds,
+    )
+    return dataclasses.replace(old, config=config, tenants=new.tenants)

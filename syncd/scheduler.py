@@ -194,6 +194,48 @@ class Scheduler:
             self._push(fs, now + self.rng.uniform(0, spread))
         return t
 
+    def reconfigure_tenant(
+        self,
+        settings: TenantSettings,
+        feeds: Iterable[tuple[Feed, str | None, bool, float]],
+    ) -> tuple[list[str], list[str]]:
+        """Apply a tenant's new settings and feed list; returns (added, removed) feed names.
+
+        Polls under way finish; a removed feed is simply not scheduled again.
+        """
+        t = self.tenants[settings.id]
+        t.settings = settings
+        rate = settings.requests_per_second
+        t.bucket.set_rate(rate, burst=max(1.0, rate))
+        wanted = {
+            feed.name: (feed, cursor, detect, interval) for feed, cursor, detect, interval in feeds
+        }
+        removed = [name for name in t.feeds if name not in wanted]
+        for name in removed:
+            t.feeds.pop(name).removed = True
+        added = []
+        now = self.clock()
+        for name, (feed, cursor, detect, interval) in wanted.items():
+            fs = t.feeds.get(name)
+            if fs is None:
+                fs = FeedState(t, feed, cursor, detect, interval)
+                t.feeds[name] = fs
+                added.append(name)
+                self._push(fs, now)
+            else:
+                fs.change_detection, fs.poll_interval = detect, interval
+        self._arm(t)
+        return added, removed
+
+    def remove_tenant(self, tenant: int) -> None:
+        """Stop scheduling a tenant; its polls under way finish."""
+        t = self.tenants.pop(tenant)
+        t.removed = True
+        for fs in t.feeds.values():
+            fs.removed = True
+        if self.metrics is not None:
+            self.metrics.forget_tenant(tenant)
+
     def _push(self, fs: FeedState, due: float) -> None:
         fs.due = due
         heapq.heappush(fs.tenant.heap, (due, next(self._seq), fs))
@@ -255,9 +297,12 @@ class Scheduler:
 
     async def _dispatch(self) -> None:
         while not self._stopping.is_set():
-            if not self.redis_ok.is_set():
-                await self.redis_ok.wait()
             self.last_progress = time.monotonic()
+            if not self.redis_ok.is_set():
+                # Waiting on Redis is not being stuck: keep ticking for the watchdog.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.redis_ok.wait(), timeout=1.0)
+                continue
             now = self.clock()
             if not self._ready or self._ready[0][0] > now:
                 timeout = (self._ready[0][0] - now) if self._ready else 1.0
