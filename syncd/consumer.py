@@ -1,0 +1,575 @@
+"""Read syncd's change events from Redis streams through consumer groups.
+
+Delivery is **at least once**. An entry stays in the group's pending list until it is
+acknowledged; if its consumer dies (or its handler fails) before acknowledging, another consumer
+of the group (or the same one) takes it over with XAUTOCLAIM once it has been idle for
+`claim_idle_ms`, and it is delivered again with a higher `Event.deliveries`. So a handler may see
+an event more than once and must be idempotent: apply records by `key`, and compare
+`modified_on` (or the record's own version fields) rather than counting events. Acknowledge only
+after the effect is durable; `Consumer.run` does exactly that, one batch at a time.
+
+An entry delivered more than `max_deliveries` times is treated as poison: it is copied to the
+tenant's dead stream (`reason=max_deliveries`, with the original fields) and only then
+acknowledged, both in one server-side script, so it is never dropped without its copy. Entries
+that lack the fields every event carries go the same way with `reason=malformed`.
+
+Redis 7.0 or later is required (XAUTOCLAIM reporting entries deleted by trimming). One consumer
+reads all its streams with a single XREADGROUP, so streams of several tenants in one consumer
+need a single Redis server; on a Redis Cluster, run one consumer per tenant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal, NamedTuple, TypeVar, cast
+
+import msgspec
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from syncd import catalogue
+from syncd.keys import DEFAULT_PREFIX, Keys
+
+__all__ = [
+    "Consumer",
+    "Event",
+    "Handler",
+    "MalformedEvent",
+    "Start",
+    "Subscription",
+    "parse_stream_reply",
+]
+
+T = TypeVar("T")
+Start = Literal["beginning", "new"]
+
+log = structlog.get_logger("syncd.consumer")
+
+_REQUIRED_FIELDS = ("op", "key", "data")
+_GROUP_START: dict[str, str] = {"beginning": "0", "new": "$"}
+_BACKOFF_MIN_S = 0.5
+_BACKOFF_MAX_S = 30.0
+
+# Copy first, acknowledge second, in one script: an error in XADD stops the script, so an entry
+# is never acknowledged without its copy, and a crash cannot leave a copy of a still-pending
+# entry (which would be dead-lettered twice). Both keys share the tenant's hash slot.
+# KEYS: event stream, dead stream. ARGV: group, entry id, field, value, field, value, ...
+_DEAD_LETTER_LUA = """
+redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
+return redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+"""
+
+# Deleting a consumer destroys its pending entries, so only an idle name is removed; the check
+# and the delete are one script so that nothing is delivered to the name in between.
+# KEYS: stream. ARGV: group, consumer.
+_FORGET_CONSUMER_LUA = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then
+  return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+end
+return -1
+"""
+
+
+class MalformedEvent(ValueError):
+    """A stream entry lacks a field that every event carries."""
+
+    def __init__(self, stream: str, entry_id: str, missing: Sequence[str]) -> None:
+        super().__init__(f"{stream} {entry_id}: missing field(s) {', '.join(missing)}")
+        self.stream = stream
+        self.entry_id = entry_id
+        self.missing = tuple(missing)
+
+
+class Event(msgspec.Struct, frozen=True):
+    """One change event: a record created or updated in one feed of one tenant."""
+
+    stream: str
+    id: str  # the stream entry id, e.g. "1714564800123-0"
+    tenant: int
+    feed: str
+    op: str  # "created", "updated" or "upsert"
+    key: str
+    data: bytes  # the record's JSON exactly as ServiceTitan sent it
+    modified_on: str | None
+    deliveries: int  # 1 on first delivery; 0 when read without a consumer group
+
+    def json(self) -> Any:
+        """The record as plain Python objects."""
+        return msgspec.json.decode(self.data)
+
+    def decode(self, type: type[T]) -> T:
+        """The record decoded and validated into `type` (a msgspec.Struct, dataclass, dict...)."""
+        return msgspec.json.decode(self.data, type=type)
+
+    @classmethod
+    def from_entry(
+        cls,
+        stream: str,
+        entry_id: str,
+        fields: Mapping[str, bytes],
+        *,
+        tenant: int,
+        feed: str,
+        deliveries: int,
+    ) -> Event:
+        """Build an event from a stream entry's fields; unknown fields are ignored.
+
+        Raises MalformedEvent when `op`, `key` or `data` is missing.
+        """
+        missing = [name for name in _REQUIRED_FIELDS if name not in fields]
+        if missing:
+            raise MalformedEvent(stream, entry_id, missing)
+        modified_on = fields.get("modified_on")
+        return cls(
+            stream=stream,
+            id=entry_id,
+            tenant=tenant,
+            feed=feed,
+            op=fields["op"].decode("utf-8", "replace"),
+            key=fields["key"].decode("utf-8", "replace"),
+            data=fields["data"],
+            modified_on=modified_on.decode("utf-8", "replace") if modified_on else None,
+            deliveries=deliveries,
+        )
+
+
+class Subscription(msgspec.Struct, frozen=True):
+    """Feeds of one tenant to read: the named ones, or every catalogue feed when `feeds` is None."""
+
+    tenant: int
+    feeds: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        known = catalogue.feeds()
+        unknown = [name for name in self.feeds or () if name not in known]
+        if unknown:
+            raise ValueError(f"tenant {self.tenant}: unknown feed(s) {', '.join(unknown)}")
+
+    def feed_names(self) -> list[str]:
+        """The subscribed feed names, in catalogue order when all feeds are meant."""
+        return list(catalogue.feeds() if self.feeds is None else dict.fromkeys(self.feeds))
+
+    def streams(self, prefix: str = DEFAULT_PREFIX) -> list[str]:
+        """The event stream names of the subscribed feeds."""
+        keys = Keys(prefix, self.tenant)
+        return [keys.stream(feed) for feed in self.feed_names()]
+
+
+Handler = Callable[[list[Event]], Awaitable[object]]
+
+
+class _Stream(NamedTuple):
+    tenant: int
+    feed: str
+    dead: str
+
+
+def _parse_stream(name: str, prefix: str) -> _Stream:
+    head = f"{prefix}:{{"
+    tenant_text, sep, feed = name.removeprefix(head).partition("}:")
+    if name.startswith(head) and sep and tenant_text.isdigit():
+        keys = Keys(prefix, int(tenant_text))
+        if keys.stream(feed) == name and feed in catalogue.feeds():
+            return _Stream(keys.tenant, feed, keys.dead)
+    raise ValueError(
+        f"{name!r} is not a syncd event stream: expected {prefix}:{{<tenant>}}:<feed> "
+        "with a catalogue feed"
+    )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def _fields(raw: Mapping[Any, Any]) -> dict[str, bytes]:
+    # Clients made with decode_responses=True hand back str; events carry bytes either way.
+    return {_text(k): v if isinstance(v, bytes) else str(v).encode() for k, v in raw.items()}
+
+
+def parse_stream_reply(reply: Any) -> list[tuple[str, list[tuple[str, dict[str, bytes]]]]]:
+    """(stream, [(entry id, fields)]) pairs of an XREAD/XREADGROUP reply.
+
+    Accepts every reply shape redis-py produces (RESP2 or RESP3, legacy or unified responses,
+    with or without decode_responses).
+    """
+    if not reply:
+        return []
+    pairs = reply.items() if isinstance(reply, dict) else reply
+    out = []
+    for stream, entries in pairs:
+        # RESP3 replies come wrapped in one more list by redis-py's legacy parser.
+        if entries and isinstance(entries[0], list):
+            entries = entries[0]
+        parsed = [(_text(eid), _fields(raw)) for eid, raw in entries or () if raw is not None]
+        out.append((_text(stream), parsed))
+    return out
+
+
+def _is_nogroup(exc: ResponseError) -> bool:
+    return str(exc).startswith("NOGROUP")
+
+
+def _socket_timeout_s(redis: aioredis.Redis) -> float | None:
+    """The read timeout the client's connections get (redis-py 8 defaults it to 5 s)."""
+    pool = redis.connection_pool
+    if "socket_timeout" in pool.connection_kwargs:
+        return cast("float | None", pool.connection_kwargs["socket_timeout"])
+    # Not given explicitly (from_url): the connection class's default applies.
+    for cls in pool.connection_class.__mro__:
+        if "__init__" in vars(cls):
+            param = inspect.signature(vars(cls)["__init__"]).parameters.get("socket_timeout")
+            if param is not None and isinstance(param.default, int | float):
+                return float(param.default)
+    return None
+
+
+async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+class Consumer:
+    """One named member of a consumer group reading syncd event streams.
+
+    `streams` takes stream names (`st:{123}:crm.customers`), `Subscription`s, or a mix. The group
+    is created on each stream when missing, positioned at the stream's beginning or, with
+    `start="new"`, at its end; an existing group keeps its position. `batch` caps the entries
+    read per stream per call. `claim_idle_ms` must exceed the longest time a handler needs,
+    or other consumers take its events over while it still works on them. `block_ms` is capped
+    at 80% of the client's socket timeout, so that waiting for events never trips it.
+    """
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        group: str,
+        consumer: str,
+        *,
+        streams: Iterable[str | Subscription] | str | Subscription,
+        prefix: str = DEFAULT_PREFIX,
+        start: Start = "beginning",
+        claim_idle_ms: int = 60_000,
+        max_deliveries: int = 5,
+        batch: int = 100,
+        block_ms: int = 5_000,
+    ) -> None:
+        if not group or not consumer:
+            raise ValueError("group and consumer names must not be empty")
+        if start not in _GROUP_START:
+            raise ValueError(f"start must be 'beginning' or 'new', not {start!r}")
+        if claim_idle_ms < 1 or max_deliveries < 1 or batch < 1 or block_ms < 0:
+            raise ValueError("claim_idle_ms, max_deliveries and batch must be >= 1, block_ms >= 0")
+        items = [streams] if isinstance(streams, str | Subscription) else list(streams)
+        names: list[str] = []
+        for item in items:
+            names.extend(item.streams(prefix) if isinstance(item, Subscription) else [item])
+        if not names:
+            raise ValueError("a consumer needs at least one stream")
+        self.redis = redis
+        self.group = group
+        self.consumer = consumer
+        self.prefix = prefix
+        self.start: Start = start
+        self.claim_idle_ms = claim_idle_ms
+        self.max_deliveries = max_deliveries
+        self.batch = batch
+        timeout_s = _socket_timeout_s(redis)
+        self.block_ms = block_ms if timeout_s is None else min(block_ms, int(timeout_s * 800) or 1)
+        self._streams = {name: _parse_stream(name, prefix) for name in names}
+        self._cursors = dict.fromkeys(self._streams, "0-0")
+        self._reclaim_due = 0.0
+        self._groups_ready = False
+        self._closed = False
+        self._dead_letter = redis.register_script(_DEAD_LETTER_LUA)
+        self._forget = redis.register_script(_FORGET_CONSUMER_LUA)
+
+    @property
+    def streams(self) -> list[str]:
+        """The stream names this consumer reads."""
+        return list(self._streams)
+
+    @property
+    def closed(self) -> bool:
+        """Whether close() was called."""
+        return self._closed
+
+    async def ensure_groups(self) -> None:
+        """Create the group on every stream where it is missing (the stream too, if need be)."""
+        await self._create_groups(_GROUP_START[self.start])
+
+    async def _create_groups(self, start: str) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in self._streams:
+                pipe.xgroup_create(stream, self.group, id=start, mkstream=True)
+            replies = await pipe.execute(raise_on_error=False)
+        for stream, reply in zip(self._streams, replies, strict=True):
+            if isinstance(reply, ResponseError) and str(reply).startswith("BUSYGROUP"):
+                continue
+            if isinstance(reply, Exception):
+                raise reply
+            log.info("consumer_group_created", stream=stream, group=self.group, start=start)
+        self._groups_ready = True
+
+    async def read(self) -> list[Event]:
+        """The next events: stale ones taken over from other consumers first, then new ones.
+
+        Blocks up to `block_ms` when there is nothing to take over and nothing new. Poison and
+        malformed entries are dead-lettered and not returned. An empty list means nothing came.
+        """
+        if self._closed:
+            raise RuntimeError("consumer is closed")
+        if not self._groups_ready:
+            await self.ensure_groups()
+        try:
+            return await self._read()
+        except ResponseError as exc:
+            if not _is_nogroup(exc):
+                raise
+            # The stream or its group vanished (key deleted, Redis restarted without
+            # persistence). Whatever the stream holds now was written after the group existed,
+            # so the new group starts at the beginning even for start="new".
+            log.warning("consumer_group_missing", group=self.group, error=str(exc))
+            await self._create_groups("0")
+            self._cursors = dict.fromkeys(self._streams, "0-0")
+            return await self._read()
+
+    async def _read(self) -> list[Event]:
+        events: list[Event] = []
+        if time.monotonic() >= self._reclaim_due:
+            events.extend(await self._reclaim())
+        events.extend(await self._read_new(block=not events))
+        return events
+
+    async def _reclaim(self) -> list[Event]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in self._streams:
+                pipe.xautoclaim(
+                    stream,
+                    self.group,
+                    self.consumer,
+                    self.claim_idle_ms,
+                    self._cursors[stream],
+                    count=self.batch,
+                )
+            replies = await pipe.execute()
+        scan_complete = True
+        claimed: list[tuple[str, str, dict[str, bytes]]] = []
+        for stream, reply in zip(self._streams, replies, strict=True):
+            cursor, entries, deleted = _text(reply[0]), reply[1], reply[2] if len(reply) > 2 else []
+            self._cursors[stream] = cursor
+            scan_complete = scan_complete and cursor == "0-0"
+            if deleted:
+                # Trimmed before anyone acknowledged them: Redis already dropped them from the
+                # pending list, and there is no payload left to deliver or dead-letter.
+                log.warning(
+                    "consumer_pending_trimmed",
+                    stream=stream,
+                    group=self.group,
+                    entries=len(deleted),
+                )
+            claimed.extend((stream, _text(eid), _fields(f)) for eid, f in entries if f is not None)
+        # Between scans, wait long enough for entries to become stale; keep going while the last
+        # scan stopped early because it hit `batch`.
+        self._reclaim_due = time.monotonic() + (self.claim_idle_ms / 2000 if scan_complete else 0)
+        if not claimed:
+            return []
+
+        # XAUTOCLAIM does not say how often an entry was delivered; XPENDING does, and the
+        # count cannot move until the entries we now own go idle again.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream, entry_id, _ in claimed:
+                pipe.xpending_range(stream, self.group, entry_id, entry_id, 1, self.consumer)
+            pending = await pipe.execute()
+        events: list[Event] = []
+        for (stream, entry_id, fields), info in zip(claimed, pending, strict=True):
+            if not info:
+                continue  # its previous owner acknowledged it after all: it is done
+            deliveries = int(info[0]["times_delivered"])
+            if deliveries > self.max_deliveries:
+                await self._bury(stream, entry_id, fields, "max_deliveries", deliveries)
+                continue
+            event = await self._event(stream, entry_id, fields, deliveries)
+            if event is not None:
+                events.append(event)
+        log.info(
+            "consumer_reclaimed",
+            group=self.group,
+            consumer=self.consumer,
+            entries=len(claimed),
+            events=len(events),
+        )
+        return events
+
+    async def _read_new(self, *, block: bool) -> list[Event]:
+        reply = await self.redis.xreadgroup(
+            self.group,
+            self.consumer,
+            dict.fromkeys(self._streams, ">"),
+            count=self.batch,
+            block=self.block_ms if block and self.block_ms > 0 else None,
+        )
+        events: list[Event] = []
+        for stream, entries in parse_stream_reply(reply):
+            for entry_id, fields in entries:
+                event = await self._event(stream, entry_id, fields, 1)
+                if event is not None:
+                    events.append(event)
+        return events
+
+    async def _event(
+        self, stream: str, entry_id: str, fields: dict[str, bytes], deliveries: int
+    ) -> Event | None:
+        ref = self._streams[stream]
+        try:
+            return Event.from_entry(
+                stream, entry_id, fields, tenant=ref.tenant, feed=ref.feed, deliveries=deliveries
+            )
+        except MalformedEvent as exc:
+            await self._bury(stream, entry_id, fields, "malformed", deliveries, str(exc))
+            return None
+
+    async def _bury(
+        self,
+        stream: str,
+        entry_id: str,
+        fields: dict[str, bytes],
+        reason: str,
+        deliveries: int,
+        detail: str = "",
+    ) -> None:
+        ref = self._streams[stream]
+        meta: dict[str, str | bytes] = {
+            "feed": ref.feed,
+            "reason": reason,
+            "stream": stream,
+            "entry_id": entry_id,
+            "group": self.group,
+            "consumer": self.consumer,
+            "deliveries": str(deliveries),
+        }
+        if detail:
+            meta["detail"] = detail
+        payload = {**{k: v for k, v in fields.items() if k not in meta}, **meta}
+        args: list[str | bytes] = [self.group, entry_id]
+        for name, value in payload.items():
+            args.extend((name, value))
+        try:
+            await self._dead_letter(keys=[stream, ref.dead], args=args)
+        except ResponseError as exc:
+            # Left pending: it is taken over and tried again after claim_idle_ms.
+            log.error(
+                "consumer_dead_letter_failed", stream=stream, entry_id=entry_id, error=str(exc)
+            )
+            return
+        log.warning(
+            "consumer_dead_lettered",
+            stream=stream,
+            entry_id=entry_id,
+            group=self.group,
+            reason=reason,
+            deliveries=deliveries,
+        )
+
+    async def ack(self, *events: Event) -> int:
+        """Acknowledge events in this consumer's group; returns how many were still pending."""
+        ids: dict[str, list[str]] = {}
+        for event in events:
+            ids.setdefault(event.stream, []).append(event.id)
+        if not ids:
+            return 0
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream, entry_ids in ids.items():
+                pipe.xack(stream, self.group, *entry_ids)
+            return sum(int(n) for n in await pipe.execute())
+
+    async def ack_all(self, batch: Iterable[Event]) -> int:
+        """Acknowledge every event of a batch; returns how many were still pending."""
+        return await self.ack(*batch)
+
+    def __aiter__(self) -> Consumer:
+        return self
+
+    async def __anext__(self) -> list[Event]:
+        """The next non-empty batch, unacknowledged; iteration ends when the consumer is closed."""
+        while not self._closed:
+            batch = await self.read()
+            if batch:
+                return batch
+        raise StopAsyncIteration
+
+    async def run(self, handler: Handler, *, stop: asyncio.Event) -> None:
+        """Hand batches to `handler` and acknowledge each batch after it returns, until `stop`.
+
+        A failing handler is logged and its batch left unacknowledged, so it comes back after
+        `claim_idle_ms` (and ends in the dead stream after `max_deliveries`); the loop backs
+        off and carries on, as it does while Redis is unreachable. `stop` is checked between
+        batches, so stopping takes up to `block_ms` plus the handler's time.
+        """
+        backoff = _BACKOFF_MIN_S
+        while not stop.is_set() and not self._closed:
+            try:
+                batch = await self.read()
+                if not batch:
+                    continue
+                if await self._handled(handler, batch, backoff):
+                    await self.ack(*batch)
+                    backoff = _BACKOFF_MIN_S
+                    continue
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                log.warning(
+                    "consumer_redis_unavailable",
+                    group=self.group,
+                    consumer=self.consumer,
+                    error=str(exc),
+                    retry_in_s=backoff,
+                )
+            await _sleep_unless(stop, backoff)
+            backoff = min(backoff * 2, _BACKOFF_MAX_S)
+
+    async def _handled(self, handler: Handler, batch: list[Event], backoff: float) -> bool:
+        try:
+            await handler(batch)
+        except Exception:
+            log.exception(
+                "consumer_handler_failed",
+                group=self.group,
+                consumer=self.consumer,
+                events=len(batch),
+                first_id=batch[0].id,
+                retry_in_s=backoff,
+            )
+            return False
+        return True
+
+    async def close(self) -> None:
+        """Stop iterating, and drop this consumer's name from groups where nothing is pending.
+
+        The Redis client belongs to the caller and stays open. Names still holding pending
+        entries are kept, so that those entries can be taken over.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if not self._groups_ready:
+            return
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for stream in self._streams:
+                    await self._forget(keys=[stream], args=[self.group, self.consumer], client=pipe)
+                await pipe.execute(raise_on_error=False)
+        except RedisError as exc:
+            log.warning("consumer_close_failed", group=self.group, error=str(exc))
+
+    async def __aenter__(self) -> Consumer:
+        await self.ensure_groups()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
