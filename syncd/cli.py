@@ -38,6 +38,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("feeds", help="list the export feeds syncd knows")
 
+    st = sub.add_parser("status", help="per tenant and feed: cursor, last poll, events, errors")
+    st.add_argument("--config", "-c", required=True)
+    st.add_argument("--json", action="store_true", help="JSON instead of a table")
+
+    bf = sub.add_parser(
+        "backfill", help="re-export a tenant's feeds from the beginning or a date, then exit"
+    )
+    bf.add_argument("--config", "-c", required=True)
+    bf.add_argument("--tenant", type=int, required=True)
+    bf.add_argument("--feed", help="one feed (default: every feed of the tenant)")
+    bf.add_argument("--from", dest="start", help="start date, e.g. 2024-01-01")
+
+    rc = sub.add_parser("reset-cursor", help="forget a feed's cursor (next poll starts over)")
+    rc.add_argument("--config", "-c", required=True)
+    rc.add_argument("--tenant", type=int, required=True)
+    rc.add_argument("--feed", required=True)
+
+    tl = sub.add_parser("tail", help="print a tenant's events as they arrive")
+    tl.add_argument("--config", "-c", required=True)
+    tl.add_argument("--tenant", type=int, required=True)
+    tl.add_argument("--feed", help="one feed (default: every feed of the tenant)")
+    tl.add_argument("--group", help="read as this consumer group and acknowledge what is printed")
+    tl.add_argument("--from-start", action="store_true", help="from the streams' beginning")
+
     sim = sub.add_parser("simulate", help="run the ServiceTitan simulator")
     sim_cli.add_arguments(sim)
 
@@ -81,8 +105,40 @@ def cmd_feeds(_: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_operator(args: argparse.Namespace) -> int:
+    from syncd import commands, log
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        return _fail(str(exc), 2)
+    log.configure("warning", "console" if sys.stderr.isatty() else "json")
+    if args.command == "status":
+        return commands.run(commands.status(settings, as_json=args.json, out=sys.stdout))
+    if args.command == "reset-cursor":
+        return commands.run(commands.reset_cursor(settings, args.tenant, args.feed, sys.stdout))
+    if args.command == "backfill":
+        return commands.run(
+            commands.backfill(
+                settings,
+                args.tenant,
+                args.feed,
+                args.start,
+                out=sys.stdout,
+                progress=sys.stdout.isatty(),
+            )
+        )
+    return commands.run(
+        commands.tail_command(
+            settings, args.tenant, args.feed, args.group, args.from_start, sys.stdout
+        )
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("status", "reset-cursor", "backfill", "tail"):
+        return cmd_operator(args)
     if args.command == "run":
         return cmd_run(args)
     if args.command == "check-config":

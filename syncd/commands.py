@@ -1,0 +1,256 @@
+"""Operator commands: status, reset-cursor, backfill, tail."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import json
+import signal
+import sys
+import time
+from typing import Any, TextIO
+
+import redis.asyncio as aioredis
+
+from syncd.config import ConfigError, Settings, TenantSettings
+from syncd.daemon import Daemon, redis_client
+from syncd.keys import Keys
+
+
+class CommandError(Exception):
+    """A command cannot do what was asked; the message says why."""
+
+
+def _tenant(settings: Settings, tenant: int) -> TenantSettings:
+    for t in settings.tenants:
+        if t.id == tenant:
+            return t
+    known = ", ".join(str(t.id) for t in settings.tenants)
+    raise CommandError(f"tenant {tenant} is not in {settings.config.path} (configured: {known})")
+
+
+def _feeds(t: TenantSettings, feed: str | None) -> list[str]:
+    if feed is None:
+        return list(t.feeds)
+    if feed not in t.feeds:
+        raise CommandError(f"feed {feed!r} is not configured for tenant {t.id}")
+    return [feed]
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _when(ts: str | None) -> str | None:
+    if ts is None:
+        return None
+    return dt.datetime.fromtimestamp(float(ts), dt.UTC).isoformat(timespec="seconds")
+
+
+async def collect_status(settings: Settings, r: aioredis.Redis) -> list[dict[str, Any]]:
+    """Per tenant and feed: cursor, last successful poll, stream length, last error."""
+    prefix = settings.config.redis.key_prefix
+    rows: list[dict[str, Any]] = []
+    for t in settings.tenants:
+        k = Keys(prefix, t.id)
+        async with r.pipeline(transaction=False) as pipe:
+            pipe.hgetall(k.cursors)
+            pipe.hgetall(k.state)
+            pipe.xlen(k.dead)
+            for feed in t.feeds:
+                pipe.xlen(k.stream(feed))
+            cursors, state, dead, *lengths = await pipe.execute()
+        cursors = {_text(a): _text(b) for a, b in cursors.items()}
+        state = {_text(a): _text(b) for a, b in state.items()}
+        for feed, length in zip(t.feeds, lengths, strict=True):
+            rows.append(
+                {
+                    "tenant": t.id,
+                    "feed": feed,
+                    "cursor": cursors.get(feed),
+                    "last_success": _when(state.get(f"{feed}:last_ok")),
+                    "stream_length": length,
+                    "tenant_dead_letters": dead,
+                    "last_error": state.get(f"{feed}:last_error"),
+                    "last_error_at": _when(state.get(f"{feed}:last_error_at")),
+                }
+            )
+    return rows
+
+
+def render_table(rows: list[dict[str, Any]], out: TextIO) -> None:
+    cols = [
+        ("tenant", 10),
+        ("feed", 42),
+        ("last_success", 25),
+        ("stream_length", 13),
+        ("tenant_dead_letters", 8),
+        ("cursor", 14),
+        ("last_error", 40),
+    ]
+    titles = {"stream_length": "events", "tenant_dead_letters": "dead", "last_success": "last ok"}
+    out.write("  ".join(titles.get(c, c).ljust(w) for c, w in cols).rstrip() + "\n")
+    for row in rows:
+        cells = []
+        for c, w in cols:
+            v = row.get(c)
+            text = "-" if v is None else str(v)
+            cells.append((text[: w - 1] + "…" if len(text) > w else text).ljust(w))
+        out.write("  ".join(cells).rstrip() + "\n")
+
+
+async def status(settings: Settings, *, as_json: bool, out: TextIO) -> int:
+    r = redis_client(settings.config)
+    try:
+        rows = await collect_status(settings, r)
+    finally:
+        await r.aclose()
+    if as_json:
+        out.write(json.dumps(rows, indent=2) + "\n")
+    else:
+        render_table(rows, out)
+    return 0
+
+
+async def reset_cursor(settings: Settings, tenant: int, feed: str, out: TextIO) -> int:
+    """Forget a feed's stored cursor: the next poll starts from the configured start.
+
+    Fingerprints stay, so records already published come back as unchanged: no duplicates.
+    """
+    t = _tenant(settings, tenant)
+    _feeds(t, feed)
+    r = redis_client(settings.config)
+    try:
+        removed = await r.hdel(Keys(settings.config.redis.key_prefix, tenant).cursors, feed)
+    finally:
+        await r.aclose()
+    out.write(
+        f"tenant {tenant} feed {feed}: {'cursor removed' if removed else 'no cursor was stored'}\n"
+    )
+    return 0
+
+
+async def backfill(
+    settings: Settings,
+    tenant: int,
+    feed: str | None,
+    start: str | None,
+    *,
+    out: TextIO,
+    progress: bool,
+) -> int:
+    """Re-export a tenant's feeds from the beginning (or `start`), then exit.
+
+    Change detection keeps downstream free of duplicates: only records whose content changed
+    since they were last published produce events.
+    """
+    t = _tenant(settings, tenant)
+    feeds = _feeds(t, feed)
+    if start is not None:
+        try:
+            dt.date.fromisoformat(start[:10])
+        except ValueError:
+            raise CommandError(f"--from: expected a date like 2024-01-01, got {start!r}") from None
+    prefix = settings.config.redis.key_prefix
+    r = redis_client(settings.config)
+    try:
+        await r.hdel(Keys(prefix, tenant).cursors, *feeds)
+    finally:
+        await r.aclose()
+    only = dataclasses.replace(t, feeds=tuple(feeds), start=start)
+    daemon = Daemon(dataclasses.replace(settings, tenants=(only,)), once=True)
+    task = asyncio.create_task(daemon.run())
+    started = time.monotonic()
+    while not task.done():
+        await asyncio.wait([task], timeout=0.5)
+        if progress:
+            _progress(daemon, feeds, started, out)
+    if progress:
+        out.write("\n")
+    code = task.result()
+    m = daemon.metrics
+    fetched = sum(
+        m.sample("syncd_records_fetched_total", {"tenant": str(tenant), "feed": f}) or 0
+        for f in feeds
+    )
+    published = sum(
+        m.sample("syncd_records_published_total", {"tenant": str(tenant), "feed": f}) or 0
+        for f in feeds
+    )
+    out.write(
+        f"backfill of tenant {tenant}: {int(fetched)} records fetched, "
+        f"{int(published)} published, {int(fetched - published)} unchanged, "
+        f"{time.monotonic() - started:.1f}s\n"
+    )
+    return code
+
+
+def _progress(daemon: Daemon, feeds: list[str], started: float, out: TextIO) -> None:
+    sched = daemon.scheduler
+    if sched is None:
+        return
+    done = sum(fs.drained or fs.failed for t in sched.tenants.values() for fs in t.feeds.values())
+    fetched = 0.0
+    for t in sched.tenants.values():
+        for f in feeds:
+            labels = {"tenant": str(t.id), "feed": f}
+            fetched += daemon.metrics.sample("syncd_records_fetched_total", labels) or 0
+    width = 30
+    filled = int(width * done / max(1, len(feeds)))
+    elapsed = time.monotonic() - started
+    out.write(
+        f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{len(feeds)} feeds  "
+        f"{int(fetched):,} records  {fetched / max(elapsed, 1e-6):,.0f}/s  {elapsed:.0f}s "
+    )
+    out.flush()
+
+
+async def tail_command(
+    settings: Settings,
+    tenant: int,
+    feed: str | None,
+    group: str | None,
+    from_start: bool,
+    out: TextIO,
+) -> int:
+    from syncd.tail import tail
+
+    t = _tenant(settings, tenant)
+    feeds = _feeds(t, feed)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    r = redis_client(settings.config)
+    try:
+        await tail(
+            r,
+            prefix=settings.config.redis.key_prefix,
+            tenant=tenant,
+            feeds=feeds,
+            group=group,
+            from_start=from_start,
+            out=out,
+            pretty=out.isatty(),
+            stop=stop,
+        )
+    finally:
+        await r.aclose()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    return 0
+
+
+def run(coro: Any) -> int:
+    """Run a command coroutine; CommandError becomes a message and exit code 1."""
+    try:
+        return int(asyncio.run(coro))
+    except (CommandError, ConfigError) as exc:
+        print(f"syncd: {exc}", file=sys.stderr)
+        return 1
+
+
+__all__ = ["CommandError", "backfill", "collect_status", "reset_cursor", "status"]
