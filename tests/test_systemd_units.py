@@ -1,0 +1,146 @@
+"""The systemd units: the settings syncd relies on, their hardening score, and that they parse."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+UNITS = Path(__file__).resolve().parent.parent / "systemd"
+MAIN = UNITS / "syncd.service"
+TEMPLATE = UNITS / "syncd@.service"
+MAX_EXPOSURE = 2.0
+# syncd's own grace period for in-flight pages after SIGTERM.
+SHUTDOWN_GRACE_S = 30
+
+Unit = dict[str, list[tuple[str, str]]]
+
+
+def parse_unit(path: Path) -> Unit:
+    """Sections as ordered (key, value) pairs; repeated keys stay repeated, as in systemd."""
+    sections: Unit = {}
+    current: list[tuple[str, str]] | None = None
+    pending = ""
+    for raw in path.read_text().splitlines():
+        line = pending + raw.strip()
+        pending = ""
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.endswith("\\"):
+            pending = line[:-1] + " "
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], [])
+            continue
+        assert current is not None, f"{path.name}: setting outside a section: {line!r}"
+        key, sep, value = line.partition("=")
+        assert sep, f"{path.name}: not a KEY=VALUE line: {line!r}"
+        current.append((key.strip(), value.strip()))
+    return sections
+
+
+def values(unit: Unit, section: str, key: str) -> list[str]:
+    return [v for k, v in unit.get(section, []) if k == key]
+
+
+def value(unit: Unit, section: str, key: str) -> str:
+    found = values(unit, section, key)
+    assert len(found) == 1, f"[{section}] {key}= set {len(found)} times, expected once"
+    return found[0]
+
+
+def seconds(text: str) -> float:
+    match = re.fullmatch(r"(\d+)\s*(s|sec|min)?", text)
+    assert match, f"unexpected time span {text!r}"
+    return int(match[1]) * (60 if match[2] == "min" else 1)
+
+
+@pytest.mark.parametrize("path", [MAIN, TEMPLATE], ids=lambda p: p.name)
+def test_service_settings(path: Path) -> None:
+    unit = parse_unit(path)
+    assert value(unit, "Service", "Type") == "notify"
+    assert value(unit, "Service", "NotifyAccess") == "main"
+    assert seconds(value(unit, "Service", "WatchdogSec")) == 30
+    assert value(unit, "Service", "ExecReload") == "/bin/kill -HUP $MAINPID"
+    assert value(unit, "Service", "Restart") == "on-failure"
+    assert seconds(value(unit, "Service", "RestartSec")) == 5
+    assert seconds(value(unit, "Service", "TimeoutStopSec")) > SHUTDOWN_GRACE_S
+    assert value(unit, "Service", "User") == "syncd"
+    assert value(unit, "Service", "Group") == "syncd"
+    credentials = dict(c.split(":", 1) for c in values(unit, "Service", "LoadCredential"))
+    assert credentials == {
+        "app_key": "/etc/syncd/credentials/app_key",
+        "tenants": "/etc/syncd/credentials/tenants",
+    }
+    families = value(unit, "Service", "RestrictAddressFamilies").split()
+    assert sorted(families) == ["AF_INET", "AF_INET6", "AF_UNIX"]
+    assert value(unit, "Service", "ProtectSystem") == "strict"
+    assert value(unit, "Install", "WantedBy") == "multi-user.target"
+
+
+def test_exec_start() -> None:
+    assert (
+        value(parse_unit(MAIN), "Service", "ExecStart")
+        == "/opt/syncd/.venv/bin/syncd run --config /etc/syncd/syncd.toml"
+    )
+    assert (
+        value(parse_unit(TEMPLATE), "Service", "ExecStart")
+        == "/opt/syncd/.venv/bin/syncd run --config /etc/syncd/%i.toml"
+    )
+
+
+def test_template_differs_only_in_instance_settings() -> None:
+    def comparable(unit: Unit) -> Unit:
+        skip = {("Unit", "Description"), ("Service", "ExecStart")}
+        return {s: [kv for kv in kvs if (s, kv[0]) not in skip] for s, kvs in unit.items()}
+
+    assert comparable(parse_unit(TEMPLATE)) == comparable(parse_unit(MAIN))
+
+
+def systemd_analyze() -> str:
+    binary = shutil.which("systemd-analyze")
+    if binary is None:
+        pytest.skip("systemd-analyze is not installed")
+    return binary
+
+
+@pytest.mark.parametrize("path", [MAIN, TEMPLATE], ids=lambda p: p.name)
+def test_units_parse_without_warnings(path: Path) -> None:
+    out = subprocess.run(
+        [systemd_analyze(), "verify", "--man=no", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    # The venv's executable does not exist on a test machine; every other complaint counts.
+    complaints = [
+        line
+        for line in (out.stdout + out.stderr).splitlines()
+        if line.strip() and "is not executable" not in line
+    ]
+    assert complaints == []
+
+
+@pytest.mark.parametrize("path", [MAIN, TEMPLATE], ids=lambda p: p.name)
+def test_security_exposure(path: Path) -> None:
+    binary = systemd_analyze()
+    version = subprocess.run(
+        [binary, "--version"], capture_output=True, text=True, timeout=30, check=True
+    ).stdout
+    match = re.match(r"systemd (\d+)", version)
+    if match is None or int(match[1]) < 250:
+        pytest.skip(f"systemd-analyze security --offline needs systemd >= 250, found {version!r}")
+    out = subprocess.run(
+        [binary, "security", "--offline=yes", "--no-pager", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    score = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", out.stdout)
+    assert score is not None, out.stdout + out.stderr
+    assert float(score[1]) <= MAX_EXPOSURE, out.stdout
