@@ -76,6 +76,7 @@ async def collect_status(settings: Settings, r: aioredis.Redis) -> list[dict[str
                     "tenant_dead_letters": dead,
                     "last_error": state.get(f"{feed}:last_error"),
                     "last_error_at": _when(state.get(f"{feed}:last_error_at")),
+                    "paused": state.get(f"{feed}:paused"),
                 }
             )
     return rows

@@ -95,6 +95,19 @@ class TenantDefaults(_Base, frozen=True):
 class FeedOptions(_Base, frozen=True):
     change_detection: bool = True
     poll_interval: float | None = None
+    max_len: int | None = None  # retention; overrides [streams]
+    max_age: float | None = None
+
+
+class StreamsConfig(_Base, frozen=True):
+    """Consumer groups the daemon creates, retention and backpressure, for every stream."""
+
+    groups: list[str] = msgspec.field(default_factory=list)
+    max_len: int = 0  # keep at most this many entries (0: no limit), never unacknowledged ones
+    max_age: float = 0.0  # seconds (0: no limit)
+    max_lag: int = 0  # pause a feed while a configured group lags more (0: off)
+    max_memory: float = 0.9  # pause polling above this share of Redis maxmemory
+    check_interval: float = 5.0  # seconds between retention/backpressure checks
 
 
 class TenantConfig(_Base, frozen=True):
@@ -136,6 +149,7 @@ class Config(_Base, frozen=True):
     servicetitan: ServiceTitanConfig = msgspec.field(default_factory=ServiceTitanConfig)
     defaults: TenantDefaults = msgspec.field(default_factory=TenantDefaults)
     feeds: dict[str, FeedOptions] = msgspec.field(default_factory=dict)
+    streams: StreamsConfig = msgspec.field(default_factory=StreamsConfig)
     engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     ops: OpsConfig = msgspec.field(default_factory=OpsConfig)
@@ -171,6 +185,14 @@ class Settings:
 
     def feed_options(self, feed: str) -> FeedOptions:
         return self.config.feeds.get(feed) or _DEFAULT_FEED_OPTIONS
+
+    def retention(self, feed: str) -> tuple[int, float]:
+        """(max_len, max_age) of a feed's stream; zeros mean no limit."""
+        own, st = self.feed_options(feed), self.config.streams
+        return (
+            st.max_len if own.max_len is None else own.max_len,
+            st.max_age if own.max_age is None else own.max_age,
+        )
 
     def poll_interval(self, tenant: TenantSettings, feed: str) -> float:
         own = self.feed_options(feed).poll_interval
@@ -262,6 +284,16 @@ def _check(cfg: Config, name: str) -> None:
         raise _fail(name, "redis.url", "expected a redis://, rediss:// or unix:// URL")
     if not cfg.redis.key_prefix or "{" in cfg.redis.key_prefix:
         raise _fail(name, "redis.key_prefix", "must be non-empty and without '{'")
+    sc = cfg.streams
+    if sc.max_len < 0 or sc.max_age < 0 or sc.max_lag < 0:
+        raise _fail(name, "streams", "max_len, max_age and max_lag must be >= 0")
+    if not 0 < sc.max_memory <= 1:
+        raise _fail(name, "streams.max_memory", "must be a share of maxmemory in (0, 1]")
+    if sc.check_interval <= 0:
+        raise _fail(name, "streams.check_interval", "must be > 0 seconds")
+    for i, g in enumerate(sc.groups):
+        if not g or any(c.isspace() for c in g):
+            raise _fail(name, f"streams.groups[{i}]", f"not a usable group name: {g!r}")
     if cfg.engine.workers < 1:
         raise _fail(name, "engine.workers", "must be at least 1")
     for feed in cfg.feeds:

@@ -17,10 +17,11 @@ import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
 
-from syncd import catalogue
+from syncd import catalogue, upkeep
 from syncd.auth import TokenProvider
 from syncd.client import ExportClient
 from syncd.config import Config, ConfigError, Settings, TenantSettings, load_settings
+from syncd.keys import Keys
 from syncd.metrics import Metrics
 from syncd.ops import OpsServer
 from syncd.publisher import Publisher
@@ -118,9 +119,86 @@ class Daemon:
             t.client_secret,
             on_renewal=self.metrics.token_renewed,
         )
+        await self._ensure_groups(t)
         state = self.scheduler.add_tenant(t, tokens, self._tenant_feeds(t, cursors))
         log.info("tenant_added", tenant=t.id, feeds=len(t.feeds), resumed=len(cursors))
         return state
+
+    async def _ensure_groups(self, t: TenantSettings) -> None:
+        """Create the configured consumer groups before anything is published to a stream."""
+        groups = self.settings.config.streams.groups
+        if not groups:
+            return
+        assert self.redis is not None
+        keys = Keys(self.settings.config.redis.key_prefix, t.id)
+        streams = [keys.stream(f) for f in t.feeds]
+        r = self.redis
+        await self._wait_for_redis(lambda: upkeep.ensure_groups(r, streams, groups))
+
+    async def _upkeep(self) -> None:
+        """Retention and backpressure, every `streams.check_interval` seconds."""
+        while True:
+            await asyncio.sleep(self.settings.config.streams.check_interval)
+            try:
+                await self._upkeep_once()
+            except Exception as exc:
+                log.warning("upkeep_failed", error=f"{type(exc).__name__}: {exc}")
+
+    async def _upkeep_once(self) -> None:
+        assert self.redis is not None
+        assert self.scheduler is not None
+        r, sched, s = self.redis, self.scheduler, self.settings
+        sc = s.config.streams
+        over, used, limit = await upkeep.memory_pressure(r, sc.max_memory)
+        if over != sched.memory_full:
+            if over:
+                log.warning("backpressure_memory", used_bytes=used, maxmemory=limit)
+            else:
+                log.info("backpressure_memory_cleared", used_bytes=used, maxmemory=limit)
+            sched.set_memory_full(over)
+        prefix = s.config.redis.key_prefix
+        for t in list(sched.tenants.values()):
+            keys = Keys(prefix, t.id)
+            paused = 0
+            for fs in list(t.feeds.values()):
+                max_len, max_age = s.retention(fs.name)
+                if not (sc.groups and sc.max_lag) and not (max_len or max_age):
+                    continue
+                stream = keys.stream(fs.name)
+                length, groups = await upkeep.group_states(r, stream, sc.groups)
+                reason = None
+                if sc.max_lag and groups is not None:
+                    behind = {g.name: g.unacknowledged(length) for g in groups}
+                    worst = max(behind, key=lambda g: behind[g], default=None)
+                    if worst is not None and behind[worst] > sc.max_lag:
+                        reason = f"group {worst} has {behind[worst]} unacknowledged events"
+                if reason != fs.paused:
+                    if reason:
+                        log.warning("backpressure_paused", tenant=t.id, feed=fs.name, reason=reason)
+                    else:
+                        log.info("backpressure_resumed", tenant=t.id, feed=fs.name)
+                    fs.paused = reason
+                    await self._record_pause(keys, fs.name, reason)
+                paused += fs.paused is not None
+                if max_len or max_age:
+                    removed = await upkeep.trim(
+                        r,
+                        stream,
+                        groups if sc.groups else [],
+                        length=length,
+                        max_len=max_len,
+                        max_age=max_age,
+                    )
+                    if removed:
+                        log.debug("stream_trimmed", tenant=t.id, feed=fs.name, entries=removed)
+            self.metrics.set_feeds_paused(t.id, paused)
+
+    async def _record_pause(self, keys: Keys, feed: str, reason: str | None) -> None:
+        assert self.redis is not None
+        if reason:
+            await self.redis.hset(keys.state, f"{feed}:paused", reason)
+        else:
+            await self.redis.hdel(keys.state, f"{feed}:paused")
 
     async def _wait_for_redis(self, call: Callable[[], Awaitable[_T]]) -> _T:
         """Run `call` until Redis answers; at startup an outage waits rather than exits."""
@@ -175,7 +253,7 @@ class Daemon:
             log.error("reload_rejected", error=str(exc))
             return False
         old = self.settings
-        fixed = ("redis", "servicetitan", "engine", "ops", "log")
+        fixed = ("redis", "servicetitan", "engine", "ops", "log", "streams")
         changed = [k for k in fixed if getattr(old.config, k) != getattr(new.config, k)]
         if changed or new.app_key != old.app_key:
             # Connections and pools are built once; these need a restart to change.
@@ -305,6 +383,7 @@ class Daemon:
                     await self._add_tenant(t)
                 helpers.append(asyncio.create_task(self._watchdog()))
                 helpers.append(asyncio.create_task(self._reload_loop()))
+                helpers.append(asyncio.create_task(self._upkeep()))
                 log.info(
                     "started",
                     tenants=len(self.settings.tenants),

@@ -20,6 +20,10 @@ class TransientError(SyncError):
     """A failure worth retrying with backoff: 5xx, timeout, reset, bad JSON, Redis down."""
 
 
+class RedisFull(TransientError):
+    """Redis refused a write for lack of memory (OOM): polling pauses until it has room."""
+
+
 class FeedUnavailable(SyncError):
     """403 or 404 for a feed: retrying soon will not help, the feed is parked."""
 

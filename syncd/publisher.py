@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from syncd.client import Page
-from syncd.errors import TransientError
+from syncd.errors import RedisFull, TransientError
 from syncd.keys import Keys
 
 # `#!lua` makes Redis (>= 7) refuse the whole script up front when over maxmemory, instead of
@@ -160,7 +160,10 @@ class Publisher:
         try:
             result = await self._script(keys=keys, args=args)
         except redis.exceptions.ResponseError as exc:
-            # OOM and friends: nothing was written; the page is retried later.
+            # Refused before the first write (the script's flags make OOM checked up front):
+            # nothing was written; the page is fetched again later.
+            if isinstance(exc, redis.exceptions.OutOfMemoryError) or str(exc).startswith("OOM"):
+                raise RedisFull(f"redis is out of memory: {exc}") from None
             raise TransientError(f"redis refused the page: {exc}") from None
         except redis.exceptions.RedisError as exc:
             raise TransientError(f"redis: {type(exc).__name__}: {exc}") from None

@@ -29,6 +29,7 @@ from syncd.errors import (
     BadRequest,
     FeedUnavailable,
     RateLimited,
+    RedisFull,
     SyncError,
     TransientError,
 )
@@ -44,6 +45,7 @@ PARK_S = 3600.0
 AUTH_RETRY_S = 300.0
 # Fresh start: spread the first polls over this window (or the poll interval, if shorter).
 STARTUP_SPREAD_S = 5.0
+PAUSED_RECHECK_S = 1.0
 
 
 @dataclass(eq=False)
@@ -61,6 +63,7 @@ class FeedState:
     failed: bool = False  # --once gave up on it
     removed: bool = False
     running: bool = False
+    paused: str | None = None  # backpressure: why this feed is not polled now
     last_ok: float | None = None  # unix time of the last applied page
     last_error: str | None = None
 
@@ -168,6 +171,8 @@ class Scheduler:
         self._background: set[asyncio.Task[None]] = set()
         self.redis_ok = asyncio.Event()
         self.redis_ok.set()
+        # Redis memory near maxmemory (or an OOM answer): nothing is polled until it has room.
+        self.memory_full = False
         self._probe: asyncio.Task[None] | None = None
         self.last_progress = time.monotonic()
         self.pages = 0
@@ -298,10 +303,11 @@ class Scheduler:
     async def _dispatch(self) -> None:
         while not self._stopping.is_set():
             self.last_progress = time.monotonic()
-            if not self.redis_ok.is_set():
+            if not self.redis_ok.is_set() or self.memory_full:
                 # Waiting on Redis is not being stuck: keep ticking for the watchdog.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.redis_ok.wait(), timeout=1.0)
+                    await asyncio.wait_for(self._wake.wait(), timeout=0.5)
+                self._wake.clear()
                 continue
             now = self.clock()
             if not self._ready or self._ready[0][0] > now:
@@ -321,6 +327,10 @@ class Scheduler:
             _, _, fs = heapq.heappop(t.heap)
             if fs.removed:
                 self._arm(t)
+                continue
+            if fs.paused is not None:
+                # Backpressure: look again a little later; the cursor stays where it is.
+                self._push(fs, now + PAUSED_RECHECK_S)
                 continue
             t.inflight += 1
             fs.running = True
@@ -382,6 +392,12 @@ class Scheduler:
         except BadRequest as exc:
             flog.error("bad_request", errors=exc.detail, cursor_set=expected is not None)
             self._after(fs, Outcome("error"), error=str(exc))
+            return
+        except RedisFull as exc:
+            if not self.memory_full:
+                flog.warning("backpressure_memory", error=str(exc))
+            self.memory_full = True
+            self._after(fs, Outcome("refused"))
             return
         except TransientError as exc:
             if released:
@@ -473,6 +489,11 @@ class Scheduler:
     @property
     def failed_feeds(self) -> list[FeedState]:
         return [fs for t in self.tenants.values() for fs in t.feeds.values() if fs.failed]
+
+    def set_memory_full(self, full: bool) -> None:
+        """Pause (or resume) all polling for Redis memory."""
+        self.memory_full = full
+        self._wake.set()
 
     # -- Redis outages -----------------------------------------------------------------
 
