@@ -65,7 +65,8 @@ async def test_notify_socket_sees_ready_watchdog_reloading_stopping(
                 seen = ""
                 while "READY=1" not in seen.split("RELOADING=1", 1)[-1]:
                     seen += await recv() + "\n"
-                assert "RELOADING=1" in seen and "MONOTONIC_USEC=" in seen
+                assert "RELOADING=1" in seen
+                assert "MONOTONIC_USEC=" in seen
                 daemon.signal(signal.SIGTERM)
                 rest = ""
                 while "STOPPING=1" not in rest:
@@ -131,7 +132,8 @@ async def test_sighup_adds_and_removes_tenants_and_rejects_bad_config(
             daemon.signal(signal.SIGTERM)
             assert await asyncio.to_thread(daemon.wait, 20) == 0
             names = [e["event"] for e in daemon.events()]
-            assert "tenant_removed" in names and "reloaded" in names
+            assert "tenant_removed" in names
+            assert "reloaded" in names
             assert await redis.xlen("st:{9201}:crm.customers") == 200
         finally:
             daemon.close()
@@ -162,7 +164,8 @@ async def test_ops_endpoints(redis: aioredis.Redis, redis_server: RedisServer) -
                     text = await resp.text()
                 assert 'syncd_requests_total{status="2xx",tenant="9301"}' in text
                 assert "syncd_feed_seconds_since_success" in text
-                assert "secret-9301" not in text and sim.app_key not in text
+                assert "secret-9301" not in text
+                assert sim.app_key not in text
                 async with s.get(base + "/healthz") as resp:
                     assert resp.status == 200
                     assert (await resp.json())["status"] == "ok"
@@ -200,14 +203,17 @@ async def test_status_reset_cursor_and_backfill(
             rows = {r["feed"]: r for r in json.loads(res.stdout)}
             assert set(rows) == set(feeds)
             assert rows["crm.customers"]["stream_length"] == 120
-            assert rows["crm.customers"]["cursor"] and rows["crm.customers"]["last_success"]
+            assert rows["crm.customers"]["cursor"]
+            assert rows["crm.customers"]["last_success"]
             table = await asyncio.to_thread(syncd, "status", "--config", cfg)
-            assert "crm.customers" in table.stdout and "events" in table.stdout
+            assert "crm.customers" in table.stdout
+            assert "events" in table.stdout
 
             res = await asyncio.to_thread(
                 syncd, "reset-cursor", "--config", cfg, "--tenant", "9401", "--feed", "jpm.jobs"
             )
-            assert res.returncode == 0 and "cursor removed" in res.stdout
+            assert res.returncode == 0
+            assert "cursor removed" in res.stdout
             assert await redis.hget("st:{9401}:cursors", "jpm.jobs") is None
 
             res = await asyncio.to_thread(syncd, "backfill", "--config", cfg, "--tenant", "9401")
@@ -220,7 +226,8 @@ async def test_status_reset_cursor_and_backfill(
                 records = await truth(sim.url, 9401, f)
                 assert_exactly_once(await stream_events(redis, 9401, f), records)
             res = await asyncio.to_thread(syncd, "backfill", "--config", cfg, "--tenant", "1")
-            assert res.returncode == 1 and "tenant 1 is not in" in res.stderr
+            assert res.returncode == 1
+            assert "tenant 1 is not in" in res.stderr
         finally:
             daemon.close()
 
@@ -228,4 +235,5 @@ async def test_status_reset_cursor_and_backfill(
 def test_help_documents_exit_codes() -> None:
     res = syncd("--help")
     assert res.returncode == 0
-    assert "exit codes" in res.stdout and "2  invalid configuration" in res.stdout
+    assert "exit codes" in res.stdout
+    assert "2  invalid configuration" in res.stdout
