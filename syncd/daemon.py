@@ -419,8 +419,7 @@ class Daemon:
         for t in self.scheduler.tenants.values():
             tid = str(t.id)
             for fs in t.feeds.values():
-                if fs.last_ok is not None:
-                    yield tid, fs.name, fs.last_ok
+                yield tid, fs.name, fs.last_ok if fs.last_ok is not None else fs.since
 
 
 def msgspec_replace_tenants(old: Settings, new: Settings) -> Settings:

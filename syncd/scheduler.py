@@ -65,6 +65,9 @@ class FeedState:
     running: bool = False
     paused: str | None = None  # backpressure: why this feed is not polled now
     last_ok: float | None = None  # unix time of the last applied page
+    # Until a first success, "seconds since success" counts from when the feed was scheduled,
+    # so that a feed that never succeeds still shows (and alerts) in the metrics.
+    since: float = field(default_factory=time.time)
     last_error: str | None = None
 
     @property
