@@ -11,11 +11,10 @@ import sys
 import time
 from typing import Any, TextIO
 
-import redis.asyncio as aioredis
-
 from syncd.config import ConfigError, Settings, TenantSettings
 from syncd.daemon import Daemon, redis_client
 from syncd.keys import Keys
+from syncd.redisconn import RedisClient
 
 
 class CommandError(Exception):
@@ -50,7 +49,7 @@ def _when(ts: str | None) -> str | None:
     return dt.datetime.fromtimestamp(float(ts), dt.UTC).isoformat(timespec="seconds")
 
 
-async def collect_status(settings: Settings, r: aioredis.Redis) -> list[dict[str, Any]]:
+async def collect_status(settings: Settings, r: RedisClient) -> list[dict[str, Any]]:
     """Per tenant and feed: cursor, last successful poll, stream length, last error."""
     prefix = settings.config.redis.key_prefix
     rows: list[dict[str, Any]] = []

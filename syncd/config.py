@@ -66,6 +66,7 @@ class RedisConfig(_Base, frozen=True):
     key_prefix: str = DEFAULT_PREFIX
     # Client-side socket timeout; a page's script must finish within it.
     timeout: float = 30.0
+    cluster: bool = False  # the URL names one node of a Redis Cluster
 
 
 class ServiceTitanConfig(_Base, frozen=True):

@@ -36,6 +36,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from syncd import catalogue
 from syncd.keys import DEFAULT_PREFIX, Keys
+from syncd.redisconn import RedisClient
 
 __all__ = [
     "Consumer",
@@ -216,8 +217,12 @@ def _is_nogroup(exc: ResponseError) -> bool:
     return str(exc).startswith("NOGROUP")
 
 
-def _socket_timeout_s(redis: aioredis.Redis) -> float | None:
+def _socket_timeout_s(redis: RedisClient) -> float | None:
     """The read timeout the client's connections get (redis-py 8 defaults it to 5 s)."""
+    if not isinstance(redis, aioredis.Redis):
+        # A cluster client keeps the connection settings of its nodes.
+        value = getattr(redis, "connection_kwargs", {}).get("socket_timeout")
+        return float(value) if isinstance(value, int | float) else None
     pool = redis.connection_pool
     if "socket_timeout" in pool.connection_kwargs:
         return cast("float | None", pool.connection_kwargs["socket_timeout"])
@@ -248,7 +253,7 @@ class Consumer:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         group: str,
         consumer: str,
         *,
@@ -560,10 +565,9 @@ class Consumer:
         if not self._groups_ready:
             return
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for stream in self._streams:
-                    await self._forget(keys=[stream], args=[self.group, self.consumer], client=pipe)
-                await pipe.execute(raise_on_error=False)
+            # One call per stream: on a cluster the streams may live on different nodes.
+            for stream in self._streams:
+                await self._forget(keys=[stream], args=[self.group, self.consumer])
         except RedisError as exc:
             log.warning("consumer_close_failed", group=self.group, error=str(exc))
 

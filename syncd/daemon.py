@@ -13,7 +13,6 @@ from typing import TypeVar
 
 import aiohttp
 import msgspec
-import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
 
@@ -25,6 +24,7 @@ from syncd.keys import Keys
 from syncd.metrics import Metrics
 from syncd.ops import OpsServer
 from syncd.publisher import Publisher
+from syncd.redisconn import RedisClient, connect
 from syncd.scheduler import Scheduler, TenantState
 from syncd.sdnotify import Notifier, watchdog_interval
 
@@ -41,14 +41,9 @@ EXIT_FEEDS_FAILED = 1
 EXIT_CONFIG = 2
 
 
-def redis_client(cfg: Config) -> aioredis.Redis:
-    """A Redis client for the configured URL (redis://, rediss://, unix://)."""
-    return aioredis.Redis.from_url(
-        cfg.redis.url,
-        socket_timeout=cfg.redis.timeout,
-        socket_connect_timeout=5.0,
-        health_check_interval=30,
-    )
+def redis_client(cfg: Config) -> RedisClient:
+    """The Redis (or Redis Cluster) client of a configuration."""
+    return connect(cfg.redis)
 
 
 @contextlib.asynccontextmanager
@@ -83,7 +78,7 @@ class Daemon:
         self._signals = 0
         self.scheduler: Scheduler | None = None
         self._session: aiohttp.ClientSession | None = None
-        self.redis: aioredis.Redis | None = None
+        self.redis: RedisClient | None = None
         self.publisher: Publisher | None = None
         self._reloads: asyncio.Queue[None] = asyncio.Queue()
         self.reloaded = 0  # configurations applied by SIGHUP

@@ -13,12 +13,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
 import redis.exceptions
 
 from syncd.client import Page
 from syncd.errors import RedisFull, TransientError
 from syncd.keys import Keys
+from syncd.redisconn import RedisClient
 
 # `#!lua` makes Redis (>= 7) refuse the whole script up front when over maxmemory, instead of
 # failing between two writes: together with the fence this keeps a page all-or-nothing.
@@ -114,7 +114,7 @@ def _text(value: Any) -> str:
 class Publisher:
     """Applies pages to one Redis (or Redis Cluster) under one key prefix."""
 
-    def __init__(self, redis_client: aioredis.Redis, prefix: str) -> None:
+    def __init__(self, redis_client: RedisClient, prefix: str) -> None:
         self.redis = redis_client
         self.prefix = prefix
         self._script = redis_client.register_script(APPLY_PAGE)

@@ -7,6 +7,7 @@ The binary is `redis-server` from PATH when present, else the Valkey server ship
 from __future__ import annotations
 
 import contextlib
+import random
 import shutil
 import socket
 import subprocess
@@ -78,13 +79,18 @@ class RedisServer:
             "no",
             *(self.extra_args or ["--appendonly", "no"]),
         ]
-        self.proc = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-        )
+        log_path = Path(self._dir.name) / "server.log"
+        with log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RedisServerError(f"redis server exited with {self.proc.returncode}")
+                tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
+                raise RedisServerError(
+                    f"redis server exited with {self.proc.returncode}: {' / '.join(tail)}"
+                )
             if _pings(self.port):
                 return
             time.sleep(0.02)
@@ -134,3 +140,79 @@ def running(extra_args: list[str] | None = None) -> Iterator[RedisServer]:
 def reachable(host: str, port: int) -> bool:
     """Whether a Redis server answers PING at host:port."""
     return _pings(port, host)
+
+
+class RedisClusterServers:
+    """A throwaway Redis Cluster: `nodes` masters on free ports sharing the 16384 slots."""
+
+    def __init__(self, nodes: int = 3) -> None:
+        self.servers = [
+            RedisServer(
+                port=_cluster_port(),
+                extra_args=[
+                    "--appendonly",
+                    "no",
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-node-timeout",
+                    "2000",
+                ],
+            )
+            for _ in range(nodes)
+        ]
+
+    @property
+    def url(self) -> str:
+        """The URL of one node; cluster clients discover the others."""
+        return self.servers[0].url
+
+    def start(self, timeout: float = 20.0) -> None:
+        for server in self.servers:
+            server.start()
+        per = 16384 // len(self.servers)
+        for i, server in enumerate(self.servers):
+            last = 16383 if i == len(self.servers) - 1 else (i + 1) * per - 1
+            _command(server.port, "CLUSTER", "ADDSLOTSRANGE", str(i * per), str(last))
+        for server in self.servers[1:]:
+            _command(self.servers[0].port, "CLUSTER", "MEET", "127.0.0.1", str(server.port))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(
+                b"cluster_state:ok" in _command(s.port, "CLUSTER", "INFO") for s in self.servers
+            ):
+                return
+            time.sleep(0.1)
+        self.stop()
+        raise RedisServerError("the cluster did not reach cluster_state:ok")
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too, as Redis requires."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randint(20000, 55000)
+        try:
+            for p in (port, port + 10000):
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
+    raise RedisServerError("no free port pair for a cluster node")
+
+
+def _command(port: int, *args: str) -> bytes:
+    """Send one command in RESP and return the raw reply (enough for setup commands)."""
+    payload = f"*{len(args)}\r\n".encode() + b"".join(
+        f"${len(a.encode())}\r\n{a}\r\n".encode() for a in args
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(payload)
+        data = s.recv(65536)
+    if data.startswith(b"-"):
+        raise RedisServerError(f"{' '.join(args[:2])} failed: {data.decode().strip()}")
+    return data

@@ -15,11 +15,11 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 import msgspec
-import redis.asyncio as aioredis
 import structlog
 from redis.typing import KeyT, StreamIdT
 
 from syncd.consumer import Consumer, Event, MalformedEvent, Subscription, parse_stream_reply
+from syncd.redisconn import RedisClient
 
 log = structlog.get_logger("syncd.tail")
 
@@ -34,7 +34,7 @@ Render = Callable[[Event], str]
 
 
 async def tail(
-    redis: aioredis.Redis,
+    redis: RedisClient,
     *,
     prefix: str,
     tenant: int,
@@ -60,7 +60,7 @@ async def tail(
 
 
 async def _watch(
-    redis: aioredis.Redis,
+    redis: RedisClient,
     subscription: Subscription,
     prefix: str,
     from_start: bool,
@@ -117,7 +117,7 @@ async def _watch(
 
 
 async def _consume(
-    redis: aioredis.Redis,
+    redis: RedisClient,
     subscription: Subscription,
     prefix: str,
     group: str,

@@ -16,8 +16,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
 import structlog
+
+from syncd.redisconn import RedisClient
 
 log = structlog.get_logger("syncd.upkeep")
 
@@ -80,7 +81,7 @@ def trim_point(
     return wanted if wanted > ZERO else None
 
 
-async def ensure_groups(r: aioredis.Redis, streams: list[str], groups: list[str]) -> None:
+async def ensure_groups(r: RedisClient, streams: list[str], groups: list[str]) -> None:
     """Create each configured group on each stream (from its start), if missing."""
     if not groups or not streams:
         return
@@ -95,7 +96,7 @@ async def ensure_groups(r: aioredis.Redis, streams: list[str], groups: list[str]
 
 
 async def group_states(
-    r: aioredis.Redis, stream: str, groups: list[str]
+    r: RedisClient, stream: str, groups: list[str]
 ) -> tuple[int, list[GroupState] | None]:
     """The stream's length and the configured groups' states (None if one is missing)."""
     async with r.pipeline(transaction=False) as pipe:
@@ -135,7 +136,7 @@ async def group_states(
 
 
 async def trim(
-    r: aioredis.Redis,
+    r: RedisClient,
     stream: str,
     groups: list[GroupState] | None,
     *,
@@ -159,7 +160,7 @@ async def trim(
     return int(await r.xtrim(stream, minid=format_id(point), approximate=False))
 
 
-async def memory_pressure(r: aioredis.Redis, ratio: float) -> tuple[bool, int, int]:
+async def memory_pressure(r: RedisClient, ratio: float) -> tuple[bool, int, int]:
     """(over the limit?, used_memory, maxmemory). No maxmemory: never over."""
     info = await r.info("memory")
     used, limit = int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))

@@ -118,3 +118,28 @@ async def test_once_exits_nonzero_when_a_feed_cannot_sync(
             assert await redis.xlen("st:{8001}:crm.customers") == 20
         finally:
             daemon.close()
+
+
+async def test_two_instances_on_the_same_tenants_publish_each_change_once(
+    redis: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    async with run_simulator(tenants=[6101, 6102], records=1200, page_size=30) as sim:
+        data = config_dict(redis_server.url, sim.url, sim.app_key, [6101, 6102], FEEDS[:2])
+        first, second = DaemonProcess(data), DaemonProcess(data)
+        try:
+            first.start("--once")
+            second.start("--once")
+            assert await wait_exit(first, 120) == 0
+            assert await wait_exit(second, 120) == 0
+            refused = [
+                e for d in (first, second) for e in d.events() if e["event"] == "cursor_moved"
+            ]
+            for t in (6101, 6102):
+                for f in FEEDS[:2]:
+                    records = await truth(sim.url, t, f)
+                    assert_exactly_once(await stream_events(redis, t, f), records, where=f"{t}/{f}")
+            # Both really raced: at least one page was refused by the fence.
+            assert refused
+        finally:
+            first.close()
+            second.close()
