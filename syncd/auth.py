@@ -18,6 +18,8 @@ log = structlog.get_logger("syncd.auth")
 
 # Renew this long before expiry, so that a request never leaves with a token about to lapse.
 RENEW_MARGIN_S = 60.0
+# Callers queued behind a failed renewal share its error for this long instead of retrying.
+FAILURE_HOLD_S = 2.0
 
 
 class _TokenResponse(msgspec.Struct):
@@ -52,6 +54,8 @@ class TokenProvider:
         self._lock = asyncio.Lock()
         self.renewals = 0
         self.last_error: str | None = None  # the last renewal's failure, None once one succeeds
+        self._failure: tuple[float, Exception] | None = None
+        self._generation = 0
 
     def _valid(self) -> bool:
         return self._token is not None and self._clock() < self._expires_at
@@ -62,8 +66,12 @@ class TokenProvider:
             assert self._token is not None
             return self._token
         async with self._lock:
-            # Whoever waited on the lock finds the token a previous holder fetched.
+            # Whoever waited on the lock finds the token a previous holder fetched ...
             if not self._valid():
+                # ... or the error it got just now, instead of asking the endpoint again.
+                failure = self._failure
+                if failure is not None and self._clock() - failure[0] < FAILURE_HOLD_S:
+                    raise failure[1]
                 await self._renew()
             assert self._token is not None
             return self._token
@@ -71,7 +79,10 @@ class TokenProvider:
     def set_credentials(self, client_id: str, client_secret: Secret) -> None:
         """New credentials (configuration reload): the next request fetches a new token."""
         self._client_id, self._secret = client_id, client_secret
+        self._generation += 1
         self._token = None
+        self._failure = None
+        self.last_error = None
 
     def invalidate(self, token: str) -> None:
         """Drop `token` after a 401, unless a newer one already replaced it."""
@@ -79,14 +90,18 @@ class TokenProvider:
             self._token = None
 
     async def _renew(self) -> None:
+        generation = self._generation
         try:
-            await self._grant()
+            await self._grant(generation)
         except (AuthFailed, TransientError, RateLimited) as exc:
-            self.last_error = str(exc)
+            if generation == self._generation:
+                self.last_error = str(exc)
+                self._failure = (self._clock(), exc)
             raise
         self.last_error = None
+        self._failure = None
 
-    async def _grant(self) -> None:
+    async def _grant(self, generation: int) -> None:
         form = {
             "grant_type": "client_credentials",
             "client_id": self._client_id,
@@ -111,6 +126,9 @@ class TokenProvider:
             parsed = msgspec.json.decode(body, type=_TokenResponse)
         except msgspec.DecodeError:
             raise TransientError("token endpoint answered unreadable JSON") from None
+        if generation != self._generation:
+            # The credentials changed while this grant was under way: its token is stale.
+            raise TransientError("credentials changed during the token request")
         self._token = parsed.access_token
         # Short-lived tokens (tests, the simulator) renew at 90% of their life.
         margin = min(RENEW_MARGIN_S, parsed.expires_in * 0.1)

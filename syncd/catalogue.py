@@ -15,6 +15,9 @@ _KEY_EXCEPTIONS: dict[str, tuple[str, ...]] = {
     "jpm.job-history": ("jobId",),
 }
 
+# Legacy paths serving the same data as another feed: syncable by name, not by default.
+LEGACY = {"sales.estimates/export": "sales.estimates"}
+
 # Feeds taking `active`: a sync wants every record, active or not.
 _ACTIVE_ANY = {"active": "Any"}
 
@@ -88,6 +91,11 @@ def _load() -> tuple[dict[str, Feed], dict[str, Any]]:
 def feeds() -> dict[str, Feed]:
     """Every export feed by name, in the catalogue's order."""
     return _load()[0]
+
+
+def default_feeds() -> tuple[str, ...]:
+    """The feeds a tenant syncs when its configuration names none: all but legacy paths."""
+    return tuple(name for name in _load()[0] if name not in LEGACY)
 
 
 def feed(name: str) -> Feed:

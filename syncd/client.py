@@ -155,7 +155,7 @@ class ExportClient:
         """
         url = self._api + feed.url_path(tokens.tenant)
         params = {"includeRecentChanges": "true" if include_recent_changes else "false"}
-        if cursor:
+        if cursor is not None:
             params["from"] = cursor
         params.update(feed.params)
         for attempt in (1, 2):

@@ -11,7 +11,9 @@ import sys
 import time
 from typing import Any, TextIO
 
-from syncd.config import ConfigError, Settings, TenantSettings
+import msgspec
+
+from syncd.config import ConfigError, OpsConfig, Settings, TenantSettings, check_start
 from syncd.daemon import Daemon, redis_client
 from syncd.keys import Keys
 from syncd.redisconn import RedisClient
@@ -151,8 +153,8 @@ async def backfill(
     feeds = _feeds(t, feed)
     if start is not None:
         try:
-            dt.date.fromisoformat(start[:10])
-        except ValueError:
+            check_start("", "", start)
+        except ConfigError:
             raise CommandError(f"--from: expected a date like 2024-01-01, got {start!r}") from None
     prefix = settings.config.redis.key_prefix
     r = redis_client(settings.config)
@@ -161,7 +163,9 @@ async def backfill(
     finally:
         await r.aclose()
     only = dataclasses.replace(t, feeds=tuple(feeds), start=start)
-    daemon = Daemon(dataclasses.replace(settings, tenants=(only,)), once=True)
+    # A daemon may be running with the same configuration: do not take its ops port.
+    quiet = msgspec.structs.replace(settings.config, ops=OpsConfig())
+    daemon = Daemon(dataclasses.replace(settings, config=quiet, tenants=(only,)), once=True)
     task = asyncio.create_task(daemon.run())
     started = time.monotonic()
     while not task.done():

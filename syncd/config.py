@@ -248,13 +248,15 @@ def _fail(name: str, key: str, what: str) -> ConfigError:
 
 
 def _check_feeds(name: str, key: str, feeds: list[str] | None) -> None:
+    if feeds is not None and not feeds:
+        raise _fail(name, key, "empty: list at least one feed, or leave the key out for all")
     known = catalogue.feeds()
     for i, feed in enumerate(feeds or ()):
         if feed not in known:
             raise _fail(name, f"{key}[{i}]", f"unknown feed {feed!r} (see `syncd feeds`)")
 
 
-def _check_start(name: str, key: str, start: str | None) -> None:
+def check_start(name: str, key: str, start: str | None) -> None:
     if start is None or start == "beginning":
         return
     try:
@@ -285,6 +287,7 @@ def _check(cfg: Config, name: str) -> None:
         raise _fail(name, "redis.url", "expected a redis://, rediss:// or unix:// URL")
     if not cfg.redis.key_prefix or "{" in cfg.redis.key_prefix:
         raise _fail(name, "redis.key_prefix", "must be non-empty and without '{'")
+    _check_numbers(cfg, name)
     sc = cfg.streams
     if sc.max_len < 0 or sc.max_age < 0 or sc.max_lag < 0:
         raise _fail(name, "streams", "max_len, max_age and max_lag must be >= 0")
@@ -301,7 +304,7 @@ def _check(cfg: Config, name: str) -> None:
         if feed not in catalogue.feeds():
             raise _fail(name, f"feeds.{feed}", f"unknown feed {feed!r}")
     _check_feeds(name, "defaults.feeds", cfg.defaults.feeds)
-    _check_start(name, "defaults.start", cfg.defaults.start)
+    check_start(name, "defaults.start", cfg.defaults.start)
     _check_limits(name, "defaults", cfg.defaults)
     if not cfg.tenants:
         raise _fail(name, "tenants", "no tenants configured: add at least one [[tenants]]")
@@ -313,12 +316,48 @@ def _check(cfg: Config, name: str) -> None:
         if t.id in seen:
             raise _fail(name, f"{key}.id", f"tenant {t.id} is configured twice")
         seen.add(t.id)
+        if not t.client_id.strip():
+            raise _fail(name, f"{key}.client_id", "empty")
         _check_secret_source(name, f"{key}.", t, "client_secret")
         _check_feeds(name, f"{key}.feeds", t.feeds)
-        _check_start(name, f"{key}.start", t.start)
+        check_start(name, f"{key}.start", t.start)
         _check_limits(name, key, t)
-    if cfg.ops.listen is not None and not re.fullmatch(r"\[?[^\s\]]*\]?:\d+", cfg.ops.listen):
-        raise _fail(name, "ops.listen", f"expected HOST:PORT, got {cfg.ops.listen!r}")
+    if cfg.ops.listen is not None:
+        from syncd.ops import parse_listen
+
+        try:
+            parse_listen(cfg.ops.listen)
+        except ValueError as exc:
+            raise _fail(name, "ops.listen", str(exc)) from None
+
+
+def _check_numbers(cfg: Config, name: str) -> None:
+    """Ranges of the numeric settings: a zero timeout or a negative backoff would spin."""
+    positive = {
+        "redis.timeout": cfg.redis.timeout,
+        "servicetitan.request_timeout": cfg.servicetitan.request_timeout,
+        "servicetitan.connect_timeout": cfg.servicetitan.connect_timeout,
+        "servicetitan.max_connections": cfg.servicetitan.max_connections,
+        "engine.backoff_base": cfg.engine.backoff_base,
+        "engine.once_max_failures": cfg.engine.once_max_failures,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise _fail(name, key, f"must be > 0, got {value}")
+    e = cfg.engine
+    if e.backoff_max < e.backoff_base:
+        raise _fail(name, "engine.backoff_max", "must be at least engine.backoff_base")
+    if not 0 <= e.jitter < 1:
+        raise _fail(name, "engine.jitter", f"must be a share in [0, 1), got {e.jitter}")
+    if e.shutdown_grace < 0:
+        raise _fail(name, "engine.shutdown_grace", "must be >= 0 seconds")
+    for feed, opts in cfg.feeds.items():
+        if opts.poll_interval is not None and opts.poll_interval <= 0:
+            raise _fail(name, f"feeds.{feed}.poll_interval", "must be > 0 seconds")
+        for key in ("max_len", "max_age"):
+            value = getattr(opts, key)
+            if value is not None and value < 0:
+                raise _fail(name, f"feeds.{feed}.{key}", "must be >= 0 (0: no limit)")
 
 
 def _check_limits(name: str, key: str, obj: TenantDefaults | TenantConfig) -> None:
@@ -388,7 +427,7 @@ def resolve(cfg: Config, environ: Mapping[str, str] | None = None) -> Settings:
         name, "servicetitan.app_key", st.app_key, st.app_key_file, st.app_key_env, env
     )
     tenants = []
-    all_feeds = tuple(catalogue.feeds())
+    all_feeds = catalogue.default_feeds()
     for i, t in enumerate(cfg.tenants):
         secret = _read_secret(
             name,

@@ -24,7 +24,7 @@ from syncd.keys import Keys
 from syncd.metrics import Metrics
 from syncd.ops import OpsServer
 from syncd.publisher import Publisher
-from syncd.redisconn import RedisClient, connect
+from syncd.redisconn import RedisClient, RedisCluster, connect
 from syncd.scheduler import Scheduler, TenantState
 from syncd.sdnotify import Notifier, watchdog_interval
 
@@ -82,6 +82,7 @@ class Daemon:
         self.publisher: Publisher | None = None
         self._reloads: asyncio.Queue[None] = asyncio.Queue()
         self.reloaded = 0  # configurations applied by SIGHUP
+        self.live = False  # startup done: the scheduler is expected to tick
 
     def _tenant_feeds(
         self, t: TenantSettings, cursors: dict[str, str]
@@ -282,7 +283,7 @@ class Daemon:
 
     def liveness(self) -> tuple[bool, dict[str, object]]:
         """Alive when the scheduler's dispatcher ticked within the last 30 seconds."""
-        if self.scheduler is None:
+        if self.scheduler is None or not self.live:
             return True, {"phase": "starting"}
         idle = time.monotonic() - self.scheduler.last_progress
         ok = idle < LIVENESS_S
@@ -374,8 +375,8 @@ class Daemon:
                 if cfg.ops.listen is not None:
                     self.ops = OpsServer(cfg.ops.listen, self.metrics, self)
                     await self.ops.start()
-                for t in self.settings.tenants:
-                    await self._add_tenant(t)
+                if not await self._startup():
+                    return self._exit_code(started, interrupted=True)
                 helpers.append(asyncio.create_task(self._watchdog()))
                 helpers.append(asyncio.create_task(self._reload_loop()))
                 helpers.append(asyncio.create_task(self._upkeep()))
@@ -398,14 +399,59 @@ class Daemon:
                 await self.ops.stop()
             with contextlib.suppress(redis.exceptions.RedisError):
                 await self.redis.aclose()
-        failed = self.scheduler.failed_feeds if self.scheduler else []
+        return self._exit_code(started)
+
+    async def _startup(self) -> bool:
+        """Check Redis, schedule every tenant; False when stopped (or Redis unusable) first."""
+        assert self.scheduler is not None
+        try:
+            version = await self._wait_for_redis(self._redis_version)
+            if version < (7, 0):
+                log.error("redis_too_old", version=".".join(map(str, version)), required="7.0")
+                self.scheduler.crashed = True
+                return False
+            for t in self.settings.tenants:
+                await self._add_tenant(t)
+        except Exception:
+            if self.scheduler.stopping:
+                return False
+            raise
+        self.live = True
+        return True
+
+    async def _redis_version(self) -> tuple[int, ...]:
+        assert self.redis is not None
+        info = await self.redis.info("server")
+        if isinstance(self.redis, RedisCluster):
+            info = next(iter(info.values())) if info and "redis_version" not in info else info
+        text = str(info.get("redis_version", "0"))
+        return tuple(int(p) for p in text.split(".")[:2] if p.isdigit())
+
+    def _exit_code(self, started: float, *, interrupted: bool = False) -> int:
+        sched = self.scheduler
+        failed = sched.failed_feeds if sched else []
         elapsed = round(time.monotonic() - started, 3)
-        if failed:
-            for fs in failed:
-                log.error("feed_failed", tenant=fs.tenant.id, feed=fs.name, error=fs.last_error)
-            log.info("stopped", elapsed_s=elapsed, failed_feeds=len(failed))
+        for fs in failed:
+            log.error("feed_failed", tenant=fs.tenant.id, feed=fs.name, error=fs.last_error)
+        unfinished = 0
+        if self.once and sched is not None:
+            unfinished = sum(
+                not (fs.drained or fs.failed)
+                for t in sched.tenants.values()
+                for fs in t.feeds.values()
+            )
+            if interrupted:
+                unfinished = unfinished or sum(len(t.feeds) for t in self.settings.tenants)
+        crashed = sched is not None and sched.crashed
+        log.info(
+            "stopped",
+            elapsed_s=elapsed,
+            pages=sched.pages if sched else 0,
+            failed_feeds=len(failed),
+            unfinished_feeds=unfinished,
+        )
+        if failed or unfinished or crashed:
             return EXIT_FEEDS_FAILED
-        log.info("stopped", elapsed_s=elapsed, pages=self.scheduler.pages if self.scheduler else 0)
         return EXIT_OK
 
     def _last_success(self) -> Iterator[tuple[str, str, float]]:

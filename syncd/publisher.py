@@ -18,7 +18,7 @@ import redis.exceptions
 from syncd.client import Page
 from syncd.errors import RedisFull, TransientError
 from syncd.keys import Keys
-from syncd.redisconn import RedisClient
+from syncd.redisconn import RedisClient, RedisCluster
 
 # `#!lua` makes Redis (>= 7) refuse the whole script up front when over maxmemory, instead of
 # failing between two writes: together with the fence this keeps a page all-or-nothing.
@@ -32,7 +32,8 @@ local stored = redis.call('HGET', cursors, feed)
 if expected == '' then
   if stored then return {1, stored} end
 elseif stored ~= string.sub(expected, 2) then
-  return {1, stored or ''}
+  if stored then return {1, stored} end
+  return {1}
 end
 
 local base = 8
@@ -98,7 +99,7 @@ return {0, published, unchanged}
 @dataclass(frozen=True, slots=True)
 class Applied:
     """What one page did: `applied` False means the fence refused it (`stored` is the cursor
-    found in Redis, '' for none)."""
+    found in Redis, None for none)."""
 
     applied: bool
     published: int = 0
@@ -168,11 +169,14 @@ class Publisher:
         except redis.exceptions.RedisError as exc:
             raise TransientError(f"redis: {type(exc).__name__}: {exc}") from None
         if int(result[0]) == 1:
-            stored = _text(result[1]) if result[1] else ""
+            stored = _text(result[1]) if len(result) > 1 else None
             return Applied(False, stored=stored)
         return Applied(True, int(result[1]), int(result[2]), len(bad))
 
     async def ping(self) -> bool:
+        """Whether Redis answers (every primary, on a cluster)."""
+        if isinstance(self.redis, RedisCluster):
+            return bool(await self.redis.ping(target_nodes=RedisCluster.PRIMARIES))
         return bool(await self.redis.ping())
 
     async def record_error(self, tenant: int, feed: str, error: str) -> None:

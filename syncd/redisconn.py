@@ -15,6 +15,8 @@ from syncd.config import RedisConfig
 
 RedisClient: TypeAlias = aioredis.Redis | RedisCluster
 
+__all__ = ["RedisClient", "RedisCluster", "connect"]
+
 
 def connect(cfg: RedisConfig) -> RedisClient:
     """A client for the configured URL (redis://, rediss://, unix://), or a cluster client."""

@@ -176,6 +176,8 @@ class Scheduler:
         self.redis_ok.set()
         # Redis memory near maxmemory (or an OOM answer): nothing is polled until it has room.
         self.memory_full = False
+        self.crashed = False
+        self._active: set[FeedState] = set()
         self._probe: asyncio.Task[None] | None = None
         self.last_progress = time.monotonic()
         self.pages = 0
@@ -235,6 +237,26 @@ class Scheduler:
         self._arm(t)
         return added, removed
 
+    def retry_now(self, tenant: int, which: Callable[[FeedState], bool]) -> None:
+        """Make a tenant's idle feeds matching `which` due now (e.g. after new credentials)."""
+        t = self.tenants[tenant]
+        now = self.clock()
+        for fs in list(t.feeds.values()):
+            if not fs.running and not fs.removed and which(fs) and fs.due > now:
+                fs.removed = True  # retire the queued heap entry ...
+                fresh = FeedState(
+                    t,
+                    fs.feed,
+                    fs.cursor,
+                    fs.change_detection,
+                    fs.poll_interval,
+                    drained=fs.drained,
+                    last_ok=fs.last_ok,
+                    since=fs.since,
+                )
+                t.feeds[fs.name] = fresh  # ... and schedule its replacement now
+                self._push(fresh, now)
+
     def remove_tenant(self, tenant: int) -> None:
         """Stop scheduling a tenant; its polls under way finish."""
         t = self.tenants.pop(tenant)
@@ -264,6 +286,9 @@ class Scheduler:
         then let running polls finish for up to `grace` seconds (or until force())."""
         workers = [asyncio.create_task(self._worker()) for _ in range(self.workers)]
         dispatcher = asyncio.create_task(self._dispatch())
+        for task in (dispatcher, *workers):
+            task.add_done_callback(self._task_ended)
+        self._check_once()
         try:
             await self._stopping.wait()
             dispatcher.cancel()
@@ -277,6 +302,16 @@ class Scheduler:
             await asyncio.gather(dispatcher, *workers, return_exceptions=True)
             if self._probe is not None:
                 self._probe.cancel()
+
+    def _task_ended(self, task: asyncio.Task[None]) -> None:
+        """A dispatcher or worker must never end on its own: if one does, stop everything."""
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("scheduler_task_crashed", error=f"{type(exc).__name__}: {exc}")
+            self.crashed = True
+            self.force()
 
     def stop(self) -> None:
         """Stop taking new work; polls under way may finish (see run())."""
@@ -292,7 +327,8 @@ class Scheduler:
         return self._stopping.is_set()
 
     def running_polls(self) -> int:
-        return sum(fs.running for t in self.tenants.values() for fs in t.feeds.values())
+        """Polls under way, including those of feeds or tenants removed meanwhile."""
+        return len(self._active)
 
     async def drain(self, grace: float) -> bool:
         """Wait up to `grace` seconds for running polls to finish; True if they did."""
@@ -322,33 +358,56 @@ class Scheduler:
             _, _, t, version = heapq.heappop(self._ready)
             if version != t.version or t.removed:
                 continue
+            # Removed and paused feeds leave the tenant's heap without costing a request token.
+            fs = t.heap[0][2]
+            if fs.removed or fs.paused is not None:
+                heapq.heappop(t.heap)
+                if fs.removed:
+                    self._arm(t)
+                else:
+                    # Backpressure: look again a little later; the cursor stays where it is.
+                    self._push(fs, now + PAUSED_RECHECK_S)
+                continue
             wait = t.bucket.try_acquire(now)
             if wait > 0:
                 t.next_token = now + wait
                 self._arm(t)
                 continue
-            _, _, fs = heapq.heappop(t.heap)
-            if fs.removed:
-                self._arm(t)
-                continue
-            if fs.paused is not None:
-                # Backpressure: look again a little later; the cursor stays where it is.
-                self._push(fs, now + PAUSED_RECHECK_S)
-                continue
+            heapq.heappop(t.heap)
             t.inflight += 1
             fs.running = True
+            self._active.add(fs)
             self._arm(t)
             if self.metrics is not None:
                 self.metrics.lateness(now - fs.due)
-            await self._queue.put(fs)
+            await self._hand_over(fs)
+
+    async def _hand_over(self, fs: FeedState) -> None:
+        """Queue a feed for the workers; while they are all busy (slow API), keep ticking."""
+        try:
+            while True:
+                try:
+                    await asyncio.wait_for(self._queue.put(fs), timeout=1.0)
+                    return
+                except TimeoutError:
+                    self.last_progress = time.monotonic()
+        except asyncio.CancelledError:
+            # Shutdown while waiting: the feed was never polled.
+            fs.running = False
+            self._active.discard(fs)
+            fs.tenant.inflight -= 1
+            raise
 
     async def _worker(self) -> None:
         while True:
             fs = await self._queue.get()
-            if self._stopping.is_set():
-                # Handed over just before shutdown: not started, so simply not polled.
+            if self._stopping.is_set() or fs.removed or fs.tenant.removed:
+                # Handed over just before shutdown or removal: not started, so not polled.
                 fs.running = False
+                self._active.discard(fs)
                 fs.tenant.inflight -= 1
+                self._arm(fs.tenant)
+                self._check_once()
                 continue
             try:
                 await self._poll(fs)
@@ -366,7 +425,7 @@ class Scheduler:
             page = await self.client.fetch(
                 t.tokens,
                 fs.feed,
-                expected or t.settings.start,
+                expected if expected is not None else t.settings.start,
                 include_recent_changes=t.settings.include_recent_changes,
             )
             t.inflight -= 1
@@ -377,12 +436,23 @@ class Scheduler:
             )
         except RateLimited as exc:
             now = self.clock()
-            wait = exc.retry_after if exc.retry_after is not None else 1.0
+            wait = exc.retry_after
+            if wait is None or wait <= 0:
+                # No usable wait announced: back off rather than retry at full speed.
+                wait = backoff(
+                    fs.failures + 1,
+                    base=self.backoff_base,
+                    cap=self.backoff_max,
+                    jitter=self.jitter,
+                    rng=self.rng,
+                )
             t.paused_until = max(t.paused_until, now + wait)
+            self._arm(t)
             flog.warning("rate_limited", retry_after_s=exc.retry_after, where=exc.where)
             if self.metrics is not None:
                 self.metrics.rate_limited(t.id, wait)
-            self._after(fs, Outcome("rate_limited", exc.retry_after), error=str(exc))
+            # Other apps may share the tenant's budget: 429s alone never fail a --once run.
+            self._after(fs, Outcome("rate_limited", wait), error=str(exc), counts=False)
             return
         except FeedUnavailable as exc:
             flog.error("feed_parked", status=exc.status, detail=exc.detail, retry_in_s=PARK_S)
@@ -416,8 +486,8 @@ class Scheduler:
         self.pages += 1
         if not applied.applied:
             # Another instance (or a restarted Redis) holds a different cursor: adopt it.
-            flog.info("cursor_moved", stored=bool(applied.stored))
-            fs.cursor = applied.stored or None
+            flog.info("cursor_moved", stored=applied.stored is not None)
+            fs.cursor = applied.stored
             self._after(fs, Outcome("refused"))
             return
         fs.cursor = page.continue_from
@@ -446,16 +516,23 @@ class Scheduler:
         self._after(fs, Outcome("more" if page.has_more else "page"))
 
     def _after(
-        self, fs: FeedState, outcome: Outcome, *, error: str | None = None, fatal: bool = False
+        self,
+        fs: FeedState,
+        outcome: Outcome,
+        *,
+        error: str | None = None,
+        fatal: bool = False,
+        counts: bool = True,
     ) -> None:
         """Reschedule a feed after a poll, or retire it (--once, removed)."""
         fs.running = False
+        self._active.discard(fs)
         if error is None:
             fs.failures = 0
         else:
             fs.failures += 1
             fs.last_error = error
-            if self.once and (fatal or fs.failures >= self.once_max_failures):
+            if self.once and counts and (fatal or fs.failures >= self.once_max_failures):
                 fs.failed = True
             task = asyncio.get_running_loop().create_task(
                 self.publisher.record_error(fs.tenant.id, fs.name, error)

@@ -18,7 +18,7 @@ from typing import Any
 
 import structlog
 
-from syncd.redisconn import RedisClient
+from syncd.redisconn import RedisClient, RedisCluster
 
 log = structlog.get_logger("syncd.upkeep")
 
@@ -161,10 +161,21 @@ async def trim(
 
 
 async def memory_pressure(r: RedisClient, ratio: float) -> tuple[bool, int, int]:
-    """(over the limit?, used_memory, maxmemory). No maxmemory: never over."""
-    info = await r.info("memory")
-    used, limit = int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
-    return (limit > 0 and used >= ratio * limit), used, limit
+    """(over the limit?, used_memory, maxmemory) of the fullest server (every primary of a
+    cluster). No maxmemory: never over."""
+    if isinstance(r, RedisCluster):
+        replies = await r.info("memory", target_nodes=RedisCluster.PRIMARIES)
+        infos = list(replies.values()) if "used_memory" not in replies else [replies]
+    else:
+        infos = [await r.info("memory")]
+    worst = (False, 0, 0)
+    worst_share = -1.0
+    for info in infos:
+        used, limit = int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
+        share = used / limit if limit else 0.0
+        if share > worst_share:
+            worst, worst_share = ((limit > 0 and used >= ratio * limit), used, limit), share
+    return worst
 
 
 __all__ = [

@@ -52,7 +52,8 @@ def test_good_config_resolves(tmp_path: Path) -> None:
     assert t1.requests_per_second == 10
     assert t2.max_in_flight == 2
     assert t2.client_secret.reveal() == "secret-1002"
-    assert t2.feeds == tuple(catalogue.feeds())
+    assert t2.feeds == catalogue.default_feeds()
+    assert "sales.estimates/export" not in t2.feeds  # a legacy path of sales.estimates
     assert t1.start is None
     assert t2.start == "2024-01-01"
     assert s.feed_options("crm.customers").change_detection is False
@@ -112,6 +113,15 @@ def test_credentials_directory_expansion(tmp_path: Path) -> None:
             "tenants[2].id: tenant 1001 is configured twice",
         ),
         (lambda t: t.replace("[defaults]", "[defaults\n"), "not valid TOML"),
+        (lambda t: t.replace('"crm.customers", "jpm.jobs"', ""), "tenants[0].feeds: empty"),
+        (
+            lambda t: t + '[feeds."jpm.jobs"]\npoll_interval = 0\n',
+            "feeds.jpm.jobs.poll_interval: must be > 0",
+        ),
+        (lambda t: t + "[engine]\njitter = 1.5\n", "engine.jitter: must be a share in [0, 1)"),
+        (lambda t: t + "[redis]\ntimeout = 0\n", "redis.timeout: must be > 0"),
+        (lambda t: t + '[ops]\nlisten = "h:99999"\n', "ops.listen:"),
+        (lambda t: t + "[streams]\nmax_memory = 2\n", "streams.max_memory: must be a share"),
     ],
 )
 def test_bad_config_names_key(tmp_path: Path, edit, message: str) -> None:  # type: ignore[no-untyped-def]
@@ -137,7 +147,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_check_config_command(tmp_path: Path) -> None:
     ok = run_cli("check-config", str(write(tmp_path, GOOD)))
     assert ok.returncode == 0, ok.stderr
-    assert "ok (2 tenants, 57 feeds)" in ok.stdout
+    assert "ok (2 tenants, 56 feeds)" in ok.stdout
     bad = write(tmp_path, GOOD.replace('"jpm.jobs"', '"jpm.jbs"'))
     res = run_cli("check-config", str(bad))
     assert res.returncode == 2

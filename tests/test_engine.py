@@ -261,3 +261,21 @@ async def test_dead_letters_and_fence(redis: aioredis.Redis) -> None:
     assert await redis.xlen("st:{9}:crm.customers") == 0
     assert await redis.xlen(f"st:{{9}}:{feed.name}") == 1
     assert await pub.cursors(9) == {feed.name: "c1"}
+
+
+async def test_fence_tells_an_empty_cursor_from_none(redis: aioredis.Redis) -> None:
+    from syncd import catalogue
+    from syncd.client import decode_page
+    from syncd.publisher import Publisher
+
+    feed = catalogue.feed("crm.customers")
+    page = decode_page(b'{"hasMore": false, "continueFrom": "next", "data": [{"id": 1}]}', feed)
+    pub = Publisher(redis, "st")
+    await redis.hset("st:{8}:cursors", feed.name, "")
+    refused = await pub.apply(8, feed.name, None, page)
+    assert (refused.applied, refused.stored) == (False, "")
+    applied = await pub.apply(8, feed.name, "", page)
+    assert (applied.applied, applied.published) == (True, 1)
+    await redis.hdel("st:{8}:cursors", feed.name)
+    gone = await pub.apply(8, feed.name, "next", page)
+    assert (gone.applied, gone.stored) == (False, None)
