@@ -8,26 +8,43 @@ import re
 from dataclasses import dataclass
 
 
+# Pace a little under the configured ceiling: requests reach the server with network jitter,
+# and a limiter there with no slack left answers 429 to the ones that arrive early.
+PACE = 0.97
+# On a 429 the tenant's rate drops to this share (multiplicative decrease) ...
+DECREASE = 0.7
+# ... and climbs back by this share of the ceiling per second (additive increase).
+RECOVERY = 0.02
+MIN_RATE = 0.2
+
+
 @dataclass(slots=True)
 class TokenBucket:
-    """Up to `rate` requests per second on average, bursts up to `burst`.
+    """At most `rate` requests per second, bursts up to `burst`, adapting to 429s.
 
     `try_acquire(now)` either takes a token (returns 0.0) or returns how long to wait for one;
-    it never sleeps, so a scheduler can serve other tenants meanwhile.
+    it never sleeps, so a scheduler can serve other tenants meanwhile. `throttled(now)` (a 429)
+    cuts the current rate, which then recovers towards `rate`: when another integration spends
+    part of the tenant's budget, syncd settles at what is left instead of retrying into 429s.
     """
 
     rate: float
     burst: float
     tokens: float = -1.0
     updated: float = 0.0
+    current: float = -1.0
 
     def __post_init__(self) -> None:
         if self.tokens < 0:
             self.tokens = self.burst
+        if self.current < 0:
+            self.current = self.rate
 
     def _refill(self, now: float) -> None:
-        if now > self.updated:
-            self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        elapsed = now - self.updated
+        if elapsed > 0:
+            self.current = min(self.rate, self.current + RECOVERY * self.rate * elapsed)
+            self.tokens = min(self.burst, self.tokens + elapsed * self.current * PACE)
             self.updated = now
 
     def try_acquire(self, now: float) -> float:
@@ -36,11 +53,23 @@ class TokenBucket:
         if self.tokens >= 1.0 - 1e-9:
             self.tokens = max(0.0, self.tokens - 1.0)
             return 0.0
-        return (1.0 - self.tokens) / self.rate
+        return (1.0 - self.tokens) / (self.current * PACE)
+
+    def throttled(self, now: float) -> None:
+        """A 429: slow down, and spend nothing saved up."""
+        self._refill(now)
+        self.current = max(MIN_RATE, self.current * DECREASE)
+        self.tokens = min(self.tokens, 0.0)
 
     def set_rate(self, rate: float, burst: float) -> None:
         self.rate, self.burst = rate, burst
+        self.current = min(self.current, rate)
         self.tokens = min(self.tokens, burst)
+
+
+def default_burst(rate: float) -> float:
+    """A small burst: enough to fill a few connections at once, not a second's worth."""
+    return max(1.0, min(rate, 10.0))
 
 
 _TITLE_SECONDS = re.compile(r"(\d+(?:\.\d+)?)\s*seconds?\.?\s*$", re.IGNORECASE)

@@ -35,7 +35,7 @@ from syncd.errors import (
 )
 from syncd.metrics import Metrics
 from syncd.publisher import Publisher
-from syncd.ratelimit import TokenBucket, backoff, jittered
+from syncd.ratelimit import TokenBucket, backoff, default_burst, jittered
 
 log = structlog.get_logger("syncd.scheduler")
 
@@ -192,7 +192,7 @@ class Scheduler:
     ) -> TenantState:
         """Start scheduling a tenant: feeds as (feed, stored cursor, change detection, interval)."""
         rate = settings.requests_per_second
-        t = TenantState(settings, tokens, TokenBucket(rate, burst=max(1.0, rate)))
+        t = TenantState(settings, tokens, TokenBucket(rate, burst=default_burst(rate)))
         self.tenants[settings.id] = t
         now = self.clock()
         for feed, cursor, detect, interval in feeds:
@@ -216,7 +216,7 @@ class Scheduler:
         t = self.tenants[settings.id]
         t.settings = settings
         rate = settings.requests_per_second
-        t.bucket.set_rate(rate, burst=max(1.0, rate))
+        t.bucket.set_rate(rate, burst=default_burst(rate))
         wanted = {
             feed.name: (feed, cursor, detect, interval) for feed, cursor, detect, interval in feeds
         }
@@ -447,6 +447,8 @@ class Scheduler:
                     rng=self.rng,
                 )
             t.paused_until = max(t.paused_until, now + wait)
+            if exc.where == "api":
+                t.bucket.throttled(now)
             self._arm(t)
             flog.warning("rate_limited", retry_after_s=exc.retry_after, where=exc.where)
             if self.metrics is not None:

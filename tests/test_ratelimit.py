@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from syncd.ratelimit import TokenBucket, backoff, jittered, parse_retry_after
+from syncd.ratelimit import PACE, TokenBucket, backoff, jittered, parse_retry_after
 from syncd.scheduler import Outcome, next_due
 
 
@@ -14,7 +14,7 @@ def test_bucket_allows_burst_then_paces() -> None:
     b = TokenBucket(rate=10, burst=3, updated=100.0)
     assert [b.try_acquire(100.0) for _ in range(3)] == [0.0, 0.0, 0.0]
     wait = b.try_acquire(100.0)
-    assert wait == pytest.approx(0.1)
+    assert wait == pytest.approx(0.1 / PACE)
     assert b.try_acquire(100.0 + wait) == 0.0
     # An idle bucket refills only up to its burst.
     assert sum(b.try_acquire(200.0) == 0.0 for _ in range(10)) == 3
@@ -29,7 +29,41 @@ def test_bucket_rate_over_a_long_run() -> None:
             granted += 1
         else:
             now += wait
-    assert 600 <= granted <= 661
+    assert 0.96 * 600 <= granted <= 0.98 * 600 + 61
+
+
+def test_bucket_backs_off_on_429_and_recovers() -> None:
+    b = TokenBucket(rate=60, burst=10, updated=0.0)
+    b.throttled(0.0)
+    assert b.current == pytest.approx(42.0)
+    assert b.try_acquire(0.0) > 0  # nothing saved up survives a 429
+    for _ in range(5):
+        b.throttled(0.0)
+    assert b.current == pytest.approx(60 * 0.7**6)
+    b.try_acquire(10.0)  # ten quiet seconds: +2% of the ceiling per second
+    assert b.current == pytest.approx(60 * 0.7**6 + 12.0)
+    b.try_acquire(100.0)
+    assert b.current == 60.0
+
+
+def test_bucket_settles_near_a_stricter_server() -> None:
+    """Against a server allowing 10/s, a bucket configured for 60 ends near 10/s."""
+    client = TokenBucket(rate=60, burst=10, updated=0.0)
+    server = TokenBucket(rate=10, burst=10, updated=0.0)
+    now, sent, refused, paused_until = 0.0, 0, 0, 0.0
+    while now < 60.0:
+        wait = client.try_acquire(now)
+        if wait > 0 or now < paused_until:
+            now = max(now + wait, paused_until)
+            continue
+        if server.try_acquire(now) == 0.0:
+            sent += 1
+        else:
+            refused += 1
+            client.throttled(now)
+            paused_until = now + 1.0
+    assert 8.0 <= sent / 60.0 <= 10.5
+    assert refused < 60  # one 429 a second would be a storm
 
 
 @pytest.mark.parametrize(
