@@ -237,3 +237,44 @@ def test_help_documents_exit_codes() -> None:
     assert res.returncode == 0
     assert "exit codes" in res.stdout
     assert "2  invalid configuration" in res.stdout
+
+
+async def test_tail_command_prints_json_lines_and_acknowledges(
+    redis: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    async with run_simulator(tenants=[9501], records=30, page_size=10) as sim:
+        data = config_dict(redis_server.url, sim.url, sim.app_key, [9501], ["crm.customers"])
+        daemon = DaemonProcess(data)
+        try:
+            daemon.start("--once")
+            assert await asyncio.to_thread(daemon.wait, 60) == 0
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "syncd",
+                "tail",
+                "--config",
+                str(daemon.config_path),
+                "--tenant",
+                "9501",
+                "--feed",
+                "crm.customers",
+                "--group",
+                "audit",
+                "--from-start",
+                stdout=asyncio.subprocess.PIPE,
+            )
+            assert proc.stdout is not None
+            lines = [
+                json.loads(await asyncio.wait_for(proc.stdout.readline(), 20)) for _ in range(30)
+            ]
+            proc.send_signal(signal.SIGINT)
+            assert await asyncio.wait_for(proc.wait(), 20) == 0
+            records = await truth(sim.url, 9501, "crm.customers")
+            assert {line["key"] for line in lines} == set(records)
+            assert all(line["data"] == records[line["key"]] for line in lines)
+            assert {line["op"] for line in lines} == {"created"}
+            groups = await redis.xinfo_groups("st:{9501}:crm.customers")
+            assert [(g["name"], g["pending"]) for g in groups] == [(b"audit", 0)]
+        finally:
+            daemon.close()
