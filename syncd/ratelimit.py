@@ -7,7 +7,6 @@ import random
 import re
 from dataclasses import dataclass
 
-
 # Pace a little under the configured ceiling: requests reach the server with network jitter,
 # and a limiter there with no slack left answers 429 to the ones that arrive early.
 PACE = 0.97
