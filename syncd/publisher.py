@@ -9,6 +9,7 @@ next page is fetched; an instance that fetched the same page finds the cursor mo
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -96,6 +97,10 @@ return {0, published, unchanged}
 """
 
 
+# Pages with at least this many records are checked against the fingerprints before sending.
+PRECHECK_MIN = 32
+
+
 @dataclass(frozen=True, slots=True)
 class Applied:
     """What one page did: `applied` False means the fence refused it (`stored` is the cursor
@@ -142,24 +147,36 @@ class Publisher:
     ) -> Applied:
         """Apply `page`, fetched from cursor `expected` (None: nothing stored yet)."""
         k = self.keys(tenant)
-        good = [r for r in page.records if r.key is not None]
-        bad = [r for r in page.records if r.key is None]
-        args: list[Any] = [
-            feed,
-            "" if expected is None else "=" + expected,
-            page.continue_from,
-            "1" if change_detection else "0",
-            len(good),
-            len(bad),
-            f"{time.time():.3f}",
-        ]
-        for r in good:
-            args += (r.key, r.fingerprint, r.modified_on, r.data)
-        for r in bad:
-            args += (r.error or "unusable record", r.data)
-        keys = [k.cursors, k.seen(feed), k.stream(feed), k.dead, k.state]
+        seen = k.seen(feed)
+        keys, fps, mods, datas = page.keys, page.fingerprints, page.modified, page.data
+        skipped = 0
         try:
-            result = await self._script(keys=keys, args=args)
+            if change_detection and len(keys) >= PRECHECK_MIN:
+                # Look first, send only what differs: a re-export then ships keys, not
+                # megabytes of unchanged records. The script checks every record it gets
+                # again, and the fence makes sure nothing moved in between.
+                olds = await self.redis.hmget(seen, keys)
+                pick = [i for i, old in enumerate(olds) if old != fps[i]]
+                if len(pick) < len(keys):
+                    skipped = len(keys) - len(pick)
+                    keys = [keys[i] for i in pick]
+                    fps = [fps[i] for i in pick]
+                    mods = [mods[i] for i in pick]
+                    datas = [datas[i] for i in pick]
+            args: list[Any] = [
+                feed,
+                "" if expected is None else "=" + expected,
+                page.continue_from,
+                "1" if change_detection else "0",
+                len(keys),
+                len(page.dead),
+                f"{time.time():.3f}",
+            ]
+            args.extend(itertools.chain.from_iterable(zip(keys, fps, mods, datas, strict=True)))
+            args.extend(itertools.chain.from_iterable(page.dead))
+            result = await self._script(
+                keys=[k.cursors, seen, k.stream(feed), k.dead, k.state], args=args
+            )
         except redis.exceptions.ResponseError as exc:
             # Refused before the first write (the script's flags make OOM checked up front):
             # nothing was written; the page is fetched again later.
@@ -171,7 +188,7 @@ class Publisher:
         if int(result[0]) == 1:
             stored = _text(result[1]) if len(result) > 1 else None
             return Applied(False, stored=stored)
-        return Applied(True, int(result[1]), int(result[2]), len(bad))
+        return Applied(True, int(result[1]), int(result[2]) + skipped, len(page.dead))
 
     async def ping(self) -> bool:
         """Whether Redis answers (every primary, on a cluster)."""

@@ -494,7 +494,7 @@ class Scheduler:
             return
         fs.cursor = page.continue_from
         fs.last_ok = time.time()
-        fetched = len(page.records)
+        fetched = page.fetched
         if self.metrics is not None:
             self.metrics.page(
                 t.id, fs.name, fetched, applied.published, applied.unchanged, page.fetch_s

@@ -64,7 +64,7 @@ async def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
 async def test_sigterm_stops_gracefully_and_logs_no_secrets(
     redis: aioredis.Redis, redis_server: RedisServer
 ) -> None:
-    async with run_simulator(tenants=[7001, 7002], records=3000, page_size=20) as sim:
+    async with run_simulator(tenants=[7001, 7002], records=1200, page_size=20) as sim:
         data = config_dict(
             redis_server.url,
             sim.url,
