@@ -1,0 +1,185 @@
+"""`make bench`: every benchmark in turn, a summary table, results in bench/results/*.json.
+
+    .venv/bin/python -m bench                      # all of them (about 15 minutes)
+    BENCH_ONLY=backfill,freshness .venv/bin/python -m bench
+
+Sizes: BENCH_BACKFILL_RECORDS, BENCH_STEADY_TENANTS, BENCH_STEADY_WINDOW, BENCH_RATELIMIT_RECORDS,
+BENCH_FRESHNESS_WINDOW (see each module's --help). A missed target is reported, not an error;
+the exit status is 1 only when a benchmark could not run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from bench import backfill, bench_simulator, common, freshness, ratelimit, steady
+
+Row = tuple[str, str, str, bool | None]  # figure, value, target, met
+
+
+def _simulator() -> dict[str, Any]:
+    with contextlib.redirect_stdout(io.StringIO()):
+        bench_simulator.main(["--duration", "5"])
+    import json
+
+    return dict(json.loads((common.RESULTS_DIR / "simulator.json").read_text()))
+
+
+def _rows_simulator(f: dict[str, Any]) -> list[Row]:
+    return [
+        ("pages/s (warm, 4 connections)", f"{f['pages_per_s']:.0f}", "", None),
+        ("records/s served", f"{f['records_per_s']:,}", "", None),
+    ]
+
+
+def _rows_backfill(f: dict[str, Any]) -> list[Row]:
+    floor = f["floor_records_per_s"]
+    first = f["records_per_s"]
+    rb = f.get("redis_benchmark", {}).get("xadd_per_s")
+    return [
+        (
+            "records/s (first sync)",
+            f"{first:,}",
+            f">= 0.9 x floor = {0.9 * floor:,.0f}",
+            first >= 0.9 * floor,
+        ),
+        ("floor records/s", f"{floor:,}", "", None),
+        ("redis-benchmark XADD/s", f"{rb:,}" if rb else "n/a", "", None),
+        (
+            "re-export records/s",
+            f"{f['reexport_records_per_s']:,}",
+            f">= 2 x first = {2 * first:,}",
+            f["reexport_records_per_s"] >= 2 * first,
+        ),
+        ("client CPU s / 100k records", f"{f['cpu_s_per_100k']:.3f}", "", None),
+        ("daemon peak RSS MB", f"{f['peak_rss_mb']:.0f}", "", None),
+        ("Redis bytes / record", f"{f['redis_bytes_per_record']}", "", None),
+    ]
+
+
+def _rows_steady(f: dict[str, Any]) -> list[Row]:
+    return [
+        ("feeds", f"{f['feeds']:,}", "", None),
+        ("requests/s", f"{f['requests_per_s']:.1f}", "~183", None),
+        ("daemon CPU share of a core", f"{f['cpu_share']:.3f}", "<= 0.25", f["cpu_share"] <= 0.25),
+        (
+            "daemon RSS MB (end / peak)",
+            f"{f['rss_mb']:.0f} / {f['peak_rss_mb']:.0f}",
+            "<= 300",
+            f["rss_mb"] <= 300 and f["peak_rss_mb"] <= 300,
+        ),
+        (
+            "lateness p50 s",
+            f"{f['lateness_p50_s']:.3f} (le {f['lateness_p50_bucket_le']})",
+            "",
+            None,
+        ),
+        (
+            "lateness p99 s",
+            f"{f['lateness_p99_s']:.3f} (le {f['lateness_p99_bucket_le']})",
+            "< 2",
+            f["lateness_p99_s"] < 2,
+        ),
+    ]
+
+
+def _rows_ratelimit(f: dict[str, Any]) -> list[Row]:
+    st = f["strict_tenant"]
+    return [
+        (
+            "achieved requests/s (limit 60)",
+            f"{f['achieved_rps']:.1f}",
+            ">= 54",
+            f["achieved_rps"] >= 54,
+        ),
+        ("429 share", f"{f['share_429']:.4%}", "<= 0.1%", f["share_429"] <= 0.001),
+        (
+            "strict: achieved requests/s",
+            f"{f['strict_achieved_rps']:.2f}",
+            "~10",
+            abs(f["strict_achieved_rps"] - 10) <= 1,
+        ),
+        (
+            "strict: 429s (max per pause)",
+            f"{f['strict_429s']} ({st['max_429_per_episode']})",
+            "<= 8 per pause",
+            st["max_429_per_episode"] <= 8,
+        ),
+        (
+            "strict: requests during a pause",
+            f"{st['requests_during_pause']}",
+            "0",
+            st["requests_during_pause"] == 0,
+        ),
+        (
+            "free tenant requests/s",
+            f"{f['free_tenant']['achieved_rps']:.1f}",
+            ">= 54",
+            f["free_tenant"]["achieved_rps"] >= 54,
+        ),
+    ]
+
+
+def _rows_freshness(f: dict[str, Any]) -> list[Row]:
+    limit = f["poll_interval_s"] + 1
+    return [
+        ("p50 s", f"{f['p50_s']:.2f}", "", None),
+        ("p99 s", f"{f['p99_s']:.2f}", f"<= {limit:g}", f["p99_s"] <= limit),
+        ("duplicates", f"{f['duplicates']}", "0", f["duplicates"] == 0),
+        ("missing changes", f"{f['missing']}", "0", f["missing"] == 0),
+    ]
+
+
+BENCHMARKS: dict[
+    str, tuple[Callable[[], dict[str, Any]], Callable[[dict[str, Any]], list[Row]]]
+] = {
+    "simulator": (_simulator, _rows_simulator),
+    "backfill": (lambda: backfill.run(backfill.parser().parse_args([])), _rows_backfill),
+    "ratelimit": (lambda: ratelimit.run(ratelimit.parser().parse_args([])), _rows_ratelimit),
+    "freshness": (lambda: freshness.run(freshness.parser().parse_args([])), _rows_freshness),
+    "steady": (lambda: steady.run(steady.parser().parse_args([])), _rows_steady),
+}
+
+
+def main() -> int:
+    only = [n.strip() for n in os.environ.get("BENCH_ONLY", "").split(",") if n.strip()]
+    unknown = [n for n in only if n not in BENCHMARKS]
+    if unknown:
+        print(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}", file=sys.stderr)
+        return 2
+    rows: list[tuple[str, Row]] = []
+    failed = []
+    started = time.monotonic()
+    for name, (run, table) in BENCHMARKS.items():
+        if only and name not in only:
+            continue
+        common.log(f"=== {name}")
+        t0 = time.monotonic()
+        try:
+            figures = run()
+        except Exception:
+            traceback.print_exc()
+            failed.append(name)
+            rows.append((name, ("FAILED (see above)", "", "", False)))
+            continue
+        rows.extend((name, row) for row in table(figures))
+        common.log(f"=== {name} done in {time.monotonic() - t0:.0f}s")
+    print()
+    print(f"{'benchmark':10} {'figure':34} {'value':>24}  {'target':26} met")
+    print("-" * 102)
+    for name, (figure, value, target, met) in rows:
+        mark = "" if met is None else ("yes" if met else "NO")
+        print(f"{name:10} {figure:34} {value:>24}  {target:26} {mark}")
+    print(f"\n{time.monotonic() - started:.0f}s; results in {common.RESULTS_DIR}/")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
