@@ -27,6 +27,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -66,17 +67,22 @@ def _pages(result: common.DaemonResult) -> dict[str, int]:
 
 
 def _run_child(command: list[str], timeout: float) -> tuple[str, float, float, float]:
-    """Run a child to completion: (stdout, wall s, cpu s, peak RSS MB) via wait4()."""
+    """Run a child to completion: (stdout, wall s, cpu s, peak RSS MB) via wait4(); it is
+    killed after `timeout` seconds."""
     started = time.monotonic()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, cwd=common.ROOT)
-    assert proc.stdout is not None
-    out = proc.stdout.read().decode()
-    _, status, usage = os.wait4(proc.pid, 0)
+    killer = threading.Timer(timeout, proc.kill)
+    killer.start()
+    try:
+        assert proc.stdout is not None
+        out = proc.stdout.read().decode()
+        _, status, usage = os.wait4(proc.pid, 0)
+    finally:
+        killer.cancel()
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.monotonic() - started
     if proc.returncode != 0:
         raise RuntimeError(f"{command[:4]} exited with {proc.returncode}")
-    del timeout
     return out, wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
 
 

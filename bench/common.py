@@ -327,6 +327,11 @@ class Workdir:
         return path
 
     def cleanup(self) -> None:
+        """Remove the directory, unless BENCH_KEEP_LOGS is set (then say where it is)."""
+        if os.environ.get("BENCH_KEEP_LOGS"):
+            log(f"configurations and daemon logs kept in {self.path}")
+            self._tmp._finalizer.detach()  # type: ignore[attr-defined]
+            return
         self._tmp.cleanup()
 
 

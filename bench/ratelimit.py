@@ -25,6 +25,7 @@ import time
 from typing import Any
 
 from bench import common
+from syncd import catalogue
 
 TENANT_A, TENANT_STRICT, TENANT_FREE = 3001, 3002, 3003
 _TENANT = re.compile(r"/tenant/(\d+)/")
@@ -97,6 +98,8 @@ def _config(server_url: str, sim_url: str, tenants: list[int]) -> dict[str, Any]
         sim_url,
         tenants,
         defaults={
+            # Every catalogue feed, the legacy one too (by default syncd skips it).
+            "feeds": list(catalogue.feeds()),
             "requests_per_second": 60.0,
             "max_in_flight": 8,
             "poll_interval": 300.0,
@@ -160,7 +163,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     announced = float(max(1, math.ceil(1.0 / args.strict_rate)))
     figures: dict[str, Any] = {
         "setup": {
-            "feeds": 55,
+            "feeds": len(catalogue.feeds()),
             "records_per_feed": args.records,
             "page_size": args.page_size,
             "syncd_requests_per_second": 60.0,
