@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import redis.asyncio as aioredis
 
+from bench.common import to_toml
 from syncd import config
 from syncd.keys import Keys
 
@@ -47,32 +48,6 @@ def config_dict(
 
 def settings(data: dict[str, Any]) -> config.Settings:
     return config.resolve(config.parse(data, "test.toml"), environ={})
-
-
-def to_toml(data: dict[str, Any]) -> str:
-    """A small TOML writer, enough for config_dict() output."""
-
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, list):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        raise TypeError(type(v))
-
-    lines: list[str] = []
-    for section, body in data.items():
-        if isinstance(body, list):
-            for item in body:
-                lines.append(f"[[{section}]]")
-                lines += [f"{k} = {value(v)}" for k, v in item.items()]
-        else:
-            lines.append(f"[{section}]")
-            lines += [f"{k} = {value(v)}" for k, v in body.items()]
-    return "\n".join(lines) + "\n"
 
 
 async def stream_events(
