@@ -25,7 +25,7 @@ from syncd.metrics import Metrics
 from syncd.ops import OpsServer
 from syncd.publisher import Publisher
 from syncd.redisconn import RedisClient, RedisCluster, connect
-from syncd.scheduler import Scheduler, TenantState
+from syncd.scheduler import Scheduler, TenantState, resume_delay
 from syncd.sdnotify import Notifier, watchdog_interval
 
 log = structlog.get_logger("syncd.daemon")
@@ -106,7 +106,9 @@ class Daemon:
     async def _add_tenant(self, t: TenantSettings) -> TenantState:
         assert self.scheduler is not None
         assert self._session is not None
-        cursors = await self._cursors(t.id)
+        publisher = self.publisher
+        assert publisher is not None
+        cursors, state = await self._wait_for_redis(lambda: publisher.resume_state(t.id))
         tokens = TokenProvider(
             self._session,
             self.settings.auth_url,
@@ -116,9 +118,20 @@ class Daemon:
             on_renewal=self.metrics.token_renewed,
         )
         await self._ensure_groups(t)
-        state = self.scheduler.add_tenant(t, tokens, self._tenant_feeds(t, cursors))
+        delays = {}
+        now = time.time()
+        for feed in t.feeds:
+            last_ok = state.get(f"{feed}:last_ok")
+            delays[feed] = resume_delay(
+                now,
+                float(last_ok) if last_ok else None,
+                state.get(f"{feed}:more") == "1",
+                self.settings.poll_interval(t, feed),
+                self.scheduler.rng,
+            )
+        tenant_state = self.scheduler.add_tenant(t, tokens, self._tenant_feeds(t, cursors), delays)
         log.info("tenant_added", tenant=t.id, feeds=len(t.feeds), resumed=len(cursors))
-        return state
+        return tenant_state
 
     async def _ensure_groups(self, t: TenantSettings) -> None:
         """Create the configured consumer groups before anything is published to a stream."""

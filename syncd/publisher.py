@@ -27,7 +27,7 @@ APPLY_PAGE = r"""#!lua
 local cursors, seen, stream, dead, state = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local feed, expected, new_cursor = ARGV[1], ARGV[2], ARGV[3]
 local detect = ARGV[4] == '1'
-local n, ndead, now = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
+local n, ndead, now, more = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], ARGV[8]
 
 local stored = redis.call('HGET', cursors, feed)
 if expected == '' then
@@ -37,7 +37,7 @@ elseif stored ~= string.sub(expected, 2) then
   return {1}
 end
 
-local base = 8
+local base = 9
 local published, unchanged = 0, 0
 local CHUNK = 1000
 if detect then
@@ -92,7 +92,7 @@ for j = 0, ndead - 1 do
 end
 
 redis.call('HSET', cursors, feed, new_cursor)
-redis.call('HSET', state, feed .. ':last_ok', now)
+redis.call('HSET', state, feed .. ':last_ok', now, feed .. ':more', more)
 return {0, published, unchanged}
 """
 
@@ -171,6 +171,7 @@ class Publisher:
                 len(keys),
                 len(page.dead),
                 f"{time.time():.3f}",
+                "1" if page.has_more else "0",
             ]
             args.extend(itertools.chain.from_iterable(zip(keys, fps, mods, datas, strict=True)))
             args.extend(itertools.chain.from_iterable(page.dead))
@@ -189,6 +190,22 @@ class Publisher:
             stored = _text(result[1]) if len(result) > 1 else None
             return Applied(False, stored=stored)
         return Applied(True, int(result[1]), int(result[2]) + skipped, len(page.dead))
+
+    async def resume_state(self, tenant: int) -> tuple[dict[str, str], dict[str, str]]:
+        """A tenant's stored cursors (feed -> continueFrom) and feed state (last success,
+        whether more pages were waiting), read when the daemon (re)starts."""
+        k = self.keys(tenant)
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hgetall(k.cursors)
+                pipe.hgetall(k.state)
+                cursors, state = await pipe.execute()
+        except redis.exceptions.RedisError as exc:
+            raise TransientError(f"redis: {exc}") from None
+        return (
+            {_text(a): _text(b) for a, b in cursors.items()},
+            {_text(a): _text(b) for a, b in state.items()},
+        )
 
     async def ping(self) -> bool:
         """Whether Redis answers (every primary, on a cluster)."""

@@ -15,7 +15,7 @@ import heapq
 import itertools
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import structlog
@@ -109,6 +109,29 @@ class Outcome:
     retry_after: float | None = None
 
 
+def resume_delay(
+    now_unix: float,
+    last_ok: float | None,
+    more: bool,
+    interval: float,
+    rng: random.Random,
+) -> float:
+    """Seconds until a resumed feed is first due after a (re)start (pure).
+
+    A feed that had more pages waiting goes at once; a drained one keeps its rhythm (due an
+    interval after its last success); overdue or unknown ones spread over a few seconds.
+    """
+    if more:
+        return 0.0
+    spread = rng.uniform(0, min(interval, STARTUP_SPREAD_S))
+    if last_ok is None:
+        return spread
+    due_in = last_ok + interval - now_unix
+    if due_in <= 0:
+        return spread
+    return min(due_in, interval)
+
+
 def next_due(
     outcome: Outcome,
     now: float,
@@ -189,8 +212,10 @@ class Scheduler:
         settings: TenantSettings,
         tokens: TokenProvider,
         feeds: Iterable[tuple[Feed, str | None, bool, float]],
+        delays: Mapping[str, float] | None = None,
     ) -> TenantState:
-        """Start scheduling a tenant: feeds as (feed, stored cursor, change detection, interval)."""
+        """Start scheduling a tenant: feeds as (feed, stored cursor, change detection, interval);
+        `delays` says how long after now a feed is first due (see resume_delay)."""
         rate = settings.requests_per_second
         t = TenantState(settings, tokens, TokenBucket(rate, burst=default_burst(rate)))
         self.tenants[settings.id] = t
@@ -200,8 +225,13 @@ class Scheduler:
             t.feeds[feed.name] = fs
             # New feeds backfill at once; resumed ones spread out so that a restart of a
             # daemon with many drained feeds does not fire them all in the same second.
-            spread = 0.0 if cursor is None or self.once else min(interval, STARTUP_SPREAD_S)
-            self._push(fs, now + self.rng.uniform(0, spread))
+            if cursor is None or self.once:
+                delay = 0.0
+            elif delays is not None and feed.name in delays:
+                delay = delays[feed.name]
+            else:
+                delay = self.rng.uniform(0, min(interval, STARTUP_SPREAD_S))
+            self._push(fs, now + delay)
         return t
 
     def reconfigure_tenant(

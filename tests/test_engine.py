@@ -281,3 +281,37 @@ async def test_fence_tells_an_empty_cursor_from_none(redis: aioredis.Redis) -> N
     await redis.hdel("st:{8}:cursors", feed.name)
     gone = await pub.apply(8, feed.name, "next", page)
     assert (gone.applied, gone.stored) == (False, None)
+
+
+async def test_restart_keeps_drained_feeds_on_their_rhythm(
+    redis: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    async with run_simulator(tenants=[8301], records=40, page_size=20) as sim:
+        data = config_dict(
+            redis_server.url,
+            sim.url,
+            sim.app_key,
+            [8301],
+            ["crm.customers", "jpm.jobs"],
+            poll_interval=120.0,
+        )
+        assert await run_once(data) == 0
+        # jpm.jobs was cut short with pages still waiting: it must resume at once.
+        await redis.hset("st:{8301}:state", "jpm.jobs:more", "1")
+        daemon = Daemon(settings(data))
+        task = asyncio.create_task(daemon.run())
+        while daemon.scheduler is None or 8301 not in daemon.scheduler.tenants:
+            await asyncio.sleep(0.01)
+        now = daemon.scheduler.clock()
+        feeds = daemon.scheduler.tenants[8301].feeds
+        assert 100.0 < feeds["crm.customers"].due - now <= 120.0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while feeds["jpm.jobs"].last_ok is None:  # polled right after the restart
+            assert loop.time() < deadline, "the interrupted feed did not resume at once"
+            await asyncio.sleep(0.02)
+        assert feeds["crm.customers"].last_ok is None
+        daemon.scheduler.stop()
+        assert await asyncio.wait_for(task, 10) == 0
+        state = await redis.hgetall("st:{8301}:state")
+        assert state[b"crm.customers:more"] == b"0"

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from syncd.ratelimit import PACE, TokenBucket, backoff, jittered, parse_retry_after
-from syncd.scheduler import Outcome, next_due
+from syncd.scheduler import Outcome, next_due, resume_delay
 
 
 def test_bucket_allows_burst_then_paces() -> None:
@@ -120,3 +120,19 @@ def test_next_due(outcome: Outcome, failures: int, low: float, high: float) -> N
         rng=random.Random(7),
     )
     assert low <= due - 1000.0 <= high
+
+
+@pytest.mark.parametrize(
+    ("last_ok", "more", "low", "high"),
+    [
+        (None, True, 0.0, 0.0),  # more pages were waiting: at once
+        (990.0, True, 0.0, 0.0),
+        (990.0, False, 290.0, 290.0),  # drained 10 s ago: keeps its rhythm
+        (500.0, False, 0.0, 5.0),  # overdue: spread over a few seconds
+        (None, False, 0.0, 5.0),  # nothing known: spread over a few seconds
+        (2000.0, False, 300.0, 300.0),  # a clock ahead: never more than an interval
+    ],
+)
+def test_resume_delay(last_ok: float | None, more: bool, low: float, high: float) -> None:
+    delay = resume_delay(1000.0, last_ok, more, 300.0, random.Random(3))
+    assert low <= delay <= high
