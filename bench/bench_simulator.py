@@ -25,8 +25,9 @@ from typing import Any
 import aiohttp
 import msgspec
 
+from bench import common
 from syncd import catalogue
-from syncd.simulator.testing import SimulatorProcess, credentials
+from syncd.simulator.testing import SimulatorProcess
 
 RESULTS = Path(__file__).parent / "results" / "simulator.json"
 
@@ -43,14 +44,6 @@ class Tally:
     records: int = 0
     errors: int = 0
     latencies: list[float] = field(default_factory=list)
-
-
-async def _token(session: aiohttp.ClientSession, url: str, tenant: int) -> str:
-    client_id, secret = credentials(tenant)
-    form = {"grant_type": "client_credentials", "client_id": client_id, "client_secret": secret}
-    async with session.post(url, data=form) as resp:
-        resp.raise_for_status()
-        return str((await resp.json())["access_token"])
 
 
 async def _walk(
@@ -86,7 +79,7 @@ async def _run_clients(proc: SimulatorProcess, args: argparse.Namespace) -> dict
     connector = aiohttp.TCPConnector(limit=args.connections)
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        tokens = {t: await _token(session, proc.auth_url, t) for t in tenants}
+        tokens = {t: await common.fetch_token(session, proc.auth_url, t) for t in tenants}
         jobs = []
         for n in range(args.connections):
             tenant = tenants[n % len(tenants)]

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import psutil
 import redis
 
@@ -230,6 +231,15 @@ class Simulator(SimulatorProcess):
 
     def stats(self) -> Any:
         return self.get("/_sim/stats")
+
+
+async def fetch_token(session: aiohttp.ClientSession, auth_url: str, tenant: int) -> str:
+    """An access token for `tenant` from the simulator's token endpoint."""
+    client_id, secret = credentials(tenant)
+    form = {"grant_type": "client_credentials", "client_id": client_id, "client_secret": secret}
+    async with session.post(auth_url, data=form) as resp:
+        resp.raise_for_status()
+        return str((await resp.json())["access_token"])
 
 
 def start_simulator(args: Sequence[str], *, access_log: bool = False) -> Simulator:

@@ -22,9 +22,9 @@ import aiohttp
 import msgspec
 import redis.asyncio as aioredis
 
+from bench import common
 from syncd import catalogue
 from syncd.simulator.options import DEFAULT_APP_KEY
-from syncd.simulator.testing import credentials
 
 
 class _Envelope(msgspec.Struct):
@@ -40,14 +40,6 @@ class _Head(msgspec.Struct):
 
 _ENVELOPE = msgspec.json.Decoder(_Envelope)
 _HEAD = msgspec.json.Decoder(_Head)
-
-
-async def _token(session: aiohttp.ClientSession, url: str, tenant: int) -> str:
-    client_id, secret = credentials(tenant)
-    form = {"grant_type": "client_credentials", "client_id": client_id, "client_secret": secret}
-    async with session.post(url, data=form) as resp:
-        resp.raise_for_status()
-        return str((await resp.json())["access_token"])
 
 
 async def _walk(
@@ -97,7 +89,7 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
         started = time.monotonic()
         jobs = []
         for tenant in tenants:
-            token = await _token(session, args.sim_url + "/connect/token", tenant)
+            token = await common.fetch_token(session, args.sim_url + "/connect/token", tenant)
             headers = {"Authorization": f"Bearer {token}", "ST-App-Key": args.app_key}
             gate = asyncio.Semaphore(args.max_in_flight)
             for feed in feeds:

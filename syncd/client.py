@@ -70,11 +70,6 @@ def _decoders(feed: Feed) -> tuple[msgspec.json.Decoder[Any], msgspec.json.Decod
     return msgspec.json.Decoder(head), msgspec.json.Decoder(heads)
 
 
-def fingerprint(data: bytes) -> bytes:
-    """A short digest of a record's exact bytes: equal bytes, equal fingerprint."""
-    return hashlib.blake2b(data, digest_size=8).digest()
-
-
 def decode_page(body: bytes, feed: Feed, fetch_s: float = 0.0) -> Page:
     """Decode an export envelope; each record stays its raw bytes. Raises TransientError on a
     body that is not a valid envelope (the page is fetched again)."""
@@ -111,7 +106,8 @@ def decode_page(body: bytes, feed: Feed, fetch_s: float = 0.0) -> Page:
             page.dead.append((f"record has no key ({'+'.join(keys_f)})", data))
             continue
         page.keys.append(key)
-        page.fingerprints.append(blake2b(data, digest_size=8).digest())  # = fingerprint(data)
+        # The fingerprint: a short digest of the record's exact bytes.
+        page.fingerprints.append(blake2b(data, digest_size=8).digest())
         page.modified.append((getattr(head, ts_field) if ts_field else None) or "")
         page.data.append(data)
     return page
