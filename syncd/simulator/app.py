@@ -9,14 +9,16 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from aiohttp import BasicAuth, web
 
 from syncd.simulator import control
-from syncd.simulator.data import ActiveFilter, FeedLog
+from syncd.simulator.data import ActiveFilter, Entry, FeedLog
 from syncd.simulator.faults import BodyFault, body_fault, damage, error_status, latency_s
 from syncd.simulator.limits import retry_after_seconds
-from syncd.simulator.problems import JSON_TYPE, json_response, problem
+from syncd.simulator.problems import JSON_TYPE, json_response, problem, rate_limited
+from syncd.simulator.quirks import Quirks, edit_entries
 from syncd.simulator.state import STATE_KEY, SimState, TenantStats, now_ticks
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -25,12 +27,30 @@ _log = logging.getLogger(__name__)
 _ACTIVE_VALUES: dict[str, ActiveFilter] = {"true": "True", "false": "False", "any": "Any"}
 _MUTATOR_TICK_S = 0.05
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_HANG_POLL_S = 0.1  # how often a hung request looks whether its client gave up
+_INJECTED_429_WAIT_S = 3  # the wait an injected 429 announces
+
+
+class _Query:
+    """What an export request asks for."""
+
+    __slots__ = ("active", "cursor", "raw_from", "recent", "start")
+
+    def __init__(
+        self, start: int, cursor: int, recent: bool, active: ActiveFilter, raw_from: str
+    ) -> None:
+        self.start = start  # first log position of the page
+        self.cursor = cursor  # the position the request's cursor points at
+        self.recent = recent
+        self.active = active
+        self.raw_from = raw_from
 
 
 def build_app(state: SimState) -> web.Application:
     """The aiohttp application serving `state`."""
     app = web.Application(middlewares=[_problem_middleware])
     app[STATE_KEY] = state
+    app.on_shutdown.append(_release_hung)
     app.router.add_post("/connect/token", _token)
     for name, feed in state.feeds.items():
         path = feed.path.replace("{tenant}", "{tenant:\\d+}")
@@ -69,6 +89,10 @@ async def _token(request: web.Request) -> web.Response:
     claimed = client_id.removeprefix("client-")
     claimed_tenant = int(claimed) if claimed.isdigit() else 0
     stats = state.tenant_stats(claimed_tenant)
+    quirks = state.quirks(claimed_tenant)
+    if quirks.hang_token > 0 and state.quirk_rng(claimed_tenant).random() < quirks.hang_token:
+        stats.hung += 1
+        return await _hang(request, state)
     now = time.monotonic()
     settings = state.settings(claimed_tenant)
     status = error_status(state.fault_rng, settings, settings.token_error_rate)
@@ -134,15 +158,15 @@ async def _export(
     if owner != tenant:
         return problem(403, f"The access token does not grant access to tenant {tenant}.")
 
+    quirks = state.quirks(tenant)
     wait = state.bucket(tenant).take(now)
     if wait > 0:
         stats.rate_limited += 1
-        seconds = retry_after_seconds(wait)
-        return problem(
-            429,
-            f"Rate limit is exceeded. Try again in {seconds} seconds.",
-            headers={"Retry-After": str(seconds)},
-        )
+        return rate_limited(retry_after_seconds(wait), quirks.rate_limit_body)
+    quirk_rng = state.quirk_rng(tenant)
+    if quirks.hang > 0 and quirk_rng.random() < quirks.hang:
+        stats.hung += 1
+        return await _hang(request, state)
     settings = state.settings(tenant)
     rng = state.fault_rng
     delay = latency_s(rng, settings)
@@ -151,21 +175,65 @@ async def _export(
     status = error_status(rng, settings, settings.error_rate)
     if status is not None:
         stats.errors += 1
+        if status == 429 and quirks.rate_limit_body != "problem":
+            return rate_limited(_INJECTED_429_WAIT_S, quirks.rate_limit_body)
         return problem(status)
 
     log = state.log(tenant, feed_name)
-    wanted = _read_query(request.query, state, log, tenant)
+    wanted = _read_query(request.query, state, log, tenant, quirks)
     if isinstance(wanted, dict):
         return problem(400, errors=wanted)
-    start, recent, active = wanted
-    page = await state.pager.page(log, start, recent, active, now_ticks())
+    if quirks.no_progress > 0 and quirk_rng.random() < quirks.no_progress:
+        stats.no_progress += 1
+        return json_response(_no_progress(state, log, wanted, quirks))
+    ticks = now_ticks()
+    if quirks.edits_pages:
+        tail_end = wanted.cursor if wanted.recent else 0
+
+        def edit(entries: list[Entry]) -> list[Entry]:
+            return edit_entries(log, entries, quirks, quirk_rng, tail_end)
+
+        body = await state.pager.edited_page(
+            log, wanted.start, wanted.recent, wanted.active, ticks, edit
+        )
+        return await _send(request, state, stats, tenant, body)
+    page = await state.pager.page(log, wanted.start, wanted.recent, wanted.active, ticks)
     return await _send(request, state, stats, tenant, page.body)
 
 
+def _no_progress(state: SimState, log: FeedLog, wanted: _Query, quirks: Quirks) -> dict[str, Any]:
+    """A page that says there is more, holds nothing and offers no way forward."""
+    body: dict[str, Any] = {"hasMore": True, "data": []}
+    mode = quirks.no_progress_cursor
+    if mode == "same":
+        same = wanted.raw_from or state.codec.encode(log.tenant, log.feed_no, wanted.cursor)
+        body["continueFrom"] = same
+    elif mode == "null":
+        body["continueFrom"] = None
+    elif mode == "empty":
+        body["continueFrom"] = ""
+    return body
+
+
+async def _hang(request: web.Request, state: SimState) -> web.Response:
+    """Answer nothing until the client gives up (or the server stops)."""
+    while not state.stopping.is_set():
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            break
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(state.stopping.wait(), _HANG_POLL_S)
+    return problem(504)
+
+
+async def _release_hung(app: web.Application) -> None:
+    app[STATE_KEY].stopping.set()
+
+
 def _read_query(
-    query: Mapping[str, str], state: SimState, log: FeedLog, tenant: int
-) -> tuple[int, bool, ActiveFilter] | dict[str, list[str]]:
-    """(start position, includeRecentChanges, active filter), or validation errors by field."""
+    query: Mapping[str, str], state: SimState, log: FeedLog, tenant: int, quirks: Quirks
+) -> _Query | dict[str, list[str]]:
+    """What the request asks for, or validation errors by field."""
     errors: dict[str, list[str]] = {}
     recent_raw = query.get("includeRecentChanges", "false").strip().lower()
     if recent_raw not in ("true", "false"):
@@ -178,23 +246,24 @@ def _read_query(
             errors["active"] = [f"The value '{query['active'][:80]}' is not valid."]
         else:
             active = chosen
-    start = 0
+    start = cursor = 0
     raw_from = query.get("from", "").strip()
     decoded = state.codec.decode(raw_from) if raw_from else None
     if decoded is not None:
-        token_tenant, feed_no, start = decoded
+        token_tenant, feed_no, cursor = decoded
+        start = cursor
         if token_tenant != tenant or feed_no != log.feed_no:
             errors["from"] = ["The continuation token belongs to another feed or tenant."]
-        elif recent:
+        elif recent and quirks.repeat_tail:
             # With recent changes the real API repeats the tail of the previous page.
-            start = log.overlap_start(start, state.options.effective_overlap, active)
+            start = log.overlap_start(cursor, state.options.effective_overlap, active)
     elif raw_from:
         since = parse_date(raw_from)
         if since is None:
             errors["from"] = [f"The value '{raw_from[:80]}' is not a valid continuation token."]
         else:
-            start = log.position_at_or_after(since)
-    return errors or (start, recent, active)
+            start = cursor = log.position_at_or_after(since)
+    return errors or _Query(start, cursor, recent, active, raw_from)
 
 
 async def _send(
@@ -274,7 +343,8 @@ class RunningServer:
         return f"http://{host}:{self.port}"
 
     async def close(self) -> None:
-        """Stop accepting connections and close the open ones."""
+        """Stop accepting connections and close the open ones (hung requests end at once)."""
+        self.runner.app[STATE_KEY].stopping.set()
         await self.runner.cleanup()
 
 

@@ -10,6 +10,7 @@ import sys
 
 from syncd.simulator.app import start_server
 from syncd.simulator.options import DEFAULT_APP_KEY, SimOptions
+from syncd.simulator.quirks import Quirks, parse_assignments
 from syncd.simulator.state import SimState
 
 
@@ -73,10 +74,80 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--cache-mb", type=int, default=d.cache_mb, help="memory budget for rendered pages")
     add("--prerender", action="store_true", help="render every first-pass page at startup")
     add("--log-requests", action="store_true", help="log every request to stderr")
+    _add_quirk_arguments(parser)
+
+
+# Flags of the quirks (for every tenant): (field, flag, metavar or choices, help).
+_QUIRK_FLAGS: tuple[tuple[str, str, str | tuple[str, ...], str], ...] = (
+    ("stale_repeats", "--stale-repeats", "P", "share of a repeated tail sent in older versions"),
+    ("duplicate_keys", "--duplicate-keys", "P", "share of changed records sent twice in a page"),
+    ("no_progress", "--no-progress", "P", "share of pages with hasMore, no data, no way on"),
+    (
+        "no_progress_cursor",
+        "--no-progress-cursor",
+        ("same", "missing", "null", "empty"),
+        "continueFrom of no-progress pages (default same)",
+    ),
+    ("hang", "--hang", "P", "share of export requests never answered"),
+    ("hang_token", "--hang-token", "P", "share of token requests never answered"),
+    (
+        "rate_limit_body",
+        "--rate-limit-body",
+        ("problem", "apim", "apim-retry-after"),
+        "429 style: ProblemDetails+Retry-After, or API Management's body (default problem)",
+    ),
+)
+
+
+def _add_quirk_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "quirks", "what the real API does; for every tenant unless --tenant-quirks says otherwise"
+    )
+    group.add_argument(
+        "--no-repeat-tail",
+        dest="repeat_tail",
+        action="store_false",
+        default=None,
+        help="with includeRecentChanges, do not repeat the previous page's tail",
+    )
+    for field, flag, kind, text in _QUIRK_FLAGS:
+        if isinstance(kind, tuple):
+            group.add_argument(flag, dest=field, choices=kind, default=None, help=text)
+        else:
+            group.add_argument(flag, dest=field, type=_probability, metavar=kind, help=text)
+    group.add_argument(
+        "--tenant-quirks",
+        action="append",
+        default=[],
+        metavar="T:NAME=VALUE,...",
+        help="quirks of tenant T on top of the flags above, e.g. 1002:hang=1,no_progress=0.5 "
+        "(repeatable)",
+    )
+
+
+def quirks_from_args(args: argparse.Namespace) -> tuple[Quirks, tuple[tuple[int, Quirks], ...]]:
+    """The quirks for every tenant and the per-tenant ones; ValueError naming a bad flag."""
+    fields = ("repeat_tail", *(field for field, *_ in _QUIRK_FLAGS))
+    given = {f: getattr(args, f) for f in fields if getattr(args, f, None) is not None}
+    quirks = Quirks().apply(given)
+    per_tenant: dict[int, Quirks] = {}
+    for spec in args.tenant_quirks:
+        where = f"--tenant-quirks {spec!r}"
+        tenant_text, sep, assignments = spec.partition(":")
+        if not sep or not tenant_text.strip().isdigit():
+            raise ValueError(f"{where}: expected TENANT:NAME=VALUE[,NAME=VALUE...]")
+        tenant = int(tenant_text)
+        changes = parse_assignments(assignments, where)
+        try:
+            per_tenant[tenant] = per_tenant.get(tenant, quirks).apply(changes)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+    return quirks, tuple(per_tenant.items())
 
 
 def options_from_args(args: argparse.Namespace) -> SimOptions:
-    """The SimOptions the parsed flags describe."""
+    """The SimOptions the parsed flags describe; ValueError for bad quirk flags."""
+    quirks, tenant_quirks = quirks_from_args(args)
     return SimOptions(
         host=args.host,
         port=args.port,
@@ -101,6 +172,8 @@ def options_from_args(args: argparse.Namespace) -> SimOptions:
         log_requests=args.log_requests,
         prerender=args.prerender,
         cache_mb=args.cache_mb,
+        quirks=quirks,
+        tenant_quirks=tenant_quirks,
     )
 
 

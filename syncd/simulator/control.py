@@ -23,6 +23,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get(f"{feed}/records", _records)
     app.router.add_post(f"{feed}/mutate", _mutate)
     app.router.add_post("/_sim/tenants/{tenant:\\d+}/faults", _faults)
+    app.router.add_post("/_sim/tenants/{tenant:\\d+}/quirks", _set_quirks)
+    app.router.add_get("/_sim/tenants/{tenant:\\d+}/quirks", _get_quirks)
     app.router.add_get("/_sim/stats", _stats)
     app.router.add_post("/_sim/reset-stats", _reset_stats)
     app.router.add_post("/_sim/tokens/expire", _expire_tokens)
@@ -78,6 +80,33 @@ async def _faults(request: web.Request) -> web.Response:
     return json_response({"tenant": tenant, "overrides": msgspec.to_builtins(overrides)})
 
 
+async def _set_quirks(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    tenant = int(request.match_info["tenant"])
+    raw = await request.read()
+    try:
+        changes = msgspec.json.decode(raw or b"{}")
+    except msgspec.DecodeError as exc:
+        return problem(400, errors={"body": [f"not JSON: {exc}"]})
+    if not isinstance(changes, dict):
+        return problem(400, errors={"body": ["expected a JSON object of quirk settings"]})
+    if tenant not in state.tenants:
+        return problem(404, f"Tenant {tenant} is not served.")
+    try:
+        quirks = state.set_quirks(tenant, changes)
+    except ValueError as exc:
+        return problem(400, errors={"body": [str(exc)]})
+    return json_response({"tenant": tenant, "quirks": quirks.to_json()})
+
+
+async def _get_quirks(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    tenant = int(request.match_info["tenant"])
+    if tenant not in state.tenants:
+        return problem(404, f"Tenant {tenant} is not served.")
+    return json_response({"tenant": tenant, "quirks": state.quirks(tenant).to_json()})
+
+
 async def _stats(request: web.Request) -> web.Response:
     return json_response(request.app[STATE_KEY].stats_json())
 
@@ -104,5 +133,6 @@ async def _info(request: web.Request) -> web.Response:
             "recent_delay": options.recent_delay,
             "rate_limit": options.rate_limit,
             "seed": options.seed,
+            "quirks": {str(t): state.quirks(t).to_json() for t in state.tenants},
         }
     )

@@ -111,6 +111,7 @@ class FeedLog:
         self._late_ticks = array("q")  # timestamps of positions >= initial
         self._late_created = array("q")  # createdOn of records >= initial
         self.stale = array("q")  # positions made stale, in the order it happened
+        self._previous: dict[int, Entry] = {}  # record index -> its version before the last change
 
     # -- time -------------------------------------------------------------------------------
 
@@ -245,6 +246,10 @@ class FeedLog:
         """The current version of record `index`."""
         return Entry(index, self.versions[index], self.current[index], self.inactive[index] == 1)
 
+    def previous_entry(self, index: int) -> Entry | None:
+        """The version of record `index` before its last change; None if it never changed."""
+        return self._previous.get(index)
+
     def ground_truth(self) -> bytes:
         """A JSON array of the current version of every record, by record index."""
         parts = [self.render(self.live_entry(i)) for i in range(len(self.current))]
@@ -280,6 +285,7 @@ class FeedLog:
         else:
             chosen = rng.sample(range(total), min(total, count))
         for index in chosen:
+            self._previous[index] = self.live_entry(index)
             self.stale.append(self.current[index])
             self.versions[index] += 1
             if kind == "deactivate":

@@ -6,8 +6,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from syncd.simulator.quirks import Quirks
+
 DEFAULT_APP_KEY = "demo-app-key"
 DEFAULT_TENANTS = (1001, 1002, 1003)
+DEFAULT_QUIRKS = Quirks()  # immutable, so one shared default is safe
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +40,15 @@ class SimOptions:
     log_requests: bool = False
     prerender: bool = False
     cache_mb: int = 1024  # budget for rendered pages
+    quirks: Quirks = DEFAULT_QUIRKS  # for every tenant without its own
+    tenant_quirks: tuple[tuple[int, Quirks], ...] = ()  # (tenant, its quirks) at start
+
+    def quirks_for(self, tenant: int) -> Quirks:
+        """The quirks `tenant` starts with."""
+        for owner, quirks in self.tenant_quirks:
+            if owner == tenant:
+                return quirks
+        return self.quirks
 
     @property
     def effective_overlap(self) -> int:
@@ -67,6 +79,15 @@ class SimOptions:
         for name, ok, expected in checks:
             if not ok:
                 raise ValueError(f"simulator option {name}={getattr(self, name)!r}: {expected}")
+        message = self.quirks.check()
+        if message is not None:
+            raise ValueError(f"simulator option quirks: {message}")
+        for tenant, quirks in self.tenant_quirks:
+            if tenant not in self.tenants:
+                raise ValueError(f"simulator option tenant_quirks: {tenant} is not a tenant")
+            message = quirks.check()
+            if message is not None:
+                raise ValueError(f"simulator option tenant_quirks, tenant {tenant}: {message}")
         return self
 
     def replace(self, **changes: Any) -> SimOptions:

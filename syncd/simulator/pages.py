@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from syncd.simulator.cache import SizedCache
@@ -88,16 +89,22 @@ class Pager:
         if page is not None:
             return page
         plan = self._plan(log, start, recent, active, now_ticks)
-        parts: list[bytes] = []
-        checkpoint = time.perf_counter()
-        for n, entry in enumerate(plan.entries):
-            parts.append(log.render(entry))
-            if n % 64 == 63 and time.perf_counter() - checkpoint > _YIELD_EVERY_S:
-                # Entries carry their version, so the page stays consistent across the pause;
-                # changes made meanwhile are caught by the validity check on the next hit.
-                await asyncio.sleep(0)
-                checkpoint = time.perf_counter()
-        return self._store(log, plan, parts)
+        return self._store(log, plan, await _render(log, plan.entries))
+
+    async def edited_page(
+        self,
+        log: FeedLog,
+        start: int,
+        recent: bool,
+        active: ActiveFilter,
+        now_ticks: int,
+        edit: Callable[[list[Entry]], list[Entry]],
+    ) -> bytes:
+        """The body of the page at `start` with its entries changed by `edit`; never cached."""
+        plan = self._plan(log, start, recent, active, now_ticks)
+        parts = await _render(log, edit(plan.entries))
+        has_more = len(plan.entries) == self.page_size and plan.end < plan.limit
+        return self._body(log, plan.end, has_more, parts)
 
     def page_now(
         self, log: FeedLog, start: int, recent: bool, active: ActiveFilter, now_ticks: int
@@ -119,8 +126,14 @@ class Pager:
 
     def _store(self, log: FeedLog, plan: _Plan, parts: list[bytes]) -> Page:
         has_more = len(parts) == self.page_size and plan.end < plan.limit
-        token = self.codec.encode(log.tenant, log.feed_no, plan.end).encode()
-        body = b"".join(
+        body = self._body(log, plan.end, has_more, parts)
+        page = Page(body, plan.start, plan.end, len(parts), has_more, plan.limit, plan.stale_mark)
+        self.cache.put(plan.key, page, len(body) + 200)
+        return page
+
+    def _body(self, log: FeedLog, end: int, has_more: bool, parts: list[bytes]) -> bytes:
+        token = self.codec.encode(log.tenant, log.feed_no, end).encode()
+        return b"".join(
             (
                 b'{"hasMore":',
                 b"true" if has_more else b"false",
@@ -131,9 +144,6 @@ class Pager:
                 b"]}",
             )
         )
-        page = Page(body, plan.start, plan.end, len(parts), has_more, plan.limit, plan.stale_mark)
-        self.cache.put(plan.key, page, len(body) + 200)
-        return page
 
     def prerender(self, log: FeedLog, active: ActiveFilter, overlap: int, now_ticks: int) -> int:
         """Render the first pass over `log` in both modes; the number of pages rendered."""
@@ -147,6 +157,19 @@ class Pager:
                     break
                 start = log.overlap_start(page.end, overlap, active) if recent else page.end
         return pages
+
+
+async def _render(log: FeedLog, entries: list[Entry]) -> list[bytes]:
+    parts: list[bytes] = []
+    checkpoint = time.perf_counter()
+    for n, entry in enumerate(entries):
+        parts.append(log.render(entry))
+        if n % 64 == 63 and time.perf_counter() - checkpoint > _YIELD_EVERY_S:
+            # Entries carry their version, so the page stays consistent across the pause;
+            # changes made meanwhile are caught by the validity check on the next hit.
+            await asyncio.sleep(0)
+            checkpoint = time.perf_counter()
+    return parts
 
 
 def _still_valid(log: FeedLog, page: Page, limit: int) -> bool:

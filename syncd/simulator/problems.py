@@ -58,3 +58,16 @@ def json_response(value: object, status: int = 200) -> web.Response:
     return web.Response(
         status=status, body=msgspec.json.encode(value), headers={"Content-Type": JSON_TYPE}
     )
+
+
+def rate_limited(seconds: int, style: str) -> web.Response:
+    """A 429 in `style`: "problem" (ProblemDetails and Retry-After), "apim" (Azure API
+    Management's body, no header) or "apim-retry-after" (that body and the header)."""
+    message = f"Rate limit is exceeded. Try again in {seconds} seconds."
+    if style == "problem":
+        return problem(429, message, headers={"Retry-After": str(seconds)})
+    headers = {"Content-Type": JSON_TYPE}
+    if style == "apim-retry-after":
+        headers["Retry-After"] = str(seconds)
+    body = msgspec.json.encode({"statusCode": 429, "message": message})
+    return web.Response(status=429, body=body, headers=headers)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections import Counter
@@ -20,6 +21,7 @@ from syncd.simulator.faults import FaultOverrides, FaultSettings
 from syncd.simulator.limits import SlidingWindow, TokenBucket
 from syncd.simulator.options import SimOptions
 from syncd.simulator.pages import Page, Pager
+from syncd.simulator.quirks import Quirks
 
 _RECORD_CACHE_BYTES = 256 * 1024 * 1024
 _SCOPE = (
@@ -53,6 +55,8 @@ class TenantStats:
     errors: int = 0
     token_grants: int = 0
     token_rejected: int = 0
+    hung: int = 0  # requests (export or token) left unanswered by the hang quirks
+    no_progress: int = 0  # no-progress pages sent
     in_flight: int = 0
     max_in_flight: int = 0
     feeds: Counter[str] = field(default_factory=Counter)
@@ -61,6 +65,7 @@ class TenantStats:
         """Zero the counters in place (requests in flight keep their reference to this)."""
         self.requests = self.rate_limited = self.errors = 0
         self.token_grants = self.token_rejected = 0
+        self.hung = self.no_progress = 0
         self.max_in_flight = self.in_flight
         self.feeds.clear()
 
@@ -72,6 +77,8 @@ class TenantStats:
             "errors": self.errors,
             "token_grants": self.token_grants,
             "token_rejected": self.token_rejected,
+            "hung": self.hung,
+            "no_progress": self.no_progress,
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
             "feeds": dict(self.feeds),
@@ -116,6 +123,9 @@ class SimState:
         self.mutation_rng = Random(f"mutations:{options.seed}")
         self.stats: dict[int, TenantStats] = {t: TenantStats() for t in self.tenants}
         self.internal_errors = 0  # unexpected exceptions in handlers (a simulator bug)
+        self._quirks: dict[int, Quirks] = {t: options.quirks_for(t) for t in self.tenants}
+        self._quirk_rngs = {t: Random(f"quirks:{options.seed}:{t}") for t in self.tenants}
+        self.stopping = asyncio.Event()  # set when the server shuts down: hung requests end
 
     # -- feeds ------------------------------------------------------------------------------
 
@@ -240,6 +250,27 @@ class SimState:
         self.overrides[tenant] = overrides
         self._settings.pop(tenant, None)
 
+    # -- quirks -----------------------------------------------------------------------------
+
+    def quirks(self, tenant: int) -> Quirks:
+        """The quirks in force for `tenant` (the defaults for a tenant not served)."""
+        return self._quirks.get(tenant) or self.options.quirks
+
+    def quirk_rng(self, tenant: int) -> Random:
+        """The random stream of `tenant`'s quirks (a throwaway one for a tenant not served)."""
+        return self._quirk_rngs.get(tenant) or Random(0)
+
+    def set_quirks(self, tenant: int, changes: dict[str, Any]) -> Quirks:
+        """Apply `changes` on top of the quirks `tenant` started with (empty: back to those).
+
+        Raises ValueError for an unknown tenant or a bad change.
+        """
+        if tenant not in self._quirks:
+            raise ValueError(f"tenant {tenant} is not served")
+        quirks = self.options.quirks_for(tenant).apply(changes)
+        self._quirks[tenant] = quirks
+        return quirks
+
     # -- stats ------------------------------------------------------------------------------
 
     def tenant_stats(self, tenant: int) -> TenantStats:
@@ -256,7 +287,15 @@ class SimState:
         tenants = {str(t): s.to_json() for t, s in self.stats.items()}
         totals = {
             key: sum(s[key] for s in tenants.values())
-            for key in ("requests", "rate_limited", "errors", "token_grants", "token_rejected")
+            for key in (
+                "requests",
+                "rate_limited",
+                "errors",
+                "token_grants",
+                "token_rejected",
+                "hung",
+                "no_progress",
+            )
         }
         return {
             "tenants": tenants,

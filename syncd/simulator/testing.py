@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import selectors
 import subprocess
@@ -13,9 +14,11 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
+from urllib.request import Request, urlopen
 
 from syncd.simulator.app import start_server
 from syncd.simulator.options import DEFAULT_APP_KEY, SimOptions
+from syncd.simulator.quirks import Quirks
 from syncd.simulator.state import SimState
 
 _LISTENING = "simulator listening on "
@@ -53,13 +56,44 @@ class RunningSimulator:
         """URL of a `/_sim/tenants/<T>/feeds/<feed>/<action>` endpoint."""
         return f"{self.url}/_sim/tenants/{tenant}/feeds/{feed}/{action}"
 
+    def set_quirks(self, tenant: int, **changes: Any) -> Quirks:
+        """Turn quirks of one tenant on or off now, e.g. `set_quirks(1002, hang=1.0)`.
+
+        Changes apply on top of what the tenant started with; no arguments restore that.
+        Same as `POST /_sim/tenants/<T>/quirks`.
+        """
+        return self.state.set_quirks(tenant, changes)
+
+    def quirks(self, tenant: int) -> Quirks:
+        """The quirks in force for `tenant`."""
+        return self.state.quirks(tenant)
+
 
 def make_options(base: SimOptions | None = None, **changes: Any) -> SimOptions:
-    """SimOptions from keyword arguments named like the CLI flags (lists become tuples)."""
+    """SimOptions from keyword arguments named like the CLI flags (lists become tuples).
+
+    `quirks` may be a dict of quirk settings for every tenant, `tenant_quirks` a dict
+    {tenant: {quirk: value}} applied on top of those for some tenants.
+    """
     for name in ("tenants", "feeds"):
         if isinstance(changes.get(name), list):
             changes[name] = tuple(changes[name])
-    return (base or SimOptions()).replace(**changes).validate()
+    start = base or SimOptions()
+    quirks = changes.get("quirks", start.quirks)
+    if isinstance(quirks, dict):
+        quirks = changes["quirks"] = start.quirks.apply(quirks)
+    per_tenant = changes.get("tenant_quirks")
+    if isinstance(per_tenant, dict):
+        resolved: list[tuple[int, Quirks]] = []
+        for tenant, wanted in per_tenant.items():
+            try:
+                made = wanted if isinstance(wanted, Quirks) else quirks.apply(wanted)
+            except ValueError as exc:
+                where = f"simulator option tenant_quirks, tenant {tenant}"
+                raise ValueError(f"{where}: {exc}") from None
+            resolved.append((int(tenant), made))
+        changes["tenant_quirks"] = tuple(resolved)
+    return start.replace(**changes).validate()
 
 
 @asynccontextmanager
@@ -70,7 +104,8 @@ async def run_simulator(
 
     Keyword arguments are SimOptions fields (records=, page_size=, tenants=[...], seed=,
     rate_limit=, token_ttl=, recent_delay=, overlap=, feeds=[...], mutation_rate=, fault_5xx=,
-    fault_latency=, fault_truncate=, fault_invalid_json=, fault_drop=, fault_token=, ...).
+    fault_latency=, fault_truncate=, fault_invalid_json=, fault_drop=, fault_token=, ...), and
+    quirks={...} for every tenant, tenant_quirks={tenant: {...}} for some (see `make_options`).
     """
     changes.setdefault("host", "127.0.0.1")
     changes["port"] = 0
@@ -108,6 +143,15 @@ class SimulatorProcess:
         if "--app-key" in self.args:
             return self.args[self.args.index("--app-key") + 1]
         return DEFAULT_APP_KEY
+
+    def set_quirks(self, tenant: int, **changes: Any) -> dict[str, Any]:
+        """`POST /_sim/tenants/<T>/quirks` with `changes`; the quirks now in force, as JSON."""
+        url = f"{self.url}/_sim/tenants/{tenant}/quirks"
+        request = Request(url, data=json.dumps(changes).encode(), method="POST")
+        request.add_header("Content-Type", "application/json")
+        with urlopen(request, timeout=30) as response:
+            quirks: dict[str, Any] = json.loads(response.read())["quirks"]
+        return quirks
 
     def start(self) -> SimulatorProcess:
         """Start the process and wait until it listens; RuntimeError if it does not."""
