@@ -477,3 +477,20 @@ async def test_injected_429s_take_the_tenants_style(session: aiohttp.ClientSessi
             "message": "Rate limit is exceeded. Try again in 3 seconds.",
         }
         assert "Retry-After" not in resp.headers
+
+
+# -- defaults -------------------------------------------------------------------------------
+
+
+async def test_changes_wait_fifteen_minutes_by_default(session: aiohttp.ClientSession) -> None:
+    async with run_simulator(records=20, page_size=50) as sim:
+        assert sim.options.recent_delay == 900.0
+        mine, _ = await clients(session, sim)
+        _, cursor = await drain(mine, TENANT, CUSTOMERS)
+        sim.state.mutate(TENANT, CUSTOMERS, "update", 2)
+        hidden = await raw_page(mine, TENANT, CUSTOMERS, **{"from": cursor})
+        assert (hidden["data"], hidden["continueFrom"]) == ([], cursor)
+        recent = await raw_page(
+            mine, TENANT, CUSTOMERS, **{"from": cursor, "includeRecentChanges": "true"}
+        )
+        assert len(recent["data"]) >= 2

@@ -26,7 +26,7 @@ class SimOptions:
     rate_limit: float = 60.0
     token_ttl: float = 900.0
     app_key: str = DEFAULT_APP_KEY
-    recent_delay: float = 60.0
+    recent_delay: float = 900.0  # ServiceTitan: changes show after about 15 minutes
     overlap: int | None = None  # None: derived from page_size, see `effective_overlap`
     mutation_rate: float = 0.0
     feeds: tuple[str, ...] | None = None  # None: every catalogue feed
