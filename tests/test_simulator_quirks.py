@@ -161,7 +161,11 @@ async def test_quirks_control_endpoint(session: aiohttp.ClientSession) -> None:
         ({"stale_repeats": float("inf")}, "stale_repeats=inf"),
         ({"duplicate_keys": -0.5}, "duplicate_keys=-0.5"),
         ({"no_progress": True}, "no_progress"),
-        ({"rate_limit_body": "html"}, "rate_limit_body"),
+        ({"rate_limit_body": "xml"}, "rate_limit_body"),
+        ({"error_body": "json"}, "error_body"),
+        ({"gzip": 1.0}, "gzip"),
+        ({"keyless": 1.01}, "keyless=1.01"),
+        ({"naive_timestamps": float("nan")}, "naive_timestamps=nan"),
         ({"nonsense": 1}, "nonsense"),
     ],
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import logging
 import math
 import time
@@ -17,7 +18,14 @@ from syncd.simulator import control
 from syncd.simulator.data import ActiveFilter, Entry, FeedLog
 from syncd.simulator.faults import BodyFault, body_fault, damage, error_status, latency_s
 from syncd.simulator.limits import retry_after_seconds
-from syncd.simulator.problems import JSON_TYPE, json_response, problem, rate_limited
+from syncd.simulator.pages import Page
+from syncd.simulator.problems import (
+    JSON_TYPE,
+    error_response,
+    json_response,
+    problem,
+    rate_limited,
+)
 from syncd.simulator.quirks import Quirks, edit_entries
 from syncd.simulator.state import STATE_KEY, SimState, TenantStats, now_ticks
 
@@ -98,7 +106,7 @@ async def _token(request: web.Request) -> web.Response:
     status = error_status(state.fault_rng, settings, settings.token_error_rate)
     if status is not None:
         stats.errors += 1
-        return problem(status)
+        return error_response(status, quirks.error_body)
     window = state.grant_window(client_id)
     wait = window.wait(now)
     if wait > 0:
@@ -136,9 +144,12 @@ def _export_handler(feed_name: str) -> Handler:
         stats.in_flight += 1
         stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
         try:
-            return await _export(request, state, stats, tenant, feed_name)
+            response = await _export(request, state, stats, tenant, feed_name)
         finally:
             stats.in_flight -= 1
+        if state.quirks(tenant).gzip and _accepts_gzip(request):
+            _compress(response)
+        return response
 
     return export
 
@@ -177,7 +188,7 @@ async def _export(
         stats.errors += 1
         if status == 429 and quirks.rate_limit_body != "problem":
             return rate_limited(_INJECTED_429_WAIT_S, quirks.rate_limit_body)
-        return problem(status)
+        return error_response(status, quirks.error_body)
 
     log = state.log(tenant, feed_name)
     wanted = _read_query(request.query, state, log, tenant, quirks)
@@ -187,18 +198,19 @@ async def _export(
         stats.no_progress += 1
         return json_response(_no_progress(state, log, wanted, quirks))
     ticks = now_ticks()
+    style = quirks.record_style
     if quirks.edits_pages:
         tail_end = wanted.cursor if wanted.recent else 0
 
         def edit(entries: list[Entry]) -> list[Entry]:
             return edit_entries(log, entries, quirks, quirk_rng, tail_end)
 
-        body = await state.pager.edited_page(
-            log, wanted.start, wanted.recent, wanted.active, ticks, edit
+        page = await state.pager.edited_page(
+            log, wanted.start, wanted.recent, wanted.active, ticks, edit, style
         )
-        return await _send(request, state, stats, tenant, body)
-    page = await state.pager.page(log, wanted.start, wanted.recent, wanted.active, ticks)
-    return await _send(request, state, stats, tenant, page.body)
+    else:
+        page = await state.pager.page(log, wanted.start, wanted.recent, wanted.active, ticks, style)
+    return await _send(request, state, stats, log, page)
 
 
 def _no_progress(state: SimState, log: FeedLog, wanted: _Query, quirks: Quirks) -> dict[str, Any]:
@@ -267,11 +279,15 @@ def _read_query(
 
 
 async def _send(
-    request: web.Request, state: SimState, stats: TenantStats, tenant: int, body: bytes
+    request: web.Request, state: SimState, stats: TenantStats, log: FeedLog, page: Page
 ) -> web.StreamResponse:
-    fault = body_fault(state.fault_rng, state.settings(tenant))
+    body = page.body
+    fault = body_fault(state.fault_rng, state.settings(log.tenant))
     headers = {"Content-Type": JSON_TYPE}
     if fault is BodyFault.NONE:
+        if page.keyless:
+            log.count_served(page.keyless)
+            stats.keyless_served += len(page.keyless)
         return web.Response(body=body, headers=headers)
     stats.errors += 1
     sent = damage(state.fault_rng, body, fault)
@@ -285,6 +301,27 @@ async def _send(
     if request.transport is not None:
         request.transport.close()
     return response
+
+
+def _accepts_gzip(request: web.Request) -> bool:
+    for part in request.headers.get("Accept-Encoding", "").split(","):
+        coding, _, params = part.partition(";")
+        if coding.strip().lower() in ("gzip", "*"):
+            quality = params.strip().lower().removeprefix("q=").strip()
+            return quality not in ("0", "0.0", "0.00", "0.000")
+    return False
+
+
+def _compress(response: web.StreamResponse) -> None:
+    """gzip a response that is still to be sent in one piece (others are left as they are)."""
+    if type(response) is not web.Response or response.prepared:
+        return
+    body = response.body
+    if not isinstance(body, bytes) or not body:
+        return
+    response.body = gzip.compress(body, compresslevel=5, mtime=0)
+    response.headers["Content-Encoding"] = "gzip"
+    response.headers["Vary"] = "Accept-Encoding"
 
 
 def parse_date(text: str) -> int | None:

@@ -81,6 +81,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 _QUIRK_FLAGS: tuple[tuple[str, str, str | tuple[str, ...], str], ...] = (
     ("stale_repeats", "--stale-repeats", "P", "share of a repeated tail sent in older versions"),
     ("duplicate_keys", "--duplicate-keys", "P", "share of changed records sent twice in a page"),
+    ("out_of_order", "--out-of-order", "P", "share of pages with their records shuffled"),
+    (
+        "shared_timestamps",
+        "--shared-timestamps",
+        "P",
+        "share of a change batch's records stamped like the one before",
+    ),
+    ("required_nulls", "--required-nulls", "P", "share of records with required fields null"),
+    ("enum_integers", "--enum-integers", "P", "share of records with string enums as integers"),
+    (
+        "numeric_modified_on",
+        "--numeric-modified-on",
+        "P",
+        "share of records with modifiedOn as Unix milliseconds",
+    ),
+    (
+        "naive_timestamps",
+        "--naive-timestamps",
+        "P",
+        "share of records with date-times without a zone",
+    ),
+    ("keyless", "--keyless", "P", "share of created records without a usable key"),
+    ("deletions", "--deletions", "P", "share of --mutation-rate changes that delete a record"),
     ("no_progress", "--no-progress", "P", "share of pages with hasMore, no data, no way on"),
     (
         "no_progress_cursor",
@@ -93,8 +116,15 @@ _QUIRK_FLAGS: tuple[tuple[str, str, str | tuple[str, ...], str], ...] = (
     (
         "rate_limit_body",
         "--rate-limit-body",
-        ("problem", "apim", "apim-retry-after"),
-        "429 style: ProblemDetails+Retry-After, or API Management's body (default problem)",
+        ("problem", "apim", "apim-retry-after", "text", "html"),
+        "429 style: ProblemDetails+Retry-After, API Management's body, text/plain or an HTML "
+        "page (default problem)",
+    ),
+    (
+        "error_body",
+        "--error-body",
+        ("problem", "text", "html"),
+        "body of injected 5xx: ProblemDetails, text/plain or a gateway's HTML (default problem)",
     ),
 )
 
@@ -109,6 +139,12 @@ def _add_quirk_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         default=None,
         help="with includeRecentChanges, do not repeat the previous page's tail",
+    )
+    group.add_argument(
+        "--gzip",
+        action="store_true",
+        default=None,
+        help="gzip export responses for clients that accept it",
     )
     for field, flag, kind, text in _QUIRK_FLAGS:
         if isinstance(kind, tuple):
@@ -127,7 +163,7 @@ def _add_quirk_arguments(parser: argparse.ArgumentParser) -> None:
 
 def quirks_from_args(args: argparse.Namespace) -> tuple[Quirks, tuple[tuple[int, Quirks], ...]]:
     """The quirks for every tenant and the per-tenant ones; ValueError naming a bad flag."""
-    fields = ("repeat_tail", *(field for field, *_ in _QUIRK_FLAGS))
+    fields = ("repeat_tail", "gzip", *(field for field, *_ in _QUIRK_FLAGS))
     given = {f: getattr(args, f) for f in fields if getattr(args, f, None) is not None}
     quirks = Quirks().apply(given)
     per_tenant: dict[int, Quirks] = {}

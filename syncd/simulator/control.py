@@ -13,7 +13,7 @@ from syncd.simulator.faults import FaultOverrides
 from syncd.simulator.problems import JSON_TYPE, json_response, problem
 from syncd.simulator.state import STATE_KEY, SimState, UnknownFeed
 
-_KINDS = ("update", "deactivate", "create")
+_KINDS = ("update", "deactivate", "create", "delete")
 _MAX_MUTATIONS = 100_000
 
 
@@ -21,6 +21,7 @@ def add_routes(app: web.Application) -> None:
     """Register the control endpoints."""
     feed = "/_sim/tenants/{tenant:\\d+}/feeds/{feed:.+}"
     app.router.add_get(f"{feed}/records", _records)
+    app.router.add_get(f"{feed}/truth", _truth)
     app.router.add_post(f"{feed}/mutate", _mutate)
     app.router.add_post("/_sim/tenants/{tenant:\\d+}/faults", _faults)
     app.router.add_post("/_sim/tenants/{tenant:\\d+}/quirks", _set_quirks)
@@ -42,10 +43,18 @@ def _target(request: web.Request) -> tuple[SimState, int, str]:
 async def _records(request: web.Request) -> web.Response:
     state, tenant, feed = _target(request)
     try:
-        body = state.log(tenant, feed).ground_truth()
+        body = state.log(tenant, feed).ground_truth(state.quirks(tenant).record_style)
     except UnknownFeed:
         return problem(404, f"No feed {feed!r} for tenant {tenant}.")
     return web.Response(body=body, headers={"Content-Type": JSON_TYPE})
+
+
+async def _truth(request: web.Request) -> web.Response:
+    state, tenant, feed = _target(request)
+    try:
+        return json_response(state.truth(tenant, feed))
+    except UnknownFeed:
+        return problem(404, f"No feed {feed!r} for tenant {tenant}.")
 
 
 async def _mutate(request: web.Request) -> web.Response:
@@ -57,10 +66,12 @@ async def _mutate(request: web.Request) -> web.Response:
     if kind not in _KINDS:
         return problem(400, errors={"kind": [f"kind must be one of {', '.join(_KINDS)}"]})
     try:
-        keys = state.mutate(tenant, feed, cast(MutationKind, kind), int(raw_count))
+        log = state.log(tenant, feed)
     except UnknownFeed:
         return problem(404, f"No feed {feed!r} for tenant {tenant}.")
-    return json_response({"keys": keys})
+    before = log.keyless_created
+    keys = state.mutate(tenant, feed, cast(MutationKind, kind), int(raw_count))
+    return json_response({"keys": keys, "keyless": log.keyless_created - before})
 
 
 async def _faults(request: web.Request) -> web.Response:

@@ -3,7 +3,9 @@
 Nothing here holds record JSON for long. A record is (index, version, inactive flag); its bytes
 are rendered on demand from (seed, tenant, feed, index, version) plus its log timestamps. The
 change log is two int64 arrays: position -> record index, and record index -> its current
-position. A position whose record has moved on is stale and is skipped when paging.
+position. A position whose record has moved on (or been deleted) is stale and is skipped when
+paging. Deleted records keep their index with position -1; keyless records (created without a
+usable key) are paged like any other but are no part of the ground truth.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import msgspec
 
 from syncd.catalogue import Feed
 from syncd.simulator.cache import SizedCache
+from syncd.simulator.offschema import FeedShape, RecordStyle, restyle
 from syncd.simulator.schemagen import TICKS_PER_SECOND, Gen, compile_schema, format_ticks
 
 # Initial records were last modified between these instants (2020-01-01 and 2024-01-01, UTC),
@@ -28,8 +31,10 @@ _SPAN_TICKS = (1704067200 - 1577836800) * TICKS_PER_SECOND
 _DAY_TICKS = 86_400 * TICKS_PER_SECOND
 _INACTIVE_EVERY = 20  # about one initial record in 20 is inactive (merged, archived)
 _MAX_HISTORY = 6  # events kept in a jpm.job-history record
+_DELETED = -1  # the position of a deleted record
+_KEY_NULL, _KEY_MISSING = 1, 2  # how a keyless record lacks its key
 
-MutationKind = Literal["update", "deactivate", "create"]
+MutationKind = Literal["update", "deactivate", "create", "delete"]
 ActiveFilter = Literal["True", "False", "Any"]
 
 # The spec has no record schema for these two feeds; records get the fields every feed shares.
@@ -67,6 +72,15 @@ class Entry:
     inactive: bool
 
 
+@dataclass(frozen=True, slots=True)
+class ChangeQuirks:
+    """How a tenant's quirks shape the changes made to its feeds."""
+
+    keyless: float  # share of created records without a usable key
+    shared_timestamps: float  # share of a batch's changes stamped like the change before
+    rng: Random  # the draws for both (apart from the choice of records to change)
+
+
 class FeedLog:
     """Records and change log of one (tenant, feed)."""
 
@@ -97,6 +111,8 @@ class FeedLog:
         self._id_base = 10_000_000 + (_mix("ids", feed.name) % 900) * 1_000_000
         self._cache = cache
         self._cache_id = (tenant, feed_no)
+        self._style_salt = _mix("style", seed, tenant, feed.name)
+        self.shape = FeedShape.of(self.schema, feed.key_fields, self._ts_field)
 
         self.initial = records
         self._step = max(2, _SPAN_TICKS // max(records, 1))
@@ -112,11 +128,20 @@ class FeedLog:
         self._late_created = array("q")  # createdOn of records >= initial
         self.stale = array("q")  # positions made stale, in the order it happened
         self._previous: dict[int, Entry] = {}  # record index -> its version before the last change
+        self.keyless = bytearray(records)  # record index -> 0, or how it lacks its key
+        self.keyless_created = 0
+        self.keyless_served = 0  # keyless records sent in well-formed pages, repeats included
+        self.keyless_seen: set[int] = set()  # the keyless records ever sent
+        self.deleted: list[int] = []  # indexes of deleted records, in the order of deletion
 
     # -- time -------------------------------------------------------------------------------
 
     def ticks_at(self, position: int) -> int:
-        """Timestamp (100 ns ticks) of the change at `position`; increases with position."""
+        """Timestamp (100 ns ticks) of the change at `position`; never decreases with position.
+
+        Changes of one batch may share a timestamp (the `shared_timestamps` quirk); otherwise
+        each change is at least one tick after the one before.
+        """
         if position < self.initial:
             jitter = (position * 2654435761 + self._jitter_salt) % (self._step // 2)
             return _BASE_TICKS + position * self._step + jitter
@@ -194,12 +219,18 @@ class FeedLog:
         """The record key as syncd writes it (`a:b` for composite keys)."""
         return ":".join(str(v) for v in self.key_values(index))
 
-    def render(self, entry: Entry) -> bytes:
-        """JSON bytes of one record version; cached, and identical every time."""
-        cache_key = (self._cache_id, entry.index, entry.version)
+    def render(self, entry: Entry, style: RecordStyle | None = None) -> bytes:
+        """JSON bytes of one record version in `style`; cached, and identical every time."""
+        cache_key: tuple[object, ...] = (self._cache_id, entry.index, entry.version)
+        if style is not None:
+            cache_key = (*cache_key, style)
         body = self._cache.get(cache_key)
         if body is None:
-            body = msgspec.json.encode(self._build(entry))
+            record = self._build(entry)
+            if style is not None:
+                seed = self._style_salt ^ ((entry.index << 24) + entry.version)
+                restyle(record, style, self.shape, seed, self.ticks_at(entry.position))
+            body = msgspec.json.encode(record)
             self._cache.put(cache_key, body, len(body))
         return body
 
@@ -209,6 +240,13 @@ class FeedLog:
         record: dict[str, Any] = self._gen(rng)
         for field, value in zip(self.feed.key_fields, self.key_values(entry.index), strict=True):
             record[field] = value
+        lacks_key = self.keyless[entry.index]
+        if lacks_key:
+            last = self.feed.key_fields[-1]
+            if lacks_key == _KEY_NULL:
+                record[last] = None
+            else:
+                del record[last]
         if self._has_created:
             record["createdOn"] = format_ticks(self.created_ticks(entry.index))
         if self._ts_field is not None:
@@ -250,45 +288,99 @@ class FeedLog:
         """The version of record `index` before its last change; None if it never changed."""
         return self._previous.get(index)
 
-    def ground_truth(self) -> bytes:
-        """A JSON array of the current version of every record, by record index."""
-        parts = [self.render(self.live_entry(i)) for i in range(len(self.current))]
-        return b"[" + b",".join(parts) + b"]"
+    def usable(self, index: int) -> bool:
+        """Whether record `index` belongs to the ground truth: neither deleted nor keyless."""
+        return self.current[index] != _DELETED and not self.keyless[index]
+
+    def ground_truth(self, style: RecordStyle | None = None) -> bytes:
+        """A JSON array of the current version of every usable record, by record index."""
+        live = (self.live_entry(i) for i in range(len(self.current)) if self.usable(i))
+        return b"[" + b",".join(self.render(entry, style) for entry in live) + b"]"
+
+    def deleted_keys(self) -> list[str]:
+        """Keys of the deleted records, in the order of deletion."""
+        return [self.key(i) for i in self.deleted]
+
+    def keyless_records(self, style: RecordStyle | None = None) -> list[bytes]:
+        """Every keyless record as served, oldest first."""
+        created = range(self.initial, len(self.current))
+        return [self.render(self.live_entry(i), style) for i in created if self.keyless[i]]
+
+    def count_served(self, keyless: tuple[int, ...]) -> None:
+        """Note that a page holding the keyless records `keyless` was sent."""
+        self.keyless_served += len(keyless)
+        self.keyless_seen.update(keyless)
 
     # -- changes ----------------------------------------------------------------------------
 
-    def _append(self, index: int, now_ticks: int) -> int:
+    def _append(self, index: int, now_ticks: int, same: bool) -> int:
+        """Log a change of `index`; `same`: at the timestamp of the change before it."""
         last = self.ticks_at(len(self.log) - 1) if self.log else 0
-        self._late_ticks.append(max(now_ticks, last + 1))
+        self._late_ticks.append(last if same else max(now_ticks, last + 1))
         position = len(self.log)
         self.log.append(index)
         return position
 
-    def mutate(self, kind: MutationKind, count: int, rng: Random, now_ticks: int) -> list[str]:
-        """Apply `count` changes of `kind` now; the keys of the records changed or created."""
+    def mutate(
+        self,
+        kind: MutationKind,
+        count: int,
+        rng: Random,
+        now_ticks: int,
+        quirks: ChangeQuirks | None = None,
+    ) -> list[str]:
+        """Apply `count` changes of `kind` now; the keys of the records changed, created or
+        deleted (a keyless record created has none)."""
         if kind == "deactivate" and not self.has_active:
             kind = "update"
-        total = len(self.current)
-        if kind == "create" or total == 0:
+        if kind == "create" or (not self.current and kind != "delete"):
             keys = []
-            for _ in range(count):
+            for n in range(count):
                 index = len(self.current)
                 self.versions.append(0)
                 self.inactive.append(0)
+                self.keyless.append(self._keyless_form(quirks))
                 self._late_created.append(now_ticks)
-                self.current.append(self._append(index, now_ticks))
-                keys.append(self.key(index))
+                self.current.append(self._append(index, now_ticks, n > 0 and _shares(quirks)))
+                if not self.keyless[index]:
+                    keys.append(self.key(index))
             return keys
-        if kind == "deactivate":
-            candidates = rng.sample(range(total), min(total, 4 * count + 8))
-            chosen = [i for i in candidates if not self.inactive[i]][:count]
-        else:
-            chosen = rng.sample(range(total), min(total, count))
-        for index in chosen:
-            self._previous[index] = self.live_entry(index)
+        chosen = self._choose(kind, count, rng)
+        for n, index in enumerate(chosen):
             self.stale.append(self.current[index])
+            if kind == "delete":
+                self.current[index] = _DELETED
+                self._previous.pop(index, None)
+                self.deleted.append(index)
+                continue
+            self._previous[index] = self.live_entry(index)
             self.versions[index] += 1
             if kind == "deactivate":
                 self.inactive[index] = 1
-            self.current[index] = self._append(index, now_ticks)
+            self.current[index] = self._append(index, now_ticks, n > 0 and _shares(quirks))
         return [self.key(i) for i in chosen]
+
+    def _choose(self, kind: MutationKind, count: int, rng: Random) -> list[int]:
+        """`count` distinct usable records to change (fewer if there are not enough)."""
+        total = len(self.current)
+        if kind == "deactivate":
+            candidates = rng.sample(range(total), min(total, 4 * count + 8))
+            return [i for i in candidates if not self.inactive[i] and self.usable(i)][:count]
+        if not self.deleted and not self.keyless_created:
+            return rng.sample(range(total), min(total, count))
+        eligible = [i for i in range(total) if self.usable(i)]
+        return rng.sample(eligible, min(len(eligible), count))
+
+    def _keyless_form(self, quirks: ChangeQuirks | None) -> int:
+        """0 for a record with its key; else how it lacks it (null and missing alternate)."""
+        if quirks is None or quirks.keyless <= 0 or quirks.rng.random() >= quirks.keyless:
+            return 0
+        self.keyless_created += 1
+        return _KEY_NULL if self.keyless_created % 2 else _KEY_MISSING
+
+
+def _shares(quirks: ChangeQuirks | None) -> bool:
+    """Whether a change after the first of its batch takes the timestamp of the one before."""
+    if quirks is None or quirks.shared_timestamps <= 0:
+        return False
+    return quirks.rng.random() < quirks.shared_timestamps

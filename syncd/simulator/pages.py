@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from syncd.simulator.cache import SizedCache
 from syncd.simulator.cursor import CursorCodec
 from syncd.simulator.data import ActiveFilter, Entry, FeedLog
+from syncd.simulator.offschema import RecordStyle
 
 _YIELD_EVERY_S = 0.005  # rendering a big page hands the loop back this often
 
@@ -30,9 +31,10 @@ class Page:
     has_more: bool
     limit: int  # end of the visible log when rendered
     stale_mark: int  # how much of the log's stale list this page has been checked against
+    keyless: tuple[int, ...] = ()  # indexes of the keyless records it holds
 
 
-PageKey = tuple[int, int, int, bool, str]
+PageKey = tuple[int, int, int, bool, str, RecordStyle | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,10 +71,16 @@ class Pager:
         return log.visible_end(now_ticks, self.delay_ticks)
 
     def cached(
-        self, log: FeedLog, start: int, recent: bool, active: ActiveFilter, now_ticks: int
+        self,
+        log: FeedLog,
+        start: int,
+        recent: bool,
+        active: ActiveFilter,
+        now_ticks: int,
+        style: RecordStyle | None = None,
     ) -> Page | None:
         """The stored page for this request if it is still exactly what would be rendered."""
-        key: PageKey = (log.tenant, log.feed_no, start, recent, active)
+        key: PageKey = (log.tenant, log.feed_no, start, recent, active, style)
         page = self.cache.get(key)
         if page is None:
             return None
@@ -82,14 +90,20 @@ class Pager:
         return None
 
     async def page(
-        self, log: FeedLog, start: int, recent: bool, active: ActiveFilter, now_ticks: int
+        self,
+        log: FeedLog,
+        start: int,
+        recent: bool,
+        active: ActiveFilter,
+        now_ticks: int,
+        style: RecordStyle | None = None,
     ) -> Page:
         """The page starting at log position `start`, from cache or freshly rendered."""
-        page = self.cached(log, start, recent, active, now_ticks)
+        page = self.cached(log, start, recent, active, now_ticks, style)
         if page is not None:
             return page
-        plan = self._plan(log, start, recent, active, now_ticks)
-        return self._store(log, plan, await _render(log, plan.entries))
+        plan = self._plan(log, start, recent, active, now_ticks, style)
+        return self._store(log, plan, await _render(log, plan.entries, style))
 
     async def edited_page(
         self,
@@ -99,12 +113,16 @@ class Pager:
         active: ActiveFilter,
         now_ticks: int,
         edit: Callable[[list[Entry]], list[Entry]],
-    ) -> bytes:
-        """The body of the page at `start` with its entries changed by `edit`; never cached."""
-        plan = self._plan(log, start, recent, active, now_ticks)
-        parts = await _render(log, edit(plan.entries))
+        style: RecordStyle | None = None,
+    ) -> Page:
+        """The page at `start` with its entries changed by `edit`; never cached."""
+        plan = self._plan(log, start, recent, active, now_ticks, style)
+        entries = edit(plan.entries)
+        parts = await _render(log, entries, style)
         has_more = len(plan.entries) == self.page_size and plan.end < plan.limit
-        return self._body(log, plan.end, has_more, parts)
+        body = self._body(log, plan.end, has_more, parts)
+        keyless = _keyless(log, entries)
+        return Page(body, start, plan.end, len(parts), has_more, plan.limit, 0, keyless)
 
     def page_now(
         self, log: FeedLog, start: int, recent: bool, active: ActiveFilter, now_ticks: int
@@ -113,21 +131,30 @@ class Pager:
         page = self.cached(log, start, recent, active, now_ticks)
         if page is not None:
             return page
-        plan = self._plan(log, start, recent, active, now_ticks)
+        plan = self._plan(log, start, recent, active, now_ticks, None)
         return self._store(log, plan, [log.render(entry) for entry in plan.entries])
 
     def _plan(
-        self, log: FeedLog, start: int, recent: bool, active: ActiveFilter, now_ticks: int
+        self,
+        log: FeedLog,
+        start: int,
+        recent: bool,
+        active: ActiveFilter,
+        now_ticks: int,
+        style: RecordStyle | None,
     ) -> _Plan:
         limit = self.limit(log, recent, now_ticks)
         entries, end = log.scan(start, limit, self.page_size, active)
-        key: PageKey = (log.tenant, log.feed_no, start, recent, active)
+        key: PageKey = (log.tenant, log.feed_no, start, recent, active, style)
         return _Plan(key, entries, start, end, limit, len(log.stale))
 
     def _store(self, log: FeedLog, plan: _Plan, parts: list[bytes]) -> Page:
         has_more = len(parts) == self.page_size and plan.end < plan.limit
         body = self._body(log, plan.end, has_more, parts)
-        page = Page(body, plan.start, plan.end, len(parts), has_more, plan.limit, plan.stale_mark)
+        keyless = _keyless(log, plan.entries)
+        page = Page(
+            body, plan.start, plan.end, len(parts), has_more, plan.limit, plan.stale_mark, keyless
+        )
         self.cache.put(plan.key, page, len(body) + 200)
         return page
 
@@ -159,11 +186,19 @@ class Pager:
         return pages
 
 
-async def _render(log: FeedLog, entries: list[Entry]) -> list[bytes]:
+def _keyless(log: FeedLog, entries: list[Entry]) -> tuple[int, ...]:
+    if not log.keyless_created:
+        return ()
+    return tuple(e.index for e in entries if log.keyless[e.index])
+
+
+async def _render(
+    log: FeedLog, entries: list[Entry], style: RecordStyle | None = None
+) -> list[bytes]:
     parts: list[bytes] = []
     checkpoint = time.perf_counter()
     for n, entry in enumerate(entries):
-        parts.append(log.render(entry))
+        parts.append(log.render(entry, style))
         if n % 64 == 63 and time.perf_counter() - checkpoint > _YIELD_EVERY_S:
             # Entries carry their version, so the page stays consistent across the pause;
             # changes made meanwhile are caught by the validity check on the next hit.

@@ -14,12 +14,28 @@ from typing import Any, Literal
 
 import msgspec
 
-from syncd.simulator.data import Entry, FeedLog
+from syncd.simulator.data import ChangeQuirks, Entry, FeedLog
+from syncd.simulator.offschema import RecordStyle
 
 NoProgressCursor = Literal["same", "missing", "null", "empty"]
-RateLimitBody = Literal["problem", "apim", "apim-retry-after"]
+RateLimitBody = Literal["problem", "apim", "apim-retry-after", "text", "html"]
+ErrorBody = Literal["problem", "text", "html"]
 
-_RATES = ("stale_repeats", "duplicate_keys", "no_progress", "hang", "hang_token")
+_RATES = (
+    "stale_repeats",
+    "duplicate_keys",
+    "out_of_order",
+    "shared_timestamps",
+    "required_nulls",
+    "enum_integers",
+    "numeric_modified_on",
+    "naive_timestamps",
+    "keyless",
+    "deletions",
+    "no_progress",
+    "hang",
+    "hang_token",
+)
 
 
 class Quirks(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -34,6 +50,26 @@ class Quirks(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     # Share of a page's records (changed at least once) also served in their previous version,
     # at a random place in the same page: one key twice with different versions.
     duplicate_keys: float = 0.0
+    # Share of pages whose records come in a shuffled order (never the order of the log).
+    out_of_order: float = 0.0
+    # Share of the changes of one batch (a mutation of several records) after its first that
+    # take the timestamp of the change before them: several records share one modifiedOn.
+    shared_timestamps: float = 0.0
+    # Shares of record versions off the published schema, each drawn per version (so a version
+    # looks the same on every page and in the ground truth): some required fields (never the
+    # key nor the timestamp) null; documented string enums as integers (the value's index);
+    # the feed's timestamp (modifiedOn, or createdOn) as a number of Unix milliseconds; every
+    # date-time without its zone, with 0, 3, 6, 7 or 9 fractional digits.
+    required_nulls: float = 0.0
+    enum_integers: float = 0.0
+    numeric_modified_on: float = 0.0
+    naive_timestamps: float = 0.0
+    # Share of created records without a usable key (its last key field null or missing, in
+    # turn). They stay in the change log, so a drained feed's repeated tail repeats them.
+    keyless: float = 0.0
+    # Share of the background mutator's changes that delete a record: it vanishes from every
+    # later page. (`POST .../mutate?kind=delete` deletes whatever this says.)
+    deletions: float = 0.0
     # Share of export requests answered `hasMore: true`, no data, and no way forward.
     no_progress: float = 0.0
     # The continueFrom of such pages: the requested one, absent, null or "".
@@ -45,6 +81,11 @@ class Quirks(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     # Body of 429s: ProblemDetails with Retry-After, or Azure API Management's
     # {"statusCode": 429, "message": "... Try again in N seconds."} without or with Retry-After.
     rate_limit_body: RateLimitBody = "problem"
+    # Body of injected 5xx answers (export and token endpoint): ProblemDetails, a text/plain
+    # reason phrase, or a gateway's HTML page (IIS for 500, HTTP.sys for 503, nginx otherwise).
+    error_body: ErrorBody = "problem"
+    # Export responses gzip-encoded for clients that accept it (Accept-Encoding: gzip).
+    gzip: bool = False
 
     def check(self) -> str | None:
         """A message naming the first bad field, or None."""
@@ -74,7 +115,27 @@ class Quirks(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     @property
     def edits_pages(self) -> bool:
         """Whether pages must be built per request instead of served from the page cache."""
-        return self.stale_repeats > 0 or self.duplicate_keys > 0
+        return self.stale_repeats > 0 or self.duplicate_keys > 0 or self.out_of_order > 0
+
+    @property
+    def record_style(self) -> RecordStyle | None:
+        """How record versions deviate from their schema; None when they do not."""
+        style = RecordStyle(
+            required_nulls=self.required_nulls,
+            enum_integers=self.enum_integers,
+            numeric_modified_on=self.numeric_modified_on,
+            naive_timestamps=self.naive_timestamps,
+        )
+        return None if style == _PLAIN else style
+
+    def change_quirks(self, rng: Random) -> ChangeQuirks | None:
+        """What these quirks do to changes made now, drawing from `rng`; None for nothing."""
+        if self.keyless <= 0 and self.shared_timestamps <= 0:
+            return None
+        return ChangeQuirks(self.keyless, self.shared_timestamps, rng)
+
+
+_PLAIN = RecordStyle()
 
 
 def quirk_names() -> tuple[str, ...]:
@@ -95,20 +156,28 @@ def parse_assignments(text: str, where: str) -> dict[str, Any]:
             raise ValueError(
                 f"{where}: {part!r} is not NAME=VALUE with NAME one of {', '.join(known)}"
             )
-        changes[name] = _value(raw.strip())
+        changes[name] = _value(name, raw.strip())
     return changes
 
 
-def _value(raw: str) -> Any:
-    lowered = raw.lower()
-    if lowered in ("true", "on", "yes"):
-        return True
-    if lowered in ("false", "off", "no"):
-        return False
-    try:
-        return float(raw)
-    except ValueError:
-        return raw
+def _value(name: str, raw: str) -> Any:
+    """`raw` as the JSON value field `name` takes; left as text when it does not fit."""
+    default = getattr(_DEFAULTS, name)
+    if isinstance(default, bool):
+        return _BOOLS.get(raw.lower(), raw)
+    if isinstance(default, float):
+        try:
+            return float(raw)
+        except ValueError:
+            return raw
+    return raw
+
+
+_DEFAULTS = Quirks()
+_BOOLS = {
+    **dict.fromkeys(("true", "on", "yes", "1"), True),
+    **dict.fromkeys(("false", "off", "no", "0"), False),
+}
 
 
 def edit_entries(
@@ -130,4 +199,9 @@ def edit_entries(
             older = log.previous_entry(entry.index)
             if older is not None and older != entry and rng.random() < quirks.duplicate_keys:
                 result.insert(rng.randrange(len(result) + 1), older)
+    if quirks.out_of_order > 0 and len(result) > 1 and rng.random() < quirks.out_of_order:
+        ordered = list(result)
+        rng.shuffle(result)
+        if result == ordered:
+            result.append(result.pop(0))
     return result

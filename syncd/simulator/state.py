@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from random import Random
 from typing import Any
 
+import msgspec
 from aiohttp import web
 
 from syncd import catalogue
@@ -57,6 +58,7 @@ class TenantStats:
     token_rejected: int = 0
     hung: int = 0  # requests (export or token) left unanswered by the hang quirks
     no_progress: int = 0  # no-progress pages sent
+    keyless_served: int = 0  # keyless records sent in well-formed pages, repeats included
     in_flight: int = 0
     max_in_flight: int = 0
     feeds: Counter[str] = field(default_factory=Counter)
@@ -65,7 +67,7 @@ class TenantStats:
         """Zero the counters in place (requests in flight keep their reference to this)."""
         self.requests = self.rate_limited = self.errors = 0
         self.token_grants = self.token_rejected = 0
-        self.hung = self.no_progress = 0
+        self.hung = self.no_progress = self.keyless_served = 0
         self.max_in_flight = self.in_flight
         self.feeds.clear()
 
@@ -79,6 +81,7 @@ class TenantStats:
             "token_rejected": self.token_rejected,
             "hung": self.hung,
             "no_progress": self.no_progress,
+            "keyless_served": self.keyless_served,
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
             "feeds": dict(self.feeds),
@@ -125,6 +128,8 @@ class SimState:
         self.internal_errors = 0  # unexpected exceptions in handlers (a simulator bug)
         self._quirks: dict[int, Quirks] = {t: options.quirks_for(t) for t in self.tenants}
         self._quirk_rngs = {t: Random(f"quirks:{options.seed}:{t}") for t in self.tenants}
+        # Quirks of changes draw from their own stream: data never depends on request order.
+        self._change_rngs = {t: Random(f"changes:{options.seed}:{t}") for t in self.tenants}
         self.stopping = asyncio.Event()  # set when the server shuts down: hung requests end
 
     # -- feeds ------------------------------------------------------------------------------
@@ -173,22 +178,44 @@ class SimState:
     def mutate(
         self, tenant: int, feed_name: str, kind: MutationKind | None, count: int
     ) -> list[str]:
-        """Change (or create) `count` records now; their keys. A random kind when None."""
+        """Change, create or delete `count` records now; their keys (keyless records created
+        have none). A random kind when None: the mix, or a deletion as the quirks say."""
         log = self.log(tenant, feed_name)
         rng = self.mutation_rng
+        quirks = self.quirks(tenant)
         if kind is None:
-            draw, kind = rng.random(), "update"
-            for candidate, share in _MUTATION_MIX:
-                if draw < share:
-                    kind = candidate
-                    break
-                draw -= share
-        return log.mutate(kind, count, rng, now_ticks())
+            kind = "update"
+            if quirks.deletions > 0 and rng.random() < quirks.deletions:
+                kind = "delete"
+            else:
+                draw = rng.random()
+                for candidate, share in _MUTATION_MIX:
+                    if draw < share:
+                        kind = candidate
+                        break
+                    draw -= share
+        changes = quirks.change_quirks(self._change_rngs.get(tenant) or Random(0))
+        return log.mutate(kind, count, rng, now_ticks(), changes)
 
     def mutate_random(self, tenant: int) -> None:
         """One random change in a random feed of `tenant` (the background mutator's step)."""
         name = self.mutation_rng.choice(tuple(self.feeds))
         self.mutate(tenant, name, None, 1)
+
+    def truth(self, tenant: int, feed_name: str) -> dict[str, Any]:
+        """What `/records` leaves out: deleted keys and the keyless records and their serving."""
+        log = self.log(tenant, feed_name)
+        style = self.quirks(tenant).record_style
+        keyless = b"[" + b",".join(log.keyless_records(style)) + b"]"
+        return {
+            "live": sum(1 for i in range(len(log.current)) if log.usable(i)),
+            "deleted": log.deleted_keys(),
+            "keyless": {
+                "records": msgspec.json.decode(keyless),
+                "served": log.keyless_served,
+                "distinct_served": len(log.keyless_seen),
+            },
+        }
 
     # -- auth and throttles -----------------------------------------------------------------
 
@@ -295,6 +322,7 @@ class SimState:
                 "token_rejected",
                 "hung",
                 "no_progress",
+                "keyless_served",
             )
         }
         return {

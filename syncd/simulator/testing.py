@@ -14,9 +14,11 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
+from urllib.parse import quote, urlencode
 from urllib.request import Request, urlopen
 
 from syncd.simulator.app import start_server
+from syncd.simulator.data import MutationKind
 from syncd.simulator.options import DEFAULT_APP_KEY, SimOptions
 from syncd.simulator.quirks import Quirks
 from syncd.simulator.state import SimState
@@ -67,6 +69,19 @@ class RunningSimulator:
     def quirks(self, tenant: int) -> Quirks:
         """The quirks in force for `tenant`."""
         return self.state.quirks(tenant)
+
+    def mutate(
+        self, tenant: int, feed: str, kind: MutationKind = "update", count: int = 1
+    ) -> list[str]:
+        """Change, create or delete `count` records now; their keys (none for keyless records).
+
+        Same as `POST /_sim/tenants/<T>/feeds/<feed>/mutate?kind=...&count=...`.
+        """
+        return self.state.mutate(tenant, feed, kind, count)
+
+    def truth(self, tenant: int, feed: str) -> dict[str, Any]:
+        """Deleted keys and keyless records of one feed, as `GET .../truth` answers."""
+        return self.state.truth(tenant, feed)
 
 
 def make_options(base: SimOptions | None = None, **changes: Any) -> SimOptions:
@@ -152,6 +167,23 @@ class SimulatorProcess:
         with urlopen(request, timeout=30) as response:
             quirks: dict[str, Any] = json.loads(response.read())["quirks"]
         return quirks
+
+    def mutate(
+        self, tenant: int, feed: str, kind: MutationKind = "update", count: int = 1
+    ) -> list[str]:
+        """`POST /_sim/tenants/<T>/feeds/<feed>/mutate`; the keys changed, created or deleted."""
+        query = urlencode({"kind": kind, "count": count})
+        url = f"{self.url}/_sim/tenants/{tenant}/feeds/{quote(feed)}/mutate?{query}"
+        with urlopen(Request(url, data=b"", method="POST"), timeout=30) as response:
+            keys: list[str] = json.loads(response.read())["keys"]
+        return keys
+
+    def truth(self, tenant: int, feed: str) -> dict[str, Any]:
+        """`GET /_sim/tenants/<T>/feeds/<feed>/truth`: deleted keys, keyless records."""
+        url = f"{self.url}/_sim/tenants/{tenant}/feeds/{quote(feed)}/truth"
+        with urlopen(url, timeout=30) as response:
+            truth: dict[str, Any] = json.loads(response.read())
+        return truth
 
     def start(self) -> SimulatorProcess:
         """Start the process and wait until it listens; RuntimeError if it does not."""
