@@ -11,6 +11,7 @@ usable key) are paged like any other but are no part of the ground truth.
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 from array import array
 from dataclasses import dataclass
@@ -112,7 +113,6 @@ class FeedLog:
         self._cache = cache
         self._cache_id = (tenant, feed_no)
         self._style_salt = _mix("style", seed, tenant, feed.name)
-        self.shape = FeedShape.of(self.schema, feed.key_fields, self._ts_field)
 
         self.initial = records
         self._step = max(2, _SPAN_TICKS // max(records, 1))
@@ -133,6 +133,11 @@ class FeedLog:
         self.keyless_served = 0  # keyless records sent in well-formed pages, repeats included
         self.keyless_seen: set[int] = set()  # the keyless records ever sent
         self.deleted: list[int] = []  # indexes of deleted records, in the order of deletion
+
+    @functools.cached_property
+    def shape(self) -> FeedShape:
+        """What off-schema rendering needs of the schema (only computed when it is used)."""
+        return FeedShape.of(self.schema, self.feed.key_fields, self._ts_field)
 
     # -- time -------------------------------------------------------------------------------
 
