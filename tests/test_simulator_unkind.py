@@ -358,6 +358,8 @@ async def test_deleted_records_vanish_from_later_exports(session: aiohttp.Client
                 assert len(updated) == 26
                 assert not set(deleted) & set(updated)
                 deleted_by_run[-1][tenant] = deleted
+            async with session.get(sim.sim_url(TENANT, "crm.nothing", "truth")) as resp:
+                assert resp.status == 404
     assert deleted_by_run[0] == deleted_by_run[1]
 
 
@@ -463,10 +465,13 @@ async def test_429_bodies_in_html_and_text(session: aiohttp.ClientSession, style
 
 async def test_gzip_for_one_tenant() -> None:
     async with (
-        run_simulator(records=30, page_size=10, tenant_quirks={TENANT: {"gzip": True}}) as sim,
+        run_simulator(records=30, page_size=10) as sim,
         aiohttp.ClientSession(auto_decompress=False) as raw_session,
         aiohttp.ClientSession() as session,
     ):
+        async with session.post(f"{sim.url}/_sim/tenants/{TENANT}/quirks", json={"gzip": True}):
+            pass
+        assert (sim.quirks(TENANT).gzip, sim.quirks(OTHER).gzip) == (True, False)
         for tenant in (TENANT, OTHER):
             token = await get_token(session, sim, tenant)
             headers = {"Authorization": f"Bearer {token}", "ST-App-Key": sim.app_key}
