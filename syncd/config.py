@@ -8,6 +8,7 @@ what is wrong: `syncd.toml: tenants[1].feeds[0]: unknown feed 'crm.customer'`.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 import re
 import tomllib
@@ -67,6 +68,9 @@ class RedisConfig(_Base, frozen=True):
     # Client-side socket timeout; a page's script must finish within it.
     timeout: float = 30.0
     cluster: bool = False  # the URL names one node of a Redis Cluster
+    # Start even when Redis may evict keys (maxmemory-policy allkeys-*): cursors, fingerprints
+    # or whole streams can vanish, which means duplicates or lost events.
+    allow_eviction: bool = False
 
 
 class ServiceTitanConfig(_Base, frozen=True):
@@ -276,7 +280,29 @@ def _check_secret_source(name: str, key: str, obj: Any, field: str) -> None:
         raise _fail(name, key + field, f"{what}: set exactly one of {options}")
 
 
+def check_finite(value: Any, name: str, key: str = "") -> None:
+    """Reject NaN and infinities in every float of a parsed configuration, wherever it is.
+
+    TOML has `nan` and `inf` literals, and every range check below passes NaN (each comparison
+    with it is false); an infinite interval or timeout would wait forever. This walks the values
+    rather than a list of settings, so a float added later is covered too.
+    """
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise _fail(name, key, f"must be a finite number, got {value}")
+    elif isinstance(value, msgspec.Struct):
+        for field in value.__struct_fields__:
+            check_finite(getattr(value, field), name, f"{key}.{field}" if key else field)
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            check_finite(item, name, f"{key}[{i}]")
+    elif isinstance(value, dict):
+        for k, item in value.items():
+            check_finite(item, name, f"{key}.{k}" if key else str(k))
+
+
 def _check(cfg: Config, name: str) -> None:
+    check_finite(cfg, name)
     st = cfg.servicetitan
     _check_secret_source(name, "servicetitan.", st, "app_key")
     for field in ("auth_url", "api_url"):

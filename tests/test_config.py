@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from syncd import catalogue, config
@@ -168,3 +171,107 @@ def test_example_config_is_valid() -> None:
     root = Path(__file__).parent.parent
     cfg = config.load(root / "config" / "example.toml")
     assert cfg.tenants
+
+
+def _float_settings(
+    t: msgspec.inspect.Type, path: tuple[str, ...] = (), default: object = None
+) -> list[tuple[tuple[str, ...], float]]:
+    """Every float setting in the configuration schema: its path, e.g. ("feeds", "*",
+    "max_age"), and a valid finite value for it (its default where it has one)."""
+    mi = msgspec.inspect
+    if isinstance(t, mi.FloatType):
+        return [(path, default if isinstance(default, float) else 0.5)]
+    if isinstance(t, mi.UnionType):
+        return [p for member in t.types for p in _float_settings(member, path, default)]
+    if isinstance(t, mi.StructType):
+        return [p for f in t.fields for p in _float_settings(f.type, (*path, f.name), f.default)]
+    if isinstance(t, mi.ListType):
+        return _float_settings(t.item_type, (*path, "[]"))
+    if isinstance(t, mi.DictType):
+        return _float_settings(t.value_type, (*path, "*"))
+    assert not isinstance(t, mi.CollectionType | mi.DictType), f"unhandled schema at {path}"
+    return []
+
+
+FLOAT_SETTINGS = dict(_float_settings(msgspec.inspect.type_info(config.Config)))
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return repr(value)  # int, float: nan, inf and -inf are TOML literals
+
+
+def _with_float(path: tuple[str, ...], literal: float) -> tuple[str, str]:
+    """A configuration whose setting at `path` is `literal`, and that setting's key path."""
+    tenant: dict[str, object] = {"id": 1001, "client_id": "c", "client_secret": "s"}
+    sections: dict[str, dict[str, object]] = {
+        "servicetitan": {"app_key": "k", "api_url": "http://127.0.0.1:1"}
+    }
+    tables: list[str] = []
+    match path:
+        case ("tenants", "[]", field):
+            tenant[field] = literal
+            key = f"tenants[0].{field}"
+        case ("feeds", "*", field):
+            tables.append(f'[feeds."jpm.jobs"]\n{field} = {_toml(literal)}\n')
+            key = f"feeds.jpm.jobs.{field}"
+        case (section, field):
+            sections.setdefault(section, {})[field] = literal
+            key = f"{section}.{field}"
+        case _:
+            raise AssertionError(f"a float setting the test cannot place yet: {path}")
+    text = "".join(
+        f"[{name}]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in body.items())
+        for name, body in sections.items()
+    )
+    text += "".join(tables)
+    text += "[[tenants]]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in tenant.items())
+    return text, key
+
+
+def test_every_float_setting_is_found() -> None:
+    # The schema walk sees the settings added over time, nested ones included.
+    for path in [
+        ("servicetitan", "request_timeout"),
+        ("defaults", "requests_per_second"),
+        ("feeds", "*", "max_age"),
+        ("feeds", "*", "poll_interval"),
+        ("streams", "max_memory"),
+        ("engine", "jitter"),
+        ("tenants", "[]", "poll_interval"),
+    ]:
+        assert path in FLOAT_SETTINGS
+    assert len(FLOAT_SETTINGS) >= 16
+
+
+@pytest.mark.parametrize("literal", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("path", FLOAT_SETTINGS, ids=".".join)
+def test_float_settings_reject_nan_and_infinity(
+    tmp_path: Path, path: tuple[str, ...], literal: str
+) -> None:
+    text, key = _with_float(path, float(literal))
+    file = tmp_path / "syncd.toml"
+    file.write_text(text)
+    assert f" = {literal}\n" in text  # written as TOML's own literal
+    # The same file with a finite value loads: the error below is about the value alone.
+    config.parse(tomllib.loads(_with_float(path, FLOAT_SETTINGS[path])[0]), str(file))
+    with pytest.raises(config.ConfigError) as err:
+        config.load(file)
+    assert str(err.value) == f"{file}: {key}: must be a finite number, got {float(literal)}"
+
+
+def test_check_config_and_run_refuse_nan(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD.replace("requests_per_second = 10", "requests_per_second = nan"))
+    for args in (("check-config", str(path)), ("run", "--once", "--config", str(path))):
+        res = run_cli(*args)
+        assert res.returncode == 2, res.stderr
+        assert f"{path}: defaults.requests_per_second: must be a finite number" in res.stderr
+    feed = write(tmp_path, GOOD.replace("change_detection = false", "max_age = inf"))
+    res = run_cli("check-config", str(feed))
+    assert res.returncode == 2
+    assert f"{feed}: feeds.crm.customers.max_age: must be a finite number, got inf" in res.stderr
