@@ -8,7 +8,8 @@ import dataclasses
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 import aiohttp
@@ -25,7 +26,7 @@ from syncd.metrics import Metrics
 from syncd.ops import OpsServer
 from syncd.publisher import Publisher
 from syncd.redisconn import RedisClient, RedisCluster, connect
-from syncd.scheduler import Scheduler, TenantState, resume_delay
+from syncd.scheduler import Scheduler, resume_delay
 from syncd.sdnotify import Notifier, watchdog_interval
 
 log = structlog.get_logger("syncd.daemon")
@@ -84,32 +85,57 @@ class Daemon:
         self.reloaded = 0  # configurations applied by SIGHUP
         self.live = False  # startup done: the scheduler is expected to tick
 
-    def _tenant_feeds(
-        self, t: TenantSettings, cursors: dict[str, str]
-    ) -> list[tuple[catalogue.Feed, str | None, bool, float]]:
-        s = self.settings
-        return [
+    # -- starting feeds ----------------------------------------------------------------
+
+    async def _prepare_feeds(
+        self, settings: Settings, t: TenantSettings, new: Sequence[str], *, wait: bool
+    ) -> FeedStart:
+        """The one way feeds start: read the tenant's stored cursors and state, and create the
+        configured consumer groups on the streams of the `new` feeds, before anything can be
+        published to them. Schedules nothing: `_start` does, once every start is prepared.
+
+        With `wait`, a Redis outage is waited out (startup); else it fails (reload).
+        """
+        publisher, r = self.publisher, self.redis
+        assert publisher is not None
+        assert r is not None
+        assert self.scheduler is not None
+
+        async def call(fn: Callable[[], Awaitable[_T]]) -> _T:
+            return await (self._wait_for_redis(fn) if wait else fn())
+
+        # Feeds already running keep their own cursors: nothing to read for them.
+        cursors, state = await call(lambda: publisher.resume_state(t.id)) if new else ({}, {})
+        groups = self.settings.config.streams.groups  # fixed until a restart
+        if groups and new:
+            keys = Keys(self.settings.config.redis.key_prefix, t.id)
+            streams = [keys.stream(f) for f in new]
+            await call(lambda: upkeep.ensure_groups(r, streams, groups))
+        now = time.time()
+        delays = {}
+        for feed in t.feeds:
+            last_ok = state.get(f"{feed}:last_ok")
+            delays[feed] = resume_delay(
+                now,
+                float(last_ok) if last_ok else None,
+                state.get(f"{feed}:more") == "1",
+                settings.poll_interval(t, feed),
+                self.scheduler.rng,
+            )
+        feeds = [
             (
                 catalogue.feed(name),
                 cursors.get(name),
-                s.feed_options(name).change_detection,
-                s.poll_interval(t, name),
+                settings.feed_options(name).change_detection,
+                settings.poll_interval(t, name),
             )
             for name in t.feeds
         ]
+        return FeedStart(t, feeds, delays, resumed=len(cursors))
 
-    async def _cursors(self, tenant: int) -> dict[str, str]:
-        publisher = self.publisher
-        assert publisher is not None
-        return await self._wait_for_redis(lambda: publisher.cursors(tenant))
-
-    async def _add_tenant(self, t: TenantSettings) -> TenantState:
-        assert self.scheduler is not None
+    def _tokens(self, t: TenantSettings) -> TokenProvider:
         assert self._session is not None
-        publisher = self.publisher
-        assert publisher is not None
-        cursors, state = await self._wait_for_redis(lambda: publisher.resume_state(t.id))
-        tokens = TokenProvider(
+        return TokenProvider(
             self._session,
             self.settings.auth_url,
             t.id,
@@ -117,32 +143,14 @@ class Daemon:
             t.client_secret,
             on_renewal=self.metrics.token_renewed,
         )
-        await self._ensure_groups(t)
-        delays = {}
-        now = time.time()
-        for feed in t.feeds:
-            last_ok = state.get(f"{feed}:last_ok")
-            delays[feed] = resume_delay(
-                now,
-                float(last_ok) if last_ok else None,
-                state.get(f"{feed}:more") == "1",
-                self.settings.poll_interval(t, feed),
-                self.scheduler.rng,
-            )
-        tenant_state = self.scheduler.add_tenant(t, tokens, self._tenant_feeds(t, cursors), delays)
-        log.info("tenant_added", tenant=t.id, feeds=len(t.feeds), resumed=len(cursors))
-        return tenant_state
 
-    async def _ensure_groups(self, t: TenantSettings) -> None:
-        """Create the configured consumer groups before anything is published to a stream."""
-        groups = self.settings.config.streams.groups
-        if not groups:
-            return
-        assert self.redis is not None
-        keys = Keys(self.settings.config.redis.key_prefix, t.id)
-        streams = [keys.stream(f) for f in t.feeds]
-        r = self.redis
-        await self._wait_for_redis(lambda: upkeep.ensure_groups(r, streams, groups))
+    def _start(self, start: FeedStart, tokens: TokenProvider) -> None:
+        """Schedule a prepared tenant (no awaits: applied at once with the rest of a reload)."""
+        assert self.scheduler is not None
+        t = start.settings
+        self.metrics.track_tenant(t.id)
+        self.scheduler.add_tenant(t, tokens, start.feeds, start.delays)
+        log.info("tenant_added", tenant=t.id, feeds=len(t.feeds), resumed=start.resumed)
 
     async def _upkeep(self) -> None:
         """Retention and backpressure, every `streams.check_interval` seconds."""
@@ -252,7 +260,13 @@ class Daemon:
             self.notifier.ready(self._status())
 
     async def reload(self) -> bool:
-        """Re-read the configuration file and apply it; keep the old one if it is invalid."""
+        """Re-read the configuration file and apply it, all of it or nothing.
+
+        Everything that can fail happens first: parse and validate, read secrets, read the
+        stored state of new tenants and feeds, create their consumer groups, build token
+        providers. Only then is the new configuration applied, without an await in between; a
+        failure before leaves the running configuration as it was.
+        """
         if self.config_path is None:
             log.warning("reload_ignored", reason="no configuration file")
             return False
@@ -261,36 +275,60 @@ class Daemon:
         except ConfigError as exc:
             log.error("reload_rejected", error=str(exc))
             return False
+        try:
+            plan = await self._prepare_reload(new)
+        except Exception as exc:
+            log.error("reload_failed", error=f"{type(exc).__name__}: {exc}", applied=False)
+            return False
+        self._apply_reload(plan)
+        self.reloaded += 1
+        log.info("reloaded", tenants=len(plan.settings.tenants))
+        return True
+
+    async def _prepare_reload(self, new: Settings) -> ReloadPlan:
         old = self.settings
         fixed = ("redis", "servicetitan", "engine", "ops", "log", "streams")
         changed = [k for k in fixed if getattr(old.config, k) != getattr(new.config, k)]
         if changed or new.app_key != old.app_key:
             # Connections and pools are built once; these need a restart to change.
             log.warning("reload_needs_restart", sections=changed or ["servicetitan.app_key"])
-        self.settings = msgspec_replace_tenants(old, new)
+        settings = msgspec_replace_tenants(old, new)
         assert self.scheduler is not None
-        before = set(self.scheduler.tenants)
-        wanted = {t.id: t for t in self.settings.tenants}
-        for tid in before - set(wanted):
-            self.scheduler.remove_tenant(tid)
-            log.info("tenant_removed", tenant=tid)
-        for tid, t in wanted.items():
-            if tid not in before:
-                await self._add_tenant(t)
+        running = self.scheduler.tenants
+        wanted = {t.id for t in settings.tenants}
+        plan = ReloadPlan(settings, remove=[tid for tid in running if tid not in wanted])
+        for t in settings.tenants:
+            state = running.get(t.id)
+            if state is None:
+                start = await self._prepare_feeds(settings, t, t.feeds, wait=False)
+                plan.add.append((start, self._tokens(t)))
                 continue
-            state = self.scheduler.tenants[tid]
-            if (
+            added = [f for f in t.feeds if f not in state.feeds]
+            start = await self._prepare_feeds(settings, t, added, wait=False)
+            credentials = (
                 state.settings.client_id != t.client_id
                 or state.settings.client_secret != t.client_secret
-            ):
-                state.tokens.set_credentials(t.client_id, t.client_secret)
-            cursors = await self._cursors(tid)
-            added, removed = self.scheduler.reconfigure_tenant(t, self._tenant_feeds(t, cursors))
+            )
+            plan.change.append((start, credentials))
+        return plan
+
+    def _apply_reload(self, plan: ReloadPlan) -> None:
+        """Switch to a prepared configuration: no awaits, so nothing runs half-way through."""
+        sched = self.scheduler
+        assert sched is not None
+        self.settings = plan.settings
+        for tid in plan.remove:
+            sched.remove_tenant(tid)
+            log.info("tenant_removed", tenant=tid)
+        for start, tokens in plan.add:
+            self._start(start, tokens)
+        for start, credentials in plan.change:
+            t = start.settings
+            if credentials:
+                sched.tenants[t.id].tokens.set_credentials(t.client_id, t.client_secret)
+            added, removed = sched.reconfigure_tenant(t, start.feeds)
             if added or removed:
-                log.info("tenant_feeds_changed", tenant=tid, added=added, removed=removed)
-        self.reloaded += 1
-        log.info("reloaded", tenants=len(wanted))
-        return True
+                log.info("tenant_feeds_changed", tenant=t.id, added=added, removed=removed)
 
     # -- health ------------------------------------------------------------------------
 
@@ -424,7 +462,8 @@ class Daemon:
                 self.scheduler.crashed = True
                 return False
             for t in self.settings.tenants:
-                await self._add_tenant(t)
+                start = await self._prepare_feeds(self.settings, t, t.feeds, wait=True)
+                self._start(start, self._tokens(t))
         except Exception:
             if self.scheduler.stopping:
                 return False
@@ -474,6 +513,26 @@ class Daemon:
             tid = str(t.id)
             for fs in t.feeds.values():
                 yield tid, fs.name, fs.last_ok if fs.last_ok is not None else fs.since
+
+
+@dataclass(frozen=True, slots=True)
+class FeedStart:
+    """A tenant's feeds prepared to be scheduled: state read, groups created."""
+
+    settings: TenantSettings
+    feeds: list[tuple[catalogue.Feed, str | None, bool, float]]
+    delays: dict[str, float]
+    resumed: int  # feeds with a stored cursor
+
+
+@dataclass(slots=True)
+class ReloadPlan:
+    """A reload, prepared and not yet applied."""
+
+    settings: Settings
+    remove: list[int]
+    add: list[tuple[FeedStart, TokenProvider]] = dataclasses.field(default_factory=list)
+    change: list[tuple[FeedStart, bool]] = dataclasses.field(default_factory=list)
 
 
 def msgspec_replace_tenants(old: Settings, new: Settings) -> Settings:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator
 
@@ -140,6 +141,14 @@ class _FeedSeries:
         yield gauge
 
 
+def _remove(metric: Counter | Gauge, *labels: str) -> None:
+    """Remove one labelled series, whether or not it was ever recorded: prometheus_client 0.20
+    raises KeyError for a series never recorded (a tenant that never hit a 429), later versions
+    do nothing."""
+    with contextlib.suppress(KeyError):
+        metric.remove(*labels)
+
+
 class _WithoutCreated:
     """A view of a registry without the `_created` samples of counters and histograms.
 
@@ -242,10 +251,19 @@ class Metrics:
         self._render_lock = asyncio.Lock()
         # Status labels handed out per tenant, so forget_tenant can remove exactly those.
         self._statuses: dict[str, set[str]] = {}
+        # Tenants no longer configured: a request or page still in flight for one of them when
+        # it was removed must not bring its series back.
+        self._retired: set[str] = set()
+
+    def track_tenant(self, tenant: int) -> None:
+        """Record the tenant's series again (after `forget_tenant`, when it is re-added)."""
+        self._retired.discard(str(tenant))
 
     def request(self, tenant: int, status: int | None) -> None:
         """Count one API request by its HTTP status, or None for a transport error or timeout."""
         t = str(tenant)
+        if t in self._retired:
+            return
         label = status_class(status)
         self._statuses.setdefault(t, set()).add(label)
         self.requests_total.labels(t, label).inc()
@@ -255,26 +273,32 @@ class Metrics:
     ) -> None:
         """Record one applied page: its record counts and how long the fetch took."""
         key = (str(tenant), feed)
+        self.page_fetch_seconds.labels(feed).observe(seconds)
+        if key[0] in self._retired:
+            return
         inc = self._feeds.inc
         inc("pages", key, 1)
         inc("fetched", key, fetched)
         inc("published", key, published)
         inc("unchanged", key, unchanged)
-        self.page_fetch_seconds.labels(feed).observe(seconds)
 
     def rate_limited(self, tenant: int, wait_s: float) -> None:
         """Record a 429 that pauses the tenant for `wait_s` seconds."""
         t = str(tenant)
+        if t in self._retired:
+            return
         self.rate_limited_total.labels(t).inc()
         self.paused_seconds_total.labels(t).inc(max(0.0, wait_s))
 
     def token_renewed(self, tenant: int) -> None:
         """Count an access token obtained for the tenant."""
-        self.token_renewals_total.labels(str(tenant)).inc()
+        if str(tenant) not in self._retired:
+            self.token_renewals_total.labels(str(tenant)).inc()
 
     def dead_letter(self, tenant: int, feed: str, n: int = 1) -> None:
         """Count records sent to the tenant's dead-letter stream."""
-        self._feeds.inc("dead", (str(tenant), feed), n)
+        if str(tenant) not in self._retired:
+            self._feeds.inc("dead", (str(tenant), feed), n)
 
     def redis_error(self) -> None:
         """Count a failed Redis call."""
@@ -286,7 +310,8 @@ class Metrics:
 
     def set_feeds_paused(self, tenant: int, count: int) -> None:
         """Set how many of the tenant's feeds backpressure holds back right now."""
-        self.feeds_paused.labels(str(tenant)).set(count)
+        if str(tenant) not in self._retired:
+            self.feeds_paused.labels(str(tenant)).set(count)
 
     def set_last_success_source(self, fn: LastSuccessSource) -> None:
         """Read `(tenant, feed, unix_ts)` of each feed's last successful poll from `fn` per scrape.
@@ -298,18 +323,20 @@ class Metrics:
         self._feeds.source = fn
 
     def forget_tenant(self, tenant: int) -> None:
-        """Remove every series labelled with the tenant, once it is no longer configured."""
+        """Remove every series labelled with the tenant, once it is no longer configured; until
+        `track_tenant`, what is still in flight for it records nothing."""
         t = str(tenant)
+        self._retired.add(t)
         self._feeds.forget(t)
         for status in self._statuses.pop(t, set()):
-            self.requests_total.remove(t, status)
+            _remove(self.requests_total, t, status)
         for per_tenant in (
             self.rate_limited_total,
             self.paused_seconds_total,
             self.token_renewals_total,
             self.feeds_paused,
         ):
-            per_tenant.remove(t)
+            _remove(per_tenant, t)
 
     def render(self) -> bytes:
         """Every series in Prometheus text format, rendered on the calling thread."""
