@@ -1,9 +1,11 @@
 PYTHON ?= python3
 VENV := .venv
+# A second environment with the lowest versions pyproject.toml allows (uv resolves them).
+LOWEST := .venv-lowest
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint run bench clean
+.PHONY: test test-lowest lint run bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +23,21 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/pytest -q
 
+$(LOWEST)/bin/uv:
+	$(PYTHON) -m venv $(LOWEST)
+	$(LOWEST)/bin/python -m pip install --quiet 'uv>=0.4,<1'
+
+# The suite on the lowest versions of the direct dependencies that pyproject.toml allows: exact
+# pins, so versions left from an earlier run with other bounds are replaced.
+test-lowest: $(LOWEST)/bin/uv
+	$(LOWEST)/bin/uv pip compile --quiet --python $(LOWEST)/bin/python \
+		--resolution lowest-direct --extra test --extra bench pyproject.toml \
+		-o $(LOWEST)/requirements.txt
+	$(LOWEST)/bin/uv pip install --quiet --python $(LOWEST)/bin/python \
+		-r $(LOWEST)/requirements.txt
+	$(LOWEST)/bin/uv pip install --quiet --python $(LOWEST)/bin/python --no-deps -e .
+	$(LOWEST)/bin/pytest -q -p no:cacheprovider
+
 run: $(STAMP)
 	$(BIN)/python -m syncd demo
 
@@ -28,4 +45,4 @@ bench: $(STAMP)
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LOWEST) .mypy_cache .pytest_cache .ruff_cache
