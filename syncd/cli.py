@@ -3,7 +3,8 @@
 exit codes:
   0  success (run: stopped by a signal; --once: every feed drained)
   1  --once: at least one feed could not be synced; other command failures
-  2  invalid configuration or usage
+  2  invalid configuration or usage; run: Redis settings that break the promises
+     (maxmemory-policy allkeys-*, see [redis] allow_eviction)
 """
 
 from __future__ import annotations

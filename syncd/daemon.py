@@ -17,7 +17,7 @@ import msgspec
 import redis.exceptions
 import structlog
 
-from syncd import catalogue, upkeep
+from syncd import catalogue, redischeck, upkeep
 from syncd.auth import TokenProvider
 from syncd.client import ExportClient
 from syncd.config import Config, ConfigError, Settings, TenantSettings, load_settings
@@ -84,6 +84,8 @@ class Daemon:
         self._reloads: asyncio.Queue[None] = asyncio.Queue()
         self.reloaded = 0  # configurations applied by SIGHUP
         self.live = False  # startup done: the scheduler is expected to tick
+        self.refused: str | None = None  # Redis settings that syncd will not run on
+        self.redis_persistence: str | None = None  # stated by /readyz while Redis saves nothing
 
     # -- starting feeds ----------------------------------------------------------------
 
@@ -354,6 +356,8 @@ class Daemon:
         except Exception as exc:
             details["redis"] = "unavailable"
             reasons.append(f"redis: {type(exc).__name__}")
+        if self.redis_persistence is not None:
+            details["redis_persistence"] = self.redis_persistence  # still ready: a warning
         failing = {}
         if self.scheduler is not None:
             for tid, t in self.scheduler.tenants.items():
@@ -461,6 +465,8 @@ class Daemon:
                 log.error("redis_too_old", version=".".join(map(str, version)), required="7.0")
                 self.scheduler.crashed = True
                 return False
+            if not await self._check_redis_settings():
+                return False
             for t in self.settings.tenants:
                 start = await self._prepare_feeds(self.settings, t, t.feeds, wait=True)
                 self._start(start, self._tokens(t))
@@ -469,6 +475,33 @@ class Daemon:
                 return False
             raise
         self.live = True
+        return True
+
+    async def _check_redis_settings(self) -> bool:
+        """Refuse an evicting Redis, warn about one that saves nothing (see redischeck)."""
+        r = self.redis
+        assert r is not None
+        nodes = await self._wait_for_redis(lambda: redischeck.read_settings(r))
+        found = redischeck.assess(nodes, allow_eviction=self.settings.config.redis.allow_eviction)
+        for node, error in found.unreadable.items():
+            log.warning(
+                "redis_settings_unreadable",
+                node=node,
+                error=error,
+                unchecked="maxmemory-policy and persistence (CONFIG GET not permitted)",
+            )
+        if found.refusals:
+            for reason in found.refusals:
+                log.error("redis_settings_refused", error=reason)
+            self.refused = "; ".join(found.refusals)
+            return False
+        if found.evicting:
+            log.warning(
+                "redis_may_evict", nodes=found.evicting, allowed_by="[redis] allow_eviction"
+            )
+        if found.persistence is not None:
+            log.warning("redis_no_persistence", nodes=found.unpersisted, detail=found.persistence)
+        self.redis_persistence = found.persistence
         return True
 
     async def _redis_version(self) -> tuple[int, ...]:
@@ -502,6 +535,8 @@ class Daemon:
             failed_feeds=len(failed),
             unfinished_feeds=unfinished,
         )
+        if self.refused is not None:
+            return EXIT_CONFIG
         if failed or unfinished or crashed:
             return EXIT_FEEDS_FAILED
         return EXIT_OK
