@@ -213,3 +213,26 @@ async def test_removed_tenant_with_a_page_in_flight_leaves_no_series(
             text = (await daemon.metrics.render_async()).decode()
             assert 'tenant="9621"' not in text
             assert 'tenant="9622"' in text
+
+
+def test_forgotten_tenant_records_nothing_until_tracked_again() -> None:
+    from syncd.metrics import Metrics
+
+    m = Metrics()
+    m.forget_tenant(1)  # never seen: nothing to remove, on every prometheus-client allowed
+    m.request(2, 200)
+    m.page(2, CUSTOMERS, 10, 10, 0, 0.1)
+    m.forget_tenant(2)  # no 429, no token renewal, no pause recorded: those series never existed
+    for record in (
+        lambda: m.request(2, 429),
+        lambda: m.page(2, CUSTOMERS, 1, 1, 0, 0.1),
+        lambda: m.rate_limited(2, 1.0),
+        lambda: m.token_renewed(2),
+        lambda: m.dead_letter(2, CUSTOMERS),
+        lambda: m.set_feeds_paused(2, 1),
+    ):
+        record()  # what was in flight when the tenant was removed
+    assert 'tenant="2"' not in m.render().decode()
+    m.track_tenant(2)  # configured again
+    m.page(2, CUSTOMERS, 3, 3, 0, 0.1)
+    assert m.sample("syncd_pages_total", {"tenant": "2", "feed": CUSTOMERS}) == 1
