@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from syncd import config
 from syncd.daemon import Daemon
 from syncd.redisserver import RedisServer
 from syncd.simulator.testing import run_simulator
-from tests.engine_helpers import config_dict, to_toml
+from tests.engine_helpers import DaemonProcess, config_dict, to_toml
 
 CUSTOMERS, JOBS = "crm.customers", "jpm.jobs"
 
@@ -236,3 +237,30 @@ def test_forgotten_tenant_records_nothing_until_tracked_again() -> None:
     m.track_tenant(2)  # configured again
     m.page(2, CUSTOMERS, 3, 3, 0, 0.1)
     assert m.sample("syncd_pages_total", {"tenant": "2", "feed": CUSTOMERS}) == 1
+
+
+async def test_sighup_to_a_daemon_process_creates_groups_of_an_added_feed(
+    redis: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    async with run_simulator(tenants=[9631], records=40, page_size=20) as sim:
+        data = config_dict(redis_server.url, sim.url, sim.app_key, [9631], [CUSTOMERS])
+        data["streams"] = {"groups": ["billing"]}
+        daemon = DaemonProcess(data)
+        try:
+            daemon.start()
+            await wait_for(has_length(redis, "st:{9631}:" + CUSTOMERS, 40), "first backfill")
+            data["tenants"] = [tenant(9631, [CUSTOMERS, JOBS])]
+            write_config(daemon.config_path, data)
+            daemon.signal(signal.SIGHUP)
+            jobs = "st:{9631}:" + JOBS
+            await wait_for(has_length(redis, jobs, 40), "the added feed's backfill")
+            (group,) = await redis.xinfo_groups(jobs)
+            assert (group["name"], group["last-delivered-id"], group["lag"]) == (
+                b"billing",
+                b"0-0",
+                40,
+            )
+            daemon.signal(signal.SIGTERM)
+            assert await asyncio.to_thread(daemon.wait, 30) == 0
+        finally:
+            daemon.close()
