@@ -30,6 +30,7 @@ $(LOWEST)/bin/uv:
 # The suite on the lowest versions of the direct dependencies that pyproject.toml allows: exact
 # pins, so versions left from an earlier run with other bounds are replaced.
 test-lowest: $(LOWEST)/bin/uv
+	rm -f $(LOWEST)/requirements.txt  # uv would keep the pins of an earlier run
 	$(LOWEST)/bin/uv pip compile --quiet --python $(LOWEST)/bin/python \
 		--resolution lowest-direct --extra test --extra bench pyproject.toml \
 		-o $(LOWEST)/requirements.txt
