@@ -10,9 +10,11 @@ import aiohttp
 import msgspec
 import structlog
 
+from syncd import redact
 from syncd.config import Secret
 from syncd.errors import AuthFailed, RateLimited, TransientError
 from syncd.ratelimit import parse_retry_after
+from syncd.upstream import REDIRECTS, problem_text, read_capped, redirect_error, wait_texts
 
 log = structlog.get_logger("syncd.auth")
 
@@ -20,6 +22,8 @@ log = structlog.get_logger("syncd.auth")
 RENEW_MARGIN_S = 60.0
 # Callers queued behind a failed renewal share its error for this long instead of retrying.
 FAILURE_HOLD_S = 2.0
+# A token answer is a small JSON object; more than this is not one.
+MAX_TOKEN_BODY_BYTES = 64 * 1024
 
 
 class _TokenResponse(msgspec.Struct):
@@ -56,6 +60,7 @@ class TokenProvider:
         self.last_error: str | None = None  # the last renewal's failure, None once one succeeds
         self._failure: tuple[float, Exception] | None = None
         self._generation = 0
+        redact.register(("client_secret", tenant), client_secret.reveal())
 
     def _valid(self) -> bool:
         return self._token is not None and self._clock() < self._expires_at
@@ -79,6 +84,7 @@ class TokenProvider:
     def set_credentials(self, client_id: str, client_secret: Secret) -> None:
         """New credentials (configuration reload): the next request fetches a new token."""
         self._client_id, self._secret = client_id, client_secret
+        redact.register(("client_secret", self.tenant), client_secret.reveal())
         self._generation += 1
         self._token = None
         self._failure = None
@@ -95,7 +101,7 @@ class TokenProvider:
             await self._grant(generation)
         except (AuthFailed, TransientError, RateLimited) as exc:
             if generation == self._generation:
-                self.last_error = str(exc)
+                self.last_error = redact.redact(str(exc))
                 self._failure = (self._clock(), exc)
             raise
         self.last_error = None
@@ -108,28 +114,41 @@ class TokenProvider:
             "client_secret": self._secret.reveal(),
         }
         try:
-            async with self._session.post(self._url, data=form) as resp:
-                body = await resp.read()
+            # Never follow a redirect: it would send the client secret again, anywhere.
+            async with self._session.post(self._url, data=form, allow_redirects=False) as resp:
                 status = resp.status
+                body, over = await read_capped(resp, MAX_TOKEN_BODY_BYTES)
                 retry_after = resp.headers.get("Retry-After")
+                location = resp.headers.get("Location")
+                content_type = resp.headers.get("Content-Type", "")
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise TransientError(f"token endpoint unreachable: {type(exc).__name__}") from None
+        if status in REDIRECTS:
+            raise TransientError(redirect_error(status, location, self._url, "the token endpoint"))
         if status == 429:
-            title = _title(body)
-            raise RateLimited(parse_retry_after(retry_after, title, time.time()), where="token")
+            wait = parse_retry_after(retry_after, wait_texts(body), time.time(), tenant=self.tenant)
+            raise RateLimited(wait, where="token")
         if status >= 500:
-            raise TransientError(f"token endpoint answered {status}")
+            raise TransientError(
+                f"token endpoint answered {status}: {problem_text(body, content_type, cut=over)}"
+            )
         if status != 200:
-            # The body names the OAuth error (invalid_client, ...); it never echoes the secret.
-            raise AuthFailed(f"token endpoint answered {status}: {_oauth_error(body)}")
+            # OAuth's `error` (invalid_client, ...) and `error_description`, redacted: a hostile
+            # or careless server may echo the form it was sent.
+            raise AuthFailed(
+                f"token endpoint answered {status}: {problem_text(body, content_type, cut=over)}"
+            )
+        if over:
+            raise TransientError(f"token endpoint answer over {MAX_TOKEN_BODY_BYTES} bytes")
         try:
             parsed = msgspec.json.decode(body, type=_TokenResponse)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             raise TransientError("token endpoint answered unreadable JSON") from None
         if generation != self._generation:
             # The credentials changed while this grant was under way: its token is stale.
             raise TransientError("credentials changed during the token request")
         self._token = parsed.access_token
+        redact.register(("token", self.tenant), parsed.access_token)
         # Short-lived tokens (tests, the simulator) renew at 90% of their life.
         margin = min(RENEW_MARGIN_S, parsed.expires_in * 0.1)
         self._expires_at = self._clock() + parsed.expires_in - margin
@@ -137,24 +156,3 @@ class TokenProvider:
         if self._on_renewal is not None:
             self._on_renewal(self.tenant)
         log.info("token_renewed", tenant=self.tenant, expires_in_s=parsed.expires_in)
-
-
-def _title(body: bytes) -> str | None:
-    try:
-        data = msgspec.json.decode(body)
-    except msgspec.DecodeError:
-        return None
-    title = data.get("title") if isinstance(data, dict) else None
-    return title if isinstance(title, str) else None
-
-
-def _oauth_error(body: bytes) -> str:
-    try:
-        data = msgspec.json.decode(body)
-    except msgspec.DecodeError:
-        return "unreadable body"
-    if isinstance(data, dict):
-        err = data.get("error") or data.get("title")
-        if isinstance(err, str):
-            return err[:200]
-    return "unexpected body"

@@ -12,12 +12,24 @@ import aiohttp
 import msgspec
 import structlog
 
+from syncd import redact
 from syncd.auth import TokenProvider
 from syncd.catalogue import Feed
 from syncd.config import Secret
 from syncd.errors import AuthFailed, BadRequest, FeedUnavailable, RateLimited, TransientError
 from syncd.metrics import Metrics
 from syncd.ratelimit import parse_retry_after
+from syncd.upstream import (
+    MAX_BODY_BYTES,
+    MAX_ERROR_BODY_BYTES,
+    REDIRECTS,
+    BodyTooLarge,
+    guarded_decode,
+    problem_text,
+    read_capped,
+    redirect_error,
+    wait_texts,
+)
 
 log = structlog.get_logger("syncd.client")
 
@@ -28,15 +40,7 @@ class _Envelope(msgspec.Struct):
     data: list[msgspec.Raw]
 
 
-class _Problem(msgspec.Struct):
-    title: str | None = None
-    status: int | None = None
-    errors: dict[str, list[str]] | None = None
-    traceId: str | None = None
-
-
 _ENVELOPE = msgspec.json.Decoder(_Envelope)
-_PROBLEM = msgspec.json.Decoder(_Problem)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,28 +117,20 @@ def decode_page(body: bytes, feed: Feed, fetch_s: float = 0.0) -> Page:
     return page
 
 
-def _problem_text(body: bytes) -> str:
-    try:
-        p = _PROBLEM.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return body[:200].decode("utf-8", "replace")
-    parts = [p.title or ""]
-    for field, msgs in (p.errors or {}).items():
-        parts.append(f"{field}: {'; '.join(msgs)}")
-    if p.traceId:
-        parts.append(f"traceId {p.traceId}")
-    return " | ".join(x for x in parts if x)
+def _cursor_of(page: Page) -> str:
+    return page.continue_from
 
 
-def _title(body: bytes) -> str | None:
-    try:
-        return _PROBLEM.decode(body).title
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None
+def _problem_text(body: bytes, content_type: str = "", *, cut: bool = False) -> str:
+    return problem_text(body, content_type, cut=cut)
 
 
 class ExportClient:
-    """Fetches export pages for every tenant over one shared HTTP session."""
+    """Fetches export pages for every tenant over one shared HTTP session (no cookie jar).
+
+    Every error it raises carries what syncd decided (a status, a known field's short text, a
+    short excerpt) after redaction, never the upstream bytes themselves.
+    """
 
     def __init__(
         self,
@@ -147,6 +143,7 @@ class ExportClient:
         self._api = api_url.rstrip("/")
         self._app_key = app_key
         self._metrics = metrics
+        redact.register("app_key", app_key.reveal())
 
     async def fetch(
         self,
@@ -170,10 +167,17 @@ class ExportClient:
             headers = {"Authorization": f"Bearer {token}", "ST-App-Key": self._app_key.reveal()}
             started = time.monotonic()
             try:
-                async with self._session.get(url, params=params, headers=headers) as resp:
+                # Redirects are never followed: the request carries the app key and a token,
+                # which must not go wherever a Location header points.
+                async with self._session.get(
+                    url, params=params, headers=headers, allow_redirects=False
+                ) as resp:
                     status = resp.status
-                    body = await resp.read()
+                    limit = MAX_BODY_BYTES if status == 200 else MAX_ERROR_BODY_BYTES
+                    body, over = await read_capped(resp, limit)
                     retry_after = resp.headers.get("Retry-After")
+                    location = resp.headers.get("Location")
+                    content_type = resp.headers.get("Content-Type", "")
             except (aiohttp.ClientError, TimeoutError) as exc:
                 self._count(tokens.tenant, None)
                 kind = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
@@ -181,20 +185,29 @@ class ExportClient:
             elapsed = time.monotonic() - started
             self._count(tokens.tenant, status)
             if status == 200:
-                return decode_page(body, feed, elapsed)
+                if over:
+                    raise BodyTooLarge(
+                        f"page body over {MAX_BODY_BYTES} bytes (MAX_BODY_BYTES); not decoded"
+                    )
+                decode = functools.partial(decode_page, feed=feed, fetch_s=elapsed)
+                return guarded_decode(body, decode, _cursor_of)
+            if status in REDIRECTS:
+                raise TransientError(redirect_error(status, location, url, "the API"))
+            text = _problem_text(body, content_type, cut=over)
             if status == 401:
                 tokens.invalidate(token)
                 if attempt == 1:
                     continue
-                raise AuthFailed(f"401 with a fresh token: {_problem_text(body)}")
+                raise AuthFailed(f"401 with a fresh token: {text}")
             if status == 429:
-                wait = parse_retry_after(retry_after, _title(body), time.time())
+                hints = wait_texts(body)
+                wait = parse_retry_after(retry_after, hints, time.time(), tenant=tokens.tenant)
                 raise RateLimited(wait)
             if status in (403, 404):
-                raise FeedUnavailable(status, _problem_text(body))
+                raise FeedUnavailable(status, text)
             if status == 400:
-                raise BadRequest(_problem_text(body))
-            raise TransientError(f"HTTP {status}: {_problem_text(body)}")
+                raise BadRequest(text)
+            raise TransientError(f"HTTP {status}: {text}")
         raise AssertionError("unreachable")
 
     def _count(self, tenant: int, status: int | None) -> None:

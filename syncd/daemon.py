@@ -53,7 +53,12 @@ async def http_session(settings: Settings) -> AsyncIterator[aiohttp.ClientSessio
     connector = aiohttp.TCPConnector(limit=st.max_connections, ttl_dns_cache=300)
     timeout = aiohttp.ClientTimeout(total=st.request_timeout, sock_connect=st.connect_timeout)
     async with aiohttp.ClientSession(
-        connector=connector, timeout=timeout, raise_for_status=False
+        connector=connector,
+        timeout=timeout,
+        raise_for_status=False,
+        # No cookies: one session serves every tenant, and a cookie one tenant's answer set
+        # must never ride along with another's request.
+        cookie_jar=aiohttp.DummyCookieJar(),
     ) as session:
         yield session
 

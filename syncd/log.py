@@ -1,4 +1,4 @@
-"""Logging: structlog JSON lines (console rendering on a terminal), to stderr."""
+"""Logging: structlog JSON lines (console rendering on a terminal), to stderr, redacted."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import sys
 from typing import Literal
 
 import structlog
+
+from syncd import redact
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -29,6 +31,9 @@ def configure(level: str = "info", fmt: Literal["auto", "json", "console"] = "au
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
+            # Last before rendering: whatever an event carries (upstream text, tracebacks) is
+            # stripped of secrets.
+            redact.processor,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),

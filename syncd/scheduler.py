@@ -45,6 +45,7 @@ from syncd.ratelimit import (
     next_due,
     resume_delay,
 )
+from syncd.redact import redact
 
 log = structlog.get_logger("syncd.scheduler")
 
@@ -507,7 +508,7 @@ class Scheduler:
             fs.failures = 0
         else:
             fs.failures += 1
-            fs.last_error = error
+            fs.last_error = error = redact(error)  # stored in Redis, shown by `status`
             if self.once and counts and (fatal or fs.failures >= self.once_max_failures):
                 fs.failed = True
             task = asyncio.get_running_loop().create_task(

@@ -1,0 +1,221 @@
+"""What an upstream HTTP answer may do to syncd, bounded: body size, cursor length, nesting,
+encoding, and the short clean text an error keeps of it.
+
+Pure functions (bytes in, decisions out) except `read_capped`, which streams a response body.
+Error text is what syncd decided to keep: a status, a known field's short text, or a short
+excerpt of an HTML or plain-text body, always after redaction; never the raw bytes.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import aiohttp
+import msgspec
+import yarl
+
+from syncd.errors import TransientError
+from syncd.redact import redact
+
+# A page body larger than this fails the page (it is fetched again later, and keeps failing
+# until the API sends smaller pages): an export page holds at most a few thousand records of a
+# few kilobytes, so this is several times the largest real page, and `max_connections` pages
+# in flight times this bounds the memory bodies can take.
+MAX_BODY_BYTES = 32 * 1024 * 1024
+# Of an error answer only a short excerpt is kept: reading more is wasted memory.
+MAX_ERROR_BODY_BYTES = 64 * 1024
+# A `continueFrom` longer than this fails the page and is never stored: it is sent back as a
+# URL query parameter on every later request, and gateways refuse request lines of about 8 KiB.
+# Real cursors are short opaque strings.
+MAX_CURSOR_CHARS = 2048
+# Deeper JSON fails the page: export records nest a few levels, and consumers of the events
+# (and recursive JSON parsers in general) must not be handed arbitrarily deep documents.
+MAX_JSON_DEPTH = 64
+# An error keeps at most this many characters of a text it quotes.
+EXCERPT_CHARS = 200
+
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+
+class BodyTooLarge(TransientError):
+    """The answer's body exceeded its cap."""
+
+
+async def read_capped(resp: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
+    """The (decompressed) body, read in chunks and never more than `limit` bytes of it kept;
+    the flag says whether more was there."""
+    length = resp.content_length
+    if length is not None and length > limit and not resp.headers.get("Content-Encoding"):
+        return b"", True
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            chunks.append(chunk[: len(chunk) - (size - limit)])
+            return b"".join(chunks), True
+        chunks.append(chunk)
+    return b"".join(chunks), False
+
+
+# -- error text ----------------------------------------------------------------------------
+
+_DROP_BLOCKS = re.compile(r"(?is)<(script|style|head)\b.*?</\1\s*>|<!--.*?-->")
+_TITLE = re.compile(r"(?is)<title\b[^>]*>(.*?)</title\s*>")
+_TAG = re.compile(r"(?s)<[^>]*>?")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\ufeff]+")
+_SPACE = re.compile(r"\s+")
+
+
+def clean(text: str, limit: int = EXCERPT_CHARS, *, cut: bool = False) -> str:
+    """One short line of `text`: control characters gone, whitespace collapsed, secrets
+    masked, at most `limit` characters. `cut`: the text was cut short before, so its last
+    word may be part of a longer (secret) string and is dropped."""
+    text = _SPACE.sub(" ", _CONTROL.sub(" ", text)).strip()
+    if cut and " " in text:
+        text = text.rsplit(" ", 1)[0]
+    text = redact(text)
+    if len(text) > limit:
+        text = text[: limit - 1].rstrip() + "…"
+    return text
+
+
+def _looks_html(text: str, content_type: str) -> bool:
+    return "html" in content_type or text.lstrip()[:200].lower().startswith(("<!doctype", "<html"))
+
+
+def excerpt(body: bytes, content_type: str = "", *, cut: bool = False) -> str:
+    """A short clean excerpt of a non-JSON body: HTML loses its markup (its <title> first)."""
+    text = body.decode("utf-8", "replace")
+    if _looks_html(text, content_type.lower()):
+        m = _TITLE.search(text)
+        title = html.unescape(_TAG.sub(" ", m.group(1))).strip() if m else ""
+        rest = html.unescape(_TAG.sub(" ", _DROP_BLOCKS.sub(" ", text)))
+        # The title (when there is one) leads: it usually says it all ("502 Bad Gateway").
+        text = f"{title} - {rest}" if title else rest
+    return clean(text, cut=cut) or "empty body"
+
+
+def _short(value: object, limit: int = 120) -> str | None:
+    if isinstance(value, str) and value.strip():
+        return clean(value, limit)
+    return None
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    try:
+        data = msgspec.json.decode(body)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def wait_texts(body: bytes) -> list[str]:
+    """The texts of a 429 body that may say how long to wait: ProblemDetails `title` and
+    `detail`, Azure API Management's `message`, or the plain text of a non-JSON body."""
+    data = _json_object(body)
+    if data is None:
+        return [body[:2000].decode("utf-8", "replace")]
+    return [v for k in ("title", "detail", "message") if isinstance(v := data.get(k), str)]
+
+
+def problem_text(body: bytes, content_type: str = "", *, cut: bool = False) -> str:
+    """What an error answer says, in one short line: the known fields of a JSON error
+    (ProblemDetails `title`, `detail`, `errors`, `traceId`; APIM `message`; OAuth `error`,
+    `error_description`) each shortened and redacted, else an excerpt of the body."""
+    data = _json_object(body)
+    if data is None:
+        return excerpt(body, content_type, cut=cut)
+    parts: list[str] = []
+    for name in ("title", "error", "message", "detail", "error_description"):
+        if (text := _short(data.get(name))) is not None:
+            parts.append(text)
+    errors = data.get("errors")
+    if isinstance(errors, dict):
+        for field, msgs in list(errors.items())[:5]:
+            texts = msgs if isinstance(msgs, list) else [msgs]
+            joined = "; ".join(t for t in texts[:3] if isinstance(t, str))
+            parts.append(clean(f"{field}: {joined}", 120))
+    if (trace := _short(data.get("traceId"), 64)) is not None:
+        parts.append(f"traceId {trace}")
+    return clean(" | ".join(parts), 2 * EXCERPT_CHARS) if parts else "unexpected JSON body"
+
+
+def redirect_error(status: int, location: str | None, request_url: str, what: str) -> str:
+    """The error a redirect becomes: its status and the host it points at (never the path or
+    query, which may carry anything)."""
+    host = "an unknown location"
+    if location:
+        try:
+            target = yarl.URL(request_url).join(yarl.URL(location.strip()))
+            if target.host:
+                host = (
+                    target.host
+                    if target.explicit_port is None
+                    else (f"{target.host}:{target.explicit_port}")
+                )
+        except (ValueError, TypeError):
+            pass
+    return clean(f"{what} answered HTTP {status}, a redirect to {host}; redirects are not followed")
+
+
+# -- page checks around the decoder ---------------------------------------------------------
+
+_NOT_JSON_SYNTAX = bytes(range(256)).translate(None, b'[]{}"')
+_BRACKETS = bytes.maketrans(b"[{]}", b"(())")
+
+
+def json_depth(body: bytes, limit: int = MAX_JSON_DEPTH) -> int:
+    """The nesting depth of a JSON document (assumed well-formed), counted up to `limit` + 1.
+
+    Byte-level operations only (no per-character Python loop): escapes go first, then every
+    byte but brackets and quotes, then string contents, then innermost pairs one level a round.
+    """
+    if b"\\" in body:
+        body = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    s = body.translate(None, _NOT_JSON_SYNTAX)
+    # Adjacent quotes are an empty string or a string's end and the next one's start: dropping
+    # them keeps every bracket on its side of the string boundaries.
+    s = s.replace(b'""', b"")
+    if b'"' in s:
+        s = b"".join(s.split(b'"')[::2])
+    s = s.translate(_BRACKETS)
+    depth = 0
+    while s and depth <= limit:
+        shorter = s.replace(b"()", b"")
+        if len(shorter) == len(s):
+            break  # unbalanced: the decoder reports it
+        s = shorter
+        depth += 1
+    return depth
+
+
+P = TypeVar("P")
+
+
+def guarded_decode(body: bytes, decode: Callable[[bytes], P], cursor_of: Callable[[P], str]) -> P:
+    """`decode(body)` with the page caps applied: invalid UTF-8, nesting deeper than
+    MAX_JSON_DEPTH, a decoder hitting the recursion limit and a `continueFrom` longer than
+    MAX_CURSOR_CHARS are TransientErrors like any other undecodable page."""
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TransientError(f"invalid export page: not UTF-8 at byte {exc.start}") from None
+    if json_depth(body) > MAX_JSON_DEPTH:
+        raise TransientError(f"invalid export page: JSON nested deeper than {MAX_JSON_DEPTH}")
+    try:
+        page = decode(body)
+    except RecursionError:
+        raise TransientError("invalid export page: JSON nested too deeply") from None
+    except ValueError as exc:  # msgspec's DecodeError and UnicodeDecodeError among them
+        raise TransientError(f"invalid export page: {type(exc).__name__}") from None
+    cursor = cursor_of(page)
+    if len(cursor) > MAX_CURSOR_CHARS:
+        raise TransientError(
+            f"invalid export page: continueFrom is {len(cursor)} characters, "
+            f"over the {MAX_CURSOR_CHARS} allowed; it is not stored"
+        )
+    return page
