@@ -87,7 +87,7 @@ MAX_RETRY_AFTER_S = 600.0
 
 # "... Try again in 3 seconds.", "retry after 2.5 secs", "wait 1 minute": a number and a unit.
 _TEXT_WAIT = re.compile(
-    r"(?<![\w.])(\d{1,9}(?:\.\d{1,6})?)\s*(seconds?|secs?|minutes?|mins?)\b", re.IGNORECASE
+    r"(?<![\w.])(-?\d{1,9}(?:\.\d{1,6})?)\s*(seconds?|secs?|minutes?|mins?)\b", re.IGNORECASE
 )
 
 

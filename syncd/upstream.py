@@ -46,10 +46,8 @@ class BodyTooLarge(TransientError):
 
 async def read_capped(resp: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
     """The (decompressed) body, read in chunks and never more than `limit` bytes of it kept;
-    the flag says whether more was there."""
-    length = resp.content_length
-    if length is not None and length > limit and not resp.headers.get("Content-Encoding"):
-        return b"", True
+    the flag says whether more was there. What was read is kept (an error body's excerpt
+    comes from its beginning); the connection is dropped with the rest unread."""
     chunks: list[bytes] = []
     size = 0
     async for chunk in resp.content.iter_chunked(64 * 1024):
@@ -95,7 +93,7 @@ def excerpt(body: bytes, content_type: str = "", *, cut: bool = False) -> str:
         title = html.unescape(_TAG.sub(" ", m.group(1))).strip() if m else ""
         rest = html.unescape(_TAG.sub(" ", _DROP_BLOCKS.sub(" ", text)))
         # The title (when there is one) leads: it usually says it all ("502 Bad Gateway").
-        text = f"{title} - {rest}" if title else rest
+        text = f"{title} - {rest}" if title and rest.strip() else title or rest
     return clean(text, cut=cut) or "empty body"
 
 
