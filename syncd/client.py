@@ -198,7 +198,7 @@ class ExportClient:
                 tokens.invalidate(token)
                 if attempt == 1:
                     continue
-                raise AuthFailed(f"401 with a fresh token: {text}")
+                raise AuthFailed(f"HTTP 401 with a freshly issued token; the API says: {text}")
             if status == 429:
                 hints = wait_texts(body)
                 wait = parse_retry_after(retry_after, hints, time.time(), tenant=tokens.tenant)
