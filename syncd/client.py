@@ -121,6 +121,13 @@ def _cursor_of(page: Page) -> str:
     return page.continue_from
 
 
+def decode_checked(body: bytes, feed: Feed, fetch_s: float = 0.0) -> Page:
+    """`decode_page` within the page caps (syncd.upstream): any body gives a Page (possibly
+    with dead letters) or a TransientError, never another exception."""
+    decode = functools.partial(decode_page, feed=feed, fetch_s=fetch_s)
+    return guarded_decode(body, decode, _cursor_of)
+
+
 def _problem_text(body: bytes, content_type: str = "", *, cut: bool = False) -> str:
     return problem_text(body, content_type, cut=cut)
 
@@ -189,8 +196,7 @@ class ExportClient:
                     raise BodyTooLarge(
                         f"page body over {MAX_BODY_BYTES} bytes (MAX_BODY_BYTES); not decoded"
                     )
-                decode = functools.partial(decode_page, feed=feed, fetch_s=elapsed)
-                return guarded_decode(body, decode, _cursor_of)
+                return decode_checked(body, feed, elapsed)
             if status in REDIRECTS:
                 raise TransientError(redirect_error(status, location, url, "the API"))
             text = _problem_text(body, content_type, cut=over)
