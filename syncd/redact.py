@@ -26,59 +26,96 @@ MIN_SECRET_CHARS = 6
 
 _lock = threading.Lock()
 _known: dict[Hashable, str] = {}
-_values: tuple[str, ...] = ()  # longest first, so that a secret containing another goes whole
+# The known secrets indexed by their first MIN_SECRET_CHARS characters: a text is scanned once
+# whatever the number of secrets (thousands of tenants mean thousands of secrets and tokens).
+_by_prefix: dict[str, tuple[str, ...]] = {}
 
-_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
-    # scheme://user:password@host -> scheme://***@host
-    (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]*@"), r"\1" + MASK + "@"),
-    # Authorization header values.
-    (re.compile(r"(?i)\b(bearer|basic)(\s+|%20|\+)[A-Za-z0-9._~+/=-]+"), r"\1\2" + MASK),
-    # name=value / "name": "value" where the name says what it is.
-    (
-        re.compile(
-            r"(?i)([\w-]*(?:token|secret|passw(?:or)?d|pwd|api[_-]?key|app[_-]?key|"
-            r"authorization|credential|signature)[\w-]*)"
-            r"(\"?'?\s*[:=]\s*(?:\"|')?)([^\s\"'&,;<>]+)"
-        ),
-        r"\1\2" + MASK,
-    ),
-    # JWTs.
-    (re.compile(r"\beyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"), MASK),
-    # Long opaque strings mixing upper case, lower case and digits: what keys and tokens look
-    # like (hex trace ids and ordinary words are left alone).
-    (
-        re.compile(
-            r"(?=[A-Za-z0-9+/_=-]*[a-z])(?=[A-Za-z0-9+/_=-]*[A-Z])"
-            r"(?=[A-Za-z0-9+/_=-]*[0-9])[A-Za-z0-9+/_=-]{40,}"
-        ),
-        MASK,
-    ),
+_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]*@")
+_AUTH_SCHEME = re.compile(r"(?i)\b(bearer|basic)(\s+|%20|\+)[A-Za-z0-9._~+/=-]+")
+_NAMED = re.compile(
+    r"(?i)([\w-]*(?:token|secret|passw(?:or)?d|pwd|api[_-]?key|app[_-]?key|"
+    r"authorization|credential|signature)[\w-]*)"
+    r"(\"?'?\s*[:=]\s*(?:\"|')?)([^\s\"'&,;<>]+)"
 )
+_NAMES = ("token", "secret", "passw", "pwd", "key", "authorization", "credential", "signature")
+_JWT = re.compile(r"\beyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
+_OPAQUE = re.compile(r"[A-Za-z0-9+/_=-]{40,}")
+
+
+def _opaque(m: re.Match[str]) -> str:
+    # Long runs mixing upper case, lower case and digits are what keys and tokens look like;
+    # hex trace ids, paths and ordinary words are left alone.
+    run = m.group(0)
+    mixed = (
+        any(c.isupper() for c in run)
+        and any(c.islower() for c in run)
+        and any(c.isdigit() for c in run)
+    )
+    return MASK if mixed else run
 
 
 def register(slot: Hashable, secret: str | None) -> None:
     """Know `secret` under `slot` (e.g. ("token", tenant)), replacing what the slot held: a
     renewed token takes its predecessor's place, so the set stays one entry per credential."""
-    global _values
+    global _by_prefix
     with _lock:
         if secret is None or len(secret) < MIN_SECRET_CHARS:
             _known.pop(slot, None)
         else:
             _known[slot] = secret
-        _values = tuple(sorted(set(_known.values()), key=len, reverse=True))
+        index: dict[str, list[str]] = {}
+        for value in set(_known.values()):
+            index.setdefault(value[:MIN_SECRET_CHARS], []).append(value)
+        # Longest first, so that a secret containing another is masked whole.
+        _by_prefix = {k: tuple(sorted(v, key=len, reverse=True)) for k, v in index.items()}
 
 
 def forget(slot: Hashable) -> None:
     register(slot, None)
 
 
+def _mask_known(text: str) -> str:
+    index = _by_prefix
+    if not index or len(text) < MIN_SECRET_CHARS:
+        return text
+    out: list[str] = []
+    i = last = 0
+    end = len(text) - MIN_SECRET_CHARS
+    while i <= end:
+        candidates = index.get(text[i : i + MIN_SECRET_CHARS])
+        if candidates is not None:
+            for value in candidates:
+                if text.startswith(value, i):
+                    out.append(text[last:i])
+                    out.append(MASK)
+                    i = last = i + len(value)
+                    break
+            else:
+                i += 1
+        else:
+            i += 1
+    if not out:
+        return text
+    out.append(text[last:])
+    return "".join(out)
+
+
 def redact(text: str) -> str:
     """`text` with every known secret and everything that looks like a credential masked."""
-    for value in _values:
-        if value in text:
-            text = text.replace(value, MASK)
-    for pattern, repl in _PATTERNS:
-        text = pattern.sub(repl, text)
+    text = _mask_known(text)
+    if len(text) < 8:
+        return text
+    if "@" in text and "://" in text:
+        text = _URL_CREDENTIALS.sub(r"\1" + MASK + "@", text)
+    lower = text.lower()
+    if "bearer" in lower or "basic" in lower:
+        text = _AUTH_SCHEME.sub(r"\1\2" + MASK, text)
+    if ("=" in text or ":" in text) and any(n in lower for n in _NAMES):
+        text = _NAMED.sub(r"\1\2" + MASK, text)
+    if "eyJ" in text:
+        text = _JWT.sub(MASK, text)
+    if len(text) >= 40:
+        text = _OPAQUE.sub(_opaque, text)
     return text
 
 

@@ -164,6 +164,7 @@ def redirect_error(status: int, location: str | None, request_url: str, what: st
 
 _NOT_JSON_SYNTAX = bytes(range(256)).translate(None, b'[]{}"')
 _BRACKETS = bytes.maketrans(b"[{]}", b"(())")
+_ESCAPE = re.compile(rb"\\.", re.DOTALL)
 
 
 def json_depth(body: bytes, limit: int = MAX_JSON_DEPTH) -> int:
@@ -172,8 +173,10 @@ def json_depth(body: bytes, limit: int = MAX_JSON_DEPTH) -> int:
     Byte-level operations only (no per-character Python loop): escapes go first, then every
     byte but brackets and quotes, then string contents, then innermost pairs one level a round.
     """
-    if b"\\" in body:
-        body = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    if b'\\"' in body:
+        # Escaped quotes would end strings early. Drop every escape with what it escapes (string
+        # content anyway); without a backslash before a quote there is nothing to do.
+        body = _ESCAPE.sub(b"", body)
     s = body.translate(None, _NOT_JSON_SYNTAX)
     # Adjacent quotes are an empty string or a string's end and the next one's start: dropping
     # them keeps every bracket on its side of the string boundaries.

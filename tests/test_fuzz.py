@@ -169,18 +169,22 @@ def toml_value(value: Any) -> str:
     return "{ " + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
 
 
-toml_values = st.recursive(
-    st.one_of(
-        st.booleans(),
-        st.integers(min_value=-(2**63), max_value=2**63 - 1),
-        st.floats(),
-        st.text(max_size=20),
-        st.sampled_from(["redis://u:p@h:0/0", "http://[::1", "${CREDENTIALS_DIRECTORY}/x", ""]),
-    ),
-    lambda inner: (
-        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
-    ),
-    max_leaves=8,
+_toml_scalars = st.one_of(
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(),
+    st.text(max_size=20),
+    st.sampled_from(["redis://u:p@h:0/0", "http://[::1", "${CREDENTIALS_DIRECTORY}/x", ""]),
+)
+_toml_shallow = st.one_of(
+    _toml_scalars,
+    st.lists(_toml_scalars, max_size=3),
+    st.dictionaries(st.text(max_size=6), _toml_scalars, max_size=3),
+)
+toml_values = st.one_of(
+    _toml_shallow,
+    st.lists(_toml_shallow, max_size=3),
+    st.dictionaries(st.text(max_size=6), _toml_shallow, max_size=3),
 )
 
 
