@@ -21,6 +21,7 @@ from syncd.config import Secret
 from syncd.daemon import http_session
 from syncd.errors import RateLimited, TransientError
 from syncd.redisserver import RedisServer
+from syncd.simulator.testing import run_simulator
 from syncd.upstream import MAX_BODY_BYTES, BodyTooLarge
 from tests.engine_helpers import DaemonProcess, config_dict, settings
 from tests.upstream_helpers import Upstream, page, serve
@@ -262,3 +263,26 @@ async def test_a_redirected_export_stores_no_cursor(
     text = "\n".join(dump)
     assert "EVIL" not in text
     assert "redirect to 127.0.0.1" in text  # the recorded last_error says why
+
+
+async def test_the_simulators_api_management_429_gives_its_wait(
+    session: aiohttp.ClientSession,
+) -> None:
+    async with run_simulator(
+        tenants=[1], records=50, page_size=5, rate_limit=1.0, quirks={"rate_limit_body": "apim"}
+    ) as sim:
+        client = ExportClient(session, sim.url, Secret(sim.app_key))
+        provider = TokenProvider(
+            session, sim.url + "/connect/token", 1, "client-1", Secret("secret-1")
+        )
+        waits = []
+        for _ in range(20):
+            try:
+                await client.fetch(provider, CUSTOMERS, None, include_recent_changes=False)
+            except RateLimited as exc:
+                waits.append(exc.retry_after)
+                break
+    # Without Retry-After, the wait comes from the body's "Try again in N seconds".
+    assert waits
+    assert waits[0] is not None
+    assert 0 < waits[0] <= 60
