@@ -150,6 +150,7 @@ class ExportClient:
         self._api = api_url.rstrip("/")
         self._app_key = app_key
         self._metrics = metrics
+        self._app_key_bytes = app_key.reveal().encode()
         redact.register("app_key", app_key.reveal())
 
     async def fetch(
@@ -196,6 +197,11 @@ class ExportClient:
                     raise BodyTooLarge(
                         f"page body over {MAX_BODY_BYTES} bytes (MAX_BODY_BYTES); not decoded"
                     )
+                sent = (self._app_key_bytes, token.encode(), *tokens.secrets_sent())
+                if any(secret in body for secret in sent):
+                    # A page echoing what it was sent would put a credential into Redis as a
+                    # cursor or an event: it is not applied.
+                    raise TransientError("page contains a credential it was sent; not applied")
                 return decode_checked(body, feed, elapsed)
             if status in REDIRECTS:
                 raise TransientError(redirect_error(status, location, url, "the API"))

@@ -286,3 +286,18 @@ async def test_the_simulators_api_management_429_gives_its_wait(
     assert waits
     assert waits[0] is not None
     assert 0 < waits[0] <= 60
+
+
+@pytest.mark.parametrize("echoed", ["app key", "token", "client secret"])
+async def test_a_page_echoing_a_credential_is_not_applied(
+    session: aiohttp.ClientSession, echoed: str
+) -> None:
+    value = {"app key": APP_KEY, "token": "tok-1-live-4f1c9e", "client secret": "secret-1"}[echoed]
+
+    async def exports(request: web.Request) -> web.Response:
+        records = [{"id": 1, "modifiedOn": "2025-01-01T00:00:00Z", "name": f"x{value}y"}]
+        return web.Response(body=page(records, "c2"), content_type="application/json")
+
+    async with serve(exports) as up:
+        with pytest.raises(TransientError, match="page contains a credential it was sent"):
+            await fetch(session, up)

@@ -3,9 +3,10 @@ in every answer it can shape, and none of them shows in any sink syncd writes or
 
 Upstream shapes (one tenant each): an HTML 500 page echoing the request headers, JSON
 ProblemDetails (title, detail, errors, traceId) on 403 and 400, Azure API Management's 429
-`message`, a 401 echo, a redirect whose Location carries the secrets, an undecodable page,
-plain-text 404, and token endpoint errors (`error`/`error_description`, an HTML 500, plain text)
-echoing the form it was posted. Every answer also carries the secrets in response headers.
+`message`, a 401 echo, a valid page whose cursor and records are the secrets, a redirect whose
+Location carries them, an undecodable page, plain-text 404, and token endpoint errors
+(`error`/`error_description`, an HTML 500, plain text) echoing the form it was posted. Every
+answer also carries the secrets in response headers.
 Sinks: the daemon's log, every Redis key and value, `syncd status` (text and JSON), `/metrics`
 and `/readyz`.
 """
@@ -38,10 +39,11 @@ APP_KEY = "ak-" + secrets.token_hex(10)
 HTML_500, PROBLEM_403, PROBLEM_400, APIM_429, ECHO_401, REDIRECT, BAD_PAGE, TEXT_404 = range(
     201, 209
 )
+PAGE_ECHO = 209  # a valid page whose cursor and records are the secrets
 # Token endpoint shapes, by tenant.
 TOKEN_JSON_401, TOKEN_HTML_500, TOKEN_TEXT_400 = range(211, 214)
 EXPORT_TENANTS = [HTML_500, PROBLEM_403, PROBLEM_400, APIM_429, ECHO_401, REDIRECT, BAD_PAGE]
-EXPORT_TENANTS.append(TEXT_404)
+EXPORT_TENANTS += [TEXT_404, PAGE_ECHO]
 TOKEN_TENANTS = [TOKEN_JSON_401, TOKEN_HTML_500, TOKEN_TEXT_400]
 TENANTS = EXPORT_TENANTS + TOKEN_TENANTS
 CLIENT_SECRETS = {t: f"cs-{t}-{secrets.token_hex(8)}" for t in TENANTS}
@@ -106,6 +108,10 @@ async def exports(request: web.Request) -> web.Response:
     if t == REDIRECT:
         location = f"http://{CLIENT_SECRETS[t]}.example/{APP_KEY}?token={TOKENS[t]}"
         return web.Response(status=302, headers={**h, "Location": location})
+    if t == PAGE_ECHO:
+        records = [{"id": 1, "name": APP_KEY, "note": CLIENT_SECRETS[t], "x": echo}]
+        body = {"hasMore": False, "continueFrom": TOKENS[t], "data": records}
+        return web.json_response(body, headers=h)
     if t == BAD_PAGE:
         text = f'{{"hasMore": true, "continueFrom": "{TOKENS[t]}", "data": [{echo}'
         return web.Response(text=text, content_type="application/json", headers=h)
@@ -224,6 +230,7 @@ async def test_planted_secrets_reach_no_sink(
     assert "HTTP 403" in errors[PROBLEM_403]
     assert "redirect to" in errors[REDIRECT]
     assert "token endpoint answered 401" in errors[TOKEN_JSON_401]
+    assert "page contains a credential" in errors[PAGE_ECHO]
     # ... but no sink holds any secret.
     for name, text in [
         ("log", log),
