@@ -40,3 +40,32 @@ def configure(level: str = "info", fmt: Literal["auto", "json", "console"] = "au
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+    _route_stdlib(renderer)
+
+
+class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Marks the handler this module installed, so that configuring again replaces it."""
+
+
+def _route_stdlib(renderer: structlog.typing.Processor) -> None:
+    """Records of libraries logging through the standard library (asyncio's "Task exception
+    was never retrieved", aiohttp's server errors) become the same lines, redacted too."""
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+        ],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            redact.processor,
+            renderer,
+        ],
+    )
+    handler = _Handler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _Handler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)

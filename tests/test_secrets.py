@@ -256,3 +256,26 @@ def _status(daemon: DaemonProcess, *extra: str) -> str:
     )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout + proc.stderr
+
+
+def test_standard_library_log_records_are_redacted_json_too() -> None:
+    """asyncio and aiohttp log through the standard library: same JSON lines, same redaction."""
+    script = """
+import logging
+from syncd import log, redact
+log.configure("info", "json")
+redact.register("k", "planted-secret-xyz")
+try:
+    raise ValueError("boom planted-secret-xyz")
+except ValueError:
+    logging.getLogger("asyncio").exception("Task exception was never retrieved")
+logging.getLogger("aiohttp.server").warning("echo %s", "Bearer abcdef123")
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    lines = [json.loads(line) for line in proc.stderr.splitlines()]
+    assert [e["event"] for e in lines] == ["Task exception was never retrieved", "echo Bearer ***"]
+    assert "ValueError: boom ***" in lines[0]["exception"]
+    assert "planted-secret-xyz" not in proc.stderr
+    assert "abcdef123" not in proc.stderr
