@@ -146,7 +146,7 @@ class TokenProvider:
             raise TransientError(f"token endpoint answer over {MAX_TOKEN_BODY_BYTES} bytes")
         try:
             parsed = msgspec.json.decode(body, type=_TokenResponse)
-        except (msgspec.DecodeError, RecursionError):
+        except (ValueError, RecursionError):  # msgspec's DecodeError, invalid UTF-8
             raise TransientError("token endpoint answered unreadable JSON") from None
         if generation != self._generation:
             # The credentials changed while this grant was under way: its token is stale.

@@ -198,7 +198,9 @@ class ExportClient:
                         f"page body over {MAX_BODY_BYTES} bytes (MAX_BODY_BYTES); not decoded"
                     )
                 sent = (self._app_key_bytes, token.encode(), *tokens.secrets_sent())
-                if any(secret in body for secret in sent):
+                if any(
+                    len(secret) >= redact.MIN_SECRET_CHARS and secret in body for secret in sent
+                ):
                     # A page echoing what it was sent would put a credential into Redis as a
                     # cursor or an event: it is not applied.
                     raise TransientError("page contains a credential it was sent; not applied")
