@@ -30,15 +30,19 @@ _known: dict[Hashable, str] = {}
 # whatever the number of secrets (thousands of tenants mean thousands of secrets and tokens).
 _by_prefix: dict[str, tuple[str, ...]] = {}
 
-_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]*@")
+# Every repetition is bounded or anchored so that no input makes a pattern backtrack over it
+# quadratically: the texts come from outside.
+_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]{0,30}://)[^/\s@]{0,256}@")
 _AUTH_SCHEME = re.compile(r"(?i)\b(bearer|basic)(\s+|%20|\+)[A-Za-z0-9._~+/=-]+")
+# A name at the start of a word (`client_secret`, `X-Api-Key`, `access_token`), then `:` or
+# `=`, then the value.
 _NAMED = re.compile(
-    r"(?i)([\w-]*(?:token|secret|passw(?:or)?d|pwd|api[_-]?key|app[_-]?key|"
-    r"authorization|credential|signature)[\w-]*)"
-    r"(\"?'?\s*[:=]\s*(?:\"|')?)([^\s\"'&,;<>]+)"
+    r"(?i)((?<![\w-])[\w-]{0,40}?(?:token|secret|passw(?:or)?d|pwd|api[_-]?key|app[_-]?key|"
+    r"authorization|credential|signature)[\w-]{0,40})"
+    r"(\"?'?\s{0,8}[:=]\s{0,8}(?:\"|')?)([^\s\"'&,;<>]+)"
 )
 _NAMES = ("token", "secret", "passw", "pwd", "key", "authorization", "credential", "signature")
-_JWT = re.compile(r"\beyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
+_JWT = re.compile(r"\beyJ[A-Za-z0-9_-]{4,4096}\.[A-Za-z0-9_-]{4,8192}\.[A-Za-z0-9_-]*")
 _OPAQUE = re.compile(r"[A-Za-z0-9+/_=-]{40,}")
 
 

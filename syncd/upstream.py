@@ -61,20 +61,27 @@ async def read_capped(resp: aiohttp.ClientResponse, limit: int) -> tuple[bytes, 
 
 # -- error text ----------------------------------------------------------------------------
 
-_DROP_BLOCKS = re.compile(r"(?is)<(script|style|head)\b.*?</\1\s*>|<!--.*?-->")
-_TITLE = re.compile(r"(?is)<title\b[^>]*>(.*?)</title\s*>")
-_TAG = re.compile(r"(?s)<[^>]*>?")
+# Block openers whose content is not text. Closers are found with str.find: no pattern here
+# may backtrack over a hostile body.
+_BLOCK = re.compile(r"(?i)<(script|style|head|title)\b|<!--")
+_TITLE_OPEN = re.compile(r"(?i)<title\b")
+_TAG = re.compile(r"<[^>]{0,2000}>?")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\ufeff]+")
 _SPACE = re.compile(r"\s+")
 
 
 def clean(text: str, limit: int = EXCERPT_CHARS, *, cut: bool = False) -> str:
     """One short line of `text`: control characters gone, whitespace collapsed, secrets
-    masked, at most `limit` characters. `cut`: the text was cut short before, so its last
-    word may be part of a longer (secret) string and is dropped."""
-    text = _SPACE.sub(" ", _CONTROL.sub(" ", text)).strip()
-    if cut and " " in text:
-        text = text.rsplit(" ", 1)[0]
+    masked, at most `limit` characters.
+
+    Redaction needs a secret whole: where the text is cut (`cut`: before it came here; or here,
+    to bound the work), the last, possibly partial word is dropped before redacting.
+    """
+    text = _SPACE.sub(" ", _CONTROL.sub(" ", text[: 16 * limit])).strip()
+    if len(text) > 4 * limit:
+        text, cut = text[: 4 * limit], True
+    if cut:
+        text = text.rsplit(" ", 1)[0] if " " in text else ""
     text = redact(text)
     if len(text) > limit:
         text = text[: limit - 1].rstrip() + "…"
@@ -85,15 +92,39 @@ def _looks_html(text: str, content_type: str) -> bool:
     return "html" in content_type or text.lstrip()[:200].lower().startswith(("<!doctype", "<html"))
 
 
+def _html_text(text: str) -> str:
+    """The readable text of an HTML page, its <title> first; linear in the page's length."""
+    lower = text.lower()
+    title = ""
+    if (t := _TITLE_OPEN.search(text)) is not None:
+        opened = text.find(">", t.end())
+        closed = lower.find("</title", t.end())
+        if 0 <= opened < closed:
+            title = text[opened + 1 : closed]
+    out: list[str] = []
+    pos = 0
+    while (m := _BLOCK.search(text, pos)) is not None:
+        out.append(text[pos : m.start()])
+        name = (m.group(1) or "").lower()
+        closer = f"</{name}" if name else "-->"
+        end = lower.find(closer, m.end())
+        if end < 0:
+            pos = len(text)  # unclosed: the rest is inside it
+            break
+        close = lower.find(">", end) if name else end + 2
+        pos = len(text) if close < 0 else close + 1
+    out.append(text[pos:])
+    title = html.unescape(_TAG.sub(" ", title)).strip()
+    rest = html.unescape(_TAG.sub(" ", " ".join(out))).strip()
+    # The title (when there is one) leads: it usually says it all ("502 Bad Gateway").
+    return f"{title} - {rest}" if title and rest else title or rest
+
+
 def excerpt(body: bytes, content_type: str = "", *, cut: bool = False) -> str:
     """A short clean excerpt of a non-JSON body: HTML loses its markup (its <title> first)."""
     text = body.decode("utf-8", "replace")
     if _looks_html(text, content_type.lower()):
-        m = _TITLE.search(text)
-        title = html.unescape(_TAG.sub(" ", m.group(1))).strip() if m else ""
-        rest = html.unescape(_TAG.sub(" ", _DROP_BLOCKS.sub(" ", text)))
-        # The title (when there is one) leads: it usually says it all ("502 Bad Gateway").
-        text = f"{title} - {rest}" if title and rest.strip() else title or rest
+        text = _html_text(text)
     return clean(text, cut=cut) or "empty body"
 
 

@@ -335,3 +335,27 @@ def test_recursion_in_the_decoder_is_a_decode_error() -> None:
 
     with pytest.raises(TransientError, match="nested too deeply"):
         guarded_decode(b"{}", deep, lambda p: p.continue_from)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"a" * 60_000 + b" token=x",
+        b"a-" * 30_000 + b"token=x",
+        b"a." * 30_000 + b"://x@",
+        b"eyJ" * 20_000,
+        b"<script" * 9_000,
+        b"<!--" * 15_000,
+        b"<title>" * 9_000,
+        b"<html>" + b"<" * 60_000,
+        b"1 " * 30_000 + b"seconds",
+    ],
+)
+def test_hostile_bodies_are_handled_in_linear_time(body: bytes) -> None:
+    """Shapes that make a backtracking pattern quadratic (minutes on 64 KiB): each must come
+    back at once; the suite's per-test timeout is what fails otherwise."""
+    for content_type in ("text/html", "text/plain", "application/json"):
+        text = problem_text(body, content_type)
+        assert len(text) <= 2 * EXCERPT_CHARS
+    redact.redact(body.decode())
+    parse_retry_after(None, wait_texts(body), now_unix=0.0)
