@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from syncd import catalogue, config
 from syncd.client import Page, decode_checked
 from syncd.errors import TransientError
-from syncd.upstream import MAX_CURSOR_CHARS, MAX_JSON_DEPTH
+from syncd.upstream import MAX_CURSOR_CHARS, MAX_JSON_DEPTH, json_depth
 
 _LONG = os.environ.get("SYNCD_FUZZ_EXAMPLES")
 BUDGET = settings(
@@ -240,3 +240,28 @@ def test_config_loader_on_mutated_configurations(body: bytes) -> None:
 @given(body=st.binary(max_size=500))
 def test_config_loader_on_any_bytes(body: bytes) -> None:
     check_config(body)
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    return 0
+
+
+tricky_text = st.text(alphabet='[]{}"\\/ab\n\u00e9', max_size=12)
+nested = st.recursive(
+    st.one_of(st.none(), st.integers(), tricky_text),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(tricky_text, inner, max_size=3),
+    max_leaves=30,
+)
+
+
+@BUDGET
+@given(value=nested, ascii_only=st.booleans())
+def test_json_depth_agrees_with_the_structure(value: Any, ascii_only: bool) -> None:
+    """The byte-level depth scan against a plain recursive count, on strings full of brackets,
+    quotes and backslashes."""
+    body = json.dumps(value, ensure_ascii=ascii_only).encode()
+    assert json_depth(body) == _depth(value)
