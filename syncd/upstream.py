@@ -116,6 +116,8 @@ def _html_text(text: str) -> str:
     out.append(text[pos:])
     title = html.unescape(_TAG.sub(" ", title)).strip()
     rest = html.unescape(_TAG.sub(" ", " ".join(out))).strip()
+    # Pages often repeat their title as the first heading.
+    rest = _SPACE.sub(" ", rest).removeprefix(_SPACE.sub(" ", title)).strip() if title else rest
     # The title (when there is one) leads: it usually says it all ("502 Bad Gateway").
     return f"{title} - {rest}" if title and rest else title or rest
 

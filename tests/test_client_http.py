@@ -301,3 +301,46 @@ async def test_a_page_echoing_a_credential_is_not_applied(
     async with serve(exports) as up:
         with pytest.raises(TransientError, match="page contains a credential it was sent"):
             await fetch(session, up)
+
+
+async def test_the_simulators_gzip_pages_and_gateway_error_pages(
+    session: aiohttp.ClientSession,
+) -> None:
+    quirks = {1: {"gzip": True, "error_body": "html"}, 2: {"error_body": "text"}}
+    async with run_simulator(tenants=[1, 2], records=40, page_size=15, tenant_quirks=quirks) as sim:
+        client = ExportClient(session, sim.url, Secret(sim.app_key))
+        for tenant in (1, 2):
+            provider = TokenProvider(
+                session,
+                sim.url + "/connect/token",
+                tenant,
+                f"client-{tenant}",
+                Secret(f"secret-{tenant}"),
+            )
+            keys: list[str] = []
+            cursor = None
+            for _ in range(10):
+                got = await client.fetch(provider, CUSTOMERS, cursor, include_recent_changes=False)
+                keys += got.keys
+                cursor = got.continue_from
+                if not got.has_more:
+                    break
+            assert len(set(keys)) == 40
+            texts = {}
+            for status in (500, 502, 503):
+                url = f"{sim.url}/_sim/tenants/{tenant}/faults"
+                async with session.post(url, json={"error_rate": 1.0, "status": status}) as r:
+                    assert r.status == 200
+                with pytest.raises(TransientError) as exc:
+                    await client.fetch(provider, CUSTOMERS, cursor, include_recent_changes=False)
+                texts[status] = str(exc.value)
+            async with session.post(f"{sim.url}/_sim/tenants/{tenant}/faults", json={}) as r:
+                assert r.status == 200
+            for status, text in texts.items():
+                assert text.startswith(f"HTTP {status}: "), text
+                assert "<" not in text
+                assert len(text) <= 230
+            if tenant == 2:
+                assert texts[502] == "HTTP 502: Bad Gateway"
+            else:
+                assert "502 Bad Gateway" in texts[502]
