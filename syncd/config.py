@@ -21,6 +21,8 @@ import msgspec
 
 from syncd import catalogue
 from syncd.keys import DEFAULT_PREFIX
+from syncd.redisurl import check_url, redact_url
+from syncd.secretfiles import SecretFileError, read_secret_file
 
 ENVIRONMENTS: dict[str, tuple[str, str]] = {
     "production": ("https://auth.servicetitan.io/connect/token", "https://api.servicetitan.io"),
@@ -58,8 +60,30 @@ class Secret:
         return hash(self._value)
 
 
+# The longest engine.shutdown_grace: the units' TimeoutStopSec (45 s) leaves 5 s after it for
+# closing connections before systemd sends SIGKILL.
+MAX_SHUTDOWN_GRACE_S = 40.0
+
+
 class _Base(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     pass
+
+
+def _masked_repr(
+    obj: msgspec.Struct, secrets: tuple[str, ...] = (), urls: tuple[str, ...] = ()
+) -> str:
+    """A repr with inline secrets shown as '***' and URLs without their credentials."""
+    parts = []
+    for field in obj.__struct_fields__:
+        value = getattr(obj, field)
+        if field in secrets and value is not None:
+            shown = "'***'"
+        elif field in urls and isinstance(value, str):
+            shown = repr(redact_url(value))
+        else:
+            shown = repr(value)
+        parts.append(f"{field}={shown}")
+    return f"{type(obj).__name__}({', '.join(parts)})"
 
 
 class RedisConfig(_Base, frozen=True):
@@ -71,6 +95,14 @@ class RedisConfig(_Base, frozen=True):
     # Start even when Redis may evict keys (maxmemory-policy allkeys-*): cursors, fingerprints
     # or whole streams can vanish, which means duplicates or lost events.
     allow_eviction: bool = False
+    # TLS (rediss://): a CA bundle to verify the server with, and a client certificate and key
+    # for servers that require one (tls-auth-clients).
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+
+    def __repr__(self) -> str:
+        return _masked_repr(self, urls=("url",))
 
 
 class ServiceTitanConfig(_Base, frozen=True):
@@ -84,6 +116,9 @@ class ServiceTitanConfig(_Base, frozen=True):
     request_timeout: float = 105.0
     connect_timeout: float = 10.0
     max_connections: int = 256
+
+    def __repr__(self) -> str:
+        return _masked_repr(self, secrets=("app_key",))
 
 
 class TenantDefaults(_Base, frozen=True):
@@ -129,6 +164,9 @@ class TenantConfig(_Base, frozen=True):
     start: str | None = None
     feeds: list[str] | None = None
 
+    def __repr__(self) -> str:
+        return _masked_repr(self, secrets=("client_secret",))
+
 
 class EngineConfig(_Base, frozen=True):
     workers: int = 64
@@ -146,7 +184,13 @@ class LogConfig(_Base, frozen=True):
 
 
 class OpsConfig(_Base, frozen=True):
-    listen: str | None = None
+    listen: str | None = None  # "HOST:PORT" or "unix:/PATH"
+    # A bearer token required on /metrics and /readyz (/healthz stays open for probes).
+    token_file: str | None = None
+    header_timeout: float = 10.0  # seconds for a client to send its request headers
+    idle_timeout: float = 30.0  # seconds a kept-alive connection may wait for its next request
+    max_connections: int = 64  # open connections beyond this are closed at once
+    readiness_interval: float = 2.0  # seconds between background readiness checks
 
 
 class Config(_Base, frozen=True):
@@ -159,6 +203,9 @@ class Config(_Base, frozen=True):
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     ops: OpsConfig = msgspec.field(default_factory=OpsConfig)
     tenants: list[TenantConfig] = msgspec.field(default_factory=list)
+    # Accept secret files that group or others can read, owned by someone else, or reached
+    # through a symlink out of their directory.
+    allow_insecure_secret_files: bool = False
     path: str = ""  # set by load(); not a configuration key
 
 
@@ -187,6 +234,7 @@ class Settings:
     api_url: str
     app_key: Secret
     tenants: tuple[TenantSettings, ...]
+    ops_token: Secret | None = None
 
     def feed_options(self, feed: str) -> FeedOptions:
         return self.config.feeds.get(feed) or _DEFAULT_FEED_OPTIONS
@@ -309,8 +357,7 @@ def _check(cfg: Config, name: str) -> None:
         value = getattr(st, field)
         if value is not None and not value.startswith(("http://", "https://")):
             raise _fail(name, f"servicetitan.{field}", f"expected an http(s) URL, got {value!r}")
-    if not cfg.redis.url.startswith(("redis://", "rediss://", "unix://")):
-        raise _fail(name, "redis.url", "expected a redis://, rediss:// or unix:// URL")
+    _check_redis(cfg.redis, name)
     if not cfg.redis.key_prefix or "{" in cfg.redis.key_prefix:
         raise _fail(name, "redis.key_prefix", "must be non-empty and without '{'")
     _check_numbers(cfg, name)
@@ -349,10 +396,10 @@ def _check(cfg: Config, name: str) -> None:
         check_start(name, f"{key}.start", t.start)
         _check_limits(name, key, t)
     if cfg.ops.listen is not None:
-        from syncd.ops import parse_listen
+        from syncd.ops import check_listen
 
         try:
-            parse_listen(cfg.ops.listen)
+            check_listen(cfg.ops.listen)
         except ValueError as exc:
             raise _fail(name, "ops.listen", str(exc)) from None
 
@@ -375,8 +422,17 @@ def _check_numbers(cfg: Config, name: str) -> None:
         raise _fail(name, "engine.backoff_max", "must be at least engine.backoff_base")
     if not 0 <= e.jitter < 1:
         raise _fail(name, "engine.jitter", f"must be a share in [0, 1), got {e.jitter}")
-    if e.shutdown_grace < 0:
-        raise _fail(name, "engine.shutdown_grace", "must be >= 0 seconds")
+    if not 0 <= e.shutdown_grace <= MAX_SHUTDOWN_GRACE_S:
+        raise _fail(
+            name,
+            "engine.shutdown_grace",
+            f"must be 0..{MAX_SHUTDOWN_GRACE_S:g} seconds, got {e.shutdown_grace:g} (it must end "
+            "before the unit's TimeoutStopSec=45 sends SIGKILL)",
+        )
+    o = cfg.ops
+    for key in ("header_timeout", "idle_timeout", "readiness_interval", "max_connections"):
+        if getattr(o, key) <= 0:
+            raise _fail(name, f"ops.{key}", f"must be > 0, got {getattr(o, key)}")
     for feed, opts in cfg.feeds.items():
         if opts.poll_interval is not None and opts.poll_interval <= 0:
             raise _fail(name, f"feeds.{feed}.poll_interval", "must be > 0 seconds")
@@ -384,6 +440,17 @@ def _check_numbers(cfg: Config, name: str) -> None:
             value = getattr(opts, key)
             if value is not None and value < 0:
                 raise _fail(name, f"feeds.{feed}.{key}", "must be >= 0 (0: no limit)")
+
+
+def _check_redis(rc: RedisConfig, name: str) -> None:
+    problem = check_url(rc.url)
+    if problem is not None:
+        raise _fail(name, "redis.url", f"{problem} (in {redact_url(rc.url)})")
+    tls = [k for k in ("tls_ca_file", "tls_cert_file", "tls_key_file") if getattr(rc, k)]
+    if tls and not rc.url.startswith("rediss://"):
+        raise _fail(name, f"redis.{tls[0]}", "needs a rediss:// URL")
+    if (rc.tls_cert_file is None) != (rc.tls_key_file is None):
+        raise _fail(name, "redis.tls_cert_file", "set tls_cert_file and tls_key_file together")
 
 
 def _check_limits(name: str, key: str, obj: TenantDefaults | TenantConfig) -> None:
@@ -404,6 +471,7 @@ def _read_secret(
     file: str | None,
     env: str | None,
     environ: Mapping[str, str],
+    allow_insecure: bool = False,
 ) -> Secret:
     if value is not None:
         return Secret(value)
@@ -416,13 +484,11 @@ def _read_secret(
     if path is None:
         raise _fail(name, key + "_file", f"{file!r} names an unset variable")
     try:
-        text = Path(path).read_text("utf-8")
-    except OSError as exc:
-        raise _fail(name, key + "_file", f"cannot read {path}: {exc.strerror or exc}") from None
-    secret = text.strip()
-    if not secret:
-        raise _fail(name, key + "_file", f"{path} is empty")
-    return Secret(secret)
+        return Secret(read_secret_file(path, allow_insecure=allow_insecure))
+    except SecretFileError as exc:
+        hint = "" if allow_insecure else " (allow_insecure_secret_files = true overrides)"
+        what = str(exc) + (hint if "cannot read" not in str(exc) else "")
+        raise _fail(name, key + "_file", what) from None
 
 
 _VAR = re.compile(r"\$\{(\w+)\}|\$(\w+)")
@@ -449,8 +515,9 @@ def resolve(cfg: Config, environ: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if environ is None else environ
     name, st, d = cfg.path or "<config>", cfg.servicetitan, cfg.defaults
     default_auth, default_api = ENVIRONMENTS[st.environment]
+    insecure = cfg.allow_insecure_secret_files
     app_key = _read_secret(
-        name, "servicetitan.app_key", st.app_key, st.app_key_file, st.app_key_env, env
+        name, "servicetitan.app_key", st.app_key, st.app_key_file, st.app_key_env, env, insecure
     )
     tenants = []
     all_feeds = catalogue.default_feeds()
@@ -462,6 +529,7 @@ def resolve(cfg: Config, environ: Mapping[str, str] | None = None) -> Settings:
             t.client_secret_file,
             t.client_secret_env,
             env,
+            insecure,
         )
         start = t.start if t.start is not None else d.start
         feeds = t.feeds if t.feeds is not None else d.feeds
@@ -479,13 +547,50 @@ def resolve(cfg: Config, environ: Mapping[str, str] | None = None) -> Settings:
                 feeds=tuple(dict.fromkeys(feeds)) if feeds is not None else all_feeds,
             )
         )
+    ops_token = None
+    if cfg.ops.token_file is not None:
+        ops_token = _read_secret(name, "ops.token", None, cfg.ops.token_file, None, env, insecure)
+    cfg = _resolve_tls(cfg, name, env)
     return Settings(
         config=cfg,
+        ops_token=ops_token,
         auth_url=(st.auth_url or default_auth),
         api_url=(st.api_url or default_api).rstrip("/"),
         app_key=app_key,
         tenants=tuple(tenants),
     )
+
+
+def _resolve_tls(cfg: Config, name: str, env: Mapping[str, str]) -> Config:
+    """Expand ${VAR} in the TLS file paths and check that the files load."""
+    rc = cfg.redis
+    paths: dict[str, str | None] = {}
+    for key in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+        value = getattr(rc, key)
+        if value is not None:
+            value = _expand(value, env)
+            if value is None:
+                raise _fail(name, f"redis.{key}", f"{getattr(rc, key)!r} names an unset variable")
+        paths[key] = value
+    if paths["tls_key_file"] is not None and not cfg.allow_insecure_secret_files:
+        try:
+            read_secret_file(paths["tls_key_file"])
+        except SecretFileError as exc:
+            what = f"{exc} (allow_insecure_secret_files = true overrides)"
+            raise _fail(name, "redis.tls_key_file", what) from None
+    import ssl
+
+    context = ssl.create_default_context()
+    try:
+        if paths["tls_ca_file"] is not None:
+            key = "tls_ca_file"
+            context.load_verify_locations(cafile=paths["tls_ca_file"])
+        if paths["tls_cert_file"] is not None:
+            key = "tls_cert_file"
+            context.load_cert_chain(paths["tls_cert_file"], paths["tls_key_file"])
+    except (OSError, ssl.SSLError) as exc:
+        raise _fail(name, f"redis.{key}", f"cannot load: {exc.strerror or exc}") from None
+    return msgspec.structs.replace(cfg, redis=msgspec.structs.replace(rc, **paths))
 
 
 def _pick(own: _T | None, default: _T) -> _T:

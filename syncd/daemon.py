@@ -433,7 +433,9 @@ class Daemon:
                     loop.add_signal_handler(sig, self._on_signal, sig)
                 loop.add_signal_handler(signal.SIGHUP, self._on_hup)
                 if cfg.ops.listen is not None:
-                    self.ops = OpsServer(cfg.ops.listen, self.metrics, self)
+                    self.ops = OpsServer(
+                        cfg.ops.listen, self.metrics, self, cfg.ops, self.settings.ops_token
+                    )
                     await self.ops.start()
                 if not await self._startup():
                     return self._exit_code(started, interrupted=True)

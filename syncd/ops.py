@@ -1,22 +1,37 @@
-"""The ops HTTP server: Prometheus metrics, liveness and readiness for orchestrators and humans."""
+"""The ops HTTP server: Prometheus metrics, liveness and readiness for orchestrators and humans.
+
+`/readyz` answers from the result of a background check (every `readiness_interval` seconds), so
+a flood of probes costs no Redis call. With a token, `/metrics` and `/readyz` require
+`Authorization: Bearer <token>`; `/healthz` stays open: it says nothing beyond "alive", and
+systemd or Kubernetes probes must reach it without credentials.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gzip
+import hmac
 import ipaddress
 import json
 from typing import Protocol
 
 import structlog
-from aiohttp import web
 
+from syncd.config import OpsConfig, Secret
 from syncd.metrics import CONTENT_TYPE, Metrics
+from syncd.opshttp import HttpServer, Request, Response
 
 log = structlog.get_logger(__name__)
 
 # A readiness probe that hangs is worse than one that fails: the prober times out without
 # learning why. Kept below the usual 10 s probe timeouts.
 READINESS_TIMEOUT_S = 5.0
+# Below this size compressing /metrics costs more than it saves.
+COMPRESS_MIN_BYTES = 1024
+UNIX_PREFIX = "unix:"
+# sockaddr_un's sun_path is 108 bytes, with the terminating NUL.
+UNIX_PATH_MAX = 107
 
 
 class HealthSource(Protocol):
@@ -31,13 +46,32 @@ class HealthSource(Protocol):
         ...
 
 
+def unix_path(text: str) -> str | None:
+    """The socket path of "unix:/PATH", None for a TCP address; ValueError for a bad path."""
+    value = text.strip()
+    if not value.startswith(UNIX_PREFIX):
+        return None
+    path = value[len(UNIX_PREFIX) :]
+    if not path.startswith("/"):
+        raise ValueError(f"listen address {text!r}: a unix socket needs an absolute path")
+    if len(path.encode()) > UNIX_PATH_MAX:
+        raise ValueError(f"listen address {text!r}: socket path longer than {UNIX_PATH_MAX} bytes")
+    return path
+
+
+def check_listen(text: str) -> None:
+    """ValueError when `text` is neither "HOST:PORT" nor "unix:/PATH"."""
+    if unix_path(text) is None:
+        parse_listen(text)
+
+
 def parse_listen(text: str) -> tuple[str, int]:
     """Split "HOST:PORT" into host and port; "[::1]:9108" for IPv6, ":9108" for every interface.
 
     An empty host binds all interfaces of both address families. Port 0 picks a free port.
     """
     value = text.strip()
-    hint = "expected HOST:PORT, e.g. 127.0.0.1:9108, [::1]:9108 or :9108"
+    hint = "expected HOST:PORT, e.g. 127.0.0.1:9108, [::1]:9108, :9108, or unix:/PATH"
     if value.startswith("["):
         host, sep, port_text = value[1:].partition("]:")
         if not sep:
@@ -59,80 +93,114 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-def _json(body: dict[str, object], status: int) -> web.Response:
+def _json(body: dict[str, object], status: int, headers: dict[str, str] | None = None) -> Response:
     # default=str: details come from the engine and may hold datetimes or paths.
-    return web.Response(
-        text=json.dumps(body, default=str, sort_keys=True),
-        status=status,
-        content_type="application/json",
-    )
+    text = json.dumps(body, default=str, sort_keys=True)
+    return Response(status, text.encode(), headers=headers or {})
 
 
 class OpsServer:
-    """Serves `GET /metrics`, `/healthz` and `/readyz` on one listen address."""
+    """Serves `GET /metrics`, `/healthz` and `/readyz` on one TCP address or unix socket."""
 
-    def __init__(self, listen: str, metrics: Metrics, health: HealthSource) -> None:
-        self.host, self._requested_port = parse_listen(listen)
+    def __init__(
+        self,
+        listen: str,
+        metrics: Metrics,
+        health: HealthSource,
+        options: OpsConfig | None = None,
+        token: Secret | None = None,
+    ) -> None:
+        self.unix_path = unix_path(listen)
+        self.host, self._requested_port = ("", 0) if self.unix_path else parse_listen(listen)
         self.metrics = metrics
         self.health = health
-        self._runner: web.AppRunner | None = None
+        self.options = options or OpsConfig(listen=listen)
+        self._token = token.reveal().encode() if token is not None else None
+        self.http = HttpServer(
+            self._route,
+            header_timeout=self.options.header_timeout,
+            idle_timeout=self.options.idle_timeout,
+            max_connections=self.options.max_connections,
+        )
+        self._started = False
+        self._refresher: asyncio.Task[None] | None = None
+        self._ready: tuple[bool, dict[str, object]] = (False, {"reasons": ["starting"]})
+        self.readiness_checks = 0
         self.port = 0
 
     async def start(self) -> None:
-        """Bind and serve; `port` is the bound port afterwards."""
-        if self._runner is not None:
+        """Bind and serve; `port` is the bound TCP port afterwards."""
+        if self._started:
             raise RuntimeError("OpsServer already started")
-        app = web.Application()
-        app.router.add_get("/metrics", self._metrics)
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/readyz", self._readyz)
-        # No access log: a scrape every few seconds would drown the daemon's own events. A short
-        # shutdown timeout: a scrape cut off at exit costs nothing, while waiting for it would eat
-        # into the daemon's shutdown grace.
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, self.host or None, self._requested_port).start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        # With a host name that resolves to several addresses and port 0, each socket gets a
-        # port of its own; the first one is reported.
-        self.port = int(runner.addresses[0][1])
-        log.info("ops_server_started", host=self.host or "*", port=self.port)
+        self._started = True
+        if self.unix_path is not None:
+            await self.http.start_unix(self.unix_path)
+        else:
+            self.port = await self.http.start_tcp(self.host or None, self._requested_port)
+        self._refresher = asyncio.create_task(self._refresh_readiness())
+        where = self.unix_path or f"{self.host or '*'}:{self.port}"
+        log.info("ops_server_started", listen=where, token=self._token is not None)
 
     async def stop(self) -> None:
-        """Close the listening sockets and finish open requests; safe to call twice."""
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
+        """Close the listening socket and every open connection; safe to call twice."""
+        refresher, self._refresher = self._refresher, None
+        if refresher is not None:
+            refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresher
+        await self.http.stop()
 
-    async def _metrics(self, request: web.Request) -> web.StreamResponse:
+    async def _refresh_readiness(self) -> None:
+        while True:
+            self._ready = await self._check_readiness()
+            self.readiness_checks += 1
+            await asyncio.sleep(self.options.readiness_interval)
+
+    async def _check_readiness(self) -> tuple[bool, dict[str, object]]:
+        try:
+            async with asyncio.timeout(READINESS_TIMEOUT_S):
+                return await self.health.readiness()
+        except TimeoutError:
+            log.warning("readiness_check_timeout", timeout_s=READINESS_TIMEOUT_S)
+            return False, {"error": "readiness check timed out"}
+        except Exception as exc:
+            log.exception("readiness_check_failed")
+            return False, {"error": type(exc).__name__}
+
+    def _authorized(self, request: Request) -> bool:
+        if self._token is None:
+            return True
+        given = request.headers.get("authorization", "").encode("latin-1")
+        return hmac.compare_digest(given, b"Bearer " + self._token)
+
+    async def _route(self, request: Request) -> Response:
+        if request.path == "/healthz":
+            return self._healthz()
+        if request.path not in ("/metrics", "/readyz"):
+            return _json({"error": "not found"}, 404)
+        if not self._authorized(request):
+            return _json({"error": "unauthorized"}, 401, {"WWW-Authenticate": "Bearer"})
+        if request.path == "/readyz":
+            ok, details = self._ready
+            return _json({**details, "status": "ok" if ok else "fail"}, 200 if ok else 503)
+        return await self._metrics(request)
+
+    async def _metrics(self, request: Request) -> Response:
         body = await self.metrics.render_async()
-        response = web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
-        # Thousands of tenants make tens of megabytes of text that compresses over tenfold; aiohttp
-        # compresses large bodies off the event loop.
-        response.enable_compression()
-        return response
+        headers = {}
+        # Thousands of tenants make tens of megabytes of text that compresses over tenfold;
+        # compressed off the event loop.
+        accepts = request.headers.get("accept-encoding", "").lower()
+        if len(body) >= COMPRESS_MIN_BYTES and "gzip" in accepts:
+            body = await asyncio.to_thread(gzip.compress, body, 5)
+            headers["Content-Encoding"] = "gzip"
+        return Response(200, body, CONTENT_TYPE, headers)
 
-    async def _healthz(self, request: web.Request) -> web.Response:
+    def _healthz(self) -> Response:
         # Answering at all proves the event loop runs; liveness adds that the scheduler does.
         try:
             ok, details = self.health.liveness()
         except Exception as exc:
             log.exception("liveness_check_failed")
-            return _json({"status": "error", "error": type(exc).__name__}, 503)
-        return _json({**details, "status": "ok" if ok else "fail"}, 200 if ok else 503)
-
-    async def _readyz(self, request: web.Request) -> web.Response:
-        try:
-            async with asyncio.timeout(READINESS_TIMEOUT_S):
-                ok, details = await self.health.readiness()
-        except TimeoutError:
-            log.warning("readiness_check_timeout", timeout_s=READINESS_TIMEOUT_S)
-            return _json({"status": "fail", "error": "readiness check timed out"}, 503)
-        except Exception as exc:
-            log.exception("readiness_check_failed")
             return _json({"status": "error", "error": type(exc).__name__}, 503)
         return _json({**details, "status": "ok" if ok else "fail"}, 200 if ok else 503)

@@ -27,7 +27,7 @@ from syncd.config import RedisConfig
 
 RedisClient: TypeAlias = aioredis.Redis | RedisCluster
 
-__all__ = ["RedisClient", "RedisCluster", "connect"]
+__all__ = ["RedisClient", "RedisCluster", "connect", "tls_options"]
 
 
 def _pack(args: tuple[Any, ...]) -> list[bytes] | None:
@@ -64,10 +64,21 @@ _FAST: dict[type[Any], type[Any]] = {
 }
 
 
+def tls_options(cfg: RedisConfig) -> dict[str, Any]:
+    """redis-py's TLS keyword arguments for the configured CA file, client certificate and key."""
+    options: dict[str, Any] = {}
+    if cfg.tls_ca_file:
+        options["ssl_ca_certs"] = cfg.tls_ca_file
+    if cfg.tls_cert_file:
+        options["ssl_certfile"] = cfg.tls_cert_file
+        options["ssl_keyfile"] = cfg.tls_key_file
+    return options
+
+
 def connect(cfg: RedisConfig) -> RedisClient:
     """A client for the configured URL (redis://, rediss://, unix://), or a cluster client."""
     if cfg.cluster:
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = tls_options(cfg)
         if cfg.url.startswith("redis://"):
             extra["connection_class"] = FastConnection
         return RedisCluster.from_url(
@@ -79,6 +90,8 @@ def connect(cfg: RedisConfig) -> RedisClient:
         "health_check_interval": 30,
     }
     options.update(parse_url(cfg.url))
+    if options.get("connection_class") is SSLConnection:
+        options.update(tls_options(cfg))
     plain = options.get("connection_class", Connection)
     options["connection_class"] = _FAST.get(plain, plain)
     # from_pool: closing the client closes the pool (and its connections) too.

@@ -43,6 +43,7 @@ start = "2024-01-01"
 def write(tmp_path: Path, text: str, secret: str = "secret-1002\n") -> Path:
     secret_file = tmp_path / "secret"
     secret_file.write_text(secret)
+    secret_file.chmod(0o600)
     path = tmp_path / "syncd.toml"
     path.write_text(text.replace("SECRET_FILE", str(secret_file)))
     return path
@@ -78,6 +79,7 @@ def test_environment_picks_urls(tmp_path: Path) -> None:
 def test_credentials_directory_expansion(tmp_path: Path) -> None:
     (tmp_path / "creds").mkdir()
     (tmp_path / "creds" / "app_key").write_text("cred-key\n")
+    (tmp_path / "creds" / "app_key").chmod(0o600)
     text = GOOD.replace('app_key = "k"', 'app_key_file = "${CREDENTIALS_DIRECTORY}/app_key"')
     s = config.load_settings(
         write(tmp_path, text), environ={"CREDENTIALS_DIRECTORY": str(tmp_path / "creds")}

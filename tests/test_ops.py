@@ -12,6 +12,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from syncd import ops
+from syncd.config import OpsConfig
 from syncd.metrics import CONTENT_TYPE, Metrics, status_class
 from syncd.ops import OpsServer, parse_listen
 
@@ -81,10 +82,26 @@ def metrics() -> Metrics:
 
 @pytest.fixture
 async def server(metrics: Metrics, health: FakeHealth) -> AsyncIterator[OpsServer]:
-    srv = OpsServer("127.0.0.1:0", metrics, health)
+    # Readiness is checked in the background; often here, so that tests see changes quickly.
+    options = OpsConfig(listen="127.0.0.1:0", readiness_interval=0.02)
+    srv = OpsServer("127.0.0.1:0", metrics, health, options)
     await srv.start()
     yield srv
     await srv.stop()
+
+
+async def readyz_until(
+    http: aiohttp.ClientSession, server: OpsServer, status: int, body: dict[str, object]
+) -> None:
+    """Poll /readyz until it answers `status` with `body` (the background check catches up)."""
+    got: tuple[int, object] = (0, None)
+    for _ in range(500):
+        async with http.get(url(server, "/readyz")) as resp:
+            got = (resp.status, await resp.json())
+        if got == (status, body):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"/readyz kept answering {got}, expected {(status, body)}")
 
 
 @pytest.fixture
@@ -160,17 +177,14 @@ async def test_healthz(server: OpsServer, health: FakeHealth, http: aiohttp.Clie
 
 
 async def test_readyz(server: OpsServer, health: FakeHealth, http: aiohttp.ClientSession) -> None:
-    async with http.get(url(server, "/readyz")) as resp:
-        assert resp.status == 200
-        assert await resp.json() == {"status": "ok", "redis": "ok", "tenants": 2}
+    await readyz_until(http, server, 200, {"status": "ok", "redis": "ok", "tenants": 2})
     health.ready = (False, {"redis": "ConnectionError", "tenants_failing": [123456]})
-    async with http.get(url(server, "/readyz")) as resp:
-        assert resp.status == 503
-        assert await resp.json() == {
-            "status": "fail",
-            "redis": "ConnectionError",
-            "tenants_failing": [123456],
-        }
+    await readyz_until(
+        http,
+        server,
+        503,
+        {"status": "fail", "redis": "ConnectionError", "tenants_failing": [123456]},
+    )
 
 
 async def test_readyz_times_out(
@@ -181,19 +195,17 @@ async def test_readyz_times_out(
 ) -> None:
     monkeypatch.setattr(ops, "READINESS_TIMEOUT_S", 0.05)
     health.ready_delay = 5
-    async with http.get(url(server, "/readyz")) as resp:
-        assert resp.status == 503
-        assert await resp.json() == {"status": "fail", "error": "readiness check timed out"}
+    await readyz_until(http, server, 503, {"status": "fail", "error": "readiness check timed out"})
 
 
-@pytest.mark.parametrize("path", ["/healthz", "/readyz"])
 async def test_failing_health_source_answers_503(
-    server: OpsServer, health: FakeHealth, http: aiohttp.ClientSession, path: str
+    server: OpsServer, health: FakeHealth, http: aiohttp.ClientSession
 ) -> None:
     health.fail_with = RuntimeError("boom")
-    async with http.get(url(server, path)) as resp:
+    async with http.get(url(server, "/healthz")) as resp:
         assert resp.status == 503
         assert await resp.json() == {"status": "error", "error": "RuntimeError"}
+    await readyz_until(http, server, 503, {"status": "fail", "error": "RuntimeError"})
 
 
 async def test_unknown_path_is_404(server: OpsServer, http: aiohttp.ClientSession) -> None:

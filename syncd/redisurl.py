@@ -1,0 +1,69 @@
+"""Redis URLs: checked the way the client will parse them, and shown without credentials."""
+
+from __future__ import annotations
+
+import urllib.parse
+from typing import Any
+
+from redis.asyncio.connection import ConnectionPool, parse_url
+from redis.exceptions import RedisError
+
+SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password (and a user name standing alone) replaced by ***."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        netloc = parts.netloc
+    except ValueError:
+        return "<unparsable URL>"
+    if "@" not in netloc:
+        return url
+    userinfo, _, hostport = netloc.rpartition("@")
+    user, sep, _password = userinfo.partition(":")
+    shown = f"{user}:***" if sep else "***"
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{shown}@{hostport}"))
+
+
+def check_url(url: str) -> str | None:
+    """What makes `url` unusable for the Redis client, or None; never echoes credentials.
+
+    Parses with redis-py's own parser and builds (without connecting) the connection the daemon
+    would, so that whatever would fail at start fails here.
+    """
+    if not url.startswith(SCHEMES):
+        return "expected a redis://, rediss:// or unix:// URL"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+        options: dict[str, Any] = dict(parse_url(url))
+        ConnectionPool(**options).make_connection()  # type: ignore[no-untyped-call]
+    except (ValueError, TypeError, RedisError) as exc:
+        return _scrub(str(exc), url)
+    if url.startswith("unix://"):
+        if not options.get("path"):
+            return "a unix:// URL needs a socket path, e.g. unix:///run/redis/redis.sock"
+    elif port == 0:
+        return "port must be 1..65535, got 0"
+    elif not parts.hostname:
+        return "no host name"
+    elif parts.path.strip("/") and not parts.path.strip("/").isdigit():
+        return f"database must be a number, got {parts.path.strip('/')!r}"
+    return None
+
+
+def _scrub(message: str, url: str) -> str:
+    """A parser message, unless it contains a credential of `url` (then a generic one)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        # A user name of a letter or two would match any message; longer ones are checked.
+        secrets = [s for s in (parts.password,) if s]
+        if parts.username and len(parts.username) > 2:
+            secrets.append(parts.username)
+    except ValueError:
+        secrets = []
+    secrets += [urllib.parse.unquote(s) for s in secrets]
+    if url in message or any(s in message for s in secrets):
+        return "cannot be parsed (check the host, port, database and query options)"
+    return message.rstrip(".")
