@@ -9,12 +9,16 @@ from pathlib import Path
 
 import pytest
 
+from syncd.config import MAX_SHUTDOWN_GRACE_S
+
 UNITS = Path(__file__).resolve().parent.parent / "systemd"
 MAIN = UNITS / "syncd.service"
 TEMPLATE = UNITS / "syncd@.service"
 MAX_EXPOSURE = 2.0
-# syncd's own grace period for in-flight pages after SIGTERM.
-SHUTDOWN_GRACE_S = 30
+# After the longest shutdown grace the configuration allows, time to close connections.
+CLOSE_MARGIN_S = 5
+# How long a crashing start may take at most and still count towards the start limit.
+CRASHING_START_S = 10
 
 Unit = dict[str, list[tuple[str, str]]]
 
@@ -67,7 +71,9 @@ def test_service_settings(path: Path) -> None:
     assert value(unit, "Service", "ExecReload") == "/bin/kill -HUP $MAINPID"
     assert value(unit, "Service", "Restart") == "on-failure"
     assert seconds(value(unit, "Service", "RestartSec")) == 5
-    assert seconds(value(unit, "Service", "TimeoutStopSec")) > SHUTDOWN_GRACE_S
+    assert (
+        seconds(value(unit, "Service", "TimeoutStopSec")) >= MAX_SHUTDOWN_GRACE_S + CLOSE_MARGIN_S
+    )
     assert value(unit, "Service", "User") == "syncd"
     assert value(unit, "Service", "Group") == "syncd"
     credentials = dict(c.split(":", 1) for c in values(unit, "Service", "LoadCredential"))
@@ -81,6 +87,27 @@ def test_service_settings(path: Path) -> None:
     assert value(unit, "Install", "WantedBy") == "multi-user.target"
 
 
+@pytest.mark.parametrize("path", [MAIN, TEMPLATE], ids=lambda p: p.name)
+def test_resource_limits_and_crash_loop(path: Path) -> None:
+    unit = parse_unit(path)
+    assert int(value(unit, "Service", "LimitNOFILE")) >= 16384
+    assert value(unit, "Service", "LimitCORE") == "0"
+    memory = re.fullmatch(r"(\d+)([KMG])", value(unit, "Service", "MemoryMax"))
+    assert memory is not None
+    assert int(memory[1]) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[memory[2]] >= 256 << 20
+    # A configuration error (exit 2) is not retried: a restart cannot fix the file.
+    assert value(unit, "Service", "RestartPreventExitStatus").split() == ["2"]
+    # The start limit belongs in [Unit] (systemd ignores it in [Service] on recent versions)
+    # and must be reachable by a crash loop: Burst restarts, each RestartSec apart plus a
+    # failing start, fit in the interval.
+    assert values(unit, "Service", "StartLimitIntervalSec") == []
+    interval = seconds(value(unit, "Unit", "StartLimitIntervalSec"))
+    burst = int(value(unit, "Unit", "StartLimitBurst"))
+    restart = seconds(value(unit, "Service", "RestartSec"))
+    assert 1 <= burst and burst * (restart + CRASHING_START_S) < interval
+    assert value(unit, "Service", "RuntimeDirectoryMode") == "0750"
+
+
 def test_exec_start() -> None:
     assert (
         value(parse_unit(MAIN), "Service", "ExecStart")
@@ -92,9 +119,15 @@ def test_exec_start() -> None:
     )
 
 
+def test_runtime_directories() -> None:
+    assert value(parse_unit(MAIN), "Service", "RuntimeDirectory") == "syncd"
+    # One per instance: a shared one would vanish when any instance stops.
+    assert value(parse_unit(TEMPLATE), "Service", "RuntimeDirectory") == "syncd/%i"
+
+
 def test_template_differs_only_in_instance_settings() -> None:
     def comparable(unit: Unit) -> Unit:
-        skip = {("Unit", "Description"), ("Service", "ExecStart")}
+        skip = {("Unit", "Description"), ("Service", "ExecStart"), ("Service", "RuntimeDirectory")}
         return {s: [kv for kv in kvs if (s, kv[0]) not in skip] for s, kvs in unit.items()}
 
     assert comparable(parse_unit(TEMPLATE)) == comparable(parse_unit(MAIN))
@@ -103,7 +136,7 @@ def test_template_differs_only_in_instance_settings() -> None:
 def systemd_analyze() -> str:
     binary = shutil.which("systemd-analyze")
     if binary is None:
-        pytest.skip("systemd-analyze is not installed")
+        pytest.skip("systemd-analyze is not installed: the units are only checked by parsing here")
     return binary
 
 
