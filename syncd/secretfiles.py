@@ -56,12 +56,15 @@ def read_secret_file(path: str | os.PathLike[str], *, allow_insecure: bool = Fal
         fd = os.open(target, flags)
     except OSError as exc:
         raise SecretFileError(f"cannot read {given}: {exc.strerror or exc}") from None
-    with os.fdopen(fd, "rb") as f:
-        if not allow_insecure:
-            problem = check_mode(os.fstat(fd), os.geteuid())
-            if problem is not None:
-                raise SecretFileError(f"{given} {problem}")
-        data = f.read()
+    try:
+        st = os.fstat(fd)
+        problem = check_mode(st, os.geteuid())
+        if not stat.S_ISREG(st.st_mode) or (problem is not None and not allow_insecure):
+            raise SecretFileError(f"{given} {problem}")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read()
+    finally:
+        os.close(fd)
     try:
         text = data.decode("utf-8").strip()
     except UnicodeDecodeError:

@@ -5,6 +5,7 @@ readiness from background state, the unix socket, and the daemon's /readyz costi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import stat
@@ -58,8 +59,7 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 def connect(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S)
-    return sock
+    return socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S)
 
 
 async def closed_by_server(sock: socket.socket) -> bool:
@@ -169,10 +169,8 @@ async def test_two_thousand_slow_connections_leave_healthz_answering(
         for i in range(2000):
             sock = socket.socket()
             sock.setblocking(False)
-            try:
+            with contextlib.suppress(BlockingIOError):
                 sock.connect(("127.0.0.1", srv.port))
-            except BlockingIOError:
-                pass
             socks.append(sock)
             if i % 100 == 0:
                 await asyncio.sleep(0)  # let the server accept
@@ -258,7 +256,7 @@ async def test_unix_socket(tmp_path: Path) -> None:
     path = tmp_path / "ops.sock"
     path.touch()  # refuses to remove a file that is not a socket
     options = OpsConfig(listen=f"unix:{path}")
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="already in use"):
         await started(options, FakeHealth())
     path.unlink()
     srv = await started(options, FakeHealth())
