@@ -17,7 +17,7 @@ import msgspec
 import redis.exceptions
 import structlog
 
-from syncd import catalogue, redischeck, upkeep
+from syncd import catalogue, redisacl, redischeck, upkeep
 from syncd.auth import TokenProvider
 from syncd.client import ExportClient
 from syncd.config import Config, ConfigError, Settings, TenantSettings, load_settings
@@ -89,7 +89,7 @@ class Daemon:
         self._reloads: asyncio.Queue[None] = asyncio.Queue()
         self.reloaded = 0  # configurations applied by SIGHUP
         self.live = False  # startup done: the scheduler is expected to tick
-        self.refused: str | None = None  # Redis settings that syncd will not run on
+        self.refused: str | None = None  # Redis settings (or permissions) syncd will not run on
         self.redis_persistence: str | None = None  # stated by /readyz while Redis saves nothing
 
     # -- starting feeds ----------------------------------------------------------------
@@ -230,6 +230,8 @@ class Daemon:
         while True:
             try:
                 return await call()
+            except (redisacl.RedisPermissionError, redis.exceptions.NoPermissionError):
+                raise  # waiting will not grant it
             except Exception as exc:
                 if self.scheduler is not None and self.scheduler.stopping:
                     raise
@@ -474,9 +476,18 @@ class Daemon:
                 return False
             if not await self._check_redis_settings():
                 return False
+            prefix = self.settings.config.redis.key_prefix
+            r = self.redis
+            assert r is not None
+            await self._wait_for_redis(lambda: redisacl.check(r, prefix))
             for t in self.settings.tenants:
                 start = await self._prepare_feeds(self.settings, t, t.feeds, wait=True)
                 self._start(start, self._tokens(t))
+        except (redisacl.RedisPermissionError, redis.exceptions.NoPermissionError) as exc:
+            text = str(exc) if isinstance(exc, redisacl.RedisPermissionError) else f"NOPERM: {exc}"
+            log.error("redis_permission_denied", error=text)
+            self.refused = text
+            return False
         except Exception:
             if self.scheduler.stopping:
                 return False

@@ -1,0 +1,63 @@
+"""Checking at start that the Redis user may run every command syncd needs on its keys.
+
+With a Redis ACL user restricted to syncd's key prefix and commands (the README gives the
+`ACL SETUSER` line), a missing permission would otherwise show up only when the first page is
+applied, as a retried error. The probe runs each command once in a form that passes the ACL
+check but changes nothing (a stream that does not exist is not created, a probe field is removed
+again), so a missing permission stops the daemon at start with Redis' own NOPERM message, which
+names the command or the key.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.exceptions
+
+from syncd.keys import Keys
+from syncd.redisconn import RedisClient
+
+# A tenant id no real tenant has: the probe's keys share its hash slot, like a tenant's do.
+PROBE_TENANT = 0
+
+
+class RedisPermissionError(Exception):
+    """The Redis user lacks a permission syncd needs; the message names it."""
+
+
+def _probes(keys: Keys) -> list[tuple[Any, ...]]:
+    stream = keys.stream("syncd.acl-probe")
+    return [
+        ("PING",),
+        ("INFO", "server"),
+        ("HGETALL", keys.cursors),
+        ("HGET", keys.cursors, "probe"),
+        ("HMGET", keys.seen("syncd.acl-probe"), "probe"),
+        ("HSET", keys.state, "syncd.acl-probe", "1"),
+        ("HDEL", keys.state, "syncd.acl-probe"),
+        ("XLEN", stream),
+        ("XADD", stream, "NOMKSTREAM", "*", "probe", "1"),
+        ("XTRIM", stream, "MAXLEN", "0"),
+        ("XRANGE", stream, "-", "+", "COUNT", "1"),
+        ("XREVRANGE", stream, "+", "-", "COUNT", "1"),
+        ("SCRIPT", "EXISTS", "0" * 40),
+        ("EVALSHA", "0" * 40, "1", keys.cursors),
+        ("XINFO", "GROUPS", stream),
+        ("XGROUP", "CREATE", stream, "syncd-acl-probe", "$"),
+    ]
+
+
+async def check(client: RedisClient, prefix: str) -> None:
+    """RedisPermissionError naming the first command (or key) the user may not use."""
+    keys = Keys(prefix, PROBE_TENANT)
+    for command in _probes(keys):
+        try:
+            await client.execute_command(*command)
+        except redis.exceptions.NoPermissionError as exc:
+            raise RedisPermissionError(
+                f"NOPERM: the Redis user may not run {' '.join(map(str, command[:2]))}: {exc} "
+                "(see the README's ACL SETUSER line)"
+            ) from None
+        except redis.exceptions.ResponseError:
+            # NOSCRIPT, "no such key", "requires the key to exist": the ACL check passed.
+            pass
