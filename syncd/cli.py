@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="syncd on the built-in simulator and a local Redis, showing the events"
     )
     demo.add_argument("--redis-url", default=None, help="Redis to use (default: local or own)")
+    demo.add_argument(
+        "--private-redis",
+        action="store_true",
+        help="start a private Redis even when one answers on 127.0.0.1:6379",
+    )
     return parser
 
 

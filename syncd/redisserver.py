@@ -60,6 +60,11 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def data_dir(self) -> str | None:
+        """The server's temporary directory (its log and data), while it exists."""
+        return self._dir.name if self._dir is not None else None
+
     def start(self, timeout: float = 10.0) -> None:
         if not self.port:
             self.port = free_port()

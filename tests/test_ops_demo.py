@@ -1,0 +1,196 @@
+"""`syncd demo`: never prints a password, removes its keys on exit, and leaves no child process
+or temporary directory behind, whether it stops on SIGTERM or is killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from syncd.demoguard import start_time
+from syncd.redisserver import RedisServer
+
+PASSWORD = "demo-redis-pass-77"
+DEADLINE_S = 90.0
+
+
+def descendants(root: int) -> dict[int, list[str]]:
+    """Every process below `root`, with its command line."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    found: dict[int, list[str]] = {}
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            try:
+                cmd = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            found[child] = [c.decode(errors="replace") for c in cmd if c]
+            todo.append(child)
+    return found
+
+
+def redis_dirs(pids: dict[int, list[str]]) -> list[str]:
+    """The data directories of the Redis servers among `pids` (each runs in its own).
+
+    redis-server rewrites its command line, so the directory is read from its working directory.
+    """
+    dirs = []
+    for pid in pids:
+        try:
+            exe = os.path.basename(os.readlink(f"/proc/{pid}/exe"))
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            continue
+        # Debian links redis-server to redis-check-rdb.
+        if ("redis" in exe or "valkey" in exe) and "syncd-redis-" in cwd:
+            dirs.append(cwd)
+    return dirs
+
+
+def alive(pid: int, started: str | None) -> bool:
+    """Running and not a zombie (a zombie has exited; it only waits to be reaped)."""
+    if started is None or start_time(pid) != started:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+class Demo:
+    def __init__(self, *args: str) -> None:
+        # Files rather than pipes: nobody has to keep reading them. Closed by close().
+        self.out = tempfile.TemporaryFile()  # noqa: SIM115
+        self.err = tempfile.TemporaryFile()  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "syncd", "demo", *args],
+            stdout=self.out,
+            stderr=self.err,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+    def output(self) -> str:
+        text = ""
+        for f in (self.out, self.err):
+            f.seek(0)
+            text += f.read().decode(errors="replace")
+        return text
+
+    async def wait_for_events(self) -> dict[int, list[str]]:
+        """Wait until events print; the demo's children (and theirs) at that moment."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DEADLINE_S
+        while not re.search(r" (created|updated|upsert) ", self.output()):
+            assert self.proc.poll() is None, self.output()[-2000:]
+            assert loop.time() < deadline, "no events printed: " + self.output()[-2000:]
+            await asyncio.sleep(0.2)
+        return descendants(self.proc.pid)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.out.close()
+        self.err.close()
+
+
+@pytest.fixture
+async def demo_user(redis: aioredis.Redis, redis_server: RedisServer) -> AsyncIterator[str]:
+    """A URL with a password for the session's Redis."""
+    await redis.execute_command("ACL", "SETUSER", "demo", "on", f">{PASSWORD}", "~*", "+@all")
+    yield f"redis://demo:{PASSWORD}@127.0.0.1:{redis_server.port}/0"
+    await redis.execute_command("ACL", "DELUSER", "demo")
+
+
+async def wait_gone(pids: dict[int, str | None]) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DEADLINE_S
+    while left := [p for p, s in pids.items() if alive(p, s)]:
+        assert loop.time() < deadline, f"still running: {left}"
+        await asyncio.sleep(0.1)
+
+
+async def test_sigterm_stops_children_and_removes_keys_without_printing_the_password(
+    redis: aioredis.Redis, demo_user: str
+) -> None:
+    demo = Demo("--redis-url", demo_user)
+    try:
+        children = await demo.wait_for_events()
+        assert any("simulate" in cmd for cmd in children.values()), children
+        started = {pid: start_time(pid) for pid in children}
+        assert [k async for k in redis.scan_iter(match="demo:*")]
+        demo.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(demo.proc.wait, DEADLINE_S) == 0
+        await wait_gone(started)
+        assert [k async for k in redis.scan_iter(match="demo:*")] == []
+        out = demo.output()
+        assert PASSWORD not in out
+        assert "demo:***@127.0.0.1" in out
+        assert "Traceback" not in out
+    finally:
+        demo.close()
+
+
+async def test_sigterm_while_starting_still_cleans_up() -> None:
+    demo = Demo("--private-redis")
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DEADLINE_S
+        # As soon as the private Redis runs, before the simulator has started.
+        while not redis_dirs(descendants(demo.proc.pid)):
+            assert demo.proc.poll() is None, demo.output()
+            assert loop.time() < deadline
+            await asyncio.sleep(0.02)
+        children = descendants(demo.proc.pid)
+        dirs = redis_dirs(children)
+        started = {pid: start_time(pid) for pid in children}
+        demo.proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(demo.proc.wait, DEADLINE_S)
+        await wait_gone(started)
+        assert dirs
+        assert not any([await asyncio.to_thread(Path(d).exists) for d in dirs])
+    finally:
+        demo.close()
+
+
+async def test_sigkill_of_the_demo_takes_its_children_and_temp_dir() -> None:
+    demo = Demo("--private-redis")
+    try:
+        children = await demo.wait_for_events()
+        dirs = redis_dirs(children)
+        assert dirs, children
+        data_dir = dirs[0]
+        assert await asyncio.to_thread(Path(data_dir).is_dir)
+        assert any("simulate" in cmd for cmd in children.values())
+        started = {pid: start_time(pid) for pid in children}
+        demo.proc.kill()
+        demo.proc.wait()
+        await wait_gone(started)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DEADLINE_S
+        while await asyncio.to_thread(Path(data_dir).exists):
+            assert loop.time() < deadline, f"{data_dir} left behind"
+            await asyncio.sleep(0.1)
+    finally:
+        demo.close()
