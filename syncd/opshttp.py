@@ -7,10 +7,10 @@ exhaust the daemon's fds and stop its polling. This server serves GET only, with
 - a deadline for each request's headers (`header_timeout`), and for the next request on a
   kept-alive connection (`idle_timeout`); a client that misses it is disconnected;
 - a cap on open connections (`max_connections`): a connection beyond it makes room by closing
-  the oldest connection still waiting for its request (so a flood of silent clients cannot lock
-  out a probe that sends its request at once), or is closed itself when every connection is busy
-  being served; either way a file descriptor is held for microseconds, not for the life of the
-  connection;
+  the oldest connection still waiting for its request (so silent clients cannot lock out a
+  probe that sends its request at once), or is closed itself when every connection is being
+  served or started waiting only just now; either way a file descriptor beyond the cap is held
+  for microseconds, not for the life of the connection;
 - a cap on the header size (8 KiB) and no request bodies;
 - a deadline for writing the response, so a client that does not read cannot hold it either.
 """
@@ -31,6 +31,10 @@ import structlog
 log = structlog.get_logger(__name__)
 
 MAX_HEAD_BYTES = 8192
+# A connection waiting this briefly is not closed to make room: its request is most likely on its
+# way (a probe sends it with the connection), and closing it would let a storm of new
+# connections starve every client.
+EVICT_MIN_AGE_S = 0.1
 REFUSED_LOG_EVERY_S = 60.0
 
 REASONS = {
@@ -125,8 +129,9 @@ class HttpServer:
         self.refused = 0
         self.timed_out = 0
         self._writers: set[asyncio.StreamWriter] = set()
-        # Connections waiting for a request head, oldest first: the ones to close for room.
-        self._waiting: dict[asyncio.StreamWriter, None] = {}
+        # Connections waiting for a request head, oldest first, with the time they started
+        # waiting: the ones to close for room.
+        self._waiting: dict[asyncio.StreamWriter, float] = {}
         self._server: asyncio.Server | None = None
         self._refused_logged = 0.0
         self._refused_at_log = 0
@@ -163,10 +168,10 @@ class HttpServer:
         if self.open >= self.max_connections:
             self.refused += 1
             self._log_refused()
-            if not self._waiting:
+            oldest = next(iter(self._waiting), None)
+            if oldest is None or time.monotonic() - self._waiting[oldest] < EVICT_MIN_AGE_S:
                 writer.transport.abort()
                 return
-            oldest = next(iter(self._waiting))
             del self._waiting[oldest]
             oldest.transport.abort()
         self.open += 1
@@ -188,7 +193,7 @@ class HttpServer:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         deadline = self.header_timeout
         while True:
-            self._waiting[writer] = None
+            self._waiting[writer] = time.monotonic()
             try:
                 async with asyncio.timeout(deadline):
                     head = await reader.readuntil(b"\r\n\r\n")
