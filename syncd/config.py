@@ -189,7 +189,7 @@ class OpsConfig(_Base, frozen=True):
     token_file: str | None = None
     header_timeout: float = 10.0  # seconds for a client to send its request headers
     idle_timeout: float = 30.0  # seconds a kept-alive connection may wait for its next request
-    max_connections: int = 256  # open connections; see syncd.opshttp for what happens beyond
+    max_connections: int = 256  # open connections held for long; see syncd.opshttp
     readiness_interval: float = 2.0  # seconds between background readiness checks
 
 

@@ -6,11 +6,12 @@ exhaust the daemon's fds and stop its polling. This server serves GET only, with
 
 - a deadline for each request's headers (`header_timeout`), and for the next request on a
   kept-alive connection (`idle_timeout`); a client that misses it is disconnected;
-- a cap on open connections (`max_connections`): a connection beyond it makes room by closing
-  the oldest connection still waiting for its request (so silent clients cannot lock out a
-  probe that sends its request at once), or is closed itself when every connection is being
-  served or started waiting only just now; either way a file descriptor beyond the cap is held
-  for microseconds, not for the life of the connection;
+- a cap on open connections (`max_connections`); beyond it, up to a hard cap kept well inside
+  the process' file descriptor limit, a connection must send its request head within
+  `OVERFLOW_HEAD_TIMEOUT_S` (a probe sends it with the connection, a slow client cannot) and is
+  not kept alive; beyond the hard cap it is closed at once. So silent clients hold at most
+  `max_connections` descriptors for long, cannot lock out a probe, and never exhaust the
+  descriptors the daemon needs for polling;
 - a cap on the header size (8 KiB) and no request bodies;
 - a deadline for writing the response, so a client that does not read cannot hold it either.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import socket
 import stat
 import time
@@ -31,10 +33,12 @@ import structlog
 log = structlog.get_logger(__name__)
 
 MAX_HEAD_BYTES = 8192
-# A connection waiting this briefly is not closed to make room: its request is most likely on its
-# way (a probe sends it with the connection), and closing it would let a storm of new
-# connections starve every client.
-EVICT_MIN_AGE_S = 0.1
+# Beyond max_connections: the time a connection has to deliver its request head. Counted from
+# when its handler first runs, so a busy event loop does not eat into it.
+OVERFLOW_HEAD_TIMEOUT_S = 0.1
+# The hard cap: this many times max_connections, but at most this share of RLIMIT_NOFILE.
+OVERFLOW_FACTOR = 4
+NOFILE_SHARE = 0.5
 REFUSED_LOG_EVERY_S = 60.0
 
 REASONS = {
@@ -125,13 +129,13 @@ class HttpServer:
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        budget = int(soft * NOFILE_SHARE) if soft != resource.RLIM_INFINITY else 1 << 20
+        self.hard_cap = max(max_connections, min(OVERFLOW_FACTOR * max_connections, budget))
         self.open = 0
         self.refused = 0
         self.timed_out = 0
         self._writers: set[asyncio.StreamWriter] = set()
-        # Connections waiting for a request head, oldest first, with the time they started
-        # waiting: the ones to close for room.
-        self._waiting: dict[asyncio.StreamWriter, float] = {}
         self._server: asyncio.Server | None = None
         self._refused_logged = 0.0
         self._refused_at_log = 0
@@ -165,35 +169,31 @@ class HttpServer:
                 await server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.open >= self.max_connections:
+        if self.open >= self.hard_cap:
             self.refused += 1
             self._log_refused()
-            oldest = next(iter(self._waiting), None)
-            if oldest is None or time.monotonic() - self._waiting[oldest] < EVICT_MIN_AGE_S:
-                writer.transport.abort()
-                return
-            del self._waiting[oldest]
-            oldest.transport.abort()
+            writer.transport.abort()
+            return
         self.open += 1
         self._writers.add(writer)
         try:
-            await self._requests(reader, writer)
+            await self._requests(reader, writer, overflow=self.open > self.max_connections)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
             self.open -= 1
             self._writers.discard(writer)
-            self._waiting.pop(writer, None)
             writer.transport.abort()
 
-    async def _requests(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _requests(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, overflow: bool
+    ) -> None:
         sock = writer.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        deadline = self.header_timeout
+        deadline = OVERFLOW_HEAD_TIMEOUT_S if overflow else self.header_timeout
         while True:
-            self._waiting[writer] = time.monotonic()
             try:
                 async with asyncio.timeout(deadline):
                     head = await reader.readuntil(b"\r\n\r\n")
@@ -203,13 +203,12 @@ class HttpServer:
             except asyncio.LimitOverrunError:
                 await self._write(writer, Response(431, b'{"error":"headers too large"}'), False)
                 return
-            finally:
-                self._waiting.pop(writer, None)
             try:
                 request, keep = parse_head(head[:-4])
             except BadRequest as exc:
                 await self._write(writer, Response(exc.args[0], b'{"error":"bad request"}'), False)
                 return
+            keep = keep and not overflow
             if request.method != "GET":
                 response = Response(405, b'{"error":"GET only"}', headers={"Allow": "GET"})
             else:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import socket
 import stat
 from collections.abc import AsyncIterator
@@ -16,7 +17,7 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from syncd import config, opshttp
+from syncd import config
 from syncd.config import OpsConfig, Secret
 from syncd.metrics import Metrics
 from syncd.ops import OpsServer, check_listen
@@ -130,36 +131,66 @@ async def test_idle_keep_alive_connection_is_closed(http: aiohttp.ClientSession)
         await srv.stop()
 
 
-async def test_connections_beyond_the_cap_are_closed_and_probes_still_answer(
+async def wait_open(srv: OpsServer, count: int) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DEADLINE_S
+    while srv.http.open < count:
+        assert loop.time() < deadline, f"{srv.http.open} connections open, expected {count}"
+        await asyncio.sleep(0.01)
+
+
+async def test_connections_beyond_the_cap_get_a_short_deadline_then_are_refused(
     http: aiohttp.ClientSession,
 ) -> None:
     cap = 5
-    # Header timeout far beyond the test: only the cap can free these connections.
+    # Header timeout far beyond the test: only the cap's rules can close these connections.
     options = OpsConfig(listen="127.0.0.1:0", max_connections=cap, header_timeout=600)
     srv = await started(options, FakeHealth())
+    hard = srv.http.hard_cap
+    assert hard > cap
     socks: list[socket.socket] = []
     try:
-        for _ in range(cap):
-            socks.append(connect(srv.port))
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + DEADLINE_S
-        while srv.http.open < cap:
-            assert loop.time() < deadline
-            await asyncio.sleep(0.01)
-        # Connections that only just arrived are not closed for room: let them age.
-        await asyncio.sleep(2 * opshttp.EVICT_MIN_AGE_S)
-        extra = [connect(srv.port) for _ in range(3 * cap)]
-        socks += extra
-        await asyncio.sleep(2 * opshttp.EVICT_MIN_AGE_S)
-        # A probe that sends its request at once gets in: the oldest silent ones make room.
+        socks += [connect(srv.port) for _ in range(cap)]
+        await wait_open(srv, cap)
+        # Beyond the cap: a silent connection is closed after the short overflow deadline...
+        with connect(srv.port) as late:
+            assert await closed_by_server(late)
+        assert srv.http.timed_out == 1
+        # ...while a probe that sends its request with the connection is served.
         for _ in range(3):
             assert await get_status(http, f"http://127.0.0.1:{srv.port}/healthz") == 200
-        assert srv.http.refused >= 3 * cap
-        assert srv.http.open <= cap
-        assert await closed_by_server(socks[0])
+        # The silent ones within the cap are still held (until the header timeout).
+        assert srv.http.open >= cap
+        # Beyond the hard cap a connection is closed at once.
+        socks += [connect(srv.port) for _ in range(hard - cap)]
+        refused_before = srv.http.refused
+        with connect(srv.port) as over:
+            over.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = b""
+            with contextlib.suppress(ConnectionResetError):
+                answer = await asyncio.to_thread(over.recv, 4096)
+        # Refused at once, or served if the overflow ones timed out meanwhile: never held.
+        assert answer == b"" or answer.startswith(b"HTTP/1.1 200")
+        if answer == b"":
+            assert srv.http.refused > refused_before
     finally:
         for s in socks:
             s.close()
+        await srv.stop()
+
+
+async def test_hard_cap_stays_within_the_file_descriptor_limit() -> None:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    srv = await started(OpsConfig(listen="127.0.0.1:0", max_connections=100_000), FakeHealth())
+    try:
+        assert srv.http.hard_cap == 100_000  # never below the configured cap
+    finally:
+        await srv.stop()
+    cap = OpsConfig().max_connections
+    srv = await started(OpsConfig(listen="127.0.0.1:0"), FakeHealth())
+    try:
+        assert cap <= srv.http.hard_cap <= max(cap, soft // 2)
+    finally:
         await srv.stop()
 
 
@@ -177,15 +208,12 @@ async def test_two_thousand_slow_connections_leave_healthz_answering(
             socks.append(sock)
             if i % 100 == 0:
                 await asyncio.sleep(0)  # let the server accept
-        # Within EVICT_MIN_AGE_S of a burst every slot holds a newcomer and a probe is refused;
-        # after it the silent ones make room.
-        await asyncio.sleep(2 * opshttp.EVICT_MIN_AGE_S)
         for _ in range(10):
             url = f"http://127.0.0.1:{srv.port}/healthz"
             assert await get_status(http, url) == 200
             await asyncio.sleep(0.01)
-        assert srv.http.open <= OpsConfig().max_connections + 1
-        assert srv.http.refused > 0
+        assert srv.http.open <= srv.http.hard_cap
+        assert srv.http.refused + srv.http.timed_out > 0
     finally:
         for s in socks:
             s.close()
