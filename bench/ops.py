@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import os
 import resource
 import socket
@@ -44,6 +45,10 @@ from syncd.redisserver import free_port
 TENANTS = (5001, 5002, 5003, 5004)
 FEEDS = ("crm.customers", "jpm.jobs", "crm.locations")
 NOFILE = 1024
+
+
+def _ms(seconds: float) -> float | None:
+    return None if math.isnan(seconds) else round(1000 * seconds, 2)
 
 
 class Prober(threading.Thread):
@@ -79,8 +84,8 @@ class Prober(threading.Thread):
         return {
             "healthz_probes": total,
             "healthz_failed_share": round(self.failures / total, 4) if total else None,
-            "healthz_p50_ms": round(1000 * common.percentile(self.latencies, 0.5), 2),
-            "healthz_p99_ms": round(1000 * common.percentile(self.latencies, 0.99), 2),
+            "healthz_p50_ms": _ms(common.percentile(self.latencies, 0.5)),
+            "healthz_p99_ms": _ms(common.percentile(self.latencies, 0.99)),
             "healthz_failures": dict(self.failure_kinds),
         }
 

@@ -39,6 +39,20 @@ OVERFLOW_HEAD_TIMEOUT_S = 0.1
 # The hard cap: this many times max_connections, but at most this share of RLIMIT_NOFILE.
 OVERFLOW_FACTOR = 4
 NOFILE_SHARE = 0.5
+# asyncio accepts up to `backlog` connections per wake-up before any handler runs (and so before
+# the cap is applied): a small batch bounds the descriptors a burst takes beyond the hard cap.
+# The kernel's queue of connections waiting to be accepted is then made deeper again.
+ACCEPT_BATCH = 32
+LISTEN_QUEUE = 1024
+
+
+def _deepen_backlog(server: asyncio.Server) -> None:
+    for transport_socket in server.sockets:
+        # A duplicate descriptor of the same socket: listen() on it sets the socket's queue.
+        with socket.socket(fileno=os.dup(transport_socket.fileno())) as sock:
+            sock.listen(LISTEN_QUEUE)
+
+
 REFUSED_LOG_EVERY_S = 60.0
 
 REASONS = {
@@ -142,8 +156,9 @@ class HttpServer:
 
     async def start_tcp(self, host: str | None, port: int) -> int:
         self._server = await asyncio.start_server(
-            self._serve, host, port, limit=MAX_HEAD_BYTES, reuse_address=True, backlog=512
+            self._serve, host, port, limit=MAX_HEAD_BYTES, reuse_address=True, backlog=ACCEPT_BATCH
         )
+        _deepen_backlog(self._server)
         return int(self._server.sockets[0].getsockname()[1])
 
     async def start_unix(self, path: str) -> None:
@@ -152,8 +167,9 @@ class HttpServer:
             if stat.S_ISSOCK(os.lstat(path).st_mode):
                 os.unlink(path)
         self._server = await asyncio.start_unix_server(
-            self._serve, path, limit=MAX_HEAD_BYTES, backlog=512
+            self._serve, path, limit=MAX_HEAD_BYTES, backlog=ACCEPT_BATCH
         )
+        _deepen_backlog(self._server)
         # Owner and group: put the scraper in the service's group to let it in.
         os.chmod(path, 0o660)
 
