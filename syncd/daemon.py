@@ -492,6 +492,8 @@ class Daemon:
             if self.scheduler.stopping:
                 return False
             raise
+        if self.ops is not None:
+            await self.ops.refresh_readiness()  # /readyz says "ready" as soon as syncd is
         self.live = True
         return True
 

@@ -150,10 +150,14 @@ class OpsServer:
                 await refresher
         await self.http.stop()
 
+    async def refresh_readiness(self) -> None:
+        """Check readiness now (e.g. when startup is done) rather than at the next interval."""
+        self._ready = await self._check_readiness()
+        self.readiness_checks += 1
+
     async def _refresh_readiness(self) -> None:
         while True:
-            self._ready = await self._check_readiness()
-            self.readiness_checks += 1
+            await self.refresh_readiness()
             await asyncio.sleep(self.options.readiness_interval)
 
     async def _check_readiness(self) -> tuple[bool, dict[str, object]]:

@@ -15,10 +15,12 @@ from typing import Any
 import redis.exceptions
 
 from syncd.keys import Keys
-from syncd.redisconn import RedisClient
+from syncd.redisconn import RedisClient, RedisCluster
 
 # A tenant id no real tenant has: the probe's keys share its hash slot, like a tenant's do.
 PROBE_TENANT = 0
+# Commands without a key: on a cluster they go to every primary.
+KEYLESS = frozenset({"PING", "INFO"})
 
 
 class RedisPermissionError(Exception):
@@ -50,9 +52,17 @@ def _probes(keys: Keys) -> list[tuple[Any, ...]]:
 async def check(client: RedisClient, prefix: str) -> None:
     """RedisPermissionError naming the first command (or key) the user may not use."""
     keys = Keys(prefix, PROBE_TENANT)
+    cluster = isinstance(client, RedisCluster)
     for command in _probes(keys):
+        options: dict[str, Any] = {}
+        if cluster and command[0] in KEYLESS:
+            options["target_nodes"] = RedisCluster.PRIMARIES
         try:
-            await client.execute_command(*command)
+            if command[0] == "SCRIPT":
+                # The cluster client routes this two-word command only through its own method.
+                await client.script_exists(*command[2:])
+            else:
+                await client.execute_command(*command, **options)
         except redis.exceptions.NoPermissionError as exc:
             raise RedisPermissionError(
                 f"NOPERM: the Redis user may not run {' '.join(map(str, command[:2]))}: {exc} "
