@@ -5,13 +5,15 @@ acknowledged; if its consumer dies (or its handler fails) before acknowledging, 
 of the group (or the same one) takes it over with XAUTOCLAIM once it has been idle for
 `claim_idle_ms`, and it is delivered again with a higher `Event.deliveries`. So a handler may see
 an event more than once and must be idempotent: apply records by `key`, and compare
-`modified_on` (or the record's own version fields) rather than counting events. Acknowledge only
-after the effect is durable; `Consumer.run` does exactly that, one batch at a time.
+`modified_on` (or the record's own version fields) rather than counting events: apply an
+event only when its `modified_on` is newer than or equal to the stored one (`is_newer_or_same`).
+Acknowledge only after the effect is durable; `Consumer.run` does exactly that, per event.
 
 An entry delivered more than `max_deliveries` times is treated as poison: it is copied to the
 tenant's dead stream (`reason=max_deliveries`, with the original fields) and only then
-acknowledged, both in one server-side script, so it is never dropped without its copy. Entries
-that lack the fields every event carries go the same way with `reason=malformed`.
+acknowledged, both in one server-side script, so it is never dropped without its copy (and a
+retried script copies nothing twice). Entries that lack the fields every event carries go the
+same way with `reason=malformed`.
 
 Redis 7.0 or later is required (XAUTOCLAIM reporting entries deleted by trimming). One consumer
 reads all its streams with a single XREADGROUP, so streams of several tenants in one consumer
@@ -30,11 +32,10 @@ from typing import Any, Literal, NamedTuple, TypeVar, cast
 import msgspec
 import redis.asyncio as aioredis
 import structlog
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from syncd import catalogue
+from syncd.delivery import Backoff, classify, entry_order, failed_events, is_newer_or_same
 from syncd.keys import DEFAULT_PREFIX, Keys
 from syncd.redisconn import RedisClient
 
@@ -45,6 +46,8 @@ __all__ = [
     "MalformedEvent",
     "Start",
     "Subscription",
+    "entry_order",
+    "is_newer_or_same",
     "parse_stream_reply",
 ]
 
@@ -60,9 +63,13 @@ _BACKOFF_MAX_S = 30.0
 
 # Copy first, acknowledge second, in one script: an error in XADD stops the script, so an entry
 # is never acknowledged without its copy, and a crash cannot leave a copy of a still-pending
-# entry (which would be dead-lettered twice). Both keys share the tenant's hash slot.
-# KEYS: event stream, dead stream. ARGV: group, entry id, field, value, field, value, ...
+# entry (which would be dead-lettered twice). An entry no longer pending was already copied
+# (or acknowledged by someone): a retried script does nothing. Both keys share the tenant's
+# hash slot. KEYS: event stream, dead stream. ARGV: group, entry id, field, value, ...
 _DEAD_LETTER_LUA = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1) == 0 then
+  return 0
+end
 redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
 return redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 """
@@ -164,6 +171,9 @@ class Subscription(msgspec.Struct, frozen=True):
 
 
 Handler = Callable[[list[Event]], Awaitable[object]]
+"""Called with a batch of events. Return None when all were handled, or the events (or their
+ids) that failed: the others are acknowledged. Raising fails the batch; `Consumer.run` then
+calls the handler once per event to find the ones that fail."""
 
 
 class _Stream(NamedTuple):
@@ -213,10 +223,6 @@ def parse_stream_reply(reply: Any) -> list[tuple[str, list[tuple[str, dict[str, 
     return out
 
 
-def _is_nogroup(exc: ResponseError) -> bool:
-    return str(exc).startswith("NOGROUP")
-
-
 def _socket_timeout_s(redis: RedisClient) -> float | None:
     """The read timeout the client's connections get (redis-py 8 defaults it to 5 s)."""
     if not isinstance(redis, aioredis.Redis):
@@ -247,8 +253,11 @@ class Consumer:
     is created on each stream when missing, positioned at the stream's beginning or, with
     `start="new"`, at its end; an existing group keeps its position. `batch` caps the entries
     read per stream per call. `claim_idle_ms` must exceed the longest time a handler needs,
-    or other consumers take its events over while it still works on them. `block_ms` is capped
-    at 80% of the client's socket timeout, so that waiting for events never trips it.
+    or other consumers take its events over while it still works on them; `handler_timeout`
+    (seconds) bounds each handler call in `run`, a call that takes longer fails its events.
+    `block_ms` (at least 1) is capped at 80% of the client's socket timeout, so that waiting
+    for events never trips it. After `outage_after` rounds in a row in which the handler
+    failed every event, `run` takes the handler's dependencies for down (see `run`).
     """
 
     def __init__(
@@ -264,13 +273,19 @@ class Consumer:
         max_deliveries: int = 5,
         batch: int = 100,
         block_ms: int = 5_000,
+        handler_timeout: float | None = None,
+        outage_after: int = 3,
     ) -> None:
         if not group or not consumer:
             raise ValueError("group and consumer names must not be empty")
         if start not in _GROUP_START:
             raise ValueError(f"start must be 'beginning' or 'new', not {start!r}")
-        if claim_idle_ms < 1 or max_deliveries < 1 or batch < 1 or block_ms < 0:
-            raise ValueError("claim_idle_ms, max_deliveries and batch must be >= 1, block_ms >= 0")
+        if min(claim_idle_ms, max_deliveries, batch, block_ms, outage_after) < 1:
+            raise ValueError(
+                "claim_idle_ms, max_deliveries, batch, block_ms and outage_after must be >= 1"
+            )
+        if handler_timeout is not None and handler_timeout <= 0:
+            raise ValueError("handler_timeout must be > 0 seconds (or None: no limit)")
         items = [streams] if isinstance(streams, str | Subscription) else list(streams)
         names: list[str] = []
         for item in items:
@@ -285,10 +300,14 @@ class Consumer:
         self.claim_idle_ms = claim_idle_ms
         self.max_deliveries = max_deliveries
         self.batch = batch
+        self.handler_timeout = handler_timeout
+        self.outage_after = outage_after
         timeout_s = _socket_timeout_s(redis)
         self.block_ms = block_ms if timeout_s is None else min(block_ms, int(timeout_s * 800) or 1)
         self._streams = {name: _parse_stream(name, prefix) for name in names}
         self._cursors = dict.fromkeys(self._streams, "0-0")
+        # Per stream, the newest entry this consumer was handed: where a lost group resumes.
+        self._seen: dict[str, str] = {}
         self._reclaim_due = 0.0
         self._groups_ready = False
         self._closed = False
@@ -334,16 +353,51 @@ class Consumer:
             await self.ensure_groups()
         try:
             return await self._read()
-        except ResponseError as exc:
-            if not _is_nogroup(exc):
+        except RedisError as exc:
+            if classify(exc) != "nogroup":
                 raise
-            # The stream or its group vanished (key deleted, Redis restarted without
-            # persistence). Whatever the stream holds now was written after the group existed,
-            # so the new group starts at the beginning even for start="new".
-            log.warning("consumer_group_missing", group=self.group, error=str(exc))
-            await self._create_groups("0")
-            self._cursors = dict.fromkeys(self._streams, "0-0")
+            await self.recover_groups(exc)
             return await self._read()
+
+    async def recover_groups(self, exc: BaseException | None = None) -> None:
+        """Create the group again where it vanished (deleted stream, destroyed group, a Redis
+        restarted without persistence), and say in a log line what that replays or skips.
+
+        On a stream where this consumer already got events, the group resumes after the newest
+        of them: nothing this consumer handled comes again (events other consumers of the group
+        handled after it may). Elsewhere it starts where `start` says: the stream's beginning
+        (everything it holds comes again, however often it was acknowledged before) or its end
+        (what was added while the group was missing is skipped).
+        """
+        log.warning("consumer_group_missing", group=self.group, error=str(exc or ""))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in self._streams:
+                pipe.xlen(stream)
+            lengths = await pipe.execute()
+        for stream, length in zip(self._streams, lengths, strict=True):
+            position = self._seen.get(stream, _GROUP_START[self.start])
+            try:
+                await self.redis.xgroup_create(stream, self.group, id=position, mkstream=True)
+            except ResponseError as err:
+                if not str(err).startswith("BUSYGROUP"):
+                    raise
+                continue
+            if stream in self._seen:
+                effect = "resumes after the newest event this consumer was handed"
+            elif self.start == "beginning":
+                effect = f"replays the {int(length)} entries the stream holds"
+            else:
+                effect = "skips what was added while the group was missing"
+            log.warning(
+                "consumer_group_recreated",
+                stream=stream,
+                group=self.group,
+                start=self.start,
+                position=position,
+                effect=effect,
+            )
+        self._cursors = dict.fromkeys(self._streams, "0-0")
+        self._groups_ready = True
 
     async def _read(self) -> list[Event]:
         events: list[Event] = []
@@ -412,13 +466,13 @@ class Consumer:
         )
         return events
 
-    async def _read_new(self, *, block: bool) -> list[Event]:
+    async def _read_new(self, *, block: bool, count: int | None = None) -> list[Event]:
         reply = await self.redis.xreadgroup(
             self.group,
             self.consumer,
             dict.fromkeys(self._streams, ">"),
-            count=self.batch,
-            block=self.block_ms if block and self.block_ms > 0 else None,
+            count=count or self.batch,
+            block=self.block_ms if block else None,
         )
         events: list[Event] = []
         for stream, entries in parse_stream_reply(reply):
@@ -432,6 +486,9 @@ class Consumer:
         self, stream: str, entry_id: str, fields: dict[str, bytes], deliveries: int
     ) -> Event | None:
         ref = self._streams[stream]
+        seen = self._seen.get(stream)
+        if seen is None or entry_order(entry_id) > entry_order(seen):
+            self._seen[stream] = entry_id
         try:
             return Event.from_entry(
                 stream, entry_id, fields, tenant=ref.tenant, feed=ref.feed, deliveries=deliveries
@@ -510,48 +567,157 @@ class Consumer:
         raise StopAsyncIteration
 
     async def run(self, handler: Handler, *, stop: asyncio.Event) -> None:
-        """Hand batches to `handler` and acknowledge each batch after it returns, until `stop`.
+        """Hand events to `handler` and acknowledge each one it handled, until `stop`.
 
-        A failing handler is logged and its batch left unacknowledged, so it comes back after
-        `claim_idle_ms` (and ends in the dead stream after `max_deliveries`); the loop backs
-        off and carries on, as it does while Redis is unreachable. `stop` is checked between
-        batches, so stopping takes up to `block_ms` plus the handler's time.
+        Per event, not per batch: the handler returns the events that failed (or raises, and is
+        then called once per event of the batch). Failed events stay pending and come back
+        after `claim_idle_ms`; one that keeps failing ends in the dead stream after
+        `max_deliveries`, while the events around it go on.
+
+        When the handler fails every event `outage_after` rounds in a row, its own
+        dependencies look down: `run` stops reading new events and retries the failed ones
+        itself with growing pauses (up to 30 s), keeping them claimed without raising their
+        delivery count, so an outage does not push good events into the dead stream. Each
+        retry also tries one new event (while fewer than `batch` are held): when it succeeds,
+        the held ones are poison after all and go back to normal redelivery.
+
+        Redis errors (restarts, failovers, resharding, a destroyed group) are logged and
+        retried with backoff; a lost group is created again (see `recover_groups`). Nothing
+        ends the loop but `stop`, `close()` or cancellation. `stop` is checked between rounds,
+        so stopping takes up to `block_ms` plus the handler's time.
         """
-        backoff = _BACKOFF_MIN_S
+        backoff = Backoff(_BACKOFF_MIN_S, _BACKOFF_MAX_S)
+        held: list[Event] = []  # failed events retried here during a handler outage
+        failed_rounds = 0
         while not stop.is_set() and not self._closed:
             try:
-                batch = await self.read()
+                if held:
+                    await _sleep_unless(stop, backoff.next())
+                    if stop.is_set():
+                        break
+                    held = await self._keep(held)
+                    batch = held + (await self._probe() if len(held) < self.batch else [])
+                else:
+                    batch = await self.read()
                 if not batch:
                     continue
-                if await self._handled(handler, batch, backoff):
-                    await self.ack(*batch)
-                    backoff = _BACKOFF_MIN_S
+                failed = await self._apply(handler, batch)
+                done = [e for e in batch if e not in failed]
+                await self.ack(*done)
+                if done or not failed:
+                    if held and failed:
+                        log.warning("consumer_outage_over", group=self.group, poison=len(failed))
+                    held, failed_rounds = [], 0
+                    backoff.reset()
                     continue
-            except (RedisConnectionError, RedisTimeoutError) as exc:
-                log.warning(
-                    "consumer_redis_unavailable",
-                    group=self.group,
-                    consumer=self.consumer,
-                    error=str(exc),
-                    retry_in_s=backoff,
-                )
-            await _sleep_unless(stop, backoff)
-            backoff = min(backoff * 2, _BACKOFF_MAX_S)
+                failed_rounds += 1
+                if failed_rounds >= self.outage_after:
+                    if not held:
+                        log.error(
+                            "consumer_handler_outage",
+                            group=self.group,
+                            consumer=self.consumer,
+                            failed_rounds=failed_rounds,
+                            held=len(failed),
+                        )
+                    held = failed
+                    continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                await self._on_error(exc, backoff)
+            await _sleep_unless(stop, backoff.next())
 
-    async def _handled(self, handler: Handler, batch: list[Event], backoff: float) -> bool:
+    async def _on_error(self, exc: Exception, backoff: Backoff) -> None:
+        kind = classify(exc)
+        if kind == "nogroup":
+            try:
+                await self.recover_groups(exc)
+                return
+            except Exception as again:
+                exc, kind = again, classify(again)
+        fields = {
+            "group": self.group,
+            "consumer": self.consumer,
+            "error": f"{type(exc).__name__}: {exc}",
+            "retry_in_s": backoff.delay,
+        }
+        if kind == "unavailable":
+            log.warning("consumer_redis_unavailable", **fields)
+        else:
+            log.error("consumer_error", exc_info=exc, **fields)
+
+    async def _probe(self) -> list[Event]:
+        """One new event, to tell an outage from poison while events are held."""
+        return await self.read_new(count=1)
+
+    async def read_new(self, count: int) -> list[Event]:
+        """Up to `count` events never delivered to the group, without waiting."""
+        if not self._groups_ready:
+            await self.ensure_groups()
         try:
-            await handler(batch)
-        except Exception:
-            log.exception(
-                "consumer_handler_failed",
-                group=self.group,
-                consumer=self.consumer,
-                events=len(batch),
-                first_id=batch[0].id,
-                retry_in_s=backoff,
+            return await self._read_new(block=False, count=count)
+        except RedisError as exc:
+            if classify(exc) != "nogroup":
+                raise
+            await self.recover_groups(exc)
+            return []
+
+    async def _keep(self, held: list[Event]) -> list[Event]:
+        """Reset the idle time of held events so that no one takes them over; XCLAIM with
+        JUSTID leaves their delivery count alone. Returns those still ours."""
+        kept: list[Event] = []
+        for stream in dict.fromkeys(e.stream for e in held):
+            ids: list[Any] = [e.id for e in held if e.stream == stream]
+            claimed = await self.redis.xclaim(
+                stream, self.group, self.consumer, 0, ids, justid=True
             )
-            return False
-        return True
+            mine = {_text(i) for i in claimed if isinstance(i, bytes | str)}
+            kept.extend(e for e in held if e.stream == stream and e.id in mine)
+        return kept
+
+    async def _apply(self, handler: Handler, batch: list[Event]) -> list[Event]:
+        """The events of `batch` the handler failed."""
+        try:
+            return failed_events(batch, await self._call(handler, batch))
+        except Exception as exc:
+            if len(batch) == 1:
+                self._log_failure(exc, batch[0])
+                return list(batch)
+            log.warning(
+                "consumer_batch_failed",
+                group=self.group,
+                events=len(batch),
+                error=f"{type(exc).__name__}: {exc}",
+                retry="one event at a time",
+            )
+        failed: list[Event] = []
+        for event in batch:
+            try:
+                failed.extend(failed_events([event], await self._call(handler, [event])))
+            except Exception as exc:
+                self._log_failure(exc, event)
+                failed.append(event)
+        return failed
+
+    async def _call(self, handler: Handler, batch: list[Event]) -> object:
+        if self.handler_timeout is None:
+            return await handler(batch)
+        try:
+            return await asyncio.wait_for(handler(batch), self.handler_timeout)
+        except TimeoutError:
+            raise TimeoutError(f"handler took more than {self.handler_timeout}s") from None
+
+    def _log_failure(self, exc: Exception, event: Event) -> None:
+        log.error(
+            "consumer_handler_failed",
+            exc_info=exc,
+            group=self.group,
+            consumer=self.consumer,
+            stream=event.stream,
+            entry_id=event.id,
+            deliveries=event.deliveries,
+        )
 
     async def close(self) -> None:
         """Stop iterating, and drop this consumer's name from groups where nothing is pending.

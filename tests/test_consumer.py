@@ -171,7 +171,7 @@ async def test_run_leaves_a_failed_batch_pending_and_gets_it_again(
     assert deliveries == [1, 2]
     failed = [e for e in logs if e["event"] == "consumer_handler_failed"]
     assert len(failed) == 1
-    assert failed[0]["first_id"] == entry_id
+    assert failed[0]["entry_id"] == entry_id
     assert await pending_ids(redis, CUSTOMERS, "billing") == {}
 
 
@@ -285,14 +285,20 @@ async def test_group_recreated_when_the_stream_vanishes(
 ) -> None:
     c = consumer(redis, streams=CUSTOMERS, start=start)
     assert await c.read() == []
+    first = await publish(redis, CUSTOMERS, 1)
+    assert [e.id for e in await c.read()] == [first]
     await redis.delete(CUSTOMERS)  # as after a restart of a Redis without persistence
-    after = [await publish(redis, CUSTOMERS, key) for key in (1, 2)]
+    after = [await publish(redis, CUSTOMERS, key) for key in (2, 3)]
 
     with capture_logs() as logs:
         events = await c.read()
 
-    assert [e.id for e in events] == after  # all of it is news, even for start="new"
-    assert "consumer_group_missing" in [e["event"] for e in logs]
+    # The group resumes after the newest event this consumer got: all of the rest is news.
+    assert [e.id for e in events] == after
+    names = [e["event"] for e in logs]
+    assert "consumer_group_missing" in names
+    (recreated,) = [e for e in logs if e["event"] == "consumer_group_recreated"]
+    assert recreated["position"] == first
 
 
 async def test_run_carries_on_through_a_redis_restart() -> None:

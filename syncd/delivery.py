@@ -1,0 +1,173 @@
+"""Pure decisions of the consumer loop: what a Redis error means, which events a handler
+failed, when the handler's own dependencies look down, and how newer versions win.
+
+Kept apart from `syncd.consumer` so that each rule is a small function tested by a table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Sequence
+from typing import Literal, Protocol, TypeVar
+
+from redis.exceptions import (
+    BusyLoadingError,
+    ClusterDownError,
+    ClusterError,
+    ReadOnlyError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+__all__ = [
+    "Backoff",
+    "ErrorKind",
+    "classify",
+    "entry_order",
+    "error_code",
+    "failed_events",
+    "is_newer_or_same",
+]
+
+ErrorKind = Literal["nogroup", "unavailable", "error"]
+
+# Error codes after which the same command succeeds once the server (or cluster) settles:
+# a failover (READONLY, MASTERDOWN), resharding (TRYAGAIN, CLUSTERDOWN, MOVED, ASK), a server
+# loading its data (LOADING), a long script (BUSY), lost replicas (NOREPLICAS), a full memory
+# (OOM) or a server that lost its configuration of us (NOAUTH after a restart with a password).
+_TRANSIENT_CODES = frozenset(
+    {
+        "READONLY",
+        "MASTERDOWN",
+        "TRYAGAIN",
+        "CLUSTERDOWN",
+        "MOVED",
+        "ASK",
+        "LOADING",
+        "BUSY",
+        "NOREPLICAS",
+        "OOM",
+        "NOAUTH",
+    }
+)
+_PIPELINE_MARK = " of pipeline caused error: "
+
+
+def error_code(exc: BaseException) -> str:
+    """The Redis error code (`NOGROUP`, `READONLY`...) of an error reply, "" when it has none.
+
+    redis-py prefixes errors raised from a pipeline with "Command # n (...) of pipeline caused
+    error: "; the code is what follows.
+    """
+    text = str(exc.args[0]) if exc.args else ""
+    _, mark, rest = text.partition(_PIPELINE_MARK)
+    if mark:
+        text = rest
+    word = text.split(" ", 1)[0]
+    return word if word.isupper() and word.isalpha() else ""
+
+
+def classify(exc: BaseException) -> ErrorKind:
+    """What the consumer loop does about an error from Redis.
+
+    `nogroup`: the group (or the whole stream) is gone: create it again. `unavailable`: the
+    server cannot answer now (restart, failover, resharding): back off and retry. `error`:
+    anything else, also retried with backoff, but logged with its traceback.
+    """
+    code = error_code(exc)
+    if code == "NOGROUP":
+        return "nogroup"
+    if code in _TRANSIENT_CODES:
+        return "unavailable"
+    transient = (
+        RedisConnectionError,
+        RedisTimeoutError,
+        ReadOnlyError,
+        BusyLoadingError,
+        ClusterDownError,
+        TryAgainError,
+        ClusterError,
+        ConnectionError,
+        TimeoutError,
+    )
+    return "unavailable" if isinstance(exc, transient) else "error"
+
+
+class _Keyed(Protocol):
+    @property
+    def stream(self) -> str: ...
+
+    @property
+    def id(self) -> str: ...
+
+
+E = TypeVar("E", bound=_Keyed)
+
+
+def failed_events(batch: Sequence[E], result: object) -> list[E]:
+    """The events of `batch` a handler reported as failed by returning them (or their ids).
+
+    A handler that returns None (or anything that is not a collection of events or ids)
+    handled the whole batch.
+    """
+    if result is None or isinstance(result, str | bytes | dict):
+        return []
+    if not isinstance(result, Collection):
+        return []
+    items: Iterable[object] = result
+    failed_ids: set[tuple[str, str] | str] = set()
+    for item in items:
+        if isinstance(item, str):
+            failed_ids.add(item)
+        elif hasattr(item, "stream") and hasattr(item, "id"):
+            failed_ids.add((str(item.stream), str(item.id)))
+    return [e for e in batch if (e.stream, e.id) in failed_ids or e.id in failed_ids]
+
+
+class Backoff:
+    """Doubling delays between `low` and `high` seconds; `reset` after a success."""
+
+    def __init__(self, low: float = 0.5, high: float = 30.0) -> None:
+        self.low = low
+        self.high = high
+        self.delay = low
+
+    def next(self) -> float:
+        """The delay to wait now; the one after it doubles."""
+        delay = self.delay
+        self.delay = min(self.delay * 2, self.high)
+        return delay
+
+    def reset(self) -> None:
+        self.delay = self.low
+
+
+def is_newer_or_same(incoming: str | None, stored: str | None) -> bool:
+    """Whether an event with `modified_on = incoming` may overwrite a stored version `stored`.
+
+    syncd publishes the versions of one key in `modified_on` order, so under redelivery the
+    rule is: apply an event when its `modified_on` is newer than or equal to the stored one
+    (equal: the same version again, applying it is harmless). Both are ServiceTitan's ISO 8601
+    UTC timestamps, which compare as text once their fractions are padded. A missing stored
+    value means nothing was applied yet. An event without `modified_on` (job history) cannot
+    be ordered by time, so it is applied: for such feeds store `Event.id` instead and compare
+    with `entry_order` (within one stream, a later entry is a newer version).
+    """
+    if stored is None or not stored:
+        return True
+    if incoming is None or not incoming:
+        return True
+    return _sortable(incoming) >= _sortable(stored)
+
+
+def _sortable(stamp: str) -> tuple[str, str]:
+    # "2024-05-01T12:00:00Z", "2024-05-01T12:00:00.5Z" and "...00.123456+00:00" all occur.
+    text = stamp.strip().removesuffix("Z").removesuffix("+00:00")
+    whole, _, fraction = text.partition(".")
+    return whole, fraction.ljust(9, "0")
+
+
+def entry_order(entry_id: str) -> tuple[int, int]:
+    """A stream entry id as a sortable pair: within one stream, later entries are newer."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
