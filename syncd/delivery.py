@@ -62,7 +62,8 @@ def error_code(exc: BaseException) -> str:
     text = str(exc.args[0]) if exc.args else ""
     _, mark, rest = text.partition(_PIPELINE_MARK)
     if mark:
-        text = rest
+        # Some redis-py versions put the original arguments' tuple there: ("NOGROUP ...",)
+        text = rest.lstrip("(\"'")
     word = text.split(" ", 1)[0]
     return word if word.isupper() and word.isalpha() else ""
 
