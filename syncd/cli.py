@@ -62,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--feed", help="one feed (default: every feed of the tenant)")
     tl.add_argument("--group", help="read as this consumer group and acknowledge what is printed")
     tl.add_argument("--from-start", action="store_true", help="from the streams' beginning")
+    tl.add_argument(
+        "--count",
+        type=_positive,
+        metavar="N",
+        help="take N events, print them and exit. With --group, an event is acknowledged once "
+        "its line was written and flushed; lines a pipe's buffer held but its reader never read "
+        "(e.g. `| head -n 3`) cannot be known, so to acknowledge exactly N use --count N",
+    )
 
     sim = sub.add_parser("simulate", help="run the ServiceTitan simulator")
     sim_cli.add_arguments(sim)
@@ -76,6 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="start a private Redis even when one answers on 127.0.0.1:6379",
     )
     return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not {text!r}")
+    return value
 
 
 def _fail(message: str, code: int) -> int:
@@ -136,7 +154,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
         )
     return commands.run(
         commands.tail_command(
-            settings, args.tenant, args.feed, args.group, args.from_start, sys.stdout
+            settings, args.tenant, args.feed, args.group, args.from_start, sys.stdout, args.count
         )
     )
 

@@ -219,6 +219,7 @@ async def tail_command(
     group: str | None,
     from_start: bool,
     out: TextIO,
+    count: int | None = None,
 ) -> int:
     from syncd.tail import tail
 
@@ -240,6 +241,7 @@ async def tail_command(
             out=out,
             pretty=out.isatty(),
             stop=stop,
+            limit=count,
         )
     finally:
         await r.aclose()

@@ -1,15 +1,21 @@
 """`syncd tail`: print a tenant's change events as they arrive, as JSON lines or readable lines.
 
 Without a group, tail only watches (XREAD) and changes nothing in Redis. With a group it joins
-that consumer group under its own consumer name and acknowledges every event it prints, which is
-how an operator drains or inspects a group by hand.
+that consumer group under its own consumer name and acknowledges each event once its line was
+written and flushed to the output, which is how an operator drains or inspects a group by hand.
+
+When the output is a pipe whose reader went away (`| head`), tail stops at once and quietly:
+events it read but could not write stay pending in the group. What a pipe's buffer held but its
+reader never read cannot be known: `limit` (`--count N`) takes and acknowledges exactly N.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import os
+import select
 import socket
 from collections.abc import Callable
 from typing import Any, TextIO
@@ -29,6 +35,7 @@ _BLOCK_MS = 500
 _BATCH = 100
 _SUMMARY_CHARS = 100
 _VALUE_CHARS = 40
+_PIPE_CHECK_S = 0.1
 
 Render = Callable[[Event], str]
 
@@ -54,9 +61,46 @@ async def tail(
     """
     subscription = Subscription(tenant, feeds or None)
     render = render_pretty if pretty else render_json
-    if group is None:
-        return await _watch(redis, subscription, prefix, from_start, out, render, stop, limit)
-    return await _consume(redis, subscription, prefix, group, from_start, out, render, stop, limit)
+    watcher = asyncio.create_task(_watch_output(out, stop))
+    try:
+        if group is None:
+            return await _watch(redis, subscription, prefix, from_start, out, render, stop, limit)
+        return await _consume(
+            redis, subscription, prefix, group, from_start, out, render, stop, limit
+        )
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+
+
+def output_closed(out: TextIO) -> bool:
+    """Whether `out` is a pipe (or socket) whose reading end is gone; False when unknowable."""
+    try:
+        fd = out.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    poller = select.poll()
+    poller.register(fd, 0)  # POLLERR and POLLHUP are always reported
+    return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+
+
+async def _watch_output(out: TextIO, stop: asyncio.Event) -> None:
+    """Set `stop` as soon as the reader of `out` goes away, without waiting for an event."""
+    while not stop.is_set():
+        if output_closed(out):
+            log.info("tail_output_closed")
+            stop.set()
+            return
+        await asyncio.sleep(_PIPE_CHECK_S)
+
+
+def _silence(out: TextIO) -> None:
+    """Point `out`'s descriptor at /dev/null, so that flushing it at exit cannot fail again."""
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, out.fileno())
+        os.close(devnull)
 
 
 async def _watch(
@@ -111,8 +155,10 @@ async def _watch(
         events.sort(key=lambda event: _id_order(event.id))
         if limit is not None:
             events = events[: limit - printed]
-        _write(out, render, events)
-        printed += len(events)
+        written = _write(out, render, events)
+        printed += written
+        if written < len(events):
+            break
     return printed
 
 
@@ -140,24 +186,34 @@ async def _consume(
     printed = 0
     try:
         while not stop.is_set() and (limit is None or printed < limit):
+            if limit is not None:
+                consumer.batch = min(_BATCH, limit - printed)  # never take more than wanted
             events = await consumer.read()
             # Beyond the limit, events stay pending under tail's consumer name: the group's
             # other consumers take them over after their claim idle time.
             if limit is not None:
                 events = events[: limit - printed]
-            _write(out, render, events)
-            await consumer.ack(*events)
-            printed += len(events)
+            written = _write(out, render, events)
+            await consumer.ack(*events[:written])
+            printed += written
+            if written < len(events):
+                break  # the reader is gone: the rest stays pending for the group
     finally:
         await consumer.close()
     return printed
 
 
-def _write(out: TextIO, render: Render, events: list[Event]) -> None:
-    if not events:
-        return
-    out.write("".join(render(event) + "\n" for event in events))
-    out.flush()
+def _write(out: TextIO, render: Render, events: list[Event]) -> int:
+    """Write and flush one line per event; returns how many lines reached the output (all of
+    them, unless its reader went away)."""
+    for written, event in enumerate(events):
+        try:
+            out.write(render(event) + "\n")
+            out.flush()
+        except BrokenPipeError:
+            _silence(out)
+            return written
+    return len(events)
 
 
 def render_json(event: Event) -> str:
