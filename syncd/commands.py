@@ -77,7 +77,7 @@ async def collect_status(settings: Settings, r: RedisClient) -> list[dict[str, A
                     "tenant_dead_letters": dead,
                     "last_error": state.get(f"{feed}:last_error"),
                     "last_error_at": _when(state.get(f"{feed}:last_error_at")),
-                    "paused": state.get(f"{feed}:paused"),
+                    "paused": state.get(f"{feed}:paused") or state.get("memory_paused"),
                 }
             )
     return rows

@@ -146,8 +146,15 @@ class StreamsConfig(_Base, frozen=True):
     max_len: int = 0  # keep at most this many entries (0: no limit), never unacknowledged ones
     max_age: float = 0.0  # seconds (0: no limit)
     max_lag: int = 0  # pause a feed while a configured group lags more (0: off)
+    resume_lag: int | None = None  # resume a paused feed at this lag or less (None: max_lag / 2)
     max_memory: float = 0.9  # pause polling above this share of Redis maxmemory
     check_interval: float = 5.0  # seconds between retention/backpressure checks
+    protect_unlisted: bool = True  # retention keeps unacknowledged events of unlisted groups too
+    consumer_idle: float = 86400.0  # remove consumer names idle this long, nothing pending (0: off)
+
+    def resume_mark(self) -> int:
+        """The lag at or below which a feed paused by `max_lag` is polled again."""
+        return self.max_lag // 2 if self.resume_lag is None else self.resume_lag
 
 
 class TenantConfig(_Base, frozen=True):
@@ -364,6 +371,10 @@ def _check(cfg: Config, name: str) -> None:
     sc = cfg.streams
     if sc.max_len < 0 or sc.max_age < 0 or sc.max_lag < 0:
         raise _fail(name, "streams", "max_len, max_age and max_lag must be >= 0")
+    if sc.resume_lag is not None and not 0 <= sc.resume_lag < max(sc.max_lag, 1):
+        raise _fail(name, "streams.resume_lag", "must be >= 0 and below streams.max_lag")
+    if sc.consumer_idle < 0:
+        raise _fail(name, "streams.consumer_idle", "must be >= 0 seconds (0: never remove)")
     if not 0 < sc.max_memory <= 1:
         raise _fail(name, "streams.max_memory", "must be a share of maxmemory in (0, 1]")
     if sc.check_interval <= 0:

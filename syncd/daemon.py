@@ -91,6 +91,7 @@ class Daemon:
         self.live = False  # startup done: the scheduler is expected to tick
         self.refused: str | None = None  # Redis settings (or permissions) syncd will not run on
         self.redis_persistence: str | None = None  # stated by /readyz while Redis saves nothing
+        self.memory_advice: str | None = None  # set while polling is paused on Redis memory
 
     # -- starting feeds ----------------------------------------------------------------
 
@@ -173,29 +174,23 @@ class Daemon:
         assert self.scheduler is not None
         r, sched, s = self.redis, self.scheduler, self.settings
         sc = s.config.streams
-        over, used, limit = await upkeep.memory_pressure(r, sc.max_memory)
-        if over != sched.memory_full:
-            if over:
-                log.warning("backpressure_memory", used_bytes=used, maxmemory=limit)
-            else:
-                log.info("backpressure_memory_cleared", used_bytes=used, maxmemory=limit)
-            sched.set_memory_full(over)
         prefix = s.config.redis.key_prefix
+        holders: list[upkeep.Holder] = []
+        retention = False
         for t in list(sched.tenants.values()):
             keys = Keys(prefix, t.id)
             paused = 0
             for fs in list(t.feeds.values()):
                 max_len, max_age = s.retention(fs.name)
-                if not (sc.groups and sc.max_lag) and not (max_len or max_age):
-                    continue
+                retention = retention or bool(max_len or max_age)
                 stream = keys.stream(fs.name)
-                length, groups = await upkeep.group_states(r, stream, sc.groups)
-                reason = None
-                if sc.max_lag and groups is not None:
-                    behind = {g.name: g.unacknowledged(length) for g in groups}
-                    worst = max(behind, key=lambda g: behind[g], default=None)
-                    if worst is not None and behind[worst] > sc.max_lag:
-                        reason = f"group {worst} has {behind[worst]} unacknowledged events"
+                state = await upkeep.stream_state(r, stream, sc.groups)
+                behind = {g.name: g.unacknowledged(state.length) for g in state.groups}
+                holders += [upkeep.Holder(stream, g, n) for g, n in behind.items() if n]
+                configured = {g: n for g, n in behind.items() if g in sc.groups}
+                if state.missing:
+                    configured = {}
+                reason = upkeep.pause_reason(fs.paused, configured, sc.max_lag, sc.resume_mark())
                 if reason != fs.paused:
                     if reason:
                         log.warning("backpressure_paused", tenant=t.id, feed=fs.name, reason=reason)
@@ -205,24 +200,44 @@ class Daemon:
                     await self._record_pause(keys, fs.name, reason)
                 paused += fs.paused is not None
                 if max_len or max_age:
-                    removed = await upkeep.trim(
+                    result = await upkeep.trim(
                         r,
                         stream,
-                        groups if sc.groups else [],
-                        length=length,
+                        state,
+                        configured=sc.groups,
+                        protect_unlisted=sc.protect_unlisted,
                         max_len=max_len,
                         max_age=max_age,
                     )
-                    if removed:
-                        log.debug("stream_trimmed", tenant=t.id, feed=fs.name, entries=removed)
+                    if result.removed:
+                        log.debug(
+                            "stream_trimmed", tenant=t.id, feed=fs.name, entries=result.removed
+                        )
+                if sc.consumer_idle:
+                    names = [g.name for g in state.groups]
+                    await upkeep.forget_idle_consumers(r, stream, names, sc.consumer_idle)
             self.metrics.set_feeds_paused(t.id, paused)
+        over, used, limit = await upkeep.memory_pressure(r, sc.max_memory)
+        advice = upkeep.memory_advice(used, limit, sc.max_memory, holders, retention)
+        if over != sched.memory_full:
+            if over:
+                log.warning("backpressure_memory", used_bytes=used, maxmemory=limit, advice=advice)
+            else:
+                log.info("backpressure_memory_cleared", used_bytes=used, maxmemory=limit)
+            sched.set_memory_full(over)
+        if over != (self.memory_advice is not None):
+            for tid in sched.tenants:
+                await self._record_pause(Keys(prefix, tid), None, advice if over else None)
+        self.memory_advice = advice if over else None
 
-    async def _record_pause(self, keys: Keys, feed: str, reason: str | None) -> None:
+    async def _record_pause(self, keys: Keys, feed: str | None, reason: str | None) -> None:
+        """Record why a feed (or, with feed None, all polling on Redis memory) is paused."""
         assert self.redis is not None
+        field = f"{feed}:paused" if feed else "memory_paused"
         if reason:
-            await self.redis.hset(keys.state, f"{feed}:paused", reason)
+            await self.redis.hset(keys.state, field, reason)
         else:
-            await self.redis.hdel(keys.state, f"{feed}:paused")
+            await self.redis.hdel(keys.state, field)
 
     async def _wait_for_redis(self, call: Callable[[], Awaitable[_T]]) -> _T:
         """Run `call` until Redis answers; at startup an outage waits rather than exits."""
@@ -372,6 +387,8 @@ class Daemon:
                     failing[str(tid)] = t.tokens.last_error
         else:
             reasons.append("starting")
+        if self.memory_advice is not None:
+            details["paused_on_memory"] = self.memory_advice
         if failing:
             details["tenants_failing_auth"] = failing
             reasons.append(f"{len(failing)} tenant(s) cannot authenticate")

@@ -48,10 +48,10 @@ async def test_groups_created_before_publishing_and_trim_keeps_unacknowledged(
     await redis.xack(stream, "g1", *ids[:200])
     await redis.xreadgroup("g2", "c", {stream: ">"}, count=100)
     await redis.xack(stream, "g2", *ids[:80])
-    length, groups = await upkeep.group_states(redis, stream, ["g1", "g2"])
-    assert length == 300
-    removed = await upkeep.trim(redis, stream, groups, length=length, max_len=50, max_age=0)
-    assert removed == 80
+    state = await upkeep.stream_state(redis, stream, ["g1", "g2"])
+    assert state.length == 300
+    result = await upkeep.trim(redis, stream, state, configured=["g1", "g2"], max_len=50, max_age=0)
+    assert result.removed == 80
     remaining = [entry_id for entry_id, _ in await redis.xrange(stream)]
     assert remaining == ids[80:]
     # Once both groups acknowledged everything, the length limit applies in full.
@@ -59,13 +59,17 @@ async def test_groups_created_before_publishing_and_trim_keeps_unacknowledged(
     await redis.xreadgroup("g2", "c", {stream: ">"})
     await redis.xack(stream, "g1", *ids)
     await redis.xack(stream, "g2", *ids)
-    length, groups = await upkeep.group_states(redis, stream, ["g1", "g2"])
-    assert await upkeep.trim(redis, stream, groups, length=length, max_len=50, max_age=0) == 170
+    state = await upkeep.stream_state(redis, stream, ["g1", "g2"])
+    result = await upkeep.trim(redis, stream, state, configured=["g1", "g2"], max_len=50, max_age=0)
+    assert result.removed == 170
     assert [e for e, _ in await redis.xrange(stream)] == ids[-50:]
     # A configured group that does not exist blocks trimming altogether.
-    length, groups = await upkeep.group_states(redis, stream, ["g1", "missing"])
-    assert groups is None
-    assert await upkeep.trim(redis, stream, groups, length=length, max_len=10, max_age=0) == 0
+    state = await upkeep.stream_state(redis, stream, ["g1", "missing"])
+    assert state.missing == ["missing"]
+    result = await upkeep.trim(
+        redis, stream, state, configured=["g1", "missing"], max_len=10, max_age=0
+    )
+    assert result.removed == 0
 
 
 async def consume_all(
@@ -104,6 +108,14 @@ async def run_paused_backfill(
             before = await r.xlen(stream)
             await asyncio.sleep(1.0)
             assert await r.xlen(stream) == before < records
+            memory = [e for e in daemon.events() if e["event"] == "backpressure_memory"]
+            if memory:
+                # What would free memory: in the log and in the state `syncd status` shows.
+                assert "group g (" in memory[0]["advice"]
+                assert "maxmemory" in memory[0]["advice"]
+                recorded = await r.hget(f"st:{{{tenant}}}:state", "memory_paused")
+                assert recorded is not None
+                assert b"group g (" in recorded
             # The group catches up: the backfill completes, every event exactly once.
             seen = await consume_all(r, tenant, records, timeout=60)
             assert set(seen) == set(await truth(sim.url, tenant, FEED))
