@@ -19,7 +19,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from bench import backfill, bench_simulator, common, freshness, ratelimit, steady
+from bench import backfill, bench_simulator, common, freshness, ratelimit, retention, steady
 
 Row = tuple[str, str, str, bool | None]  # figure, value, target, met
 
@@ -137,6 +137,18 @@ def _rows_freshness(f: dict[str, Any]) -> list[Row]:
     ]
 
 
+def _rows_retention(f: dict[str, Any]) -> list[Row]:
+    return [
+        (
+            f"bytes sent per check, max_len {r['max_len']:,} (previously)",
+            f"{r['current']['bytes_sent']:,} ({r['previous']['bytes_sent']:,})",
+            "<= 10 kB",
+            r["current"]["bytes_sent"] <= 10_000,
+        )
+        for r in f["runs"]
+    ]
+
+
 BENCHMARKS: dict[
     str, tuple[Callable[[], dict[str, Any]], Callable[[dict[str, Any]], list[Row]]]
 ] = {
@@ -145,6 +157,7 @@ BENCHMARKS: dict[
     "ratelimit": (lambda: ratelimit.run(ratelimit.parser().parse_args([])), _rows_ratelimit),
     "freshness": (lambda: freshness.run(freshness.parser().parse_args([])), _rows_freshness),
     "steady": (lambda: steady.run(steady.parser().parse_args([])), _rows_steady),
+    "retention": (lambda: retention.run([50_000, 1_000_000], 900), _rows_retention),
 }
 
 
