@@ -92,6 +92,7 @@ class Daemon:
         self.refused: str | None = None  # Redis settings (or permissions) syncd will not run on
         self.redis_persistence: str | None = None  # stated by /readyz while Redis saves nothing
         self.memory_advice: str | None = None  # set while polling is paused on Redis memory
+        self._next_sweep = 0.0  # when upkeep next removes idle consumer names (monotonic)
 
     # -- starting feeds ----------------------------------------------------------------
 
@@ -175,6 +176,10 @@ class Daemon:
         r, sched, s = self.redis, self.scheduler, self.settings
         sc = s.config.streams
         prefix = s.config.redis.key_prefix
+        over, used, limit = await upkeep.memory_pressure(r, sc.max_memory)
+        sweep = bool(sc.consumer_idle) and time.monotonic() >= self._next_sweep
+        if sweep:
+            self._next_sweep = time.monotonic() + upkeep.sweep_interval(sc.consumer_idle)
         holders: list[upkeep.Holder] = []
         retention = False
         for t in list(sched.tenants.values()):
@@ -183,6 +188,8 @@ class Daemon:
             for fs in list(t.feeds.values()):
                 max_len, max_age = s.retention(fs.name)
                 retention = retention or bool(max_len or max_age)
+                if not ((sc.groups and sc.max_lag) or max_len or max_age or sweep or over):
+                    continue  # nothing to decide on this stream in this check
                 stream = keys.stream(fs.name)
                 state = await upkeep.stream_state(r, stream, sc.groups)
                 behind = {g.name: g.unacknowledged(state.length) for g in state.groups}
@@ -213,11 +220,10 @@ class Daemon:
                         log.debug(
                             "stream_trimmed", tenant=t.id, feed=fs.name, entries=result.removed
                         )
-                if sc.consumer_idle:
+                if sweep:
                     names = [g.name for g in state.groups]
                     await upkeep.forget_idle_consumers(r, stream, names, sc.consumer_idle)
             self.metrics.set_feeds_paused(t.id, paused)
-        over, used, limit = await upkeep.memory_pressure(r, sc.max_memory)
         advice = upkeep.memory_advice(used, limit, sc.max_memory, holders, retention)
         if over != sched.memory_full:
             if over:

@@ -318,6 +318,12 @@ async def trim(
     return TrimResult(removed, lost)
 
 
+def sweep_interval(consumer_idle: float) -> float:
+    """Seconds between two sweeps of idle consumer names: often enough that a name outlives
+    `consumer_idle` by a fraction of it, at most every 10 minutes (pure)."""
+    return min(max(consumer_idle / 4, 1.0), 600.0)
+
+
 async def forget_idle_consumers(
     r: RedisClient, stream: str, groups: list[str], idle_s: float
 ) -> list[tuple[str, str]]:
@@ -365,6 +371,7 @@ __all__ = [
     "pause_reason",
     "split_groups",
     "stream_state",
+    "sweep_interval",
     "trim",
     "trim_point",
 ]
