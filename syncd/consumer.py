@@ -26,17 +26,24 @@ import asyncio
 import contextlib
 import inspect
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal, NamedTuple, TypeVar, cast
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Literal, cast
 
-import msgspec
 import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError, ResponseError
 
-from syncd import catalogue
 from syncd.delivery import Backoff, classify, entry_order, failed_events, is_newer_or_same
-from syncd.keys import DEFAULT_PREFIX, Keys
+from syncd.events import (
+    Event,
+    MalformedEvent,
+    Subscription,
+    parse_stream,
+    parse_stream_reply,
+)
+from syncd.events import fields_of as _fields
+from syncd.events import text as _text
+from syncd.keys import DEFAULT_PREFIX
 from syncd.redisconn import RedisClient
 
 __all__ = [
@@ -51,12 +58,10 @@ __all__ = [
     "parse_stream_reply",
 ]
 
-T = TypeVar("T")
 Start = Literal["beginning", "new"]
 
 log = structlog.get_logger("syncd.consumer")
 
-_REQUIRED_FIELDS = ("op", "key", "data")
 _GROUP_START: dict[str, str] = {"beginning": "0", "new": "$"}
 _BACKOFF_MIN_S = 0.5
 _BACKOFF_MAX_S = 30.0
@@ -85,142 +90,10 @@ return -1
 """
 
 
-class MalformedEvent(ValueError):
-    """A stream entry lacks a field that every event carries."""
-
-    def __init__(self, stream: str, entry_id: str, missing: Sequence[str]) -> None:
-        super().__init__(f"{stream} {entry_id}: missing field(s) {', '.join(missing)}")
-        self.stream = stream
-        self.entry_id = entry_id
-        self.missing = tuple(missing)
-
-
-class Event(msgspec.Struct, frozen=True):
-    """One change event: a record created or updated in one feed of one tenant."""
-
-    stream: str
-    id: str  # the stream entry id, e.g. "1714564800123-0"
-    tenant: int
-    feed: str
-    op: str  # "created", "updated" or "upsert"
-    key: str
-    data: bytes  # the record's JSON exactly as ServiceTitan sent it
-    modified_on: str | None
-    deliveries: int  # 1 on first delivery; 0 when read without a consumer group
-
-    def json(self) -> Any:
-        """The record as plain Python objects."""
-        return msgspec.json.decode(self.data)
-
-    def decode(self, type: type[T]) -> T:
-        """The record decoded and validated into `type` (a msgspec.Struct, dataclass, dict...)."""
-        return msgspec.json.decode(self.data, type=type)
-
-    @classmethod
-    def from_entry(
-        cls,
-        stream: str,
-        entry_id: str,
-        fields: Mapping[str, bytes],
-        *,
-        tenant: int,
-        feed: str,
-        deliveries: int,
-    ) -> Event:
-        """Build an event from a stream entry's fields; unknown fields are ignored.
-
-        Raises MalformedEvent when `op`, `key` or `data` is missing.
-        """
-        missing = [name for name in _REQUIRED_FIELDS if name not in fields]
-        if missing:
-            raise MalformedEvent(stream, entry_id, missing)
-        modified_on = fields.get("modified_on")
-        return cls(
-            stream=stream,
-            id=entry_id,
-            tenant=tenant,
-            feed=feed,
-            op=fields["op"].decode("utf-8", "replace"),
-            key=fields["key"].decode("utf-8", "replace"),
-            data=fields["data"],
-            modified_on=modified_on.decode("utf-8", "replace") if modified_on else None,
-            deliveries=deliveries,
-        )
-
-
-class Subscription(msgspec.Struct, frozen=True):
-    """Feeds of one tenant to read: the named ones, or every catalogue feed when `feeds` is None."""
-
-    tenant: int
-    feeds: Sequence[str] | None = None
-
-    def __post_init__(self) -> None:
-        known = catalogue.feeds()
-        unknown = [name for name in self.feeds or () if name not in known]
-        if unknown:
-            raise ValueError(f"tenant {self.tenant}: unknown feed(s) {', '.join(unknown)}")
-
-    def feed_names(self) -> list[str]:
-        """The subscribed feed names, in catalogue order when all feeds are meant."""
-        return list(catalogue.feeds() if self.feeds is None else dict.fromkeys(self.feeds))
-
-    def streams(self, prefix: str = DEFAULT_PREFIX) -> list[str]:
-        """The event stream names of the subscribed feeds."""
-        keys = Keys(prefix, self.tenant)
-        return [keys.stream(feed) for feed in self.feed_names()]
-
-
 Handler = Callable[[list[Event]], Awaitable[object]]
 """Called with a batch of events. Return None when all were handled, or the events (or their
 ids) that failed: the others are acknowledged. Raising fails the batch; `Consumer.run` then
 calls the handler once per event to find the ones that fail."""
-
-
-class _Stream(NamedTuple):
-    tenant: int
-    feed: str
-    dead: str
-
-
-def _parse_stream(name: str, prefix: str) -> _Stream:
-    head = f"{prefix}:{{"
-    tenant_text, sep, feed = name.removeprefix(head).partition("}:")
-    if name.startswith(head) and sep and tenant_text.isdigit():
-        keys = Keys(prefix, int(tenant_text))
-        if keys.stream(feed) == name and feed in catalogue.feeds():
-            return _Stream(keys.tenant, feed, keys.dead)
-    raise ValueError(
-        f"{name!r} is not a syncd event stream: expected {prefix}:{{<tenant>}}:<feed> "
-        "with a catalogue feed"
-    )
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-
-
-def _fields(raw: Mapping[Any, Any]) -> dict[str, bytes]:
-    # Clients made with decode_responses=True hand back str; events carry bytes either way.
-    return {_text(k): v if isinstance(v, bytes) else str(v).encode() for k, v in raw.items()}
-
-
-def parse_stream_reply(reply: Any) -> list[tuple[str, list[tuple[str, dict[str, bytes]]]]]:
-    """(stream, [(entry id, fields)]) pairs of an XREAD/XREADGROUP reply.
-
-    Accepts every reply shape redis-py produces (RESP2 or RESP3, legacy or unified responses,
-    with or without decode_responses).
-    """
-    if not reply:
-        return []
-    pairs = reply.items() if isinstance(reply, dict) else reply
-    out = []
-    for stream, entries in pairs:
-        # RESP3 replies come wrapped in one more list by redis-py's legacy parser.
-        if entries and isinstance(entries[0], list):
-            entries = entries[0]
-        parsed = [(_text(eid), _fields(raw)) for eid, raw in entries or () if raw is not None]
-        out.append((_text(stream), parsed))
-    return out
 
 
 def _socket_timeout_s(redis: RedisClient) -> float | None:
@@ -304,10 +177,11 @@ class Consumer:
         self.outage_after = outage_after
         timeout_s = _socket_timeout_s(redis)
         self.block_ms = block_ms if timeout_s is None else min(block_ms, int(timeout_s * 800) or 1)
-        self._streams = {name: _parse_stream(name, prefix) for name in names}
+        self._streams = {name: parse_stream(name, prefix) for name in names}
         self._cursors = dict.fromkeys(self._streams, "0-0")
         # Per stream, the newest entry this consumer was handed: where a lost group resumes.
-        self._seen: dict[str, str] = {}
+        # With its fields: after a restart a new entry may reuse the id.
+        self._seen: dict[str, tuple[str, dict[str, bytes]]] = {}
         self._reclaim_due = 0.0
         self._groups_ready = False
         self._closed = False
@@ -363,9 +237,11 @@ class Consumer:
         """Create the group again where it vanished (deleted stream, destroyed group, a Redis
         restarted without persistence), and say in a log line what that replays or skips.
 
-        On a stream where this consumer already got events, the group resumes after the newest
-        of them: nothing this consumer handled comes again (events other consumers of the group
-        handled after it may). Elsewhere it starts where `start` says: the stream's beginning
+        Where the stream still holds the newest event this consumer was handed, the group
+        resumes after it: nothing this consumer handled comes again (events other consumers of
+        the group handled after it may). Where the stream no longer holds it (a new stream),
+        everything it holds is news: the group starts at its beginning. On a stream where this
+        consumer got nothing yet, it starts where `start` says: the stream's beginning
         (everything it holds comes again, however often it was acknowledged before) or its end
         (what was added while the group was missing is skipped).
         """
@@ -373,21 +249,29 @@ class Consumer:
         async with self.redis.pipeline(transaction=False) as pipe:
             for stream in self._streams:
                 pipe.xlen(stream)
-            lengths = await pipe.execute()
-        for stream, length in zip(self._streams, lengths, strict=True):
-            position = self._seen.get(stream, _GROUP_START[self.start])
+                entry_id = self._seen[stream][0] if stream in self._seen else "-"
+                pipe.xrange(stream, entry_id, entry_id, count=1)
+            replies = await pipe.execute()
+        for i, stream in enumerate(self._streams):
+            length, entries = int(replies[2 * i]), replies[2 * i + 1]
+            seen_id, seen_fields = self._seen.get(stream, (None, {}))
+            seen = seen_id
+            held = bool(entries) and _fields(entries[0][1]) == seen_fields
+            if seen is not None and held:
+                position, effect = seen, "resumes after the newest event this consumer was handed"
+            elif seen is not None:
+                position = "0"
+                effect = f"a new stream: its {length} entries are all news"
+            elif self.start == "beginning":
+                position, effect = "0", f"replays the {length} entries the stream holds"
+            else:
+                position, effect = "$", "skips what was added while the group was missing"
             try:
                 await self.redis.xgroup_create(stream, self.group, id=position, mkstream=True)
             except ResponseError as err:
                 if not str(err).startswith("BUSYGROUP"):
                     raise
                 continue
-            if stream in self._seen:
-                effect = "resumes after the newest event this consumer was handed"
-            elif self.start == "beginning":
-                effect = f"replays the {int(length)} entries the stream holds"
-            else:
-                effect = "skips what was added while the group was missing"
             log.warning(
                 "consumer_group_recreated",
                 stream=stream,
@@ -487,8 +371,8 @@ class Consumer:
     ) -> Event | None:
         ref = self._streams[stream]
         seen = self._seen.get(stream)
-        if seen is None or entry_order(entry_id) > entry_order(seen):
-            self._seen[stream] = entry_id
+        if seen is None or entry_order(entry_id) > entry_order(seen[0]):
+            self._seen[stream] = (entry_id, fields)
         try:
             return Event.from_entry(
                 stream, entry_id, fields, tenant=ref.tenant, feed=ref.feed, deliveries=deliveries

@@ -287,18 +287,23 @@ async def test_group_recreated_when_the_stream_vanishes(
     assert await c.read() == []
     first = await publish(redis, CUSTOMERS, 1)
     assert [e.id for e in await c.read()] == [first]
-    await redis.delete(CUSTOMERS)  # as after a restart of a Redis without persistence
+    await redis.delete(CUSTOMERS)
+    await redis.xadd(CUSTOMERS, {"x": "1"}, id="1-1")  # ids of a new stream may be lower
+    await redis.xdel(CUSTOMERS, "1-1")  # as after a restart of a Redis without persistence
     after = [await publish(redis, CUSTOMERS, key) for key in (2, 3)]
 
     with capture_logs() as logs:
         events = await c.read()
 
-    # The group resumes after the newest event this consumer got: all of the rest is news.
+    # The new stream does not hold what this consumer got: all of it is news, even for "new".
     assert [e.id for e in events] == after
     names = [e["event"] for e in logs]
     assert "consumer_group_missing" in names
     (recreated,) = [e for e in logs if e["event"] == "consumer_group_recreated"]
-    assert recreated["position"] == first
+    assert (recreated["position"], recreated["effect"]) == (
+        "0",
+        "a new stream: its 2 entries are all news",
+    )
 
 
 async def test_run_carries_on_through_a_redis_restart() -> None:

@@ -1,0 +1,150 @@
+"""Change events as syncd publishes them: the typed event, which streams to read, and the
+parsing of stream replies. Used by `syncd.consumer` and `syncd tail`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple, TypeVar
+
+import msgspec
+
+from syncd import catalogue
+from syncd.keys import DEFAULT_PREFIX, Keys
+
+__all__ = ["Event", "MalformedEvent", "Subscription", "parse_stream", "parse_stream_reply"]
+
+T = TypeVar("T")
+
+_REQUIRED_FIELDS = ("op", "key", "data")
+
+
+class MalformedEvent(ValueError):
+    """A stream entry lacks a field that every event carries."""
+
+    def __init__(self, stream: str, entry_id: str, missing: Sequence[str]) -> None:
+        super().__init__(f"{stream} {entry_id}: missing field(s) {', '.join(missing)}")
+        self.stream = stream
+        self.entry_id = entry_id
+        self.missing = tuple(missing)
+
+
+class Event(msgspec.Struct, frozen=True):
+    """One change event: a record created or updated in one feed of one tenant."""
+
+    stream: str
+    id: str  # the stream entry id, e.g. "1714564800123-0"
+    tenant: int
+    feed: str
+    op: str  # "created", "updated" or "upsert"
+    key: str
+    data: bytes  # the record's JSON exactly as ServiceTitan sent it
+    modified_on: str | None
+    deliveries: int  # 1 on first delivery; 0 when read without a consumer group
+
+    def json(self) -> Any:
+        """The record as plain Python objects."""
+        return msgspec.json.decode(self.data)
+
+    def decode(self, type: type[T]) -> T:
+        """The record decoded and validated into `type` (a msgspec.Struct, dataclass, dict...)."""
+        return msgspec.json.decode(self.data, type=type)
+
+    @classmethod
+    def from_entry(
+        cls,
+        stream: str,
+        entry_id: str,
+        fields: Mapping[str, bytes],
+        *,
+        tenant: int,
+        feed: str,
+        deliveries: int,
+    ) -> Event:
+        """Build an event from a stream entry's fields; unknown fields are ignored.
+
+        Raises MalformedEvent when `op`, `key` or `data` is missing.
+        """
+        missing = [name for name in _REQUIRED_FIELDS if name not in fields]
+        if missing:
+            raise MalformedEvent(stream, entry_id, missing)
+        modified_on = fields.get("modified_on")
+        return cls(
+            stream=stream,
+            id=entry_id,
+            tenant=tenant,
+            feed=feed,
+            op=fields["op"].decode("utf-8", "replace"),
+            key=fields["key"].decode("utf-8", "replace"),
+            data=fields["data"],
+            modified_on=modified_on.decode("utf-8", "replace") if modified_on else None,
+            deliveries=deliveries,
+        )
+
+
+class Subscription(msgspec.Struct, frozen=True):
+    """Feeds of one tenant to read: the named ones, or every catalogue feed when `feeds` is None."""
+
+    tenant: int
+    feeds: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        known = catalogue.feeds()
+        unknown = [name for name in self.feeds or () if name not in known]
+        if unknown:
+            raise ValueError(f"tenant {self.tenant}: unknown feed(s) {', '.join(unknown)}")
+
+    def feed_names(self) -> list[str]:
+        """The subscribed feed names, in catalogue order when all feeds are meant."""
+        return list(catalogue.feeds() if self.feeds is None else dict.fromkeys(self.feeds))
+
+    def streams(self, prefix: str = DEFAULT_PREFIX) -> list[str]:
+        """The event stream names of the subscribed feeds."""
+        keys = Keys(prefix, self.tenant)
+        return [keys.stream(feed) for feed in self.feed_names()]
+
+
+class StreamRef(NamedTuple):
+    tenant: int
+    feed: str
+    dead: str
+
+
+def parse_stream(name: str, prefix: str) -> StreamRef:
+    head = f"{prefix}:{{"
+    tenant_text, sep, feed = name.removeprefix(head).partition("}:")
+    if name.startswith(head) and sep and tenant_text.isdigit():
+        keys = Keys(prefix, int(tenant_text))
+        if keys.stream(feed) == name and feed in catalogue.feeds():
+            return StreamRef(keys.tenant, feed, keys.dead)
+    raise ValueError(
+        f"{name!r} is not a syncd event stream: expected {prefix}:{{<tenant>}}:<feed> "
+        "with a catalogue feed"
+    )
+
+
+def text(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def fields_of(raw: Mapping[Any, Any]) -> dict[str, bytes]:
+    # Clients made with decode_responses=True hand back str; events carry bytes either way.
+    return {text(k): v if isinstance(v, bytes) else str(v).encode() for k, v in raw.items()}
+
+
+def parse_stream_reply(reply: Any) -> list[tuple[str, list[tuple[str, dict[str, bytes]]]]]:
+    """(stream, [(entry id, fields)]) pairs of an XREAD/XREADGROUP reply.
+
+    Accepts every reply shape redis-py produces (RESP2 or RESP3, legacy or unified responses,
+    with or without decode_responses).
+    """
+    if not reply:
+        return []
+    pairs = reply.items() if isinstance(reply, dict) else reply
+    out = []
+    for stream, entries in pairs:
+        # RESP3 replies come wrapped in one more list by redis-py's legacy parser.
+        if entries and isinstance(entries[0], list):
+            entries = entries[0]
+        parsed = [(text(eid), fields_of(raw)) for eid, raw in entries or () if raw is not None]
+        out.append((text(stream), parsed))
+    return out
