@@ -34,7 +34,8 @@ ErrorKind = Literal["nogroup", "unavailable", "error"]
 # Error codes after which the same command succeeds once the server (or cluster) settles:
 # a failover (READONLY, MASTERDOWN), resharding (TRYAGAIN, CLUSTERDOWN, MOVED, ASK), a server
 # loading its data (LOADING), a long script (BUSY), lost replicas (NOREPLICAS), a full memory
-# (OOM) or a server that lost its configuration of us (NOAUTH after a restart with a password).
+# (OOM), a server that lost its configuration of us (NOAUTH after a restart with a password) or
+# a blocked read cut short by a role change (UNBLOCKED).
 _TRANSIENT_CODES = frozenset(
     {
         "READONLY",
@@ -48,6 +49,7 @@ _TRANSIENT_CODES = frozenset(
         "NOREPLICAS",
         "OOM",
         "NOAUTH",
+        "UNBLOCKED",
     }
 )
 _PIPELINE_MARK = " of pipeline caused error: "

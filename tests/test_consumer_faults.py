@@ -94,6 +94,13 @@ PIPELINE_NOGROUP = (
         (ResponseError("MASTERDOWN Link with MASTER is down"), "unavailable"),
         (ResponseError("OOM command not allowed when used memory > 'maxmemory'."), "unavailable"),
         (ConnectionError("Connection refused"), "unavailable"),
+        (
+            ResponseError(
+                "UNBLOCKED force unblock from blocking operation, instance state changed "
+                "(master -> replica?)"
+            ),
+            "unavailable",
+        ),
         (ResponseError("ERR unknown command 'XAUTOCLAIM'"), "error"),
         (ResponseError("WRONGTYPE Operation against a key holding the wrong kind"), "error"),
         (ValueError("something else"), "error"),
