@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import re
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
+from email.utils import parsedate_to_datetime
 from random import Random
 from typing import Any
 
@@ -15,6 +18,7 @@ import pytest
 
 from syncd import catalogue
 from syncd.simulator.cache import SizedCache
+from syncd.simulator.cli import add_arguments, quirks_from_args
 from syncd.simulator.data import FeedLog
 from syncd.simulator.quirks import Quirks, edit_entries, parse_assignments
 from syncd.simulator.testing import (
@@ -166,6 +170,8 @@ async def test_quirks_control_endpoint(session: aiohttp.ClientSession) -> None:
         ({"gzip": 1.0}, "gzip"),
         ({"keyless": 1.01}, "keyless=1.01"),
         ({"naive_timestamps": float("nan")}, "naive_timestamps=nan"),
+        ({"date_offset": float("nan")}, "date_offset=nan"),
+        ({"date_offset": -4e7}, "date_offset=-40000000.0: must be seconds within a year"),
         ({"nonsense": 1}, "nonsense"),
     ],
 )
@@ -481,6 +487,39 @@ async def test_injected_429s_take_the_tenants_style(session: aiohttp.ClientSessi
             "message": "Rate limit is exceeded. Try again in 3 seconds.",
         }
         assert "Retry-After" not in resp.headers
+
+
+# -- the API's clock -------------------------------------------------------------------------
+
+
+def date_offset_of(resp: aiohttp.ClientResponse, sent: float, received: float) -> float:
+    """How far the Date header (whole seconds, so +0.5) is from this clock's midpoint."""
+    return parsedate_to_datetime(resp.headers["Date"]).timestamp() + 0.5 - (sent + received) / 2
+
+
+async def test_date_offset_skews_one_tenants_date_header(session: aiohttp.ClientSession) -> None:
+    async with run_simulator(records=5, tenant_quirks={OTHER: {"date_offset": -90.0}}) as sim:
+        mine, other = await clients(session, sim)
+        for client, tenant, expected in ((mine, TENANT, 0.0), (other, OTHER, -90.0)):
+            sent = time.time()
+            status, _, resp = await client.get(CUSTOMERS, tenant=tenant)
+            assert status == 200
+            assert date_offset_of(resp, sent, time.time()) == pytest.approx(expected, abs=1.5)
+        # Error answers carry it too; a change at runtime applies at once.
+        sim.set_quirks(TENANT, date_offset=3600.0)
+        sent = time.time()
+        status, _, resp = await Client(session, sim, "not-a-token").get(CUSTOMERS, tenant=TENANT)
+        assert status == 401
+        assert date_offset_of(resp, sent, time.time()) == pytest.approx(3600.0, abs=1.5)
+
+
+def test_date_offset_flag() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--date-offset", "-30", "--tenant-quirks", "7:date_offset=5"])
+    quirks, per_tenant = quirks_from_args(args)
+    assert quirks.date_offset == -30.0
+    assert dict(per_tenant)[7].date_offset == 5.0
 
 
 # -- defaults -------------------------------------------------------------------------------

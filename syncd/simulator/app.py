@@ -10,6 +10,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
+from email.utils import formatdate
 from typing import Any
 
 from aiohttp import BasicAuth, web
@@ -147,8 +148,11 @@ def _export_handler(feed_name: str) -> Handler:
             response = await _export(request, state, stats, tenant, feed_name)
         finally:
             stats.in_flight -= 1
-        if state.quirks(tenant).gzip and _accepts_gzip(request):
+        quirks = state.quirks(tenant)
+        if quirks.gzip and _accepts_gzip(request):
             _compress(response)
+        if quirks.date_offset and not response.prepared:
+            response.headers["Date"] = formatdate(time.time() + quirks.date_offset, usegmt=True)
         return response
 
     return export

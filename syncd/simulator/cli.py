@@ -146,6 +146,13 @@ def _add_quirk_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="gzip export responses for clients that accept it",
     )
+    group.add_argument(
+        "--date-offset",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="add SECONDS to the Date header of export answers (an API clock that is off)",
+    )
     for field, flag, kind, text in _QUIRK_FLAGS:
         if isinstance(kind, tuple):
             group.add_argument(flag, dest=field, choices=kind, default=None, help=text)
@@ -163,7 +170,7 @@ def _add_quirk_arguments(parser: argparse.ArgumentParser) -> None:
 
 def quirks_from_args(args: argparse.Namespace) -> tuple[Quirks, tuple[tuple[int, Quirks], ...]]:
     """The quirks for every tenant and the per-tenant ones; ValueError naming a bad flag."""
-    fields = ("repeat_tail", "gzip", *(field for field, *_ in _QUIRK_FLAGS))
+    fields = ("repeat_tail", "gzip", "date_offset", *(field for field, *_ in _QUIRK_FLAGS))
     given = {f: getattr(args, f) for f in fields if getattr(args, f, None) is not None}
     quirks = Quirks().apply(given)
     per_tenant: dict[int, Quirks] = {}

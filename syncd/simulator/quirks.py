@@ -21,6 +21,9 @@ NoProgressCursor = Literal["same", "missing", "null", "empty"]
 RateLimitBody = Literal["problem", "apim", "apim-retry-after", "text", "html"]
 ErrorBody = Literal["problem", "text", "html"]
 
+# An HTTP date must stay a valid one: a year either way is far beyond any real clock error.
+MAX_DATE_OFFSET_S = 366 * 86400.0
+
 _RATES = (
     "stale_repeats",
     "duplicate_keys",
@@ -86,6 +89,9 @@ class Quirks(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     error_body: ErrorBody = "problem"
     # Export responses gzip-encoded for clients that accept it (Accept-Encoding: gzip).
     gzip: bool = False
+    # Seconds added to the Date header of export answers (negative: behind): an API whose
+    # clock is off from the client's.
+    date_offset: float = 0.0
 
     def check(self) -> str | None:
         """A message naming the first bad field, or None."""
@@ -93,6 +99,8 @@ class Quirks(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
             value = getattr(self, name)
             if not (math.isfinite(value) and 0.0 <= value <= 1.0):
                 return f"{name}={value!r}: must be a probability in [0, 1]"
+        if not (math.isfinite(self.date_offset) and abs(self.date_offset) <= MAX_DATE_OFFSET_S):
+            return f"date_offset={self.date_offset!r}: must be seconds within a year either way"
         return None
 
     def to_json(self) -> dict[str, Any]:
