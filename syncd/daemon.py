@@ -25,7 +25,7 @@ from syncd.keys import Keys
 from syncd.metrics import Metrics
 from syncd.ops import OpsServer
 from syncd.publisher import Publisher
-from syncd.redisconn import RedisClient, RedisCluster, connect
+from syncd.redisconn import RedisClient, connect
 from syncd.scheduler import Scheduler, resume_delay
 from syncd.sdnotify import Notifier, watchdog_interval
 
@@ -48,7 +48,10 @@ def redis_client(cfg: Config) -> RedisClient:
 
 
 @contextlib.asynccontextmanager
-async def http_session(settings: Settings) -> AsyncIterator[aiohttp.ClientSession]:
+async def http_session(
+    settings: Settings, trace_configs: list[aiohttp.TraceConfig] | None = None
+) -> AsyncIterator[aiohttp.ClientSession]:
+    """The HTTP session for ServiceTitan; `trace_configs` let a caller see each response."""
     st = settings.config.servicetitan
     connector = aiohttp.TCPConnector(limit=st.max_connections, ttl_dns_cache=300)
     timeout = aiohttp.ClientTimeout(total=st.request_timeout, sock_connect=st.connect_timeout)
@@ -59,6 +62,7 @@ async def http_session(settings: Settings) -> AsyncIterator[aiohttp.ClientSessio
         # No cookies: one session serves every tenant, and a cookie one tenant's answer set
         # must never ride along with another's request.
         cookie_jar=aiohttp.DummyCookieJar(),
+        trace_configs=trace_configs,
     ) as session:
         yield session
 
@@ -549,11 +553,7 @@ class Daemon:
 
     async def _redis_version(self) -> tuple[int, ...]:
         assert self.redis is not None
-        info = await self.redis.info("server")
-        if isinstance(self.redis, RedisCluster):
-            info = next(iter(info.values())) if info and "redis_version" not in info else info
-        text = str(info.get("redis_version", "0"))
-        return tuple(int(p) for p in text.split(".")[:2] if p.isdigit())
+        return redischeck.version_tuple(await redischeck.read_version(self.redis))
 
     def _exit_code(self, started: float, *, interrupted: bool = False) -> int:
         sched = self.scheduler

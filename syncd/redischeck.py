@@ -77,6 +77,19 @@ def assess(nodes: list[NodeSettings], *, allow_eviction: bool) -> Assessment:
     return out
 
 
+async def read_version(r: RedisClient) -> str:
+    """The server's `redis_version` (on a cluster, of the node that answers INFO first)."""
+    info = await r.info("server")
+    if isinstance(r, RedisCluster):
+        info = next(iter(info.values())) if info and "redis_version" not in info else info
+    return str(info.get("redis_version", "0"))
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    """ "7.0.15" -> (7, 0): the major and minor numbers syncd's requirements name."""
+    return tuple(int(p) for p in text.split(".")[:2] if p.isdigit())
+
+
 async def read_settings(r: RedisClient) -> list[NodeSettings]:
     """The relevant settings of every primary. Connection errors propagate (the caller waits
     for Redis); a refused CONFIG GET becomes the node's `error`."""
