@@ -212,14 +212,16 @@ class _DateRecorder:
     ) -> None:
         received = time.time()
         url = str(p.url.with_query(None))
+        tenant = (
+            self._by_path.get(url.removeprefix(self._api)) if url.startswith(self._api) else None
+        )
         header = p.response.headers.get("Date")
-        if not url.startswith(self._api) or header is None:
-            return
+        if tenant is None or header is None:
+            return  # not an export answer (the token endpoint may share the API's host)
         try:
             server = email.utils.parsedate_to_datetime(header).timestamp()
         except (TypeError, ValueError):
             return
-        tenant = self._by_path.get(url.removeprefix(self._api), 0)
         self.samples.append(ClockSample(tenant, server, ctx.sent, received))
 
 
