@@ -6,7 +6,9 @@ gathered by `syncd.doctorfacts`: the configuration file, the secret files, Redis
 one token grant and one small export request.
 
 Exit status: 0 when nothing fails (warnings allowed), 1 when a check fails, 2 when the
-configuration cannot be read or is invalid (nothing else can be checked then).
+configuration cannot be read or is invalid as `check-config` says. Then nothing else can be
+checked, unless only secret files' owner or mode make it invalid: those are read anyway so that
+every other check runs.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TextIO
+
+import msgspec
 
 from syncd import redischeck
 from syncd.config import ConfigError, load, resolve
@@ -406,12 +410,20 @@ async def diagnose(path: str, environ: Mapping[str, str] | None = None) -> tuple
     mode = facts.file_mode_problem(path) if inline else None
     inline_line = judge_inline_secrets(path, inline, mode)
     files += [inline_line] if inline_line is not None else []
+    refused: str | None = None
     try:
         settings = resolve(cfg, env)
     except ConfigError as exc:
-        return [judge_config(path, str(exc)), *files], EXIT_CONFIG
+        refused = str(exc)
+        try:
+            # Where only secret files' owner or mode stand in the way, read them anyway so that
+            # every other check still runs; the configuration stays refused (exit 2).
+            lenient = msgspec.structs.replace(cfg, allow_insecure_secret_files=True)
+            settings = resolve(lenient, env)
+        except ConfigError:
+            return [judge_config(path, refused), *files], EXIT_CONFIG
     feeds = sum(len(t.feeds) for t in settings.tenants)
-    lines = [judge_config(path, None, len(settings.tenants), feeds), *files]
+    lines = [judge_config(path, refused, len(settings.tenants), feeds), *files]
     redis_facts, (tenants, samples) = await asyncio.gather(
         facts.gather_redis(cfg), facts.gather_api(settings)
     )
@@ -420,7 +432,7 @@ async def diagnose(path: str, environ: Mapping[str, str] | None = None) -> tuple
     for t in tenants:
         lines += judge_tenant(t)
     lines.append(judge_clock(samples))
-    return lines, exit_code(lines)
+    return lines, exit_code(lines, config_usable=refused is None)
 
 
 def run(path: str, *, as_json: bool, out: TextIO, environ: Mapping[str, str] | None = None) -> int:

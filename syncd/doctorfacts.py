@@ -42,7 +42,6 @@ from syncd.errors import (
     RateLimited,
     SyncError,
 )
-from syncd.keys import Keys
 from syncd.redisconn import RedisClient, connect
 from syncd.redisurl import redact_url
 from syncd.secretfiles import SecretFileError, check_mode, read_secret_file
@@ -84,6 +83,10 @@ def secret_files(cfg: Config, environ: Mapping[str, str]) -> list[SecretFile]:
     for i, t in enumerate(cfg.tenants):
         if t.client_secret_file is not None:
             named.append((f"tenants[{i}].client_secret_file", t.client_secret_file))
+    if cfg.redis.tls_key_file is not None:
+        named.append(("redis.tls_key_file", cfg.redis.tls_key_file))
+    if cfg.ops.token_file is not None:
+        named.append(("ops.token_file", cfg.ops.token_file))
     out = []
     for key, given in named:
         path = _expand(given, environ)
@@ -143,9 +146,9 @@ def _text(exc: BaseException) -> str:
 
 async def gather_acl(client: RedisClient, prefix: str) -> AclFacts:
     """Ask Redis (`ACL DRYRUN`) whether the user may run each command syncd needs on a key
-    under `prefix`; where the user may not ask that, run each command in its harmless form
-    (syncd.redisacl's probe) and collect the refusals."""
-    commands = redisacl._probes(Keys(prefix, redisacl.PROBE_TENANT))
+    under `prefix`; where the user may not ask that, run each command in the harmless form of
+    syncd.redisacl's start-time probe and collect the refusals."""
+    commands = redisacl.probes(prefix)
     with contextlib.suppress(redis.exceptions.ResponseError):
         user = _decode(await client.execute_command("ACL", "WHOAMI"))
         denied = []
@@ -154,15 +157,8 @@ async def gather_acl(client: RedisClient, prefix: str) -> AclFacts:
             if reply != "OK":
                 denied.append((command_name(command), reply))
         return AclFacts("ACL DRYRUN", len(commands), tuple(denied))
-    denied = []
-    for command in commands:
-        try:
-            await client.execute_command(*command)
-        except redis.exceptions.NoPermissionError as exc:
-            denied.append((command_name(command), str(exc)))
-        except redis.exceptions.ResponseError:
-            pass  # NOSCRIPT, no such key: the permission check passed
-    return AclFacts("probe", len(commands), tuple(denied))
+    refused = [(command_name(c), await redisacl.refusal(client, c)) for c in commands]
+    return AclFacts("probe", len(commands), tuple((n, m) for n, m in refused if m is not None))
 
 
 def _decode(value: Any) -> str:

@@ -49,25 +49,36 @@ def _probes(keys: Keys) -> list[tuple[Any, ...]]:
     ]
 
 
+def probes(prefix: str) -> list[tuple[Any, ...]]:
+    """Every command syncd needs, in its harmless form, on keys under `prefix`."""
+    return _probes(Keys(prefix, PROBE_TENANT))
+
+
+async def refusal(client: RedisClient, command: tuple[Any, ...]) -> str | None:
+    """Redis' NOPERM message when the user may not run `command` (a probe), else None."""
+    options: dict[str, Any] = {}
+    if isinstance(client, RedisCluster) and command[0] in KEYLESS:
+        options["target_nodes"] = RedisCluster.PRIMARIES
+    try:
+        if command[0] == "SCRIPT":
+            # The cluster client routes this two-word command only through its own method.
+            await client.script_exists(*command[2:])
+        else:
+            await client.execute_command(*command, **options)
+    except redis.exceptions.NoPermissionError as exc:
+        return str(exc)
+    except redis.exceptions.ResponseError:
+        # NOSCRIPT, "no such key", "requires the key to exist": the ACL check passed.
+        pass
+    return None
+
+
 async def check(client: RedisClient, prefix: str) -> None:
     """RedisPermissionError naming the first command (or key) the user may not use."""
-    keys = Keys(prefix, PROBE_TENANT)
-    cluster = isinstance(client, RedisCluster)
-    for command in _probes(keys):
-        options: dict[str, Any] = {}
-        if cluster and command[0] in KEYLESS:
-            options["target_nodes"] = RedisCluster.PRIMARIES
-        try:
-            if command[0] == "SCRIPT":
-                # The cluster client routes this two-word command only through its own method.
-                await client.script_exists(*command[2:])
-            else:
-                await client.execute_command(*command, **options)
-        except redis.exceptions.NoPermissionError as exc:
+    for command in probes(prefix):
+        message = await refusal(client, command)
+        if message is not None:
             raise RedisPermissionError(
-                f"NOPERM: the Redis user may not run {' '.join(map(str, command[:2]))}: {exc} "
-                "(see the README's ACL SETUSER line)"
-            ) from None
-        except redis.exceptions.ResponseError:
-            # NOSCRIPT, "no such key", "requires the key to exist": the ACL check passed.
-            pass
+                f"NOPERM: the Redis user may not run {' '.join(map(str, command[:2]))}: "
+                f"{message} (see the README's ACL SETUSER line)"
+            )

@@ -17,7 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from bench.common import to_toml
-from syncd import doctor
+from syncd import config, doctor
 from syncd.doctor import (
     AclFacts,
     ClockSample,
@@ -27,7 +27,7 @@ from syncd.doctor import (
     SecretFile,
     TenantFacts,
 )
-from syncd.doctorfacts import command_name, outcome_of
+from syncd.doctorfacts import command_name, inline_secrets, outcome_of, secret_files
 from syncd.errors import (
     AuthFailed,
     BadRequest,
@@ -40,16 +40,12 @@ from syncd.redischeck import NodeSettings
 from syncd.redisserver import RedisServer, free_port
 from syncd.simulator.testing import RunningSimulator, run_simulator
 from tests.engine_helpers import config_dict
+from tests.test_redis_acl import PASSWORD as ACL_PASSWORD
+from tests.test_redis_acl import USER as ACL_USER
+from tests.test_redis_acl import readme_acl_line
 
 TENANTS = [5101, 5102]
 FEEDS = ["crm.customers", "crm.locations"]
-ACL_USER, ACL_PASSWORD = "doctor-probe", "doctor-pw-73519"
-# Every command syncd's ACL probe runs, as an ACL rule list (the README's ACL line has these).
-NEEDED = [
-    *("+ping", "+info", "+hgetall", "+hget", "+hmget", "+hset", "+hdel", "+xlen", "+xadd"),
-    *("+xtrim", "+xrange", "+xrevrange", "+script|exists", "+evalsha", "+xinfo|groups"),
-    "+xgroup|create",
-]
 
 
 # -- verdicts -------------------------------------------------------------------------------
@@ -461,12 +457,11 @@ async def test_redis_user_missing_a_permission(
     sim: RunningSimulator,
     may_dryrun: bool,
 ) -> None:
-    rules = [r for r in NEEDED if r != "+xadd"]
+    # The README's ACL user, less one command syncd needs.
+    await admin.execute_command(*readme_acl_line())
+    await admin.execute_command("ACL", "SETUSER", ACL_USER, "-xadd")
     if may_dryrun:
-        rules += ["+acl|whoami", "+acl|dryrun"]
-    await admin.execute_command(
-        "ACL", "SETUSER", ACL_USER, "on", f">{ACL_PASSWORD}", "resetkeys", "~st:*", "-@all", *rules
-    )
+        await admin.execute_command("ACL", "SETUSER", ACL_USER, "+acl|whoami", "+acl|dryrun")
     url = f"redis://{ACL_USER}:{ACL_PASSWORD}@127.0.0.1:{server.port}/0"
     path = write_config(tmp_path, healthy(url, sim))
     lines, code = await doctor.diagnose(str(path))
@@ -475,17 +470,20 @@ async def test_redis_user_missing_a_permission(
     assert "may not run XADD on keys under st:*" in line.detail
     assert "'xadd'" in line.detail  # Redis' own refusal, naming the command
     assert ("ACL DRYRUN" in line.detail) == may_dryrun
-    # CONFIG GET is not among what syncd needs: those checks are left to the operator.
+    assert "ACL SETUSER" in line.action
+    # The README's user may not CONFIG GET: those two checks are left to the operator.
     where("warn", lines, "redis eviction")
     assert await admin.dbsize() == 0
     text = doctor.render_table(lines, code)
     assert ACL_PASSWORD not in text
     assert f"redis://{ACL_USER}:***@" in text
 
-    # Granted, the same user passes.
+    # The README's line as written passes.
     await admin.execute_command("ACL", "SETUSER", ACL_USER, "+xadd")
-    lines, _ = await doctor.diagnose(str(path))
+    lines, code = await doctor.diagnose(str(path))
     where("ok", lines, "redis permissions")
+    assert code == 0
+    assert await admin.dbsize() == 0
 
 
 async def test_bad_client_secret_for_one_tenant(
@@ -521,23 +519,29 @@ async def test_world_readable_and_escaping_secret_files(
     for t, name in zip(data["tenants"], ("5101", "5102"), strict=True):
         del t["client_secret"]
         t["client_secret_file"] = str(secrets / name)
-    lines, code = await doctor.diagnose(str(write_config(tmp_path, data)))
-    assert code == 1
+    config = write_config(tmp_path, data)
+    lines, code = await doctor.diagnose(str(config))
+    # syncd refuses such files: the configuration is invalid, as check-config says ...
+    assert code == 2
+    check_code, _, check_err = await run_cli("check-config", str(config))
+    assert check_code == 2
+    line = where("fail", lines, "configuration")
+    assert line.detail == check_err.strip().removeprefix("syncd: ")
     files = [ln for ln in lines if ln.check == "secret file"]
     assert [ln.status for ln in files] == ["fail", "fail", "ok"]
     assert files[0].detail.startswith("tenants[0].client_secret_file: ")
     assert "mode 0644" in files[0].detail
     assert "outside its own directory" in files[1].detail
     assert "servicetitan.app_key inline" in files[2].detail
-    # The secrets were still read, so every other check ran.
+    # ... but the secrets were still read, so every other check ran.
     assert statuses(lines)["token 5101"] == statuses(lines)["token 5102"] == "ok"
+    assert statuses(lines)["redis permissions"] == "ok"
 
     readable.chmod(0o600)
     (secrets / "5102").unlink()
     (secrets / "5102").write_text("secret-5102\n")
     (secrets / "5102").chmod(0o600)
-    config = write_config(tmp_path, data)
-    config.chmod(0o644)  # holds the app key inline
+    config.chmod(0o644)  # holds the app key inline: a warning (syncd does not refuse it)
     lines, code = await doctor.diagnose(str(config))
     assert code == 0
     assert [ln.status for ln in lines if ln.check == "secret file"] == ["ok", "ok", "warn"]
@@ -592,3 +596,33 @@ async def test_unset_variable_in_a_secret_path_is_a_configuration_error(tmp_path
     assert code == 2
     where("fail", lines, "configuration")
     assert "unset variable" in lines[0].detail
+
+
+def test_every_secret_file_is_checked(tmp_path: Path) -> None:
+    """The app key, client secrets, the ops token and the Redis TLS key: each a secret file."""
+    files = {}
+    for name in ("app_key", "client", "ops_token", "tls_key"):
+        files[name] = tmp_path / name
+        files[name].write_text(f"{name}-value\n")
+        files[name].chmod(0o600)
+    files["ops_token"].chmod(0o640)
+    data = config_dict("rediss://127.0.0.1:1/0", "http://127.0.0.1:1", "unused", [7], FEEDS)
+    del data["servicetitan"]["app_key"]
+    data["servicetitan"]["app_key_file"] = "${DOCTOR_DIR}/app_key"
+    del data["tenants"][0]["client_secret"]
+    data["tenants"][0]["client_secret_file"] = str(files["client"])
+    data["ops"] = {"token_file": str(files["ops_token"])}
+    data["redis"]["tls_cert_file"] = str(tmp_path / "unused.crt")
+    data["redis"]["tls_key_file"] = str(files["tls_key"])
+    cfg = config.parse(data, "test.toml")
+    found = secret_files(cfg, {"DOCTOR_DIR": str(tmp_path)})
+    assert [(f.key, f.path, f.problem is None) for f in found] == [
+        ("servicetitan.app_key_file", str(files["app_key"]), True),
+        ("tenants[0].client_secret_file", str(files["client"]), True),
+        ("redis.tls_key_file", str(files["tls_key"]), True),
+        ("ops.token_file", str(files["ops_token"]), False),
+    ]
+    assert "mode 0640" in (found[3].problem or "")
+    unset = secret_files(cfg, {})
+    assert unset[0].problem == "'${DOCTOR_DIR}/app_key' names an unset variable"
+    assert inline_secrets(cfg) == []
