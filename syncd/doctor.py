@@ -424,10 +424,10 @@ async def diagnose(path: str, environ: Mapping[str, str] | None = None) -> tuple
             return [judge_config(path, refused), *files], EXIT_CONFIG
     feeds = sum(len(t.feeds) for t in settings.tenants)
     lines = [judge_config(path, refused, len(settings.tenants), feeds), *files]
+    rc = settings.config.redis  # TLS file paths expanded
     redis_facts, (tenants, samples) = await asyncio.gather(
-        facts.gather_redis(cfg), facts.gather_api(settings)
+        facts.gather_redis(rc), facts.gather_api(settings)
     )
-    rc = cfg.redis
     lines += judge_redis(redis_facts, allow_eviction=rc.allow_eviction, prefix=rc.key_prefix)
     for t in tenants:
         lines += judge_tenant(t)

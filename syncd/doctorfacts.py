@@ -14,6 +14,7 @@ import datetime as dt
 import email.utils
 import os
 import time
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any
@@ -24,7 +25,7 @@ import redis.exceptions
 from syncd import catalogue, redact, redisacl, redischeck
 from syncd.auth import TokenProvider
 from syncd.client import ExportClient
-from syncd.config import Config, Settings, TenantSettings, _expand
+from syncd.config import Config, RedisConfig, Settings, TenantSettings, _expand
 from syncd.daemon import http_session
 from syncd.doctor import (
     AclFacts,
@@ -104,7 +105,8 @@ def secret_files(cfg: Config, environ: Mapping[str, str]) -> list[SecretFile]:
 
 def inline_secrets(cfg: Config) -> list[str]:
     """The configuration keys holding a secret in the file itself."""
-    keys = ["servicetitan.app_key"] if cfg.servicetitan.app_key is not None else []
+    keys = ["redis.url (its password)"] if urllib.parse.urlsplit(cfg.redis.url).password else []
+    keys += ["servicetitan.app_key"] if cfg.servicetitan.app_key is not None else []
     keys += [f"tenants[{i}].client_secret" for i, t in enumerate(cfg.tenants) if t.client_secret]
     return keys
 
@@ -120,16 +122,16 @@ def file_mode_problem(path: str) -> str | None:
 # -- Redis ------------------------------------------------------------------------------------
 
 
-async def gather_redis(cfg: Config) -> RedisFacts:
-    where = redact_url(cfg.redis.url)
-    client = connect(cfg.redis)
+async def gather_redis(rc: RedisConfig) -> RedisFacts:
+    where = redact_url(rc.url)
+    client = connect(rc)
     try:
         try:
             version, version_error = await redischeck.read_version(client), None
         except redis.exceptions.NoPermissionError as exc:
             version, version_error = None, _text(exc)
         nodes = await redischeck.read_settings(client)
-        acl = await gather_acl(client, cfg.redis.key_prefix)
+        acl = await gather_acl(client, rc.key_prefix)
     except (redis.exceptions.RedisError, OSError) as exc:
         return RedisFacts(where, error=_text(exc))
     finally:

@@ -626,3 +626,10 @@ def test_every_secret_file_is_checked(tmp_path: Path) -> None:
     unset = secret_files(cfg, {})
     assert unset[0].problem == "'${DOCTOR_DIR}/app_key' names an unset variable"
     assert inline_secrets(cfg) == []
+    data["redis"] = {"url": "redis://syncd:pw-in-the-file@127.0.0.1:1/0"}
+    data["servicetitan"]["app_key"] = "inline-app-key"
+    del data["servicetitan"]["app_key_file"]
+    assert inline_secrets(config.parse(data, "test.toml")) == [
+        "redis.url (its password)",
+        "servicetitan.app_key",
+    ]
