@@ -193,7 +193,7 @@ class Publisher:
         )
         skipped = stale = 0
         try:
-            if change_detection and len(keys) >= self.precheck_min:
+            if change_detection and keys and len(keys) >= self.precheck_min:
                 # Look first, send only what may be published: a re-export then ships keys,
                 # not megabytes of unchanged records. The script checks every record it gets
                 # again, and the fence makes sure nothing moved in between.
