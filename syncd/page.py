@@ -69,15 +69,42 @@ _ISO = re.compile(
 
 
 def sortable_instant(value: object) -> str:
-    """An ISO-8601 timestamp as a string of digits that sorts like the instant it names.
+    """An ISO-8601 timestamp as a string that sorts like the instant it names.
 
-    `YYYYMMDDhhmmss` in UTC followed by the fractional digits without trailing zeros, so that
-    plain string comparison (in Python and in the page script) orders instants, whatever the
-    zone or fraction length they were written with. No zone means UTC. "" for anything that is
-    not such a timestamp (null, a number, garbage, an impossible date): no timestamp.
+    `YYYY-MM-DDThh:mm:ss` in UTC followed by the fractional digits without trailing zeros, so
+    that plain string comparison (in Python and in the page script) orders instants, whatever
+    the zone or fraction length they were written with. No zone means UTC. "" for anything that
+    is not such a timestamp (null, a number, garbage, an impossible date): no timestamp.
     """
     if type(value) is not str:
         return ""
+    return _sortable_instant_slow(value)
+
+
+_DATETIMES = list[dt.datetime]
+
+
+def sortable_instants(values: list[str]) -> list[str]:
+    """`sortable_instant` of each value, fast for what ServiceTitan sends.
+
+    msgspec checks a whole page's timestamps in one call (format, ranges, calendar); those in
+    UTC with a `T` are then already in the sortable form but for the fraction. The rest take the
+    general path.
+    """
+    try:
+        msgspec.convert(values, _DATETIMES)
+    except msgspec.ValidationError:
+        return [sortable_instant(v) for v in values]
+    out = []
+    for v in values:
+        if v[-1] == "Z" and v[10] == "T":
+            out.append(v[:19] + v[20:-1].rstrip("0"))
+        else:
+            out.append(_sortable_instant_slow(v))
+    return out
+
+
+def _sortable_instant_slow(value: str) -> str:
     m = _ISO.fullmatch(value)
     if m is None:
         return ""
@@ -91,10 +118,13 @@ def sortable_instant(value: object) -> str:
             when = when - offset if sign == "+" else when + offset
             if not 1 <= when.year <= 9999:
                 return ""
-            return when.strftime("%Y%m%d%H%M%S").zfill(14) + (frac or "").rstrip("0")
+            return (
+                f"{when.year:04d}-{when.month:02d}-{when.day:02d}T"
+                f"{when.hour:02d}:{when.minute:02d}:{when.second:02d}" + (frac or "").rstrip("0")
+            )
     except (ValueError, OverflowError):
         return ""
-    return f"{year}{month}{day}{hour or '00'}{minute or '00'}{second or '00'}" + (
+    return f"{year}-{month}-{day}T{hour or '00'}:{minute or '00'}:{second or '00'}" + (
         frac or ""
     ).rstrip("0")
 
@@ -150,13 +180,12 @@ def decode_page(body: bytes, feed: Feed, fetch_s: float = 0.0) -> Page:
     keys: list[str] = []
     fps: list[bytes] = []
     mods: list[str] = []
-    instants: list[str] = []
     datas: list[bytes] = []
     dead: list[tuple[str, bytes]] = []
+    odd_stamps = 0  # timestamps that are not strings
     # The loop runs per record: no attribute or global lookups in it beyond what is needed.
     blake2b = hashlib.blake2b
     part = key_part
-    instant = sortable_instant
     for i, data in enumerate(raws):
         if heads is not None:
             head = heads[i]
@@ -167,7 +196,8 @@ def decode_page(body: bytes, feed: Feed, fetch_s: float = 0.0) -> Page:
                 dead.append(("record is not a JSON object", data))
                 continue
         if single is not None:
-            key = part(getattr(head, single))
+            value = getattr(head, single)
+            key = str(value) if type(value) is int else part(value)
         else:
             key = encode_key([getattr(head, k) for k in keys_f])
         if key is None:
@@ -178,16 +208,17 @@ def decode_page(body: bytes, feed: Feed, fetch_s: float = 0.0) -> Page:
         fps.append(blake2b(data, digest_size=FINGERPRINT_BYTES).digest())
         if ts_field is not None:
             ts = getattr(head, ts_field)
-            if type(ts) is str:
-                mods.append(ts)
-                instants.append(instant(ts))
-            else:
-                mods.append("")
-                instants.append("")
-        else:
-            mods.append("")
-            instants.append("")
+            if type(ts) is not str:
+                ts = ""
+                odd_stamps += 1
+            mods.append(ts)
         datas.append(data)
+    if ts_field is None or odd_stamps == len(keys):
+        mods = instants = [""] * len(keys)
+    elif odd_stamps == 0:
+        instants = sortable_instants(mods)
+    else:
+        instants = [sortable_instant(ts) if ts else "" for ts in mods]
     superseded = 0
     if len(set(keys)) < len(keys):
         keep = newest_per_key(keys, instants)

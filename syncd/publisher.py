@@ -31,7 +31,7 @@ from syncd.redisconn import RedisClient, RedisCluster
 # A `seen` value is the record's fingerprint (FINGERPRINT_BYTES) followed by the sortable
 # instant of the newest timestamp published for the key ("" when none; values written before
 # timestamps were stored are the bare fingerprint, which reads the same way). Instants are
-# strings of digits of a fixed-width prefix, so `<` orders them.
+# `YYYY-MM-DDThh:mm:ss` (UTC) and fractional digits: a fixed-width prefix, so `<` orders them.
 APPLY_PAGE = r"""#!lua
 local cursors, seen, stream, dead, state, dead_seen =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
