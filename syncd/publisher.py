@@ -50,7 +50,7 @@ elseif stored ~= string.sub(expected, 2) then
 end
 
 local base = 11
-local W = 5
+local W = 4
 local published, unchanged = 0, 0
 local CHUNK = 1000
 if detect then
@@ -67,7 +67,8 @@ if detect then
   local pending = {}
   for j = 0, n - 1 do
     local p = base + j * W
-    local key, fp, ts = ARGV[p], ARGV[p + 1], ARGV[p + 3]
+    local key, new = ARGV[p], ARGV[p + 1]
+    local fp, ts = string.sub(new, 1, FP), string.sub(new, FP + 1)
     local old = olds[j + 1]
     local op = 'created'
     if old then
@@ -79,15 +80,15 @@ if detect then
       elseif ts ~= '' and old_ts ~= '' and ts < old_ts then
         op = nil
         stale = stale + 1
-      elseif ts == '' then
-        ts = old_ts
+      elseif ts == '' and old_ts ~= '' then
+        new = fp .. old_ts
       end
     end
     if op then
-      redis.call('XADD', stream, '*', 'op', op, 'key', key, 'data', ARGV[p + 4],
+      redis.call('XADD', stream, '*', 'op', op, 'key', key, 'data', ARGV[p + 3],
                  'modified_on', ARGV[p + 2])
       pending[#pending + 1] = key
-      pending[#pending + 1] = fp .. ts
+      pending[#pending + 1] = new
       published = published + 1
       if #pending >= 2 * CHUNK then
         redis.call('HSET', seen, unpack(pending))
@@ -99,7 +100,7 @@ if detect then
 else
   for j = 0, n - 1 do
     local p = base + j * W
-    redis.call('XADD', stream, '*', 'op', 'upsert', 'key', ARGV[p], 'data', ARGV[p + 4],
+    redis.call('XADD', stream, '*', 'op', 'upsert', 'key', ARGV[p], 'data', ARGV[p + 3],
                'modified_on', ARGV[p + 2])
   end
   published = n
@@ -217,9 +218,10 @@ class Publisher:
                 stale + page.superseded,
                 FINGERPRINT_BYTES,
             ]
-            args.extend(
-                itertools.chain.from_iterable(zip(keys, fps, mods, instants, datas, strict=True))
-            )
+            # Per record: key, the `seen` value it would store (fingerprint and instant, one
+            # argument: each argument costs the client more than the bytes do), timestamp, data.
+            news = [fp + ts.encode() for fp, ts in zip(fps, instants, strict=True)]
+            args.extend(itertools.chain.from_iterable(zip(keys, news, mods, datas, strict=True)))
             for reason, data in page.dead:
                 args.extend((dead_fingerprint(data), reason, data))
             result = await self._script(
@@ -279,19 +281,19 @@ class Publisher:
 def _precheck(olds: list[Any], fps: list[bytes], instants: list[str]) -> tuple[list[int], int, int]:
     """Which records of a page may be published, judged against their stored `seen` values
     (the script's rule): indexes to send, and how many are unchanged and stale."""
+    # Most records of a re-export are unchanged: drop those in one comprehension first.
+    changed = [i for i, old in enumerate(olds) if old is None or not old.startswith(fps[i])]
     pick: list[int] = []
-    unchanged = stale = 0
-    for i, old in enumerate(olds):
-        if old is None:
-            pick.append(i)
-        elif old.startswith(fps[i]):
-            unchanged += 1
-        elif (
-            instants[i]
+    stale = 0
+    for i in changed:
+        old, instant = olds[i], instants[i]
+        if (
+            old is not None
+            and instant
             and len(old) > FINGERPRINT_BYTES
-            and (instants[i].encode() < old[FINGERPRINT_BYTES:])
+            and instant.encode() < old[FINGERPRINT_BYTES:]
         ):
             stale += 1
         else:
             pick.append(i)
-    return pick, unchanged, stale
+    return pick, len(olds) - len(changed), stale
