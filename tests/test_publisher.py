@@ -441,3 +441,26 @@ def test_a_page_without_progress_is_delivered_as_sent() -> None:
 def test_envelopes_that_do_not_decode_are_errors(text: bytes) -> None:
     with pytest.raises(TransientError, match="invalid export page"):
         decode_page(text, CUSTOMERS)
+
+
+async def test_the_page_script_runs_under_the_readme_acl_user(
+    redis: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    from syncd import redisacl
+    from tests.test_redis_acl import USER, acl_url, readme_acl_line
+
+    await redis.execute_command(*readme_acl_line())
+    restricted = aioredis.Redis.from_url(acl_url(redis_server))
+    try:
+        await redisacl.check(restricted, "st")
+        pub = Publisher(restricted, "st")
+        new = {"id": 1, "modifiedOn": "2024-02-01T00:00:00Z"}
+        old = {"id": 1, "v": 0, "modifiedOn": "2024-01-01T00:00:00Z"}
+        # Every command of the script: a dead letter (SADD) and a stale version (HINCRBY).
+        await pub.apply(T, CUSTOMERS.name, None, page([new, {"id": None}], "C1"))
+        applied = await pub.apply(T, CUSTOMERS.name, "C1", page([old], "C2"))
+        assert (applied.applied, applied.stale) == (True, 1)
+        assert len(await dead(redis)) == 1
+    finally:
+        await restricted.aclose()
+        await redis.execute_command("ACL", "DELUSER", USER)
