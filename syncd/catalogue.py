@@ -22,6 +22,31 @@ LEGACY = {"sales.estimates/export": "sales.estimates"}
 _ACTIVE_ANY = {"active": "Any"}
 
 
+def key_part(value: object) -> str | None:
+    """One key field as text, or None when it cannot identify a record."""
+    if type(value) is int:  # not bool
+        return str(value)
+    if isinstance(value, str) and value:
+        if ":" in value or "\\" in value:
+            return value.replace("\\", "\\\\").replace(":", "\\:")
+        return value
+    return None  # null, empty, bool, float, object, array
+
+
+def encode_key(values: tuple[object, ...] | list[object]) -> str | None:
+    """A record key from its key fields' values: each part as text (integers in decimal), `\\`
+    and `:` inside a part escaped with `\\`, parts joined with `:`. Distinct values never give
+    the same key, and keys whose parts hold neither character read as before (`1:2`).
+    None when a part is missing, null, empty, or not a string or an integer."""
+    parts = []
+    for value in values:
+        part = key_part(value)
+        if part is None:
+            return None
+        parts.append(part)
+    return ":".join(parts)
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class Feed:
     """One Export feed: where to fetch it and how to key and date its records.
@@ -42,14 +67,8 @@ class Feed:
         return self.path.replace("{tenant}", str(tenant))
 
     def record_key(self, record: dict[str, Any]) -> str | None:
-        """The record's key as a string (`a:b` for composite keys), or None when missing."""
-        parts = []
-        for field in self.key_fields:
-            value = record.get(field)
-            if value is None or isinstance(value, (dict, list, bool)):
-                return None
-            parts.append(str(value))
-        return ":".join(parts)
+        """The record's key (see `encode_key`), or None when it has no usable one."""
+        return encode_key([record.get(f) for f in self.key_fields])
 
 
 def _timestamp_field(schema: dict[str, Any] | None) -> str | None:

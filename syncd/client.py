@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import time
-from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
-import msgspec
 import structlog
 
 from syncd import redact
@@ -18,6 +14,8 @@ from syncd.catalogue import Feed
 from syncd.config import Secret
 from syncd.errors import AuthFailed, BadRequest, FeedUnavailable, RateLimited, TransientError
 from syncd.metrics import Metrics
+from syncd.page import Page as Page  # re-exported: callers used to import it from here
+from syncd.page import decode_page as decode_page
 from syncd.ratelimit import parse_retry_after
 from syncd.upstream import (
     MAX_BODY_BYTES,
@@ -32,89 +30,6 @@ from syncd.upstream import (
 )
 
 log = structlog.get_logger("syncd.client")
-
-
-class _Envelope(msgspec.Struct):
-    hasMore: bool
-    continueFrom: str
-    data: list[msgspec.Raw]
-
-
-_ENVELOPE = msgspec.json.Decoder(_Envelope)
-
-
-@dataclass(frozen=True, slots=True)
-class Page:
-    """One decoded page. Usable records are parallel lists (cheaper than an object each);
-    `dead` holds (reason, raw bytes) of records that cannot become events."""
-
-    has_more: bool
-    continue_from: str
-    keys: list[str]
-    fingerprints: list[bytes]
-    modified: list[str]
-    data: list[bytes]
-    dead: list[tuple[str, bytes]]
-    fetch_s: float = 0.0
-
-    @property
-    def fetched(self) -> int:
-        return len(self.keys) + len(self.dead)
-
-
-@functools.cache
-def _decoders(feed: Feed) -> tuple[msgspec.json.Decoder[Any], msgspec.json.Decoder[Any]]:
-    """Decoders reading only a record's key and timestamp fields (the rest is skipped): one
-    for a single record, one for the `data` list of a whole page in a single pass."""
-    fields: list[tuple[str, Any, Any]] = [(f, int | str | None, None) for f in feed.key_fields]
-    if feed.timestamp_field and feed.timestamp_field not in feed.key_fields:
-        fields.append((feed.timestamp_field, str | None, None))
-    head = msgspec.defstruct(f"Head_{feed.name}", fields)
-    heads = msgspec.defstruct(f"Heads_{feed.name}", [("data", list[head])])  # type: ignore[valid-type]
-    return msgspec.json.Decoder(head), msgspec.json.Decoder(heads)
-
-
-def decode_page(body: bytes, feed: Feed, fetch_s: float = 0.0) -> Page:
-    """Decode an export envelope; each record stays its raw bytes. Raises TransientError on a
-    body that is not a valid envelope (the page is fetched again)."""
-    try:
-        env = _ENVELOPE.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise TransientError(f"invalid export page: {exc}") from None
-    one, many = _decoders(feed)
-    raws = [bytes(r) for r in env.data]
-    try:
-        heads = many.decode(body).data
-    except msgspec.ValidationError:
-        heads = None  # some record is odd: look at each on its own
-    keys_f, ts_field = feed.key_fields, feed.timestamp_field
-    single = keys_f[0] if len(keys_f) == 1 else None
-    page = Page(env.hasMore, env.continueFrom, [], [], [], [], [], fetch_s)
-    blake2b = hashlib.blake2b  # the loop runs per record: no attribute lookups in it
-    for i, data in enumerate(raws):
-        if heads is not None:
-            head = heads[i]
-        else:
-            try:
-                head = one.decode(data)
-            except msgspec.ValidationError as exc:
-                page.dead.append((f"record does not decode: {exc}", data))
-                continue
-        if single is not None:
-            value = getattr(head, single)
-            key = None if value is None else str(value)
-        else:
-            parts = [getattr(head, k) for k in keys_f]
-            key = None if any(p is None for p in parts) else ":".join(map(str, parts))
-        if not key:
-            page.dead.append((f"record has no key ({'+'.join(keys_f)})", data))
-            continue
-        page.keys.append(key)
-        # The fingerprint: a short digest of the record's exact bytes.
-        page.fingerprints.append(blake2b(data, digest_size=8).digest())
-        page.modified.append((getattr(head, ts_field) if ts_field else None) or "")
-        page.data.append(data)
-    return page
 
 
 def _cursor_of(page: Page) -> str:

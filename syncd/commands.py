@@ -52,7 +52,8 @@ def _when(ts: str | None) -> str | None:
 
 
 async def collect_status(settings: Settings, r: RedisClient) -> list[dict[str, Any]]:
-    """Per tenant and feed: cursor, last successful poll, stream length, last error."""
+    """Per tenant and feed: cursor, last successful poll, stream length, stale versions dropped,
+    last error."""
     prefix = settings.config.redis.key_prefix
     rows: list[dict[str, Any]] = []
     for t in settings.tenants:
@@ -78,6 +79,7 @@ async def collect_status(settings: Settings, r: RedisClient) -> list[dict[str, A
                     "last_error": state.get(f"{feed}:last_error"),
                     "last_error_at": _when(state.get(f"{feed}:last_error_at")),
                     "paused": state.get(f"{feed}:paused") or state.get("memory_paused"),
+                    "stale_records": int(state.get(f"{feed}:stale") or 0),
                 }
             )
     return rows
@@ -89,11 +91,17 @@ def render_table(rows: list[dict[str, Any]], out: TextIO) -> None:
         ("feed", 42),
         ("last_success", 25),
         ("stream_length", 13),
+        ("stale_records", 7),
         ("tenant_dead_letters", 8),
         ("cursor", 14),
         ("last_error", 40),
     ]
-    titles = {"stream_length": "events", "tenant_dead_letters": "dead", "last_success": "last ok"}
+    titles = {
+        "stream_length": "events",
+        "stale_records": "stale",
+        "tenant_dead_letters": "dead",
+        "last_success": "last ok",
+    }
     out.write("  ".join(titles.get(c, c).ljust(w) for c, w in cols).rstrip() + "\n")
     for row in rows:
         cells = []

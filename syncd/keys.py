@@ -28,8 +28,12 @@ class Keys:
         return f"{self.base}:cursors"
 
     def seen(self, feed: str) -> str:
-        """Hash: record key -> fingerprint of the last published version."""
+        """Hash: record key -> fingerprint and timestamp of the last published version."""
         return f"{self.base}:seen:{feed}"
+
+    def dead_seen(self, feed: str) -> str:
+        """Set: digests of the records of one feed already written to the dead-letter stream."""
+        return f"{self.base}:dead_seen:{feed}"
 
     @property
     def dead(self) -> str:

@@ -37,6 +37,12 @@ FEED_COUNTERS = (
         "syncd_dead_letters_total",
         "Records written to the dead-letter stream instead of a feed stream.",
     ),
+    (
+        "stale",
+        "syncd_stale_records_total",
+        "Record versions not published because a newer version of their key was published"
+        " before or came in the same page.",
+    ),
 )
 SINCE_SUCCESS = "syncd_feed_seconds_since_success"
 SINCE_SUCCESS_HELP = "Seconds since the feed's last successful poll."
@@ -175,7 +181,7 @@ class Metrics:
 
     - per tenant and feed (5 x N x F): `records_fetched_total`, `records_published_total`,
       `records_unchanged_total`, `pages_total`, `feed_seconds_since_success`; plus
-      `dead_letters_total` for the feeds that ever produced one;
+      `dead_letters_total` and `stale_records_total` for the feeds that ever produced one;
     - per tenant (up to 10 x N): `requests_total` (6 status classes), `rate_limited_total`,
       `paused_seconds_total`, `token_renewals_total`, `feeds_paused`;
     - per feed only (13 x F): `page_fetch_seconds`, a histogram whose label set is bounded by the
@@ -184,10 +190,10 @@ class Metrics:
       `requests_total` and rate-limit series instead;
     - `redis_errors_total`, `schedule_lateness_seconds`: 13 series, no labels.
 
-    That is 5 x N x F + 10 x N + 13 x F + 13 series plus dead letters: about 286,000 at 1,000
-    tenants and 55 feeds. The {tenant, feed} ones bypass prometheus_client (see `_FeedSeries`),
-    and `render_async` formats in a worker thread, so a scrape neither costs seconds of CPU nor
-    stalls the event loop.
+    That is 5 x N x F + 10 x N + 13 x F + 13 series plus dead letters and stale records: about
+    286,000 at 1,000 tenants and 55 feeds. The {tenant, feed} ones bypass prometheus_client (see
+    `_FeedSeries`), and `render_async` formats in a worker thread, so a scrape neither costs
+    seconds of CPU nor stalls the event loop.
 
     `registry` holds every series for `CollectorRegistry` users; `render` is the fast path.
     Helpers take plain values (tenant ids as int, HTTP status as int) so callers need no
@@ -299,6 +305,10 @@ class Metrics:
         """Count records sent to the tenant's dead-letter stream."""
         if str(tenant) not in self._retired:
             self._feeds.inc("dead", (str(tenant), feed), n)
+
+    def stale_records(self, tenant: int, feed: str, n: int) -> None:
+        """Count record versions dropped as older than what was published for their key."""
+        self._feeds.inc("stale", (str(tenant), feed), n)
 
     def redis_error(self) -> None:
         """Count a failed Redis call."""

@@ -1,14 +1,18 @@
 """The publisher: one atomic Redis script applies one page, all or nothing.
 
 The script checks the cursor fence (the stored cursor must be the one the page was fetched
-from), drops records whose fingerprint is unchanged, XADDs the rest, records their fingerprints
-and stores the page's continueFrom. A crash before the call refetches the page; after it, the
-next page is fetched; an instance that fetched the same page finds the cursor moved.
+from), drops records whose fingerprint is unchanged and versions older than the one last
+published for their key, XADDs the rest, records their fingerprints and timestamps, dead-letters
+records it has not dead-lettered before, and stores the page's continueFrom. A crash before the
+call refetches the page; after it, the next page is fetched; an instance that fetched the same
+page finds the cursor moved; a page fetched again from the same cursor (the API may repeat one)
+adds nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import time
 from dataclasses import dataclass
@@ -16,18 +20,26 @@ from typing import Any
 
 import redis.exceptions
 
-from syncd.client import Page
 from syncd.errors import RedisFull, TransientError
 from syncd.keys import Keys
+from syncd.page import FINGERPRINT_BYTES, Page
 from syncd.redisconn import RedisClient, RedisCluster
 
 # `#!lua` makes Redis (>= 7) refuse the whole script up front when over maxmemory, instead of
 # failing between two writes: together with the fence this keeps a page all-or-nothing.
+#
+# A `seen` value is the record's fingerprint (FINGERPRINT_BYTES) followed by the sortable
+# instant of the newest timestamp published for the key ("" when none; values written before
+# timestamps were stored are the bare fingerprint, which reads the same way). Instants are
+# `YYYY-MM-DDThh:mm:ss` (UTC) and fractional digits: a fixed-width prefix, so `<` orders them.
 APPLY_PAGE = r"""#!lua
-local cursors, seen, stream, dead, state = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local cursors, seen, stream, dead, state, dead_seen =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local feed, expected, new_cursor = ARGV[1], ARGV[2], ARGV[3]
 local detect = ARGV[4] == '1'
 local n, ndead, now, more = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], ARGV[8]
+local stale = tonumber(ARGV[9])
+local FP = tonumber(ARGV[10])
 
 local stored = redis.call('HGET', cursors, feed)
 if expected == '' then
@@ -37,7 +49,8 @@ elseif stored ~= string.sub(expected, 2) then
   return {1}
 end
 
-local base = 9
+local base = 11
+local W = 4
 local published, unchanged = 0, 0
 local CHUNK = 1000
 if detect then
@@ -46,28 +59,36 @@ if detect then
   while i < n do
     local last = math.min(n, i + CHUNK)
     local args = {}
-    for j = i, last - 1 do args[#args + 1] = ARGV[base + j * 4] end
+    for j = i, last - 1 do args[#args + 1] = ARGV[base + j * W] end
     local got = redis.call('HMGET', seen, unpack(args))
     for j = 1, #got do olds[i + j] = got[j] end
     i = last
   end
-  local latest = {}
   local pending = {}
   for j = 0, n - 1 do
-    local p = base + j * 4
-    local key, fp = ARGV[p], ARGV[p + 1]
-    local old = latest[key]
-    if old == nil then old = olds[j + 1] end
-    if old == fp then
-      unchanged = unchanged + 1
-    else
-      local op = 'created'
-      if old then op = 'updated' end
+    local p = base + j * W
+    local key, new = ARGV[p], ARGV[p + 1]
+    local fp, ts = string.sub(new, 1, FP), string.sub(new, FP + 1)
+    local old = olds[j + 1]
+    local op = 'created'
+    if old then
+      op = 'updated'
+      local old_ts = string.sub(old, FP + 1)
+      if string.sub(old, 1, FP) == fp then
+        op = nil
+        unchanged = unchanged + 1
+      elseif ts ~= '' and old_ts ~= '' and ts < old_ts then
+        op = nil
+        stale = stale + 1
+      elseif ts == '' and old_ts ~= '' then
+        new = fp .. old_ts
+      end
+    end
+    if op then
       redis.call('XADD', stream, '*', 'op', op, 'key', key, 'data', ARGV[p + 3],
                  'modified_on', ARGV[p + 2])
-      latest[key] = fp
       pending[#pending + 1] = key
-      pending[#pending + 1] = fp
+      pending[#pending + 1] = new
       published = published + 1
       if #pending >= 2 * CHUNK then
         redis.call('HSET', seen, unpack(pending))
@@ -78,22 +99,27 @@ if detect then
   if #pending > 0 then redis.call('HSET', seen, unpack(pending)) end
 else
   for j = 0, n - 1 do
-    local p = base + j * 4
+    local p = base + j * W
     redis.call('XADD', stream, '*', 'op', 'upsert', 'key', ARGV[p], 'data', ARGV[p + 3],
                'modified_on', ARGV[p + 2])
   end
   published = n
 end
 
-local d = base + n * 4
+local d = base + n * W
+local dead_new = 0
 for j = 0, ndead - 1 do
-  redis.call('XADD', dead, '*', 'feed', feed, 'reason', ARGV[d + j * 2],
-             'data', ARGV[d + j * 2 + 1])
+  local q = d + j * 3
+  if redis.call('SADD', dead_seen, ARGV[q]) == 1 then
+    redis.call('XADD', dead, '*', 'feed', feed, 'reason', ARGV[q + 1], 'data', ARGV[q + 2])
+    dead_new = dead_new + 1
+  end
 end
 
 redis.call('HSET', cursors, feed, new_cursor)
 redis.call('HSET', state, feed .. ':last_ok', now, feed .. ':more', more)
-return {0, published, unchanged}
+if stale > 0 then redis.call('HINCRBY', state, feed .. ':stale', stale) end
+return {0, published, unchanged, stale, dead_new}
 """
 
 
@@ -104,25 +130,36 @@ PRECHECK_MIN = 32
 @dataclass(frozen=True, slots=True)
 class Applied:
     """What one page did: `applied` False means the fence refused it (`stored` is the cursor
-    found in Redis, None for none)."""
+    found in Redis, None for none). `stale` counts versions not published because a newer one
+    of their key was published before or came in the same page; `dead` counts records newly
+    dead-lettered (one already dead-lettered for the feed is not written again)."""
 
     applied: bool
     published: int = 0
     unchanged: int = 0
     dead: int = 0
     stored: str | None = None
+    stale: int = 0
 
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def dead_fingerprint(data: bytes) -> bytes:
+    """What identifies a dead record in the feed's `dead_seen` set: a digest of its bytes."""
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
 class Publisher:
     """Applies pages to one Redis (or Redis Cluster) under one key prefix."""
 
-    def __init__(self, redis_client: RedisClient, prefix: str) -> None:
+    def __init__(
+        self, redis_client: RedisClient, prefix: str, *, precheck_min: int = PRECHECK_MIN
+    ) -> None:
         self.redis = redis_client
         self.prefix = prefix
+        self.precheck_min = precheck_min
         self._script = redis_client.register_script(APPLY_PAGE)
 
     def keys(self, tenant: int) -> Keys:
@@ -148,20 +185,26 @@ class Publisher:
         """Apply `page`, fetched from cursor `expected` (None: nothing stored yet)."""
         k = self.keys(tenant)
         seen = k.seen(feed)
-        keys, fps, mods, datas = page.keys, page.fingerprints, page.modified, page.data
-        skipped = 0
+        keys, fps, mods, instants, datas = (
+            page.keys,
+            page.fingerprints,
+            page.modified,
+            page.instants,
+            page.data,
+        )
+        skipped = stale = 0
         try:
-            if change_detection and len(keys) >= PRECHECK_MIN:
-                # Look first, send only what differs: a re-export then ships keys, not
-                # megabytes of unchanged records. The script checks every record it gets
+            if change_detection and keys and len(keys) >= self.precheck_min:
+                # Look first, send only what may be published: a re-export then ships keys,
+                # not megabytes of unchanged records. The script checks every record it gets
                 # again, and the fence makes sure nothing moved in between.
                 olds = await self.redis.hmget(seen, keys)
-                pick = [i for i, old in enumerate(olds) if old != fps[i]]
+                pick, skipped, stale = _precheck(olds, fps, instants)
                 if len(pick) < len(keys):
-                    skipped = len(keys) - len(pick)
                     keys = [keys[i] for i in pick]
                     fps = [fps[i] for i in pick]
                     mods = [mods[i] for i in pick]
+                    instants = [instants[i] for i in pick]
                     datas = [datas[i] for i in pick]
             args: list[Any] = [
                 feed,
@@ -172,11 +215,18 @@ class Publisher:
                 len(page.dead),
                 f"{time.time():.3f}",
                 "1" if page.has_more else "0",
+                stale + page.superseded,
+                FINGERPRINT_BYTES,
             ]
-            args.extend(itertools.chain.from_iterable(zip(keys, fps, mods, datas, strict=True)))
-            args.extend(itertools.chain.from_iterable(page.dead))
+            # Per record: key, the `seen` value it would store (fingerprint and instant, one
+            # argument: each argument costs the client more than the bytes do), timestamp, data.
+            news = [fp + ts.encode() for fp, ts in zip(fps, instants, strict=True)]
+            args.extend(itertools.chain.from_iterable(zip(keys, news, mods, datas, strict=True)))
+            for reason, data in page.dead:
+                args.extend((dead_fingerprint(data), reason, data))
             result = await self._script(
-                keys=[k.cursors, seen, k.stream(feed), k.dead, k.state], args=args
+                keys=[k.cursors, seen, k.stream(feed), k.dead, k.state, k.dead_seen(feed)],
+                args=args,
             )
         except redis.exceptions.ResponseError as exc:
             # Refused before the first write (the script's flags make OOM checked up front):
@@ -189,7 +239,13 @@ class Publisher:
         if int(result[0]) == 1:
             stored = _text(result[1]) if len(result) > 1 else None
             return Applied(False, stored=stored)
-        return Applied(True, int(result[1]), int(result[2]) + skipped, len(page.dead))
+        return Applied(
+            True,
+            published=int(result[1]),
+            unchanged=int(result[2]) + skipped,
+            dead=int(result[4]),
+            stale=int(result[3]),
+        )
 
     async def resume_state(self, tenant: int) -> tuple[dict[str, str], dict[str, str]]:
         """A tenant's stored cursors (feed -> continueFrom) and feed state (last success,
@@ -220,3 +276,24 @@ class Publisher:
             await self.redis.hset(
                 k.state, mapping={f"{feed}:last_error": error, f"{feed}:last_error_at": time.time()}
             )
+
+
+def _precheck(olds: list[Any], fps: list[bytes], instants: list[str]) -> tuple[list[int], int, int]:
+    """Which records of a page may be published, judged against their stored `seen` values
+    (the script's rule): indexes to send, and how many are unchanged and stale."""
+    # Most records of a re-export are unchanged: drop those in one comprehension first.
+    changed = [i for i, old in enumerate(olds) if old is None or not old.startswith(fps[i])]
+    pick: list[int] = []
+    stale = 0
+    for i in changed:
+        old, instant = olds[i], instants[i]
+        if (
+            old is not None
+            and instant
+            and len(old) > FINGERPRINT_BYTES
+            and instant.encode() < old[FINGERPRINT_BYTES:]
+        ):
+            stale += 1
+        else:
+            pick.append(i)
+    return pick, len(olds) - len(changed), stale

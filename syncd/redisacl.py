@@ -36,6 +36,10 @@ def _probes(keys: Keys) -> list[tuple[Any, ...]]:
         ("HGET", keys.cursors, "probe"),
         ("HMGET", keys.seen("syncd.acl-probe"), "probe"),
         ("HSET", keys.state, "syncd.acl-probe", "1"),
+        ("HINCRBY", keys.state, "syncd.acl-probe", "0"),
+        # The page script's dead-letter set; aimed at the hash above, it fails with WRONGTYPE
+        # after the ACL check and adds nothing.
+        ("SADD", keys.state, "probe"),
         ("HDEL", keys.state, "syncd.acl-probe"),
         ("XLEN", stream),
         ("XADD", stream, "NOMKSTREAM", "*", "probe", "1"),

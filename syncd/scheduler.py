@@ -476,6 +476,8 @@ class Scheduler:
             )
             if applied.dead:
                 self.metrics.dead_letter(t.id, fs.name, applied.dead)
+            if applied.stale:
+                self.metrics.stale_records(t.id, fs.name, applied.stale)
         if applied.dead:
             flog.warning("records_dead_lettered", records=applied.dead)
         if fetched or applied.published:

@@ -1,0 +1,255 @@
+"""Decoding an export page: the envelope, each record's key and timestamp, duplicates.
+
+Records stay the raw bytes ServiceTitan sent; only the key and timestamp fields are read. What
+the page script needs per record is prepared here, in Python, so that the script only compares:
+
+- the key, its parts encoded so that distinct values never collide (`encode_key`);
+- the fingerprint, a short digest of the record's exact bytes;
+- the timestamp as sent (the event's `modified_on`) and as a sortable instant (`sortable_instant`);
+- one version per key: when a key appears twice in a page, the newest version wins.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import hashlib
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from syncd.catalogue import Feed, encode_key, key_part
+from syncd.errors import TransientError
+
+
+class _Envelope(msgspec.Struct):
+    hasMore: bool
+    data: list[msgspec.Raw]
+    # Optional here so that a page without one is reported as such, not as a decode error.
+    continueFrom: str | msgspec.UnsetType | None = msgspec.UNSET
+
+
+_ENVELOPE = msgspec.json.Decoder(_Envelope)
+
+# Length of a record fingerprint (bytes); stored values in `seen` start with it.
+FINGERPRINT_BYTES = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One decoded page. Usable records are parallel lists (cheaper than an object each), one
+    entry per key (`keys` has no duplicates); `dead` holds (reason, raw bytes) of records that
+    cannot become events; `superseded` counts versions dropped for a newer one in the page."""
+
+    has_more: bool
+    continue_from: str
+    keys: list[str]
+    fingerprints: list[bytes]
+    modified: list[str]  # the timestamp as sent ("" when absent or not a string)
+    data: list[bytes]
+    dead: list[tuple[str, bytes]]
+    fetch_s: float = 0.0
+    instants: list[str] = field(default_factory=list)  # sortable_instant of each record
+    superseded: int = 0
+
+    @property
+    def fetched(self) -> int:
+        return len(self.keys) + len(self.dead) + self.superseded
+
+
+# Date, optional time with optional fraction (any length), optional zone. ServiceTitan sends
+# `2024-01-02T03:04:05.1234567Z`; off-schema records drop the zone or the fraction.
+_ISO = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})"
+    r"(?:[Tt ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d+))?)?)?"
+    r"(?:([Zz])|([+-])(\d{2}):?(\d{2}))?"
+)
+
+
+def sortable_instant(value: object) -> str:
+    """An ISO-8601 timestamp as a string that sorts like the instant it names.
+
+    `YYYY-MM-DDThh:mm:ss` in UTC followed by the fractional digits without trailing zeros, so
+    that plain string comparison (in Python and in the page script) orders instants, whatever
+    the zone or fraction length they were written with. No zone means UTC. "" for anything that
+    is not such a timestamp (null, a number, garbage, an impossible date): no timestamp.
+    """
+    if type(value) is not str:
+        return ""
+    return _sortable_instant_slow(value)
+
+
+_DATETIMES = list[dt.datetime]
+
+
+def sortable_instants(values: list[str]) -> list[str]:
+    """`sortable_instant` of each value, fast for what ServiceTitan sends.
+
+    msgspec checks a whole page's timestamps in one call (format, ranges, calendar); those in
+    UTC with a `T` are then already in the sortable form but for the fraction. The rest take the
+    general path.
+    """
+    try:
+        msgspec.convert(values, _DATETIMES)
+    except msgspec.ValidationError:
+        return [sortable_instant(v) for v in values]
+    out = []
+    for v in values:
+        if v[-1] == "Z" and v[10] == "T":
+            out.append(v[:19] + v[20:-1].rstrip("0"))
+        else:
+            out.append(_sortable_instant_slow(v))
+    return out
+
+
+def _sortable_instant_slow(value: str) -> str:
+    m = _ISO.fullmatch(value)
+    if m is None:
+        return ""
+    year, month, day, hour, minute, second, frac, _z, sign, off_h, off_m = m.groups()
+    try:
+        when = dt.datetime(
+            int(year), int(month), int(day), int(hour or 0), int(minute or 0), int(second or 0)
+        )
+        if sign is not None and (off_h != "00" or off_m != "00"):
+            offset = dt.timedelta(hours=int(off_h), minutes=int(off_m))
+            when = when - offset if sign == "+" else when + offset
+            if not 1 <= when.year <= 9999:
+                return ""
+            return (
+                f"{when.year:04d}-{when.month:02d}-{when.day:02d}T"
+                f"{when.hour:02d}:{when.minute:02d}:{when.second:02d}" + (frac or "").rstrip("0")
+            )
+    except (ValueError, OverflowError):
+        return ""
+    return f"{year}-{month}-{day}T{hour or '00'}:{minute or '00'}:{second or '00'}" + (
+        frac or ""
+    ).rstrip("0")
+
+
+@functools.cache
+def _decoders(feed: Feed) -> tuple[msgspec.json.Decoder[Any], msgspec.json.Decoder[Any]]:
+    """Decoders reading only a record's key and timestamp fields (the rest is skipped): one
+    for a single record, one for the `data` list of a whole page in a single pass. The fields
+    take any JSON value, so an off-schema value never fails a record; it is judged afterwards."""
+    fields: list[tuple[str, Any, Any]] = [(f, Any, None) for f in feed.key_fields]
+    if feed.timestamp_field and feed.timestamp_field not in feed.key_fields:
+        fields.append((feed.timestamp_field, Any, None))
+    head = msgspec.defstruct(f"Head_{feed.name}", fields)
+    heads = msgspec.defstruct(f"Heads_{feed.name}", [("data", list[head])])  # type: ignore[valid-type]
+    return msgspec.json.Decoder(head), msgspec.json.Decoder(heads)
+
+
+def _envelope_problem(env: _Envelope) -> str | None:
+    cf = env.continueFrom
+    if cf is msgspec.UNSET:
+        return "the page has no continueFrom"
+    if cf is None:
+        return "the page has continueFrom: null"
+    if cf == "":
+        return 'the page has an empty continueFrom ("")'
+    return None
+
+
+def decode_page(body: bytes, feed: Feed, fetch_s: float = 0.0) -> Page:
+    """Decode an export envelope; each record stays its raw bytes. Raises TransientError on a
+    body that is not a valid envelope or has no usable continueFrom (nothing is applied, the
+    page is fetched again)."""
+    try:
+        env = _ENVELOPE.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise TransientError(f"invalid export page: {exc}") from None
+    problem = _envelope_problem(env)
+    if problem is not None:
+        raise TransientError(
+            f"invalid export page: {problem} (hasMore: {str(env.hasMore).lower()}, "
+            f"{len(env.data)} records)"
+        )
+    continue_from: str = env.continueFrom  # type: ignore[assignment]
+    one, many = _decoders(feed)
+    raws = [bytes(r) for r in env.data]
+    try:
+        heads = many.decode(body).data
+    except msgspec.ValidationError:
+        heads = None  # some record is not an object: look at each on its own
+    keys_f, ts_field = feed.key_fields, feed.timestamp_field
+    single = keys_f[0] if len(keys_f) == 1 else None
+    no_key = f"record has no key ({'+'.join(keys_f)})"
+    keys: list[str] = []
+    fps: list[bytes] = []
+    mods: list[str] = []
+    datas: list[bytes] = []
+    dead: list[tuple[str, bytes]] = []
+    odd_stamps = 0  # timestamps that are not strings
+    # The loop runs per record: no attribute or global lookups in it beyond what is needed.
+    blake2b = hashlib.blake2b
+    part = key_part
+    for i, data in enumerate(raws):
+        if heads is not None:
+            head = heads[i]
+        else:
+            try:
+                head = one.decode(data)
+            except msgspec.ValidationError:
+                dead.append(("record is not a JSON object", data))
+                continue
+        if single is not None:
+            value = getattr(head, single)
+            key = str(value) if type(value) is int else part(value)
+        else:
+            key = encode_key([getattr(head, k) for k in keys_f])
+        if key is None:
+            dead.append((no_key, data))
+            continue
+        keys.append(key)
+        # The fingerprint: a short digest of the record's exact bytes.
+        fps.append(blake2b(data, digest_size=FINGERPRINT_BYTES).digest())
+        if ts_field is not None:
+            ts = getattr(head, ts_field)
+            if type(ts) is not str:
+                ts = ""
+                odd_stamps += 1
+            mods.append(ts)
+        datas.append(data)
+    if ts_field is None or odd_stamps == len(keys):
+        mods = instants = [""] * len(keys)
+    elif odd_stamps == 0:
+        instants = sortable_instants(mods)
+    else:
+        instants = [sortable_instant(ts) if ts else "" for ts in mods]
+    superseded = 0
+    if len(set(keys)) < len(keys):
+        keep = newest_per_key(keys, instants)
+        superseded = len(keys) - len(keep)
+        keys = [keys[i] for i in keep]
+        fps = [fps[i] for i in keep]
+        mods = [mods[i] for i in keep]
+        instants = [instants[i] for i in keep]
+        datas = [datas[i] for i in keep]
+    return Page(
+        env.hasMore, continue_from, keys, fps, mods, datas, dead, fetch_s, instants, superseded
+    )
+
+
+def newer_or_same(instant: str, than: str) -> bool:
+    """Whether a version dated `instant` may replace one dated `than` (sortable instants):
+    unless both have a timestamp and it is older."""
+    return not instant or not than or instant >= than
+
+
+def newest_per_key(keys: list[str], instants: list[str]) -> list[int]:
+    """Indexes of the version to keep for each key, in page order: what applying the versions
+    one after the other would leave. A version replaces the one kept unless it is older than
+    the newest timestamp seen so far for its key; among equal timestamps (or without one) the
+    later in the page wins."""
+    winner: dict[str, tuple[int, str]] = {}
+    for i, key in enumerate(keys):
+        ts = instants[i]
+        kept = winner.get(key)
+        if kept is None:
+            winner[key] = (i, ts)
+        elif newer_or_same(ts, kept[1]):
+            winner[key] = (i, ts or kept[1])
+    return sorted(i for i, _ in winner.values())

@@ -1,0 +1,324 @@
+"""A model of the event contract, checked against the publisher on a real Redis.
+
+Hypothesis drives two publishers (two instances) with random pages: new pages, the same page
+again from the same cursor (a repeating API, a retry after a crash that happened after the
+script ran, another instance), pages fetched from a cursor another instance already moved,
+duplicate keys, stale versions in many spellings of the same instants, records without a
+usable key, and Redis refusing writes (out of memory). After every step Redis must hold exactly
+what the plain model below says: the events in order, the dead letters, the cursor, the count
+of stale versions; and per key no event may go back in time.
+
+`SYNCD_MODEL_EXAMPLES` sets the number of examples (a few seconds' worth by default).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Coroutine, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+import pytest
+import redis.asyncio as aioredis
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+from syncd import catalogue
+from syncd.errors import RedisFull
+from syncd.page import decode_page
+from syncd.publisher import Applied, Publisher
+from syncd.redisserver import RedisServer
+
+EXAMPLES = int(os.environ.get("SYNCD_MODEL_EXAMPLES", "20"))
+STEPS = int(os.environ.get("SYNCD_MODEL_STEPS", "25"))
+TENANT = 77
+MISSING = object()  # a field left out of the record
+
+CUSTOMERS = catalogue.feed("crm.customers")
+RATINGS = catalogue.feed("customer-interactions.technician-ratings")
+HISTORY = catalogue.feed("jpm.job-history")
+
+R = TypeVar("R")
+
+
+# --- What ServiceTitan may send ------------------------------------------------------------
+
+
+# Instants are tenths of a second after 2024-01-01T10:00:00Z, 0.5 s apart; each is written in
+# one of several spellings that name the same instant.
+def spell(instant: int, style: int) -> str:
+    seconds, half = divmod(instant, 2)
+    frac = ".5" if half else ""
+    return [
+        f"2024-01-01T10:00:0{seconds}{frac}Z",
+        f"2024-01-01T10:00:0{seconds}.{'5' if half else '0'}000000Z",
+        f"2024-01-01T10:00:0{seconds}{frac}",  # no zone: UTC
+        f"2024-01-01T12:00:0{seconds}{frac}+02:00",
+        f"2024-01-01T08:30:0{seconds}{frac}-01:30",
+        f"2024-01-01T10:00:0{seconds}{'.50' if half else '.000'}+00:00",
+    ][style]
+
+
+@dataclass(frozen=True)
+class Record:
+    """One record as sent, and what the contract says about it."""
+
+    raw: bytes
+    key: str | None  # None: no usable key
+    instant: int | None  # None: no usable timestamp
+
+
+def reference_key(parts: list[object]) -> str | None:
+    if any(p is MISSING or p is None or p == "" or isinstance(p, bool) for p in parts):
+        return None
+    texts = [str(p).replace("\\", "\\\\").replace(":", "\\:") for p in parts]
+    return ":".join(texts)
+
+
+@st.composite
+def records(draw: st.DrawFn, feed: catalogue.Feed) -> Record:
+    if draw(st.integers(0, 30)) == 0:
+        return Record(draw(st.sampled_from([b"7", b'"text"', b"null", b"[1]"])), None, None)
+    stamp = draw(
+        st.one_of(
+            st.tuples(st.integers(0, 9), st.integers(0, 5)).map(lambda t: (t[0], spell(*t))),
+            st.sampled_from([(None, MISSING), (None, None), (None, 17), (None, "soon")]),
+        )
+    )
+    if feed is RATINGS:
+        parts: list[object] = [
+            draw(st.sampled_from([1, "1:2", 2, "1", MISSING])),
+            draw(st.sampled_from([3, "2:3", 2, "\\", None])),
+        ]
+    else:
+        parts = [draw(st.sampled_from([1, 2, 3, "2", "a:b", MISSING, None, True, ""]))]
+    body: dict[str, Any] = {}
+    for name, value in zip(feed.key_fields, parts, strict=True):
+        if value is not MISSING:
+            body[name] = value
+    body["v"] = draw(st.integers(0, 2))
+    if stamp[1] is not MISSING:
+        body["modifiedOn"] = stamp[1]
+    instant = stamp[0] if feed.timestamp_field == "modifiedOn" else None
+    return Record(json.dumps(body).encode(), reference_key(parts), instant)
+
+
+def envelope(recs: list[Record], continue_from: str) -> bytes:
+    data = b",".join(r.raw for r in recs)
+    head = json.dumps({"hasMore": False, "continueFrom": continue_from})[:-1].encode()
+    return head + b', "data": [' + data + b"]}"
+
+
+# --- The model ------------------------------------------------------------------------------
+
+
+def older(instant: int | None, than: int | None) -> bool:
+    return instant is not None and than is not None and instant < than
+
+
+@dataclass
+class Model:
+    """The contract in plain terms, one feed of one tenant."""
+
+    cursor: str | None = None
+    last: dict[str, tuple[bytes, int | None]] = field(default_factory=dict)
+    events: list[tuple[str, str, bytes]] = field(default_factory=list)
+    dead: list[bytes] = field(default_factory=list)
+    stale: int = 0
+
+    def apply(self, expected: str | None, recs: list[Record], continue_from: str) -> Applied:
+        if self.cursor != expected:
+            return Applied(False, stored=self.cursor)
+        # Per key: the version kept, the newest instant so far, its position in the page.
+        kept: dict[str, tuple[Record, int | None, int]] = {}
+        superseded = 0
+        for pos, rec in enumerate(recs):
+            if rec.key is None:
+                continue
+            if rec.key in kept:
+                superseded += 1
+                newest = kept[rec.key][1]
+                if older(rec.instant, newest):
+                    continue
+                kept[rec.key] = (rec, rec.instant if rec.instant is not None else newest, pos)
+            else:
+                kept[rec.key] = (rec, rec.instant, pos)
+        published = unchanged = 0
+        stale = superseded
+        for key, (rec, _, _) in sorted(kept.items(), key=lambda kv: kv[1][2]):
+            last = self.last.get(key)
+            if last is not None and last[0] == rec.raw:
+                unchanged += 1
+                continue
+            if last is not None and older(rec.instant, last[1]):
+                stale += 1
+                continue
+            newest = rec.instant if rec.instant is not None or last is None else last[1]
+            self.last[key] = (rec.raw, newest)
+            self.events.append(("created" if last is None else "updated", key, rec.raw))
+            published += 1
+        dead = 0
+        for rec in recs:
+            if rec.key is None and rec.raw not in self.dead:
+                self.dead.append(rec.raw)
+                dead += 1
+        self.stale += stale
+        self.cursor = continue_from
+        return Applied(True, published, unchanged, dead, None, stale)
+
+
+# --- The machine ------------------------------------------------------------------------------
+
+
+class ContractMachine(RuleBasedStateMachine):
+    url: ClassVar[str] = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.r = aioredis.Redis.from_url(self.url)
+        self.run(self.r.flushall())
+        self.model = Model()
+        self.feed = CUSTOMERS
+        self.pubs: list[Publisher] = []
+        self.believed: list[str | None] = [None, None]
+        self.history: dict[str | None, list[tuple[list[Record], str]]] = {}
+        self.tokens = 0
+
+    def run(self, coro: Coroutine[Any, Any, R]) -> R:
+        return self.loop.run_until_complete(coro)
+
+    def teardown(self) -> None:
+        self.run(self.r.config_set("maxmemory", 0))
+        self.run(self.r.aclose())
+        self.loop.close()
+
+    @initialize(
+        feed=st.sampled_from([CUSTOMERS.name, RATINGS.name, HISTORY.name]),
+        prechecks=st.tuples(st.sampled_from([0, 1000]), st.sampled_from([0, 3, 1000])),
+    )
+    def setup(self, feed: str, prechecks: tuple[int, int]) -> None:
+        self.feed = catalogue.feed(feed)
+        # precheck_min 0: every page is looked at before the script; 1000: never.
+        self.pubs = [Publisher(self.r, "st", precheck_min=n) for n in prechecks]
+
+    def _new_page(
+        self, data: st.DataObject, expected: str | None, repeat: bool
+    ) -> tuple[list[Record], str]:
+        recs = data.draw(st.lists(records(self.feed), max_size=8), label="records")
+        if repeat and expected is not None:
+            continue_from = expected  # the API answers with the cursor it was given
+        else:
+            self.tokens += 1
+            continue_from = f"c{self.tokens}"
+        self.history.setdefault(expected, []).append((recs, continue_from))
+        return recs, continue_from
+
+    def _apply(self, i: int, expected: str | None, recs: list[Record], cf: str) -> None:
+        page = decode_page(envelope(recs, cf), self.feed)
+        got = self.run(self.pubs[i].apply(TENANT, self.feed.name, expected, page))
+        want = self.model.apply(expected, recs, cf)
+        assert got == want, f"instance {i} from {expected!r}: got {got}, model says {want}"
+        self.believed[i] = cf if got.applied else got.stored
+
+    @rule(i=st.integers(0, 1), repeat=st.booleans(), data=st.data())
+    def fetch_and_apply(self, i: int, repeat: bool, data: st.DataObject) -> None:
+        expected = self.believed[i]
+        recs, cf = self._new_page(data, expected, repeat)
+        self._apply(i, expected, recs, cf)
+
+    @rule(i=st.integers(0, 1), data=st.data())
+    def same_page_again(self, i: int, data: st.DataObject) -> None:
+        """The same page from the same cursor: a repeating API, another instance, a restart."""
+        if not self.history:
+            return
+        expected = data.draw(st.sampled_from(sorted(self.history, key=str)), label="from")
+        recs, cf = data.draw(st.sampled_from(self.history[expected]), label="page")
+        self._apply(i, expected, recs, cf)
+
+    @rule(i=st.integers(0, 1), repeat=st.booleans(), data=st.data())
+    def crash_after_the_script(self, i: int, repeat: bool, data: st.DataObject) -> None:
+        """The script ran but the caller never learned it: it retries the same page."""
+        expected = self.believed[i]
+        recs, cf = self._new_page(data, expected, repeat)
+        self._apply(i, expected, recs, cf)
+        self._apply(i, expected, recs, cf)
+
+    @rule(i=st.integers(0, 1), data=st.data())
+    def crash_before_the_script(self, i: int, data: st.DataObject) -> None:
+        """Fetched, never applied: it may be fetched (and applied) again later."""
+        self._new_page(data, self.believed[i], data.draw(st.booleans(), label="repeat"))
+
+    @rule(i=st.integers(0, 1), data=st.data())
+    def redis_out_of_memory(self, i: int, data: st.DataObject) -> None:
+        expected = self.believed[i]
+        recs, cf = self._new_page(data, expected, False)
+        page = decode_page(envelope(recs, cf), self.feed)
+        self.run(self.r.config_set("maxmemory", 1))
+        try:
+            with pytest.raises(RedisFull):
+                self.run(self.pubs[i].apply(TENANT, self.feed.name, expected, page))
+        finally:
+            self.run(self.r.config_set("maxmemory", 0))
+
+    async def _read(self) -> list[Any]:
+        async with self.r.pipeline(transaction=False) as pipe:
+            pipe.xrange(f"st:{{{TENANT}}}:{self.feed.name}")
+            pipe.xrange(f"st:{{{TENANT}}}:dead")
+            pipe.hget(f"st:{{{TENANT}}}:cursors", self.feed.name)
+            pipe.hget(f"st:{{{TENANT}}}:state", f"{self.feed.name}:stale")
+            return await pipe.execute()  # type: ignore[no-any-return]
+
+    @invariant()
+    def redis_holds_what_the_model_says(self) -> None:
+        if not self.pubs:
+            return
+        stream, dead, cursor, stale = self.run(self._read())
+        got = [(f[b"op"].decode(), f[b"key"].decode(), f[b"data"]) for _, f in stream]
+        assert got == self.model.events
+        assert [f[b"data"] for _, f in dead] == self.model.dead
+        assert (cursor.decode() if cursor is not None else None) == self.model.cursor
+        assert int(stale or 0) == self.model.stale
+
+    @invariant()
+    def no_key_goes_back_in_time(self) -> None:
+        instants = {
+            r.raw: r.instant for recs in self.history.values() for rs, _ in recs for r in rs
+        }
+        newest: dict[str, int] = {}
+        for _, key, raw in self.model.events:
+            instant = instants.get(raw)
+            if instant is None:
+                continue
+            assert instant >= newest.get(key, instant), f"{key} went back in time"
+            newest[key] = instant
+
+
+@pytest.fixture(scope="module")
+def model_redis() -> Iterator[RedisServer]:
+    """A server of its own: the machine sets `maxmemory` on it to make Redis refuse writes."""
+    server = RedisServer(extra_args=["--appendonly", "no", "--maxmemory-policy", "noeviction"])
+    server.start()
+    yield server
+    server.stop()
+
+
+# A failing run spends minutes shrinking to a short example: room for that, and for long runs.
+@pytest.mark.timeout(max(900, EXAMPLES))
+def test_publisher_agrees_with_the_contract_model(model_redis: RedisServer) -> None:
+    ContractMachine.url = model_redis.url
+    from hypothesis.stateful import run_state_machine_as_test
+
+    run_state_machine_as_test(
+        ContractMachine,
+        settings=settings(
+            max_examples=EXAMPLES,
+            stateful_step_count=STEPS,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+            database=None,
+        ),
+    )
