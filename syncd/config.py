@@ -115,6 +115,8 @@ class ServiceTitanConfig(_Base, frozen=True):
     # ServiceTitan gives up after 100 s; wait a little longer than that.
     request_timeout: float = 105.0
     connect_timeout: float = 10.0
+    # The token endpoint answers in well under a second; one that hangs must not hold polls.
+    token_timeout: float = 10.0
     max_connections: int = 256
 
     def __repr__(self) -> str:
