@@ -1,33 +1,29 @@
 """The scheduler: polls every feed of every tenant through a bounded pool of workers.
 
-Two levels of due-time heaps: each tenant orders its idle feeds by due time; a global heap
-orders tenants by the time they can next send a request (earliest due feed, rate limiter,
-429 pause). A single dispatcher moves tenants whose time has come into the worker pool's
-queue (syncd.fairshare), which decides whose poll takes the next free worker; each poll runs
-as a task of one task group. The dispatcher never waits on a tenant: when no worker is free,
-it waits for one to come back. What an outcome does to a feed is decided in syncd.policy; this
-module does the I/O and applies the decisions.
+The I/O shell around three pure parts: syncd.due (what is due next), syncd.fairshare (whose
+poll takes the next free worker) and syncd.policy (what a poll's outcome does to its feed and
+tenant). A single dispatcher moves tenants whose time has come into the pool's queue and starts
+each poll the pool allows as a task of one task group; it never waits on a tenant: with no
+worker free, it waits for one to come back. Shutdown stops the dispatcher, gives running polls
+a grace period, then cancels the task group.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
-import itertools
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 
 import anyio
 import anyio.abc
 import structlog
 
 from syncd.auth import TokenProvider
-from syncd.catalogue import Feed
 from syncd.client import ExportClient
 from syncd.config import TenantSettings
+from syncd.due import FeedSpec, FeedState, TenantState, Timetable
 from syncd.errors import (
     AuthFailed,
     BadRequest,
@@ -47,7 +43,6 @@ from syncd.policy import (
     Outcome,
     Rules,
     after_poll,
-    first_delay,
     next_due,
     once_finished,
     page_progress,
@@ -55,68 +50,12 @@ from syncd.policy import (
     resume_delay,
 )
 from syncd.publisher import Publisher
-from syncd.ratelimit import TokenBucket, default_burst
 from syncd.redact import redact
 
 log = structlog.get_logger("syncd.scheduler")
 
-PAUSED_RECHECK_S = 1.0
 # The dispatcher wakes at least this often, so that the watchdog sees it alive.
 TICK_S = 1.0
-
-
-@dataclass(eq=False)
-class FeedState:
-    """One (tenant, feed) pair: its cursor and when it is due."""
-
-    tenant: TenantState = field(repr=False)
-    feed: Feed = field(repr=False)
-    cursor: str | None
-    change_detection: bool
-    poll_interval: float
-    due: float = 0.0
-    failures: int = 0
-    drained: bool = False  # answered hasMore: false at least once since start
-    stuck: bool = False  # in a no-progress episode (pages that do not move it on)
-    failed: bool = False  # --once gave up on it
-    removed: bool = False
-    running: bool = False
-    paused: str | None = None  # backpressure: why this feed is not polled now
-    last_ok: float | None = None  # unix time of the last applied page
-    # Until a first success, "seconds since success" counts from when the feed was scheduled,
-    # so that a feed that never succeeds still shows (and alerts) in the metrics.
-    since: float = field(default_factory=time.time)
-    last_error: str | None = None
-
-    @property
-    def name(self) -> str:
-        return self.feed.name
-
-
-@dataclass(eq=False)
-class TenantState:
-    """A tenant's limits and its idle feeds ordered by due time."""
-
-    settings: TenantSettings
-    tokens: TokenProvider = field(repr=False)
-    bucket: TokenBucket
-    feeds: dict[str, FeedState] = field(default_factory=dict, repr=False)
-    heap: list[tuple[float, int, FeedState]] = field(default_factory=list, repr=False)
-    inflight: int = 0  # polls under way, each holding a worker
-    paused_until: float = 0.0
-    next_token: float = 0.0
-    version: int = 0
-    removed: bool = False
-
-    @property
-    def id(self) -> int:
-        return self.settings.id
-
-    def ready_time(self) -> float | None:
-        """When this tenant can next send a request; None while nothing can go."""
-        if not self.heap or self.inflight >= self.settings.max_in_flight:
-            return None
-        return max(self.heap[0][0], self.paused_until, self.next_token)
 
 
 class Scheduler:
@@ -145,11 +84,9 @@ class Scheduler:
         self.metrics = metrics
         self.clock = clock
         self.rng = rng or random.Random()
-        self.tenants: dict[int, TenantState] = {}
-        self.pool = Pool(workers)
-        self._ready: list[tuple[float, int, TenantState, int]] = []
-        self._seq = itertools.count()
         self._wake = asyncio.Event()
+        self.timetable = Timetable(once=once, rng=self.rng, on_ready=self._wake.set)
+        self.pool = Pool(workers)
         self._changed = asyncio.Event()  # a poll ended, or force(): drain() looks again
         self._stopping = asyncio.Event()
         self._forced = asyncio.Event()
@@ -166,106 +103,45 @@ class Scheduler:
 
     # -- tenants and feeds -------------------------------------------------------------
 
+    @property
+    def tenants(self) -> dict[int, TenantState]:
+        return self.timetable.tenants
+
     def add_tenant(
         self,
         settings: TenantSettings,
         tokens: TokenProvider,
-        feeds: Iterable[tuple[Feed, str | None, bool, float]],
+        feeds: Iterable[FeedSpec],
         delays: Mapping[str, float] | None = None,
     ) -> TenantState:
         """Start scheduling a tenant: feeds as (feed, stored cursor, change detection, interval);
         `delays` says how long after now a feed is first due (see resume_delay)."""
-        rate = settings.requests_per_second
-        t = TenantState(settings, tokens, TokenBucket(rate, burst=default_burst(rate)))
-        self.tenants[settings.id] = t
         self.pool.add(settings.id, settings.max_in_flight)
-        now = self.clock()
-        for feed, cursor, detect, interval in feeds:
-            fs = FeedState(t, feed, cursor, detect, interval)
-            t.feeds[feed.name] = fs
-            stored = delays.get(feed.name) if delays is not None else None
-            self._push(
-                fs, now + first_delay(cursor is not None, self.once, stored, interval, self.rng)
-            )
+        t = self.timetable.add_tenant(settings, tokens, feeds, self.clock(), delays)
+        self._wake.set()
         return t
 
     def reconfigure_tenant(
-        self,
-        settings: TenantSettings,
-        feeds: Iterable[tuple[Feed, str | None, bool, float]],
+        self, settings: TenantSettings, feeds: Iterable[FeedSpec]
     ) -> tuple[list[str], list[str]]:
-        """Apply a tenant's new settings and feed list; returns (added, removed) feed names.
-
-        Polls under way finish; a removed feed is simply not scheduled again.
-        """
-        t = self.tenants[settings.id]
-        t.settings = settings
-        rate = settings.requests_per_second
-        t.bucket.set_rate(rate, burst=default_burst(rate))
+        """Apply a tenant's new settings and feed list; returns (added, removed) feed names."""
         self.pool.add(settings.id, settings.max_in_flight)
-        wanted = {
-            feed.name: (feed, cursor, detect, interval) for feed, cursor, detect, interval in feeds
-        }
-        removed = [name for name in t.feeds if name not in wanted]
-        for name in removed:
-            t.feeds.pop(name).removed = True
-        added = []
-        now = self.clock()
-        for name, (feed, cursor, detect, interval) in wanted.items():
-            fs = t.feeds.get(name)
-            if fs is None:
-                fs = FeedState(t, feed, cursor, detect, interval)
-                t.feeds[name] = fs
-                added.append(name)
-                self._push(fs, now)
-            else:
-                fs.change_detection, fs.poll_interval = detect, interval
-        self._arm(t)
-        return added, removed
+        changes = self.timetable.reconfigure_tenant(settings, feeds, self.clock())
+        self._wake.set()
+        return changes
 
     def retry_now(self, tenant: int, which: Callable[[FeedState], bool]) -> None:
         """Make a tenant's idle feeds matching `which` due now (e.g. after new credentials)."""
-        t = self.tenants[tenant]
-        now = self.clock()
-        for fs in list(t.feeds.values()):
-            if not fs.running and not fs.removed and which(fs) and fs.due > now:
-                fs.removed = True  # retire the queued heap entry ...
-                fresh = FeedState(
-                    t,
-                    fs.feed,
-                    fs.cursor,
-                    fs.change_detection,
-                    fs.poll_interval,
-                    drained=fs.drained,
-                    last_ok=fs.last_ok,
-                    since=fs.since,
-                )
-                t.feeds[fs.name] = fresh  # ... and schedule its replacement now
-                self._push(fresh, now)
+        self.timetable.retry_now(tenant, which, self.clock())
+        self._wake.set()
 
     def remove_tenant(self, tenant: int) -> None:
         """Stop scheduling a tenant; its polls under way finish."""
-        t = self.tenants.pop(tenant)
-        t.removed = True
+        self.timetable.remove_tenant(tenant)
         self.pool.remove(tenant)
-        for fs in t.feeds.values():
-            fs.removed = True
         if self.metrics is not None:
             self.metrics.forget_tenant(tenant)
         self._wake.set()
-
-    def _push(self, fs: FeedState, due: float) -> None:
-        fs.due = due
-        heapq.heappush(fs.tenant.heap, (due, next(self._seq), fs))
-        self._arm(fs.tenant)
-
-    def _arm(self, t: TenantState) -> None:
-        """(Re)enter a tenant in the global heap at its current ready time."""
-        t.version += 1
-        ready = t.ready_time()
-        if ready is not None and not t.removed:
-            heapq.heappush(self._ready, (ready, next(self._seq), t, t.version))
-            self._wake.set()
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -318,6 +194,7 @@ class Scheduler:
         return not self._active
 
     async def _dispatch(self) -> None:
+        tt, pool = self.timetable, self.pool
         while not self._stopping.is_set():
             self.last_progress = time.monotonic()
             if not self.redis_ok.is_set() or self.memory_full:
@@ -325,75 +202,43 @@ class Scheduler:
                 await self._sleep(TICK_S / 2)
                 continue
             now = self.clock()
-            while self._ready and self._ready[0][0] <= now:
-                _, _, t, version = heapq.heappop(self._ready)
-                if version == t.version and not t.removed:
-                    self.pool.want(t.id)
-            if self._serve(now):
-                # Let the polls just started (and everything else) run before the next one.
-                await asyncio.sleep(0)
+            for tid in tt.pop_ready(now):
+                pool.want(tid)
+            chosen = pool.next()
+            if chosen is not None:
+                fs = tt.take(chosen, now)
+                if fs is not None:
+                    self._start(fs, now)
+                    # Let the polls just started (and everything else) run before the next.
+                    await asyncio.sleep(0)
                 continue
-            timeout = (self._ready[0][0] - now) if self._ready else TICK_S
-            await self._sleep(min(max(timeout, 0.0), TICK_S))
+            ready = tt.next_ready()
+            await self._sleep(TICK_S if ready is None else min(max(ready - now, 0.0), TICK_S))
 
     async def _sleep(self, timeout: float) -> None:
         self._wake.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout=timeout)
 
-    def _serve(self, now: float) -> bool:
-        """Start the poll of whichever tenant the pool serves next; False when none may."""
-        tid = self.pool.next()
-        if tid is None:
-            return False
-        t = self.tenants.get(tid)
-        if t is None or t.removed:
-            return True
-        ready = t.ready_time()
-        if ready is None or ready > now:
-            self._arm(t)  # changed since it queued up: back to the heap
-            return True
-        fs = t.heap[0][2]
-        # Removed and paused feeds leave the tenant's heap without costing a request token.
-        if fs.removed or fs.paused is not None:
-            heapq.heappop(t.heap)
-            if fs.removed:
-                self._arm(t)
-            else:
-                # Backpressure: look again a little later; the cursor stays where it is.
-                self._push(fs, now + PAUSED_RECHECK_S)
-            return True
-        wait = t.bucket.try_acquire(now)
-        if wait > 0:
-            t.next_token = now + wait
-            self._arm(t)
-            return True
-        heapq.heappop(t.heap)
-        self.pool.started(t.id)
-        t.inflight += 1
-        fs.running = True
+    def _start(self, fs: FeedState, now: float) -> None:
+        self.pool.started(fs.tenant.id)
         self._active.add(fs)
-        self._arm(t)
         if self.metrics is not None:
             self.metrics.lateness(now - fs.due)
         assert self._tasks is not None
         self._tasks.start_soon(self._run_poll, fs)
-        return True
 
     async def _run_poll(self, fs: FeedState) -> None:
-        t = fs.tenant
         try:
             await self._poll(fs)
         except Exception:
             # A bug in one poll must not end the others; the feed backs off.
-            log.exception("poll_crashed", tenant=t.id, feed=fs.name)
+            log.exception("poll_crashed", tenant=fs.tenant.id, feed=fs.name)
             self._after(fs, Outcome("error"), error="internal error (see log)")
         finally:
-            fs.running = False
             self._active.discard(fs)
-            self.pool.finished(t.id)
-            t.inflight -= 1
-            self._arm(t)
+            self.pool.finished(fs.tenant.id)
+            self.timetable.done(fs)
             self._wake.set()
             self._changed.set()
             self._check_once()
@@ -426,7 +271,7 @@ class Scheduler:
             )
             if exc.where == "api":
                 t.bucket.throttled(now)
-            self._arm(t)
+            self.timetable.arm(t)
             flog.warning("rate_limited", retry_after_s=exc.retry_after, where=exc.where)
             if self.metrics is not None:
                 self.metrics.rate_limited(t.id, wait)
@@ -515,7 +360,7 @@ class Scheduler:
             fs.last_error = error = redact(error)  # stored in Redis, shown by `status`
             self._spawn(self._record_error, fs.tenant.id, fs.name, error)
         if d.due is not None and not (fs.removed or fs.tenant.removed):
-            self._push(fs, d.due)
+            self.timetable.push(fs, d.due)
         return d
 
     async def _record_error(self, tenant: int, feed: str, error: str) -> None:
@@ -531,17 +376,13 @@ class Scheduler:
     def _check_once(self) -> None:
         if not self.once:
             return
-        feeds = (
-            (fs.drained, fs.failed, fs.running)
-            for t in self.tenants.values()
-            for fs in t.feeds.values()
-        )
+        feeds = ((fs.drained, fs.failed, fs.running) for fs in self.timetable.feeds())
         if once_finished(feeds) and not self._active:
             self.stop()
 
     @property
     def failed_feeds(self) -> list[FeedState]:
-        return [fs for t in self.tenants.values() for fs in t.feeds.values() if fs.failed]
+        return [fs for fs in self.timetable.feeds() if fs.failed]
 
     def set_memory_full(self, full: bool) -> None:
         """Pause (or resume) all polling for Redis memory."""

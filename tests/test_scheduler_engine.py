@@ -1,0 +1,214 @@
+"""The scheduler end to end when the API misbehaves: pages that make no progress, tenants
+whose requests or token endpoint hang. Real simulator, real Redis, and a real HTTP server in
+front of the simulator (bench/front.py) that misbehaves for chosen tenants."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+from structlog.testing import capture_logs
+
+from bench.front import Front, run_front
+from syncd.auth import TokenProvider
+from syncd.config import Secret
+from syncd.daemon import Daemon
+from syncd.errors import TransientError
+from syncd.redisserver import RedisServer
+from syncd.simulator.testing import run_simulator
+from tests.engine_helpers import (
+    assert_exactly_once,
+    config_dict,
+    mutate,
+    settings,
+    sim_stats,
+    stream_events,
+    truth,
+)
+
+CUSTOMERS = "crm.customers"
+TEN_FEEDS = [
+    "crm.customers",
+    "crm.locations",
+    "crm.leads",
+    "jpm.jobs",
+    "jpm.appointments",
+    "jpm.job-history",
+    "accounting.payments",
+    "accounting.invoices",
+    "customer-interactions.technician-ratings",
+    "memberships.membership-status-changes",
+]
+
+
+def events_named(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    return [e for e in logs if e["event"] == name]
+
+
+async def until(condition: Any, what: str, timeout: float = 60.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await condition():
+        assert loop.time() < deadline, what
+        await asyncio.sleep(0.05)
+
+
+async def test_no_progress_feed_fails_a_once_run_after_its_failures(
+    redis: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    """hasMore true, no records, the cursor it was asked with: --once gives up on the feed
+    after once_max_failures such pages (one request each, not thousands) and exits 1; the
+    episode is logged once, with what the API sent; the tenant's other feed completes."""
+    async with (
+        run_simulator(tenants=[7001], records=90, page_size=30) as sim,
+        run_front(Front(sim.url, no_progress={(7001, "/customers")})) as front,
+    ):
+        data = config_dict(
+            redis_server.url, front.url, sim.app_key, [7001], [CUSTOMERS, "jpm.jobs"]
+        )
+        data["engine"]["once_max_failures"] = 4
+        with capture_logs() as logs:
+            code = await asyncio.wait_for(Daemon(settings(data), once=True).run(), 60)
+        assert code == 1
+        assert front.stalled[7001] == 4
+        [stalled] = events_named(logs, "feed_no_progress")
+        assert stalled["tenant"] == 7001
+        assert stalled["feed"] == CUSTOMERS
+        assert (stalled["has_more"], stalled["records"], stalled["cursor_repeated"]) == (
+            True,
+            0,
+            True,
+        )
+        assert stalled["log_level"] == "warning"
+        [failed] = events_named(logs, "feed_failed")
+        assert (failed["tenant"], failed["feed"]) == (7001, CUSTOMERS)
+        assert "no progress" in failed["error"]
+        state = await redis.hgetall("st:{7001}:state")
+        assert b"no progress" in state[b"crm.customers:last_error"]
+        jobs = await truth(sim.url, 7001, "jpm.jobs")
+        assert_exactly_once(await stream_events(redis, 7001, "jpm.jobs"), jobs)
+
+
+async def test_no_progress_episode_backs_off_and_ends_when_the_api_moves_on(
+    redis: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    """A running daemon retries a stalled feed with backoff, logs the episode once however
+    many stalled pages come, and once the API moves on again finishes the feed."""
+    async with (
+        run_simulator(tenants=[7002], records=90, page_size=30) as sim,
+        run_front(Front(sim.url, no_progress={(7002, "/customers")})) as front,
+    ):
+        data = config_dict(redis_server.url, front.url, sim.app_key, [7002], [CUSTOMERS])
+        data["engine"].update(backoff_base=0.02, backoff_max=0.1)
+        daemon = Daemon(settings(data))
+        with capture_logs() as logs:
+            task = asyncio.create_task(daemon.run())
+
+            async def stalled_often() -> bool:
+                return front.stalled[7002] >= 6
+
+            await until(stalled_often, "the stalled feed was not retried")
+            assert len(events_named(logs, "feed_no_progress")) == 1
+            assert daemon.scheduler is not None
+            fs = daemon.scheduler.tenants[7002].feeds[CUSTOMERS]
+            assert fs.stuck
+            assert fs.failures >= 6
+            front.no_progress.clear()
+            records = await truth(sim.url, 7002, CUSTOMERS)
+
+            async def synced() -> bool:
+                return len(await stream_events(redis, 7002, CUSTOMERS)) == len(records)
+
+            await until(synced, "the feed did not resume")
+            daemon.scheduler.stop()
+            assert await asyncio.wait_for(task, 30) == 0
+        assert len(events_named(logs, "feed_no_progress")) == 1
+        assert len(events_named(logs, "feed_progress_resumed")) == 1
+        assert not fs.stuck
+        assert fs.failures == 0
+        assert_exactly_once(await stream_events(redis, 7002, CUSTOMERS), records)
+
+
+HANGING = list(range(7101, 7110))
+HEALTHY = 7110
+
+
+@pytest.mark.parametrize("where", ["requests", "token"])
+async def test_healthy_tenant_backfills_beside_nine_hanging_ones(
+    redis: aioredis.Redis, redis_server: RedisServer, where: str
+) -> None:
+    """Default pool and per-tenant limits (64 workers, 8 in flight: 9 x 8 > 64). Nine tenants
+    whose requests (or token requests) never end hold their share of the pool and no more;
+    the tenth backfills all its feeds, and later picks up changes, while they still hang."""
+    tenants = [*HANGING, HEALTHY]
+    hang = set(HANGING)
+    front = Front("", hang_requests=hang if where == "requests" else set())
+    front.hang_tokens = hang if where == "token" else set()
+    async with (
+        run_simulator(tenants=tenants, records=60, page_size=20, seed=5) as sim,
+        run_front(front),
+    ):
+        front.upstream = sim.url
+        data = config_dict(redis_server.url, front.url, sim.app_key, tenants, TEN_FEEDS)
+        # Hangs outlast the test: what is measured is the pool, not a timeout ending them.
+        data["servicetitan"].update(request_timeout=600.0, token_timeout=600.0)
+        data["defaults"].update(poll_interval=0.5)
+        data["engine"]["shutdown_grace"] = 0.5
+        s = settings(data)
+        assert (s.config.engine.workers, s.tenants[0].max_in_flight) == (64, 8)
+        daemon = Daemon(s)
+        task = asyncio.create_task(daemon.run())
+        records = {f: await truth(sim.url, HEALTHY, f) for f in TEN_FEEDS}
+        most = 0
+
+        async def healthy_synced() -> bool:
+            nonlocal most
+            assert max(front.hanging.values(), default=0) <= 8, front.hanging
+            most = max(most, sum(front.hanging.values()))
+            counts = [len(await stream_events(redis, HEALTHY, f)) for f in TEN_FEEDS]
+            return counts == [len(records[f]) for f in TEN_FEEDS]
+
+        await until(healthy_synced, "the healthy tenant did not finish its backfill", 90)
+        assert daemon.scheduler is not None
+        assert all(front.hanging[t] >= 1 for t in HANGING), front.hanging
+        assert max(front.hanging.values()) <= 8
+        assert most <= 64
+        assert daemon.liveness()[0]
+        # Afterwards too, while the healthy tenant is idle between polls, the hanging ones
+        # cannot take the whole pool: its next poll finds a worker and picks up changes.
+        changed = set(await mutate(sim.url, HEALTHY, CUSTOMERS, 5))
+
+        async def changes_seen() -> bool:
+            events = await stream_events(redis, HEALTHY, CUSTOMERS)
+            return {e["key"].decode() for e in events if e["op"] == b"updated"} >= changed
+
+        await until(changes_seen, "the healthy tenant's changes were not picked up", 60)
+        assert all(front.hanging[t] >= 1 for t in HANGING)
+        stats = (await sim_stats(sim.url))["tenants"]
+        assert stats[str(HEALTHY)]["max_in_flight"] <= 8
+        daemon.scheduler.stop()
+        assert await asyncio.wait_for(task, 30) == 0
+        for f in TEN_FEEDS:
+            events = await stream_events(redis, HEALTHY, f)
+            created = [e for e in events if e["op"] == b"created"]
+            assert_exactly_once(created, records[f], where=f)
+
+
+async def test_token_endpoint_has_its_own_timeout() -> None:
+    """A token endpoint that does not answer fails the renewal after token_timeout, not after
+    the session's (much longer) request timeout."""
+    async with (
+        run_simulator(tenants=[7201]) as sim,
+        run_front(Front(sim.url, hang_tokens={7201})) as front,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session,
+    ):
+        tokens = TokenProvider(
+            session, front.auth_url, 7201, "client-7201", Secret("secret-7201"), timeout=0.3
+        )
+        with pytest.raises(TransientError, match=r"did not answer within 0.3s"):
+            await asyncio.wait_for(tokens.token(), 30)
+        assert tokens.last_error is not None
+        assert front.hanging[7201] == 1
