@@ -1,0 +1,229 @@
+"""A healthy tenant's backfill, alone and beside nine tenants that hang.
+
+Default pool and limits (64 workers, 8 requests in flight per tenant, 20 requests/s, default
+timeouts). The healthy tenant backfills 10 feeds; nine more tenants sit beside it whose export
+requests never answer ("requests"), or whose token requests never answer ("token"). Every
+answer takes about 300 ms, so that 20 requests/s need about 6 requests in flight: the healthy
+tenant's share of the pool matters, not only its rate limit. The
+simulator runs in its own process behind bench/front.py (in a thread of this process), which
+makes the nine hang. Measured: from the daemon's `started` line to the healthy tenant's last
+`feed_drained` line, in the daemon's own log; and the most requests the front saw hanging at
+once, per tenant and in all.
+
+    .venv/bin/python -m bench.hanging [--records 3000] [--page-size 100]
+
+Target: beside either kind of hanging tenants, within 2x of the time alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import json
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+from bench import common
+from bench.front import Front, run_front
+
+FEEDS = [
+    "crm.customers",
+    "crm.locations",
+    "crm.leads",
+    "jpm.jobs",
+    "jpm.appointments",
+    "jpm.job-history",
+    "accounting.payments",
+    "accounting.invoices",
+    "customer-interactions.technician-ratings",
+    "memberships.membership-status-changes",
+]
+HEALTHY = 6010
+HANGING = list(range(6001, 6010))
+
+
+class FrontThread:
+    """bench/front.py served from a thread with its own event loop."""
+
+    def __init__(self, upstream: str) -> None:
+        self.front = Front(upstream)
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+        self.most_total = 0
+        self.most_per_tenant = 0
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        async with run_front(self.front):
+            self._ready.set()
+            while not self._stop.is_set():
+                hanging = self.front.hanging
+                self.most_total = max(self.most_total, sum(hanging.values()))
+                self.most_per_tenant = max(self.most_per_tenant, max(hanging.values(), default=0))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), 0.05)
+
+    def start(self) -> FrontThread:
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise RuntimeError("the front did not start")
+        return self
+
+    def set(self, *, requests: set[int], tokens: set[int]) -> None:
+        """Which tenants hang from now on (thread-safe); resets the peaks."""
+
+        def apply() -> None:
+            self.front.hang_requests = requests
+            self.front.hang_tokens = tokens
+            self.front.hanging.clear()
+            self.most_total = self.most_per_tenant = 0
+
+        assert self._loop is not None
+        done = threading.Event()
+        self._loop.call_soon_threadsafe(lambda: (apply(), done.set()))
+        done.wait(10)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+
+
+def _ts(event: dict[str, Any]) -> float:
+    return datetime.datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
+
+
+def _backfill(
+    work: common.Workdir,
+    server: Any,
+    front: FrontThread,
+    name: str,
+    tenants: list[int],
+    timeout: float,
+) -> dict[str, Any]:
+    """Run the daemon until the healthy tenant drained every feed; seconds from `started`."""
+    common.redis_client(server).flushall()
+    data = common.config_dict(server.url, front.front.url, tenants, defaults={"feeds": FEEDS})
+    config = work.write_config(data, f"{name}.toml")
+    daemon = common.Daemon(config).start()
+    try:
+        [started] = daemon.wait_for_event("started", timeout=120)
+        deadline = time.monotonic() + timeout
+        while True:
+            drained = [
+                e
+                for e in daemon.events()
+                if e.get("event") == "feed_drained" and e.get("tenant") == HEALTHY
+            ]
+            if len(drained) >= len(FEEDS):
+                break
+            if time.monotonic() > deadline or not daemon.running():
+                raise RuntimeError(f"{name}: healthy tenant not drained: {daemon.tail()}")
+            time.sleep(0.1)
+        seconds = max(_ts(e) for e in drained) - _ts(started)
+        hanging_now = sum(front.front.hanging.values())
+    finally:
+        # A second SIGTERM cuts the shutdown grace short: hanging polls are cancelled.
+        daemon.signal(signal.SIGTERM)
+        time.sleep(0.5)
+        if daemon.running():
+            daemon.signal(signal.SIGTERM)
+        result = daemon.wait(120)
+    common.log(f"hanging: {name}: {seconds:.2f}s")
+    return {
+        "healthy_backfill_s": round(seconds, 3),
+        "hanging_at_the_end": hanging_now,
+        "most_hanging_at_once": front.most_total,
+        "most_hanging_of_one_tenant": front.most_per_tenant,
+        "daemon_returncode": result.returncode,
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    tenants = [*HANGING, HEALTHY]
+    sim_args = [
+        *("--records", str(args.records), "--page-size", str(args.page_size)),
+        *("--tenants", ",".join(map(str, tenants)), "--rate-limit", "60", "--seed", "1"),
+        *("--feeds", ",".join(FEEDS), "--fault-latency", str(args.latency_ms)),
+    ]
+    work = common.Workdir("hanging")
+    common.log(f"hanging: {len(FEEDS)} feeds x {args.records} records, {args.page_size} per page")
+    with common.redis_server() as server:
+        version = common.redis_version(common.redis_client(server))
+        sim = common.start_simulator(sim_args)
+        front = FrontThread(sim.url).start()
+        try:
+            front.set(requests=set(), tokens=set())
+            alone = _backfill(work, server, front, "alone", [HEALTHY], args.timeout)
+            front.set(requests=set(HANGING), tokens=set())
+            requests = _backfill(work, server, front, "requests", tenants, args.timeout)
+            front.set(requests=set(), tokens=set(HANGING))
+            tokens = _backfill(work, server, front, "token", tenants, args.timeout)
+        finally:
+            front.stop()
+            sim.stop()
+            work.cleanup()
+    base = alone["healthy_backfill_s"]
+    figures: dict[str, Any] = {
+        "setup": {
+            "feeds": len(FEEDS),
+            "records_per_feed": args.records,
+            "page_size": args.page_size,
+            "latency_ms": args.latency_ms,
+            "hanging_tenants": len(HANGING),
+            "workers": 64,
+            "max_in_flight": 8,
+            "requests_per_second": 20.0,
+            "settings": "defaults",
+        },
+        "alone_s": base,
+        "beside_hanging_requests_s": requests["healthy_backfill_s"],
+        "beside_hanging_token_s": tokens["healthy_backfill_s"],
+        "ratio_requests": round(requests["healthy_backfill_s"] / base, 3),
+        "ratio_token": round(tokens["healthy_backfill_s"] / base, 3),
+        "alone": alone,
+        "requests": requests,
+        "token": tokens,
+    }
+    figures["targets"] = {
+        "beside hanging requests <= 2 x alone": figures["ratio_requests"] <= 2.0,
+        "beside a hanging token endpoint <= 2 x alone": figures["ratio_token"] <= 2.0,
+        "no tenant over max_in_flight": max(
+            requests["most_hanging_of_one_tenant"], tokens["most_hanging_of_one_tenant"]
+        )
+        <= 8,
+    }
+    common.write_result("hanging", figures, version)
+    return figures
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--records", type=int, default=common.env_int("BENCH_HANGING_RECORDS", 3000))
+    p.add_argument("--page-size", type=int, default=100)
+    p.add_argument(
+        "--latency-ms",
+        type=float,
+        default=300.0,
+        help="every answer's latency (+-50%%): 20 requests/s then need about 6 in flight",
+    )
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per backfill at most")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    figures = run(parser().parse_args(argv))
+    print(json.dumps(figures, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
