@@ -152,17 +152,19 @@ class Scheduler:
         try:
             async with anyio.create_task_group() as tasks:
                 self._tasks = tasks
-                try:
-                    await self._dispatch()
-                except Exception as exc:
-                    # The dispatcher must never end on its own: if it does, stop everything.
-                    log.error("scheduler_task_crashed", error=f"{type(exc).__name__}: {exc}")
-                    self.crashed = True
-                    self.force()
+                await self._dispatch()
                 if not await self.drain(grace):
                     log.warning("shutdown_grace_expired", grace_s=grace)
                 # Polls still running (and the Redis probe) are cancelled here.
                 tasks.cancel_scope.cancel()
+        except Exception as exc:
+            # Neither the dispatcher nor a poll may end on an error (polls catch their own): if
+            # one does, the task group has cancelled the rest; the daemon exits with an error.
+            while isinstance(exc, ExceptionGroup) and exc.exceptions:
+                exc = exc.exceptions[0]
+            log.error("scheduler_task_crashed", error=f"{type(exc).__name__}: {exc}")
+            self.crashed = True
+            self._stopping.set()
         finally:
             self._tasks = None
 
