@@ -4,13 +4,13 @@ Default pool and limits (64 workers, 8 requests in flight per tenant, 20 request
 timeouts). The healthy tenant backfills 10 feeds; nine more tenants sit beside it whose export
 requests never answer ("requests"), or whose token requests never answer ("token"). Every
 answer takes about 300 ms, so that 20 requests/s need about 6 requests in flight: the healthy
-tenant's share of the pool matters, not only its rate limit. The
-simulator runs in its own process behind bench/front.py (in a thread of this process), which
-makes the nine hang. Measured: from the daemon's `started` line to the healthy tenant's last
-`feed_drained` line, in the daemon's own log; and the most requests the front saw hanging at
-once, per tenant and in all.
+tenant's share of the pool matters, not only its rate limit. The simulator (its own process)
+makes the nine hang with its per-tenant quirks. Measured: from the daemon's `started` line to
+the healthy tenant's last `feed_drained` line, in the daemon's own log; and, from the
+simulator, the hanging tenants' requests unanswered at that moment and the most of one tenant
+in flight at once.
 
-    .venv/bin/python -m bench.hanging [--records 3000] [--page-size 100]
+    .venv/bin/python -m bench.hanging [--records 3000] [--page-size 100] [--latency-ms 300]
 
 Target: beside either kind of hanging tenants, within 2x of the time alone.
 """
@@ -18,18 +18,14 @@ Target: beside either kind of hanging tenants, within 2x of the time alone.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import datetime
 import json
 import signal
 import sys
-import threading
 import time
 from typing import Any
 
 from bench import common
-from bench.front import Front, run_front
 
 FEEDS = [
     "crm.customers",
@@ -47,56 +43,6 @@ HEALTHY = 6010
 HANGING = list(range(6001, 6010))
 
 
-class FrontThread:
-    """bench/front.py served from a thread with its own event loop."""
-
-    def __init__(self, upstream: str) -> None:
-        self.front = Front(upstream)
-        self._ready = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
-        self.most_total = 0
-        self.most_per_tenant = 0
-
-    async def _main(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        async with run_front(self.front):
-            self._ready.set()
-            while not self._stop.is_set():
-                hanging = self.front.hanging
-                self.most_total = max(self.most_total, sum(hanging.values()))
-                self.most_per_tenant = max(self.most_per_tenant, max(hanging.values(), default=0))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), 0.05)
-
-    def start(self) -> FrontThread:
-        self._thread.start()
-        if not self._ready.wait(30):
-            raise RuntimeError("the front did not start")
-        return self
-
-    def set(self, *, requests: set[int], tokens: set[int]) -> None:
-        """Which tenants hang from now on (thread-safe); resets the peaks."""
-
-        def apply() -> None:
-            self.front.hang_requests = requests
-            self.front.hang_tokens = tokens
-            self.front.hanging.clear()
-            self.most_total = self.most_per_tenant = 0
-
-        assert self._loop is not None
-        done = threading.Event()
-        self._loop.call_soon_threadsafe(lambda: (apply(), done.set()))
-        done.wait(10)
-
-    def stop(self) -> None:
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(30)
-
-
 def _ts(event: dict[str, Any]) -> float:
     return datetime.datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
 
@@ -104,14 +50,15 @@ def _ts(event: dict[str, Any]) -> float:
 def _backfill(
     work: common.Workdir,
     server: Any,
-    front: FrontThread,
+    sim: common.Simulator,
     name: str,
     tenants: list[int],
     timeout: float,
 ) -> dict[str, Any]:
     """Run the daemon until the healthy tenant drained every feed; seconds from `started`."""
     common.redis_client(server).flushall()
-    data = common.config_dict(server.url, front.front.url, tenants, defaults={"feeds": FEEDS})
+    sim.post("/_sim/reset-stats")
+    data = common.config_dict(server.url, sim.url, tenants, defaults={"feeds": FEEDS})
     config = work.write_config(data, f"{name}.toml")
     daemon = common.Daemon(config).start()
     try:
@@ -129,7 +76,7 @@ def _backfill(
                 raise RuntimeError(f"{name}: healthy tenant not drained: {daemon.tail()}")
             time.sleep(0.1)
         seconds = max(_ts(e) for e in drained) - _ts(started)
-        hanging_now = sum(front.front.hanging.values())
+        stats = sim.stats()["tenants"]
     finally:
         # A second SIGTERM cuts the shutdown grace short: hanging polls are cancelled.
         daemon.signal(signal.SIGTERM)
@@ -138,13 +85,21 @@ def _backfill(
             daemon.signal(signal.SIGTERM)
         result = daemon.wait(120)
     common.log(f"hanging: {name}: {seconds:.2f}s")
+    hanging = [stats.get(str(t), {}) for t in HANGING]
     return {
         "healthy_backfill_s": round(seconds, 3),
-        "hanging_at_the_end": hanging_now,
-        "most_hanging_at_once": front.most_total,
-        "most_hanging_of_one_tenant": front.most_per_tenant,
+        "healthy_max_in_flight": stats[str(HEALTHY)]["max_in_flight"],
+        "hanging_requests_in_flight_at_the_end": sum(h.get("in_flight", 0) for h in hanging),
+        "hanging_max_in_flight_of_one_tenant": max(h.get("max_in_flight", 0) for h in hanging),
+        "hung_requests": sum(h.get("hung", 0) for h in hanging),
         "daemon_returncode": result.returncode,
     }
+
+
+def _hang(sim: common.Simulator, **quirks: float) -> None:
+    for t in HANGING:
+        sim.set_quirks(t, **quirks)
+    time.sleep(1.0)  # requests the previous daemon left hanging notice it is gone
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -159,16 +114,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with common.redis_server() as server:
         version = common.redis_version(common.redis_client(server))
         sim = common.start_simulator(sim_args)
-        front = FrontThread(sim.url).start()
         try:
-            front.set(requests=set(), tokens=set())
-            alone = _backfill(work, server, front, "alone", [HEALTHY], args.timeout)
-            front.set(requests=set(HANGING), tokens=set())
-            requests = _backfill(work, server, front, "requests", tenants, args.timeout)
-            front.set(requests=set(), tokens=set(HANGING))
-            tokens = _backfill(work, server, front, "token", tenants, args.timeout)
+            alone = _backfill(work, server, sim, "alone", [HEALTHY], args.timeout)
+            _hang(sim, hang=1.0, hang_token=0.0)
+            requests = _backfill(work, server, sim, "requests", tenants, args.timeout)
+            _hang(sim, hang=0.0, hang_token=1.0)
+            tokens = _backfill(work, server, sim, "token", tenants, args.timeout)
         finally:
-            front.stop()
             sim.stop()
             work.cleanup()
     base = alone["healthy_backfill_s"]
@@ -197,7 +149,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "beside hanging requests <= 2 x alone": figures["ratio_requests"] <= 2.0,
         "beside a hanging token endpoint <= 2 x alone": figures["ratio_token"] <= 2.0,
         "no tenant over max_in_flight": max(
-            requests["most_hanging_of_one_tenant"], tokens["most_hanging_of_one_tenant"]
+            requests["hanging_max_in_flight_of_one_tenant"], requests["healthy_max_in_flight"]
         )
         <= 8,
     }

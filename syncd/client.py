@@ -36,8 +36,10 @@ log = structlog.get_logger("syncd.client")
 
 class _Envelope(msgspec.Struct):
     hasMore: bool
-    continueFrom: str
     data: list[msgspec.Raw]
+    # Missing or null is read as "": no cursor to resume from, which the scheduler treats as a
+    # page that makes no progress (syncd.policy.page_progress), not as a broken body.
+    continueFrom: str | None = None
 
 
 _ENVELOPE = msgspec.json.Decoder(_Envelope)
@@ -89,7 +91,7 @@ def decode_page(body: bytes, feed: Feed, fetch_s: float = 0.0) -> Page:
         heads = None  # some record is odd: look at each on its own
     keys_f, ts_field = feed.key_fields, feed.timestamp_field
     single = keys_f[0] if len(keys_f) == 1 else None
-    page = Page(env.hasMore, env.continueFrom, [], [], [], [], [], fetch_s)
+    page = Page(env.hasMore, env.continueFrom or "", [], [], [], [], [], fetch_s)
     blake2b = hashlib.blake2b  # the loop runs per record: no attribute lookups in it
     for i, data in enumerate(raws):
         if heads is not None:

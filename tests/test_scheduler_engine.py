@@ -1,6 +1,5 @@
 """The scheduler end to end when the API misbehaves: pages that make no progress, tenants
-whose requests or token endpoint hang. Real simulator, real Redis, and a real HTTP server in
-front of the simulator (bench/front.py) that misbehaves for chosen tenants."""
+whose requests or token endpoint hang. Real simulator (its per-tenant quirks), real Redis."""
 
 from __future__ import annotations
 
@@ -12,7 +11,6 @@ import pytest
 import redis.asyncio as aioredis
 from structlog.testing import capture_logs
 
-from bench.front import Front, run_front
 from syncd.auth import TokenProvider
 from syncd.config import Secret
 from syncd.daemon import Daemon
@@ -56,40 +54,42 @@ async def until(condition: Any, what: str, timeout: float = 60.0) -> None:
         await asyncio.sleep(0.05)
 
 
+@pytest.mark.parametrize("cursor", ["same", "empty", "null", "missing"])
 async def test_no_progress_feed_fails_a_once_run_after_its_failures(
-    redis: aioredis.Redis, redis_server: RedisServer
+    redis: aioredis.Redis, redis_server: RedisServer, cursor: str
 ) -> None:
-    """hasMore true, no records, the cursor it was asked with: --once gives up on the feed
-    after once_max_failures such pages (one request each, not thousands) and exits 1; the
-    episode is logged once, with what the API sent; the tenant's other feed completes."""
-    async with (
-        run_simulator(tenants=[7001], records=90, page_size=30) as sim,
-        run_front(Front(sim.url, no_progress={(7001, "/customers")})) as front,
-    ):
-        data = config_dict(
-            redis_server.url, front.url, sim.app_key, [7001], [CUSTOMERS, "jpm.jobs"]
-        )
+    """hasMore true, no records, and the cursor it was asked with (or none at all): --once
+    gives up on the feed after once_max_failures such pages (one request each, not thousands)
+    and exits 1; the episode is logged once, with what the API sent; another tenant completes.
+    """
+    stuck, fine = 7001, 7003
+    async with run_simulator(
+        tenants=[stuck, fine],
+        records=90,
+        page_size=30,
+        tenant_quirks={stuck: {"no_progress": 1.0, "no_progress_cursor": cursor}},
+    ) as sim:
+        data = config_dict(redis_server.url, sim.url, sim.app_key, [stuck, fine], [CUSTOMERS])
         data["engine"]["once_max_failures"] = 4
         with capture_logs() as logs:
             code = await asyncio.wait_for(Daemon(settings(data), once=True).run(), 60)
         assert code == 1
-        assert front.stalled[7001] == 4
+        served = (await sim_stats(sim.url))["tenants"][str(stuck)]["no_progress"]
+        # With "same", the first page (asked without a cursor) names one: that is progress.
+        assert served == 4 + (cursor == "same")
         [stalled] = events_named(logs, "feed_no_progress")
-        assert stalled["tenant"] == 7001
-        assert stalled["feed"] == CUSTOMERS
-        assert (stalled["has_more"], stalled["records"], stalled["cursor_repeated"]) == (
-            True,
-            0,
-            True,
-        )
+        assert (stalled["tenant"], stalled["feed"]) == (stuck, CUSTOMERS)
+        assert (stalled["has_more"], stalled["records"]) == (True, 0)
+        assert stalled["cursor_repeated"] is (cursor == "same")
+        assert stalled["cursor_missing"] is (cursor != "same")
         assert stalled["log_level"] == "warning"
         [failed] = events_named(logs, "feed_failed")
-        assert (failed["tenant"], failed["feed"]) == (7001, CUSTOMERS)
+        assert (failed["tenant"], failed["feed"]) == (stuck, CUSTOMERS)
         assert "no progress" in failed["error"]
-        state = await redis.hgetall("st:{7001}:state")
+        state = await redis.hgetall(f"st:{{{stuck}}}:state")
         assert b"no progress" in state[b"crm.customers:last_error"]
-        jobs = await truth(sim.url, 7001, "jpm.jobs")
-        assert_exactly_once(await stream_events(redis, 7001, "jpm.jobs"), jobs)
+        records = await truth(sim.url, fine, CUSTOMERS)
+        assert_exactly_once(await stream_events(redis, fine, CUSTOMERS), records)
 
 
 async def test_no_progress_episode_backs_off_and_ends_when_the_api_moves_on(
@@ -97,30 +97,31 @@ async def test_no_progress_episode_backs_off_and_ends_when_the_api_moves_on(
 ) -> None:
     """A running daemon retries a stalled feed with backoff, logs the episode once however
     many stalled pages come, and once the API moves on again finishes the feed."""
-    async with (
-        run_simulator(tenants=[7002], records=90, page_size=30) as sim,
-        run_front(Front(sim.url, no_progress={(7002, "/customers")})) as front,
-    ):
-        data = config_dict(redis_server.url, front.url, sim.app_key, [7002], [CUSTOMERS])
+    tenant = 7002
+    async with run_simulator(
+        tenants=[tenant], records=90, page_size=30, tenant_quirks={tenant: {"no_progress": 1.0}}
+    ) as sim:
+        data = config_dict(redis_server.url, sim.url, sim.app_key, [tenant], [CUSTOMERS])
         data["engine"].update(backoff_base=0.02, backoff_max=0.1)
         daemon = Daemon(settings(data))
         with capture_logs() as logs:
             task = asyncio.create_task(daemon.run())
 
             async def stalled_often() -> bool:
-                return front.stalled[7002] >= 6
+                stats = (await sim_stats(sim.url))["tenants"].get(str(tenant), {})
+                return int(stats.get("no_progress", 0)) >= 8
 
             await until(stalled_often, "the stalled feed was not retried")
             assert len(events_named(logs, "feed_no_progress")) == 1
             assert daemon.scheduler is not None
-            fs = daemon.scheduler.tenants[7002].feeds[CUSTOMERS]
+            fs = daemon.scheduler.tenants[tenant].feeds[CUSTOMERS]
             assert fs.stuck
             assert fs.failures >= 6
-            front.no_progress.clear()
-            records = await truth(sim.url, 7002, CUSTOMERS)
+            sim.set_quirks(tenant, no_progress=0.0)
+            records = await truth(sim.url, tenant, CUSTOMERS)
 
             async def synced() -> bool:
-                return len(await stream_events(redis, 7002, CUSTOMERS)) == len(records)
+                return len(await stream_events(redis, tenant, CUSTOMERS)) == len(records)
 
             await until(synced, "the feed did not resume")
             daemon.scheduler.stop()
@@ -129,7 +130,7 @@ async def test_no_progress_episode_backs_off_and_ends_when_the_api_moves_on(
         assert len(events_named(logs, "feed_progress_resumed")) == 1
         assert not fs.stuck
         assert fs.failures == 0
-        assert_exactly_once(await stream_events(redis, 7002, CUSTOMERS), records)
+        assert_exactly_once(await stream_events(redis, tenant, CUSTOMERS), records)
 
 
 HANGING = list(range(7101, 7110))
@@ -144,15 +145,15 @@ async def test_healthy_tenant_backfills_beside_nine_hanging_ones(
     whose requests (or token requests) never end hold their share of the pool and no more;
     the tenth backfills all its feeds, and later picks up changes, while they still hang."""
     tenants = [*HANGING, HEALTHY]
-    hang = set(HANGING)
-    front = Front("", hang_requests=hang if where == "requests" else set())
-    front.hang_tokens = hang if where == "token" else set()
-    async with (
-        run_simulator(tenants=tenants, records=60, page_size=20, seed=5) as sim,
-        run_front(front),
-    ):
-        front.upstream = sim.url
-        data = config_dict(redis_server.url, front.url, sim.app_key, tenants, TEN_FEEDS)
+    quirk = "hang" if where == "requests" else "hang_token"
+    async with run_simulator(
+        tenants=tenants,
+        records=60,
+        page_size=20,
+        seed=5,
+        tenant_quirks={t: {quirk: 1.0} for t in HANGING},
+    ) as sim:
+        data = config_dict(redis_server.url, sim.url, sim.app_key, tenants, TEN_FEEDS)
         # Hangs outlast the test: what is measured is the pool, not a timeout ending them.
         data["servicetitan"].update(request_timeout=600.0, token_timeout=600.0)
         data["defaults"].update(poll_interval=0.5)
@@ -162,20 +163,25 @@ async def test_healthy_tenant_backfills_beside_nine_hanging_ones(
         daemon = Daemon(s)
         task = asyncio.create_task(daemon.run())
         records = {f: await truth(sim.url, HEALTHY, f) for f in TEN_FEEDS}
-        most = 0
+
+        async def hanging_now() -> dict[int, int]:
+            """Requests (or token requests) of each hanging tenant unanswered right now."""
+            stats = (await sim_stats(sim.url))["tenants"]
+            if where == "requests":
+                return {t: int(stats.get(str(t), {}).get("in_flight", 0)) for t in HANGING}
+            sched = daemon.scheduler  # polls of each waiting on its token
+            return {t: sched.pool.held(t) if sched else 0 for t in HANGING}
 
         async def healthy_synced() -> bool:
-            nonlocal most
-            assert max(front.hanging.values(), default=0) <= 8, front.hanging
-            most = max(most, sum(front.hanging.values()))
+            assert max((await hanging_now()).values()) <= 8
             counts = [len(await stream_events(redis, HEALTHY, f)) for f in TEN_FEEDS]
             return counts == [len(records[f]) for f in TEN_FEEDS]
 
         await until(healthy_synced, "the healthy tenant did not finish its backfill", 90)
         assert daemon.scheduler is not None
-        assert all(front.hanging[t] >= 1 for t in HANGING), front.hanging
-        assert max(front.hanging.values()) <= 8
-        assert most <= 64
+        hanging = await hanging_now()
+        assert min(hanging.values()) >= 1, hanging  # all nine still hang
+        assert sum(hanging.values()) <= 64
         assert daemon.liveness()[0]
         # Afterwards too, while the healthy tenant is idle between polls, the hanging ones
         # cannot take the whole pool: its next poll finds a worker and picks up changes.
@@ -186,9 +192,12 @@ async def test_healthy_tenant_backfills_beside_nine_hanging_ones(
             return {e["key"].decode() for e in events if e["op"] == b"updated"} >= changed
 
         await until(changes_seen, "the healthy tenant's changes were not picked up", 60)
-        assert all(front.hanging[t] >= 1 for t in HANGING)
+        assert min((await hanging_now()).values()) >= 1
         stats = (await sim_stats(sim.url))["tenants"]
         assert stats[str(HEALTHY)]["max_in_flight"] <= 8
+        assert all(stats[str(t)]["max_in_flight"] <= 8 for t in HANGING if str(t) in stats)
+        grants = [stats.get(str(t), {}).get("token_grants", 0) for t in HANGING]
+        assert all(g >= 1 for g in grants) if where == "requests" else not any(grants)
         daemon.scheduler.stop()
         assert await asyncio.wait_for(task, 30) == 0
         for f in TEN_FEEDS:
@@ -201,14 +210,14 @@ async def test_token_endpoint_has_its_own_timeout() -> None:
     """A token endpoint that does not answer fails the renewal after token_timeout, not after
     the session's (much longer) request timeout."""
     async with (
-        run_simulator(tenants=[7201]) as sim,
-        run_front(Front(sim.url, hang_tokens={7201})) as front,
+        run_simulator(tenants=[7201], tenant_quirks={7201: {"hang_token": 1.0}}) as sim,
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session,
     ):
         tokens = TokenProvider(
-            session, front.auth_url, 7201, "client-7201", Secret("secret-7201"), timeout=0.3
+            session, sim.auth_url, 7201, "client-7201", Secret("secret-7201"), timeout=0.3
         )
         with pytest.raises(TransientError, match=r"did not answer within 0.3s"):
             await asyncio.wait_for(tokens.token(), 30)
         assert tokens.last_error is not None
-        assert front.hanging[7201] == 1
+        stats = await sim_stats(sim.url)
+        assert stats["tenants"]["7201"]["hung"] == 1
