@@ -45,22 +45,31 @@ class Pool:
     # -- tenants ---------------------------------------------------------------------------
 
     def add(self, tenant: int, max_in_flight: int) -> None:
-        """A tenant joins (or changes its cap); shares are recomputed."""
+        """A tenant joins (or changes its cap)."""
+        count = len(self._cap) + (tenant not in self._cap)
+        self._owed -= self._unused(tenant)
         self._cap[tenant] = max_in_flight
         self._held.setdefault(tenant, 0)
-        self._reshare()
+        self._owed += self._unused(tenant)
+        self._reshare(fair_share(self.workers, count), tenant)
 
     def remove(self, tenant: int) -> None:
         """A tenant leaves; its polls under way keep their workers until they finish."""
+        self._owed -= self._unused(tenant)
         self._cap.pop(tenant, None)
         self._below.pop(tenant, None)
         self._above.pop(tenant, None)
         if not self._held.get(tenant):
             self._held.pop(tenant, None)
-        self._reshare()
+        self._reshare(fair_share(self.workers, len(self._cap)), None)
 
-    def _reshare(self) -> None:
-        self.share = fair_share(self.workers, len(self._cap))
+    def _reshare(self, share: int, changed: int | None) -> None:
+        """Apply a new share (every tenant's place may change) or requeue the one changed."""
+        if share == self.share:
+            if changed is not None and self.unwant(changed):
+                self.want(changed)
+            return
+        self.share = share
         self._owed = sum(self._unused(t) for t in self._cap)
         waiting = [*self._below, *self._above]
         self._below.clear()
@@ -102,10 +111,11 @@ class Pool:
         else:
             self._above[tenant] = None
 
-    def unwant(self, tenant: int) -> None:
-        """The tenant has nothing to start after all."""
-        self._below.pop(tenant, None)
-        self._above.pop(tenant, None)
+    def unwant(self, tenant: int) -> bool:
+        """The tenant has nothing to start after all; whether it was waiting."""
+        below = self._below.pop(tenant, 0) is None
+        above = self._above.pop(tenant, 0) is None
+        return below or above
 
     def waiting(self) -> bool:
         return bool(self._below or self._above)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from syncd.fairshare import Pool, fair_share, may_borrow
@@ -159,3 +161,34 @@ def test_caps_hold_whatever_the_share() -> None:
     assert pool.held(1) == 5
     assert pool.at_cap(1)
     assert pool.at_cap(99)  # unknown tenants start nothing
+
+
+def test_bookkeeping_stays_exact_through_any_sequence() -> None:
+    """What the pool keeps incrementally (workers owed, busy) equals a recount after every
+    step of a long random sequence of joins, leaves, cap changes, starts and ends."""
+    rng = random.Random(11)
+    pool = Pool(16)
+    caps: dict[int, int] = {}
+    running: list[int] = []
+    for _ in range(3000):
+        op = rng.random()
+        tenant = rng.randrange(40)
+        if op < 0.1:
+            caps[tenant] = rng.randint(1, 8)
+            pool.add(tenant, caps[tenant])
+        elif op < 0.15:
+            caps.pop(tenant, None)
+            pool.remove(tenant)
+        elif op < 0.55:
+            pool.want(tenant)
+            chosen = pool.next()
+            if chosen is not None:
+                assert pool.held(chosen) < caps[chosen]  # never beyond its max_in_flight
+                pool.started(chosen)
+                running.append(chosen)
+        elif running:
+            pool.finished(running.pop(rng.randrange(len(running))))
+        owed = sum(max(0, min(pool.share, c) - pool.held(t)) for t, c in caps.items())
+        assert pool.owed == owed
+        assert pool.busy == len(running) <= 16
+        assert pool.share == fair_share(16, len(caps))
