@@ -221,3 +221,35 @@ async def test_token_endpoint_has_its_own_timeout() -> None:
         assert tokens.last_error is not None
         stats = await sim_stats(sim.url)
         assert stats["tenants"]["7201"]["hung"] == 1
+
+
+@pytest.mark.parametrize("how", ["grace", "force"])
+async def test_shutdown_cancels_hanging_polls(
+    redis: aioredis.Redis, redis_server: RedisServer, how: str
+) -> None:
+    """Stopping waits for polls under way for the grace period, or until forced, then
+    cancels them: a hanging request never holds the daemon up."""
+    tenant = 7301
+    async with run_simulator(tenants=[tenant], tenant_quirks={tenant: {"hang": 1.0}}) as sim:
+        data = config_dict(redis_server.url, sim.url, sim.app_key, [tenant], [CUSTOMERS])
+        data["servicetitan"]["request_timeout"] = 600.0
+        data["engine"]["shutdown_grace"] = 0.3 if how == "grace" else 600.0
+        daemon = Daemon(settings(data))
+        with capture_logs() as logs:
+            task = asyncio.create_task(daemon.run())
+
+            async def hanging() -> bool:
+                stats = (await sim_stats(sim.url))["tenants"].get(str(tenant), {})
+                return int(stats.get("in_flight", 0)) >= 1
+
+            await until(hanging, "the request did not reach the simulator")
+            assert daemon.scheduler is not None
+            daemon.scheduler.stop()
+            if how == "force":
+                await asyncio.sleep(0.2)
+                assert not task.done()  # still in its grace period
+                daemon.scheduler.force()
+            assert await asyncio.wait_for(task, 30) == 0
+        assert events_named(logs, "shutdown_grace_expired")
+        assert daemon.scheduler.running_polls() == 0
+        assert await redis.hget(f"st:{{{tenant}}}:cursors", CUSTOMERS) is None
