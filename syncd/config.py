@@ -423,6 +423,7 @@ def _check_numbers(cfg: Config, name: str) -> None:
         "redis.timeout": cfg.redis.timeout,
         "servicetitan.request_timeout": cfg.servicetitan.request_timeout,
         "servicetitan.connect_timeout": cfg.servicetitan.connect_timeout,
+        "servicetitan.token_timeout": cfg.servicetitan.token_timeout,
         "servicetitan.max_connections": cfg.servicetitan.max_connections,
         "engine.backoff_base": cfg.engine.backoff_base,
         "engine.once_max_failures": cfg.engine.once_max_failures,
