@@ -165,12 +165,21 @@ async def test_healthy_tenant_backfills_beside_nine_hanging_ones(
         records = {f: await truth(sim.url, HEALTHY, f) for f in TEN_FEEDS}
 
         async def hanging_now() -> dict[int, int]:
-            """Requests (or token requests) of each hanging tenant unanswered right now."""
+            """Each hanging tenant's requests unanswered right now; with the token endpoint
+            hanging, its polls waiting for a token that has not come (nor failed) yet."""
             stats = (await sim_stats(sim.url))["tenants"]
             if where == "requests":
                 return {t: int(stats.get(str(t), {}).get("in_flight", 0)) for t in HANGING}
-            sched = daemon.scheduler  # polls of each waiting on its token
-            return {t: sched.pool.held(t) if sched else 0 for t in HANGING}
+            sched = daemon.scheduler
+            if sched is None:
+                return dict.fromkeys(HANGING, 0)
+            waiting = {}
+            for t in HANGING:
+                state = sched.tenants.get(t)
+                hung = int(stats.get(str(t), {}).get("hung", 0))
+                alive = state is not None and state.tokens.last_error is None and hung >= 1
+                waiting[t] = state.inflight if state is not None and alive else 0
+            return waiting
 
         async def healthy_synced() -> bool:
             assert max((await hanging_now()).values()) <= 8
