@@ -242,7 +242,7 @@ async def test_shutdown_cancels_hanging_polls(
     async with run_simulator(tenants=[tenant], tenant_quirks={tenant: {"hang": 1.0}}) as sim:
         data = config_dict(redis_server.url, sim.url, sim.app_key, [tenant], [CUSTOMERS])
         data["servicetitan"]["request_timeout"] = 600.0
-        data["engine"]["shutdown_grace"] = 0.3 if how == "grace" else 600.0
+        data["engine"]["shutdown_grace"] = 0.3 if how == "grace" else 40.0
         daemon = Daemon(settings(data))
         with capture_logs() as logs:
             task = asyncio.create_task(daemon.run())
