@@ -1,11 +1,11 @@
 """`make bench`: every benchmark in turn, a summary table, results in bench/results/*.json.
 
-    .venv/bin/python -m bench                      # all of them (about 15 minutes)
+    .venv/bin/python -m bench                      # all of them (about 16 minutes)
     BENCH_ONLY=backfill,freshness .venv/bin/python -m bench
 
 Sizes: BENCH_BACKFILL_RECORDS, BENCH_STEADY_TENANTS, BENCH_STEADY_WINDOW, BENCH_RATELIMIT_RECORDS,
-BENCH_FRESHNESS_WINDOW (see each module's --help). A missed target is reported, not an error;
-the exit status is 1 only when a benchmark could not run.
+BENCH_FRESHNESS_WINDOW, BENCH_HANGING_RECORDS (see each module's --help). A missed target is
+reported, not an error; the exit status is 1 only when a benchmark could not run.
 """
 
 from __future__ import annotations
@@ -19,7 +19,16 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from bench import backfill, bench_simulator, common, freshness, ratelimit, retention, steady
+from bench import (
+    backfill,
+    bench_simulator,
+    common,
+    freshness,
+    hanging,
+    ratelimit,
+    retention,
+    steady,
+)
 
 Row = tuple[str, str, str, bool | None]  # figure, value, target, met
 
@@ -149,6 +158,25 @@ def _rows_retention(f: dict[str, Any]) -> list[Row]:
     ]
 
 
+def _rows_hanging(f: dict[str, Any]) -> list[Row]:
+    alone = f["alone_s"]
+    return [
+        ("healthy backfill alone s", f"{alone:.2f}", "", None),
+        (
+            "beside 9 hanging (requests) s",
+            f"{f['beside_hanging_requests_s']:.2f}",
+            f"<= 2 x alone = {2 * alone:.1f}",
+            f["ratio_requests"] <= 2.0,
+        ),
+        (
+            "beside 9 hanging (token) s",
+            f"{f['beside_hanging_token_s']:.2f}",
+            f"<= 2 x alone = {2 * alone:.1f}",
+            f["ratio_token"] <= 2.0,
+        ),
+    ]
+
+
 BENCHMARKS: dict[
     str, tuple[Callable[[], dict[str, Any]], Callable[[dict[str, Any]], list[Row]]]
 ] = {
@@ -158,6 +186,7 @@ BENCHMARKS: dict[
     "freshness": (lambda: freshness.run(freshness.parser().parse_args([])), _rows_freshness),
     "steady": (lambda: steady.run(steady.parser().parse_args([])), _rows_steady),
     "retention": (lambda: retention.run([50_000, 1_000_000], 900), _rows_retention),
+    "hanging": (lambda: hanging.run(hanging.parser().parse_args([])), _rows_hanging),
 }
 
 

@@ -24,6 +24,8 @@ RENEW_MARGIN_S = 60.0
 FAILURE_HOLD_S = 2.0
 # A token answer is a small JSON object; more than this is not one.
 MAX_TOKEN_BODY_BYTES = 64 * 1024
+# A token request that has not been answered by then fails (and is retried with backoff).
+DEFAULT_TIMEOUT_S = 10.0
 
 
 class _TokenResponse(msgspec.Struct):
@@ -45,6 +47,7 @@ class TokenProvider:
         *,
         clock: Callable[[], float] = time.monotonic,
         on_renewal: Callable[[int], None] | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         self._session = session
         self._url = auth_url
@@ -53,6 +56,10 @@ class TokenProvider:
         self._secret = client_secret
         self._clock = clock
         self._on_renewal = on_renewal
+        # Its own bound, shorter than a page's: a token endpoint that hangs must not hold the
+        # tenant's polls (and their workers) for the whole request timeout.
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self.timeout_s = timeout
         self._token: str | None = None
         self._expires_at = 0.0
         self._lock = asyncio.Lock()
@@ -119,13 +126,19 @@ class TokenProvider:
         }
         try:
             # Never follow a redirect: it would send the client secret again, anywhere.
-            async with self._session.post(self._url, data=form, allow_redirects=False) as resp:
+            async with self._session.post(
+                self._url, data=form, allow_redirects=False, timeout=self._timeout
+            ) as resp:
                 status = resp.status
                 body, over = await read_capped(resp, MAX_TOKEN_BODY_BYTES)
                 retry_after = resp.headers.get("Retry-After")
                 location = resp.headers.get("Location")
                 content_type = resp.headers.get("Content-Type", "")
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except TimeoutError:
+            raise TransientError(
+                f"token endpoint did not answer within {self.timeout_s:g}s"
+            ) from None
+        except aiohttp.ClientError as exc:
             raise TransientError(f"token endpoint unreachable: {type(exc).__name__}") from None
         if status in REDIRECTS:
             raise TransientError(redirect_error(status, location, self._url, "the token endpoint"))

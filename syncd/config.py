@@ -115,6 +115,8 @@ class ServiceTitanConfig(_Base, frozen=True):
     # ServiceTitan gives up after 100 s; wait a little longer than that.
     request_timeout: float = 105.0
     connect_timeout: float = 10.0
+    # The token endpoint answers in well under a second; one that hangs must not hold polls.
+    token_timeout: float = 10.0
     max_connections: int = 256
 
     def __repr__(self) -> str:
@@ -421,6 +423,7 @@ def _check_numbers(cfg: Config, name: str) -> None:
         "redis.timeout": cfg.redis.timeout,
         "servicetitan.request_timeout": cfg.servicetitan.request_timeout,
         "servicetitan.connect_timeout": cfg.servicetitan.connect_timeout,
+        "servicetitan.token_timeout": cfg.servicetitan.token_timeout,
         "servicetitan.max_connections": cfg.servicetitan.max_connections,
         "engine.backoff_base": cfg.engine.backoff_base,
         "engine.once_max_failures": cfg.engine.once_max_failures,

@@ -155,6 +155,7 @@ class Daemon:
             t.client_id,
             t.client_secret,
             on_renewal=self.metrics.token_renewed,
+            timeout=self.settings.config.servicetitan.token_timeout,
         )
 
     def _start(self, start: FeedStart, tokens: TokenProvider) -> None:

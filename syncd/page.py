@@ -27,7 +27,7 @@ from syncd.errors import TransientError
 class _Envelope(msgspec.Struct):
     hasMore: bool
     data: list[msgspec.Raw]
-    # Optional here so that a page without one is reported as such, not as a decode error.
+    # Optional here so that a page without one is reported as no progress, not a decode error.
     continueFrom: str | msgspec.UnsetType | None = msgspec.UNSET
 
 
@@ -142,32 +142,16 @@ def _decoders(feed: Feed) -> tuple[msgspec.json.Decoder[Any], msgspec.json.Decod
     return msgspec.json.Decoder(head), msgspec.json.Decoder(heads)
 
 
-def _envelope_problem(env: _Envelope) -> str | None:
-    cf = env.continueFrom
-    if cf is msgspec.UNSET:
-        return "the page has no continueFrom"
-    if cf is None:
-        return "the page has continueFrom: null"
-    if cf == "":
-        return 'the page has an empty continueFrom ("")'
-    return None
-
-
 def decode_page(body: bytes, feed: Feed, fetch_s: float = 0.0) -> Page:
     """Decode an export envelope; each record stays its raw bytes. Raises TransientError on a
-    body that is not a valid envelope or has no usable continueFrom (nothing is applied, the
-    page is fetched again)."""
+    body that is not a valid envelope (the page is fetched again). A missing, null or empty
+    continueFrom is delivered as "": the scheduler treats it as a page without progress and
+    the publisher never stores it."""
     try:
         env = _ENVELOPE.decode(body)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise TransientError(f"invalid export page: {exc}") from None
-    problem = _envelope_problem(env)
-    if problem is not None:
-        raise TransientError(
-            f"invalid export page: {problem} (hasMore: {str(env.hasMore).lower()}, "
-            f"{len(env.data)} records)"
-        )
-    continue_from: str = env.continueFrom  # type: ignore[assignment]
+    continue_from = env.continueFrom if isinstance(env.continueFrom, str) else ""
     one, many = _decoders(feed)
     raws = [bytes(r) for r in env.data]
     try:

@@ -183,6 +183,9 @@ class Publisher:
         change_detection: bool = True,
     ) -> Applied:
         """Apply `page`, fetched from cursor `expected` (None: nothing stored yet)."""
+        if not page.continue_from:
+            # Nothing to resume from: storing "" would restart the feed from its beginning.
+            raise TransientError("the page has no continueFrom; not applied")
         k = self.keys(tenant)
         seen = k.seen(feed)
         keys, fps, mods, instants, datas = (

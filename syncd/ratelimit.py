@@ -1,4 +1,4 @@
-"""Pure timing logic: token bucket, Retry-After parsing, backoff, when a feed is due next.
+"""Pure timing logic: token bucket, Retry-After parsing, backoff (due times: syncd.policy).
 
 The clock is always an argument: everything here is tested without sockets or sleeps.
 """
@@ -169,70 +169,3 @@ def backoff(
 def jittered(interval: float, jitter: float, rng: random.Random | None = None) -> float:
     """`interval` spread by +-jitter (a share of it)."""
     return interval * (1.0 + (rng or random).uniform(-jitter, jitter))
-
-
-# A feed refused with 403/404 is tried again this much later (permissions may be granted).
-PARK_S = 3600.0
-# Credentials refused by the token endpoint: retry no faster than this.
-AUTH_RETRY_S = 300.0
-# Fresh start: spread the first polls over this window (or the poll interval, if shorter).
-STARTUP_SPREAD_S = 5.0
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What happened to one poll, as far as scheduling is concerned."""
-
-    kind: str  # "page", "more", "refused", "rate_limited", "parked", "auth", "error"
-    retry_after: float | None = None
-
-
-def resume_delay(
-    now_unix: float,
-    last_ok: float | None,
-    more: bool,
-    interval: float,
-    rng: random.Random,
-) -> float:
-    """Seconds until a resumed feed is first due after a (re)start (pure).
-
-    A feed that had more pages waiting goes at once; a drained one keeps its rhythm (due an
-    interval after its last success); overdue or unknown ones spread over a few seconds.
-    """
-    if more:
-        return 0.0
-    spread = rng.uniform(0, min(interval, STARTUP_SPREAD_S))
-    if last_ok is None:
-        return spread
-    due_in = last_ok + interval - now_unix
-    if due_in <= 0:
-        return spread
-    return min(due_in, interval)
-
-
-def next_due(
-    outcome: Outcome,
-    now: float,
-    *,
-    poll_interval: float,
-    failures: int,
-    backoff_base: float,
-    backoff_max: float,
-    jitter: float,
-    rng: random.Random,
-) -> float:
-    """When a feed is due again after `outcome` (pure)."""
-    if outcome.kind in ("more", "refused"):
-        return now
-    if outcome.kind == "page":
-        return now + jittered(poll_interval, jitter, rng)
-    if outcome.kind == "rate_limited":
-        wait = outcome.retry_after
-        if wait is None:
-            wait = backoff(failures, base=backoff_base, cap=backoff_max, jitter=jitter, rng=rng)
-        return now + wait
-    if outcome.kind == "parked":
-        return now + PARK_S
-    if outcome.kind == "auth":
-        return now + max(AUTH_RETRY_S, backoff(failures, base=backoff_base, cap=backoff_max))
-    return now + backoff(failures, base=backoff_base, cap=backoff_max, jitter=jitter, rng=rng)

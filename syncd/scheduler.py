@@ -1,29 +1,29 @@
-"""The scheduler: which feed to poll next, under each tenant's limits, with a bounded pool.
+"""The scheduler: polls every feed of every tenant through a bounded pool of workers.
 
-Two levels of due-time heaps: each tenant orders its idle feeds by due time; a global heap
-orders tenants by the time they can next send a request (earliest due feed, rate limiter,
-429 pause). A single dispatcher hands ready feeds to a fixed pool of workers, so hundreds of
-thousands of feeds cost heap entries, not tasks, and one tenant's backlog or 429 storm never
-holds a worker that another tenant could use.
+The I/O shell around three pure parts: syncd.due (what is due next), syncd.fairshare (whose
+poll takes the next free worker) and syncd.policy (what a poll's outcome does to its feed and
+tenant). A single dispatcher moves tenants whose time has come into the pool's queue and starts
+each poll the pool allows as a task of one task group; it never waits on a tenant: with no
+worker free, it waits for one to come back. Shutdown stops the dispatcher, gives running polls
+a grace period, then cancels the task group.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
-import itertools
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 
+import anyio
+import anyio.abc
 import structlog
 
 from syncd.auth import TokenProvider
-from syncd.catalogue import Feed
 from syncd.client import ExportClient
 from syncd.config import TenantSettings
+from syncd.due import FeedSpec, FeedState, TenantState, Timetable
 from syncd.errors import (
     AuthFailed,
     BadRequest,
@@ -33,76 +33,29 @@ from syncd.errors import (
     SyncError,
     TransientError,
 )
+from syncd.fairshare import Pool
 from syncd.metrics import Metrics
-from syncd.publisher import Publisher
-from syncd.ratelimit import (
+from syncd.policy import (
     PARK_S,
-    STARTUP_SPREAD_S,
+    AfterPoll,
+    FeedFacts,
+    NoProgress,
     Outcome,
-    TokenBucket,
-    backoff,
-    default_burst,
+    Rules,
+    after_poll,
     next_due,
+    once_finished,
+    page_progress,
+    rate_limit_pause,
     resume_delay,
 )
+from syncd.publisher import Publisher
 from syncd.redact import redact
 
 log = structlog.get_logger("syncd.scheduler")
 
-PAUSED_RECHECK_S = 1.0
-
-
-@dataclass(eq=False)
-class FeedState:
-    """One (tenant, feed) pair: its cursor and when it is due."""
-
-    tenant: TenantState = field(repr=False)
-    feed: Feed = field(repr=False)
-    cursor: str | None
-    change_detection: bool
-    poll_interval: float
-    due: float = 0.0
-    failures: int = 0
-    drained: bool = False  # answered hasMore: false at least once since start
-    failed: bool = False  # --once gave up on it
-    removed: bool = False
-    running: bool = False
-    paused: str | None = None  # backpressure: why this feed is not polled now
-    last_ok: float | None = None  # unix time of the last applied page
-    # Until a first success, "seconds since success" counts from when the feed was scheduled,
-    # so that a feed that never succeeds still shows (and alerts) in the metrics.
-    since: float = field(default_factory=time.time)
-    last_error: str | None = None
-
-    @property
-    def name(self) -> str:
-        return self.feed.name
-
-
-@dataclass(eq=False)
-class TenantState:
-    """A tenant's limits and its idle feeds ordered by due time."""
-
-    settings: TenantSettings
-    tokens: TokenProvider = field(repr=False)
-    bucket: TokenBucket
-    feeds: dict[str, FeedState] = field(default_factory=dict, repr=False)
-    heap: list[tuple[float, int, FeedState]] = field(default_factory=list, repr=False)
-    inflight: int = 0
-    paused_until: float = 0.0
-    next_token: float = 0.0
-    version: int = 0
-    removed: bool = False
-
-    @property
-    def id(self) -> int:
-        return self.settings.id
-
-    def ready_time(self) -> float | None:
-        """When this tenant can next send a request; None while nothing can go."""
-        if not self.heap or self.inflight >= self.settings.max_in_flight:
-            return None
-        return max(self.heap[0][0], self.paused_until, self.next_token)
+# The dispatcher wakes at least this often, so that the watchdog sees it alive.
+TICK_S = 1.0
 
 
 class Scheduler:
@@ -127,175 +80,104 @@ class Scheduler:
         self.publisher = publisher
         self.workers = workers
         self.once = once
-        self.once_max_failures = once_max_failures
-        self.backoff_base, self.backoff_max, self.jitter = backoff_base, backoff_max, jitter
+        self.rules = Rules(once, once_max_failures, backoff_base, backoff_max, jitter)
         self.metrics = metrics
         self.clock = clock
         self.rng = rng or random.Random()
-        self.tenants: dict[int, TenantState] = {}
-        self._ready: list[tuple[float, int, TenantState, int]] = []
-        self._seq = itertools.count()
         self._wake = asyncio.Event()
-        self._queue: asyncio.Queue[FeedState] = asyncio.Queue(maxsize=1)
+        self.timetable = Timetable(once=once, rng=self.rng, on_ready=self._wake.set)
+        self.pool = Pool(workers)
+        self._changed = asyncio.Event()  # a poll ended, or force(): drain() looks again
         self._stopping = asyncio.Event()
         self._forced = asyncio.Event()
-        self._background: set[asyncio.Task[None]] = set()
+        self._tasks: anyio.abc.TaskGroup | None = None
         self.redis_ok = asyncio.Event()
         self.redis_ok.set()
         # Redis memory near maxmemory (or an OOM answer): nothing is polled until it has room.
         self.memory_full = False
         self.crashed = False
         self._active: set[FeedState] = set()
-        self._probe: asyncio.Task[None] | None = None
+        self._probing = False
         self.last_progress = time.monotonic()
         self.pages = 0
 
     # -- tenants and feeds -------------------------------------------------------------
 
+    @property
+    def tenants(self) -> dict[int, TenantState]:
+        return self.timetable.tenants
+
     def add_tenant(
         self,
         settings: TenantSettings,
         tokens: TokenProvider,
-        feeds: Iterable[tuple[Feed, str | None, bool, float]],
+        feeds: Iterable[FeedSpec],
         delays: Mapping[str, float] | None = None,
     ) -> TenantState:
         """Start scheduling a tenant: feeds as (feed, stored cursor, change detection, interval);
         `delays` says how long after now a feed is first due (see resume_delay)."""
-        rate = settings.requests_per_second
-        t = TenantState(settings, tokens, TokenBucket(rate, burst=default_burst(rate)))
-        self.tenants[settings.id] = t
-        now = self.clock()
-        for feed, cursor, detect, interval in feeds:
-            fs = FeedState(t, feed, cursor, detect, interval)
-            t.feeds[feed.name] = fs
-            # New feeds backfill at once; resumed ones spread out so that a restart of a
-            # daemon with many drained feeds does not fire them all in the same second.
-            if cursor is None or self.once:
-                delay = 0.0
-            elif delays is not None and feed.name in delays:
-                delay = delays[feed.name]
-            else:
-                delay = self.rng.uniform(0, min(interval, STARTUP_SPREAD_S))
-            self._push(fs, now + delay)
+        self.pool.add(settings.id, settings.max_in_flight)
+        t = self.timetable.add_tenant(settings, tokens, feeds, self.clock(), delays)
+        self._wake.set()
         return t
 
     def reconfigure_tenant(
-        self,
-        settings: TenantSettings,
-        feeds: Iterable[tuple[Feed, str | None, bool, float]],
+        self, settings: TenantSettings, feeds: Iterable[FeedSpec]
     ) -> tuple[list[str], list[str]]:
-        """Apply a tenant's new settings and feed list; returns (added, removed) feed names.
-
-        Polls under way finish; a removed feed is simply not scheduled again.
-        """
-        t = self.tenants[settings.id]
-        t.settings = settings
-        rate = settings.requests_per_second
-        t.bucket.set_rate(rate, burst=default_burst(rate))
-        wanted = {
-            feed.name: (feed, cursor, detect, interval) for feed, cursor, detect, interval in feeds
-        }
-        removed = [name for name in t.feeds if name not in wanted]
-        for name in removed:
-            t.feeds.pop(name).removed = True
-        added = []
-        now = self.clock()
-        for name, (feed, cursor, detect, interval) in wanted.items():
-            fs = t.feeds.get(name)
-            if fs is None:
-                fs = FeedState(t, feed, cursor, detect, interval)
-                t.feeds[name] = fs
-                added.append(name)
-                self._push(fs, now)
-            else:
-                fs.change_detection, fs.poll_interval = detect, interval
-        self._arm(t)
-        return added, removed
+        """Apply a tenant's new settings and feed list; returns (added, removed) feed names."""
+        self.pool.add(settings.id, settings.max_in_flight)
+        changes = self.timetable.reconfigure_tenant(settings, feeds, self.clock())
+        self._wake.set()
+        return changes
 
     def retry_now(self, tenant: int, which: Callable[[FeedState], bool]) -> None:
         """Make a tenant's idle feeds matching `which` due now (e.g. after new credentials)."""
-        t = self.tenants[tenant]
-        now = self.clock()
-        for fs in list(t.feeds.values()):
-            if not fs.running and not fs.removed and which(fs) and fs.due > now:
-                fs.removed = True  # retire the queued heap entry ...
-                fresh = FeedState(
-                    t,
-                    fs.feed,
-                    fs.cursor,
-                    fs.change_detection,
-                    fs.poll_interval,
-                    drained=fs.drained,
-                    last_ok=fs.last_ok,
-                    since=fs.since,
-                )
-                t.feeds[fs.name] = fresh  # ... and schedule its replacement now
-                self._push(fresh, now)
+        self.timetable.retry_now(tenant, which, self.clock())
+        self._wake.set()
 
     def remove_tenant(self, tenant: int) -> None:
         """Stop scheduling a tenant; its polls under way finish."""
-        t = self.tenants.pop(tenant)
-        t.removed = True
-        for fs in t.feeds.values():
-            fs.removed = True
+        self.timetable.remove_tenant(tenant)
+        self.pool.remove(tenant)
         if self.metrics is not None:
             self.metrics.forget_tenant(tenant)
+        self._wake.set()
 
-    def _push(self, fs: FeedState, due: float) -> None:
-        fs.due = due
-        heapq.heappush(fs.tenant.heap, (due, next(self._seq), fs))
-        self._arm(fs.tenant)
-
-    def _arm(self, t: TenantState) -> None:
-        """(Re)enter a tenant in the global heap at its current ready time."""
-        t.version += 1
-        ready = t.ready_time()
-        if ready is not None and not t.removed:
-            heapq.heappush(self._ready, (ready, next(self._seq), t, t.version))
-            self._wake.set()
-
-    # -- the loops ---------------------------------------------------------------------
+    # -- the loop ----------------------------------------------------------------------
 
     async def run(self, grace: float = 30.0) -> None:
         """Dispatch until stop() (or, with once=True, until every feed drained or failed);
         then let running polls finish for up to `grace` seconds (or until force())."""
-        workers = [asyncio.create_task(self._worker()) for _ in range(self.workers)]
-        dispatcher = asyncio.create_task(self._dispatch())
-        for task in (dispatcher, *workers):
-            task.add_done_callback(self._task_ended)
         self._check_once()
         try:
-            await self._stopping.wait()
-            dispatcher.cancel()
-            await asyncio.gather(dispatcher, return_exceptions=True)
-            if not await self.drain(grace):
-                log.warning("shutdown_grace_expired", grace_s=grace)
-        finally:
-            dispatcher.cancel()
-            for w in workers:
-                w.cancel()
-            await asyncio.gather(dispatcher, *workers, return_exceptions=True)
-            if self._probe is not None:
-                self._probe.cancel()
-
-    def _task_ended(self, task: asyncio.Task[None]) -> None:
-        """A dispatcher or worker must never end on its own: if one does, stop everything."""
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if exc is not None:
+            async with anyio.create_task_group() as tasks:
+                self._tasks = tasks
+                await self._dispatch()
+                if not await self.drain(grace):
+                    log.warning("shutdown_grace_expired", grace_s=grace)
+                # Polls still running (and the Redis probe) are cancelled here.
+                tasks.cancel_scope.cancel()
+        except Exception as exc:
+            # Neither the dispatcher nor a poll may end on an error (polls catch their own): if
+            # one does, the task group has cancelled the rest; the daemon exits with an error.
+            while isinstance(exc, ExceptionGroup) and exc.exceptions:
+                exc = exc.exceptions[0]
             log.error("scheduler_task_crashed", error=f"{type(exc).__name__}: {exc}")
             self.crashed = True
-            self.force()
+            self._stopping.set()
+        finally:
+            self._tasks = None
 
     def stop(self) -> None:
         """Stop taking new work; polls under way may finish (see run())."""
         self._stopping.set()
+        self._wake.set()
 
     def force(self) -> None:
         """Stop waiting for polls under way: the next step cancels them."""
-        self._stopping.set()
         self._forced.set()
+        self._changed.set()
+        self.stop()
 
     @property
     def stopping(self) -> bool:
@@ -307,137 +189,103 @@ class Scheduler:
 
     async def drain(self, grace: float) -> bool:
         """Wait up to `grace` seconds for running polls to finish; True if they did."""
-        deadline = time.monotonic() + grace
-        while self.running_polls():
-            if self._forced.is_set() or time.monotonic() >= deadline:
-                return False
-            await asyncio.sleep(0.02)
-        return True
+        with anyio.move_on_after(grace):
+            while self._active and not self._forced.is_set():
+                self._changed.clear()
+                await self._changed.wait()
+        return not self._active
 
     async def _dispatch(self) -> None:
+        tt, pool = self.timetable, self.pool
         while not self._stopping.is_set():
             self.last_progress = time.monotonic()
             if not self.redis_ok.is_set() or self.memory_full:
                 # Waiting on Redis is not being stuck: keep ticking for the watchdog.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=0.5)
-                self._wake.clear()
+                await self._sleep(TICK_S / 2)
                 continue
             now = self.clock()
-            if not self._ready or self._ready[0][0] > now:
-                timeout = (self._ready[0][0] - now) if self._ready else 1.0
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=min(max(timeout, 0), 1.0))
+            for tid in tt.pop_ready(now):
+                pool.want(tid)
+            chosen = pool.next()
+            if chosen is not None:
+                fs = tt.take(chosen, now)
+                if fs is not None:
+                    self._start(fs, now)
+                    # Let the polls just started (and everything else) run before the next.
+                    await asyncio.sleep(0)
                 continue
-            _, _, t, version = heapq.heappop(self._ready)
-            if version != t.version or t.removed:
-                continue
-            # Removed and paused feeds leave the tenant's heap without costing a request token.
-            fs = t.heap[0][2]
-            if fs.removed or fs.paused is not None:
-                heapq.heappop(t.heap)
-                if fs.removed:
-                    self._arm(t)
-                else:
-                    # Backpressure: look again a little later; the cursor stays where it is.
-                    self._push(fs, now + PAUSED_RECHECK_S)
-                continue
-            wait = t.bucket.try_acquire(now)
-            if wait > 0:
-                t.next_token = now + wait
-                self._arm(t)
-                continue
-            heapq.heappop(t.heap)
-            t.inflight += 1
-            fs.running = True
-            self._active.add(fs)
-            self._arm(t)
-            if self.metrics is not None:
-                self.metrics.lateness(now - fs.due)
-            await self._hand_over(fs)
+            ready = tt.next_ready()
+            await self._sleep(TICK_S if ready is None else min(max(ready - now, 0.0), TICK_S))
 
-    async def _hand_over(self, fs: FeedState) -> None:
-        """Queue a feed for the workers; while they are all busy (slow API), keep ticking."""
+    async def _sleep(self, timeout: float) -> None:
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+
+    def _start(self, fs: FeedState, now: float) -> None:
+        self.pool.started(fs.tenant.id)
+        self._active.add(fs)
+        if self.metrics is not None:
+            self.metrics.lateness(now - fs.due)
+        assert self._tasks is not None
+        self._tasks.start_soon(self._run_poll, fs)
+
+    async def _run_poll(self, fs: FeedState) -> None:
         try:
-            while True:
-                try:
-                    await asyncio.wait_for(self._queue.put(fs), timeout=1.0)
-                    return
-                except TimeoutError:
-                    self.last_progress = time.monotonic()
-        except asyncio.CancelledError:
-            # Shutdown while waiting: the feed was never polled.
-            fs.running = False
+            await self._poll(fs)
+        except Exception:
+            # A bug in one poll must not end the others; the feed backs off.
+            log.exception("poll_crashed", tenant=fs.tenant.id, feed=fs.name)
+            self._after(fs, Outcome("error"), error="internal error (see log)")
+        finally:
             self._active.discard(fs)
-            fs.tenant.inflight -= 1
-            raise
+            self.pool.finished(fs.tenant.id)
+            self.timetable.done(fs)
+            self._wake.set()
+            self._changed.set()
+            self._check_once()
 
-    async def _worker(self) -> None:
-        while True:
-            fs = await self._queue.get()
-            if self._stopping.is_set() or fs.removed or fs.tenant.removed:
-                # Handed over just before shutdown or removal: not started, so not polled.
-                fs.running = False
-                self._active.discard(fs)
-                fs.tenant.inflight -= 1
-                self._arm(fs.tenant)
-                self._check_once()
-                continue
-            try:
-                await self._poll(fs)
-            except Exception:
-                # A bug in one poll must not kill the worker; the feed backs off.
-                log.exception("poll_crashed", tenant=fs.tenant.id, feed=fs.name)
-                self._after(fs, Outcome("error"), error="internal error (see log)")
+    # -- one poll ----------------------------------------------------------------------
 
     async def _poll(self, fs: FeedState) -> None:
         t = fs.tenant
         flog = log.bind(tenant=t.id, feed=fs.name)
         expected = fs.cursor
-        released = False
+        sent = expected if expected is not None else t.settings.start
+        fetched = False
         try:
             page = await self.client.fetch(
-                t.tokens,
-                fs.feed,
-                expected if expected is not None else t.settings.start,
-                include_recent_changes=t.settings.include_recent_changes,
+                t.tokens, fs.feed, sent, include_recent_changes=t.settings.include_recent_changes
             )
-            t.inflight -= 1
-            released = True
-            self._arm(t)
+            fetched = True
+            stall = page_progress(sent, page.has_more, page.fetched, page.continue_from)
+            if stall is not None:
+                # Not applied: nothing to resume from, or a cursor that would be asked again.
+                self._no_progress(fs, stall, flog)
+                return
             applied = await self.publisher.apply(
                 t.id, fs.name, expected, page, change_detection=fs.change_detection
             )
         except RateLimited as exc:
             now = self.clock()
-            wait = exc.retry_after
-            if wait is None or wait <= 0:
-                # No usable wait announced: back off rather than retry at full speed.
-                wait = backoff(
-                    fs.failures + 1,
-                    base=self.backoff_base,
-                    cap=self.backoff_max,
-                    jitter=self.jitter,
-                    rng=self.rng,
-                )
-            t.paused_until = max(t.paused_until, now + wait)
+            t.paused_until, wait = rate_limit_pause(
+                t.paused_until, now, exc.retry_after, fs.failures, self.rules, self.rng
+            )
             if exc.where == "api":
                 t.bucket.throttled(now)
-            self._arm(t)
+            self.timetable.arm(t)
             flog.warning("rate_limited", retry_after_s=exc.retry_after, where=exc.where)
             if self.metrics is not None:
                 self.metrics.rate_limited(t.id, wait)
-            # Other apps may share the tenant's budget: 429s alone never fail a --once run.
-            self._after(fs, Outcome("rate_limited", wait), error=str(exc), counts=False)
+            self._after(fs, Outcome("rate_limited", wait), error=str(exc))
             return
         except FeedUnavailable as exc:
             flog.error("feed_parked", status=exc.status, detail=exc.detail, retry_in_s=PARK_S)
-            self._after(fs, Outcome("parked"), error=str(exc), fatal=True)
+            self._after(fs, Outcome("parked"), error=str(exc))
             return
         except AuthFailed as exc:
             flog.error("auth_failed", error=str(exc))
-            self._after(fs, Outcome("auth"), error=str(exc), fatal=True)
+            self._after(fs, Outcome("auth"), error=str(exc))
             return
         except BadRequest as exc:
             flog.error("bad_request", errors=exc.detail, cursor_set=expected is not None)
@@ -447,18 +295,14 @@ class Scheduler:
             if not self.memory_full:
                 flog.warning("backpressure_memory", error=str(exc))
             self.memory_full = True
-            self._after(fs, Outcome("refused"))
+            self._after(fs, Outcome("memory"))
             return
         except TransientError as exc:
-            if released:
+            if fetched:
                 self._redis_trouble(str(exc))
             flog.warning("poll_failed", error=str(exc), failures=fs.failures + 1)
             self._after(fs, Outcome("error"), error=str(exc))
             return
-        finally:
-            if not released:
-                t.inflight -= 1
-                self._arm(t)
         self.last_progress = time.monotonic()
         self.pages += 1
         if not applied.applied:
@@ -469,10 +313,10 @@ class Scheduler:
             return
         fs.cursor = page.continue_from
         fs.last_ok = time.time()
-        fetched = page.fetched
+        records = page.fetched
         if self.metrics is not None:
             self.metrics.page(
-                t.id, fs.name, fetched, applied.published, applied.unchanged, page.fetch_s
+                t.id, fs.name, records, applied.published, applied.unchanged, page.fetch_s
             )
             if applied.dead:
                 self.metrics.dead_letter(t.id, fs.name, applied.dead)
@@ -480,74 +324,69 @@ class Scheduler:
                 self.metrics.stale_records(t.id, fs.name, applied.stale)
         if applied.dead:
             flog.warning("records_dead_lettered", records=applied.dead)
-        if fetched or applied.published:
+        if records or applied.published:
             flog.debug(
                 "page_applied",
-                records=fetched,
+                records=records,
                 published=applied.published,
                 unchanged=applied.unchanged,
                 has_more=page.has_more,
                 fetch_s=round(page.fetch_s, 3),
             )
-        if not page.has_more and not fs.drained:
-            fs.drained = True
+        decision = self._after(fs, Outcome("more" if page.has_more else "page"))
+        if decision.episode == "ended":
+            flog.info("feed_progress_resumed")
+        if decision.newly_drained:
             flog.info("feed_drained")
-        self._after(fs, Outcome("more" if page.has_more else "page"))
 
-    def _after(
-        self,
-        fs: FeedState,
-        outcome: Outcome,
-        *,
-        error: str | None = None,
-        fatal: bool = False,
-        counts: bool = True,
-    ) -> None:
-        """Reschedule a feed after a poll, or retire it (--once, removed)."""
-        fs.running = False
-        self._active.discard(fs)
-        if error is None:
-            fs.failures = 0
-        else:
-            fs.failures += 1
-            fs.last_error = error = redact(error)  # stored in Redis, shown by `status`
-            if self.once and counts and (fatal or fs.failures >= self.once_max_failures):
-                fs.failed = True
-            task = asyncio.get_running_loop().create_task(
-                self.publisher.record_error(fs.tenant.id, fs.name, error)
+    def _no_progress(self, fs: FeedState, stall: NoProgress, flog: structlog.BoundLogger) -> None:
+        what = "no continueFrom" if stall.cursor_missing else "the same continueFrom"
+        error = f"no progress: hasMore {str(stall.has_more).lower()}, {what}"
+        decision = self._after(fs, Outcome("no_progress"), error=error)
+        if decision.episode == "started":
+            flog.warning(
+                "feed_no_progress",
+                has_more=stall.has_more,
+                records=stall.records,
+                cursor_repeated=stall.cursor_repeated,
+                cursor_missing=stall.cursor_missing,
+                retry_in_s=None if decision.due is None else round(decision.due - self.clock(), 3),
             )
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-        if fs.removed or fs.tenant.removed or fs.failed:
-            self._check_once()
-            return
-        if self.once and fs.drained:
-            self._check_once()
-            return
-        due = next_due(
-            outcome,
-            self.clock(),
-            poll_interval=fs.poll_interval,
-            failures=fs.failures,
-            backoff_base=self.backoff_base,
-            backoff_max=self.backoff_max,
-            jitter=self.jitter,
-            rng=self.rng,
-        )
-        self._push(fs, due)
+
+    def _after(self, fs: FeedState, outcome: Outcome, *, error: str | None = None) -> AfterPoll:
+        """Apply a poll's outcome to its feed (syncd.policy decides) and reschedule it."""
+        facts = FeedFacts(fs.failures, fs.drained, fs.stuck, fs.poll_interval)
+        d = after_poll(facts, outcome, self.clock(), self.rules, self.rng)
+        fs.failures, fs.drained, fs.stuck = d.failures, d.drained, d.stuck
+        if d.failed:
+            fs.failed = True
+        if d.error and error is not None:
+            fs.last_error = error = redact(error)  # stored in Redis, shown by `status`
+            self._spawn(self._record_error, fs.tenant.id, fs.name, error)
+        if d.due is not None and not (fs.removed or fs.tenant.removed):
+            self.timetable.push(fs, d.due)
+        return d
+
+    async def _record_error(self, tenant: int, feed: str, error: str) -> None:
+        try:
+            await self.publisher.record_error(tenant, feed, error)
+        except Exception as exc:  # best effort: the log has the error already
+            log.debug("record_error_failed", error=type(exc).__name__)
+
+    def _spawn(self, fn: Callable[..., object], *args: object) -> None:
+        if self._tasks is not None:
+            self._tasks.start_soon(fn, *args)  # type: ignore[arg-type]
 
     def _check_once(self) -> None:
         if not self.once:
             return
-        for t in self.tenants.values():
-            for fs in t.feeds.values():
-                if not (fs.drained or fs.failed) or fs.running:
-                    return
-        self.stop()
+        feeds = ((fs.drained, fs.failed, fs.running) for fs in self.timetable.feeds())
+        if once_finished(feeds) and not self._active:
+            self.stop()
 
     @property
     def failed_feeds(self) -> list[FeedState]:
-        return [fs for t in self.tenants.values() for fs in t.feeds.values() if fs.failed]
+        return [fs for fs in self.timetable.feeds() if fs.failed]
 
     def set_memory_full(self, full: bool) -> None:
         """Pause (or resume) all polling for Redis memory."""
@@ -564,18 +403,23 @@ class Scheduler:
             return
         self.redis_ok.clear()
         log.error("redis_unavailable", error=error)
-        self._probe = asyncio.get_running_loop().create_task(self._probe_redis())
+        if not self._probing:
+            self._probing = True
+            self._spawn(self._probe_redis)
 
     async def _probe_redis(self) -> None:
         delay = 0.2
-        while True:
-            try:
-                if await self.publisher.ping():
-                    break
-            except Exception as exc:
-                log.debug("redis_probe_failed", error=type(exc).__name__)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+        try:
+            while True:
+                try:
+                    if await self.publisher.ping():
+                        break
+                except Exception as exc:
+                    log.debug("redis_probe_failed", error=type(exc).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        finally:
+            self._probing = False
         log.info("redis_available")
         self.redis_ok.set()
         self._wake.set()

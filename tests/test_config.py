@@ -125,6 +125,10 @@ def test_credentials_directory_expansion(tmp_path: Path) -> None:
         ),
         (lambda t: t + "[engine]\njitter = 1.5\n", "engine.jitter: must be a share in [0, 1)"),
         (lambda t: t + "[redis]\ntimeout = 0\n", "redis.timeout: must be > 0"),
+        (
+            lambda t: t.replace("[servicetitan]\n", "[servicetitan]\ntoken_timeout = 0\n"),
+            "servicetitan.token_timeout: must be > 0",
+        ),
         (lambda t: t + '[ops]\nlisten = "h:99999"\n', "ops.listen:"),
         (lambda t: t + "[streams]\nmax_memory = 2\n", "streams.max_memory: must be a share"),
     ],

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
+from syncd.policy import Outcome, next_due, resume_delay
 from syncd.ratelimit import PACE, TokenBucket, backoff, jittered, parse_retry_after
-from syncd.scheduler import Outcome, next_due, resume_delay
 
 
 def test_bucket_allows_burst_then_paces() -> None:

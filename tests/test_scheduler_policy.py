@@ -1,0 +1,182 @@
+"""The scheduler's decisions (syncd.policy), by tables: no clock, no sockets."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from syncd.policy import (
+    AfterPoll,
+    FeedFacts,
+    NoProgress,
+    Outcome,
+    Rules,
+    after_poll,
+    first_delay,
+    once_finished,
+    page_progress,
+    rate_limit_pause,
+)
+
+NOW = 1000.0
+RUN = Rules(once=False, once_max_failures=3, backoff_base=1.0, backoff_max=60.0, jitter=0.0)
+ONCE = Rules(once=True, once_max_failures=3, backoff_base=1.0, backoff_max=60.0, jitter=0.0)
+FRESH = FeedFacts(poll_interval=300.0)
+
+
+def _after(
+    facts: FeedFacts, kind: str, rules: Rules = RUN, retry: float | None = None
+) -> AfterPoll:
+    return after_poll(facts, Outcome(kind, retry), NOW, rules, random.Random(1))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("facts", "kind", "rules", "expected"),
+    [
+        # Success resets failures; a drained page waits an interval, more pages go at once.
+        (FeedFacts(failures=2), "more", RUN, AfterPoll(0, False, False, False, NOW, False)),
+        (FRESH, "page", RUN, AfterPoll(0, True, False, False, NOW + 300, False, None, True)),
+        (FeedFacts(drained=True), "page", RUN, AfterPoll(0, True, False, False, NOW + 300, False)),
+        # Failures back off exponentially.
+        (FeedFacts(failures=2), "error", RUN, AfterPoll(3, False, False, False, NOW + 4, True)),
+        # A no-progress page is a failure that starts an episode ...
+        (FRESH, "no_progress", RUN, AfterPoll(1, False, True, False, NOW + 1, True, "started")),
+        # ... which goes on through further stalls and other failures, reported once ...
+        (
+            FeedFacts(failures=1, stuck=True),
+            "no_progress",
+            RUN,
+            AfterPoll(2, False, True, False, NOW + 2, True),
+        ),
+        (
+            FeedFacts(failures=2, stuck=True),
+            "error",
+            RUN,
+            AfterPoll(3, False, True, False, NOW + 4, True),
+        ),
+        (
+            FeedFacts(failures=2, stuck=True),
+            "refused",
+            RUN,
+            AfterPoll(2, False, True, False, NOW, False),
+        ),
+        # ... and ends with the first page that moves the feed on.
+        (
+            FeedFacts(failures=4, stuck=True),
+            "more",
+            RUN,
+            AfterPoll(0, False, False, False, NOW, False, "ended"),
+        ),
+        # Neutral outcomes neither fail nor succeed: at once again.
+        (FeedFacts(failures=1), "refused", RUN, AfterPoll(1, False, False, False, NOW, False)),
+        (FeedFacts(failures=1), "memory", RUN, AfterPoll(1, False, False, False, NOW, False)),
+        # 429: waits what was announced.
+        (FRESH, "rate_limited", RUN, AfterPoll(1, False, False, False, NOW + 7, True)),
+        (FRESH, "parked", RUN, AfterPoll(1, False, False, False, NOW + 3600, True)),
+        (FRESH, "auth", RUN, AfterPoll(1, False, False, False, NOW + 300, True)),
+        # --once: a drained feed is done; enough failures in a row give up on it ...
+        (FRESH, "page", ONCE, AfterPoll(0, True, False, False, None, False, None, True)),
+        (FeedFacts(failures=1), "error", ONCE, AfterPoll(2, False, False, False, NOW + 2, True)),
+        (FeedFacts(failures=2), "error", ONCE, AfterPoll(3, False, False, True, None, True)),
+        # ... no-progress pages count like any failure ...
+        (
+            FeedFacts(failures=2, stuck=True),
+            "no_progress",
+            ONCE,
+            AfterPoll(3, False, True, True, None, True),
+        ),
+        # ... 403/404 and refused credentials at once; 429s never.
+        (FRESH, "parked", ONCE, AfterPoll(1, False, False, True, None, True)),
+        (FRESH, "auth", ONCE, AfterPoll(1, False, False, True, None, True)),
+        (
+            FeedFacts(failures=9),
+            "rate_limited",
+            ONCE,
+            AfterPoll(10, False, False, False, NOW + 7, True),
+        ),
+    ],
+)
+def test_after_poll(facts: FeedFacts, kind: str, rules: Rules, expected: AfterPoll) -> None:
+    retry = 7.0 if kind == "rate_limited" else None
+    assert _after(facts, kind, rules, retry) == expected
+
+
+def test_no_progress_backs_off_like_a_failure() -> None:
+    """A feed stalling over and over waits longer each time, up to backoff_max: it does not
+    spend its tenant's budget."""
+    facts, dues = FeedFacts(), []
+    for _ in range(10):
+        d = _after(facts, "no_progress")
+        assert d.due is not None
+        dues.append(d.due - NOW)
+        facts = FeedFacts(d.failures, d.drained, d.stuck)
+    assert dues == [1, 2, 4, 8, 16, 32, 60, 60, 60, 60]
+
+
+@pytest.mark.parametrize(
+    ("sent", "has_more", "records", "continue_from", "expected"),
+    [
+        ("c1", True, 50, "c2", None),  # a page further on
+        ("c1", True, 0, "c2", None),  # nothing in it, but a new cursor: moved on
+        (None, True, 50, "c1", None),  # the first page
+        ("2024-01-01", True, 10, "c1", None),  # the first page after a start date
+        ("c1", False, 0, "c1", None),  # drained: the includeRecentChanges repeat is normal
+        ("c1", False, 3, "c1", None),  # ... with its repeated tail
+        ("c1", True, 0, "c1", NoProgress(True, 0, True, False)),  # the same cursor again
+        ("c1", True, 5, "c1", NoProgress(True, 5, True, False)),  # ... records or not
+        ("c1", True, 0, "", NoProgress(True, 0, False, True)),  # no cursor to resume from
+        ("c1", False, 0, "", NoProgress(False, 0, False, True)),
+        (None, False, 4, "", NoProgress(False, 4, False, True)),
+    ],
+)
+def test_page_progress(
+    sent: str | None, has_more: bool, records: int, continue_from: str, expected: object
+) -> None:
+    assert page_progress(sent, has_more, records, continue_from) == expected
+
+
+@pytest.mark.parametrize(
+    ("paused_until", "retry_after", "failures", "expected"),
+    [
+        (0.0, 3.0, 0, (NOW + 3, 3.0)),  # the announced wait
+        (NOW + 10, 3.0, 0, (NOW + 10, 3.0)),  # a longer pause already running is kept
+        (0.0, None, 0, (NOW + 1, 1.0)),  # nothing announced: back off ...
+        (0.0, None, 3, (NOW + 8, 8.0)),  # ... more after each failure
+        (0.0, 0.0, 0, (NOW + 1, 1.0)),  # "retry at once" is not taken at its word
+    ],
+)
+def test_rate_limit_pause(
+    paused_until: float, retry_after: float | None, failures: int, expected: tuple[float, float]
+) -> None:
+    got = rate_limit_pause(paused_until, NOW, retry_after, failures, RUN, random.Random(1))
+    assert got == expected
+
+
+@pytest.mark.parametrize(
+    ("has_cursor", "once", "stored", "low", "high"),
+    [
+        (False, False, None, 0.0, 0.0),  # a new feed backfills at once
+        (True, True, 120.0, 0.0, 0.0),  # --once polls everything at once
+        (True, False, 120.0, 120.0, 120.0),  # resumed: the delay its stored state gives
+        (True, False, None, 0.0, 5.0),  # resumed, nothing stored: spread over a few seconds
+    ],
+)
+def test_first_delay(
+    has_cursor: bool, once: bool, stored: float | None, low: float, high: float
+) -> None:
+    assert low <= first_delay(has_cursor, once, stored, 300.0, random.Random(2)) <= high
+
+
+@pytest.mark.parametrize(
+    ("feeds", "expected"),
+    [
+        ([], True),
+        ([(True, False, False), (False, True, False)], True),
+        ([(True, False, False), (False, False, False)], False),  # one still syncing
+        ([(True, False, True)], False),  # drained, but a poll is still under way
+        ([(False, True, True)], False),
+    ],
+)
+def test_once_finished(feeds: list[tuple[bool, bool, bool]], expected: bool) -> None:
+    assert once_finished(feeds) is expected
