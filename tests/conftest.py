@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import redis.asyncio as aioredis
 
-from syncd.redisserver import RedisServer
+from syncd.redisserver import RedisClusterServers, RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -26,3 +26,12 @@ async def redis(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
     await client.flushall()
     yield client
     await client.aclose()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisClusterServers]:
+    """A 3-node Redis Cluster for the tests of one module."""
+    servers = RedisClusterServers(3)
+    servers.start()
+    yield servers
+    servers.stop()

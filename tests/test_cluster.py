@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
 from redis.asyncio.cluster import RedisCluster
 
 from syncd.daemon import Daemon
@@ -14,14 +11,6 @@ from tests.engine_helpers import assert_exactly_once, config_dict, latest_by_key
 
 TENANTS = [11, 12, 13, 14, 15, 16]
 FEEDS = ["crm.customers", "jpm.jobs"]
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[RedisClusterServers]:
-    servers = RedisClusterServers(3)
-    servers.start()
-    yield servers
-    servers.stop()
 
 
 async def test_backfill_on_a_cluster_is_exactly_once(cluster: RedisClusterServers) -> None:

@@ -6,12 +6,10 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 import redis.asyncio as aioredis
 from structlog.testing import capture_logs
 
@@ -149,14 +147,6 @@ async def test_config_get_not_permitted_warns_and_carries_on() -> None:
     (warning,) = [e for e in logs if e["event"] == "redis_settings_unreadable"]
     assert "NoPermission" in warning["error"] or "NOPERM" in warning["error"]
     assert warning["node"] == f"127.0.0.1:{server.port}"
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[RedisClusterServers]:
-    servers = RedisClusterServers(3)
-    servers.start()
-    yield servers
-    servers.stop()
 
 
 async def test_every_cluster_primary_is_checked(cluster: RedisClusterServers) -> None:
