@@ -184,14 +184,9 @@ async def backfill(
         out.write("\n")
     code = task.result()
     m = daemon.metrics
-    fetched = sum(
-        m.sample("syncd_records_fetched_total", {"tenant": str(tenant), "feed": f}) or 0
-        for f in feeds
-    )
-    published = sum(
-        m.sample("syncd_records_published_total", {"tenant": str(tenant), "feed": f}) or 0
-        for f in feeds
-    )
+    # The daemon ran only these feeds of this tenant: its per-tenant counts are theirs.
+    fetched = m.sample("syncd_tenant_records_fetched_total", {"tenant": str(tenant)}) or 0
+    published = m.sample("syncd_tenant_records_published_total", {"tenant": str(tenant)}) or 0
     out.write(
         f"backfill of tenant {tenant}: {int(fetched)} records fetched, "
         f"{int(published)} published, {int(fetched - published)} unchanged, "
@@ -207,9 +202,8 @@ def _progress(daemon: Daemon, feeds: list[str], started: float, out: TextIO) -> 
     done = sum(fs.drained or fs.failed for t in sched.tenants.values() for fs in t.feeds.values())
     fetched = 0.0
     for t in sched.tenants.values():
-        for f in feeds:
-            labels = {"tenant": str(t.id), "feed": f}
-            fetched += daemon.metrics.sample("syncd_records_fetched_total", labels) or 0
+        labels = {"tenant": str(t.id)}
+        fetched += daemon.metrics.sample("syncd_tenant_records_fetched_total", labels) or 0
     width = 30
     filled = int(width * done / max(1, len(feeds)))
     elapsed = time.monotonic() - started

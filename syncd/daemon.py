@@ -8,7 +8,7 @@ import dataclasses
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -22,7 +22,7 @@ from syncd.auth import TokenProvider
 from syncd.client import ExportClient
 from syncd.config import Config, ConfigError, Settings, TenantSettings, load_settings
 from syncd.keys import Keys
-from syncd.metrics import Metrics
+from syncd.metrics import EngineStatus, Metrics, TenantStatus
 from syncd.ops import OpsServer
 from syncd.publisher import Publisher
 from syncd.redisconn import RedisClient, connect
@@ -82,7 +82,7 @@ class Daemon:
         self.once = once
         self.config_path = config_path
         self.environ = os.environ if environ is None else environ
-        self.metrics = Metrics()
+        self.metrics = Metrics(detail=settings.config.ops.metrics_detail)
         self.notifier = Notifier(self.environ)
         self.ops: OpsServer | None = None
         self._signals = 0
@@ -125,9 +125,11 @@ class Daemon:
             streams = [keys.stream(f) for f in new]
             await call(lambda: upkeep.ensure_groups(r, streams, groups))
         now = time.time()
-        delays = {}
+        delays, successes = {}, {}
         for feed in t.feeds:
             last_ok = state.get(f"{feed}:last_ok")
+            if last_ok:
+                successes[feed] = float(last_ok)
             delays[feed] = resume_delay(
                 now,
                 float(last_ok) if last_ok else None,
@@ -144,7 +146,7 @@ class Daemon:
             )
             for name in t.feeds
         ]
-        return FeedStart(t, feeds, delays, resumed=len(cursors))
+        return FeedStart(t, feeds, delays, resumed=len(cursors), last_ok=successes)
 
     def _tokens(self, t: TenantSettings) -> TokenProvider:
         assert self._session is not None
@@ -163,6 +165,7 @@ class Daemon:
         assert self.scheduler is not None
         t = start.settings
         self.metrics.track_tenant(t.id)
+        self.metrics.set_feeds(t.id, start.intervals(), start.last_ok)
         self.scheduler.add_tenant(t, tokens, start.feeds, start.delays)
         log.info("tenant_added", tenant=t.id, feeds=len(t.feeds), resumed=start.resumed)
 
@@ -362,6 +365,7 @@ class Daemon:
             if credentials:
                 sched.tenants[t.id].tokens.set_credentials(t.client_id, t.client_secret)
             added, removed = sched.reconfigure_tenant(t, start.feeds)
+            self.metrics.set_feeds(t.id, start.intervals(), start.last_ok)
             if added or removed:
                 log.info("tenant_feeds_changed", tenant=t.id, added=added, removed=removed)
 
@@ -458,7 +462,7 @@ class Daemon:
                     jitter=e.jitter,
                     metrics=self.metrics,
                 )
-                self.metrics.set_last_success_source(self._last_success)
+                self.metrics.set_status_source(self._engine_status)
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.add_signal_handler(sig, self._on_signal, sig)
                 loop.add_signal_handler(signal.SIGHUP, self._on_hup)
@@ -585,13 +589,28 @@ class Daemon:
             return EXIT_FEEDS_FAILED
         return EXIT_OK
 
-    def _last_success(self) -> Iterator[tuple[str, str, float]]:
-        if self.scheduler is None:
-            return
-        for t in self.scheduler.tenants.values():
-            tid = str(t.id)
-            for fs in t.feeds.values():
-                yield tid, fs.name, fs.last_ok if fs.last_ok is not None else fs.since
+    def _engine_status(self) -> EngineStatus:
+        """What /metrics reports per tenant: one row each, read on the event loop."""
+        sched = self.scheduler
+        if sched is None:
+            return EngineStatus(())
+        now = sched.clock()
+        rows = [
+            TenantStatus(
+                tenant=t.id,
+                rate_limit=t.settings.requests_per_second,
+                rate=t.bucket.allowed(now),
+                feeds=len(t.feeds),
+                rate_limit_paused=t.paused_until > now,
+                auth_failing=t.tokens.last_error is not None,
+            )
+            for t in sched.tenants.values()
+        ]
+        return EngineStatus(
+            rows,
+            redis_memory_full=sched.memory_full,
+            redis_unavailable=not sched.redis_ok.is_set(),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -602,6 +621,10 @@ class FeedStart:
     feeds: list[tuple[catalogue.Feed, str | None, bool, float]]
     delays: dict[str, float]
     resumed: int  # feeds with a stored cursor
+    last_ok: dict[str, float]  # unix time of each feed's last success stored by an earlier run
+
+    def intervals(self) -> dict[str, float]:
+        return {feed.name: interval for feed, _, _, interval in self.feeds}
 
 
 @dataclass(slots=True)

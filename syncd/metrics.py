@@ -1,14 +1,36 @@
-"""Prometheus metrics: the series syncd exports, and the helpers the engine records them with."""
+"""Prometheus metrics: the series syncd exports, and the helpers the engine records them with.
+
+Series count, for N tenants and F feeds (the catalogue has about 55), at each `[ops]
+metrics_detail`:
+
+- "tenant" (the default), never tenant x feed: 15 x N + S + 20 x F + 18, where S <= 6 x N is
+  the `requests_total` series (one per status class a tenant has seen). Per tenant: five record
+  counters, `requests_total`, `rate_limited_total`, `paused_seconds_total`,
+  `token_renewals_total`, time since success and its poll interval, configured and current
+  request rate, `auth_failing`, `feeds_paused` for two reasons. Per feed: five record counters,
+  time since success and poll interval, `page_fetch_seconds` (13 series). Unlabelled:
+  `redis_errors_total`, `schedule_lateness_seconds` (13), `polling_paused` (2 reasons), the two
+  fleet gauges. At 1,000 tenants and 55 feeds: at most 22,118 series, about 2 MB.
+- "tenant_feed": all of the above, plus per tenant and feed four record counters and the time
+  since success (5 x N x F), and dead letters for the pairs that had any: about 297,000 series
+  at 1,000 tenants, 24 MB. For small installations.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, get_args
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import Metric
+
+from syncd.exposition import Family, Histogram, Key, Labels
+
+Detail = Literal["tenant", "tenant_feed"]
+DETAILS: tuple[str, ...] = get_args(Detail)
 
 # The classic text format: every series name syncd exports is a legacy Prometheus name, so this
 # is what every Prometheus and compatible scraper understands.
@@ -20,35 +42,34 @@ PAGE_SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 # Lateness stays near zero while workers keep up; seconds to minutes mean the pool is saturated.
 LATENESS_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0)
 
-LastSuccessSource = Callable[[], Iterable[tuple[str, str, float]]]
-
-# The counters labelled {tenant, feed}: (key used by the helpers, exported name, help).
-FEED_COUNTERS = (
-    ("fetched", "syncd_records_fetched_total", "Records received in export pages."),
-    ("published", "syncd_records_published_total", "Records published as change events."),
+# Counted per page, exported per tenant (`syncd_tenant_<name>_total`), per feed
+# (`syncd_feed_<name>_total`) and, at "tenant_feed" detail, per both (`syncd_<name>_total`).
+RECORD_COUNTERS = (
+    ("fetched", "records_fetched", "Records received in export pages."),
+    ("published", "records_published", "Records published as change events."),
     (
         "unchanged",
-        "syncd_records_unchanged_total",
+        "records_unchanged",
         "Records dropped because their content had already been published.",
     ),
-    ("pages", "syncd_pages_total", "Export pages fetched and applied."),
+    ("pages", "pages", "Export pages fetched and applied."),
     (
         "dead",
-        "syncd_dead_letters_total",
+        "dead_letters",
         "Records written to the dead-letter stream instead of a feed stream.",
     ),
     (
         "stale",
-        "syncd_stale_records_total",
+        "stale_records",
         "Record versions not published because a newer version of their key was published"
         " before or came in the same page.",
     ),
 )
-SINCE_SUCCESS = "syncd_feed_seconds_since_success"
-SINCE_SUCCESS_HELP = "Seconds since the feed's last successful poll."
-
-FeedKey = tuple[str, str]
-Snapshot = dict[str, dict[FeedKey, int]]
+# Why feeds are not polled (the `reason` label of `syncd_feeds_paused`): a consumer group lags
+# more than `[streams] max_lag`, or the tenant waits out a 429.
+PAUSE_REASONS = ("consumer_lag", "rate_limit")
+# Why nothing is polled at all (`syncd_polling_paused`).
+POLLING_PAUSE_REASONS = ("redis_memory", "redis_unavailable")
 
 
 def status_class(status: int | None) -> str:
@@ -62,295 +83,486 @@ def status_class(status: int | None) -> str:
     return f"{status // 100}xx"
 
 
-def _escape(value: str) -> str:
-    if "\\" in value or '"' in value or "\n" in value:
-        return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
-    return value
+@dataclass(frozen=True, slots=True)
+class TenantStatus:
+    """What the engine knows about one tenant right now, read once per scrape."""
+
+    tenant: int
+    rate_limit: float  # configured requests per second
+    rate: float  # what the limiter allows now, lowered after 429s
+    feeds: int
+    rate_limit_paused: bool  # waiting out a 429
+    auth_failing: bool  # the last token request failed
 
 
-def _label_text(key: FeedKey) -> str:
-    # Label names sorted, as prometheus_client writes them.
-    return f'{{feed="{_escape(key[1])}",tenant="{_escape(key[0])}"}}'
+@dataclass(frozen=True, slots=True)
+class EngineStatus:
+    tenants: Sequence[TenantStatus]
+    redis_memory_full: bool = False
+    redis_unavailable: bool = False
 
 
-def _header(name: str, help_text: str, kind: str) -> str:
-    return f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n"
+StatusSource = Callable[[], EngineStatus]
 
 
-class _FeedSeries:
-    """The {tenant, feed} series: nearly all of syncd's, so kept in plain dicts.
+class _Oldest:
+    """Timestamps by name, and which one is the oldest, recomputed only when it moved.
 
-    prometheus_client spends about 10 us per series per scrape (a child object, a lock, a Sample
-    tuple, generic formatting); at 1,000 tenants x 55 feeds that is seconds of CPU per scrape.
-    Dicts of ints written with a cached label string cost a tenth of that.
+    Successes arrive far more often than scrapes, but each scrape only needs the oldest per
+    group: a success of any feed but the oldest changes nothing, so most scrapes scan nothing.
     """
 
-    def __init__(self, clock: Callable[[], float]) -> None:
-        self.values: Snapshot = {key: {} for key, _, _ in FEED_COUNTERS}
-        self.source: LastSuccessSource | None = None
-        self._clock = clock
-        self._labels: dict[FeedKey, str] = {}
-        self._tenant_feeds: dict[str, set[str]] = {}
+    __slots__ = ("oldest", "times")
 
-    def inc(self, counter: str, key: FeedKey, n: int) -> None:
-        series = self.values[counter]
-        series[key] = series.get(key, 0) + n
-        if key not in self._labels:
-            self._labels[key] = _label_text(key)
-            self._tenant_feeds.setdefault(key[0], set()).add(key[1])
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+        self.oldest: str | None = None  # None: to be found again
 
-    def forget(self, tenant: str) -> None:
-        for feed in self._tenant_feeds.pop(tenant, set()):
-            key = (tenant, feed)
-            del self._labels[key]
-            for series in self.values.values():
-                series.pop(key, None)
+    def set(self, name: str, ts: float) -> None:
+        self.times[name] = ts
+        if name == self.oldest:
+            self.oldest = None
+        elif self.oldest is not None and ts < self.times[self.oldest]:
+            self.oldest = name
 
-    def snapshot(self) -> tuple[Snapshot, list[tuple[str, str, float]]]:
-        """Copies safe to read from another thread while the event loop keeps counting."""
-        rows = [] if self.source is None else list(self.source())
-        return {name: series.copy() for name, series in self.values.items()}, rows
+    def pop(self, name: str) -> None:
+        self.times.pop(name, None)
+        if name == self.oldest:
+            self.oldest = None
 
-    def text(self, snapshot: Snapshot, rows: list[tuple[str, str, float]]) -> str:
-        labels = self._labels
-        out: list[str] = []
-        for counter, name, help_text in FEED_COUNTERS:
-            out.append(_header(name, help_text, "counter"))
-            out.extend(
-                f"{name}{labels.get(key) or _label_text(key)} {value}\n"
-                for key, value in snapshot[counter].items()
-            )
-        out.append(_header(SINCE_SUCCESS, SINCE_SUCCESS_HELP, "gauge"))
-        now = self._clock()
-        for tenant, feed, ts in rows:
-            key = (str(tenant), feed)
+    def min(self) -> float:
+        if self.oldest is None:
+            self.oldest = min(self.times, key=self.times.__getitem__)
+        return self.times[self.oldest]
+
+
+Index = dict[str, dict[float, _Oldest]]
+
+
+class _Success:
+    """When each feed last succeeded, grouped by poll interval, per tenant and per feed.
+
+    `by_tenant[tenant][interval]` (by feed) and `by_feed[feed][interval]` (by tenant) hold the
+    same unix times: the last applied page, or when the feed was first scheduled until then, so
+    that a feed that never succeeds still ages. Within an interval group the stalest feed is the
+    oldest; across groups, the one furthest behind relative to its interval.
+    """
+
+    def __init__(self) -> None:
+        self.interval: dict[tuple[str, str], float] = {}
+        self.by_tenant: Index = {}
+        self.by_feed: Index = {}
+
+    def get(self, tenant: str, feed: str) -> float | None:
+        interval = self.interval.get((tenant, feed))
+        if interval is None:
+            return None
+        return self.by_tenant[tenant][interval].times[feed]
+
+    def set(self, tenant: str, feed: str, interval: float, ts: float) -> None:
+        old = self.interval.get((tenant, feed))
+        if old is not None and old != interval:
+            self.remove(tenant, feed)
+        self.interval[(tenant, feed)] = interval
+        self.by_tenant.setdefault(tenant, {}).setdefault(interval, _Oldest()).set(feed, ts)
+        self.by_feed.setdefault(feed, {}).setdefault(interval, _Oldest()).set(tenant, ts)
+
+    def touch(self, tenant: str, feed: str, ts: float) -> None:
+        interval = self.interval.get((tenant, feed))
+        if interval is not None:
+            self.by_tenant[tenant][interval].set(feed, ts)
+            self.by_feed[feed][interval].set(tenant, ts)
+
+    def remove(self, tenant: str, feed: str) -> None:
+        interval = self.interval.pop((tenant, feed), None)
+        if interval is None:
+            return
+        for index, outer, inner in ((self.by_tenant, tenant, feed), (self.by_feed, feed, tenant)):
+            groups = index[outer]
+            groups[interval].pop(inner)
+            if not groups[interval].times:
+                del groups[interval]
+            if not groups:
+                del index[outer]
+
+    def feeds_of(self, tenant: str) -> list[str]:
+        return [f for group in self.by_tenant.get(tenant, {}).values() for f in group.times]
+
+    @staticmethod
+    def stalest(index: Index, now: float) -> tuple[dict[Key, float], dict[Key, float]]:
+        """Per key: seconds since success of its feed furthest behind, and that poll interval."""
+        ages: dict[Key, float] = {}
+        intervals: dict[Key, float] = {}
+        for name, groups in index.items():
+            if len(groups) == 1:
+                [(interval, group)] = groups.items()
+                age = now - group.min()
+            else:
+                age, interval = max(((now - g.min(), i) for i, g in groups.items()), key=_behind)
             # A timestamp slightly ahead of this clock is skew, not a success from the future.
-            out.append(
-                f"{SINCE_SUCCESS}{labels.get(key) or _label_text(key)} {max(0.0, now - ts):.3f}\n"
-            )
-        return "".join(out)
+            ages[(name,)] = round(age, 3) if age > 0 else 0.0
+            intervals[(name,)] = interval
+        return ages, intervals
 
-    def collect(self) -> Iterator[Metric]:
-        """The same series as `text`, for `CollectorRegistry` users (tests, get_sample_value)."""
-        snapshot, rows = self.snapshot()
-        for counter, name, help_text in FEED_COUNTERS:
-            family = CounterMetricFamily(
-                name.removesuffix("_total"), help_text, labels=("tenant", "feed")
-            )
-            for key, value in snapshot[counter].items():
-                family.add_metric(key, value)
-            yield family
-        gauge = GaugeMetricFamily(SINCE_SUCCESS, SINCE_SUCCESS_HELP, labels=("tenant", "feed"))
-        now = self._clock()
-        for tenant, feed, ts in rows:
-            gauge.add_metric((str(tenant), feed), round(max(0.0, now - ts), 3))
-        yield gauge
+    def rows(self, now: float) -> dict[Key, float]:
+        return {
+            (t, f): round(max(0.0, now - ts), 3)
+            for t, groups in self.by_tenant.items()
+            for group in groups.values()
+            for f, ts in group.times.items()
+        }
 
 
-def _remove(metric: Counter | Gauge, *labels: str) -> None:
-    """Remove one labelled series, whether or not it was ever recorded: prometheus_client 0.20
-    raises KeyError for a series never recorded (a tenant that never hit a 429), later versions
-    do nothing."""
-    with contextlib.suppress(KeyError):
-        metric.remove(*labels)
+def _behind(age_interval: tuple[float, float]) -> float:
+    return age_interval[0] / age_interval[1]
 
 
-class _WithoutCreated:
-    """A view of a registry without the `_created` samples of counters and histograms.
+@dataclass(slots=True)
+class _Snapshot:
+    """Copies of every series, taken on the event loop, safe to format in another thread."""
 
-    In the classic text format each `_created` sample becomes a series of its own, doubling the
-    series count for a timestamp nobody graphs. Filtered here rather than through
-    prometheus_client's process-wide switch, so other registries keep their behaviour.
-    """
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self._registry = registry
-
-    def collect(self) -> Iterator[Metric]:
-        for metric in self._registry.collect():
-            created = metric.name + "_created"
-            if any(s.name == created for s in metric.samples):
-                metric.samples = [s for s in metric.samples if s.name != created]
-            yield metric
+    counters: list[tuple[Family, dict[Key, float]]]
+    histograms: list[tuple[Histogram, dict[Key, list[float]]]]
 
 
 class Metrics:
-    """Every series syncd exports, in registries of its own.
+    """Every series syncd exports; `render` writes them, `registry` serves prometheus_client.
 
-    Label cardinality, for N tenants and F feeds (the catalogue has about 55):
-
-    - per tenant and feed (5 x N x F): `records_fetched_total`, `records_published_total`,
-      `records_unchanged_total`, `pages_total`, `feed_seconds_since_success`; plus
-      `dead_letters_total` and `stale_records_total` for the feeds that ever produced one;
-    - per tenant (up to 10 x N): `requests_total` (6 status classes), `rate_limited_total`,
-      `paused_seconds_total`, `token_renewals_total`, `feeds_paused`;
-    - per feed only (13 x F): `page_fetch_seconds`, a histogram whose label set is bounded by the
-      catalogue, not by the customer list. Labelled by tenant it would add 13 x N series, by
-      tenant and feed 13 x N x F (715,000 at 1,000 tenants); a slow tenant shows up in its
-      `requests_total` and rate-limit series instead;
-    - `redis_errors_total`, `schedule_lateness_seconds`: 13 series, no labels.
-
-    That is 5 x N x F + 10 x N + 13 x F + 13 series plus dead letters and stale records: about
-    286,000 at 1,000 tenants and 55 feeds. The {tenant, feed} ones bypass prometheus_client (see
-    `_FeedSeries`), and `render_async` formats in a worker thread, so a scrape neither costs
-    seconds of CPU nor stalls the event loop.
-
-    `registry` holds every series for `CollectorRegistry` users; `render` is the fast path.
     Helpers take plain values (tenant ids as int, HTTP status as int) so callers need no
-    prometheus_client types. A series appears on first use; `forget_tenant` drops a tenant's.
+    prometheus_client types. A tenant's series appear with `set_feeds` (or on first use);
+    `forget_tenant` drops them. See the module docstring for what each detail level costs.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
-        # Metrics rendered by prometheus_client; `registry` adds the hand-written feed series.
-        self._core = CollectorRegistry()
-        r = self._core
-        self.requests_total = Counter(
-            "syncd_requests",
+    def __init__(self, clock: Callable[[], float] = time.time, detail: Detail = "tenant") -> None:
+        if detail not in DETAILS:
+            raise ValueError(f"metrics detail {detail!r}: expected one of {', '.join(DETAILS)}")
+        self.detail = detail
+        self._clock = clock
+        t, f, tf = Labels(("tenant",)), Labels(("feed",)), Labels(("tenant", "feed"))
+        none = Labels(())
+        self._tenant_labels, self._feed_labels, self._pair_labels = t, f, tf
+
+        def fam(name: str, help_text: str, kind: str, labels: Labels) -> Family:
+            return Family(name, help_text, kind, labels)
+
+        self._per_tenant = {
+            key: fam(f"syncd_tenant_{n}_total", h, "counter", t) for key, n, h in RECORD_COUNTERS
+        }
+        self._per_feed = {
+            key: fam(f"syncd_feed_{n}_total", h, "counter", f) for key, n, h in RECORD_COUNTERS
+        }
+        self._per_pair = {
+            key: Family(f"syncd_{n}_total", h, "counter", tf, cache_lines=False)
+            for key, n, h in RECORD_COUNTERS
+        }
+        self.requests = fam(
+            "syncd_requests_total",
             "ServiceTitan API requests by response class.",
-            ("tenant", "status"),
-            registry=r,
+            "counter",
+            Labels(("tenant", "status")),
+        )
+        self.rate_limited_total = fam(
+            "syncd_rate_limited_total", "429 responses that paused a tenant.", "counter", t
+        )
+        self.paused_seconds_total = fam(
+            "syncd_paused_seconds_total",
+            "Seconds a tenant was paused by ServiceTitan's rate limit.",
+            "counter",
+            t,
+        )
+        self.token_renewals_total = fam(
+            "syncd_token_renewals_total", "Access tokens obtained.", "counter", t
+        )
+        self.feeds_paused = fam(
+            "syncd_feeds_paused",
+            "Feeds not polled right now, by reason: consumer_lag (a consumer group lags more"
+            " than max_lag), rate_limit (the tenant waits out a 429).",
+            "gauge",
+            Labels(("tenant", "reason")),
+        )
+        self.redis_errors_total = fam(
+            "syncd_redis_errors_total", "Failed Redis calls.", "counter", none
+        )
+        self.fleet = fam("syncd_fleet_members", "Live members of the fleet.", "gauge", none)
+        self.fleet_owned = fam(
+            "syncd_fleet_tenants_owned", "Tenants this instance holds the lease of.", "gauge", none
         )
         self.page_fetch_seconds = Histogram(
-            "syncd_page_fetch_seconds",
-            "Time to fetch one export page.",
-            ("feed",),
-            buckets=PAGE_SECONDS_BUCKETS,
-            registry=r,
+            "syncd_page_fetch_seconds", "Time to fetch one export page.", PAGE_SECONDS_BUCKETS, f
         )
-        self.rate_limited_total = Counter(
-            "syncd_rate_limited", "429 responses that paused a tenant.", ("tenant",), registry=r
-        )
-        self.paused_seconds_total = Counter(
-            "syncd_paused_seconds",
-            "Seconds a tenant was paused by ServiceTitan's rate limit.",
-            ("tenant",),
-            registry=r,
-        )
-        self.token_renewals_total = Counter(
-            "syncd_token_renewals", "Access tokens obtained.", ("tenant",), registry=r
-        )
-        self.redis_errors_total = Counter("syncd_redis_errors", "Failed Redis calls.", registry=r)
         self.schedule_lateness_seconds = Histogram(
             "syncd_schedule_lateness_seconds",
             "How long after its due time a feed poll was handed to a worker.",
-            buckets=LATENESS_BUCKETS,
-            registry=r,
+            LATENESS_BUCKETS,
+            none,
         )
-        self.feeds_paused = Gauge(
-            "syncd_feeds_paused", "Feeds currently paused by backpressure.", ("tenant",), registry=r
-        )
-        self._feeds = _FeedSeries(clock)
-        self.registry = CollectorRegistry()
-        for collector in (
-            self.requests_total,
-            self.page_fetch_seconds,
-            self.rate_limited_total,
-            self.paused_seconds_total,
-            self.token_renewals_total,
-            self.redis_errors_total,
-            self.schedule_lateness_seconds,
-            self.feeds_paused,
-            self._feeds,
-        ):
-            self.registry.register(collector)
-        self._core_view = _WithoutCreated(self._core)
+        self._gauge = {
+            name: fam(name, h, "gauge", labels)
+            for name, h, labels in (
+                (
+                    "syncd_tenant_seconds_since_success",
+                    "Seconds since the last success of the tenant's feed furthest behind its poll"
+                    " interval (with one interval: the oldest last success).",
+                    t,
+                ),
+                (
+                    "syncd_tenant_poll_interval_seconds",
+                    "Poll interval of the feed in syncd_tenant_seconds_since_success.",
+                    t,
+                ),
+                (
+                    "syncd_feed_oldest_seconds_since_success",
+                    "Seconds since the last success of the feed in the tenant furthest behind its"
+                    " poll interval (with one interval: the oldest last success).",
+                    f,
+                ),
+                (
+                    "syncd_feed_poll_interval_seconds",
+                    "Poll interval of the feed in syncd_feed_oldest_seconds_since_success.",
+                    f,
+                ),
+                (
+                    "syncd_feed_seconds_since_success",
+                    "Seconds since the feed's last successful poll.",
+                    tf,
+                ),
+                (
+                    "syncd_tenant_requests_per_second_limit",
+                    "Configured requests per second of the tenant.",
+                    t,
+                ),
+                (
+                    "syncd_tenant_requests_per_second_allowed",
+                    "Requests per second the tenant's limiter allows now (lowered after 429s).",
+                    t,
+                ),
+                (
+                    "syncd_tenant_auth_failing",
+                    "1 while the tenant's last token request failed.",
+                    t,
+                ),
+                (
+                    "syncd_polling_paused",
+                    "1 while nothing is polled, by reason: redis_memory, redis_unavailable.",
+                    Labels(("reason",)),
+                ),
+            )
+        }
+        self._tenant_families = [
+            family
+            for family in (
+                *self._per_tenant.values(),
+                *self._per_pair.values(),
+                self.requests,
+                self.rate_limited_total,
+                self.paused_seconds_total,
+                self.token_renewals_total,
+                self.feeds_paused,
+                *self._gauge.values(),
+            )
+            if family.labels.names[:1] == ("tenant",)
+        ]
+        self._success = _Success()
+        self._status: StatusSource | None = None
         self._render_lock = asyncio.Lock()
-        # Status labels handed out per tenant, so forget_tenant can remove exactly those.
-        self._statuses: dict[str, set[str]] = {}
         # Tenants no longer configured: a request or page still in flight for one of them when
         # it was removed must not bring its series back.
         self._retired: set[str] = set()
+        self.registry = CollectorRegistry()
+        self.registry.register(self)
+
+    # -- recording ---------------------------------------------------------------------
 
     def track_tenant(self, tenant: int) -> None:
         """Record the tenant's series again (after `forget_tenant`, when it is re-added)."""
         self._retired.discard(str(tenant))
 
-    def request(self, tenant: int, status: int | None) -> None:
-        """Count one API request by its HTTP status, or None for a transport error or timeout."""
+    def set_feeds(
+        self, tenant: int, feeds: Mapping[str, float], last_ok: Mapping[str, float] | None = None
+    ) -> None:
+        """The tenant's configured feeds with their poll intervals (at start and each reload).
+
+        A feed new here counts its time since success from `last_ok` (a unix time stored by an
+        earlier run) or from now. Creates the tenant's counters at zero, so the first event of a
+        kind shows as an increase.
+        """
         t = str(tenant)
         if t in self._retired:
             return
-        label = status_class(status)
-        self._statuses.setdefault(t, set()).add(label)
-        self.requests_total.labels(t, label).inc()
+        now = self._clock()
+        known = set(self._success.feeds_of(t))
+        for feed in known - set(feeds):
+            self._success.remove(t, feed)
+        for feed, interval in feeds.items():
+            if feed in known and self._success.interval[(t, feed)] == interval:
+                continue
+            ts = self._success.get(t, feed) if feed in known else (last_ok or {}).get(feed)
+            self._success.set(t, feed, interval, now if ts is None else ts)
+            for key, _, _ in RECORD_COUNTERS:
+                self._per_feed[key].inc((feed,), 0)
+        for key, _, _ in RECORD_COUNTERS:
+            self._per_tenant[key].inc((t,), 0)
+        for family in (self.rate_limited_total, self.paused_seconds_total):
+            family.inc((t,), 0)
+        self.token_renewals_total.inc((t,), 0)
+        self.feeds_paused.values.setdefault((t, "consumer_lag"), 0)
+
+    def request(self, tenant: int, status: int | None) -> None:
+        """Count one API request by its HTTP status, or None for a transport error or timeout."""
+        t = str(tenant)
+        if t not in self._retired:
+            self.requests.inc((t, status_class(status)))
 
     def page(
         self, tenant: int, feed: str, fetched: int, published: int, unchanged: int, seconds: float
     ) -> None:
         """Record one applied page: its record counts and how long the fetch took."""
-        key = (str(tenant), feed)
-        self.page_fetch_seconds.labels(feed).observe(seconds)
-        if key[0] in self._retired:
+        self.page_fetch_seconds.observe((feed,), seconds)
+        t = str(tenant)
+        if t in self._retired:
             return
-        inc = self._feeds.inc
-        inc("pages", key, 1)
-        inc("fetched", key, fetched)
-        inc("published", key, published)
-        inc("unchanged", key, unchanged)
+        self._success.touch(t, feed, self._clock())
+        for key, n in (("pages", 1), ("fetched", fetched), ("published", published)):
+            self._count(key, t, feed, n)
+        self._count("unchanged", t, feed, unchanged)
+
+    def _count(self, key: str, tenant: str, feed: str, n: int) -> None:
+        self._per_tenant[key].inc((tenant,), n)
+        self._per_feed[key].inc((feed,), n)
+        if self.detail == "tenant_feed":
+            self._per_pair[key].inc((tenant, feed), n)
 
     def rate_limited(self, tenant: int, wait_s: float) -> None:
         """Record a 429 that pauses the tenant for `wait_s` seconds."""
         t = str(tenant)
-        if t in self._retired:
-            return
-        self.rate_limited_total.labels(t).inc()
-        self.paused_seconds_total.labels(t).inc(max(0.0, wait_s))
+        if t not in self._retired:
+            self.rate_limited_total.inc((t,))
+            self.paused_seconds_total.inc((t,), max(0.0, wait_s))
 
     def token_renewed(self, tenant: int) -> None:
         """Count an access token obtained for the tenant."""
         if str(tenant) not in self._retired:
-            self.token_renewals_total.labels(str(tenant)).inc()
+            self.token_renewals_total.inc((str(tenant),))
 
     def dead_letter(self, tenant: int, feed: str, n: int = 1) -> None:
         """Count records sent to the tenant's dead-letter stream."""
         if str(tenant) not in self._retired:
-            self._feeds.inc("dead", (str(tenant), feed), n)
+            self._count("dead", str(tenant), feed, n)
 
     def stale_records(self, tenant: int, feed: str, n: int) -> None:
         """Count record versions dropped as older than what was published for their key."""
-        self._feeds.inc("stale", (str(tenant), feed), n)
+        if str(tenant) not in self._retired:
+            self._count("stale", str(tenant), feed, n)
 
     def redis_error(self) -> None:
         """Count a failed Redis call."""
-        self.redis_errors_total.inc()
+        self.redis_errors_total.inc(())
 
     def lateness(self, seconds: float) -> None:
         """Record how late a due feed was dispatched."""
-        self.schedule_lateness_seconds.observe(max(0.0, seconds))
+        self.schedule_lateness_seconds.observe((), max(0.0, seconds))
 
-    def set_feeds_paused(self, tenant: int, count: int) -> None:
-        """Set how many of the tenant's feeds backpressure holds back right now."""
+    def set_feeds_paused(self, tenant: int, count: int, reason: str = "consumer_lag") -> None:
+        """Set how many of the tenant's feeds are held back right now, and why."""
         if str(tenant) not in self._retired:
-            self.feeds_paused.labels(str(tenant)).set(count)
+            self.feeds_paused.values[(str(tenant), reason)] = count
 
-    def set_last_success_source(self, fn: LastSuccessSource) -> None:
-        """Read `(tenant, feed, unix_ts)` of each feed's last successful poll from `fn` per scrape.
+    def set_fleet(self, members: int, tenants_owned: int) -> None:
+        """The fleet's live members as this instance sees them, and the tenants it owns."""
+        self.fleet.values[()] = members
+        self.fleet_owned.values[()] = tenants_owned
 
-        `fn` runs on the thread that asks for the metrics; `render_async` calls it on the event
-        loop. A feed missing from its output has no series: to alert on feeds that never
-        succeeded, report the time a feed was first scheduled until its first success.
+    def set_status_source(self, fn: StatusSource) -> None:
+        """Read the engine's per-tenant state from `fn` once per scrape, on the event loop.
+
+        It costs one row per tenant, not per feed: rate limits, 429 pauses, failing tokens.
         """
-        self._feeds.source = fn
+        self._status = fn
 
     def forget_tenant(self, tenant: int) -> None:
         """Remove every series labelled with the tenant, once it is no longer configured; until
         `track_tenant`, what is still in flight for it records nothing."""
         t = str(tenant)
         self._retired.add(t)
-        self._feeds.forget(t)
-        for status in self._statuses.pop(t, set()):
-            _remove(self.requests_total, t, status)
-        for per_tenant in (
+        for feed in self._success.feeds_of(t):
+            self._success.remove(t, feed)
+        for family in self._tenant_families:
+            family.drop_where(t)
+        for k in [k for k in self._pair_labels.text if k[0] == t]:
+            self._pair_labels.drop(k)
+        self._tenant_labels.drop((t,))
+
+    # -- reading -----------------------------------------------------------------------
+
+    def _snapshot(self) -> _Snapshot:
+        """Every series as it stands; runs on the event loop, where the engine state is safe."""
+        now = self._clock()
+        g = self._gauge
+        counters: list[tuple[Family, dict[Key, float]]] = []
+        for key, _, _ in RECORD_COUNTERS:
+            counters.append((self._per_tenant[key], self._per_tenant[key].values.copy()))
+        for family in (
+            self.requests,
             self.rate_limited_total,
             self.paused_seconds_total,
             self.token_renewals_total,
-            self.feeds_paused,
         ):
-            _remove(per_tenant, t)
+            counters.append((family, family.values.copy()))
+        ages, intervals = self._success.stalest(self._success.by_tenant, now)
+        counters.append((g["syncd_tenant_seconds_since_success"], ages))
+        counters.append((g["syncd_tenant_poll_interval_seconds"], intervals))
+        paused = self.feeds_paused.values.copy()
+        polling: dict[Key, float] = {}
+        if self._status is not None:
+            status = self._status()
+            limit: dict[Key, float] = {}
+            allowed: dict[Key, float] = {}
+            failing: dict[Key, float] = {}
+            for row in status.tenants:
+                tk = (str(row.tenant),)
+                limit[tk] = row.rate_limit
+                allowed[tk] = round(row.rate, 3)
+                failing[tk] = int(row.auth_failing)
+                paused[(tk[0], "rate_limit")] = row.feeds if row.rate_limit_paused else 0
+            counters.append((g["syncd_tenant_requests_per_second_limit"], limit))
+            counters.append((g["syncd_tenant_requests_per_second_allowed"], allowed))
+            counters.append((g["syncd_tenant_auth_failing"], failing))
+            polling = {
+                ("redis_memory",): int(status.redis_memory_full),
+                ("redis_unavailable",): int(status.redis_unavailable),
+            }
+        counters.append((self.feeds_paused, paused))
+        for key, _, _ in RECORD_COUNTERS:
+            counters.append((self._per_feed[key], self._per_feed[key].values.copy()))
+        ages, intervals = self._success.stalest(self._success.by_feed, now)
+        counters.append((g["syncd_feed_oldest_seconds_since_success"], ages))
+        counters.append((g["syncd_feed_poll_interval_seconds"], intervals))
+        counters.append((self.redis_errors_total, self.redis_errors_total.values.copy()))
+        counters.append((g["syncd_polling_paused"], polling))
+        for family in (self.fleet, self.fleet_owned):
+            if family.values:
+                counters.append((family, family.values.copy()))
+        if self.detail == "tenant_feed":
+            for family in self._per_pair.values():
+                counters.append((family, family.values.copy()))
+            counters.append((g["syncd_feed_seconds_since_success"], self._success.rows(now)))
+        histograms = [
+            (h, h.snapshot()) for h in (self.page_fetch_seconds, self.schedule_lateness_seconds)
+        ]
+        return _Snapshot(counters, histograms)
+
+    @staticmethod
+    def _text(snapshot: _Snapshot) -> bytes:
+        out: list[str] = []
+        for family, values in snapshot.counters:
+            family.text(values, out)
+        for histogram, counts in snapshot.histograms:
+            histogram.text(counts, out)
+        return "".join(out).encode()
 
     def render(self) -> bytes:
         """Every series in Prometheus text format, rendered on the calling thread."""
-        return self._render(*self._feeds.snapshot())
+        return self._text(self._snapshot())
 
     async def render_async(self) -> bytes:
         """Like `render`, formatted in a worker thread so the event loop keeps running.
@@ -359,14 +571,21 @@ class Metrics:
         serialised, so slow scrapes cannot pile up copies of the output.
         """
         async with self._render_lock:
-            snapshot, rows = self._feeds.snapshot()
-            return await asyncio.to_thread(self._render, snapshot, rows)
+            snapshot = self._snapshot()
+            return await asyncio.to_thread(self._text, snapshot)
 
-    def _render(self, snapshot: Snapshot, rows: list[tuple[str, str, float]]) -> bytes:
-        core: bytes = generate_latest(self._core_view)
-        return core + self._feeds.text(snapshot, rows).encode()
+    def collect(self) -> Iterator[Metric]:
+        """The same samples as `render`, for `CollectorRegistry` users."""
+        snapshot = self._snapshot()
+        for family, values in snapshot.counters:
+            yield family.metric(values)
+        for histogram, counts in snapshot.histograms:
+            yield histogram.metric(counts)
 
     def sample(self, name: str, labels: dict[str, str] | None = None) -> float | None:
         """The current value of one sample, or None if it does not exist."""
         value: float | None = self.registry.get_sample_value(name, labels or {})
         return value
+
+
+__all__ = ["CONTENT_TYPE", "DETAILS", "Detail", "EngineStatus", "Metrics", "TenantStatus"]

@@ -74,6 +74,11 @@ class TokenBucket:
         self.current = min(self.current, rate)
         self.tokens = min(self.tokens, burst)
 
+    def allowed(self, now: float) -> float:
+        """The rate allowed at `now`: the current rate as recovered since it was last updated."""
+        elapsed = max(0.0, now - self.updated)
+        return min(self.rate, self.current + RECOVERY * self.rate * elapsed)
+
 
 def default_burst(rate: float) -> float:
     """A small burst: enough to fill a few connections at once, not a second's worth."""

@@ -48,8 +48,20 @@ def samples(text: str) -> Samples:
     }
 
 
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def populated_metrics() -> Metrics:
-    metrics = Metrics(clock=lambda: 1_000.0)
+    """Every tenant x feed series too (`tenant_feed` detail), at clock 1,000."""
+    clock = Clock(900.5)
+    metrics = Metrics(clock=clock, detail="tenant_feed")
+    metrics.set_feeds(123456, {"crm.customers": 300.0})
+    metrics.set_feeds(777, {"jpm.jobs": 60.0})
     metrics.request(123456, 200)
     metrics.request(123456, 200)
     metrics.request(123456, 429)
@@ -57,16 +69,15 @@ def populated_metrics() -> Metrics:
     metrics.request(777, 503)
     metrics.page(123456, "crm.customers", fetched=500, published=20, unchanged=480, seconds=0.3)
     metrics.page(123456, "crm.customers", fetched=10, published=10, unchanged=0, seconds=0.07)
+    clock.now = 1_000.25  # a success stamped slightly ahead of the clock that reads it
     metrics.page(777, "jpm.jobs", fetched=1, published=1, unchanged=0, seconds=4.0)
+    clock.now = 1_000.0
     metrics.rate_limited(123456, 12.5)
     metrics.token_renewed(123456)
     metrics.dead_letter(123456, "crm.customers", n=2)
     metrics.redis_error()
     metrics.set_feeds_paused(123456, 3)
     metrics.lateness(0.02)
-    metrics.set_last_success_source(
-        lambda: [("123456", "crm.customers", 900.5), ("777", "jpm.jobs", 1_000.25)]
-    )
     return metrics
 
 
@@ -138,7 +149,7 @@ async def test_metrics_endpoint(server: OpsServer, http: aiohttp.ClientSession) 
         ("syncd_token_renewals_total", frozenset({("tenant", t)}), 1.0),
         ("syncd_dead_letters_total", frozenset({("tenant", t), ("feed", f)}), 2.0),
         ("syncd_redis_errors_total", frozenset(), 1.0),
-        ("syncd_feeds_paused", frozenset({("tenant", t)}), 3.0),
+        ("syncd_feeds_paused", frozenset({("tenant", t), ("reason", "consumer_lag")}), 3.0),
         ("syncd_schedule_lateness_seconds_count", frozenset(), 1.0),
         ("syncd_schedule_lateness_seconds_bucket", frozenset({("le", "0.05")}), 1.0),
         ("syncd_feed_seconds_since_success", frozenset({("tenant", t), ("feed", f)}), 99.5),
@@ -316,7 +327,6 @@ async def test_render_async_matches_render() -> None:
 
 def test_forget_tenant_removes_its_series_only() -> None:
     metrics = populated_metrics()
-    metrics.set_last_success_source(list)
     metrics.forget_tenant(123456)
     got = samples(metrics.render().decode())
     assert not [s for s in got if ("tenant", "123456") in s[1]]

@@ -196,17 +196,10 @@ async def test_removed_tenant_with_a_page_in_flight_leaves_no_series(
             assert feed.running, "the test needs the removed tenant's page still in flight"
             assert not series_of_9621()
             await wait_for(lambda: not feed.running, "the page in flight to end")
-            pages = daemon.metrics.sample(
-                "syncd_pages_total", {"tenant": "9622", "feed": CUSTOMERS}
-            )
+            pages = daemon.metrics.sample("syncd_tenant_pages_total", {"tenant": "9622"})
             await wait_for(
                 lambda: (
-                    (
-                        daemon.metrics.sample(
-                            "syncd_pages_total", {"tenant": "9622", "feed": CUSTOMERS}
-                        )
-                        or 0
-                    )
+                    (daemon.metrics.sample("syncd_tenant_pages_total", {"tenant": "9622"}) or 0)
                     > (pages or 0)
                 ),
                 "another page of the remaining tenant",
@@ -236,7 +229,7 @@ def test_forgotten_tenant_records_nothing_until_tracked_again() -> None:
     assert 'tenant="2"' not in m.render().decode()
     m.track_tenant(2)  # configured again
     m.page(2, CUSTOMERS, 3, 3, 0, 0.1)
-    assert m.sample("syncd_pages_total", {"tenant": "2", "feed": CUSTOMERS}) == 1
+    assert m.sample("syncd_tenant_pages_total", {"tenant": "2"}) == 1
 
 
 async def test_sighup_to_a_daemon_process_creates_groups_of_an_added_feed(

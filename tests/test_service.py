@@ -156,14 +156,14 @@ async def test_ops_endpoints(redis: aioredis.Redis, redis_server: RedisServer) -
                             text = await resp.text()
                     except aiohttp.ClientError:
                         return False
-                    line = 'syncd_records_published_total{feed="crm.customers",tenant="9301"} 60'
+                    line = 'syncd_tenant_records_published_total{tenant="9301"} 60'
                     return re.search(re.escape(line) + r"(\.0)?$", text, re.M) is not None
 
                 await wait_for(up, what="metrics with the published records")
                 async with s.get(base + "/metrics") as resp:
                     text = await resp.text()
                 assert 'syncd_requests_total{status="2xx",tenant="9301"}' in text
-                assert "syncd_feed_seconds_since_success" in text
+                assert 'syncd_tenant_seconds_since_success{tenant="9302"}' in text
                 assert "secret-9301" not in text
                 assert sim.app_key not in text
                 async with s.get(base + "/healthz") as resp:
