@@ -50,7 +50,11 @@ def header(name: str, help_text: str, kind: str) -> str:
 
 
 class Labels:
-    """Label strings cached per key: shared by every family with the same label names."""
+    """Label strings cached per key: shared by every family with the same label names.
+
+    Read and filled only by the thread that renders (see `Family.text`), so that no other
+    thread ever changes it while the renderer iterates over it.
+    """
 
     def __init__(self, names: Sequence[str]) -> None:
         self.names = tuple(names)
@@ -62,17 +66,22 @@ class Labels:
             text = self.text[key] = label_text(self.names, key)
         return text
 
-    def drop(self, key: Key) -> None:
-        self.text.pop(key, None)
+    def purge(self, firsts: set[str]) -> None:
+        """Drop the strings of keys whose first label value is one of `firsts` (tenants)."""
+        if firsts:
+            for key in [k for k in self.text if k[0] in firsts]:
+                del self.text[key]
 
 
 class Family:
     """A counter or gauge: one number per label key.
 
-    With `cache_lines`, the text before each value (`name{labels} `) is kept per key: a scrape
-    then costs one dict lookup and one float repr per series. Families with a series per tenant
-    and feed share the label strings instead, to keep hundreds of thousands of copies out of
-    memory.
+    `values` belongs to the event loop; what `text` keeps belongs to the render thread. With
+    `cache_lines`, each series' line is kept with the value it shows: between two scrapes most
+    values do not change (limits, intervals, errors, pauses, record counts of polls that found
+    nothing), so a scrape writes only the lines that did, and a family with no change costs one
+    dict comparison. Families with a series per tenant and feed do not keep their lines, to
+    keep hundreds of thousands of strings out of memory.
     """
 
     def __init__(
@@ -81,34 +90,42 @@ class Family:
         # Counters are named with their `_total` suffix, as they appear in the text.
         self.name, self.help, self.kind, self.labels = name, help_text, kind, labels
         self.values: dict[Key, float] = {}
-        self._prefix: dict[Key, str] | None = {} if cache_lines else None
+        self.cache_lines = cache_lines
+        self._lines: dict[Key, str] = {}
+        self._shown: dict[Key, float] = {}  # the value each line shows
+        self._chunk = ""  # every line, joined
 
     def inc(self, key: Key, n: float = 1) -> None:
         values = self.values
         values[key] = values.get(key, 0) + n
 
     def drop_where(self, first: str) -> None:
-        """Forget every series whose first label value is `first` (a tenant's)."""
-        for cache in (self.values, self._prefix or {}):
-            for key in [k for k in cache if k[0] == first]:
-                del cache[key]
-        for key in [k for k in self.labels.text if k[0] == first]:
-            self.labels.drop(key)
+        """Forget every series whose first label value is `first` (a tenant's); the render
+        thread drops their lines when it no longer sees them."""
+        for key in [k for k in self.values if k[0] == first]:
+            del self.values[key]
 
-    def text(self, values: Mapping[Key, float], out: list[str]) -> None:
+    def text(self, values: dict[Key, float], out: list[str]) -> None:
         # Values are finite counts, seconds and rates: repr is the text format's spelling.
         out.append(header(self.name, self.help, self.kind))
-        prefix = self._prefix
-        if prefix is None:
+        if not self.cache_lines:
             name, label = self.name, self.labels.get
             out.extend([f"{name}{label(key)} {v!r}\n" for key, v in values.items()])
             return
-        try:
-            out.extend([f"{prefix[key]}{v!r}\n" for key, v in values.items()])
-        except KeyError:
-            for key in values.keys() - prefix.keys():
-                prefix[key] = f"{self.name}{self.labels.get(key)} "
-            out.extend([f"{prefix[key]}{v!r}\n" for key, v in values.items()])
+        shown, lines = self._shown, self._lines
+        if values == shown:
+            out.append(self._chunk)
+            return
+        if shown.keys() - values.keys():
+            for key in shown.keys() - values.keys():
+                del shown[key], lines[key]
+        name, label, was = self.name, self.labels.get, shown.get
+        # Order within a family does not matter to Prometheus: lines stay where they were.
+        for key, v in [(key, v) for key, v in values.items() if was(key) != v]:
+            shown[key] = v
+            lines[key] = f"{name}{label(key)} {v!r}\n"
+        self._chunk = "".join(lines.values())
+        out.append(self._chunk)
 
     def metric(self, values: Mapping[Key, float]) -> Metric:
         family: CounterMetricFamily | GaugeMetricFamily
@@ -159,10 +176,6 @@ class Histogram:
             prefixes += [f"{name}_count{plain} ", f"{name}_sum{plain} "]
             self._cache[key] = prefixes
         return prefixes
-
-    def drop(self, key: Key) -> None:
-        self.values.pop(key, None)
-        self._cache.pop(key, None)
 
     def text(self, values: Mapping[Key, list[float]], out: list[str]) -> None:
         out.append(header(self.name, self.help, "histogram"))

@@ -19,6 +19,9 @@ metrics_detail`:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
+import gzip as gzip_module
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -70,6 +73,16 @@ RECORD_COUNTERS = (
 PAUSE_REASONS = ("consumer_lag", "rate_limit")
 # Why nothing is polled at all (`syncd_polling_paused`).
 POLLING_PAUSE_REASONS = ("redis_memory", "redis_unavailable")
+
+
+# One thread renders (and compresses) every scrape: with a pool, each thread that happens to
+# serve a scrape would grow a malloc arena of its own and keep it.
+_RENDERER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="metrics")
+
+
+def zlib_gzip(body: bytes) -> bytes:
+    """`body` in gzip format at compression level 1."""
+    return gzip_module.compress(body, compresslevel=1, mtime=0)
 
 
 def status_class(status: int | None) -> str:
@@ -160,6 +173,7 @@ class _Success:
         return self.by_tenant[tenant][interval].times[feed]
 
     def set(self, tenant: str, feed: str, interval: float, ts: float) -> None:
+        interval = _compact(interval)
         old = self.interval.get((tenant, feed))
         if old is not None and old != interval:
             self.remove(tenant, feed)
@@ -194,13 +208,15 @@ class _Success:
         ages: dict[Key, float] = {}
         intervals: dict[Key, float] = {}
         for name, groups in index.items():
-            if len(groups) == 1:
-                [(interval, group)] = groups.items()
-                age = now - group.min()
-            else:
-                age, interval = max(((now - g.min(), i) for i, g in groups.items()), key=_behind)
-            # A timestamp slightly ahead of this clock is skew, not a success from the future.
-            ages[(name,)] = round(age, 3) if age > 0 else 0.0
+            behind, age, interval = -1.0, 0.0, 0.0
+            for each, group in groups.items():
+                oldest = group.oldest
+                since = now - (group.times[oldest] if oldest is not None else group.min())
+                if since / each > behind:
+                    behind, age, interval = since / each, since, each
+            # Whole seconds: enough against intervals of minutes, and an int is written in half
+            # the time of a float. A success slightly ahead of this clock is skew: zero.
+            ages[(name,)] = int(age) if age > 0 else 0
             intervals[(name,)] = interval
         return ages, intervals
 
@@ -213,8 +229,9 @@ class _Success:
         }
 
 
-def _behind(age_interval: tuple[float, float]) -> float:
-    return age_interval[0] / age_interval[1]
+def _compact(value: float) -> float:
+    """A whole number as an int, which the text format writes faster than a float."""
+    return int(value) if value.is_integer() else value
 
 
 @dataclass(slots=True)
@@ -223,6 +240,7 @@ class _Snapshot:
 
     counters: list[tuple[Family, dict[Key, float]]]
     histograms: list[tuple[Histogram, dict[Key, list[float]]]]
+    forgotten: set[str]  # tenants removed since the last render
 
 
 class Metrics:
@@ -240,7 +258,6 @@ class Metrics:
         self._clock = clock
         t, f, tf = Labels(("tenant",)), Labels(("feed",)), Labels(("tenant", "feed"))
         none = Labels(())
-        self._tenant_labels, self._feed_labels, self._pair_labels = t, f, tf
 
         def fam(name: str, help_text: str, kind: str, labels: Labels) -> Family:
             return Family(name, help_text, kind, labels)
@@ -283,6 +300,8 @@ class Metrics:
         self.redis_errors_total = fam(
             "syncd_redis_errors_total", "Failed Redis calls.", "counter", none
         )
+        # At zero from the start: the first error must show as an increase.
+        self.redis_errors_total.values[()] = 0
         self.fleet = fam("syncd_fleet_members", "Live members of the fleet.", "gauge", none)
         self.fleet_owned = fam(
             "syncd_fleet_tenants_owned", "Tenants this instance holds the lease of.", "gauge", none
@@ -362,6 +381,8 @@ class Metrics:
             )
             if family.labels.names[:1] == ("tenant",)
         ]
+        self._tenant_labels_all = {family.labels for family in self._tenant_families}
+        self._forgotten: set[str] = set()
         self._success = _Success()
         self._status: StatusSource | None = None
         self._render_lock = asyncio.Lock()
@@ -488,13 +509,12 @@ class Metrics:
             self._success.remove(t, feed)
         for family in self._tenant_families:
             family.drop_where(t)
-        for k in [k for k in self._pair_labels.text if k[0] == t]:
-            self._pair_labels.drop(k)
-        self._tenant_labels.drop((t,))
+        # Their label strings belong to the render thread: it drops them at its next render.
+        self._forgotten.add(t)
 
     # -- reading -----------------------------------------------------------------------
 
-    def _snapshot(self) -> _Snapshot:
+    def _snapshot(self, *, for_text: bool = True) -> _Snapshot:
         """Every series as it stands; runs on the event loop, where the engine state is safe."""
         now = self._clock()
         g = self._gauge
@@ -520,8 +540,8 @@ class Metrics:
             failing: dict[Key, float] = {}
             for row in status.tenants:
                 tk = (str(row.tenant),)
-                limit[tk] = row.rate_limit
-                allowed[tk] = round(row.rate, 3)
+                limit[tk] = _compact(row.rate_limit)
+                allowed[tk] = _compact(round(row.rate, 2))
                 failing[tk] = int(row.auth_failing)
                 paused[(tk[0], "rate_limit")] = row.feeds if row.rate_limit_paused else 0
             counters.append((g["syncd_tenant_requests_per_second_limit"], limit))
@@ -549,34 +569,52 @@ class Metrics:
         histograms = [
             (h, h.snapshot()) for h in (self.page_fetch_seconds, self.schedule_lateness_seconds)
         ]
-        return _Snapshot(counters, histograms)
+        forgotten = set()
+        if for_text:  # the render that gets them drops their label strings
+            forgotten, self._forgotten = self._forgotten, set()
+        return _Snapshot(counters, histograms, forgotten)
 
-    @staticmethod
-    def _text(snapshot: _Snapshot) -> bytes:
+    def _text(self, snapshot: _Snapshot, *, gzip_from: int | None = None) -> tuple[bytes, bool]:
+        for labels in self._tenant_labels_all:
+            labels.purge(snapshot.forgotten)
         out: list[str] = []
         for family, values in snapshot.counters:
             family.text(values, out)
         for histogram, counts in snapshot.histograms:
             histogram.text(counts, out)
-        return "".join(out).encode()
+        body = "".join(out).encode()
+        del out
+        if gzip_from is None or len(body) < gzip_from:
+            return body, False
+        # Level 1: the text is repetitive enough to shrink over tenfold even so, and higher
+        # levels cost several times the CPU of rendering it for a few percent less.
+        return zlib_gzip(body), True
 
     def render(self) -> bytes:
         """Every series in Prometheus text format, rendered on the calling thread."""
-        return self._text(self._snapshot())
+        return self._text(self._snapshot())[0]
 
     async def render_async(self) -> bytes:
-        """Like `render`, formatted in a worker thread so the event loop keeps running.
+        """Like `render`, formatted in a worker thread so the event loop keeps running."""
+        body, _ = await self.render_http(None)
+        return body
+
+    async def render_http(self, gzip_from: int | None) -> tuple[bytes, bool]:
+        """The body of a /metrics response, formatted in a worker thread so the event loop keeps
+        running, gzip-compressed there too when at least `gzip_from` bytes long; and whether it
+        is compressed.
 
         The engine's state is copied here on the loop, where it is safe to read; renders are
         serialised, so slow scrapes cannot pile up copies of the output.
         """
         async with self._render_lock:
             snapshot = self._snapshot()
-            return await asyncio.to_thread(self._text, snapshot)
+            work = functools.partial(self._text, snapshot, gzip_from=gzip_from)
+            return await asyncio.get_running_loop().run_in_executor(_RENDERER, work)
 
     def collect(self) -> Iterator[Metric]:
         """The same samples as `render`, for `CollectorRegistry` users."""
-        snapshot = self._snapshot()
+        snapshot = self._snapshot(for_text=False)
         for family, values in snapshot.counters:
             yield family.metric(values)
         for histogram, counts in snapshot.histograms:
