@@ -5,7 +5,7 @@ LOWEST := .venv-lowest
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-lowest lint run bench clean
+.PHONY: test test-lowest lint promtool run bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,11 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check syncd tests bench
 	$(BIN)/mypy
 
-test: lint
+# promtool tests contrib/prometheus/syncd-rules.yml; installed when missing and possible.
+promtool:
+	contrib/prometheus/install-promtool
+
+test: lint promtool
 	$(BIN)/pytest -q
 
 $(LOWEST)/bin/uv:
@@ -29,7 +33,7 @@ $(LOWEST)/bin/uv:
 
 # The suite on the lowest versions of the direct dependencies that pyproject.toml allows: exact
 # pins, so versions left from an earlier run with other bounds are replaced.
-test-lowest: $(LOWEST)/bin/uv
+test-lowest: $(LOWEST)/bin/uv promtool
 	rm -f $(LOWEST)/requirements.txt  # uv would keep the pins of an earlier run
 	$(LOWEST)/bin/uv pip compile --quiet --python $(LOWEST)/bin/python \
 		--resolution lowest-direct --extra test --extra bench pyproject.toml \

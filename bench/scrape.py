@@ -9,13 +9,14 @@ lateness, now and then a 429 or a dead letter), then this process scrapes it ove
 Prometheus does (gzip accepted). The server's CPU time is read around the scrapes only.
 
 Reported per detail level: series, uncompressed and gzip bytes, CPU ms per scrape, wall ms,
-RSS after a first scrape, its peak during the measured ones and after them; and, in this
-process, what rendering alone (and with gzip) costs.
+RSS after a first scrape and after the measured ones, how far each scrape raised the peak RSS
+above the RSS just before it (the kernel's high-water mark, reset before each scrape); and, in
+this process, what rendering alone (and with gzip) costs.
 
     .venv/bin/python -m bench.scrape [--tenants 1000] [--scrapes 30]
 
 Targets at the default detail ("tenant"): <= 30,000 series, <= 3 MB, <= 20 ms CPU per scrape, no
-RSS growth across scrapes.
+transient RSS growth (under 1 MB above the RSS before the scrape).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import psutil
 from bench import common
 from syncd import catalogue
 from syncd.metrics import DETAILS, EngineStatus, Metrics, TenantStatus, zlib_gzip
+from syncd.ratelimit import TokenBucket
 from syncd.redisserver import free_port
 
 MB = 2**20
@@ -77,11 +79,25 @@ def populated(tenants: int, detail: str) -> Metrics:
         metrics.lateness(i / 1000)
         metrics.redis_error()
     metrics.set_fleet(3, tenants)
-    rows = [
-        TenantStatus(t, 20.0, 20.0 - t % 7, len(feeds), t % 10 == 0, t % 100 == 0)
-        for t in range(1, tenants + 1)
-    ]
-    metrics.set_status_source(lambda: EngineStatus(rows, redis_memory_full=False))
+    # As the daemon does: at each scrape, a row for each tenant not at rest (here 1 in 7 after a
+    # 429, 1 in 10 paused by one, 1 in 100 failing its token requests).
+    buckets = {t: TokenBucket(20.0, 10.0) for t in range(1, tenants + 1)}
+    for t in buckets:
+        metrics.set_rate_limit(t, 20.0)
+    for t, bucket in buckets.items():
+        if t % 7 == 0:
+            bucket.throttled(time.monotonic())
+
+    def status() -> EngineStatus:
+        now = time.monotonic()
+        rows = []
+        for t, b in buckets.items():
+            paused, failing = t % 10 == 0, t % 100 == 0
+            if paused or failing or b.current < b.rate:
+                rows.append(TenantStatus(t, b.allowed(now), len(feeds), paused, failing))
+        return EngineStatus(rows, redis_memory_full=False)
+
+    metrics.set_status_source(status)
     return metrics
 
 
@@ -131,6 +147,32 @@ def _scrape(url: str) -> tuple[bytes, bytes]:
         raw = resp.read()
         gzipped = resp.headers.get("Content-Encoding") == "gzip"
     return (gzip.decompress(raw) if gzipped else raw), raw
+
+
+class _HighWaterMark:
+    """The kernel's peak RSS of a process (VmHWM), reset now (clear_refs 5: Linux, owner or
+    root); growth_mb() is how far the peak rose above the RSS at reset, -1 if unavailable."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        try:
+            with open(f"/proc/{pid}/clear_refs", "w") as f:
+                f.write("5")
+            self.start = self._read("VmRSS")
+        except OSError:
+            self.start = -1.0
+
+    def _read(self, field: str) -> float:
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+        raise OSError(f"no {field}")
+
+    def growth_mb(self) -> float:
+        if self.start < 0:
+            return -1.0
+        return max(0.0, self._read("VmHWM") - self.start)
 
 
 def _cpu(ps: psutil.Process) -> float:
@@ -196,16 +238,18 @@ def measure(tenants: int, detail: str, scrapes: int) -> dict[str, Any]:
         time.sleep(0.5)
         rss_before = ps.memory_info().rss / MB
         # CPU ticks are 10 ms: add up many scrapes rather than read each one.
-        cpu_s, wall_ms = 0.0, []
+        cpu_s, wall_ms, transient = 0.0, [], []
         with common.PeakRss(proc.pid) as peak:
             for _ in range(scrapes):
                 tick()
                 time.sleep(0.05)  # let the server settle before the clock starts
+                hwm = _HighWaterMark(proc.pid)
                 cpu0, t0 = _cpu(ps), time.perf_counter()
                 text, wire = _scrape(url)
                 wall_ms.append((time.perf_counter() - t0) * 1000)
                 time.sleep(0.05)  # the server may still be closing the response
                 cpu_s += _cpu(ps) - cpu0
+                transient.append(hwm.growth_mb())
         rss_after = ps.memory_info().rss / MB
     finally:
         proc.kill()
@@ -222,6 +266,11 @@ def measure(tenants: int, detail: str, scrapes: int) -> dict[str, Any]:
         "rss_peak_during_mb": round(peak.peak_mb, 1),
         "rss_after_mb": round(rss_after, 1),
         "rss_growth_mb": round(rss_after - rss_before, 1),
+        # Peak RSS during a scrape over RSS just before it (VmHWM after resetting it).
+        "rss_transient_mb_max": round(max(transient), 2) if transient[0] >= 0 else None,
+        "rss_transient_mb_median": (
+            round(statistics.median(transient), 2) if transient[0] >= 0 else None
+        ),
         **_in_process(tenants, detail),
         "scrapes": scrapes,
     }
@@ -247,7 +296,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "series <= 30000": d["series"] <= 30_000,
         "bytes <= 3 MB": d["bytes"] <= 3_000_000,
         "cpu_ms_per_scrape <= 20": d["cpu_ms_per_scrape"] <= 20,
-        "no rss growth": d["rss_growth_mb"] < 1.0,
+        "no transient rss growth (< 1 MB)": 0 <= d["rss_transient_mb_max"] < 1.0,
     }
     common.write_result("scrape", figures, "n/a (no Redis involved)")
     return figures

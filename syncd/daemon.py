@@ -166,6 +166,7 @@ class Daemon:
         t = start.settings
         self.metrics.track_tenant(t.id)
         self.metrics.set_feeds(t.id, start.intervals(), start.last_ok)
+        self.metrics.set_rate_limit(t.id, t.requests_per_second)
         self.scheduler.add_tenant(t, tokens, start.feeds, start.delays)
         log.info("tenant_added", tenant=t.id, feeds=len(t.feeds), resumed=start.resumed)
 
@@ -366,6 +367,7 @@ class Daemon:
                 sched.tenants[t.id].tokens.set_credentials(t.client_id, t.client_secret)
             added, removed = sched.reconfigure_tenant(t, start.feeds)
             self.metrics.set_feeds(t.id, start.intervals(), start.last_ok)
+            self.metrics.set_rate_limit(t.id, t.requests_per_second)
             if added or removed:
                 log.info("tenant_feeds_changed", tenant=t.id, added=added, removed=removed)
 
@@ -590,22 +592,17 @@ class Daemon:
         return EXIT_OK
 
     def _engine_status(self) -> EngineStatus:
-        """What /metrics reports per tenant: one row each, read on the event loop."""
+        """What /metrics reports of the tenants not at rest, read on the event loop."""
         sched = self.scheduler
         if sched is None:
             return EngineStatus(())
         now = sched.clock()
-        rows = [
-            TenantStatus(
-                tenant=t.id,
-                rate_limit=t.settings.requests_per_second,
-                rate=t.bucket.allowed(now),
-                feeds=len(t.feeds),
-                rate_limit_paused=t.paused_until > now,
-                auth_failing=t.tokens.last_error is not None,
-            )
-            for t in sched.tenants.values()
-        ]
+        rows = []
+        for t in sched.tenants.values():
+            bucket, paused = t.bucket, t.paused_until > now
+            failing = t.tokens.last_error is not None
+            if paused or failing or bucket.current < bucket.rate:
+                rows.append(TenantStatus(t.id, bucket.allowed(now), len(t.feeds), paused, failing))
         return EngineStatus(
             rows,
             redis_memory_full=sched.memory_full,

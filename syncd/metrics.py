@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 
 from syncd.exposition import Family, Histogram, Key, Labels
+from syncd.staleness import Success
 
 Detail = Literal["tenant", "tenant_feed"]
 DETAILS: tuple[str, ...] = get_args(Detail)
@@ -98,10 +99,12 @@ def status_class(status: int | None) -> str:
 
 @dataclass(frozen=True, slots=True)
 class TenantStatus:
-    """What the engine knows about one tenant right now, read once per scrape."""
+    """What the engine knows about one tenant right now, read once per scrape.
+
+    A tenant without a row is at rest: allowed its configured rate, not paused, authenticated.
+    """
 
     tenant: int
-    rate_limit: float  # configured requests per second
     rate: float  # what the limiter allows now, lowered after 429s
     feeds: int
     rate_limit_paused: bool  # waiting out a 429
@@ -116,122 +119,6 @@ class EngineStatus:
 
 
 StatusSource = Callable[[], EngineStatus]
-
-
-class _Oldest:
-    """Timestamps by name, and which one is the oldest, recomputed only when it moved.
-
-    Successes arrive far more often than scrapes, but each scrape only needs the oldest per
-    group: a success of any feed but the oldest changes nothing, so most scrapes scan nothing.
-    """
-
-    __slots__ = ("oldest", "times")
-
-    def __init__(self) -> None:
-        self.times: dict[str, float] = {}
-        self.oldest: str | None = None  # None: to be found again
-
-    def set(self, name: str, ts: float) -> None:
-        self.times[name] = ts
-        if name == self.oldest:
-            self.oldest = None
-        elif self.oldest is not None and ts < self.times[self.oldest]:
-            self.oldest = name
-
-    def pop(self, name: str) -> None:
-        self.times.pop(name, None)
-        if name == self.oldest:
-            self.oldest = None
-
-    def min(self) -> float:
-        if self.oldest is None:
-            self.oldest = min(self.times, key=self.times.__getitem__)
-        return self.times[self.oldest]
-
-
-Index = dict[str, dict[float, _Oldest]]
-
-
-class _Success:
-    """When each feed last succeeded, grouped by poll interval, per tenant and per feed.
-
-    `by_tenant[tenant][interval]` (by feed) and `by_feed[feed][interval]` (by tenant) hold the
-    same unix times: the last applied page, or when the feed was first scheduled until then, so
-    that a feed that never succeeds still ages. Within an interval group the stalest feed is the
-    oldest; across groups, the one furthest behind relative to its interval.
-    """
-
-    def __init__(self) -> None:
-        self.interval: dict[tuple[str, str], float] = {}
-        self.by_tenant: Index = {}
-        self.by_feed: Index = {}
-
-    def get(self, tenant: str, feed: str) -> float | None:
-        interval = self.interval.get((tenant, feed))
-        if interval is None:
-            return None
-        return self.by_tenant[tenant][interval].times[feed]
-
-    def set(self, tenant: str, feed: str, interval: float, ts: float) -> None:
-        interval = _compact(interval)
-        old = self.interval.get((tenant, feed))
-        if old is not None and old != interval:
-            self.remove(tenant, feed)
-        self.interval[(tenant, feed)] = interval
-        self.by_tenant.setdefault(tenant, {}).setdefault(interval, _Oldest()).set(feed, ts)
-        self.by_feed.setdefault(feed, {}).setdefault(interval, _Oldest()).set(tenant, ts)
-
-    def touch(self, tenant: str, feed: str, ts: float) -> None:
-        interval = self.interval.get((tenant, feed))
-        if interval is not None:
-            self.by_tenant[tenant][interval].set(feed, ts)
-            self.by_feed[feed][interval].set(tenant, ts)
-
-    def remove(self, tenant: str, feed: str) -> None:
-        interval = self.interval.pop((tenant, feed), None)
-        if interval is None:
-            return
-        for index, outer, inner in ((self.by_tenant, tenant, feed), (self.by_feed, feed, tenant)):
-            groups = index[outer]
-            groups[interval].pop(inner)
-            if not groups[interval].times:
-                del groups[interval]
-            if not groups:
-                del index[outer]
-
-    def feeds_of(self, tenant: str) -> list[str]:
-        return [f for group in self.by_tenant.get(tenant, {}).values() for f in group.times]
-
-    @staticmethod
-    def stalest(index: Index, now: float) -> tuple[dict[Key, float], dict[Key, float]]:
-        """Per key: seconds since success of its feed furthest behind, and that poll interval."""
-        ages: dict[Key, float] = {}
-        intervals: dict[Key, float] = {}
-        for name, groups in index.items():
-            behind, age, interval = -1.0, 0.0, 0.0
-            for each, group in groups.items():
-                oldest = group.oldest
-                since = now - (group.times[oldest] if oldest is not None else group.min())
-                if since / each > behind:
-                    behind, age, interval = since / each, since, each
-            # Whole seconds: enough against intervals of minutes, and an int is written in half
-            # the time of a float. A success slightly ahead of this clock is skew: zero.
-            ages[(name,)] = int(age) if age > 0 else 0
-            intervals[(name,)] = interval
-        return ages, intervals
-
-    def rows(self, now: float) -> dict[Key, float]:
-        return {
-            (t, f): round(max(0.0, now - ts), 3)
-            for t, groups in self.by_tenant.items()
-            for group in groups.values()
-            for f, ts in group.times.items()
-        }
-
-
-def _compact(value: float) -> float:
-    """A whole number as an int, which the text format writes faster than a float."""
-    return int(value) if value.is_integer() else value
 
 
 @dataclass(slots=True)
@@ -383,7 +270,9 @@ class Metrics:
         ]
         self._tenant_labels_all = {family.labels for family in self._tenant_families}
         self._forgotten: set[str] = set()
-        self._success = _Success()
+        self._limits: dict[Key, float] = {}  # configured requests per second, by tenant
+        self._not_paused: dict[Key, float] = {}  # feeds_paused{reason="rate_limit"} at rest
+        self._success = Success()
         self._status: StatusSource | None = None
         self._render_lock = asyncio.Lock()
         # Tenants no longer configured: a request or page still in flight for one of them when
@@ -488,6 +377,13 @@ class Metrics:
         if str(tenant) not in self._retired:
             self.feeds_paused.values[(str(tenant), reason)] = count
 
+    def set_rate_limit(self, tenant: int, requests_per_second: float) -> None:
+        """The tenant's configured requests per second (at start and each reload)."""
+        t = str(tenant)
+        if t not in self._retired:
+            self._limits[(t,)] = requests_per_second
+            self._not_paused[(t, "rate_limit")] = 0
+
     def set_fleet(self, members: int, tenants_owned: int) -> None:
         """The fleet's live members as this instance sees them, and the tenants it owns."""
         self.fleet.values[()] = members
@@ -496,7 +392,8 @@ class Metrics:
     def set_status_source(self, fn: StatusSource) -> None:
         """Read the engine's per-tenant state from `fn` once per scrape, on the event loop.
 
-        It costs one row per tenant, not per feed: rate limits, 429 pauses, failing tokens.
+        Rows are needed only for tenants not at rest (a lowered rate, a 429 pause, a failing
+        token): the others show their configured rate (`set_rate_limit`), no pause, no failure.
         """
         self._status = fn
 
@@ -509,6 +406,8 @@ class Metrics:
             self._success.remove(t, feed)
         for family in self._tenant_families:
             family.drop_where(t)
+        self._limits.pop((t,), None)
+        self._not_paused.pop((t, "rate_limit"), None)
         # Their label strings belong to the render thread: it drops them at its next render.
         self._forgotten.add(t)
 
@@ -528,23 +427,25 @@ class Metrics:
             self.token_renewals_total,
         ):
             counters.append((family, family.values.copy()))
-        ages, intervals = self._success.stalest(self._success.by_tenant, now)
+        ages, intervals = self._success.by_tenant.stalest(now)
         counters.append((g["syncd_tenant_seconds_since_success"], ages))
         counters.append((g["syncd_tenant_poll_interval_seconds"], intervals))
         paused = self.feeds_paused.values.copy()
         polling: dict[Key, float] = {}
         if self._status is not None:
             status = self._status()
-            limit: dict[Key, float] = {}
-            allowed: dict[Key, float] = {}
-            failing: dict[Key, float] = {}
+            # Tenants at rest cost two dict copies; only the rows given cost Python work.
+            limits = self._limits.copy()
+            allowed = limits.copy()
+            failing: dict[Key, float] = dict.fromkeys(limits, 0)
+            paused.update(self._not_paused)
             for row in status.tenants:
                 tk = (str(row.tenant),)
-                limit[tk] = _compact(row.rate_limit)
-                allowed[tk] = _compact(round(row.rate, 2))
-                failing[tk] = int(row.auth_failing)
-                paused[(tk[0], "rate_limit")] = row.feeds if row.rate_limit_paused else 0
-            counters.append((g["syncd_tenant_requests_per_second_limit"], limit))
+                if tk in limits:  # else removed meanwhile
+                    allowed[tk] = round(row.rate, 2)
+                    failing[tk] = int(row.auth_failing)
+                    paused[(tk[0], "rate_limit")] = row.feeds if row.rate_limit_paused else 0
+            counters.append((g["syncd_tenant_requests_per_second_limit"], limits))
             counters.append((g["syncd_tenant_requests_per_second_allowed"], allowed))
             counters.append((g["syncd_tenant_auth_failing"], failing))
             polling = {
@@ -554,7 +455,7 @@ class Metrics:
         counters.append((self.feeds_paused, paused))
         for key, _, _ in RECORD_COUNTERS:
             counters.append((self._per_feed[key], self._per_feed[key].values.copy()))
-        ages, intervals = self._success.stalest(self._success.by_feed, now)
+        ages, intervals = self._success.by_feed.stalest(now)
         counters.append((g["syncd_feed_oldest_seconds_since_success"], ages))
         counters.append((g["syncd_feed_poll_interval_seconds"], intervals))
         counters.append((self.redis_errors_total, self.redis_errors_total.values.copy()))

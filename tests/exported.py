@@ -47,7 +47,8 @@ def every_event_metrics() -> Metrics:
     m.lateness(0.1)
     m.set_feeds_paused(1, 1)
     m.set_fleet(2, 1)
-    m.set_status_source(lambda: EngineStatus([TenantStatus(1, 20.0, 10.0, 1, True, True)]))
+    m.set_rate_limit(1, 20.0)
+    m.set_status_source(lambda: EngineStatus([TenantStatus(1, 10.0, 1, True, True)]))
     return m
 
 
