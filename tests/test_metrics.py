@@ -253,10 +253,15 @@ def test_render_matches_the_registry_at_each_detail() -> None:
         assert {(k[0], k[1], v) for k, v in samples(m).items()} == reference
 
 
-async def test_render_async_gzip() -> None:
+async def test_render_http_compresses_from_the_size_asked() -> None:
     m = busy(2, 2)
     plain = await m.render_async()
-    assert gzip.decompress(await m.render_async(gzip=True)) == plain == m.render()
+    assert plain == m.render()
+    body, compressed = await m.render_http(1024)
+    assert compressed
+    assert gzip.decompress(body) == plain
+    assert await m.render_http(len(plain) + 1) == (plain, False)
+    assert await m.render_http(None) == (plain, False)
 
 
 def test_unknown_detail_is_refused() -> None:
