@@ -4,8 +4,9 @@
     BENCH_ONLY=backfill,freshness .venv/bin/python -m bench
 
 Sizes: BENCH_BACKFILL_RECORDS, BENCH_STEADY_TENANTS, BENCH_STEADY_WINDOW, BENCH_RATELIMIT_RECORDS,
-BENCH_FRESHNESS_WINDOW, BENCH_HANGING_RECORDS (see each module's --help). A missed target is
-reported, not an error; the exit status is 1 only when a benchmark could not run.
+BENCH_FRESHNESS_WINDOW, BENCH_HANGING_RECORDS, BENCH_SCRAPE_TENANTS, BENCH_SCRAPE_SCRAPES (see
+each module's --help). A missed target is reported, not an error; the exit status is 1 only
+when a benchmark could not run.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from bench import (
     hanging,
     ratelimit,
     retention,
+    scrape,
     steady,
 )
 
@@ -177,6 +179,37 @@ def _rows_hanging(f: dict[str, Any]) -> list[Row]:
     ]
 
 
+def _rows_scrape(f: dict[str, Any]) -> list[Row]:
+    d, full = f["tenant"], f["tenant_feed"]
+    return [
+        (
+            "series (1,000 tenants x 55 feeds)",
+            f"{d['series']:,}",
+            "<= 30,000",
+            d["series"] <= 30_000,
+        ),
+        ("scrape bytes", f"{d['bytes']:,}", "<= 3 MB", d["bytes"] <= 3_000_000),
+        (
+            "CPU ms per scrape (gzip)",
+            f"{d['cpu_ms_per_scrape']:.1f}",
+            "<= 20",
+            d["cpu_ms_per_scrape"] <= 20,
+        ),
+        (
+            "transient RSS MB per scrape (max)",
+            f"{d['rss_transient_mb_max']}",
+            "< 1",
+            0 <= d["rss_transient_mb_max"] < 1,
+        ),
+        (
+            "tenant_feed: series, CPU ms",
+            f"{full['series']:,}, {full['cpu_ms_per_scrape']:.0f}",
+            "",
+            None,
+        ),
+    ]
+
+
 BENCHMARKS: dict[
     str, tuple[Callable[[], dict[str, Any]], Callable[[dict[str, Any]], list[Row]]]
 ] = {
@@ -187,6 +220,7 @@ BENCHMARKS: dict[
     "steady": (lambda: steady.run(steady.parser().parse_args([])), _rows_steady),
     "retention": (lambda: retention.run([50_000, 1_000_000], 900), _rows_retention),
     "hanging": (lambda: hanging.run(hanging.parser().parse_args([])), _rows_hanging),
+    "scrape": (lambda: scrape.run(scrape.parser().parse_args([])), _rows_scrape),
 }
 
 
