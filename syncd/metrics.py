@@ -73,8 +73,6 @@ RECORD_COUNTERS = (
 # Why feeds are not polled (the `reason` label of `syncd_feeds_paused`): a consumer group lags
 # more than `[streams] max_lag`, or the tenant waits out a 429.
 PAUSE_REASONS = ("consumer_lag", "rate_limit")
-# Why nothing is polled at all (`syncd_polling_paused`).
-POLLING_PAUSE_REASONS = ("redis_memory", "redis_unavailable")
 
 
 # One thread renders (and compresses) every scrape: with a pool, each thread that happens to
@@ -114,6 +112,8 @@ class TenantStatus:
 
 @dataclass(frozen=True, slots=True)
 class EngineStatus:
+    """The tenants not at rest, and whether polling has stopped for Redis."""
+
     tenants: Sequence[TenantStatus]
     redis_memory_full: bool = False
     redis_unavailable: bool = False
@@ -375,7 +375,10 @@ class Metrics:
         self.schedule_lateness_seconds.observe((), max(0.0, seconds))
 
     def set_feeds_paused(self, tenant: int, count: int, reason: str = "consumer_lag") -> None:
-        """Set how many of the tenant's feeds are held back right now, and why."""
+        """Set how many of the tenant's feeds are held back right now, and why (one of
+        PAUSE_REASONS: a label with few values, never free text)."""
+        if reason not in PAUSE_REASONS:
+            raise ValueError(f"pause reason {reason!r}: expected one of {', '.join(PAUSE_REASONS)}")
         if str(tenant) not in self._retired:
             self.feeds_paused.values[(str(tenant), reason)] = count
 

@@ -264,6 +264,11 @@ async def test_render_http_compresses_from_the_size_asked() -> None:
     assert await m.render_http(None) == (plain, False)
 
 
+def test_pause_reasons_are_a_closed_set() -> None:
+    with pytest.raises(ValueError, match="consumer_lag, rate_limit"):
+        Metrics().set_feeds_paused(1, 2, reason="group g1 has 9 unacknowledged events")
+
+
 def test_unknown_detail_is_refused() -> None:
     with pytest.raises(ValueError, match="tenant, tenant_feed"):
         Metrics(detail="feed")  # type: ignore[arg-type]
