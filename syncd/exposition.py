@@ -116,12 +116,14 @@ class Family:
         if values == shown:
             out.append(self._chunk)
             return
-        if shown.keys() - values.keys():
+        name, label, was = self.name, self.labels.get, shown.get
+        changed = [(key, v) for key, v in values.items() if was(key) != v]
+        added = sum(key not in shown for key, _ in changed)
+        if len(shown) + added != len(values):  # some series are gone (a tenant removed)
             for key in shown.keys() - values.keys():
                 del shown[key], lines[key]
-        name, label, was = self.name, self.labels.get, shown.get
         # Order within a family does not matter to Prometheus: lines stay where they were.
-        for key, v in [(key, v) for key, v in values.items() if was(key) != v]:
+        for key, v in changed:
             shown[key] = v
             lines[key] = f"{name}{label(key)} {v!r}\n"
         self._chunk = "".join(lines.values())
