@@ -74,6 +74,8 @@ def populated(tenants: int, detail: str) -> Metrics:
             metrics.page(tenant, feed, 100 + i, 10, 90 + i, 0.05 * (i % 20))
             if (tenant + i) % 50 == 0:
                 metrics.dead_letter(tenant, feed, 1)
+            if (tenant + i) % 30 == 0:
+                metrics.stale_records(tenant, feed, 2)
         metrics.set_feeds_paused(tenant, tenant % 3)
     for i in range(1000):
         metrics.lateness(i / 1000)

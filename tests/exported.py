@@ -41,6 +41,7 @@ def every_event_metrics() -> Metrics:
         m.request(1, status)
     m.page(1, "crm.customers", 10, 5, 5, 0.2)
     m.dead_letter(1, "crm.customers")
+    m.stale_records(1, "crm.customers", 1)
     m.rate_limited(1, 3.0)
     m.token_renewed(1)
     m.redis_error()

@@ -55,6 +55,7 @@ def busy(tenants: int, feeds: int, detail: str = "tenant", clock: Clock | None =
         for name in names:
             m.page(t, name, 3, 2, 1, 0.3)
             m.dead_letter(t, name)
+            m.stale_records(t, name, 2)
         m.rate_limited(t, 2.0)
         m.token_renewed(t)
         m.set_feeds_paused(t, 1)
@@ -78,10 +79,11 @@ def test_series_count_formula_at_each_detail(tenants: int, feeds: int) -> None:
     per_feed = r + 2 + page_histogram
     statuses = len(STATUSES) * n
     default = per_tenant * n + statuses + per_feed * f + unlabelled
-    assert (per_tenant, per_feed, unlabelled) == (15, 20, 17)
+    assert (per_tenant, per_feed, unlabelled) == (16, 21, 17)
     assert len(samples(busy(n, f))) == default
-    # Tenant x feed: four record counters, time since success, and here a dead letter each.
-    assert len(samples(busy(n, f, "tenant_feed"))) == default + 6 * n * f
+    # Tenant x feed: four record counters, time since success, and here a dead letter and a
+    # stale record each.
+    assert len(samples(busy(n, f, "tenant_feed"))) == default + 7 * n * f
 
 
 def test_default_detail_never_labels_tenant_and_feed_together() -> None:
