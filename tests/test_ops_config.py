@@ -84,6 +84,24 @@ def test_daemon_refuses_the_same_url_with_exit_2(tmp_path: Path) -> None:
     assert PASSWORD not in res.stderr
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"redis://127.0.0.1:6379/0?password={PASSWORD}&socket_timeout=abc",
+        f"redis://127.0.0.1:abc/0?username=syncd&password={PASSWORD}",
+        f"rediss://127.0.0.1:6379/0?ssl_cert_reqs=bogus&ssl_password={PASSWORD}",
+    ],
+)
+def test_a_password_in_the_query_string_is_not_echoed(tmp_path: Path, url: str) -> None:
+    # redis-py takes `?password=` as the password: it is as secret as one in the user info.
+    res = check_config(tmp_path, base(url=url))
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "syncd.toml: redis.url: " in res.stderr
+    assert PASSWORD not in res.stderr + res.stdout
+    assert PASSWORD not in repr(config.RedisConfig(url=url))
+    assert "password=***" in repr(config.RedisConfig(url=url))
+
+
 def test_good_credentialed_url_passes_and_is_not_echoed(tmp_path: Path) -> None:
     res = check_config(tmp_path, base(url=f"rediss://syncd:{PASSWORD}@redis.example:6380/2"))
     assert res.returncode == 0, res.stderr
