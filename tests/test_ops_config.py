@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -232,6 +233,31 @@ def test_directory_and_empty_files_are_refused(tmp_path: Path) -> None:
         resolve(with_secret_file(tmp_path))
     with pytest.raises(config.ConfigError, match="is empty"):
         resolve(with_secret_file(private(tmp_path / "e", "\n")))
+
+
+@pytest.mark.parametrize("insecure", [False, True])
+def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path: Path, insecure: bool) -> None:
+    fifo = tmp_path / "s"
+    os.mkfifo(fifo, 0o600)
+    errors: list[str] = []
+
+    def read() -> None:
+        try:
+            resolve(with_secret_file(fifo, allow_insecure_secret_files=insecure))
+        except config.ConfigError as exc:
+            errors.append(str(exc))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(30)
+    hung = reader.is_alive()
+    if hung:
+        with open(fifo, "w"):  # releases the reader blocked in open()
+            pass
+        reader.join(30)
+    assert not hung, "opening a FIFO waited for a writer"
+    assert errors
+    assert "not a regular file" in errors[0]
 
 
 # -- reprs ---------------------------------------------------------------------------------
