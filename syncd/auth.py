@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable
 
@@ -26,6 +27,8 @@ FAILURE_HOLD_S = 2.0
 MAX_TOKEN_BODY_BYTES = 64 * 1024
 # A token request that has not been answered by then fails (and is retried with backoff).
 DEFAULT_TIMEOUT_S = 10.0
+# What a bearer token may hold to be sent in a header: visible ASCII, at least one character.
+_HEADER_SAFE = re.compile(r"[\x21-\x7e]+")
 
 
 class _TokenResponse(msgspec.Struct):
@@ -161,6 +164,12 @@ class TokenProvider:
             parsed = msgspec.json.decode(body, type=_TokenResponse)
         except (ValueError, RecursionError):  # msgspec's DecodeError, invalid UTF-8
             raise TransientError("token endpoint answered unreadable JSON") from None
+        if _HEADER_SAFE.fullmatch(parsed.access_token) is None:
+            # It goes into the Authorization header of every request: control characters would
+            # fail each of them (or split the header), an empty one would be a 401 loop.
+            raise TransientError(
+                "token endpoint answered an unusable access_token (empty, or not visible ASCII)"
+            )
         if generation != self._generation:
             # The credentials changed while this grant was under way: its token is stale.
             raise TransientError("credentials changed during the token request")

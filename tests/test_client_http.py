@@ -207,6 +207,26 @@ async def test_a_token_redirect_is_not_followed(session: aiohttp.ClientSession) 
     assert evil.seen == []
 
 
+@pytest.mark.parametrize("token", ["zq-1\r\nX-Injected: 1", "zq\x00-1-live", "", "zq 1 live"])
+async def test_a_token_that_cannot_be_a_header_is_refused(
+    session: aiohttp.ClientSession, token: str
+) -> None:
+    """An access token with control characters, spaces or nothing in it is the token
+    endpoint's error, not a request that fails (or splits its headers) at every poll."""
+
+    async def token_endpoint(request: web.Request) -> web.Response:
+        return web.json_response({"access_token": token, "expires_in": 900})
+
+    async def exports(request: web.Request) -> web.Response:
+        return web.Response(body=page(RECORDS), content_type="application/json")
+
+    async with serve(exports, token=token_endpoint) as up:
+        with pytest.raises(TransientError, match="unusable access_token") as info:
+            await fetch(session, up)
+        assert up.paths() == ["/connect/token"]
+    assert "zq" not in str(info.value)
+
+
 async def test_a_cookie_from_one_tenant_is_not_sent_for_another(
     session: aiohttp.ClientSession,
 ) -> None:
