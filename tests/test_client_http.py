@@ -323,6 +323,37 @@ async def test_a_page_echoing_a_credential_is_not_applied(
             await fetch(session, up)
 
 
+async def test_a_page_echoing_an_escaped_credential_is_not_applied(
+    session: aiohttp.ClientSession,
+) -> None:
+    """Serialisers escape what they echo (`\\u002B` for `+` in .NET, `\\/` in others); a
+    cursor's JSON escapes are undone when it is decoded, so whatever they spell is stored."""
+    app_key = "ak1.Zx9+Qw/Er7=Ty8Ui"
+    token = "tok-1-live-4f1c9e"
+    dotnet = app_key.replace("+", "\\u002B")
+    every_char = "".join(f"\\u{ord(c):04x}" for c in token)
+
+    def envelope(cursor: str, value: str = "x") -> str:
+        # By hand: json.dumps would escape the escapes.
+        record = '{"id": 1, "k": "' + value + '"}'
+        return '{"hasMore": false, "continueFrom": "' + cursor + '", "data": [' + record + "]}"
+
+    bodies = [envelope("c2", dotnet), envelope(app_key.replace("/", "\\/")), envelope(every_char)]
+
+    async def token_endpoint(request: web.Request) -> web.Response:
+        return web.json_response({"access_token": token, "expires_in": 900})
+
+    async def exports(request: web.Request) -> web.Response:
+        return web.Response(text=bodies.pop(0), content_type="application/json")
+
+    async with serve(exports, token=token_endpoint) as up:
+        client = ExportClient(session, up.url, Secret(app_key))
+        provider = tokens(session, up)
+        for _ in range(3):
+            with pytest.raises(TransientError, match="credential it was sent; not applied"):
+                await client.fetch(provider, CUSTOMERS, None, include_recent_changes=False)
+
+
 async def test_the_simulators_gzip_pages_and_gateway_error_pages(
     session: aiohttp.ClientSession,
 ) -> None:
