@@ -126,6 +126,8 @@ class OpsServer:
         self._refresher: asyncio.Task[None] | None = None
         self._ready: tuple[bool, dict[str, object]] = (False, {"reasons": ["starting"]})
         self.readiness_checks = 0
+        self._render: asyncio.Future[bytes] | None = None
+        self._gzipped: tuple[bytes, asyncio.Future[bytes]] | None = None
         self.port = 0
 
     async def start(self) -> None:
@@ -190,15 +192,27 @@ class OpsServer:
         return await self._metrics(request)
 
     async def _metrics(self, request: Request) -> Response:
-        body = await self.metrics.render_async()
+        # Scrapes arriving while a render runs share its output: a flood of them costs one
+        # render at a time, not one each, and holds one body in memory, not one each.
+        render = self._render
+        if render is None or render.done():
+            render = self._render = asyncio.ensure_future(self.metrics.render_async())
+        body = await asyncio.shield(render)
         headers = {}
-        # Thousands of tenants make tens of megabytes of text that compresses over tenfold;
-        # compressed off the event loop.
         accepts = request.headers.get("accept-encoding", "").lower()
         if len(body) >= COMPRESS_MIN_BYTES and "gzip" in accepts:
-            body = await asyncio.to_thread(gzip.compress, body, 5)
+            body = await self._gzip(body)
             headers["Content-Encoding"] = "gzip"
         return Response(200, body, CONTENT_TYPE, headers)
+
+    async def _gzip(self, body: bytes) -> bytes:
+        # Thousands of tenants make tens of megabytes of text that compresses over tenfold;
+        # compressed off the event loop, once for all the scrapes sharing a render.
+        cached = self._gzipped
+        if cached is None or cached[0] is not body:
+            task = asyncio.ensure_future(asyncio.to_thread(gzip.compress, body, 5))
+            cached = self._gzipped = (body, task)
+        return await asyncio.shield(cached[1])
 
     def _healthz(self) -> Response:
         # Answering at all proves the event loop runs; liveness adds that the scheduler does.
