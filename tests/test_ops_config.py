@@ -110,6 +110,21 @@ def test_good_credentialed_url_passes_and_is_not_echoed(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("field", "url"),
+    [
+        ("auth_url", f"htps://client:{PASSWORD}@auth.example/connect/token"),
+        ("api_url", f"api.example/?password={PASSWORD}"),
+    ],
+)
+def test_a_mistyped_servicetitan_url_is_not_echoed_with_its_password(field: str, url: str) -> None:
+    data = base()
+    data["servicetitan"][field] = url
+    with pytest.raises(config.ConfigError, match=f"servicetitan.{field}: expected an http") as info:
+        config.parse(data, "t.toml")
+    assert PASSWORD not in str(info.value)
+
+
+@pytest.mark.parametrize(
     ("redis", "key", "message"),
     [
         ({"tls_ca_file": "/x"}, "redis.tls_ca_file", "needs a rediss:// URL"),
