@@ -21,6 +21,10 @@ log = structlog.get_logger("syncd.auth")
 
 # Renew this long before expiry, so that a request never leaves with a token about to lapse.
 RENEW_MARGIN_S = 60.0
+# A token is kept at least this long, whatever `expires_in` says: a careless endpoint answering
+# 0 or less would otherwise be asked again before every request. A token that really expired
+# gets a 401, which renews it.
+MIN_TOKEN_LIFE_S = 1.0
 # Callers queued behind a failed renewal share its error for this long instead of retrying.
 FAILURE_HOLD_S = 2.0
 # A token answer is a small JSON object; more than this is not one.
@@ -176,8 +180,9 @@ class TokenProvider:
         self._token = parsed.access_token
         redact.register(("token", self.tenant), parsed.access_token)
         # Short-lived tokens (tests, the simulator) renew at 90% of their life.
-        margin = min(RENEW_MARGIN_S, parsed.expires_in * 0.1)
-        self._expires_at = self._clock() + parsed.expires_in - margin
+        life = max(parsed.expires_in, MIN_TOKEN_LIFE_S)
+        margin = min(RENEW_MARGIN_S, life * 0.1)
+        self._expires_at = self._clock() + life - margin
         self.renewals += 1
         if self._on_renewal is not None:
             self._on_renewal(self.tenant)

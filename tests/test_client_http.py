@@ -227,6 +227,27 @@ async def test_a_token_that_cannot_be_a_header_is_refused(
     assert "zq" not in str(info.value)
 
 
+@pytest.mark.parametrize("expires_in", [0, -5])
+async def test_a_token_said_to_live_no_time_is_not_renewed_before_every_request(
+    session: aiohttp.ClientSession, expires_in: int
+) -> None:
+    async def token_endpoint(request: web.Request) -> web.Response:
+        return web.json_response({"access_token": "tok-1-live-4f1c9e", "expires_in": expires_in})
+
+    async def exports(request: web.Request) -> web.Response:
+        return web.Response(body=page(RECORDS), content_type="application/json")
+
+    async with serve(exports, token=token_endpoint) as up:
+        client = ExportClient(session, up.url, Secret(APP_KEY))
+        # A clock standing still: the five requests fall within the token's least life.
+        provider = TokenProvider(
+            session, up.url + "/connect/token", 1, "client-1", Secret("secret-1"), clock=lambda: 1e3
+        )
+        for _ in range(5):
+            await client.fetch(provider, CUSTOMERS, None, include_recent_changes=False)
+    assert up.paths().count("/connect/token") == 1
+
+
 async def test_a_cookie_from_one_tenant_is_not_sent_for_another(
     session: aiohttp.ClientSession,
 ) -> None:
