@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable
 
@@ -20,12 +21,18 @@ log = structlog.get_logger("syncd.auth")
 
 # Renew this long before expiry, so that a request never leaves with a token about to lapse.
 RENEW_MARGIN_S = 60.0
+# A token is kept at least this long, whatever `expires_in` says: a careless endpoint answering
+# 0 or less would otherwise be asked again before every request. A token that really expired
+# gets a 401, which renews it.
+MIN_TOKEN_LIFE_S = 1.0
 # Callers queued behind a failed renewal share its error for this long instead of retrying.
 FAILURE_HOLD_S = 2.0
 # A token answer is a small JSON object; more than this is not one.
 MAX_TOKEN_BODY_BYTES = 64 * 1024
 # A token request that has not been answered by then fails (and is retried with backoff).
 DEFAULT_TIMEOUT_S = 10.0
+# What a bearer token may hold to be sent in a header: visible ASCII, at least one character.
+_HEADER_SAFE = re.compile(r"[\x21-\x7e]+")
 
 
 class _TokenResponse(msgspec.Struct):
@@ -161,14 +168,21 @@ class TokenProvider:
             parsed = msgspec.json.decode(body, type=_TokenResponse)
         except (ValueError, RecursionError):  # msgspec's DecodeError, invalid UTF-8
             raise TransientError("token endpoint answered unreadable JSON") from None
+        if _HEADER_SAFE.fullmatch(parsed.access_token) is None:
+            # It goes into the Authorization header of every request: control characters would
+            # fail each of them (or split the header), an empty one would be a 401 loop.
+            raise TransientError(
+                "token endpoint answered an unusable access_token (empty, or not visible ASCII)"
+            )
         if generation != self._generation:
             # The credentials changed while this grant was under way: its token is stale.
             raise TransientError("credentials changed during the token request")
         self._token = parsed.access_token
         redact.register(("token", self.tenant), parsed.access_token)
         # Short-lived tokens (tests, the simulator) renew at 90% of their life.
-        margin = min(RENEW_MARGIN_S, parsed.expires_in * 0.1)
-        self._expires_at = self._clock() + parsed.expires_in - margin
+        life = max(parsed.expires_in, MIN_TOKEN_LIFE_S)
+        margin = min(RENEW_MARGIN_S, life * 0.1)
+        self._expires_at = self._clock() + life - margin
         self.renewals += 1
         if self._on_renewal is not None:
             self._on_renewal(self.tenant)

@@ -65,7 +65,6 @@ class ExportClient:
         self._api = api_url.rstrip("/")
         self._app_key = app_key
         self._metrics = metrics
-        self._app_key_bytes = app_key.reveal().encode()
         redact.register("app_key", app_key.reveal())
 
     async def fetch(
@@ -112,14 +111,19 @@ class ExportClient:
                     raise BodyTooLarge(
                         f"page body over {MAX_BODY_BYTES} bytes (MAX_BODY_BYTES); not decoded"
                     )
-                sent = (self._app_key_bytes, token.encode(), *tokens.secrets_sent())
-                if any(
-                    len(secret) >= redact.MIN_SECRET_CHARS and secret in body for secret in sent
-                ):
+                sent = [self._app_key.reveal(), token, *(s.decode() for s in tokens.secrets_sent())]
+                sent = [s for s in sent if len(s) >= redact.MIN_SECRET_CHARS]
+                if any(form.encode() in body for s in sent for form in redact.encodings(s)):
                     # A page echoing what it was sent would put a credential into Redis as a
                     # cursor or an event: it is not applied.
                     raise TransientError("page contains a credential it was sent; not applied")
-                return decode_checked(body, feed, elapsed)
+                page = decode_checked(body, feed, elapsed)
+                if any(s in page.continue_from for s in sent):
+                    # Escaped in the JSON beyond the usual forms, but stored decoded.
+                    raise TransientError(
+                        "page's continueFrom contains a credential it was sent; not applied"
+                    )
+                return page
             if status in REDIRECTS:
                 raise TransientError(redirect_error(status, location, url, "the API"))
             text = _problem_text(body, content_type, cut=over)

@@ -19,7 +19,7 @@ from typing import Any, Literal, TypeVar
 
 import msgspec
 
-from syncd import catalogue
+from syncd import catalogue, redact
 from syncd.keys import DEFAULT_PREFIX
 from syncd.redisurl import check_url, redact_url
 from syncd.secretfiles import SecretFileError, read_secret_file
@@ -368,7 +368,9 @@ def _check(cfg: Config, name: str) -> None:
     for field in ("auth_url", "api_url"):
         value = getattr(st, field)
         if value is not None and not value.startswith(("http://", "https://")):
-            raise _fail(name, f"servicetitan.{field}", f"expected an http(s) URL, got {value!r}")
+            # Shown as redacted: a mistyped URL may still carry a password.
+            shown = redact.redact(value)
+            raise _fail(name, f"servicetitan.{field}", f"expected an http(s) URL, got {shown!r}")
     _check_redis(cfg.redis, name)
     if not cfg.redis.key_prefix or "{" in cfg.redis.key_prefix:
         raise _fail(name, "redis.key_prefix", "must be non-empty and without '{'")

@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 
 from syncd import config, log
 from syncd.daemon import Daemon
+from syncd.keys import Keys
 from syncd.redisserver import RedisServer, reachable
 from syncd.redisurl import redact_url
 from syncd.simulator.testing import SimulatorProcess
@@ -90,17 +91,20 @@ def _redis(url: str | None, private: bool, guard: Guard) -> tuple[str, RedisServ
     return server.url, server
 
 
-async def _clear(client: aioredis.Redis, prefix: str) -> None:
-    """Remove the demo's keys: its cursors belong to a simulator that is gone."""
-    async for key in client.scan_iter(match=f"{prefix}:*", count=1000):
-        await client.delete(key)
+async def _clear(client: aioredis.Redis, prefix: str, tenants: list[int]) -> None:
+    """Remove the demo's keys: its cursors belong to a simulator that is gone. Only its own
+    tenants' keys: the Redis may be someone's, with other keys under the same prefix."""
+    for tenant in tenants:
+        async for key in client.scan_iter(match=f"{Keys(prefix, tenant).base}:*", count=1000):
+            await client.delete(key)
 
 
 async def _run(cfg: config.Config) -> int:
     settings = config.resolve(cfg)
     daemon = Daemon(settings)
     client = aioredis.Redis.from_url(cfg.redis.url)
-    await _clear(client, cfg.redis.key_prefix)
+    tenants = [t.id for t in settings.tenants]
+    await _clear(client, cfg.redis.key_prefix, tenants)
     stop = asyncio.Event()
     viewers = [
         asyncio.create_task(
@@ -128,7 +132,7 @@ async def _run(cfg: config.Config) -> int:
         stop.set()
         await asyncio.gather(*viewers, return_exceptions=True)
         with contextlib.suppress(Exception):
-            await _clear(client, cfg.redis.key_prefix)
+            await _clear(client, cfg.redis.key_prefix, tenants)
         await client.aclose()
 
 

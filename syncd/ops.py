@@ -125,6 +125,7 @@ class OpsServer:
         self._refresher: asyncio.Task[None] | None = None
         self._ready: tuple[bool, dict[str, object]] = (False, {"reasons": ["starting"]})
         self.readiness_checks = 0
+        self._renders: dict[bool, asyncio.Future[tuple[bytes, bool]]] = {}
         self.port = 0
 
     async def start(self) -> None:
@@ -189,10 +190,17 @@ class OpsServer:
         return await self._metrics(request)
 
     async def _metrics(self, request: Request) -> Response:
-        # Thousands of tenants make megabytes of text that compresses over tenfold; compressed
-        # in the thread that renders it.
+        # Scrapes arriving while a render runs share its output: a flood of them costs one
+        # render at a time per encoding, not one each, and holds one body, not one each.
+        # Thousands of tenants make megabytes of text that compresses over tenfold; it is
+        # compressed in the thread that renders it.
         accepts = "gzip" in request.headers.get("accept-encoding", "").lower()
-        body, compressed = await self.metrics.render_http(COMPRESS_MIN_BYTES if accepts else None)
+        render = self._renders.get(accepts)
+        if render is None or render.done():
+            render = self._renders[accepts] = asyncio.ensure_future(
+                self.metrics.render_http(COMPRESS_MIN_BYTES if accepts else None)
+            )
+        body, compressed = await asyncio.shield(render)
         headers = {"Content-Encoding": "gzip"} if compressed else {}
         return Response(200, body, CONTENT_TYPE, headers)
 

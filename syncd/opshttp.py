@@ -13,7 +13,9 @@ exhaust the daemon's fds and stop its polling. This server serves GET only, with
   `max_connections` descriptors for long, cannot lock out a probe, and never exhaust the
   descriptors the daemon needs for polling;
 - a cap on the header size (8 KiB) and no request bodies;
-- a deadline for writing the response, so a client that does not read cannot hold it either.
+- a deadline for writing the response, so a client that does not read cannot hold it either,
+  and a cap on the bytes of responses being written at once (`MAX_WRITING_BYTES`), so that
+  clients asking for a large /metrics and not reading it cannot take the daemon's memory.
 """
 
 from __future__ import annotations
@@ -54,6 +56,14 @@ def _deepen_backlog(server: asyncio.Server) -> None:
 
 
 REFUSED_LOG_EVERY_S = 60.0
+# Response bytes being written at once, across connections: beyond it a response (unless it is
+# the only one) becomes a 503. /metrics of thousands of tenants is megabytes; clients that ask
+# for it and do not read would otherwise each hold a copy, and a hundred of them the daemon's
+# whole MemoryMax.
+MAX_WRITING_BYTES = 32 * 1024 * 1024
+WRITE_CHUNK_BYTES = 256 * 1024
+SMALL_RESPONSE_BYTES = 64 * 1024
+BUSY_BODY = b'{"error":"busy: too many large responses being written, retry"}'
 
 REASONS = {
     200: "OK",
@@ -116,7 +126,7 @@ def parse_head(head: bytes) -> tuple[Request, bool]:
     return Request(method, path, headers), keep
 
 
-def render(response: Response, keep_alive: bool) -> bytes:
+def render_head(response: Response, keep_alive: bool) -> bytes:
     head = [
         f"HTTP/1.1 {response.status} {REASONS.get(response.status, 'Unknown')}",
         f"Content-Type: {response.content_type}",
@@ -125,7 +135,11 @@ def render(response: Response, keep_alive: bool) -> bytes:
         "Cache-Control: no-store",
     ]
     head += [f"{k}: {v}" for k, v in response.headers.items()]
-    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + response.body
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
+
+
+def render(response: Response, keep_alive: bool) -> bytes:
+    return render_head(response, keep_alive) + response.body
 
 
 class HttpServer:
@@ -149,6 +163,8 @@ class HttpServer:
         self.open = 0
         self.refused = 0
         self.timed_out = 0
+        self.writing = 0  # bytes of responses being written now
+        self.busy = 0  # responses refused for MAX_WRITING_BYTES
         self._writers: set[asyncio.StreamWriter] = set()
         self._server: asyncio.Server | None = None
         self._refused_logged = 0.0
@@ -235,13 +251,29 @@ class HttpServer:
             deadline = self.idle_timeout + self.header_timeout
 
     async def _write(self, writer: asyncio.StreamWriter, response: Response, keep: bool) -> bool:
-        writer.write(render(response, keep))
+        size = len(response.body)
+        large = size > SMALL_RESPONSE_BYTES  # probes' answers always go out
+        if large and self.writing and self.writing + size > MAX_WRITING_BYTES:
+            self.busy += 1
+            response = Response(503, BUSY_BODY, headers={"Retry-After": "1"})
+            size, keep = len(response.body), False
+        self.writing += size
         try:
             async with asyncio.timeout(self.idle_timeout):
+                # The head with the start of the body (a small answer in one segment), the rest
+                # in chunks, each once the previous one is on its way: the transport keeps a copy
+                # of what it has not sent yet, so a whole body would be held twice.
+                body = memoryview(response.body)
+                writer.write(render_head(response, keep) + body[:WRITE_CHUNK_BYTES])
                 await writer.drain()
+                for start in range(WRITE_CHUNK_BYTES, size, WRITE_CHUNK_BYTES):
+                    writer.write(body[start : start + WRITE_CHUNK_BYTES])
+                    await writer.drain()
         except TimeoutError:
             self.timed_out += 1
             return False
+        finally:
+            self.writing -= size
         return True
 
     def _log_refused(self) -> None:

@@ -14,8 +14,12 @@ route the app key or a token into Redis, `syncd status` or `/readyz` through our
 
 from __future__ import annotations
 
+import bisect
+import html
+import json
 import re
 import threading
+import urllib.parse
 from collections.abc import Hashable, MutableMapping
 from typing import Any
 
@@ -25,9 +29,13 @@ MASK = "***"
 MIN_SECRET_CHARS = 6
 
 _lock = threading.Lock()
-_known: dict[Hashable, str] = {}
-# The known secrets indexed by their first MIN_SECRET_CHARS characters: a text is scanned once
+# Each slot's secret, as the forms it may be echoed in (see `encodings`).
+_known: dict[Hashable, tuple[str, ...]] = {}
+# How many slots hold each form: tenants may share a client secret.
+_uses: dict[str, int] = {}
+# The known forms indexed by their first MIN_SECRET_CHARS characters: a text is scanned once
 # whatever the number of secrets (thousands of tenants mean thousands of secrets and tokens).
+# Updated one bucket at a time: a renewed token costs the same with ten tenants or ten thousand.
 _by_prefix: dict[str, tuple[str, ...]] = {}
 
 # Every repetition is bounded or anchored so that no input makes a pattern backtrack over it
@@ -58,20 +66,76 @@ def _opaque(m: re.Match[str]) -> str:
     return MASK if mixed else run
 
 
+# What .NET's default JSON encoder writes as \uXXXX among the characters a secret may hold.
+_JSON_ESCAPED = frozenset("+<>&'`\"")
+# Characters that no encoding here changes.
+_UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]*")
+
+
+def encodings(secret: str) -> tuple[str, ...]:
+    """`secret` as it is sent and as an echo of it may be written: as is; percent-encoded (a
+    form body, a URL); JSON-escaped the ways serialisers do it (`\\/`, `\\u002B` for `+` and
+    the HTML-sensitive characters, as .NET does, in upper or lower case hex); HTML-escaped."""
+    if _UNRESERVED.fullmatch(secret):
+        return (secret,)  # JWTs and most keys: every form is the secret itself
+    forms = [
+        secret,
+        urllib.parse.quote(secret, safe=""),
+        urllib.parse.quote_plus(secret),
+        json.dumps(secret, ensure_ascii=False)[1:-1],
+        json.dumps(secret, ensure_ascii=False)[1:-1].replace("/", "\\/"),
+        html.escape(secret),
+    ]
+    if not _JSON_ESCAPED.isdisjoint(secret):
+        for digits in ("X", "x"):
+            forms.append(
+                "".join(f"\\u{ord(c):04{digits}}" if c in _JSON_ESCAPED else c for c in secret)
+            )
+    return tuple(dict.fromkeys(forms))
+
+
+def _longest_first(form: str) -> int:
+    return -len(form)
+
+
+def _add(form: str) -> None:
+    count = _uses.get(form, 0)
+    _uses[form] = count + 1
+    if count == 0:
+        key = form[:MIN_SECRET_CHARS]
+        # Tokens (JWTs) all start alike: their bucket holds one per tenant.
+        bucket = _by_prefix.get(key, ())
+        # Longest first, so that a secret containing another is masked whole.
+        i = bisect.bisect_right(bucket, -len(form), key=_longest_first)
+        _by_prefix[key] = (*bucket[:i], form, *bucket[i:])
+
+
+def _remove(form: str) -> None:
+    count = _uses.pop(form) - 1
+    if count:
+        _uses[form] = count
+        return
+    key = form[:MIN_SECRET_CHARS]
+    bucket = _by_prefix[key]
+    i = bucket.index(form)
+    bucket = bucket[:i] + bucket[i + 1 :]
+    if bucket:
+        _by_prefix[key] = bucket
+    else:
+        del _by_prefix[key]
+
+
 def register(slot: Hashable, secret: str | None) -> None:
     """Know `secret` under `slot` (e.g. ("token", tenant)), replacing what the slot held: a
     renewed token takes its predecessor's place, so the set stays one entry per credential."""
-    global _by_prefix
+    forms = () if secret is None or len(secret) < MIN_SECRET_CHARS else encodings(secret)
     with _lock:
-        if secret is None or len(secret) < MIN_SECRET_CHARS:
-            _known.pop(slot, None)
-        else:
-            _known[slot] = secret
-        index: dict[str, list[str]] = {}
-        for value in set(_known.values()):
-            index.setdefault(value[:MIN_SECRET_CHARS], []).append(value)
-        # Longest first, so that a secret containing another is masked whole.
-        _by_prefix = {k: tuple(sorted(v, key=len, reverse=True)) for k, v in index.items()}
+        for form in _known.pop(slot, ()):
+            _remove(form)
+        if forms:
+            _known[slot] = forms
+            for form in forms:
+                _add(form)
 
 
 def forget(slot: Hashable) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import urllib.parse
 from typing import Any
 
@@ -9,21 +10,27 @@ from redis.asyncio.connection import ConnectionPool, parse_url
 from redis.exceptions import RedisError
 
 SCHEMES = ("redis://", "rediss://", "unix://")
+# redis-py passes unknown query options to the connection: `?password=...` (and
+# `ssl_password`) work as well as a password in the user info, so they are hidden as well.
+_QUERY_SECRET = re.compile(r"(?i)((?:^|&)[^=&]*(?:passw|pwd|secret|token)[^=&]*=)[^&]*")
 
 
 def redact_url(url: str) -> str:
-    """The URL with any password (and a user name standing alone) replaced by ***."""
+    """The URL with any password (and a user name standing alone) replaced by ***, in the
+    user info and in the query string."""
     try:
         parts = urllib.parse.urlsplit(url)
         netloc = parts.netloc
     except ValueError:
         return "<unparsable URL>"
-    if "@" not in netloc:
+    query = _QUERY_SECRET.sub(r"\1***", parts.query)
+    if "@" not in netloc and query == parts.query:
         return url
-    userinfo, _, hostport = netloc.rpartition("@")
-    user, sep, _password = userinfo.partition(":")
-    shown = f"{user}:***" if sep else "***"
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{shown}@{hostport}"))
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user, sep, _password = userinfo.partition(":")
+        netloc = f"{user if sep else ''}{':' if sep else ''}***@{hostport}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def check_url(url: str) -> str | None:
@@ -59,6 +66,9 @@ def _scrub(message: str, url: str) -> str:
         parts = urllib.parse.urlsplit(url)
         # A user name of a letter or two would match any message; longer ones are checked.
         secrets = [s for s in (parts.password,) if s]
+        secrets += [
+            v for k, v in urllib.parse.parse_qsl(parts.query) if _QUERY_SECRET.match(k + "=")
+        ]
         if parts.username and len(parts.username) > 2:
             secrets.append(parts.username)
     except ValueError:

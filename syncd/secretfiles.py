@@ -51,7 +51,9 @@ def read_secret_file(path: str | os.PathLike[str], *, allow_insecure: bool = Fal
     """The file's text, stripped; SecretFileError when it is unusable or empty."""
     given = Path(path)
     target = given if allow_insecure else _target(given)
-    flags = os.O_RDONLY | os.O_CLOEXEC | (0 if allow_insecure else os.O_NOFOLLOW)
+    # O_NONBLOCK: opening a FIFO would otherwise wait for a writer (forever, at start); the
+    # file type is checked right after, and it has no effect on a regular file.
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if allow_insecure else os.O_NOFOLLOW)
     try:
         fd = os.open(target, flags)
     except OSError as exc:

@@ -207,6 +207,47 @@ async def test_a_token_redirect_is_not_followed(session: aiohttp.ClientSession) 
     assert evil.seen == []
 
 
+@pytest.mark.parametrize("token", ["zq-1\r\nX-Injected: 1", "zq\x00-1-live", "", "zq 1 live"])
+async def test_a_token_that_cannot_be_a_header_is_refused(
+    session: aiohttp.ClientSession, token: str
+) -> None:
+    """An access token with control characters, spaces or nothing in it is the token
+    endpoint's error, not a request that fails (or splits its headers) at every poll."""
+
+    async def token_endpoint(request: web.Request) -> web.Response:
+        return web.json_response({"access_token": token, "expires_in": 900})
+
+    async def exports(request: web.Request) -> web.Response:
+        return web.Response(body=page(RECORDS), content_type="application/json")
+
+    async with serve(exports, token=token_endpoint) as up:
+        with pytest.raises(TransientError, match="unusable access_token") as info:
+            await fetch(session, up)
+        assert up.paths() == ["/connect/token"]
+    assert "zq" not in str(info.value)
+
+
+@pytest.mark.parametrize("expires_in", [0, -5])
+async def test_a_token_said_to_live_no_time_is_not_renewed_before_every_request(
+    session: aiohttp.ClientSession, expires_in: int
+) -> None:
+    async def token_endpoint(request: web.Request) -> web.Response:
+        return web.json_response({"access_token": "tok-1-live-4f1c9e", "expires_in": expires_in})
+
+    async def exports(request: web.Request) -> web.Response:
+        return web.Response(body=page(RECORDS), content_type="application/json")
+
+    async with serve(exports, token=token_endpoint) as up:
+        client = ExportClient(session, up.url, Secret(APP_KEY))
+        # A clock standing still: the five requests fall within the token's least life.
+        provider = TokenProvider(
+            session, up.url + "/connect/token", 1, "client-1", Secret("secret-1"), clock=lambda: 1e3
+        )
+        for _ in range(5):
+            await client.fetch(provider, CUSTOMERS, None, include_recent_changes=False)
+    assert up.paths().count("/connect/token") == 1
+
+
 async def test_a_cookie_from_one_tenant_is_not_sent_for_another(
     session: aiohttp.ClientSession,
 ) -> None:
@@ -301,6 +342,37 @@ async def test_a_page_echoing_a_credential_is_not_applied(
     async with serve(exports) as up:
         with pytest.raises(TransientError, match="page contains a credential it was sent"):
             await fetch(session, up)
+
+
+async def test_a_page_echoing_an_escaped_credential_is_not_applied(
+    session: aiohttp.ClientSession,
+) -> None:
+    """Serialisers escape what they echo (`\\u002B` for `+` in .NET, `\\/` in others); a
+    cursor's JSON escapes are undone when it is decoded, so whatever they spell is stored."""
+    app_key = "ak1.Zx9+Qw/Er7=Ty8Ui"
+    token = "tok-1-live-4f1c9e"
+    dotnet = app_key.replace("+", "\\u002B")
+    every_char = "".join(f"\\u{ord(c):04x}" for c in token)
+
+    def envelope(cursor: str, value: str = "x") -> str:
+        # By hand: json.dumps would escape the escapes.
+        record = '{"id": 1, "k": "' + value + '"}'
+        return '{"hasMore": false, "continueFrom": "' + cursor + '", "data": [' + record + "]}"
+
+    bodies = [envelope("c2", dotnet), envelope(app_key.replace("/", "\\/")), envelope(every_char)]
+
+    async def token_endpoint(request: web.Request) -> web.Response:
+        return web.json_response({"access_token": token, "expires_in": 900})
+
+    async def exports(request: web.Request) -> web.Response:
+        return web.Response(text=bodies.pop(0), content_type="application/json")
+
+    async with serve(exports, token=token_endpoint) as up:
+        client = ExportClient(session, up.url, Secret(app_key))
+        provider = tokens(session, up)
+        for _ in range(3):
+            with pytest.raises(TransientError, match="credential it was sent; not applied"):
+                await client.fetch(provider, CUSTOMERS, None, include_recent_changes=False)
 
 
 async def test_the_simulators_gzip_pages_and_gateway_error_pages(

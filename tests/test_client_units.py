@@ -237,6 +237,68 @@ def test_a_renewed_token_replaces_its_predecessor() -> None:
     assert redact.redact("second-token-bbbb") == "second-token-bbbb"
 
 
+# A secret with the characters encodings change (base64 keys and secrets have them).
+SPECIAL = 'Zq8+kn/own=se"cret'
+
+
+@pytest.mark.parametrize(
+    ("name", "echoed"),
+    [
+        ("percent-encoded, as the token form sends it", "Zq8%2Bkn%2Fown%3Dse%22cret"),
+        ("JSON-escaped", 'Zq8+kn/own=se\\"cret'),
+        ("JSON with escaped slashes", 'Zq8+kn\\/own=se\\"cret'),
+        (".NET JSON escapes", "Zq8\\u002Bkn/own=se\\u0022cret"),
+        ("lower-case JSON escapes", "Zq8\\u002bkn/own=se\\u0022cret"),
+        ("HTML-escaped", "Zq8+kn/own=se&quot;cret"),
+    ],
+)
+def test_a_known_secret_is_masked_in_the_forms_it_is_echoed_in(name: str, echoed: str) -> None:
+    redact.register("test-special", SPECIAL)
+    try:
+        for text in (f"bad value {echoed} here", f"x{echoed}y"):
+            assert echoed not in redact.redact(text), name
+            assert redact.MASK in redact.redact(text)
+        # A plain-text error body keeps its escapes: the mask must find them there.
+        body = f"rejected {echoed} (see log)".encode()
+        assert echoed not in problem_text(body, "text/plain")
+    finally:
+        redact.forget("test-special")
+    assert redact.redact(f"bad value {echoed} here") == f"bad value {echoed} here"
+
+
+def test_a_shared_secret_stays_known_while_a_slot_holds_it() -> None:
+    # Tenants of one network may share a client secret.
+    redact.register(("client_secret", 1), "shared-secret-xyz")
+    redact.register(("client_secret", 2), "shared-secret-xyz")
+    redact.forget(("client_secret", 1))
+    try:
+        assert redact.redact("shared-secret-xyz") == redact.MASK
+    finally:
+        redact.forget(("client_secret", 2))
+    assert redact.redact("shared-secret-xyz") == "shared-secret-xyz"
+
+
+def test_registering_a_secret_leaves_the_index_of_the_others_alone() -> None:
+    """A renewed token re-indexes its own bucket only: with thousands of tenants, rebuilding
+    the whole index at every renewal made registration quadratic (seconds of blocked event
+    loop at start)."""
+    slots = [("test-many", i) for i in range(200)]
+    for i, slot in enumerate(slots):
+        redact.register(slot, f"{i:03d}-secret-{i}")
+    try:
+        before = dict(redact._by_prefix)
+        redact.register(slots[7], "007-secret-renewed")
+        after = redact._by_prefix
+        changed = [k for k in before if after.get(k) is not before[k]]
+        assert changed == ["007-se"]
+        assert redact.redact("007-secret-renewed 008-secret-8 007-secret-7") == (
+            "*** *** 007-secret-7"
+        )
+    finally:
+        for slot in slots:
+            redact.forget(slot)
+
+
 def test_the_log_processor_redacts_every_string(known_secret: object) -> None:
     event = {
         "event": "poll_failed",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -84,10 +85,43 @@ def test_daemon_refuses_the_same_url_with_exit_2(tmp_path: Path) -> None:
     assert PASSWORD not in res.stderr
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"redis://127.0.0.1:6379/0?password={PASSWORD}&socket_timeout=abc",
+        f"redis://127.0.0.1:abc/0?username=syncd&password={PASSWORD}",
+        f"rediss://127.0.0.1:6379/0?ssl_cert_reqs=bogus&ssl_password={PASSWORD}",
+    ],
+)
+def test_a_password_in_the_query_string_is_not_echoed(tmp_path: Path, url: str) -> None:
+    # redis-py takes `?password=` as the password: it is as secret as one in the user info.
+    res = check_config(tmp_path, base(url=url))
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "syncd.toml: redis.url: " in res.stderr
+    assert PASSWORD not in res.stderr + res.stdout
+    assert PASSWORD not in repr(config.RedisConfig(url=url))
+    assert "password=***" in repr(config.RedisConfig(url=url))
+
+
 def test_good_credentialed_url_passes_and_is_not_echoed(tmp_path: Path) -> None:
     res = check_config(tmp_path, base(url=f"rediss://syncd:{PASSWORD}@redis.example:6380/2"))
     assert res.returncode == 0, res.stderr
     assert PASSWORD not in res.stdout + res.stderr
+
+
+@pytest.mark.parametrize(
+    ("field", "url"),
+    [
+        ("auth_url", f"htps://client:{PASSWORD}@auth.example/connect/token"),
+        ("api_url", f"api.example/?password={PASSWORD}"),
+    ],
+)
+def test_a_mistyped_servicetitan_url_is_not_echoed_with_its_password(field: str, url: str) -> None:
+    data = base()
+    data["servicetitan"][field] = url
+    with pytest.raises(config.ConfigError, match=f"servicetitan.{field}: expected an http") as info:
+        config.parse(data, "t.toml")
+    assert PASSWORD not in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -214,6 +248,31 @@ def test_directory_and_empty_files_are_refused(tmp_path: Path) -> None:
         resolve(with_secret_file(tmp_path))
     with pytest.raises(config.ConfigError, match="is empty"):
         resolve(with_secret_file(private(tmp_path / "e", "\n")))
+
+
+@pytest.mark.parametrize("insecure", [False, True])
+def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path: Path, insecure: bool) -> None:
+    fifo = tmp_path / "s"
+    os.mkfifo(fifo, 0o600)
+    errors: list[str] = []
+
+    def read() -> None:
+        try:
+            resolve(with_secret_file(fifo, allow_insecure_secret_files=insecure))
+        except config.ConfigError as exc:
+            errors.append(str(exc))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(30)
+    hung = reader.is_alive()
+    if hung:
+        with open(fifo, "w"):  # releases the reader blocked in open()
+            pass
+        reader.join(30)
+    assert not hung, "opening a FIFO waited for a writer"
+    assert errors
+    assert "not a regular file" in errors[0]
 
 
 # -- reprs ---------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from syncd import config
 from syncd.config import OpsConfig, Secret
 from syncd.metrics import Metrics
 from syncd.ops import OpsServer, check_listen
+from syncd.opshttp import MAX_WRITING_BYTES
 from syncd.redisserver import RedisServer, free_port
 from syncd.simulator.testing import run_simulator
 from tests.engine_helpers import DaemonProcess, config_dict
@@ -214,6 +215,66 @@ async def test_two_thousand_slow_connections_leave_healthz_answering(
             await asyncio.sleep(0.01)
         assert srv.http.open <= srv.http.hard_cap
         assert srv.http.refused + srv.http.timed_out > 0
+    finally:
+        for s in socks:
+            s.close()
+        await srv.stop()
+
+
+def rss() -> int:
+    """This process' resident memory in bytes."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class CountingMetrics(Metrics):
+    def __init__(self) -> None:
+        # The full tenant x feed detail: the largest bodies /metrics can serve.
+        super().__init__(detail="tenant_feed")
+        self.renders = 0
+
+    async def render_http(self, gzip_from: int | None) -> tuple[bytes, bool]:
+        self.renders += 1
+        return await super().render_http(gzip_from)
+
+
+async def test_clients_not_reading_a_large_metrics_cannot_take_the_memory(
+    http: aiohttp.ClientSession,
+) -> None:
+    """Thousands of tenants make megabytes of /metrics: clients asking for it and not reading
+    held a rendered copy each (100 of them took 528 MB, past the unit's MemoryMax)."""
+    metrics = CountingMetrics()
+    for tenant in range(2000):
+        for feed in range(10):
+            metrics.page(tenant, f"feed.f{feed}", 10, 5, 5, 0.1)
+    size = len(metrics.render())
+    assert size > 4_000_000
+    options = OpsConfig(listen="127.0.0.1:0", idle_timeout=120)
+    srv = OpsServer("127.0.0.1:0", metrics, FakeHealth(), options)
+    await srv.start()
+    before = rss()
+    clients = 60
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(clients):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", srv.port))
+            sock.setblocking(False)
+            sock.send(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            socks.append(sock)
+        writing = peak = 0
+        in_flight = MAX_WRITING_BYTES // size + 1
+        async with asyncio.timeout(DEADLINE_S * 4):
+            while srv.http.busy < clients - in_flight:
+                writing = max(writing, srv.http.writing)
+                peak = max(peak, rss())
+                await asyncio.sleep(0.05)
+        # The rest is refused, probes still answer, and the renders were shared.
+        assert writing <= MAX_WRITING_BYTES + size
+        assert await get_status(http, f"http://127.0.0.1:{srv.port}/healthz") == 200
+        assert metrics.renders < clients / 4
+        assert (max(peak, rss()) - before) < 100_000_000
     finally:
         for s in socks:
             s.close()
