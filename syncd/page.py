@@ -110,9 +110,15 @@ def _sortable_instant_slow(value: str) -> str:
         return ""
     year, month, day, hour, minute, second, frac, _z, sign, off_h, off_m = m.groups()
     try:
-        when = dt.datetime(
-            int(year), int(month), int(day), int(hour or 0), int(minute or 0), int(second or 0)
-        )
+        when = dt.datetime(int(year), int(month), int(day))
+        end_of_day = hour == "24" and minute == "00" and int(second or 0) == 0
+        if end_of_day and not (frac or "").strip("0"):
+            # ISO 8601's end of the day is the next day's start: the same instant, not "no
+            # timestamp" (which would let an older version through after it).
+            when += dt.timedelta(days=1)
+            hour = second = frac = None
+            year, month, day = f"{when.year:04d}", f"{when.month:02d}", f"{when.day:02d}"
+        when = when.replace(hour=int(hour or 0), minute=int(minute or 0), second=int(second or 0))
         if sign is not None and (off_h != "00" or off_m != "00"):
             offset = dt.timedelta(hours=int(off_h), minutes=int(off_m))
             when = when - offset if sign == "+" else when + offset

@@ -307,6 +307,19 @@ async def test_a_version_without_a_usable_timestamp_is_not_older(redis: aioredis
     assert [data for _, _, data in await events(redis)] == [dated, undated]
 
 
+async def test_a_version_dated_at_the_end_of_a_day_has_a_timestamp(
+    redis: aioredis.Redis,
+) -> None:
+    pub = Publisher(redis, "st")
+    midnight = {"id": 1, "v": 2, "modifiedOn": "2024-01-02T24:00:00Z"}
+    noon = {"id": 1, "v": 1, "modifiedOn": "2024-01-02T12:00:00Z"}
+    later = {"id": 1, "v": 3, "modifiedOn": "2024-01-03T00:00:00.1Z"}
+    await pub.apply(T, CUSTOMERS.name, None, page([midnight], "C1"))
+    assert (await pub.apply(T, CUSTOMERS.name, "C1", page([noon], "C2"))).stale == 1
+    assert (await pub.apply(T, CUSTOMERS.name, "C2", page([later], "C3"))).published == 1
+    assert [data for _, _, data in await events(redis)] == [midnight, later]
+
+
 @pytest.mark.parametrize(
     ("text", "instant"),
     [
@@ -322,6 +335,21 @@ async def test_a_version_without_a_usable_timestamp_is_not_older(redis: aioredis
         ("2024-01-01T23:30:00-01:00", "2024-01-02T00:30:00"),
         ("2024-01-02T03:04:05+0100", "2024-01-02T02:04:05"),
         ("0001-01-01T00:30:00+01:00", ""),  # before year 1 in UTC
+        ("2024-02-28T24:00:00Z", "2024-02-29T00:00:00"),  # the end of a day: the next one's start
+        ("2024-12-31T24:00", "2025-01-01T00:00:00"),
+        ("2024-02-29T24:00:00.000-01:00", "2024-03-01T01:00:00"),
+        ("9999-12-31T24:00:00Z", ""),
+        ("2024-01-02T24:00:01Z", ""),
+        ("2024-01-02T24:00:00.5Z", ""),
+        ("2024-02-30T00:00:00Z", ""),
+        ("2024-01-02T23:59:60Z", ""),
+        ("0001-01-01T00:00:00Z", "0001-01-01T00:00:00"),
+        ("9999-12-31T23:59:59.9999999Z", "9999-12-31T23:59:599999999"),
+        ("2024-01-02T03:04:05+14:00", "2024-01-01T13:04:05"),
+        ("2024-01-02T03:04:05-12:00", "2024-01-02T15:04:05"),
+        ("2024-01-02T03:04:05.123456789012Z", "2024-01-02T03:04:05123456789012"),
+        ("2024-01-02t03:04:05z", "2024-01-02T03:04:05"),
+        ("1700000000", ""),
         ("2024-13-01T00:00:00Z", ""),
         ("2024-01-02T25:00:00Z", ""),
         ("2024-01-02T03:04:05 Z", ""),
