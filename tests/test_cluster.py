@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 from redis.asyncio.cluster import RedisCluster
 
+from syncd import catalogue
 from syncd.daemon import Daemon
+from syncd.page import Page, decode_page
+from syncd.publisher import Publisher
 from syncd.redisserver import RedisClusterServers
 from syncd.simulator.testing import run_simulator
 from tests.engine_helpers import assert_exactly_once, config_dict, latest_by_key, settings, truth
@@ -37,3 +42,34 @@ async def test_backfill_on_a_cluster_is_exactly_once(cluster: RedisClusterServer
                 assert await client.hlen(f"st:{{{t}}}:cursors") == len(FEEDS)
     finally:
         await client.aclose()
+
+
+async def test_every_key_of_the_page_script_shares_the_tenant_slot(
+    cluster: RedisClusterServers,
+) -> None:
+    """Dead letters, their digests and stale counts on a cluster: one slot per tenant, or the
+    script is refused (CROSSSLOT) and the feed never moves."""
+    client = RedisCluster.from_url(cluster.url)
+    try:
+        await client.initialize()
+        pub = Publisher(client, "slots")  # a prefix of its own: the cluster is shared
+        for t in TENANTS[:3]:
+            k = pub.keys(t)
+            feed = FEEDS[0]
+            names = [k.cursors, k.seen(feed), k.stream(feed), k.dead, k.state, k.dead_seen(feed)]
+            assert len({client.keyslot(n) for n in names}) == 1
+            new = {"id": 1, "modifiedOn": "2024-02-01T00:00:00Z"}
+            old = {"id": 1, "v": 0, "modifiedOn": "2024-01-01T00:00:00Z"}
+            first = _page([new, {"id": None}], "C1")
+            assert (await pub.apply(t, feed, None, first)).applied
+            again = await pub.apply(t, feed, "C1", _page([old, {"id": None}], "C1"))
+            assert (again.published, again.stale, again.dead) == (0, 1, 0)
+            assert await client.xlen(k.stream(feed)) == 1
+            assert await client.xlen(k.dead) == 1
+    finally:
+        await client.aclose()
+
+
+def _page(records: list[dict[str, object]], cursor: str) -> Page:
+    envelope = {"hasMore": False, "continueFrom": cursor, "data": records}
+    return decode_page(json.dumps(envelope).encode(), catalogue.feed(FEEDS[0]))
