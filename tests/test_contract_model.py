@@ -4,9 +4,9 @@ Hypothesis drives two publishers (two instances) with random pages: new pages, t
 again from the same cursor (a repeating API, a retry after a crash that happened after the
 script ran, another instance), pages fetched from a cursor another instance already moved,
 duplicate keys, stale versions in many spellings of the same instants, records without a
-usable key, and Redis refusing writes (out of memory). After every step Redis must hold exactly
-what the plain model below says: the events in order, the dead letters, the cursor, the count
-of stale versions; and per key no event may go back in time.
+usable key, the operator resetting the cursor, and Redis refusing writes (out of memory). After
+every step Redis must hold exactly what the plain model below says: the events in order, the
+dead letters, the cursor, the count of stale versions; and per key no event may go back in time.
 
 `SYNCD_MODEL_EXAMPLES` sets the number of examples (a few seconds' worth by default).
 """
@@ -251,6 +251,13 @@ class ContractMachine(RuleBasedStateMachine):
     def crash_before_the_script(self, i: int, data: st.DataObject) -> None:
         """Fetched, never applied: it may be fetched (and applied) again later."""
         self._new_page(data, self.believed[i], data.draw(st.booleans(), label="repeat"))
+
+    @rule()
+    def operator_resets_the_cursor(self) -> None:
+        """`syncd reset-cursor` (or `backfill`) while both instances may hold pages in flight:
+        those are refused, the feed starts over, and what was published stays published once."""
+        self.run(self.r.hdel(f"st:{{{TENANT}}}:cursors", self.feed.name))
+        self.model.cursor = None
 
     @rule(i=st.integers(0, 1), data=st.data())
     def redis_out_of_memory(self, i: int, data: st.DataObject) -> None:
