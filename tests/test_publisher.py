@@ -83,6 +83,20 @@ async def test_dead_letters_are_idempotent_without_change_detection(
     assert await dead(redis) == [b'{"id": {"nested": 1}}', b'{"id": true}']
 
 
+async def test_without_change_detection_only_the_fence_holds(redis: aioredis.Redis) -> None:
+    """What the README says of `change_detection = false`: a moved cursor keeps a page out,
+    a repeated cursor publishes its records again."""
+    pub = Publisher(redis, "st")
+    new = {"id": 1, "v": 2, "modifiedOn": "2024-02-01T00:00:00Z"}
+    old = {"id": 1, "v": 1, "modifiedOn": "2024-01-01T00:00:00Z"}
+    await pub.apply(T, CUSTOMERS.name, None, page([new], "C1"), change_detection=False)
+    refused = await pub.apply(T, CUSTOMERS.name, None, page([new], "C1"), change_detection=False)
+    assert (refused.applied, refused.stored) == (False, "C1")
+    again = await pub.apply(T, CUSTOMERS.name, "C1", page([old], "C1"), change_detection=False)
+    assert (again.published, again.stale) == (1, 0)
+    assert [(op, data) for op, _, data in await events(redis)] == [("upsert", new), ("upsert", old)]
+
+
 async def test_racing_instance_with_a_moved_cursor_writes_nothing(redis: aioredis.Redis) -> None:
     a, b = Publisher(redis, "st"), Publisher(redis, "st")
     p1 = page([{"id": 1, "modifiedOn": "2024-01-01T00:00:00Z"}, {"id": None}], "C1")
