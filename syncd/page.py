@@ -12,6 +12,7 @@ the page script needs per record is prepared here, in Python, so that the script
 from __future__ import annotations
 
 import datetime as dt
+import decimal
 import functools
 import hashlib
 import re
@@ -145,7 +146,12 @@ def _decoders(feed: Feed) -> tuple[msgspec.json.Decoder[Any], msgspec.json.Decod
         fields.append((feed.timestamp_field, Any, None))
     head = msgspec.defstruct(f"Head_{feed.name}", fields)
     heads = msgspec.defstruct(f"Heads_{feed.name}", [("data", list[head])])  # type: ignore[valid-type]
-    return msgspec.json.Decoder(head), msgspec.json.Decoder(heads)
+    # Fractions as Decimal: a number beyond a float's range (`1e400`) is then an off-schema
+    # value like any other, not a failure of the whole record.
+    return (
+        msgspec.json.Decoder(head, float_hook=decimal.Decimal),
+        msgspec.json.Decoder(heads, float_hook=decimal.Decimal),
+    )
 
 
 def decode_page(body: bytes, feed: Feed, fetch_s: float = 0.0) -> Page:

@@ -303,6 +303,17 @@ async def test_off_schema_records_are_still_events(redis: aioredis.Redis) -> Non
     assert len(await dead(redis)) == len(unusable)
 
 
+async def test_numbers_beyond_a_float_are_off_schema_values(redis: aioredis.Redis) -> None:
+    far = b'{"id": 1, "modifiedOn": 1e400}'
+    keyless = b'{"id": -1e400, "modifiedOn": "2024-01-01T00:00:00Z"}'
+    raw = b'{"hasMore": false, "continueFrom": "C1", "data": [' + far + b", " + keyless + b"]}"
+    p = decode_page(raw, CUSTOMERS)
+    assert (p.keys, p.modified, p.instants) == (["1"], [""], [""])
+    assert p.dead == [("record has no key (id)", keyless)]
+    applied = await Publisher(redis, "st").apply(T, CUSTOMERS.name, None, p)
+    assert (applied.published, applied.dead) == (1, 1)
+
+
 def test_modified_on_is_sent_as_is_when_a_string() -> None:
     p = page([{"id": 5, "modifiedOn": "yesterday"}, {"id": 6, "modifiedOn": 12}])
     assert p.modified == ["yesterday", ""]
