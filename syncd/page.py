@@ -11,10 +11,12 @@ the page script needs per record is prepared here, in Python, so that the script
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import decimal
 import functools
 import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -159,17 +161,20 @@ def decode_page(body: bytes, feed: Feed, fetch_s: float = 0.0) -> Page:
     body that is not a valid envelope (the page is fetched again). A missing, null or empty
     continueFrom is delivered as "": the scheduler treats it as a page without progress and
     the publisher never stores it."""
+    one, many = _decoders(feed)
+    lenient = False
     try:
         env = _ENVELOPE.decode(body)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise TransientError(f"invalid export page: {exc}") from None
+        if not _LONE_SURROGATE.search(body):
+            raise TransientError(f"invalid export page: {exc}") from None
+        env, lenient = _lenient_envelope(body), True
     continue_from = env.continueFrom if isinstance(env.continueFrom, str) else ""
-    one, many = _decoders(feed)
     raws = [bytes(r) for r in env.data]
-    try:
-        heads = many.decode(body).data
-    except msgspec.ValidationError:
-        heads = None  # some record is not an object: look at each on its own
+    heads: list[Any] | None = None  # None: look at each record on its own
+    if not lenient:
+        with contextlib.suppress(msgspec.ValidationError):  # some record is not an object
+            heads = many.decode(body).data
     keys_f, ts_field = feed.key_fields, feed.timestamp_field
     single = keys_f[0] if len(keys_f) == 1 else None
     no_key = f"record has no key ({'+'.join(keys_f)})"
@@ -187,8 +192,8 @@ def decode_page(body: bytes, feed: Feed, fetch_s: float = 0.0) -> Page:
             head = heads[i]
         else:
             try:
-                head = one.decode(data)
-            except msgspec.ValidationError:
+                head = msgspec.convert(json.loads(data), one.type) if lenient else one.decode(data)
+            except (msgspec.ValidationError, UnicodeError):  # the latter: a lenient non-object
                 dead.append(("record is not a JSON object", data))
                 continue
         if single is not None:
@@ -196,7 +201,7 @@ def decode_page(body: bytes, feed: Feed, fetch_s: float = 0.0) -> Page:
             key = str(value) if type(value) is int else part(value)
         else:
             key = encode_key([getattr(head, k) for k in keys_f])
-        if key is None:
+        if key is None or (lenient and not _unicode(key)):
             dead.append((no_key, data))
             continue
         keys.append(key)
@@ -204,7 +209,7 @@ def decode_page(body: bytes, feed: Feed, fetch_s: float = 0.0) -> Page:
         fps.append(blake2b(data, digest_size=FINGERPRINT_BYTES).digest())
         if ts_field is not None:
             ts = getattr(head, ts_field)
-            if type(ts) is not str:
+            if type(ts) is not str or (lenient and not _unicode(ts)):
                 ts = ""
                 odd_stamps += 1
             mods.append(ts)
@@ -227,6 +232,74 @@ def decode_page(body: bytes, feed: Feed, fetch_s: float = 0.0) -> Page:
     return Page(
         env.hasMore, continue_from, keys, fps, mods, datas, dead, fetch_s, instants, superseded
     )
+
+
+# An escaped UTF-16 surrogate: alone (half of an emoji cut off), msgspec refuses the whole page.
+_LONE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+class _LenientEnvelope(msgspec.Struct):
+    hasMore: bool
+    data: list[Any]
+    continueFrom: str | msgspec.UnsetType | None = msgspec.UNSET
+
+
+def _lenient_envelope(body: bytes) -> _Envelope:
+    """The envelope of a page that msgspec refuses only for an unpaired surrogate escape
+    (`"\\ud83d"`, which .NET may write for a string cut in the middle of an emoji): read with
+    the standard library, each record still the exact bytes sent. Without this one such record
+    would make its page, and so its feed, fail for good."""
+    try:
+        text = body.decode()
+        env = msgspec.convert(json.loads(text, parse_constant=_no_constant), _LenientEnvelope)
+    except (ValueError, msgspec.ValidationError) as exc:
+        raise TransientError(f"invalid export page: {exc}") from None
+    if isinstance(env.continueFrom, str) and not _unicode(env.continueFrom):
+        raise TransientError("invalid export page: continueFrom holds an unpaired surrogate")
+    # Find each element of the top-level "data" array (the last one, as json.loads keeps).
+    scan = json.JSONDecoder().raw_decode
+    found: list[bytes] = []
+    i = _skip(text, _skip(text, 0) + 1)  # past "{"
+    while text[i] != "}":
+        key, i = scan(text, i)
+        i = _skip(text, _skip(text, i) + 1)  # past ":"
+        if key == "data":
+            found = []
+            i = _skip(text, i + 1)  # past "["
+            while text[i] != "]":
+                _, end = scan(text, i)
+                found.append(text[i:end].encode())
+                i = _skip(text, end)
+                if text[i] == ",":
+                    i = _skip(text, i + 1)
+            i += 1
+        else:
+            _, i = scan(text, i)
+        i = _skip(text, i)
+        if text[i] == ",":
+            i = _skip(text, i + 1)
+    raws = [msgspec.Raw(r) for r in found]
+    return _Envelope(env.hasMore, raws, env.continueFrom)
+
+
+def _skip(text: str, i: int) -> int:
+    """The index of the first character at or after `i` that is not JSON whitespace."""
+    while text[i] in " \t\n\r":
+        i += 1
+    return i
+
+
+def _unicode(text: str) -> bool:
+    """Whether `text` can be written to Redis (holds no unpaired surrogate)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def newer_or_same(instant: str, than: str) -> bool:

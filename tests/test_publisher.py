@@ -314,6 +314,49 @@ async def test_numbers_beyond_a_float_are_off_schema_values(redis: aioredis.Redi
     assert (applied.published, applied.dead) == (1, 1)
 
 
+async def test_an_unpaired_surrogate_does_not_make_the_page_fail(redis: aioredis.Redis) -> None:
+    """A string cut in the middle of an emoji, escaped: one record must not stop its feed."""
+    cut = b'{"id": 1, "name": "Bob \\ud83d", "modifiedOn": "2024-01-01T00:00:00Z"}'
+    key = b'{"id": "x\\udc00"}'  # a key Redis cannot hold: unusable
+    stamp = b'{"id": 2, "modifiedOn": "2024-01-01\\ud800"}'
+    whole = b'{"id": 3, "name": "\\ud83d\\ude00"}'
+    raw = (
+        b'{"hasMore" : true ,\n "data": [ '
+        + b" ,\n".join([cut, key, stamp, whole])
+        + b' ] , "continueFrom": "C\\u00e91"}'
+    )
+    p = decode_page(raw, CUSTOMERS)
+    assert (p.has_more, p.continue_from, p.keys) == (True, "C\u00e91", ["1", "2", "3"])
+    assert p.data == [cut, stamp, whole]
+    assert (p.modified, p.instants) == (
+        ["2024-01-01T00:00:00Z", "", ""],
+        ["2024-01-01T00:00:00", "", ""],
+    )
+    assert p.dead == [("record has no key (id)", key)]
+    pub = Publisher(redis, "st")
+    applied = await pub.apply(T, CUSTOMERS.name, None, p)
+    assert (applied.published, applied.dead) == (3, 1)
+    stream = await redis.xrange(f"st:{{{T}}}:{CUSTOMERS.name}")
+    assert [f[b"data"] for _, f in stream] == [cut, stamp, whole]
+    again = await pub.apply(T, CUSTOMERS.name, "C\u00e91", decode_page(raw, CUSTOMERS))
+    assert (again.published, again.unchanged, again.dead) == (0, 3, 0)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b'{"hasMore": true, "continueFrom": "C", "data": ["\\ud800", NaN]}',
+        b'{"hasMore": true, "continueFrom": "C", "data": "\\ud800"}',
+        b'{"hasMore": true, "continueFrom": "C", "data": ["\\ud800"',
+        b'["\\ud800"]',
+        b'{"hasMore": true, "continueFrom": "C\\ud800", "data": []}',
+    ],
+)
+def test_pages_with_an_unpaired_surrogate_that_do_not_decode_are_errors(text: bytes) -> None:
+    with pytest.raises(TransientError, match="invalid export page"):
+        decode_page(text, CUSTOMERS)
+
+
 def test_modified_on_is_sent_as_is_when_a_string() -> None:
     p = page([{"id": 5, "modifiedOn": "yesterday"}, {"id": 6, "modifiedOn": 12}])
     assert p.modified == ["yesterday", ""]
