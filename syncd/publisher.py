@@ -32,6 +32,9 @@ from syncd.redisconn import RedisClient, RedisCluster
 # instant of the newest timestamp published for the key ("" when none; values written before
 # timestamps were stored are the bare fingerprint, which reads the same way). Instants are
 # `YYYY-MM-DDThh:mm:ss` (UTC) and fractional digits: a fixed-width prefix, so `<` orders them.
+# When versions published in a row share that timestamp, `|` and the fingerprints of the
+# earlier ones (newest first, at most SAME_INSTANT_KEPT) follow: a repeated tail serving one of
+# them again is an older version, not a change (else two versions would take turns forever).
 APPLY_PAGE = r"""#!lua
 local cursors, seen, stream, dead, state, dead_seen =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
@@ -40,6 +43,22 @@ local detect = ARGV[4] == '1'
 local n, ndead, now, more = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], ARGV[8]
 local stale = tonumber(ARGV[9])
 local FP = tonumber(ARGV[10])
+local KEPT = tonumber(ARGV[11])
+
+local function parts(v)  -- fingerprint, instant, earlier fingerprints at that instant
+  local rest = string.sub(v, FP + 1)
+  local bar = string.find(rest, '|', 1, true)
+  local fp = string.sub(v, 1, FP)
+  if bar then return fp, string.sub(rest, 1, bar - 1), string.sub(rest, bar + 1) end
+  return fp, rest, ''
+end
+
+local function holds(fps, fp)
+  for i = 1, #fps, FP do
+    if string.sub(fps, i, i + FP - 1) == fp then return true end
+  end
+  return false
+end
 
 local stored = redis.call('HGET', cursors, feed)
 if expected == '' then
@@ -49,7 +68,7 @@ elseif stored ~= string.sub(expected, 2) then
   return {1}
 end
 
-local base = 11
+local base = 12
 local W = 4
 local published, unchanged = 0, 0
 local CHUNK = 1000
@@ -73,15 +92,18 @@ if detect then
     local op = 'created'
     if old then
       op = 'updated'
-      local old_ts = string.sub(old, FP + 1)
-      if string.sub(old, 1, FP) == fp then
+      local old_fp, old_ts, earlier = parts(old)
+      if old_fp == fp then
         op = nil
         unchanged = unchanged + 1
-      elseif ts ~= '' and old_ts ~= '' and ts < old_ts then
+      elseif ts ~= '' and old_ts ~= ''
+          and (ts < old_ts or (ts == old_ts and holds(earlier, fp))) then
         op = nil
         stale = stale + 1
       elseif ts == '' and old_ts ~= '' then
         new = fp .. old_ts
+      elseif ts ~= '' and ts == old_ts then
+        new = new .. '|' .. string.sub(old_fp .. earlier, 1, FP * KEPT)
       end
     end
     if op then
@@ -125,6 +147,9 @@ return {0, published, unchanged, stale, dead_new}
 
 # Pages with at least this many records are checked against the fingerprints before sending.
 PRECHECK_MIN = 32
+
+# Fingerprints of earlier versions kept per key while its versions share one timestamp.
+SAME_INSTANT_KEPT = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +245,7 @@ class Publisher:
                 "1" if page.has_more else "0",
                 stale + page.superseded,
                 FINGERPRINT_BYTES,
+                SAME_INSTANT_KEPT,
             ]
             # Per record: key, the `seen` value it would store (fingerprint and instant, one
             # argument: each argument costs the client more than the bytes do), timestamp, data.
@@ -290,13 +316,22 @@ def _precheck(olds: list[Any], fps: list[bytes], instants: list[str]) -> tuple[l
     stale = 0
     for i in changed:
         old, instant = olds[i], instants[i]
-        if (
-            old is not None
-            and instant
-            and len(old) > FINGERPRINT_BYTES
-            and instant.encode() < old[FINGERPRINT_BYTES:]
-        ):
+        if old is not None and instant and older(instant.encode(), fps[i], old):
             stale += 1
         else:
             pick.append(i)
     return pick, len(olds) - len(changed), stale
+
+
+def older(instant: bytes, fp: bytes, old: bytes) -> bool:
+    """Whether a version (its sortable instant, not empty, and fingerprint) is older than the
+    one a `seen` value describes: an earlier instant, or one of the versions published before
+    it at the same instant (the script's rule)."""
+    old_instant, _, earlier = old[FINGERPRINT_BYTES:].partition(b"|")
+    if not old_instant:
+        return False
+    if instant != old_instant:
+        return instant < old_instant
+    return any(
+        earlier[i : i + FINGERPRINT_BYTES] == fp for i in range(0, len(earlier), FINGERPRINT_BYTES)
+    )

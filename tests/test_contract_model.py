@@ -29,7 +29,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from syncd import catalogue
 from syncd.errors import RedisFull
 from syncd.page import decode_page
-from syncd.publisher import Applied, Publisher
+from syncd.publisher import SAME_INSTANT_KEPT, Applied, Publisher
 from syncd.redisserver import RedisServer
 
 EXAMPLES = int(os.environ.get("SYNCD_MODEL_EXAMPLES", "20"))
@@ -124,7 +124,9 @@ class Model:
     """The contract in plain terms, one feed of one tenant."""
 
     cursor: str | None = None
-    last: dict[str, tuple[bytes, int | None]] = field(default_factory=dict)
+    # Per key: the last version published, the newest instant published, and the versions
+    # published before it at that same instant (newest first, a few): those are older too.
+    last: dict[str, tuple[bytes, int | None, tuple[bytes, ...]]] = field(default_factory=dict)
     events: list[tuple[str, str, bytes]] = field(default_factory=list)
     dead: list[bytes] = field(default_factory=list)
     stale: int = 0
@@ -153,11 +155,13 @@ class Model:
             if last is not None and last[0] == rec.raw:
                 unchanged += 1
                 continue
-            if last is not None and older(rec.instant, last[1]):
+            same = last is not None and rec.instant is not None and rec.instant == last[1]
+            if last is not None and (older(rec.instant, last[1]) or (same and rec.raw in last[2])):
                 stale += 1
                 continue
             newest = rec.instant if rec.instant is not None or last is None else last[1]
-            self.last[key] = (rec.raw, newest)
+            earlier = ((last[0], *last[2])[:SAME_INSTANT_KEPT]) if last is not None and same else ()
+            self.last[key] = (rec.raw, newest, earlier)
             self.events.append(("created" if last is None else "updated", key, rec.raw))
             published += 1
         dead = 0
@@ -228,6 +232,31 @@ class ContractMachine(RuleBasedStateMachine):
     def fetch_and_apply(self, i: int, repeat: bool, data: st.DataObject) -> None:
         expected = self.believed[i]
         recs, cf = self._new_page(data, expected, repeat)
+        self._apply(i, expected, recs, cf)
+
+    @rule(i=st.integers(0, 1), data=st.data())
+    def earlier_versions_in_a_repeated_tail(self, i: int, data: st.DataObject) -> None:
+        """The API repeats the cursor with records sent before: versions already published or
+        superseded, at older or equal timestamps (they must not take turns with newer ones)."""
+        sent = [r for pages in self.history.values() for recs, _ in pages for r in recs]
+        if not sent:
+            return
+        last = self.model.last
+        # Mostly versions at the newest instant of their key: the ones that could take turns.
+        ties = [r for r in sent if r.key in last and r.instant == last[r.key][1] is not None]
+        if ties and data.draw(st.booleans(), label="ties"):
+            sent = ties
+        expected = self.believed[i]
+        recs = data.draw(st.lists(st.sampled_from(sent), min_size=1, max_size=4), label="tail")
+        if data.draw(st.booleans(), label="changed at the same instant"):
+            # Another version sharing the timestamp of the first (content changed, the
+            # timestamp not): it is a change, and the first is then older than it.
+            body = json.loads(recs[0].raw)
+            if isinstance(body, dict):
+                body["v"] = data.draw(st.integers(3, 5), label="v")
+                recs.append(Record(json.dumps(body).encode(), recs[0].key, recs[0].instant))
+        cf = expected if expected is not None else "c0"
+        self.history.setdefault(expected, []).append((recs, cf))
         self._apply(i, expected, recs, cf)
 
     @rule(i=st.integers(0, 1), data=st.data())

@@ -375,6 +375,25 @@ async def test_a_version_without_a_usable_timestamp_is_not_older(redis: aioredis
     assert [data for _, _, data in await events(redis)] == [dated, undated]
 
 
+@pytest.mark.parametrize("precheck_min", [0, PRECHECK_MIN])
+async def test_versions_sharing_a_timestamp_do_not_take_turns(
+    redis: aioredis.Redis, precheck_min: int
+) -> None:
+    """Two versions with one modifiedOn, served in turn by repeated tails: each is published
+    once, the newer is not followed by the older again."""
+    pub = Publisher(redis, "st", precheck_min=precheck_min)
+    same = "2024-01-01T00:00:00Z"
+    v1, v2, v3 = ({"id": 1, "v": v, "modifiedOn": same} for v in (1, 2, 3))
+    other = [{"id": n, "modifiedOn": same} for n in range(2, 40)]  # over PRECHECK_MIN
+    pages = [[v1], [v2], [v1], [v2], [v1], [v3], [v2], [v1], [v3]]
+    stale = 0
+    for n, recs in enumerate(pages):
+        applied = await pub.apply(T, CUSTOMERS.name, "C" if n else None, page(recs + other, "C"))
+        stale += applied.stale
+    assert [data["v"] for _, _, data in await events(redis) if data["id"] == 1] == [1, 2, 3]
+    assert stale == 4
+
+
 async def test_a_version_dated_at_the_end_of_a_day_has_a_timestamp(
     redis: aioredis.Redis,
 ) -> None:
