@@ -153,6 +153,11 @@ def parse_retry_after(
     return wait
 
 
+# Doublings of the backoff base past which the wait grows no more: 2.0 ** 1000 is still a float
+# (a product past the largest float is inf, which the cap takes), 2.0 ** 1024 raises.
+MAX_DOUBLINGS = 1000
+
+
 def backoff(
     attempt: int,
     *,
@@ -166,7 +171,9 @@ def backoff(
     Full-range growth base * 2**(attempt-1), capped, then spread by +-jitter so that many
     feeds failing together do not retry in lockstep.
     """
-    delay = min(cap, base * (2.0 ** max(0, attempt - 1)))
+    # The exponent stops growing long before a float would overflow (2.0 ** 1024 raises): a
+    # feed failing for days keeps counting failures, and its wait is simply the cap.
+    delay = min(cap, base * (2.0 ** min(max(0, attempt - 1), MAX_DOUBLINGS)))
     r = (rng or random).uniform(-jitter, jitter)
     return max(0.0, delay * (1.0 + r))
 

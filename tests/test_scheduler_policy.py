@@ -40,6 +40,19 @@ def _after(
         (FeedFacts(drained=True), "page", RUN, AfterPoll(0, True, False, False, NOW + 300, False)),
         # Failures back off exponentially.
         (FeedFacts(failures=2), "error", RUN, AfterPoll(3, False, False, False, NOW + 4, True)),
+        # ... however long a feed has been failing (2.0 ** 1024 overflows a float).
+        (
+            FeedFacts(failures=5000),
+            "error",
+            RUN,
+            AfterPoll(5001, False, False, False, NOW + 60, True),
+        ),
+        (
+            FeedFacts(failures=5000),
+            "auth",
+            RUN,
+            AfterPoll(5001, False, False, False, NOW + 300, True),
+        ),
         # A no-progress page is a failure that starts an episode ...
         (FRESH, "no_progress", RUN, AfterPoll(1, False, True, False, NOW + 1, True, "started")),
         # ... which goes on through further stalls and other failures, reported once ...
@@ -143,6 +156,7 @@ def test_page_progress(
         (NOW + 10, 3.0, 0, (NOW + 10, 3.0)),  # a longer pause already running is kept
         (0.0, None, 0, (NOW + 1, 1.0)),  # nothing announced: back off ...
         (0.0, None, 3, (NOW + 8, 8.0)),  # ... more after each failure
+        (0.0, None, 5000, (NOW + 60, 60.0)),  # ... up to backoff_max, however many
         (0.0, 0.0, 0, (NOW + 1, 1.0)),  # "retry at once" is not taken at its word
     ],
 )
