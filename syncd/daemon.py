@@ -8,7 +8,7 @@ import dataclasses
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -473,7 +473,7 @@ class Daemon:
                         cfg.ops.listen, self.metrics, self, cfg.ops, self.settings.ops_token
                     )
                     await self.ops.start()
-                if not await self._startup():
+                if not await self._unless_stopped(self._startup()):
                     return self._exit_code(started, interrupted=True)
                 helpers.append(asyncio.create_task(self._watchdog()))
                 helpers.append(asyncio.create_task(self._reload_loop()))
@@ -498,6 +498,23 @@ class Daemon:
             with contextlib.suppress(redis.exceptions.RedisError):
                 await self.redis.aclose()
         return self._exit_code(started)
+
+    async def _unless_stopped(self, startup: Coroutine[object, object, bool]) -> bool:
+        """Run `startup` until it ends, or until a stop signal: False then, at once. A Redis
+        that accepts connections and does not answer would otherwise hold a stopping daemon
+        for its socket timeout (per call), past any shutdown grace."""
+        assert self.scheduler is not None
+        work = asyncio.ensure_future(startup)
+        stop = asyncio.ensure_future(self.scheduler.until_stopped())
+        try:
+            await asyncio.wait([work, stop], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not work.done():
+                work.cancel()
+            # Startup's own error (or cancellation) is what ends the wait when it finished.
+            await asyncio.wait([work, stop])
+        return False if work.cancelled() else work.result()
 
     async def _startup(self) -> bool:
         """Check Redis, schedule every tenant; False when stopped (or Redis unusable) first."""

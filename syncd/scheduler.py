@@ -183,6 +183,10 @@ class Scheduler:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
+    async def until_stopped(self) -> None:
+        """Return once stop() (or force()) was called."""
+        await self._stopping.wait()
+
     def running_polls(self) -> int:
         """Polls under way, including those of feeds or tenants removed meanwhile."""
         return len(self._active)

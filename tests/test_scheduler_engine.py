@@ -4,6 +4,8 @@ whose requests or token endpoint hang. Real simulator (its per-tenant quirks), r
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from typing import Any
 
 import aiohttp
@@ -262,3 +264,35 @@ async def test_shutdown_cancels_hanging_polls(
         assert events_named(logs, "shutdown_grace_expired")
         assert daemon.scheduler.running_polls() == 0
         assert await redis.hget(f"st:{{{tenant}}}:cursors", CUSTOMERS) is None
+
+
+async def test_stop_during_startup_with_a_silent_redis() -> None:
+    """A Redis that accepts connections and never answers (stopped with SIGSTOP) holds the
+    startup; a stop signal ends it at once, not after the Redis socket timeout."""
+    server = RedisServer()
+    server.start()
+    assert server.proc is not None
+    tenant = 7401
+    try:
+        async with run_simulator(tenants=[tenant]) as sim:
+            data = config_dict(server.url, sim.url, sim.app_key, [tenant], [CUSTOMERS])
+            data["redis"]["timeout"] = 600.0
+            os.kill(server.proc.pid, signal.SIGSTOP)
+            daemon = Daemon(settings(data))
+            with capture_logs() as logs:
+                task = asyncio.create_task(daemon.run())
+
+                async def started() -> bool:
+                    return daemon.scheduler is not None
+
+                await until(started, "the daemon did not begin its startup")
+                await asyncio.sleep(0.3)  # its first Redis call is under way, unanswered
+                assert not task.done()
+                assert daemon.scheduler is not None
+                daemon.scheduler.stop()
+                assert await asyncio.wait_for(task, 30) == 0
+            assert not events_named(logs, "started")
+            assert daemon.scheduler.tenants == {}
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+        server.stop()
