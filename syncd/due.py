@@ -43,6 +43,9 @@ class FeedState:
     failures: int = 0
     drained: bool = False  # answered hasMore: false at least once since start
     stuck: bool = False  # in a no-progress episode (pages that do not move it on)
+    # Cursors this run of `hasMore: true` pages asked with, and its empty pages in a row.
+    trail: tuple[str, ...] = ()
+    empty_run: int = 0
     failed: bool = False  # --once gave up on it
     removed: bool = False
     running: bool = False

@@ -8,7 +8,7 @@ in and applies the decisions it gets back. Tested by tables in tests/test_schedu
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -183,30 +183,63 @@ def rate_limit_pause(
     return max(paused_until, now + wait), wait
 
 
+# Cursors a feed remembers of its current run of `hasMore: true` pages: a continueFrom that the
+# run already asked with (A -> B -> A) is a loop, not progress.
+TRAIL = 32
+# `hasMore: true` pages in a row without a record, each with a new cursor: from this many on, the
+# feed still moves on but backs off like a failure, so that an API handing out fresh cursors and
+# no data for ever neither takes the tenant's whole budget nor keeps a --once run going.
+MAX_EMPTY_RUN = 100
+
+
 @dataclass(frozen=True, slots=True)
 class NoProgress:
     """A page that does not move its feed on, and what the API sent."""
 
     has_more: bool
     records: int
-    cursor_repeated: bool  # continueFrom equals the `from` the page was asked with
+    cursor_repeated: bool  # continueFrom equals a `from` of this run of pages (or this page's)
     cursor_missing: bool  # continueFrom empty: there is nothing to resume from
+    empty_pages: int = 0  # applied, but the latest of this many empty pages in a row
 
 
 def page_progress(
-    sent_from: str | None, has_more: bool, records: int, continue_from: str
+    sent_from: str | None,
+    has_more: bool,
+    records: int,
+    continue_from: str,
+    trail: Collection[str] = (),
 ) -> NoProgress | None:
     """None when a page moves its feed on; else why it does not.
 
-    `hasMore: true` with the cursor it was asked with would be asked again for ever. A drained
-    feed answering `hasMore: false` with the same cursor is the normal includeRecentChanges
-    repeat. An empty continueFrom leaves nothing to resume from, whatever hasMore says.
+    `hasMore: true` with the cursor it was asked with, or with one its run of pages asked with
+    before (`trail`), would be asked again for ever. A drained feed answering `hasMore: false`
+    with the same cursor is the normal includeRecentChanges repeat. An empty continueFrom leaves
+    nothing to resume from, whatever hasMore says.
     """
     missing = not continue_from
-    repeated = has_more and sent_from is not None and continue_from == sent_from
+    repeated = has_more and (
+        (sent_from is not None and continue_from == sent_from) or continue_from in trail
+    )
     if not (missing or repeated):
         return None
     return NoProgress(has_more, records, repeated, missing)
+
+
+def follow(
+    trail: tuple[str, ...], empty_run: int, sent_from: str | None, has_more: bool, records: int
+) -> tuple[tuple[str, ...], int, NoProgress | None]:
+    """After a page applied: the feed's trail (cursors its run of `hasMore: true` pages asked
+    with, the latest TRAIL), its run of empty pages, and whether that run is too long to count
+    as progress (see MAX_EMPTY_RUN). A drained page ends the run."""
+    if not has_more:
+        return (), 0, None
+    if sent_from is not None:
+        trail = (*trail, sent_from)[-TRAIL:]
+    empty_run = empty_run + 1 if records == 0 else 0
+    if empty_run < MAX_EMPTY_RUN:
+        return trail, empty_run, None
+    return trail, empty_run, NoProgress(True, 0, False, False, empty_run)
 
 
 def resume_delay(

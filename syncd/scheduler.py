@@ -43,6 +43,7 @@ from syncd.policy import (
     Outcome,
     Rules,
     after_poll,
+    follow,
     next_due,
     once_finished,
     page_progress,
@@ -262,7 +263,7 @@ class Scheduler:
                 t.tokens, fs.feed, sent, include_recent_changes=t.settings.include_recent_changes
             )
             fetched = True
-            stall = page_progress(sent, page.has_more, page.fetched, page.continue_from)
+            stall = page_progress(sent, page.has_more, page.fetched, page.continue_from, fs.trail)
             if stall is not None:
                 # Not applied: nothing to resume from, or a cursor that would be asked again.
                 self._no_progress(fs, stall, flog)
@@ -313,6 +314,7 @@ class Scheduler:
             # Another instance (or a restarted Redis) holds a different cursor: adopt it.
             flog.info("cursor_moved", stored=applied.stored is not None)
             fs.cursor = applied.stored
+            fs.trail, fs.empty_run = (), 0
             self._after(fs, Outcome("refused"))
             return
         fs.cursor = page.continue_from
@@ -337,6 +339,13 @@ class Scheduler:
                 has_more=page.has_more,
                 fetch_s=round(page.fetch_s, 3),
             )
+        fs.trail, fs.empty_run, endless = follow(
+            fs.trail, fs.empty_run, sent, page.has_more, records
+        )
+        if endless is not None:
+            # Applied (the cursor moved on), yet nothing came for too long: back off.
+            self._no_progress(fs, endless, flog)
+            return
         decision = self._after(fs, Outcome("more" if page.has_more else "page"))
         if decision.episode == "ended":
             flog.info("feed_progress_resumed")
@@ -344,7 +353,12 @@ class Scheduler:
             flog.info("feed_drained")
 
     def _no_progress(self, fs: FeedState, stall: NoProgress, flog: structlog.BoundLogger) -> None:
-        what = "no continueFrom" if stall.cursor_missing else "the same continueFrom"
+        if stall.empty_pages:
+            what = f"{stall.empty_pages} pages in a row without a record"
+        elif stall.cursor_missing:
+            what = "no continueFrom"
+        else:
+            what = "a continueFrom asked with before"
         error = f"no progress: hasMore {str(stall.has_more).lower()}, {what}"
         decision = self._after(fs, Outcome("no_progress"), error=error)
         if decision.episode == "started":
@@ -354,6 +368,7 @@ class Scheduler:
                 records=stall.records,
                 cursor_repeated=stall.cursor_repeated,
                 cursor_missing=stall.cursor_missing,
+                empty_pages=stall.empty_pages,
                 retry_in_s=None if decision.due is None else round(decision.due - self.clock(), 3),
             )
 

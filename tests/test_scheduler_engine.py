@@ -56,11 +56,12 @@ async def until(condition: Any, what: str, timeout: float = 60.0) -> None:
         await asyncio.sleep(0.05)
 
 
-@pytest.mark.parametrize("cursor", ["same", "empty", "null", "missing"])
+@pytest.mark.parametrize("cursor", ["same", "empty", "null", "missing", "alternate"])
 async def test_no_progress_feed_fails_a_once_run_after_its_failures(
     redis: aioredis.Redis, redis_server: RedisServer, cursor: str
 ) -> None:
-    """hasMore true, no records, and the cursor it was asked with (or none at all): --once
+    """hasMore true, no records, and the cursor it was asked with (or none at all, or one it
+    was asked with two pages before: A -> B -> A): --once
     gives up on the feed after once_max_failures such pages (one request each, not thousands)
     and exits 1; the episode is logged once, with what the API sent; another tenant completes.
     """
@@ -77,13 +78,15 @@ async def test_no_progress_feed_fails_a_once_run_after_its_failures(
             code = await asyncio.wait_for(Daemon(settings(data), once=True).run(), 60)
         assert code == 1
         served = (await sim_stats(sim.url))["tenants"][str(stuck)]["no_progress"]
-        # With "same", the first page (asked without a cursor) names one: that is progress.
-        assert served == 4 + (cursor == "same")
+        # With "same", the first page (asked without a cursor) names one: that is progress;
+        # alternating, so is the second (B), until A comes back.
+        assert served == 4 + {"same": 1, "alternate": 2}.get(cursor, 0)
         [stalled] = events_named(logs, "feed_no_progress")
         assert (stalled["tenant"], stalled["feed"]) == (stuck, CUSTOMERS)
         assert (stalled["has_more"], stalled["records"]) == (True, 0)
-        assert stalled["cursor_repeated"] is (cursor == "same")
-        assert stalled["cursor_missing"] is (cursor != "same")
+        named = cursor in ("same", "alternate")
+        assert stalled["cursor_repeated"] is named
+        assert stalled["cursor_missing"] is not named
         assert stalled["log_level"] == "warning"
         [failed] = events_named(logs, "feed_failed")
         assert (failed["tenant"], failed["feed"]) == (stuck, CUSTOMERS)

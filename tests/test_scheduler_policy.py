@@ -7,6 +7,8 @@ import random
 import pytest
 
 from syncd.policy import (
+    MAX_EMPTY_RUN,
+    TRAIL,
     AfterPoll,
     FeedFacts,
     NoProgress,
@@ -14,6 +16,7 @@ from syncd.policy import (
     Rules,
     after_poll,
     first_delay,
+    follow,
     once_finished,
     page_progress,
     rate_limit_pause,
@@ -147,6 +150,70 @@ def test_page_progress(
     sent: str | None, has_more: bool, records: int, continue_from: str, expected: object
 ) -> None:
     assert page_progress(sent, has_more, records, continue_from) == expected
+
+
+@pytest.mark.parametrize(
+    ("trail", "sent", "has_more", "continue_from", "expected"),
+    [
+        # A -> B -> A: the cursor this run asked with two pages ago comes back.
+        (("A",), "B", True, "A", NoProgress(True, 0, True, False)),
+        (("2024-01-01", "A", "B"), "C", True, "A", NoProgress(True, 0, True, False)),
+        (("A",), "B", True, "C", None),  # a new one: moved on
+        # A drained feed's repeat is no loop, whatever the trail says.
+        (("A",), "B", False, "A", None),
+    ],
+)
+def test_page_progress_loops(
+    trail: tuple[str, ...], sent: str, has_more: bool, continue_from: str, expected: object
+) -> None:
+    assert page_progress(sent, has_more, 0, continue_from, trail) == expected
+
+
+@pytest.mark.parametrize(
+    ("trail", "empty_run", "sent", "has_more", "records", "expected"),
+    [
+        ((), 0, "A", True, 5, (("A",), 0, None)),  # the run remembers what it asked with
+        (("A",), 3, "B", True, 0, (("A", "B"), 4, None)),  # an empty page lengthens it
+        (("A",), 3, "B", True, 1, (("A", "B"), 0, None)),  # a record ends the empty run
+        (("A", "B"), 7, "C", False, 0, ((), 0, None)),  # a drained page ends the run
+        (("A",), 0, None, True, 2, (("A",), 0, None)),  # nothing sent: nothing to remember
+        # Only the latest TRAIL cursors are kept.
+        (
+            tuple(map(str, range(TRAIL))),
+            0,
+            "X",
+            True,
+            1,
+            ((*map(str, range(1, TRAIL)), "X"), 0, None),
+        ),
+        # Fresh cursors and no data, for ever: moved on, but no progress after enough of them.
+        (
+            ("A",),
+            MAX_EMPTY_RUN - 1,
+            "B",
+            True,
+            0,
+            (("A", "B"), MAX_EMPTY_RUN, NoProgress(True, 0, False, False, MAX_EMPTY_RUN)),
+        ),
+        (
+            ("A",),
+            MAX_EMPTY_RUN + 5,
+            "B",
+            True,
+            0,
+            (("A", "B"), MAX_EMPTY_RUN + 6, NoProgress(True, 0, False, False, MAX_EMPTY_RUN + 6)),
+        ),
+    ],
+)
+def test_follow(
+    trail: tuple[str, ...],
+    empty_run: int,
+    sent: str | None,
+    has_more: bool,
+    records: int,
+    expected: object,
+) -> None:
+    assert follow(trail, empty_run, sent, has_more, records) == expected
 
 
 @pytest.mark.parametrize(

@@ -228,6 +228,8 @@ def _no_progress(state: SimState, log: FeedLog, wanted: _Query, quirks: Quirks) 
         body["continueFrom"] = None
     elif mode == "empty":
         body["continueFrom"] = ""
+    elif mode == "alternate":
+        body["continueFrom"] = state.codec.encode(log.tenant, log.feed_no, wanted.cursor ^ 1)
     return body
 
 

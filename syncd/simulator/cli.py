@@ -108,7 +108,7 @@ _QUIRK_FLAGS: tuple[tuple[str, str, str | tuple[str, ...], str], ...] = (
     (
         "no_progress_cursor",
         "--no-progress-cursor",
-        ("same", "missing", "null", "empty"),
+        ("same", "missing", "null", "empty", "alternate"),
         "continueFrom of no-progress pages (default same)",
     ),
     ("hang", "--hang", "P", "share of export requests never answered"),

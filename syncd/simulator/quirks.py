@@ -17,7 +17,7 @@ import msgspec
 from syncd.simulator.data import ChangeQuirks, Entry, FeedLog
 from syncd.simulator.offschema import RecordStyle
 
-NoProgressCursor = Literal["same", "missing", "null", "empty"]
+NoProgressCursor = Literal["same", "missing", "null", "empty", "alternate"]
 RateLimitBody = Literal["problem", "apim", "apim-retry-after", "text", "html"]
 ErrorBody = Literal["problem", "text", "html"]
 
@@ -75,7 +75,8 @@ class Quirks(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     deletions: float = 0.0
     # Share of export requests answered `hasMore: true`, no data, and no way forward.
     no_progress: float = 0.0
-    # The continueFrom of such pages: the requested one, absent, null or "".
+    # The continueFrom of such pages: the requested one, absent, null, "", or one of two cursors
+    # in turn (A -> B -> A ...: a new one each page, and never a way forward).
     no_progress_cursor: NoProgressCursor = "same"
     # Share of export requests (after auth and the rate limit) never answered.
     hang: float = 0.0
