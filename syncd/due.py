@@ -254,3 +254,8 @@ class Timetable:
         fs.running = False
         fs.tenant.inflight -= 1
         self.arm(fs.tenant)
+        current = self.tenants.get(fs.tenant.id)
+        if current is not None and current is not fs.tenant:
+            # The tenant was removed and added again while this poll ran: the new one's requests
+            # in flight (counted by the pool) include this one, which may have held it back.
+            self.arm(current)

@@ -18,7 +18,7 @@ from syncd import config
 from syncd.daemon import Daemon
 from syncd.redisserver import RedisServer
 from syncd.simulator.testing import run_simulator
-from tests.engine_helpers import DaemonProcess, config_dict, to_toml
+from tests.engine_helpers import DaemonProcess, config_dict, sim_stats, to_toml, truth
 
 CUSTOMERS, JOBS = "crm.customers", "jpm.jobs"
 
@@ -257,3 +257,37 @@ async def test_sighup_to_a_daemon_process_creates_groups_of_an_added_feed(
             assert await asyncio.to_thread(daemon.wait, 30) == 0
         finally:
             daemon.close()
+
+
+async def test_tenant_removed_and_added_again_while_its_polls_hang(
+    redis: aioredis.Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Its old polls still hold every request it may have in flight when it comes back; once
+    they end, the tenant as configured again polls and syncs (it is not left waiting for ever)."""
+    tid, other = 7501, 7502
+    feeds = [CUSTOMERS, JOBS]
+    async with run_simulator(
+        tenants=[tid, other], records=30, page_size=10, tenant_quirks={tid: {"hang": 1.0}}
+    ) as sim:
+        tenants = [tid, other]
+        data = config_dict(redis_server.url, sim.url, sim.app_key, tenants, feeds, max_in_flight=2)
+        data["servicetitan"]["request_timeout"] = 2.0
+        path = tmp_path / "syncd.toml"
+        async with running_daemon(data, path) as daemon:
+
+            async def hanging() -> bool:
+                stats = (await sim_stats(sim.url))["tenants"].get(str(tid), {})
+                return int(stats.get("in_flight", 0)) >= 2
+
+            await wait_for(hanging, "both polls to hang")
+            write_config(path, {**data, "tenants": data["tenants"][1:]})
+            assert await daemon.reload()
+            assert list(scheduled(daemon)) == [other]
+            write_config(path, data)
+            assert await daemon.reload()
+            assert scheduled(daemon) == {tid: sorted(feeds), other: sorted(feeds)}
+            sim.set_quirks(tid, hang=0.0)
+            for feed in feeds:
+                records = await truth(sim.url, tid, feed)
+                stream = f"st:{{{tid}}}:{feed}"
+                await wait_for(has_length(redis, stream, len(records)), f"{feed} synced", 60)

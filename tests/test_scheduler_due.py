@@ -137,3 +137,18 @@ def test_removed_tenant_is_never_ready() -> None:
     tt.remove_tenant(1)
     assert tt.pop_ready(0.0) == [2]
     assert tt.take(1, 0.0) is None
+
+
+def test_tenant_added_again_is_ready_when_an_old_poll_ends() -> None:
+    """The scheduler's pool counts the old polls of a tenant removed and added again, and may
+    pass the new one over while they run: each of them ending makes the new one ready again."""
+    tt = timetable(tenant(1))
+    assert tt.pop_ready(0.0) == [1]
+    old = tt.take(1, 0.0)
+    assert old is not None
+    tt.remove_tenant(1)
+    tt.add_tenant(tenant(1), None, specs(), now=1.0)  # type: ignore[arg-type]
+    assert tt.pop_ready(1.0) == [1]  # ... and passed over: the pool has no room for it
+    assert tt.pop_ready(2.0) == []
+    tt.done(old)
+    assert tt.pop_ready(2.0) == [1]
