@@ -80,6 +80,10 @@ class AfterPoll:
 _SUCCESS = frozenset({"page", "more"})
 _NEUTRAL = frozenset({"refused", "memory"})  # no failure, no success: try again at once
 _FATAL = frozenset({"parked", "auth"})  # --once gives up at the first one
+# --once bears this many times once_max_failures 429s in a row before it gives up on a feed: a
+# tenant whose budget other apps share gets patience, one refused for good does not keep the
+# run going for ever.
+ONCE_RATE_LIMIT_PATIENCE = 5
 
 
 def after_poll(
@@ -87,9 +91,10 @@ def after_poll(
 ) -> AfterPoll:
     """Apply one poll's outcome to a feed: failures, drained, --once verdict, next due time.
 
-    429s count as failures for the backoff but never fail a --once run: other apps may share
-    the tenant's budget. A no-progress page is a failure like a 5xx: it backs off and counts
-    toward `once_max_failures`, and its episode is reported once, when it starts and ends.
+    429s count as failures for the backoff, and fail a --once run only after many more in a
+    row than other failures (ONCE_RATE_LIMIT_PATIENCE): other apps may share the tenant's
+    budget. A no-progress page is a failure like a 5xx: it backs off and counts toward
+    `once_max_failures`, and its episode is reported once, when it starts and ends.
     """
     kind = outcome.kind
     if kind in _SUCCESS:
@@ -106,8 +111,11 @@ def after_poll(
     elif feed.stuck and not stuck:
         episode = "ended"
     failed = False
-    if rules.once and error and kind != "rate_limited":
-        failed = kind in _FATAL or failures >= rules.once_max_failures
+    if rules.once and error:
+        limit = rules.once_max_failures
+        if kind == "rate_limited":
+            limit *= ONCE_RATE_LIMIT_PATIENCE
+        failed = kind in _FATAL or failures >= limit
     due: float | None = None
     if not failed and not (rules.once and drained):
         due = next_due(

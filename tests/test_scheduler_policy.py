@@ -8,6 +8,7 @@ import pytest
 
 from syncd.policy import (
     MAX_EMPTY_RUN,
+    ONCE_RATE_LIMIT_PATIENCE,
     TRAIL,
     AfterPoll,
     FeedFacts,
@@ -102,7 +103,7 @@ def _after(
             ONCE,
             AfterPoll(3, False, True, True, None, True),
         ),
-        # ... 403/404 and refused credentials at once; 429s never.
+        # ... 403/404 and refused credentials at once; 429s only after many more in a row.
         (FRESH, "parked", ONCE, AfterPoll(1, False, False, True, None, True)),
         (FRESH, "auth", ONCE, AfterPoll(1, False, False, True, None, True)),
         (
@@ -110,6 +111,18 @@ def _after(
             "rate_limited",
             ONCE,
             AfterPoll(10, False, False, False, NOW + 7, True),
+        ),
+        (
+            FeedFacts(failures=3 * ONCE_RATE_LIMIT_PATIENCE - 1),
+            "rate_limited",
+            ONCE,
+            AfterPoll(3 * ONCE_RATE_LIMIT_PATIENCE, False, False, True, None, True),
+        ),
+        (  # a running daemon never gives up
+            FeedFacts(failures=99),
+            "rate_limited",
+            RUN,
+            AfterPoll(100, False, False, False, NOW + 7, True),
         ),
     ],
 )
