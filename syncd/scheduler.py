@@ -241,7 +241,14 @@ class Scheduler:
         except Exception:
             # A bug in one poll must not end the others; the feed backs off.
             log.exception("poll_crashed", tenant=fs.tenant.id, feed=fs.name)
-            self._after(fs, Outcome("error"), error="internal error (see log)")
+            try:
+                self._after(fs, Outcome("error"), error="internal error (see log)")
+            except Exception:
+                # Even deciding what comes next failed: try the feed again after the longest
+                # backoff rather than lose it or stop every other tenant with it.
+                log.exception("poll_reschedule_failed", tenant=fs.tenant.id, feed=fs.name)
+                if not (fs.removed or fs.tenant.removed):
+                    self.timetable.push(fs, self.clock() + self.rules.backoff_max)
         finally:
             self._active.discard(fs)
             self.pool.finished(fs.tenant.id)

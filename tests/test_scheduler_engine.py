@@ -138,6 +138,53 @@ async def test_no_progress_episode_backs_off_and_ends_when_the_api_moves_on(
         assert_exactly_once(await stream_events(redis, tenant, CUSTOMERS), records)
 
 
+async def test_a_bug_in_a_poll_and_in_its_rescheduling_stops_only_that_feed(
+    redis: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    """A poll that crashes, and whose rescheduling crashes too, leaves the scheduler running:
+    the feed is tried again after the longest backoff, the other tenant syncs completely."""
+    broken, fine = 7201, 7202
+    async with run_simulator(tenants=[broken, fine], records=60, page_size=30) as sim:
+        data = config_dict(redis_server.url, sim.url, sim.app_key, [broken, fine], [CUSTOMERS])
+        data["engine"]["backoff_max"] = 600.0
+        daemon = Daemon(settings(data))
+        with capture_logs() as logs:
+            task = asyncio.create_task(daemon.run())
+            while daemon.scheduler is None or broken not in daemon.scheduler.tenants:
+                await asyncio.sleep(0.01)
+            sched = daemon.scheduler
+            poll, after = sched._poll, sched._after
+
+            async def crashing_poll(fs: Any) -> None:
+                if fs.tenant.id == broken:
+                    raise RuntimeError("a bug in a poll")
+                await poll(fs)
+
+            def crashing_after(fs: Any, outcome: Any, **kw: Any) -> Any:
+                if fs.tenant.id == broken:
+                    raise RuntimeError("a bug in the rescheduling")
+                return after(fs, outcome, **kw)
+
+            sched._poll = crashing_poll  # type: ignore[method-assign]
+            sched._after = crashing_after  # type: ignore[method-assign]
+            records = await truth(sim.url, fine, CUSTOMERS)
+
+            async def fine_synced() -> bool:
+                return len(await stream_events(redis, fine, CUSTOMERS)) == len(records)
+
+            await until(fine_synced, "the healthy tenant did not sync")
+            fs = sched.tenants[broken].feeds[CUSTOMERS]
+            await until(
+                lambda: asyncio.sleep(0, result=bool(events_named(logs, "poll_reschedule_failed"))),
+                "the rescheduling did not fail",
+            )
+            assert not sched.crashed
+            assert fs.due - sched.clock() > 500
+            sched.stop()
+            assert await asyncio.wait_for(task, 30) == 0
+        assert_exactly_once(await stream_events(redis, fine, CUSTOMERS), records)
+
+
 HANGING = list(range(7101, 7110))
 HEALTHY = 7110
 
