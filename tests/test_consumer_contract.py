@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 
 from syncd.consumer import Event
-from tests.test_consumer import CUSTOMERS, publish
+from tests.test_consumer import CUSTOMERS, KEYS, publish
 from tests.test_consumer_faults import make, until
 
 
@@ -82,3 +83,58 @@ async def test_cancellation_at_any_moment_of_a_busy_round_ends_run(
     done, _ = await asyncio.wait({task}, timeout=10)
     assert done, f"run() still going after being cancelled at turn {turns}"
     assert task.cancelled(), task.result()
+
+
+@pytest.mark.parametrize(
+    "report",
+    [
+        "generator",  # the failed events as a generator
+        "bytes_ids",  # their entry ids as bytes
+        "record_keys",  # record keys instead of entry ids: not understood
+        "other_batch",  # events of another batch: not understood
+        "duplicates",  # the failed event twice
+    ],
+)
+async def test_a_failure_the_handler_reports_is_never_acknowledged(
+    redis: aioredis.Redis, report: str
+) -> None:
+    # Record 3 keeps failing, whatever shape the handler reports that in: it must not be
+    # acknowledged as handled; it ends in the dead stream, and the others are handled.
+    handled: set[str] = set()
+    stale: list[Event] = []
+
+    async def handler(batch: list[Event]) -> object:
+        bad = [e for e in batch if e.key == "3"]
+        handled.update(e.key for e in batch if e.key != "3")
+        if not stale:
+            stale.extend(batch)
+        if report == "generator":
+            return (e for e in bad)
+        if report == "bytes_ids":
+            return [e.id.encode() for e in bad]
+        if report == "record_keys":
+            return [e.key for e in bad]
+        if report == "other_batch":
+            return [s for s in stale if s.key == "999"] + [
+                msgspec_replace(e, id="1-1") for e in bad
+            ]
+        return bad + bad
+
+    for key in range(1, 6):
+        await publish(redis, CUSTOMERS, key)
+    c = make(redis, claim_idle_ms=100, max_deliveries=2)
+    stop = asyncio.Event()
+    task = asyncio.create_task(c.run(handler, stop=stop))
+    await until(lambda: handled == {"1", "2", "4", "5"}, "the good events")
+    await until(lambda: _dead(redis, ["3"]), "the failing event in the dead stream")
+    stop.set()
+    await asyncio.wait_for(task, 30)
+    assert (await redis.xinfo_groups(CUSTOMERS))[0]["pending"] == 0
+
+
+def msgspec_replace(event: Event, **changes: object) -> Event:
+    return msgspec.structs.replace(event, **changes)
+
+
+async def _dead(client: aioredis.Redis, keys: list[str]) -> bool:
+    return [f[b"key"].decode() for _, f in await client.xrange(KEYS.dead)] == keys
