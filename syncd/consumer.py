@@ -114,9 +114,30 @@ def _socket_timeout_s(redis: RedisClient) -> float | None:
     return None
 
 
+class _CancelGuard:
+    """Raises CancelledError once the task was asked to cancel, even when that request got lost.
+
+    On Python 3.11 a cancellation that arrives while redis-py sends a command is dropped
+    (its `send_packed_command` awaits `asyncio.wait_for`, which returns the finished send's
+    result instead of raising), and the task would go on as if nothing was asked. The task's
+    count of cancellation requests still says so.
+    """
+
+    def __init__(self) -> None:
+        self.task = asyncio.current_task()
+        self.baseline = self.task.cancelling() if self.task is not None else 0
+
+    def check(self) -> None:
+        if self.task is not None and self.task.cancelling() > self.baseline:
+            raise asyncio.CancelledError
+
+
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
+    # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns normally when it is
+    # cancelled in the loop turn in which the awaited call completes, dropping the cancellation.
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)
+        async with asyncio.timeout(seconds):
+            await stop.wait()
 
 
 class Consumer:
@@ -473,7 +494,9 @@ class Consumer:
         backoff = Backoff(_BACKOFF_MIN_S, _BACKOFF_MAX_S)
         held: list[Event] = []  # failed events retried here during a handler outage
         failed_rounds = 0
+        guard = _CancelGuard()
         while not stop.is_set() and not self._closed:
+            guard.check()
             try:
                 if held:
                     await _sleep_unless(stop, backoff.next())
@@ -483,6 +506,7 @@ class Consumer:
                     batch = held + (await self._probe() if len(held) < self.batch else [])
                 else:
                     batch = await self.read()
+                guard.check()
                 if not batch:
                     continue
                 failed = await self._apply(handler, batch)
@@ -510,6 +534,7 @@ class Consumer:
                 raise
             except Exception as exc:
                 await self._on_error(exc, backoff)
+            guard.check()
             await _sleep_unless(stop, backoff.next())
 
     async def _on_error(self, exc: Exception, backoff: Backoff) -> None:
@@ -588,7 +613,8 @@ class Consumer:
         if self.handler_timeout is None:
             return await handler(batch)
         try:
-            return await asyncio.wait_for(handler(batch), self.handler_timeout)
+            async with asyncio.timeout(self.handler_timeout):  # not wait_for: see _sleep_unless
+                return await handler(batch)
         except TimeoutError:
             raise TimeoutError(f"handler took more than {self.handler_timeout}s") from None
 

@@ -6,7 +6,7 @@ Kept apart from `syncd.consumer` so that each rule is a small function tested by
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Literal, Protocol, TypeVar
 
 from redis.exceptions import (
@@ -110,21 +110,41 @@ E = TypeVar("E", bound=_Keyed)
 def failed_events(batch: Sequence[E], result: object) -> list[E]:
     """The events of `batch` a handler reported as failed by returning them (or their ids).
 
-    A handler that returns None (or anything that is not a collection of events or ids)
-    handled the whole batch.
+    A handler that returns None (or a value that is not a collection: a count, True) handled
+    the whole batch. A collection or iterator of events or entry ids (str or bytes) names the
+    failed ones. Raises ValueError when the handler named something that is not an event of
+    the batch (a record key, an event of another batch): what it meant to fail is unknown,
+    so nothing may be acknowledged on its word.
     """
     if result is None or isinstance(result, str | bytes | dict):
         return []
-    if not isinstance(result, Collection):
+    if not isinstance(result, Iterable):
         return []
-    items: Iterable[object] = result
-    failed_ids: set[tuple[str, str] | str] = set()
-    for item in items:
+    by_pair = {(e.stream, e.id): e for e in batch}
+    by_id = {e.id: e for e in batch}
+    failed: dict[tuple[str, str], E] = {}
+    unknown: list[object] = []
+    for item in result:
+        if isinstance(item, bytes):
+            item = item.decode("utf-8", "replace")
         if isinstance(item, str):
-            failed_ids.add(item)
+            found = [e for e in batch if e.id == item] if item in by_id else []
         elif hasattr(item, "stream") and hasattr(item, "id"):
-            failed_ids.add((str(item.stream), str(item.id)))
-    return [e for e in batch if (e.stream, e.id) in failed_ids or e.id in failed_ids]
+            event = by_pair.get((str(item.stream), str(item.id)))
+            found = [event] if event is not None else []
+        else:
+            found = []
+        if not found:
+            unknown.append(item)
+        for event in found:
+            failed[(event.stream, event.id)] = event
+    if unknown:
+        shown = ", ".join(repr(getattr(i, "id", i))[:40] for i in unknown[:3])
+        raise ValueError(
+            f"the handler reported {len(unknown)} failure(s) that are not events of its "
+            f"batch ({shown}): return the failed events or their entry ids"
+        )
+    return [e for e in batch if (e.stream, e.id) in failed]
 
 
 class Backoff:

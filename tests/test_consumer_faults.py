@@ -124,7 +124,10 @@ def test_failed_events_and_backoff() -> None:
     assert failed_events(batch, None) == []
     assert failed_events(batch, 3) == []  # not a collection: everything was handled
     assert failed_events(batch, [batch[1]]) == [batch[1]]
-    assert failed_events(batch, ["1-2", "9-9"]) == [batch[2]]
+    assert failed_events(batch, [b"1-2", "1-2"]) == [batch[2]]
+    assert failed_events(batch, (e for e in batch if e.key != "1")) == [batch[0], batch[2]]
+    with pytest.raises(ValueError, match="not events of its batch"):
+        failed_events(batch, ["1-2", "9-9"])  # 9-9 is no event of this batch
     assert failed_events(batch, (batch[0], batch[2])) == [batch[0], batch[2]]
     backoff = Backoff(0.5, 2.0)
     assert [backoff.next() for _ in range(4)] == [0.5, 1.0, 2.0, 2.0]
