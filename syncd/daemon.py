@@ -10,7 +10,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
 import msgspec
@@ -65,6 +65,26 @@ async def http_session(
         trace_configs=trace_configs,
     ) as session:
         yield session
+
+
+# How long shutdown waits for its helper tasks to end once cancelled.
+CANCEL_WITHIN_S = 10.0
+
+
+async def cancel_all(tasks: Sequence[asyncio.Future[Any]], within: float = CANCEL_WITHIN_S) -> bool:
+    """Cancel `tasks` and wait for them to end, cancelling again while one goes on: on Python
+    3.11 redis-py can drop a cancellation that lands while a command is being sent, and a loop
+    that swallowed it would hold shutdown for ever. False when some still run after `within`."""
+    pending = {t for t in tasks if not t.done()}
+    deadline = time.monotonic() + within
+    while pending and time.monotonic() < deadline:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.1)
+    for task in tasks:
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved: a helper's error is not reported again at exit
+    return not pending
 
 
 class Daemon:
@@ -488,9 +508,8 @@ class Daemon:
                 await self.scheduler.run(grace=e.shutdown_grace)
         finally:
             self.notifier.stopping()
-            for task in helpers:
-                task.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
+            if not await cancel_all(helpers):
+                log.warning("helpers_did_not_stop", within_s=CANCEL_WITHIN_S)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             if self.ops is not None:
@@ -509,12 +528,9 @@ class Daemon:
         try:
             await asyncio.wait([work, stop], return_when=asyncio.FIRST_COMPLETED)
         finally:
-            stop.cancel()
-            if not work.done():
-                work.cancel()
-            # Startup's own error (or cancellation) is what ends the wait when it finished.
-            await asyncio.wait([work, stop])
-        return False if work.cancelled() else work.result()
+            await cancel_all([stop] if work.done() else [work, stop])
+        # Startup's own error is raised here when it ended on one.
+        return False if work.cancelled() or not work.done() else work.result()
 
     async def _startup(self) -> bool:
         """Check Redis, schedule every tenant; False when stopped (or Redis unusable) first."""
