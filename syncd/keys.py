@@ -44,3 +44,40 @@ class Keys:
     def state(self) -> str:
         """Hash: per-feed operational state (last poll, last error), for `syncd status`."""
         return f"{self.base}:state"
+
+    @property
+    def owner(self) -> str:
+        """String with a TTL: the fleet instance polling this tenant now (its lease)."""
+        return f"{self.base}:owner"
+
+
+class FleetKeys:
+    """Key names of the fleet's membership under one prefix.
+
+    They share the hash tag `{fleet}` (tenant tags are numbers, so none collides), which puts
+    them in one Cluster slot; each tenant's lease lives in the tenant's own slot (`Keys.owner`).
+    """
+
+    __slots__ = ("base", "prefix")
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.base = f"{prefix}:{{fleet}}"
+
+    @property
+    def members(self) -> str:
+        """Set: the names of the instances that joined and have not been seen gone."""
+        return f"{self.base}:members"
+
+    def member(self, instance: str) -> str:
+        """String with a TTL of one lease: an instance's heartbeat (JSON)."""
+        return f"{self.base}:member:{instance}"
+
+    def known(self, instance: str) -> str:
+        """Set with a TTL of one lease: the tenant ids an instance's configuration lists."""
+        return f"{self.base}:known:{instance}"
+
+    @property
+    def epoch(self) -> str:
+        """Counter bumped on every join, leave and release, so the others look at once."""
+        return f"{self.base}:epoch"

@@ -1,0 +1,349 @@
+"""The fleet against real Redis: several Fleet objects in one process, callbacks recording what
+each instance would poll."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+
+import pytest
+import redis.asyncio as aioredis
+import structlog
+from redis.asyncio.cluster import RedisCluster
+
+from syncd.fleet import Fleet, read_members, read_owners
+from syncd.keys import Keys
+from syncd.redisconn import RedisClient
+from syncd.redisserver import RedisClusterServers, RedisServer
+from tests.tcpproxy import proxy
+
+PREFIX = "st"
+
+
+@dataclass
+class Board:
+    """Who polls what, across all instances of a test: two at once is an overlap."""
+
+    polling: dict[int, set[str]] = field(default_factory=dict)
+    overlaps: list[tuple[int, set[str]]] = field(default_factory=list)
+
+    def start(self, tenant: int, instance: str) -> None:
+        holders = self.polling.setdefault(tenant, set())
+        holders.add(instance)
+        if len(holders) > 1:
+            self.overlaps.append((tenant, set(holders)))
+
+    def stop(self, tenant: int, instance: str) -> None:
+        self.polling.get(tenant, set()).discard(instance)
+
+    def of(self, instance: str) -> set[int]:
+        return {t for t, hs in self.polling.items() if instance in hs}
+
+    def owner_map(self) -> dict[int, set[str]]:
+        return {t: set(hs) for t, hs in self.polling.items() if hs}
+
+
+@dataclass
+class Member:
+    fleet: Fleet
+    client: RedisClient
+    task: asyncio.Task[None] | None = None
+    released: list[int] = field(default_factory=list)
+    hold_release: asyncio.Event | None = None  # set: on_release returns (in-flight work done)
+    on_release_hook: Callable[[int], object] | None = None
+
+
+class Harness:
+    def __init__(self, board: Board) -> None:
+        self.board = board
+        self.members: dict[str, Member] = {}
+
+    def add(
+        self, name: str, client: RedisClient, tenants: range | list[int], lease: float
+    ) -> Member:
+        board = self.board
+        member: Member
+
+        async def on_acquire(tenant: int) -> None:
+            board.start(tenant, name)
+
+        async def on_release(tenant: int) -> None:
+            m = member
+            if m.on_release_hook is not None:
+                m.on_release_hook(tenant)
+            if m.hold_release is not None:
+                await m.hold_release.wait()
+            m.released.append(tenant)
+            board.stop(tenant, name)
+
+        fleet = Fleet(
+            client,
+            PREFIX,
+            name,
+            lease,
+            on_acquire=on_acquire,
+            on_release=on_release,
+            tenants=tenants,
+        )
+        member = Member(fleet, client)
+        member.task = asyncio.create_task(fleet.run())
+        self.members[name] = member
+        return member
+
+    async def stop(self, name: str) -> None:
+        m = self.members.pop(name)
+        m.fleet.stop()
+        assert m.task is not None
+        await m.task
+
+    async def kill(self, name: str) -> None:
+        """Like SIGKILL: the instance vanishes without releasing anything."""
+        m = self.members.pop(name)
+        assert m.task is not None
+        m.task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await m.task
+        for t in self.board.of(name):
+            self.board.stop(t, name)
+
+    async def close(self) -> None:
+        for m in list(self.members.values()):
+            if m.task is not None:
+                m.task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await m.task
+        self.members.clear()
+
+    def counts(self) -> dict[str, int]:
+        return {name: len(self.board.of(name)) for name in self.members}
+
+
+async def eventually(cond: Callable[[], bool], timeout: float = 30.0, what: str = "") -> float:
+    """Poll until cond() holds; the seconds it took. Generous deadlines: the machine is shared."""
+    started = time.monotonic()
+    while not cond():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"not reached within {timeout}s: {what}")
+        await asyncio.sleep(0.05)
+    return time.monotonic() - started
+
+
+def balanced(h: Harness, tenants: int) -> bool:
+    """Every tenant polled by exactly one live instance, each within one of ceil(N/M)."""
+    owners = h.board.owner_map()
+    if set(owners) != set(range(1, tenants + 1)) and tenants:
+        return False
+    if any(len(hs) != 1 or not hs <= set(h.members) for hs in owners.values()):
+        return False
+    per = h.counts().values()
+    return max(per) - min(per) <= 1 and max(per) <= math.ceil(tenants / len(h.members))
+
+
+@pytest.fixture
+async def clients(
+    redis: aioredis.Redis, redis_server: RedisServer
+) -> AsyncIterator[Callable[[], aioredis.Redis]]:
+    made: list[aioredis.Redis] = []
+
+    def make() -> aioredis.Redis:
+        c = aioredis.Redis.from_url(redis_server.url)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        await c.aclose()
+
+
+@pytest.fixture
+async def harness() -> AsyncIterator[Harness]:
+    h = Harness(Board())
+    yield h
+    await h.close()
+
+
+async def test_joins_and_leaves_balance_and_never_overlap(
+    harness: Harness, clients: Callable[[], aioredis.Redis]
+) -> None:
+    n, lease = 20, 1.5
+    harness.add("a", clients(), range(1, n + 1), lease)
+    await eventually(lambda: harness.counts() == {"a": n}, what="a alone owns everything")
+    harness.add("b", clients(), range(1, n + 1), lease)
+    harness.add("c", clients(), range(1, n + 1), lease)
+    await eventually(lambda: balanced(harness, n), what="three instances balanced")
+    assert sorted(harness.counts().values()) == [6, 7, 7]
+    # The newcomers take only what they need: a gave up exactly its surplus, nobody else moved.
+    assert len(harness.members["a"].released) == n - harness.counts()["a"]
+    assert harness.members["b"].released == harness.members["c"].released == []
+    await harness.stop("c")
+    await eventually(lambda: balanced(harness, n), what="two instances balanced after a leave")
+    assert harness.counts() == {"a": 10, "b": 10}
+    assert harness.board.overlaps == []
+
+
+async def test_a_member_that_stops_renewing_loses_its_tenants_after_the_lease(
+    harness: Harness, clients: Callable[[], aioredis.Redis], redis: aioredis.Redis
+) -> None:
+    n, lease = 12, 1.5
+    harness.add("a", clients(), range(1, n + 1), lease)
+    harness.add("b", clients(), range(1, n + 1), lease)
+    await eventually(lambda: balanced(harness, n), what="balanced")
+    orphans = harness.board.of("b")
+    await harness.kill("b")
+    # The leases stay with the dead member until they run out: nobody takes them sooner.
+    owners = await read_owners(redis, PREFIX, sorted(orphans))
+    assert set(owners.values()) <= {"b"}
+    await eventually(lambda: harness.counts() == {"a": n}, what="a took over b's tenants")
+    assert await read_owners(redis, PREFIX, list(range(1, n + 1))) == dict.fromkeys(
+        range(1, n + 1), "a"
+    )
+    assert "b" not in await read_members(redis, PREFIX)
+
+
+async def test_graceful_stop_hands_over_at_once_after_in_flight_work(
+    harness: Harness, clients: Callable[[], aioredis.Redis], redis: aioredis.Redis
+) -> None:
+    # A lease far longer than the test: a takeover can only come from the release itself.
+    n, lease = 10, 60.0
+    harness.add("a", clients(), range(1, n + 1), lease)
+    b = harness.add("b", clients(), range(1, n + 1), lease)
+    await eventually(lambda: balanced(harness, n), what="balanced through epochs, not expiry")
+    handed = harness.board.of("b")
+    b.hold_release = asyncio.Event()
+    seen_owners: list[dict[int, str]] = []
+    stopping = asyncio.create_task(harness.stop("b"))
+    await eventually(lambda: bool(b.fleet.active) is False, what="b stopped polling")
+    # While b's pages are still in flight its leases stay: a does not start on them yet.
+    seen_owners.append(await read_owners(redis, PREFIX, sorted(handed)))
+    assert set(seen_owners[0].values()) == {"b"}
+    assert harness.board.of("a").isdisjoint(handed)
+    b.hold_release.set()
+    await stopping
+    await eventually(lambda: harness.counts() == {"a": n}, timeout=20, what="a took over")
+    assert sorted(b.released) == sorted(handed)
+    assert "b" not in await read_members(redis, PREFIX)
+
+
+async def test_a_member_cut_off_from_redis_stops_before_its_leases_run_out(
+    harness: Harness,
+    clients: Callable[[], aioredis.Redis],
+    redis: aioredis.Redis,
+    redis_server: RedisServer,
+) -> None:
+    n, lease = 10, 3.0
+    async with proxy(redis_server.port) as line:
+        cut_client = aioredis.Redis.from_url(line.url, socket_timeout=30)
+        try:
+            a = harness.add("a", cut_client, range(1, n + 1), lease)
+            harness.add("b", clients(), range(1, n + 1), lease)
+            await eventually(lambda: balanced(harness, n), what="balanced")
+            cut_tenants = harness.board.of("a")
+            remaining: dict[int, tuple[bytes | None, int]] = {}
+
+            async def look(tenant: int) -> None:
+                key = Keys(PREFIX, tenant).owner
+                remaining[tenant] = (await redis.get(key), await redis.pttl(key))
+
+            pending: list[asyncio.Task[None]] = []
+            a.on_release_hook = lambda t: pending.append(asyncio.create_task(look(t)))
+            line.cut()
+            await eventually(lambda: not harness.board.of("a"), what="a stopped polling")
+            await asyncio.gather(*pending)
+            # a let go while its leases still stood: no moment with two pollers.
+            assert set(remaining) == cut_tenants
+            assert all(owner == b"a" and ttl > 0 for owner, ttl in remaining.values()), remaining
+            await eventually(lambda: harness.counts()["b"] == n, what="b took over")
+            assert harness.board.overlaps == []
+            line.restore()
+            await eventually(lambda: balanced(harness, n), what="a back in the fleet")
+        finally:
+            await harness.close()
+            await cut_client.aclose()
+
+
+async def test_disagreeing_configurations_are_reported_and_followed(
+    harness: Harness, clients: Callable[[], aioredis.Redis]
+) -> None:
+    lease = 1.5
+    with structlog.testing.capture_logs() as logs:
+        a = harness.add("a", clients(), [1, 2, 3, 4], lease)
+        b = harness.add("b", clients(), [3, 4, 5, 6], lease)
+
+        def settled() -> bool:
+            owners = harness.board.owner_map()
+            return (
+                set(owners) == {1, 2, 3, 4, 5, 6}
+                and all(len(hs) == 1 for hs in owners.values())
+                and {1, 2} <= harness.board.of("a")
+                and {5, 6} <= harness.board.of("b")
+                and a.fleet.view.disagreements == {1: ["b"], 2: ["b"], 5: ["a"], 6: ["a"]}
+            )
+
+        await eventually(settled, what="each tenant with an instance that knows it")
+        reported = [e for e in logs if e["event"] == "fleet_config_disagrees"]
+        assert reported
+        assert reported[0]["tenants"] == 4
+        # A reload on one instance adds and removes tenants for the whole fleet.
+        a.fleet.set_tenants([1, 2, 3, 4, 5, 6, 7])
+        b.fleet.set_tenants([1, 2, 3, 4, 5, 6, 7])
+        await eventually(
+            lambda: set(harness.board.owner_map()) == set(range(1, 8)) and balanced(harness, 7),
+            what="tenant 7 added",
+        )
+        assert any(e["event"] == "fleet_config_agrees" for e in logs)
+        a.fleet.set_tenants([1, 2, 3, 4, 5, 6])
+        b.fleet.set_tenants([1, 2, 3, 4, 5, 6])
+        await eventually(lambda: balanced(harness, 6), what="tenant 7 removed")
+
+
+async def test_two_processes_under_one_name_are_reported(
+    harness: Harness, clients: Callable[[], aioredis.Redis]
+) -> None:
+    with structlog.testing.capture_logs() as logs:
+        harness.add("twin", clients(), [1, 2], 1.5)
+        await eventually(lambda: harness.counts()["twin"] == 2, what="first twin polls")
+        second = Harness(harness.board)
+        second.add("twin", clients(), [1, 2], 1.5)
+        try:
+            await eventually(
+                lambda: any(e["event"] == "fleet_instance_name_clash" for e in logs),
+                what="the clash reported",
+            )
+        finally:
+            await second.close()
+
+
+# -- Redis Cluster --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisClusterServers]:
+    servers = RedisClusterServers(3)
+    servers.start()
+    yield servers
+    servers.stop()
+
+
+async def test_fleet_on_a_cluster(harness: Harness, cluster: RedisClusterServers) -> None:
+    n, lease = 15, 1.5
+    made = [RedisCluster.from_url(cluster.url) for _ in range(3)]
+    try:
+        await made[0].initialize()
+        nodes = {made[0].get_node_from_key(Keys(PREFIX, t).owner).port for t in range(1, n + 1)}
+        assert len(nodes) > 1, "the leases should spread over several nodes"
+        for name, client in zip("abc", made, strict=True):
+            harness.add(name, client, range(1, n + 1), lease)
+        await eventually(lambda: balanced(harness, n), what="balanced on the cluster")
+        assert sorted(harness.counts().values()) == [5, 5, 5]
+        await harness.stop("c")
+        await eventually(lambda: balanced(harness, n), what="c's tenants handed over")
+        owners = await read_owners(made[0], PREFIX, list(range(1, n + 1)))
+        assert set(owners.values()) == {"a", "b"}
+        assert harness.board.overlaps == []
+    finally:
+        await harness.close()
+        for c in made:
+            await c.aclose()
