@@ -120,6 +120,7 @@ class Member:
     name: str
     heartbeat: Heartbeat
     known: frozenset[int]
+    expires_in: float = 0.0  # seconds until its heartbeat runs out unless renewed
 
 
 @dataclass
@@ -176,6 +177,7 @@ class Fleet:
         self._clash_logged = False
         self._disagreeing: frozenset[int] = frozenset()
         self._cache: dict[str, frozenset[int]] = {}  # known digest -> tenant ids
+        self._due_in: float | None = None  # next round sooner than a period, in seconds
 
     @property
     def lease_ms(self) -> int:
@@ -220,6 +222,7 @@ class Fleet:
         while not self._stop.is_set():
             self._wake.clear()
             started = time.monotonic()
+            self._due_in = None
             try:
                 async with asyncio.timeout(self.period):
                     await self.round()
@@ -234,7 +237,10 @@ class Fleet:
                         error=f"{type(exc).__name__}: {exc}",
                     )
                 self._redis_ok = False
-            await self._wait(started + self.period)
+            deadline = started + self.period
+            if self._due_in is not None:
+                deadline = min(deadline, time.monotonic() + self._due_in)
+            await self._wait(deadline)
 
     async def _wait(self, deadline: float) -> None:
         """Until the next round is due, or sooner when the fleet's epoch moves."""
@@ -291,6 +297,21 @@ class Fleet:
         ]
         if wanted:
             await self._acquire(wanted)
+        await self._watch_expiries(view)
+
+    async def _watch_expiries(self, view: FleetView) -> None:
+        """Look again right when a silent member's heartbeat or an orphaned lease runs out,
+        rather than up to a period later: that is when its tenants become free."""
+        soonest = [m.expires_in for n, m in view.members.items() if n != self.instance]
+        orphans = [t for t, o in view.owners.items() if o not in view.members]
+        if orphans:
+            pipe = self.redis.pipeline(transaction=False)
+            for t in orphans:
+                pipe.pttl(Keys(self.prefix, t).owner)
+            soonest += [ms / 1000 for ms in await pipe.execute() if ms >= 0]
+        due = min(soonest, default=self.period) + 0.05
+        if due < self.period:
+            self._due_in = due
 
     async def _renew(self) -> None:
         sent = time.monotonic()
@@ -526,7 +547,13 @@ async def read_members(
     names = sorted(_text(n) for n in await redis.smembers(k.members))
     if not names:
         return {}
-    values = await redis.mget([k.member(n) for n in names])
+    pipe = redis.pipeline(transaction=False)
+    for n in names:  # GETs, not MGET: cluster pipelines refuse multi-key commands
+        pipe.get(k.member(n))
+        pipe.pttl(k.member(n))
+    replies = await pipe.execute()
+    values, ttls = replies[::2], replies[1::2]
+    expires = dict(zip(names, ttls, strict=True))
     gone = [n for n, v in zip(names, values, strict=True) if v is None]
     if gone:
         await redis.eval(_PRUNE, 1 + len(gone), k.members, *map(k.member, gone), *gone)
@@ -547,7 +574,10 @@ async def read_members(
                 cache[beats[n].known] = tenants
             else:  # rewritten since its heartbeat: use it this once, do not cache it
                 read[n] = tenants
-    return {n: Member(n, b, cache.get(b.known, read.get(n, frozenset()))) for n, b in beats.items()}
+    return {
+        n: Member(n, b, cache.get(b.known, read.get(n, frozenset())), max(0, expires[n]) / 1000)
+        for n, b in beats.items()
+    }
 
 
 async def read_owners(redis: RedisClient, prefix: str, tenants: list[int]) -> dict[int, str]:
