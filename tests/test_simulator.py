@@ -414,6 +414,14 @@ async def test_runtime_fault_overrides(
         assert stats["rate_limited"] == 2
         assert stats["max_in_flight"] >= 2
         assert stats["feeds"] == {CUSTOMERS: 4}
+        # All four came under this client's token (the 429s too: they were attempts).
+        assert [p["requests"] for p in stats["pollers"]] == [4]
+        second = Client(session, sim, await get_token(session, sim, OTHER))
+        assert (await second.get(CUSTOMERS, tenant=OTHER))[0] in (200, 429)
+        async with session.get(sim.url + "/_sim/stats") as resp:
+            pollers = (await resp.json())["tenants"][str(OTHER)]["pollers"]
+        assert len(pollers) == 2, "each access token is a poller of its own"
+        assert pollers[0]["first"] <= pollers[0]["last"] <= pollers[1]["first"]
         async with session.post(url, json={"error_rate": 2}) as resp:
             assert resp.status == 400
         async with session.post(url, json={"surprise": 1}) as resp:

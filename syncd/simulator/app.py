@@ -172,6 +172,7 @@ async def _export(
         return problem(401, "The access token is missing, not valid or expired.")
     if owner != tenant:
         return problem(403, f"The access token does not grant access to tenant {tenant}.")
+    stats.polled_by(token, time.time())
 
     quirks = state.quirks(tenant)
     wait = state.bucket(tenant).take(now)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import secrets
 import time
 from collections import Counter
@@ -62,6 +63,9 @@ class TenantStats:
     in_flight: int = 0
     max_in_flight: int = 0
     feeds: Counter[str] = field(default_factory=Counter)
+    # Access token tag -> [first, last] wall-clock times of its authorised export requests and
+    # how many: each process has its own token, so two overlapping spans are two pollers at once.
+    pollers: dict[str, list[float]] = field(default_factory=dict)
 
     def reset(self) -> None:
         """Zero the counters in place (requests in flight keep their reference to this)."""
@@ -70,6 +74,17 @@ class TenantStats:
         self.hung = self.no_progress = self.keyless_served = 0
         self.max_in_flight = self.in_flight
         self.feeds.clear()
+        self.pollers.clear()
+
+    def polled_by(self, token: str, now: float) -> None:
+        """Count an authorised export request under its access token (a tag, not the token)."""
+        tag = hashlib.sha256(token.encode()).hexdigest()[:12]
+        span = self.pollers.get(tag)
+        if span is None:
+            self.pollers[tag] = [now, now, 1]
+        else:
+            span[1] = now
+            span[2] += 1
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -85,6 +100,10 @@ class TenantStats:
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
             "feeds": dict(self.feeds),
+            "pollers": [
+                {"token": tag, "first": first, "last": last, "requests": int(n)}
+                for tag, (first, last, n) in sorted(self.pollers.items(), key=lambda kv: kv[1][0])
+            ],
         }
 
 
