@@ -8,7 +8,7 @@ are not used: the sentinels name the primary); the sentinels have their own cred
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -54,8 +54,9 @@ class SentinelOptions:
     service: str = "mymaster"
     username: str | None = None
     password: str | None = None
-    tls: bool = False
-    tls_ca_file: str | None = None
+    tls: bool = False  # TLS to the sentinels (the primary's TLS follows the URL's scheme)
+    # redis-py TLS keyword arguments (CA file, client certificate) for sentinels and primary.
+    tls_options: dict[str, Any] = field(default_factory=dict)
 
 
 class SentinelClient(aioredis.Redis):
@@ -79,12 +80,13 @@ def connect_sentinel(url: str, options: SentinelOptions, timeout: float) -> Sent
         sentinel_kwargs["password"] = options.password
     if options.tls:
         sentinel_kwargs["ssl"] = True
-        if options.tls_ca_file is not None:
-            sentinel_kwargs["ssl_ca_certs"] = options.tls_ca_file
+        sentinel_kwargs.update(options.tls_options)
     primary: dict[str, Any] = {
         k: v for k, v in parse_url(url).items() if k not in ("host", "port", "path")
     }
     tls = primary.pop("connection_class", None) is SSLConnection
+    if tls:
+        primary.update(options.tls_options)
     primary["connection_class"] = FastSentinelSSLConnection if tls else FastSentinelConnection
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
         list(options.sentinels),
