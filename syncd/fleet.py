@@ -178,6 +178,7 @@ class Fleet:
         self._disagreeing: frozenset[int] = frozenset()
         self._cache: dict[str, frozenset[int]] = {}  # known digest -> tenant ids
         self._due_in: float | None = None  # next round sooner than a period, in seconds
+        self._draining = False
 
     @property
     def lease_ms(self) -> int:
@@ -194,6 +195,10 @@ class Fleet:
             self.known = known
             self._known_written = False
             self._wake.set()
+
+    def drain(self) -> None:
+        """Take no more tenants (shutdown began); keep renewing those held until stop()."""
+        self._draining = True
 
     def stop(self) -> None:
         """Leave the fleet: run() releases every lease and returns."""
@@ -266,14 +271,16 @@ class Fleet:
         limit = self.lease * DROP_AT
         while True:
             now = time.monotonic()
-            for tenant, state in list(self.held.items()):
-                if now - state.renewed > limit:
-                    log.warning(
-                        "fleet_lease_unconfirmed",
-                        instance=self.instance,
-                        tenant=tenant,
-                        since_s=round(now - state.renewed, 3),
-                    )
+            stale = [t for t, state in self.held.items() if now - state.renewed > limit]
+            if stale:
+                log.warning(
+                    "fleet_leases_unconfirmed",
+                    instance=self.instance,
+                    tenants=len(stale),
+                    sample=stale[:10],
+                    since_s=round(now - min(self.held[t].renewed for t in stale), 3),
+                )
+                for tenant in stale:
                     self._drop(tenant)
             earliest = min((s.renewed for s in self.held.values()), default=now)
             await asyncio.sleep(max(0.02, min(self.period, earliest + limit - now + 0.01)))
@@ -295,7 +302,7 @@ class Fleet:
             for t in sorted(mine)
             if t not in self.held and view.owners.get(t) in (None, self.instance)
         ]
-        if wanted:
+        if wanted and not self._draining:
             await self._acquire(wanted)
         await self._watch_expiries(view)
 

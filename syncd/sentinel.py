@@ -21,7 +21,13 @@ from redis.asyncio.sentinel import (
 
 from syncd.redisconn import _pack
 
-__all__ = ["SentinelClient", "SentinelOptions", "connect_sentinel", "parse_sentinels"]
+__all__ = [
+    "SentinelClient",
+    "SentinelOptions",
+    "connect_sentinel",
+    "parse_sentinel",
+    "parse_sentinels",
+]
 
 
 class FastSentinelConnection(SentinelManagedConnection):
@@ -34,15 +40,23 @@ class FastSentinelSSLConnection(SentinelManagedSSLConnection):
         return _pack(args) or super().pack_command(*args)
 
 
+def parse_sentinel(entry: str) -> tuple[str, int]:
+    """ "host:port" -> (host, port); ValueError saying what is wrong."""
+    host, sep, port = entry.strip().rpartition(":")
+    host = host.strip("[]")  # [::1]:26379
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected 'host:port', got {entry!r}")
+    return host, int(port)
+
+
 def parse_sentinels(entries: Sequence[str]) -> list[tuple[str, int]]:
     """["host:port", ...] -> [(host, port), ...]; ValueError naming the entry that is wrong."""
     out = []
     for i, entry in enumerate(entries):
-        host, sep, port = entry.strip().rpartition(":")
-        host = host.strip("[]")  # [::1]:26379
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"[{i}]: expected 'host:port', got {entry!r}")
-        out.append((host, int(port)))
+        try:
+            out.append(parse_sentinel(entry))
+        except ValueError as exc:
+            raise ValueError(f"[{i}]: {exc}") from None
     return out
 
 

@@ -122,6 +122,18 @@ class SentinelServers:
             time.sleep(0.1)
         raise RedisServerError(f"no failover within {timeout}s")
 
+    def revive_old_primary(self, new_port: int, timeout: float = 60.0) -> None:
+        """Start the killed primary again (empty): the sentinels make it a replica of the new
+        primary, so that a `WAIT 1` can succeed again. Returns once the new primary has it."""
+        self.primary.start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = _command(new_port, "INFO", "replication")
+            if b"connected_slaves:1" in info and b"state=online" in info:
+                return
+            time.sleep(0.1)
+        raise RedisServerError(f"the old primary did not become a replica within {timeout}s")
+
     def stop(self) -> None:
         for proc in self._procs:
             if proc.poll() is None:
