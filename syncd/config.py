@@ -100,9 +100,21 @@ class RedisConfig(_Base, frozen=True):
     tls_ca_file: str | None = None
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
+    # Redis Sentinel: "host:port" of each sentinel; the URL then gives the primary's
+    # credentials, database and TLS, and the sentinels name the primary.
+    sentinels: list[str] = msgspec.field(default_factory=list)
+    sentinel_service: str = "mymaster"
+    sentinel_username: str | None = None
+    sentinel_password: str | None = None
+    sentinel_password_file: str | None = None
+    sentinel_password_env: str | None = None
+    sentinel_tls: bool = False
+    # After each page, WAIT until this many replicas have it (0: do not wait).
+    wait_replicas: int = 0
+    wait_timeout: float = 5.0  # seconds one WAIT may take before the page is retried
 
     def __repr__(self) -> str:
-        return _masked_repr(self, urls=("url",))
+        return _masked_repr(self, secrets=("sentinel_password",), urls=("url",))
 
 
 class ServiceTitanConfig(_Base, frozen=True):
@@ -192,6 +204,13 @@ class LogConfig(_Base, frozen=True):
     format: Literal["auto", "json", "console"] = "auto"
 
 
+class FleetConfig(_Base, frozen=True):
+    """Several instances on one Redis and key prefix dividing the tenants among them."""
+
+    enabled: bool = False
+    lease: float = 15.0  # seconds a tenant stays with an instance that stops renewing
+
+
 class OpsConfig(_Base, frozen=True):
     listen: str | None = None  # "HOST:PORT" or "unix:/PATH"
     # A bearer token required on /metrics and /readyz (/healthz stays open for probes).
@@ -214,6 +233,7 @@ class Config(_Base, frozen=True):
     engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     ops: OpsConfig = msgspec.field(default_factory=OpsConfig)
+    fleet: FleetConfig = msgspec.field(default_factory=FleetConfig)
     tenants: list[TenantConfig] = msgspec.field(default_factory=list)
     # Accept secret files that group or others can read, owned by someone else, or reached
     # through a symlink out of their directory.
@@ -247,6 +267,7 @@ class Settings:
     app_key: Secret
     tenants: tuple[TenantSettings, ...]
     ops_token: Secret | None = None
+    sentinel_password: Secret | None = None
 
     def feed_options(self, feed: str) -> FeedOptions:
         return self.config.feeds.get(feed) or _DEFAULT_FEED_OPTIONS
@@ -374,6 +395,7 @@ def _check(cfg: Config, name: str) -> None:
     _check_redis(cfg.redis, name)
     if not cfg.redis.key_prefix or "{" in cfg.redis.key_prefix:
         raise _fail(name, "redis.key_prefix", "must be non-empty and without '{'")
+    _check_ha(cfg, name)
     _check_numbers(cfg, name)
     sc = cfg.streams
     if sc.max_len < 0 or sc.max_age < 0 or sc.max_lag < 0:
@@ -420,6 +442,40 @@ def _check(cfg: Config, name: str) -> None:
             check_listen(cfg.ops.listen)
         except ValueError as exc:
             raise _fail(name, "ops.listen", str(exc)) from None
+
+
+def _check_ha(cfg: Config, name: str) -> None:
+    """Sentinel, WAIT and the fleet's lease."""
+    r = cfg.redis
+    if r.sentinels:
+        from syncd.sentinel import parse_sentinel
+
+        for i, entry in enumerate(r.sentinels):
+            try:
+                parse_sentinel(entry)
+            except ValueError as exc:
+                raise _fail(name, f"redis.sentinels[{i}]", str(exc)) from None
+        if r.cluster:
+            raise _fail(name, "redis.sentinels", "a Redis Cluster fails over by itself: use one")
+        if r.url.startswith("unix://"):
+            raise _fail(name, "redis.url", "with sentinels, a redis:// or rediss:// URL")
+        if not r.sentinel_service.strip():
+            raise _fail(name, "redis.sentinel_service", "empty")
+    given = [s for s in ("", "_file", "_env") if getattr(r, "sentinel_password" + s) is not None]
+    if len(given) > 1:
+        raise _fail(
+            name,
+            "redis.sentinel_password",
+            "more than one given: set at most one of sentinel_password, _file or _env",
+        )
+    if r.wait_replicas < 0:
+        raise _fail(name, "redis.wait_replicas", f"must be >= 0, got {r.wait_replicas}")
+    if r.wait_replicas and r.cluster:
+        raise _fail(name, "redis.wait_replicas", "not supported with cluster = true")
+    if r.wait_timeout <= 0:
+        raise _fail(name, "redis.wait_timeout", f"must be > 0 seconds, got {r.wait_timeout}")
+    if cfg.fleet.lease < 1:
+        raise _fail(name, "fleet.lease", f"must be at least 1 second, got {cfg.fleet.lease}")
 
 
 def _check_numbers(cfg: Config, name: str) -> None:
@@ -570,6 +626,18 @@ def resolve(cfg: Config, environ: Mapping[str, str] | None = None) -> Settings:
     if cfg.ops.token_file is not None:
         ops_token = _read_secret(name, "ops.token", None, cfg.ops.token_file, None, env, insecure)
     cfg = _resolve_tls(cfg, name, env)
+    r = cfg.redis
+    sentinel_password = None
+    if (r.sentinel_password, r.sentinel_password_file, r.sentinel_password_env) != (None,) * 3:
+        sentinel_password = _read_secret(
+            name,
+            "redis.sentinel_password",
+            r.sentinel_password,
+            r.sentinel_password_file,
+            r.sentinel_password_env,
+            env,
+            insecure,
+        )
     return Settings(
         config=cfg,
         ops_token=ops_token,
@@ -577,6 +645,7 @@ def resolve(cfg: Config, environ: Mapping[str, str] | None = None) -> Settings:
         api_url=(st.api_url or default_api).rstrip("/"),
         app_key=app_key,
         tenants=tuple(tenants),
+        sentinel_password=sentinel_password,
     )
 
 

@@ -180,11 +180,19 @@ class Publisher:
     """Applies pages to one Redis (or Redis Cluster) under one key prefix."""
 
     def __init__(
-        self, redis_client: RedisClient, prefix: str, *, precheck_min: int = PRECHECK_MIN
+        self,
+        redis_client: RedisClient,
+        prefix: str,
+        *,
+        precheck_min: int = PRECHECK_MIN,
+        wait_replicas: int = 0,
+        wait_timeout: float = 5.0,
     ) -> None:
         self.redis = redis_client
         self.prefix = prefix
         self.precheck_min = precheck_min
+        self.wait_replicas = wait_replicas
+        self.wait_timeout = wait_timeout
         self._script = redis_client.register_script(APPLY_PAGE)
 
     def keys(self, tenant: int) -> Keys:
@@ -253,10 +261,11 @@ class Publisher:
             args.extend(itertools.chain.from_iterable(zip(keys, news, mods, datas, strict=True)))
             for reason, data in page.dead:
                 args.extend((dead_fingerprint(data), reason, data))
-            result = await self._script(
-                keys=[k.cursors, seen, k.stream(feed), k.dead, k.state, k.dead_seen(feed)],
-                args=args,
-            )
+            page_keys = [k.cursors, seen, k.stream(feed), k.dead, k.state, k.dead_seen(feed)]
+            if self.wait_replicas and not isinstance(self.redis, RedisCluster):
+                result = await self._apply_and_wait(page_keys, args)
+            else:
+                result = await self._script(keys=page_keys, args=args)
         except redis.exceptions.ResponseError as exc:
             # Refused before the first write (the script's flags make OOM checked up front):
             # nothing was written; the page is fetched again later.
@@ -275,6 +284,25 @@ class Publisher:
             dead=int(result[4]),
             stale=int(result[3]),
         )
+
+    async def _apply_and_wait(self, keys: list[str], args: list[Any]) -> Any:
+        """The page script, then WAIT on the same connection (WAIT counts the writes of the
+        connection it is sent on): the page is done once enough replicas have it."""
+        assert not isinstance(self.redis, RedisCluster)
+        async with self.redis.client() as conn:
+            result = await self._script(keys=keys, args=args, client=conn)
+            if int(result[0]) != 0:
+                return result  # fenced: nothing written
+            timeout_ms = max(1, int(self.wait_timeout * 1000))
+            acked = int(await conn.wait(self.wait_replicas, timeout_ms))
+        if acked < self.wait_replicas:
+            # Applied on the primary but not yet safe from a failover: not done. The retry
+            # finds the cursor moved (nothing twice) and the next page's WAIT covers this one.
+            raise TransientError(
+                f"only {acked} of {self.wait_replicas} replicas acknowledged the page"
+                f" within {self.wait_timeout:g}s"
+            )
+        return result
 
     async def resume_state(self, tenant: int) -> tuple[dict[str, str], dict[str, str]]:
         """A tenant's stored cursors (feed -> continueFrom) and feed state (last success,

@@ -75,8 +75,21 @@ def tls_options(cfg: RedisConfig) -> dict[str, Any]:
     return options
 
 
-def connect(cfg: RedisConfig) -> RedisClient:
-    """A client for the configured URL (redis://, rediss://, unix://), or a cluster client."""
+def connect(cfg: RedisConfig, sentinel_password: str | None = None) -> RedisClient:
+    """A client for the configured URL (redis://, rediss://, unix://), a cluster client, or a
+    client of the primary the configured sentinels name."""
+    if cfg.sentinels:
+        from syncd.sentinel import SentinelOptions, connect_sentinel, parse_sentinels
+
+        sentinel = SentinelOptions(
+            tuple(parse_sentinels(cfg.sentinels)),
+            service=cfg.sentinel_service,
+            username=cfg.sentinel_username,
+            password=sentinel_password,
+            tls=cfg.sentinel_tls,
+            tls_options=tls_options(cfg),
+        )
+        return connect_sentinel(cfg.url, sentinel, cfg.timeout)
     if cfg.cluster:
         extra: dict[str, Any] = tls_options(cfg)
         if cfg.url.startswith("redis://"):
