@@ -34,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--once", action="store_true", help="drain every feed once, then exit (1 if any failed)"
     )
+    run.add_argument(
+        "--instance",
+        help="this instance's name in a fleet ([fleet] enabled), unique among them"
+        " (default: the host name plus the pid)",
+    )
 
     check = sub.add_parser("check-config", help="validate a configuration file and exit")
     check.add_argument("config", help="configuration file (TOML)")
@@ -54,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="per tenant and feed: cursor, last poll, events, errors")
     st.add_argument("--config", "-c", required=True)
     st.add_argument("--json", action="store_true", help="JSON instead of a table")
+    st.add_argument(
+        "--fleet", action="store_true", help="only the fleet: instances, tenants each, renewals"
+    )
 
     bf = sub.add_parser(
         "backfill", help="re-export a tenant's feeds from the beginning or a date, then exit"
@@ -122,7 +130,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _fail(str(exc), 2)
     log.configure(settings.config.log.level, settings.config.log.format)
-    return asyncio.run(Daemon(settings, once=args.once, config_path=args.config).run())
+    if args.instance is not None and not args.instance.strip():
+        return _fail("--instance: empty name", 2)
+    daemon = Daemon(settings, once=args.once, config_path=args.config, instance=args.instance)
+    return asyncio.run(daemon.run())
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -158,7 +169,9 @@ def cmd_operator(args: argparse.Namespace) -> int:
         return _fail(str(exc), 2)
     log.configure("warning", "console" if sys.stderr.isatty() else "json")
     if args.command == "status":
-        return commands.run(commands.status(settings, as_json=args.json, out=sys.stdout))
+        return commands.run(
+            commands.status(settings, as_json=args.json, out=sys.stdout, fleet_only=args.fleet)
+        )
     if args.command == "reset-cursor":
         return commands.run(commands.reset_cursor(settings, args.tenant, args.feed, sys.stdout))
     if args.command == "backfill":

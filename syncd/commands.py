@@ -15,6 +15,8 @@ import msgspec
 
 from syncd.config import ConfigError, OpsConfig, Settings, TenantSettings, check_start
 from syncd.daemon import Daemon, redis_client
+from syncd.fleet import read_owners
+from syncd.fleetdaemon import fleet_status
 from syncd.keys import Keys
 from syncd.redisconn import RedisClient
 
@@ -56,6 +58,7 @@ async def collect_status(settings: Settings, r: RedisClient) -> list[dict[str, A
     last error."""
     prefix = settings.config.redis.key_prefix
     rows: list[dict[str, Any]] = []
+    owners = await read_owners(r, prefix, [t.id for t in settings.tenants])
     for t in settings.tenants:
         k = Keys(prefix, t.id)
         async with r.pipeline(transaction=False) as pipe:
@@ -72,6 +75,7 @@ async def collect_status(settings: Settings, r: RedisClient) -> list[dict[str, A
                 {
                     "tenant": t.id,
                     "feed": feed,
+                    "owner": owners.get(t.id),
                     "cursor": cursors.get(feed),
                     "last_success": _when(state.get(f"{feed}:last_ok")),
                     "stream_length": length,
@@ -85,9 +89,10 @@ async def collect_status(settings: Settings, r: RedisClient) -> list[dict[str, A
     return rows
 
 
-def render_table(rows: list[dict[str, Any]], out: TextIO) -> None:
+def render_table(rows: list[dict[str, Any]], out: TextIO, *, owner: bool = False) -> None:
     cols = [
         ("tenant", 10),
+        *([("owner", 20)] if owner else []),
         ("feed", 42),
         ("last_success", 25),
         ("stream_length", 13),
@@ -112,16 +117,43 @@ def render_table(rows: list[dict[str, Any]], out: TextIO) -> None:
         out.write("  ".join(cells).rstrip() + "\n")
 
 
-async def status(settings: Settings, *, as_json: bool, out: TextIO) -> int:
-    r = redis_client(settings.config)
+def render_fleet(instances: list[dict[str, Any]], out: TextIO) -> None:
+    out.write(f"fleet: {len(instances)} instance(s)\n")
+    for i in instances:
+        age = max(0.0, time.time() - i["renewed"])
+        out.write(
+            f"  {i['instance']:30} {i['tenants']:6} tenants"
+            f"  (knows {i['known']}, renewed {age:.1f}s ago, {i['host']} pid {i['pid']})\n"
+        )
+
+
+async def status(
+    settings: Settings, *, as_json: bool, out: TextIO, fleet_only: bool = False
+) -> int:
+    """Per tenant and feed rows (with each tenant's owner), and in a fleet a summary of the
+    instances; `fleet_only`: the summary alone."""
+    in_fleet = settings.config.fleet.enabled
+    r = redis_client(settings.config, settings.sentinel_password)
     try:
-        rows = await collect_status(settings, r)
+        rows = [] if fleet_only else await collect_status(settings, r)
+        instances: list[dict[str, Any]] = []
+        if in_fleet or fleet_only:
+            prefix = settings.config.redis.key_prefix
+            _, instances = await fleet_status(r, prefix, [t.id for t in settings.tenants])
     finally:
         await r.aclose()
-    if as_json:
+    if fleet_only:
+        if as_json:
+            out.write(json.dumps(instances, indent=2) + "\n")
+        else:
+            render_fleet(instances, out)
+    elif as_json:
         out.write(json.dumps(rows, indent=2) + "\n")
     else:
-        render_table(rows, out)
+        render_table(rows, out, owner=in_fleet)
+        if in_fleet:
+            out.write("\n")
+            render_fleet(instances, out)
     return 0
 
 
@@ -132,7 +164,7 @@ async def reset_cursor(settings: Settings, tenant: int, feed: str, out: TextIO) 
     """
     t = _tenant(settings, tenant)
     _feeds(t, feed)
-    r = redis_client(settings.config)
+    r = redis_client(settings.config, settings.sentinel_password)
     try:
         removed = await r.hdel(Keys(settings.config.redis.key_prefix, tenant).cursors, feed)
     finally:
@@ -165,7 +197,7 @@ async def backfill(
         except ConfigError:
             raise CommandError(f"--from: expected a date like 2024-01-01, got {start!r}") from None
     prefix = settings.config.redis.key_prefix
-    r = redis_client(settings.config)
+    r = redis_client(settings.config, settings.sentinel_password)
     try:
         await r.hdel(Keys(prefix, tenant).cursors, *feeds)
     finally:
@@ -231,7 +263,7 @@ async def tail_command(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    r = redis_client(settings.config)
+    r = redis_client(settings.config, settings.sentinel_password)
     try:
         await tail(
             r,

@@ -20,7 +20,9 @@ import structlog
 from syncd import catalogue, redisacl, redischeck, upkeep
 from syncd.auth import TokenProvider
 from syncd.client import ExportClient
-from syncd.config import Config, ConfigError, Settings, TenantSettings, load_settings
+from syncd.config import Config, ConfigError, Secret, Settings, TenantSettings, load_settings
+from syncd.fleet import default_instance_name
+from syncd.fleetdaemon import FleetMember
 from syncd.keys import Keys
 from syncd.metrics import EngineStatus, Metrics, TenantStatus
 from syncd.ops import OpsServer
@@ -42,9 +44,9 @@ EXIT_FEEDS_FAILED = 1
 EXIT_CONFIG = 2
 
 
-def redis_client(cfg: Config) -> RedisClient:
-    """The Redis (or Redis Cluster) client of a configuration."""
-    return connect(cfg.redis)
+def redis_client(cfg: Config, sentinel_password: Secret | None = None) -> RedisClient:
+    """The Redis (Cluster, or Sentinel-named primary) client of a configuration."""
+    return connect(cfg.redis, sentinel_password.reveal() if sentinel_password else None)
 
 
 @contextlib.asynccontextmanager
@@ -97,9 +99,12 @@ class Daemon:
         once: bool = False,
         config_path: str | None = None,
         environ: Mapping[str, str] | None = None,
+        instance: str | None = None,
     ) -> None:
         self.settings = settings
         self.once = once
+        self.instance = instance or default_instance_name()
+        self.fleet: FleetMember | None = None
         self.config_path = config_path
         self.environ = os.environ if environ is None else environ
         self.metrics = Metrics(detail=settings.config.ops.metrics_detail)
@@ -179,6 +184,11 @@ class Daemon:
             on_renewal=self.metrics.token_renewed,
             timeout=self.settings.config.servicetitan.token_timeout,
         )
+
+    async def add_tenant(self, t: TenantSettings) -> None:
+        """Schedule one tenant now (the fleet acquired it); a Redis error fails, not waits."""
+        start = await self._prepare_feeds(self.settings, t, t.feeds, wait=False)
+        self._start(start, self._tokens(t))
 
     def _start(self, start: FeedStart, tokens: TokenProvider) -> None:
         """Schedule a prepared tenant (no awaits: applied at once with the rest of a reload)."""
@@ -298,10 +308,14 @@ class Daemon:
         if self._signals == 1:
             log.info("shutdown_requested", signal=name)
             self.notifier.stopping()
+            if self.fleet is not None:
+                self.fleet.drain()
             self.scheduler.stop()
         else:
             log.warning("shutdown_forced", signal=name)
             self.scheduler.force()
+            if self.fleet is not None:
+                self.fleet.cancel()  # no handover: the leases run out
 
     def _on_hup(self) -> None:
         self._reloads.put_nowait(None)
@@ -346,7 +360,7 @@ class Daemon:
 
     async def _prepare_reload(self, new: Settings) -> ReloadPlan:
         old = self.settings
-        fixed = ("redis", "servicetitan", "engine", "ops", "log", "streams")
+        fixed = ("redis", "servicetitan", "engine", "ops", "log", "streams", "fleet")
         changed = [k for k in fixed if getattr(old.config, k) != getattr(new.config, k)]
         if changed or new.app_key != old.app_key:
             # Connections and pools are built once; these need a restart to change.
@@ -359,6 +373,8 @@ class Daemon:
         for t in settings.tenants:
             state = running.get(t.id)
             if state is None:
+                if self.fleet is not None:  # in a fleet, a tenant comes with its lease
+                    continue
                 start = await self._prepare_feeds(settings, t, t.feeds, wait=False)
                 plan.add.append((start, self._tokens(t)))
                 continue
@@ -376,6 +392,8 @@ class Daemon:
         sched = self.scheduler
         assert sched is not None
         self.settings = plan.settings
+        if self.fleet is not None:
+            self.fleet.reloaded(plan.settings)
         for tid in plan.remove:
             sched.remove_tenant(tid)
             log.info("tenant_removed", tenant=tid)
@@ -426,6 +444,8 @@ class Daemon:
             reasons.append("starting")
         if self.memory_advice is not None:
             details["paused_on_memory"] = self.memory_advice
+        if self.fleet is not None:
+            details["fleet"] = self.fleet.status()
         if failing:
             details["tenants_failing_auth"] = failing
             reasons.append(f"{len(failing)} tenant(s) cannot authenticate")
@@ -439,6 +459,9 @@ class Daemon:
             return "starting"
         feeds = sum(len(t.feeds) for t in sched.tenants.values())
         text = f"{len(sched.tenants)} tenants, {feeds} feeds, {sched.pages} pages"
+        if self.fleet is not None:
+            f = self.fleet.status()
+            text += f"; fleet: instance {f['instance']} of {f['members']}"
         if not sched.redis_ok.is_set():
             text += "; waiting for Redis"
         return text
@@ -462,13 +485,18 @@ class Daemon:
         """Run until a signal (or, with once, until every feed drained once)."""
         cfg = self.settings.config
         started = time.monotonic()
-        self.redis = redis_client(cfg)
+        self.redis = redis_client(cfg, self.settings.sentinel_password)
         loop = asyncio.get_running_loop()
         helpers: list[asyncio.Task[None]] = []
         try:
             async with http_session(self.settings) as session:
                 self._session = session
-                self.publisher = Publisher(self.redis, cfg.redis.key_prefix)
+                self.publisher = Publisher(
+                    self.redis,
+                    cfg.redis.key_prefix,
+                    wait_replicas=cfg.redis.wait_replicas,
+                    wait_timeout=cfg.redis.wait_timeout,
+                )
                 client = ExportClient(
                     session, self.settings.api_url, self.settings.app_key, self.metrics
                 )
@@ -495,6 +523,9 @@ class Daemon:
                     await self.ops.start()
                 if not await self._unless_stopped(self._startup()):
                     return self._exit_code(started, interrupted=True)
+                if self._in_fleet:
+                    self.fleet = FleetMember(self, self.redis, self.instance)
+                    self.fleet.start()
                 helpers.append(asyncio.create_task(self._watchdog()))
                 helpers.append(asyncio.create_task(self._reload_loop()))
                 helpers.append(asyncio.create_task(self._upkeep()))
@@ -506,7 +537,12 @@ class Daemon:
                 )
                 self.notifier.ready(self._status())
                 await self.scheduler.run(grace=e.shutdown_grace)
+                if self.fleet is not None:
+                    # In-flight pages are done: hand the tenants over at once.
+                    await self.fleet.leave(timeout=cfg.fleet.lease)
         finally:
+            if self.fleet is not None:
+                self.fleet.cancel()
             self.notifier.stopping()
             if not await cancel_all(helpers):
                 log.warning("helpers_did_not_stop", within_s=CANCEL_WITHIN_S)
@@ -547,9 +583,10 @@ class Daemon:
             r = self.redis
             assert r is not None
             await self._wait_for_redis(lambda: redisacl.check(r, prefix))
-            for t in self.settings.tenants:
-                start = await self._prepare_feeds(self.settings, t, t.feeds, wait=True)
-                self._start(start, self._tokens(t))
+            if not self._in_fleet:  # in a fleet, tenants come with their leases
+                for t in self.settings.tenants:
+                    start = await self._prepare_feeds(self.settings, t, t.feeds, wait=True)
+                    self._start(start, self._tokens(t))
         except (redisacl.RedisPermissionError, redis.exceptions.NoPermissionError) as exc:
             text = str(exc) if isinstance(exc, redisacl.RedisPermissionError) else f"NOPERM: {exc}"
             log.error("redis_permission_denied", error=text)
@@ -590,6 +627,11 @@ class Daemon:
             log.warning("redis_no_persistence", nodes=found.unpersisted, detail=found.persistence)
         self.redis_persistence = found.persistence
         return True
+
+    @property
+    def _in_fleet(self) -> bool:
+        """--once polls every configured tenant, fleet or not."""
+        return self.settings.config.fleet.enabled and not self.once
 
     async def _redis_version(self) -> tuple[int, ...]:
         assert self.redis is not None

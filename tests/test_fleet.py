@@ -4,6 +4,8 @@ each instance would poll."""
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -14,10 +16,12 @@ import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.cluster import RedisCluster
 
+from syncd import commands
 from syncd.fleet import Fleet, read_members, read_owners
 from syncd.keys import Keys
 from syncd.redisconn import RedisClient
 from syncd.redisserver import RedisClusterServers, RedisServer
+from tests.engine_helpers import config_dict, settings
 from tests.tcpproxy import proxy
 
 PREFIX = "st"
@@ -347,3 +351,36 @@ async def test_fleet_on_a_cluster(harness: Harness, cluster: RedisClusterServers
         await harness.close()
         for c in made:
             await c.aclose()
+
+
+async def test_status_shows_owners_and_the_fleet(
+    harness: Harness, clients: Callable[[], aioredis.Redis], redis_server: RedisServer
+) -> None:
+    harness.add("a", clients(), [1, 2, 3], 1.5)
+    harness.add("b", clients(), [1, 2, 3], 1.5)
+    await eventually(lambda: balanced(harness, 3), what="balanced")
+    data = config_dict(redis_server.url, "http://127.0.0.1:1", "k", [1, 2, 3, 4], ["jpm.jobs"])
+    data["fleet"] = {"enabled": True}
+    s = settings(data)
+    out = io.StringIO()
+    assert await commands.status(s, as_json=True, out=out) == 0
+    rows = json.loads(out.getvalue())
+    owners = {row["tenant"]: row["owner"] for row in rows}
+    assert owners == {
+        1: next(iter(harness.board.polling[1])),
+        2: next(iter(harness.board.polling[2])),
+        3: next(iter(harness.board.polling[3])),
+        4: None,  # configured here, unknown to the fleet
+    }
+    out = io.StringIO()
+    assert await commands.status(s, as_json=True, out=out, fleet_only=True) == 0
+    fleet = json.loads(out.getvalue())
+    assert [(i["instance"], i["tenants"], i["known"]) for i in fleet] == [
+        ("a", len(harness.board.of("a")), 3),
+        ("b", len(harness.board.of("b")), 3),
+    ]
+    out = io.StringIO()
+    assert await commands.status(s, as_json=False, out=out) == 0
+    table = out.getvalue()
+    assert "owner" in table.splitlines()[0]
+    assert "fleet: 2 instance(s)" in table

@@ -112,11 +112,11 @@ def test_resource_limits_and_crash_loop(path: Path) -> None:
 def test_exec_start() -> None:
     assert (
         value(parse_unit(MAIN), "Service", "ExecStart")
-        == "/opt/syncd/.venv/bin/syncd run --config /etc/syncd/syncd.toml"
+        == "/opt/syncd/.venv/bin/syncd run --config /etc/syncd/syncd.toml --instance %H"
     )
     assert (
         value(parse_unit(TEMPLATE), "Service", "ExecStart")
-        == "/opt/syncd/.venv/bin/syncd run --config /etc/syncd/%i.toml"
+        == "/opt/syncd/.venv/bin/syncd run --config /etc/syncd/%i.toml --instance %H-%i"
     )
 
 
