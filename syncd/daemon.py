@@ -582,7 +582,8 @@ class Daemon:
             prefix = self.settings.config.redis.key_prefix
             r = self.redis
             assert r is not None
-            await self._wait_for_redis(lambda: redisacl.check(r, prefix))
+            fleet, wait = self._in_fleet, self.settings.config.redis.wait_replicas > 0
+            await self._wait_for_redis(lambda: redisacl.check(r, prefix, fleet=fleet, wait=wait))
             if not self._in_fleet:  # in a fleet, tenants come with their leases
                 for t in self.settings.tenants:
                     start = await self._prepare_feeds(self.settings, t, t.feeds, wait=True)

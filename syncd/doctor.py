@@ -426,7 +426,14 @@ async def diagnose(path: str, environ: Mapping[str, str] | None = None) -> tuple
     lines = [judge_config(path, refused, len(settings.tenants), feeds), *files]
     rc = settings.config.redis  # TLS file paths expanded
     redis_facts, (tenants, samples) = await asyncio.gather(
-        facts.gather_redis(rc), facts.gather_api(settings)
+        facts.gather_redis(
+            rc,
+            fleet=settings.config.fleet.enabled,
+            sentinel_password=(
+                settings.sentinel_password.reveal() if settings.sentinel_password else None
+            ),
+        ),
+        facts.gather_api(settings),
     )
     lines += judge_redis(redis_facts, allow_eviction=rc.allow_eviction, prefix=rc.key_prefix)
     for t in tenants:

@@ -122,16 +122,18 @@ def file_mode_problem(path: str) -> str | None:
 # -- Redis ------------------------------------------------------------------------------------
 
 
-async def gather_redis(rc: RedisConfig) -> RedisFacts:
+async def gather_redis(
+    rc: RedisConfig, *, fleet: bool = False, sentinel_password: str | None = None
+) -> RedisFacts:
     where = redact_url(rc.url)
-    client = connect(rc)
+    client = connect(rc, sentinel_password)
     try:
         try:
             version, version_error = await redischeck.read_version(client), None
         except redis.exceptions.NoPermissionError as exc:
             version, version_error = None, _text(exc)
         nodes = await redischeck.read_settings(client)
-        acl = await gather_acl(client, rc.key_prefix)
+        acl = await gather_acl(client, rc.key_prefix, fleet=fleet, wait=rc.wait_replicas > 0)
     except (redis.exceptions.RedisError, OSError) as exc:
         return RedisFacts(where, error=_text(exc))
     finally:
@@ -146,11 +148,13 @@ def _text(exc: BaseException) -> str:
     return redact.redact(f"{type(exc).__name__}: {exc}")
 
 
-async def gather_acl(client: RedisClient, prefix: str) -> AclFacts:
+async def gather_acl(
+    client: RedisClient, prefix: str, *, fleet: bool = False, wait: bool = False
+) -> AclFacts:
     """Ask Redis (`ACL DRYRUN`) whether the user may run each command syncd needs on a key
     under `prefix`; where the user may not ask that, run each command in the harmless form of
     syncd.redisacl's start-time probe and collect the refusals."""
-    commands = redisacl.probes(prefix)
+    commands = redisacl.probes(prefix, fleet=fleet, wait=wait)
     with contextlib.suppress(redis.exceptions.ResponseError):
         user = _decode(await client.execute_command("ACL", "WHOAMI"))
         denied = []

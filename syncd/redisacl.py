@@ -14,13 +14,13 @@ from typing import Any
 
 import redis.exceptions
 
-from syncd.keys import Keys
+from syncd.keys import FleetKeys, Keys
 from syncd.redisconn import RedisClient, RedisCluster
 
 # A tenant id no real tenant has: the probe's keys share its hash slot, like a tenant's do.
 PROBE_TENANT = 0
 # Commands without a key: on a cluster they go to every primary.
-KEYLESS = frozenset({"PING", "INFO"})
+KEYLESS = frozenset({"PING", "INFO", "WAIT"})
 
 
 class RedisPermissionError(Exception):
@@ -53,9 +53,36 @@ def _probes(keys: Keys) -> list[tuple[Any, ...]]:
     ]
 
 
-def probes(prefix: str) -> list[tuple[Any, ...]]:
-    """Every command syncd needs, in its harmless form, on keys under `prefix`."""
-    return _probes(Keys(prefix, PROBE_TENANT))
+def _fleet_probes(keys: Keys, fleet: FleetKeys) -> list[tuple[Any, ...]]:
+    """What the fleet runs (its scripts' commands are checked when they run, so each is probed
+    itself): on the probe tenant's lease and a probe set, each left as it was."""
+    probe = f"{fleet.base}:acl-probe"
+    return [
+        ("EVAL", "return 0", "1", keys.owner),
+        ("GET", keys.owner),
+        ("PTTL", keys.owner),
+        ("PEXPIRE", keys.owner, "1"),
+        ("SET", keys.owner, "syncd.acl-probe", "NX", "PX", "1"),
+        ("DEL", keys.owner),
+        ("EXISTS", fleet.members),
+        ("SMEMBERS", fleet.members),
+        ("SADD", probe, "syncd.acl-probe"),
+        ("SREM", probe, "syncd.acl-probe"),
+        ("INCR", probe),
+        ("DEL", probe),
+    ]
+
+
+def probes(prefix: str, *, fleet: bool = False, wait: bool = False) -> list[tuple[Any, ...]]:
+    """Every command syncd needs, in its harmless form, on keys under `prefix`; `fleet` and
+    `wait` add what `[fleet] enabled` and `[redis] wait_replicas` need."""
+    keys = Keys(prefix, PROBE_TENANT)
+    found = _probes(keys)
+    if fleet:
+        found += _fleet_probes(keys, FleetKeys(prefix))
+    if wait:
+        found.append(("WAIT", "0", "1"))
+    return found
 
 
 async def refusal(client: RedisClient, command: tuple[Any, ...]) -> str | None:
@@ -77,9 +104,11 @@ async def refusal(client: RedisClient, command: tuple[Any, ...]) -> str | None:
     return None
 
 
-async def check(client: RedisClient, prefix: str) -> None:
+async def check(
+    client: RedisClient, prefix: str, *, fleet: bool = False, wait: bool = False
+) -> None:
     """RedisPermissionError naming the first command (or key) the user may not use."""
-    for command in probes(prefix):
+    for command in probes(prefix, fleet=fleet, wait=wait):
         message = await refusal(client, command)
         if message is not None:
             raise RedisPermissionError(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -161,5 +162,42 @@ async def test_missing_permission_stops_the_daemon_naming_it(
             text = "\n".join(daemon.log_lines())
             assert PASSWORD not in text
             assert "Traceback" not in text
+        finally:
+            daemon.close()
+
+
+async def test_a_fleet_member_under_the_acl_user(
+    admin: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    tenant, feed = 9703, "crm.customers"
+    async with run_simulator(tenants=[tenant], records=30, page_size=10) as sim:
+        data = config_dict(acl_url(redis_server), sim.url, sim.app_key, [tenant], [feed])
+        data["fleet"] = {"enabled": True, "lease": 3.0}
+        daemon = DaemonProcess(data, "--instance", "acl")
+        try:
+            daemon.start()
+            async with asyncio.timeout(60):
+                while await admin.xlen(f"st:{{{tenant}}}:{feed}") < 30:
+                    await asyncio.sleep(0.05)
+            assert await admin.get(f"st:{{{tenant}}}:owner") == b"acl"
+            daemon.signal(signal.SIGTERM)
+            assert await asyncio.to_thread(daemon.wait, 30) == 0
+            text = "\n".join(daemon.log_lines())
+            assert "NOPERM" not in text
+            assert await admin.get(f"st:{{{tenant}}}:owner") is None  # handed back
+        finally:
+            daemon.close()
+
+    await admin.execute_command("ACL", "SETUSER", USER, "-eval")
+    async with run_simulator(tenants=[tenant], records=10, page_size=10) as sim:
+        data = config_dict(acl_url(redis_server), sim.url, sim.app_key, [tenant], [feed])
+        data["fleet"] = {"enabled": True}
+        daemon = DaemonProcess(data)
+        try:
+            daemon.start()
+            assert await asyncio.to_thread(daemon.wait, 120) == EXIT_CONFIG
+            denied = [e for e in daemon.events() if e["event"] == "redis_permission_denied"]
+            assert len(denied) == 1
+            assert re.search(r"\beval\b", denied[0]["error"], re.I), denied[0]["error"]
         finally:
             daemon.close()
