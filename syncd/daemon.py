@@ -542,7 +542,7 @@ class Daemon:
                     await self.fleet.leave(timeout=cfg.fleet.lease)
         finally:
             if self.fleet is not None:
-                self.fleet.cancel()
+                await self.fleet.close()
             self.notifier.stopping()
             if not await cancel_all(helpers):
                 log.warning("helpers_did_not_stop", within_s=CANCEL_WITHIN_S)

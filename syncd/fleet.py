@@ -214,8 +214,10 @@ class Fleet:
         try:
             await self._loop()
         except asyncio.CancelledError:
-            for task in list(self._tasks.values()):
+            tasks = list(self._tasks.values())
+            for task in tasks:
                 task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             raise
         finally:
             guard.cancel()

@@ -72,8 +72,15 @@ class FleetMember:
         self.fleet.drain()
 
     def cancel(self) -> None:
+        """Stop at once: no handover, the leases run out."""
         if self._task is not None and not self._task.done():
             self._task.cancel()
+
+    async def close(self) -> None:
+        """cancel(), and wait until the fleet's tasks are gone (before Redis is closed)."""
+        self.cancel()
+        if self._task is not None:
+            await asyncio.wait({self._task})
 
     def reloaded(self, settings: Settings) -> None:
         """The configuration's tenants changed: tell the fleet what this instance knows."""

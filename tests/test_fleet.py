@@ -163,7 +163,8 @@ async def clients(
 
 
 @pytest.fixture
-async def harness() -> AsyncIterator[Harness]:
+async def harness(clients: Callable[[], aioredis.Redis]) -> AsyncIterator[Harness]:
+    """The instances of a test; they stop before `clients` closes their connections."""
     h = Harness(Board())
     yield h
     await h.close()
