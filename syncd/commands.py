@@ -15,8 +15,8 @@ import msgspec
 
 from syncd.config import ConfigError, OpsConfig, Settings, TenantSettings, check_start
 from syncd.daemon import Daemon, redis_client
-from syncd.fleet import read_owners
 from syncd.fleetdaemon import fleet_status
+from syncd.fleetstate import read_owners
 from syncd.keys import Keys
 from syncd.redisconn import RedisClient
 

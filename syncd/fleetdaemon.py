@@ -15,7 +15,8 @@ from typing import Any, Protocol
 import structlog
 
 from syncd.config import Settings, TenantSettings
-from syncd.fleet import Fleet, read_members, read_owners, summary
+from syncd.fleet import Fleet
+from syncd.fleetstate import read_members, read_owners, summary
 from syncd.redisconn import RedisClient
 from syncd.scheduler import Scheduler
 

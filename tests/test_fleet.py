@@ -17,7 +17,8 @@ import structlog
 from redis.asyncio.cluster import RedisCluster
 
 from syncd import commands
-from syncd.fleet import Fleet, read_members, read_owners
+from syncd.fleet import Fleet
+from syncd.fleetstate import read_members, read_owners
 from syncd.keys import Keys
 from syncd.redisconn import RedisClient
 from syncd.redisserver import RedisClusterServers, RedisServer

@@ -17,7 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from bench.common import to_toml
-from syncd.fleet import read_members, read_owners
+from syncd.fleetstate import read_members, read_owners
 from syncd.redisserver import RedisServer
 from syncd.simulator.testing import run_simulator
 from tests.engine_helpers import (
