@@ -90,6 +90,7 @@ class Fleet:
         on_acquire: Callback,
         on_release: Callback,
         tenants: Iterable[int] = (),
+        on_round: Callable[[], None] | None = None,
     ) -> None:
         self.redis = redis
         self.prefix = prefix
@@ -98,6 +99,7 @@ class Fleet:
         self.lease = lease
         self.on_acquire = on_acquire
         self.on_release = on_release
+        self.on_round = on_round  # after each round: the view and leases held are fresh
         self.known: frozenset[int] = frozenset(tenants)
         self.token = os.urandom(8).hex()
         self.view = FleetView()
@@ -180,6 +182,8 @@ class Fleet:
                         error=f"{type(exc).__name__}: {exc}",
                     )
                 self._redis_ok = False
+            if self.on_round is not None:
+                self.on_round()
             deadline = started + self.period
             if self._due_in is not None:
                 deadline = min(deadline, time.monotonic() + self._due_in)

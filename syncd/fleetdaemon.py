@@ -17,6 +17,7 @@ import structlog
 from syncd.config import Settings, TenantSettings
 from syncd.fleet import Fleet
 from syncd.fleetstate import read_members, read_owners, summary
+from syncd.metrics import Metrics
 from syncd.redisconn import RedisClient
 from syncd.scheduler import Scheduler
 
@@ -28,6 +29,7 @@ IN_FLIGHT_POLL_S = 0.05
 class _Host(Protocol):
     settings: Settings
     scheduler: Scheduler | None
+    metrics: Metrics
 
     def add_tenant(self, t: TenantSettings) -> Awaitable[Any]: ...
 
@@ -47,6 +49,7 @@ class FleetMember:
             on_acquire=self.acquire,
             on_release=self.release,
             tenants=[t.id for t in host.settings.tenants],
+            on_round=self._gauges,
         )
         self._task: asyncio.Task[None] | None = None
 
@@ -86,6 +89,9 @@ class FleetMember:
     def reloaded(self, settings: Settings) -> None:
         """The configuration's tenants changed: tell the fleet what this instance knows."""
         self.fleet.set_tenants(t.id for t in settings.tenants)
+
+    def _gauges(self) -> None:
+        self.host.metrics.set_fleet(len(self.fleet.view.members), len(self.fleet.held))
 
     def owns(self, tenant: int) -> bool:
         return tenant in self.fleet.held

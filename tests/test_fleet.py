@@ -8,7 +8,7 @@ import io
 import json
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -323,14 +323,6 @@ async def test_two_processes_under_one_name_are_reported(
 
 
 # -- Redis Cluster --------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[RedisClusterServers]:
-    servers = RedisClusterServers(3)
-    servers.start()
-    yield servers
-    servers.stop()
 
 
 async def test_fleet_on_a_cluster(harness: Harness, cluster: RedisClusterServers) -> None:

@@ -13,12 +13,13 @@ import time
 from collections import Counter
 from typing import Any
 
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
 from bench.common import to_toml
 from syncd.fleetstate import read_members, read_owners
-from syncd.redisserver import RedisServer
+from syncd.redisserver import RedisServer, free_port
 from syncd.simulator.testing import run_simulator
 from tests.engine_helpers import (
     DaemonProcess,
@@ -168,7 +169,9 @@ async def test_reload_adds_and_removes_tenants_for_the_fleet(
     async with run_simulator(tenants=tenants, records=40, page_size=20) as sim:
         data = config_dict(redis_server.url, sim.url, sim.app_key, tenants[:4], ["crm.customers"])
         data["fleet"] = {"enabled": True, "lease": LEASE}
-        a, b = DaemonProcess(data, "--instance", "a"), DaemonProcess(data, "--instance", "b")
+        port = free_port()
+        a = DaemonProcess({**data, "ops": {"listen": f"127.0.0.1:{port}"}}, "--instance", "a")
+        b = DaemonProcess(data, "--instance", "b")
         try:
             a.start()
             b.start()
@@ -178,6 +181,22 @@ async def test_reload_adds_and_removes_tenants_for_the_fleet(
                 return sum(per.values()) == n and set(per) == {"a", "b"}
 
             await until(lambda: split(4), 60, "two instances share four tenants")
+
+            async def gauges() -> bool:
+                """a's /metrics: two members, as many tenants as its leases say."""
+                async with (
+                    aiohttp.ClientSession() as s,
+                    s.get(f"http://127.0.0.1:{port}/metrics") as resp,
+                ):
+                    text = await resp.text()
+                mine = sum(
+                    1 for o in (await read_owners(redis, "st", tenants)).values() if o == "a"
+                )
+                return (
+                    "syncd_fleet_members 2" in text and f"syncd_fleet_tenants_owned {mine}" in text
+                )
+
+            await until(gauges, 30, "the fleet gauges on /metrics")
             more = config_dict(redis_server.url, sim.url, sim.app_key, tenants, ["crm.customers"])
             more["fleet"] = data["fleet"]
             a.config_path.write_text(to_toml(more))
