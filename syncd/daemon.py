@@ -541,9 +541,9 @@ class Daemon:
                     # In-flight pages are done: hand the tenants over at once.
                     await self.fleet.leave(timeout=cfg.fleet.lease)
         finally:
-            if self.fleet is not None:
-                await self.fleet.close()
             self.notifier.stopping()
+            if self.fleet is not None and self.fleet.task is not None:
+                helpers.append(self.fleet.task)  # gone before Redis is closed below
             if not await cancel_all(helpers):
                 log.warning("helpers_did_not_stop", within_s=CANCEL_WITHIN_S)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

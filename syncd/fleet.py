@@ -155,7 +155,8 @@ class Fleet:
             tasks = list(self._tasks.values())
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            if tasks:  # bounded: a cancellation lost inside a Redis call must not hold us
+                await asyncio.wait(tasks, timeout=self.period)
             raise
         finally:
             guard.cancel()

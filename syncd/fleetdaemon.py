@@ -80,11 +80,10 @@ class FleetMember:
         if self._task is not None and not self._task.done():
             self._task.cancel()
 
-    async def close(self) -> None:
-        """cancel(), and wait until the fleet's tasks are gone (before Redis is closed)."""
-        self.cancel()
-        if self._task is not None:
-            await asyncio.wait({self._task})
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        """The fleet's loop, for the daemon to cancel (and wait for) at exit."""
+        return self._task
 
     def reloaded(self, settings: Settings) -> None:
         """The configuration's tenants changed: tell the fleet what this instance knows."""
