@@ -46,6 +46,11 @@ AUDIT = "audit"  # exists on the stream, not listed: protected by default
 MAX_DELIVERIES = 2
 
 
+def _entry_order(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -193,9 +198,13 @@ class DeliveryModel(RuleBasedStateMachine):
                 (info,) = [
                     g for g in self.run(self.r.xinfo_groups(CUSTOMERS)) if _text(g["name"]) == GROUP
                 ]
-                stream = self.run(self.r.xinfo_stream(CUSTOMERS))
-                last = _text(stream["last-generated-id"])
-                if info["pending"] == 0 and _text(info["last-delivered-id"]) == last:
+                # Drained: nothing pending and nothing left past the group's position. The
+                # newest entry that still exists counts, not the last generated id: an entry
+                # deleted before anyone read it can never be delivered.
+                newest = self.run(self.r.xrevrange(CUSTOMERS, count=1))
+                delivered = _entry_order(_text(info["last-delivered-id"]))
+                behind = bool(newest) and _entry_order(_text(newest[0][0])) > delivered
+                if info["pending"] == 0 and not behind:
                     break
                 self.let_time_pass()
                 self.consume_concurrently()
