@@ -66,7 +66,8 @@ def _opaque(m: re.Match[str]) -> str:
     return MASK if mixed else run
 
 
-# What .NET's default JSON encoder writes as \uXXXX among the characters a secret may hold.
+# The characters a secret may hold that .NET's default JSON encoder writes as a \u escape
+# (four hex digits) instead of as themselves.
 _JSON_ESCAPED = frozenset("+<>&'`\"")
 # Characters that no encoding here changes.
 _UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]*")
