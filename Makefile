@@ -1,23 +1,38 @@
 PYTHON ?= python3
 VENV := .venv
-# A second environment with the lowest versions pyproject.toml allows (uv resolves them).
-LOWEST := .venv-lowest
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The development and test environment, every file pinned and hashed (see lock/lockfile.py).
+LOCK := lock/dev.txt
+# uv, pinned and hashed in lock/uv.txt: it writes the lock and resolves the lowest and latest
+# environments; the locked environment itself is installed by the Python's own pip.
+TOOLS := .venv-tools
+UV := $(TOOLS)/bin/uv
+# The suite on the lowest and on the newest versions pyproject.toml allows (resolved by uv).
+LOWEST := .venv-lowest
+LATEST := .venv-latest
+# The newest supported Python runs the latest versions when the machine has it.
+LATEST_PYTHON ?= $(shell command -v python3.13 >/dev/null 2>&1 && echo python3.13 || echo $(PYTHON))
 
-.PHONY: test test-lowest lint promtool run bench clean
+.PHONY: test test-lowest test-latest check-pythons lint promtool run bench lock check-lock clean
 
-$(BIN)/python:
+# Installed from the lock alone: exact versions, hashes required, no dependency resolution, the
+# build backend from the lock too (no build isolation). A changed lock rebuilds the environment.
+$(STAMP): $(LOCK) pyproject.toml
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-
-$(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
 	touch $(STAMP)
 
-lint: $(STAMP)
-	$(BIN)/ruff check syncd tests bench
-	$(BIN)/ruff format --check syncd tests bench
+# Fails when pyproject.toml's dependency ranges changed without `make lock`.
+check-lock: $(STAMP)
+	$(BIN)/python lock/lockfile.py check
+
+lint: $(STAMP) check-lock
+	$(BIN)/ruff check syncd tests bench lock
+	$(BIN)/ruff format --check syncd tests bench lock
 	$(BIN)/mypy
 
 # promtool tests contrib/prometheus/syncd-rules.yml; installed when missing and possible.
@@ -27,21 +42,58 @@ promtool:
 test: lint promtool
 	$(BIN)/pytest -q
 
-$(LOWEST)/bin/uv:
-	$(PYTHON) -m venv $(LOWEST)
-	$(LOWEST)/bin/python -m pip install --quiet 'uv>=0.4,<1'
+$(UV): lock/uv.txt
+	rm -rf $(TOOLS)
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet --require-hashes --no-deps -r lock/uv.txt
+	touch $(UV)
 
-# The suite on the lowest versions of the direct dependencies that pyproject.toml allows: exact
-# pins, so versions left from an earlier run with other bounds are replaced.
-test-lowest: $(LOWEST)/bin/uv promtool
-	rm -f $(LOWEST)/requirements.txt  # uv would keep the pins of an earlier run
-	$(LOWEST)/bin/uv pip compile --quiet --python $(LOWEST)/bin/python \
-		--resolution lowest-direct --extra test --extra bench pyproject.toml \
-		-o $(LOWEST)/requirements.txt
-	$(LOWEST)/bin/uv pip install --quiet --python $(LOWEST)/bin/python \
-		-r $(LOWEST)/requirements.txt
-	$(LOWEST)/bin/uv pip install --quiet --python $(LOWEST)/bin/python --no-deps -e .
-	$(LOWEST)/bin/pytest -q -p no:cacheprovider
+# Refresh the lock deliberately: the newest versions the ranges allow (and uv's own pin).
+lock: $(UV)
+	$(UV) pip compile --quiet --universal --generate-hashes --upgrade \
+		--custom-compile-command "make lock" \
+		lock/uv.in -o lock/uv.txt
+	$(PYTHON) lock/lockfile.py lock $(UV)
+
+# The suite on versions other than the lock's: exact pins compiled afresh each run (uv would
+# keep the pins of an earlier run), then the locked mypy against that environment's packages,
+# so that the code type-checks on every version in the ranges. The linters stay on the lock.
+define other_env
+	rm -f $(1)/requirements.txt
+	$(UV) pip compile --quiet --python $(1)/bin/python $(2) --upgrade \
+		--extra test --extra bench pyproject.toml -o $(1)/requirements.txt
+	$(UV) pip sync --quiet --python $(1)/bin/python $(1)/requirements.txt
+	$(UV) pip install --quiet --python $(1)/bin/python --no-deps -e .
+	$(BIN)/mypy --python-executable $(1)/bin/python --cache-dir $(1)/.mypy_cache
+	$(1)/bin/pytest -q -p no:cacheprovider
+endef
+
+$(LOWEST)/bin/python:
+	$(PYTHON) -m venv $(LOWEST)
+
+$(LATEST)/bin/python:
+	$(LATEST_PYTHON) -m venv $(LATEST)
+
+test-lowest: $(UV) $(STAMP) $(LOWEST)/bin/python promtool
+	$(call other_env,$(LOWEST),--resolution lowest-direct)
+
+test-latest: $(UV) $(STAMP) $(LATEST)/bin/python promtool
+	$(call other_env,$(LATEST),--resolution highest)
+
+# The lock installs, syncd starts and a part of the suite passes on every supported Python the
+# machine has (the locked suite itself runs on $(PYTHON)).
+SUPPORTED_PYTHONS := python3.11 python3.12 python3.13
+check-pythons: check-lock
+	@for py in $(SUPPORTED_PYTHONS); do \
+		if ! command -v $$py >/dev/null; then echo "$$py: not on this machine, skipped"; continue; fi; \
+		env=$$(mktemp -d) && $$py -m venv $$env && \
+		$$env/bin/python -m pip install --quiet --require-hashes --no-deps -r $(LOCK) && \
+		$$env/bin/python -m pip install --quiet --no-deps --no-build-isolation -e . && \
+		$$env/bin/python -m pip check >/dev/null && $$env/bin/syncd --help >/dev/null && \
+		$$env/bin/pytest -q -p no:cacheprovider tests/test_lock.py tests/test_publisher.py \
+			tests/test_scheduler_due.py | tail -1 && \
+		echo "$$py: the lock installs, syncd starts" && rm -rf $$env || { rm -rf $$env; exit 1; }; \
+	done
 
 run: $(STAMP)
 	$(BIN)/python -m syncd demo
@@ -50,4 +102,4 @@ bench: $(STAMP)
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) $(LOWEST) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS) $(LOWEST) $(LATEST) .mypy_cache .pytest_cache .ruff_cache

@@ -7,7 +7,7 @@ are not used: the sentinels name the primary); the sentinels have their own cred
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +85,11 @@ class SentinelClient(aioredis.Redis):
                 await s.aclose()
 
 
+# Through a typed name: redis-py types Sentinel.__init__ from 8.x on, not before, and the code
+# type-checks the same on every version pyproject.toml allows.
+_new_sentinel: Callable[..., Sentinel] = Sentinel
+
+
 def connect_sentinel(url: str, options: SentinelOptions, timeout: float) -> SentinelClient:
     """A client of the primary that `options.service` names, following failovers."""
     sentinel_kwargs: dict[str, Any] = {"socket_timeout": 5.0, "socket_connect_timeout": 5.0}
@@ -102,7 +107,7 @@ def connect_sentinel(url: str, options: SentinelOptions, timeout: float) -> Sent
     if tls:
         primary.update(options.tls_options)
     primary["connection_class"] = FastSentinelSSLConnection if tls else FastSentinelConnection
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = _new_sentinel(
         list(options.sentinels),
         sentinel_kwargs=sentinel_kwargs,
         socket_timeout=timeout,
