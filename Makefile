@@ -11,8 +11,8 @@ UV := $(TOOLS)/bin/uv
 # The suite on the lowest and on the newest versions pyproject.toml allows (resolved by uv).
 LOWEST := .venv-lowest
 LATEST := .venv-latest
-# The newest supported Python runs the latest versions when the machine has it.
-LATEST_PYTHON ?= $(shell command -v python3.13 >/dev/null 2>&1 && echo python3.13 || echo $(PYTHON))
+# The newest supported Python runs the latest versions when the machine has it (lock/pythons).
+LATEST_PYTHON ?= $(shell lock/pythons 3.13 || echo $(PYTHON))
 
 .PHONY: test test-lowest test-latest check-pythons lint promtool run bench lock check-lock clean
 
@@ -56,15 +56,17 @@ lock: $(UV)
 	$(PYTHON) lock/lockfile.py lock $(UV)
 
 # The suite on versions other than the lock's: exact pins compiled afresh each run (uv would
-# keep the pins of an earlier run), then the locked mypy against that environment's packages,
-# so that the code type-checks on every version in the ranges. The linters stay on the lock.
+# keep the pins of an earlier run), then the locked mypy against that environment's packages
+# (lock/mypy-ranges.ini), so that the code type-checks on every version in the ranges. The
+# linters stay on the lock.
 define other_env
 	rm -f $(1)/requirements.txt
 	$(UV) pip compile --quiet --python $(1)/bin/python $(2) --upgrade \
 		--extra test --extra bench pyproject.toml -o $(1)/requirements.txt
 	$(UV) pip sync --quiet --python $(1)/bin/python $(1)/requirements.txt
 	$(UV) pip install --quiet --python $(1)/bin/python --no-deps -e .
-	$(BIN)/mypy --python-executable $(1)/bin/python --cache-dir $(1)/.mypy_cache
+	$(BIN)/mypy --config-file lock/mypy-ranges.ini --python-executable $(1)/bin/python \
+		--cache-dir $(1)/.mypy_cache
 	$(1)/bin/pytest -q -p no:cacheprovider
 endef
 
@@ -81,18 +83,17 @@ test-latest: $(UV) $(STAMP) $(LATEST)/bin/python promtool
 	$(call other_env,$(LATEST),--resolution highest)
 
 # The lock installs, syncd starts and a part of the suite passes on every supported Python the
-# machine has (the locked suite itself runs on $(PYTHON)).
-SUPPORTED_PYTHONS := python3.11 python3.12 python3.13
+# machine has (lock/pythons; the whole locked suite runs on $(PYTHON)).
 check-pythons: check-lock
-	@for py in $(SUPPORTED_PYTHONS); do \
-		if ! command -v $$py >/dev/null; then echo "$$py: not on this machine, skipped"; continue; fi; \
+	@for py in $$(lock/pythons); do \
 		env=$$(mktemp -d) && $$py -m venv $$env && \
 		$$env/bin/python -m pip install --quiet --require-hashes --no-deps -r $(LOCK) && \
 		$$env/bin/python -m pip install --quiet --no-deps --no-build-isolation -e . && \
 		$$env/bin/python -m pip check >/dev/null && $$env/bin/syncd --help >/dev/null && \
 		$$env/bin/pytest -q -p no:cacheprovider tests/test_lock.py tests/test_publisher.py \
 			tests/test_scheduler_due.py | tail -1 && \
-		echo "$$py: the lock installs, syncd starts" && rm -rf $$env || { rm -rf $$env; exit 1; }; \
+		echo "$$($$py --version): the lock installs, syncd starts" && rm -rf $$env \
+		|| { rm -rf $$env; exit 1; }; \
 	done
 
 run: $(STAMP)

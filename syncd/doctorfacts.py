@@ -15,7 +15,7 @@ import email.utils
 import os
 import time
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableSequence, Sequence
 from types import SimpleNamespace
 from typing import Any
 
@@ -201,8 +201,11 @@ class _DateRecorder:
         self._api = api_url
         self._by_path = tenants_by_path
         self.config = aiohttp.TraceConfig()
-        self.config.on_request_start.append(self._start)
-        self.config.on_request_end.append(self._end)
+        # Through plain sequences: aiohttp before 3.13 mistypes its signals' callbacks.
+        on_start: MutableSequence[Any] = self.config.on_request_start
+        on_end: MutableSequence[Any] = self.config.on_request_end
+        on_start.append(self._start)
+        on_end.append(self._end)
 
     async def _start(
         self, _s: aiohttp.ClientSession, ctx: SimpleNamespace, _p: aiohttp.TraceRequestStartParams

@@ -30,6 +30,7 @@ from typing import Literal, get_args
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
+from prometheus_client.registry import Collector
 
 from syncd.exposition import Family, Histogram, Key, Labels
 from syncd.staleness import Success
@@ -131,7 +132,7 @@ class _Snapshot:
     forgotten: set[str]  # tenants removed since the last render
 
 
-class Metrics:
+class Metrics(Collector):
     """Every series syncd exports; `render` writes them, `registry` serves prometheus_client.
 
     Helpers take plain values (tenant ids as int, HTTP status as int) so callers need no

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio.connection import ConnectionPool, parse_url
@@ -45,7 +46,9 @@ def check_url(url: str) -> str | None:
         parts = urllib.parse.urlsplit(url)
         port = parts.port
         options: dict[str, Any] = dict(parse_url(url))
-        ConnectionPool(**options).make_connection()  # type: ignore[no-untyped-call]
+        # Through a typed name: some redis-py versions type make_connection, others do not.
+        make_connection: Callable[[], object] = ConnectionPool(**options).make_connection
+        make_connection()
     except (ValueError, TypeError, RedisError) as exc:
         return _scrub(str(exc), url)
     if url.startswith("unix://"):

@@ -33,7 +33,9 @@ def test_the_committed_lock_is_fresh_for_pyproject() -> None:
 def _requirements(path: Path) -> list[str]:
     """One entry per requirement: continuation lines joined, comments dropped."""
     text = re.sub(r"\\\n", " ", path.read_text())
-    return [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [
+        line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")
+    ]
 
 
 @pytest.mark.parametrize("name", ["dev.txt", "uv.txt"])
@@ -102,3 +104,19 @@ def test_the_check_command_exits_non_zero_on_a_stale_lock(
     monkeypatch.setattr(lockfile, "PYPROJECT", _project(tmp_path, '">=3.11"', '">=3.12"'))
     assert lockfile.main(["check"]) == 1
     assert "run `make lock`" in capsys.readouterr().err
+
+
+def test_the_mypy_of_other_versions_checks_what_the_locked_one_does() -> None:
+    import configparser
+    import tomllib
+
+    ours = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mypy"]
+    ranges = configparser.ConfigParser()
+    ranges.read(ROOT / "lock" / "mypy-ranges.ini")
+    assert ranges.getboolean("mypy", "strict") is ours["strict"]
+    assert ranges.get("mypy", "python_version") == ours["python_version"]
+    assert ranges.get("mypy", "packages").split(",") == ours["packages"]
+    # Only redis-py differs: every other override of pyproject.toml is there too.
+    for override in ours.get("overrides", []):
+        for module in override["module"]:
+            assert ranges.has_section(f"mypy-{module}"), module

@@ -8,7 +8,7 @@ import gzip
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableSequence
 from datetime import UTC, datetime, timedelta
 from email.utils import formatdate
 from typing import Any
@@ -59,7 +59,9 @@ def build_app(state: SimState) -> web.Application:
     """The aiohttp application serving `state`."""
     app = web.Application(middlewares=[_problem_middleware])
     app[STATE_KEY] = state
-    app.on_shutdown.append(_release_hung)
+    # Through a plain sequence: aiohttp before 3.13 mistypes its signals' callbacks.
+    on_shutdown: MutableSequence[Any] = app.on_shutdown
+    on_shutdown.append(_release_hung)
     app.router.add_post("/connect/token", _token)
     for name, feed in state.feeds.items():
         path = feed.path.replace("{tenant}", "{tenant:\\d+}")
