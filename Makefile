@@ -14,7 +14,8 @@ LATEST := .venv-latest
 # The newest supported Python runs the latest versions when the machine has it (lock/pythons).
 LATEST_PYTHON ?= $(shell lock/pythons 3.13 || echo $(PYTHON))
 
-.PHONY: test test-lowest test-latest check-pythons lint promtool run bench lock check-lock clean
+.PHONY: test test-lowest test-latest check-pythons lint promtool run bench lock lock-upgrade check-lock \
+	clean
 
 # Installed from the lock alone: exact versions, hashes required, no dependency resolution, the
 # build backend from the lock too (no build isolation). A changed lock rebuilds the environment.
@@ -34,6 +35,7 @@ lint: $(STAMP) check-lock
 	$(BIN)/ruff check syncd tests bench lock
 	$(BIN)/ruff format --check syncd tests bench lock
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 # promtool tests contrib/prometheus/syncd-rules.yml; installed when missing and possible.
 promtool:
@@ -48,12 +50,16 @@ $(UV): lock/uv.txt
 	$(TOOLS)/bin/python -m pip install --quiet --require-hashes --no-deps -r lock/uv.txt
 	touch $(UV)
 
-# Refresh the lock deliberately: the newest versions the ranges allow (and uv's own pin).
+# The lock for pyproject.toml's ranges after a change to them: pins still allowed are kept.
 lock: $(UV)
-	$(UV) pip compile --quiet --universal --generate-hashes --upgrade \
-		--custom-compile-command "make lock" \
-		lock/uv.in -o lock/uv.txt
 	$(PYTHON) lock/lockfile.py lock $(UV)
+
+# Refresh the lock deliberately: the newest versions the ranges allow, uv's own pin too.
+lock-upgrade: $(UV)
+	$(UV) pip compile --quiet --universal --generate-hashes --upgrade \
+		--custom-compile-command "make lock-upgrade" \
+		lock/uv.in -o lock/uv.txt
+	$(PYTHON) lock/lockfile.py lock $(UV) upgrade
 
 # The suite on versions other than the lock's: exact pins compiled afresh each run (uv would
 # keep the pins of an earlier run), then the locked mypy against that environment's packages

@@ -27,7 +27,7 @@ import msgspec
 
 from bench import common
 from syncd import catalogue
-from syncd.simulator.testing import SimulatorProcess
+from syncd.testing.simulator import SimulatorProcess
 
 RESULTS = Path(__file__).parent / "results" / "simulator.json"
 

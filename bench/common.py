@@ -1,6 +1,6 @@
 """Shared plumbing of the benchmarks: Redis, simulator, configuration, daemon, measurements.
 
-Every benchmark starts its own Redis (`syncd.redisserver.RedisServer` on a free port, never
+Every benchmark starts its own Redis (`syncd.testing.redis_server.RedisServer` on a free port, never
 127.0.0.1:6379), runs the simulator in a separate process with `--prerender` and the daemon as
 `python -m syncd run --config FILE`, so that the engine, not the simulator, is what is measured.
 """
@@ -30,9 +30,9 @@ import aiohttp
 import psutil
 import redis
 
-from syncd.redisserver import RedisServer, free_port
 from syncd.simulator.options import DEFAULT_APP_KEY
-from syncd.simulator.testing import SimulatorProcess, credentials
+from syncd.testing.redis_server import RedisServer, free_port
+from syncd.testing.simulator import SimulatorProcess, credentials
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

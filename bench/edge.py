@@ -23,10 +23,10 @@ from aiohttp import web
 
 from bench import common
 from syncd import catalogue, redact
-from syncd.client import ExportClient, decode_checked, decode_page
 from syncd.config import Secret
 from syncd.errors import TransientError
-from syncd.upstream import MAX_BODY_BYTES, json_depth
+from syncd.servicetitan.client import ExportClient, decode_checked, decode_page
+from syncd.servicetitan.upstream import MAX_BODY_BYTES, json_depth
 
 
 def _page(records: int, escapes: bool = True) -> bytes:
@@ -128,7 +128,7 @@ async def oversized_page() -> dict[str, Any]:
 
     import aiohttp
 
-    from syncd.auth import TokenProvider
+    from syncd.servicetitan.auth import TokenProvider
 
     app = web.Application()
     app.router.add_post("/connect/token", token)

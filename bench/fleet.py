@@ -30,7 +30,7 @@ import redis
 
 from bench import common
 from syncd.keys import Keys
-from syncd.redisserver import RedisServer
+from syncd.testing.redis_server import RedisServer
 
 FEEDS = ["crm.customers", "jpm.jobs"]
 PREFIX = "st"

@@ -17,7 +17,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from bench import common
-from syncd.fleet import Fleet
+from syncd.fleet.fleet import Fleet
 
 PREFIX = "st"
 

@@ -40,7 +40,7 @@ from typing import Any
 import aiohttp
 
 from bench import common
-from syncd.redisserver import free_port
+from syncd.testing.redis_server import free_port
 
 TENANTS = (5001, 5002, 5003, 5004)
 FEEDS = ("crm.customers", "jpm.jobs", "crm.locations")

@@ -8,7 +8,7 @@ the check (`INFO stats` before and after, less the INFO reply itself):
 - `previous`: the way retention used to find the length cut, `XREVRANGE COUNT max_len` (the
   whole retained stream sent to syncd), then XTRIM. Its reply is read and discarded from a raw
   socket, so that the benchmark itself does not need gigabytes to hold it.
-- `current`: `syncd.upkeep.stream_state` + `syncd.upkeep.trim` as the daemon runs them.
+- `current`: `stream_state` + `trim` of `syncd.engine.upkeep`, as the daemon runs them.
 
     .venv/bin/python -m bench.retention [--max-len 50000 1000000] [--data-bytes 900]
 
@@ -28,7 +28,7 @@ import redis
 import redis.asyncio as aioredis
 
 from bench import common
-from syncd import upkeep
+from syncd.engine import upkeep
 from syncd.keys import Keys
 
 STREAM = Keys("st", 1).stream("crm.customers")

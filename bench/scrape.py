@@ -38,9 +38,9 @@ import psutil
 
 from bench import common
 from syncd import catalogue
-from syncd.metrics import DETAILS, EngineStatus, Metrics, TenantStatus, zlib_gzip
-from syncd.ratelimit import TokenBucket
-from syncd.redisserver import free_port
+from syncd.engine.ratelimit import TokenBucket
+from syncd.ops.metrics import DETAILS, EngineStatus, Metrics, TenantStatus, zlib_gzip
+from syncd.testing.redis_server import free_port
 
 MB = 2**20
 SCRAPE_INTERVAL_S = 15.0
@@ -124,7 +124,7 @@ def between_scrapes(metrics: Metrics, tenants: int, rng: random.Random) -> None:
 
 async def _serve(tenants: int, detail: str, port: int) -> None:
     """The server process: answers "tick" on stdin by recording a scrape interval's events."""
-    from syncd.ops import OpsServer
+    from syncd.ops.server import OpsServer
 
     class Healthy:
         def liveness(self) -> tuple[bool, dict[str, object]]:

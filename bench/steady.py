@@ -35,7 +35,8 @@ import time
 from typing import Any
 
 from bench import common
-from syncd import catalogue, ratelimit
+from syncd import catalogue
+from syncd.engine import ratelimit
 
 LATENESS = "syncd_schedule_lateness_seconds"
 TARGET_RPS = 55_000 / 300
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     feeds_per_tenant = len(catalogue.feeds())
     total_feeds = len(tenants) * feeds_per_tenant
     interval = args.interval or total_feeds / TARGET_RPS
-    # The limiter paces a little under its configured rate (syncd.ratelimit.PACE, if any):
+    # The limiter paces a little under its configured rate (syncd.engine.ratelimit.PACE, if any):
     # configure the first round so that it really spans one interval.
     pace = float(getattr(ratelimit, "PACE", 1.0))
     first_round_rps = min(60.0, feeds_per_tenant / interval / pace)

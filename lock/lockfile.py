@@ -9,7 +9,9 @@ digest and fails when `pyproject.toml` changed without `make lock`, and checks t
 satisfies the range it was resolved for.
 
     python lock/lockfile.py check            # exit 1 with what is stale
-    python lock/lockfile.py lock UV          # refresh lock/dev.txt with the uv binary UV
+    python lock/lockfile.py lock UV          # lock/dev.txt for pyproject.toml, with the uv binary
+                                             # UV; pins still allowed are kept
+    python lock/lockfile.py lock UV upgrade  # the same, every pin the newest allowed
 """
 
 from __future__ import annotations
@@ -108,14 +110,19 @@ def problems(pyproject: Path | None = None, lock: Path | None = None) -> list[st
     return found
 
 
-def lock(uv: str, pyproject: Path = PYPROJECT, out: Path = LOCK) -> None:
-    """Resolve the newest versions the ranges allow and write them, hashed, to `out`."""
+def lock(uv: str, upgrade: bool, pyproject: Path = PYPROJECT, out: Path = LOCK) -> None:
+    """Resolve the ranges and write the pins, hashed, to `out`: the newest versions allowed with
+    `upgrade`, else the current pins wherever the ranges still allow them."""
     build = inputs(pyproject)["build-requires"]
     with tempfile.TemporaryDirectory() as tmp:
         build_in = Path(tmp) / "build-requires.in"
         build_in.write_text("".join(f"{r}\n" for r in build))
         compiled = Path(tmp) / "dev.txt"
-        cmd = [uv, "pip", "compile", "--quiet", "--universal", "--generate-hashes", "--upgrade"]
+        if out.exists() and not upgrade:
+            compiled.write_text(out.read_text())  # uv prefers the pins of an existing output
+        cmd = [uv, "pip", "compile", "--quiet", "--universal", "--generate-hashes"]
+        if upgrade:
+            cmd.append("--upgrade")
         cmd += ["--python-version", PYTHON_FLOOR, "--no-header", "--no-annotate"]
         for extra in EXTRAS:
             cmd += ["--extra", extra]
@@ -138,8 +145,8 @@ def main(argv: list[str]) -> int:
         for problem in found:
             print(problem, file=sys.stderr)
         return 1 if found else 0
-    if argv[:1] == ["lock"] and len(argv) == 2:
-        lock(argv[1])
+    if argv[:1] == ["lock"] and len(argv) in (2, 3) and argv[2:] in ([], ["upgrade"]):
+        lock(argv[1], upgrade=argv[2:] == ["upgrade"])
         return 0
     print(__doc__, file=sys.stderr)
     return 2

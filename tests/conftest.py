@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import redis.asyncio as aioredis
 
-from syncd.redisserver import RedisClusterServers, RedisServer
+from syncd.testing.redis_server import RedisClusterServers, RedisServer
 
 
 @pytest.fixture(scope="session")

@@ -12,9 +12,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from syncd import config
 from syncd.daemon import Daemon
-from syncd.metrics import EngineStatus, Metrics, TenantStatus
-from syncd.redisserver import RedisServer, free_port
-from syncd.simulator.testing import run_simulator
+from syncd.ops.metrics import EngineStatus, Metrics, TenantStatus
+from syncd.testing.redis_server import RedisServer, free_port
+from syncd.testing.simulator import run_simulator
 from tests.engine_helpers import config_dict, to_toml
 
 # Exported only by an instance that is a member of a fleet.

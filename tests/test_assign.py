@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from syncd.assign import assign, capacities, disagreements
+from syncd.fleet.assign import assign, capacities, disagreements
 
 
 def everyone(instances: list[str], tenants: range | list[int]) -> dict[str, list[int]]:

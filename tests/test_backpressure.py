@@ -9,11 +9,11 @@ from collections import Counter
 
 import redis.asyncio as aioredis
 
-from syncd import upkeep
 from syncd.consumer import Consumer, Subscription
 from syncd.daemon import Daemon
-from syncd.redisserver import RedisServer
-from syncd.simulator.testing import run_simulator
+from syncd.engine import upkeep
+from syncd.testing.redis_server import RedisServer
+from syncd.testing.simulator import run_simulator
 from tests.engine_helpers import DaemonProcess, config_dict, settings, truth
 
 FEED = "crm.customers"

@@ -15,14 +15,14 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from syncd import catalogue
-from syncd.auth import TokenProvider
-from syncd.client import ExportClient, Page
 from syncd.config import Secret
 from syncd.daemon import http_session
 from syncd.errors import RateLimited, TransientError
-from syncd.redisserver import RedisServer
-from syncd.simulator.testing import run_simulator
-from syncd.upstream import MAX_BODY_BYTES, BodyTooLarge
+from syncd.servicetitan.auth import TokenProvider
+from syncd.servicetitan.client import ExportClient, Page
+from syncd.servicetitan.upstream import MAX_BODY_BYTES, BodyTooLarge
+from syncd.testing.redis_server import RedisServer
+from syncd.testing.simulator import run_simulator
 from tests.engine_helpers import DaemonProcess, config_dict, settings
 from tests.upstream_helpers import Upstream, page, serve
 

@@ -9,10 +9,10 @@ import pytest
 import structlog
 
 from syncd import catalogue, redact
-from syncd.client import Page, decode_page
 from syncd.errors import TransientError
-from syncd.ratelimit import MAX_RETRY_AFTER_S, parse_retry_after
-from syncd.upstream import (
+from syncd.servicetitan.client import Page, decode_page
+from syncd.servicetitan.retry_after import MAX_RETRY_AFTER_S, parse_retry_after
+from syncd.servicetitan.upstream import (
     EXCERPT_CHARS,
     MAX_CURSOR_CHARS,
     MAX_JSON_DEPTH,

@@ -8,10 +8,10 @@ from redis.asyncio.cluster import RedisCluster
 
 from syncd import catalogue
 from syncd.daemon import Daemon
-from syncd.page import Page, decode_page
-from syncd.publisher import Publisher
-from syncd.redisserver import RedisClusterServers
-from syncd.simulator.testing import run_simulator
+from syncd.engine.publisher import Publisher
+from syncd.servicetitan.page import Page, decode_page
+from syncd.testing.redis_server import RedisClusterServers
+from syncd.testing.simulator import run_simulator
 from tests.engine_helpers import assert_exactly_once, config_dict, latest_by_key, settings, truth
 
 TENANTS = [11, 12, 13, 14, 15, 16]

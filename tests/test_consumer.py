@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 from syncd import catalogue
 from syncd.consumer import Consumer, Event, Subscription
 from syncd.keys import Keys
-from syncd.redisserver import RedisServer, running
+from syncd.testing.redis_server import RedisServer, running
 
 TENANT = 123456
 KEYS = Keys("st", TENANT)

@@ -20,8 +20,8 @@ from redis.exceptions import (
 from structlog.testing import capture_logs
 
 from syncd.consumer import Consumer, Event, is_newer_or_same
-from syncd.delivery import Backoff, classify, entry_order, error_code, failed_events
-from syncd.redisserver import running
+from syncd.consumer.delivery import Backoff, classify, entry_order, error_code, failed_events
+from syncd.testing.redis_server import running
 from tests.test_consumer import CUSTOMERS, KEYS, publish
 
 

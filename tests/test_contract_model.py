@@ -27,10 +27,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from syncd import catalogue
+from syncd.engine.publisher import SAME_INSTANT_KEPT, Applied, Publisher
 from syncd.errors import RedisFull
-from syncd.page import decode_page
-from syncd.publisher import SAME_INSTANT_KEPT, Applied, Publisher
-from syncd.redisserver import RedisServer
+from syncd.servicetitan.page import decode_page
+from syncd.testing.redis_server import RedisServer
 
 EXAMPLES = int(os.environ.get("SYNCD_MODEL_EXAMPLES", "20"))
 STEPS = int(os.environ.get("SYNCD_MODEL_STEPS", "25"))

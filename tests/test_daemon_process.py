@@ -8,8 +8,8 @@ import signal
 
 import redis.asyncio as aioredis
 
-from syncd.redisserver import RedisServer
-from syncd.simulator.testing import run_simulator
+from syncd.testing.redis_server import RedisServer
+from syncd.testing.simulator import run_simulator
 from tests.engine_helpers import (
     DaemonProcess,
     assert_exactly_once,

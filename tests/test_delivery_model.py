@@ -27,9 +27,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
-from syncd import upkeep
 from syncd.consumer import Consumer, Event
-from syncd.redisserver import RedisServer
+from syncd.engine import upkeep
+from syncd.testing.redis_server import RedisServer
 from tests.test_consumer import CUSTOMERS, KEYS
 
 _LONG = os.environ.get("SYNCD_STATEFUL_EXAMPLES")

@@ -17,17 +17,21 @@ import pytest
 import redis.asyncio as aioredis
 
 from bench.common import to_toml
-from syncd import config, doctor
-from syncd.doctor import (
+from syncd import config
+from syncd.cli import doctor
+from syncd.cli.doctor import Line
+from syncd.cli.doctor_facts import (
     AclFacts,
     ClockSample,
-    Line,
     Outcome,
     RedisFacts,
     SecretFile,
     TenantFacts,
+    command_name,
+    inline_secrets,
+    outcome_of,
+    secret_files,
 )
-from syncd.doctorfacts import command_name, inline_secrets, outcome_of, secret_files
 from syncd.errors import (
     AuthFailed,
     BadRequest,
@@ -36,9 +40,9 @@ from syncd.errors import (
     SyncError,
     TransientError,
 )
-from syncd.redischeck import NodeSettings
-from syncd.redisserver import RedisServer, free_port
-from syncd.simulator.testing import RunningSimulator, run_simulator
+from syncd.redis.checks import NodeSettings
+from syncd.testing.redis_server import RedisServer, free_port
+from syncd.testing.simulator import RunningSimulator, run_simulator
 from tests.engine_helpers import config_dict
 from tests.test_redis_acl import PASSWORD as ACL_PASSWORD
 from tests.test_redis_acl import USER as ACL_USER

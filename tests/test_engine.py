@@ -9,8 +9,8 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from syncd.daemon import Daemon
-from syncd.redisserver import RedisServer
-from syncd.simulator.testing import run_simulator
+from syncd.testing.redis_server import RedisServer
+from syncd.testing.simulator import run_simulator
 from tests.engine_helpers import (
     assert_exactly_once,
     config_dict,
@@ -229,8 +229,8 @@ async def test_redis_restart_mid_run_loses_nothing() -> None:
 
 async def test_dead_letters_and_fence(redis: aioredis.Redis) -> None:
     from syncd import catalogue
-    from syncd.client import decode_page
-    from syncd.publisher import Publisher
+    from syncd.engine.publisher import Publisher
+    from syncd.servicetitan.client import decode_page
 
     feed = catalogue.feed("customer-interactions.technician-ratings")
     body = json.dumps(
@@ -267,8 +267,8 @@ async def test_dead_letters_and_fence(redis: aioredis.Redis) -> None:
 
 async def test_fence_tells_an_empty_cursor_from_none(redis: aioredis.Redis) -> None:
     from syncd import catalogue
-    from syncd.client import decode_page
-    from syncd.publisher import Publisher
+    from syncd.engine.publisher import Publisher
+    from syncd.servicetitan.client import decode_page
 
     feed = catalogue.feed("crm.customers")
     page = decode_page(b'{"hasMore": false, "continueFrom": "next", "data": [{"id": 1}]}', feed)

@@ -16,12 +16,12 @@ import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.cluster import RedisCluster
 
-from syncd import commands
-from syncd.fleet import Fleet
-from syncd.fleetstate import read_members, read_owners
+from syncd.cli import commands
+from syncd.fleet.fleet import Fleet
+from syncd.fleet.state import read_members, read_owners
 from syncd.keys import Keys
-from syncd.redisconn import RedisClient
-from syncd.redisserver import RedisClusterServers, RedisServer
+from syncd.redis.conn import RedisClient
+from syncd.testing.redis_server import RedisClusterServers, RedisServer
 from tests.engine_helpers import config_dict, settings
 from tests.tcpproxy import proxy
 

@@ -18,9 +18,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from bench.common import to_toml
-from syncd.fleetstate import read_members, read_owners
-from syncd.redisserver import RedisServer, free_port
-from syncd.simulator.testing import run_simulator
+from syncd.fleet.state import read_members, read_owners
+from syncd.testing.redis_server import RedisServer, free_port
+from syncd.testing.simulator import run_simulator
 from tests.engine_helpers import (
     DaemonProcess,
     assert_exactly_once,

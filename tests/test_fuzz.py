@@ -20,9 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from syncd import catalogue, config
-from syncd.client import Page, decode_checked
 from syncd.errors import TransientError
-from syncd.upstream import MAX_CURSOR_CHARS, MAX_JSON_DEPTH, json_depth
+from syncd.servicetitan.client import Page, decode_checked
+from syncd.servicetitan.upstream import MAX_CURSOR_CHARS, MAX_JSON_DEPTH, json_depth
 
 _LONG = os.environ.get("SYNCD_FUZZ_EXAMPLES")
 BUDGET = settings(

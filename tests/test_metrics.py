@@ -9,7 +9,8 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from syncd import config
-from syncd.metrics import (
+from syncd.engine.ratelimit import RECOVERY, TokenBucket
+from syncd.ops.metrics import (
     LATENESS_BUCKETS,
     PAGE_SECONDS_BUCKETS,
     RECORD_COUNTERS,
@@ -17,7 +18,6 @@ from syncd.metrics import (
     Metrics,
     TenantStatus,
 )
-from syncd.ratelimit import RECOVERY, TokenBucket
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 STATUSES = (200, 304, 404, 429, 503, None)  # every status class
@@ -71,7 +71,7 @@ def busy(tenants: int, feeds: int, detail: str = "tenant", clock: Clock | None =
 
 @pytest.mark.parametrize(("tenants", "feeds"), [(1, 1), (3, 4), (7, 2)])
 def test_series_count_formula_at_each_detail(tenants: int, feeds: int) -> None:
-    """The formulas of the README and syncd.metrics, counted on what is rendered."""
+    """The formulas of the README and syncd.ops.metrics, counted on what is rendered."""
     n, f, r = tenants, feeds, len(RECORD_COUNTERS)
     page_histogram = len(PAGE_SECONDS_BUCKETS) + 3  # buckets, +Inf, _count, _sum
     unlabelled = 1 + (len(LATENESS_BUCKETS) + 3) + 2 + 2  # errors, lateness, polling, fleet

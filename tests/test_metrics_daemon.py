@@ -11,8 +11,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from syncd import config
 from syncd.daemon import Daemon
-from syncd.redisserver import RedisServer, free_port
-from syncd.simulator.testing import run_simulator
+from syncd.testing.redis_server import RedisServer, free_port
+from syncd.testing.simulator import run_simulator
 from tests.engine_helpers import config_dict, to_toml
 
 GOOD, BAD = 9801, 9802

@@ -11,10 +11,11 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from syncd import ops
 from syncd.config import OpsConfig
-from syncd.metrics import CONTENT_TYPE, Metrics, status_class
-from syncd.ops import OpsServer, parse_listen
+from syncd.config.addresses import parse_listen
+from syncd.ops import server as ops
+from syncd.ops.metrics import CONTENT_TYPE, Metrics, status_class
+from syncd.ops.server import OpsServer
 
 Samples = set[tuple[str, frozenset[tuple[str, str]], float]]
 

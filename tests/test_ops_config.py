@@ -17,7 +17,7 @@ import pytest
 
 from bench.common import to_toml
 from syncd import config
-from syncd.secretfiles import check_mode
+from syncd.config.secretfiles import check_mode
 
 PASSWORD = "hunter2-redis-pass"
 

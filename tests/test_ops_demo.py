@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from syncd.demoguard import start_time
-from syncd.redisserver import RedisServer
+from syncd.cli.demoguard import start_time
+from syncd.testing.redis_server import RedisServer
 
 PASSWORD = "demo-redis-pass-77"
 DEADLINE_S = 90.0

@@ -19,11 +19,12 @@ import redis.asyncio as aioredis
 
 from syncd import config
 from syncd.config import OpsConfig, Secret
-from syncd.metrics import Metrics
-from syncd.ops import OpsServer, check_listen
-from syncd.opshttp import MAX_WRITING_BYTES
-from syncd.redisserver import RedisServer, free_port
-from syncd.simulator.testing import run_simulator
+from syncd.config.addresses import check_listen
+from syncd.ops.http import MAX_WRITING_BYTES
+from syncd.ops.metrics import Metrics
+from syncd.ops.server import OpsServer
+from syncd.testing.redis_server import RedisServer, free_port
+from syncd.testing.simulator import run_simulator
 from tests.engine_helpers import DaemonProcess, config_dict
 from tests.test_ops import FakeHealth
 

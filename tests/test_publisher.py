@@ -9,13 +9,14 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from syncd import catalogue, commands
+from syncd import catalogue
+from syncd.cli import commands
 from syncd.daemon import Daemon
+from syncd.engine.publisher import PRECHECK_MIN, Publisher
 from syncd.errors import TransientError
-from syncd.page import Page, decode_page, encode_key, newest_per_key, sortable_instant
-from syncd.publisher import PRECHECK_MIN, Publisher
-from syncd.redisserver import RedisServer
-from syncd.simulator.testing import run_simulator
+from syncd.servicetitan.page import Page, decode_page, encode_key, newest_per_key, sortable_instant
+from syncd.testing.redis_server import RedisServer
+from syncd.testing.simulator import run_simulator
 from tests.engine_helpers import config_dict, settings, stream_events, truth
 
 CUSTOMERS = catalogue.feed("crm.customers")
@@ -567,7 +568,7 @@ def test_envelopes_that_do_not_decode_are_errors(text: bytes) -> None:
 async def test_the_page_script_runs_under_the_readme_acl_user(
     redis: aioredis.Redis, redis_server: RedisServer
 ) -> None:
-    from syncd import redisacl
+    from syncd.redis import acl as redisacl
     from tests.test_redis_acl import USER, acl_url, readme_acl_line
 
     await redis.execute_command(*readme_acl_line())

@@ -9,9 +9,9 @@ import aiohttp
 import redis.asyncio as aioredis
 
 from syncd.daemon import Daemon
-from syncd.page import sortable_instant
-from syncd.redisserver import RedisServer
-from syncd.simulator.testing import run_simulator
+from syncd.servicetitan.page import sortable_instant
+from syncd.testing.redis_server import RedisServer
+from syncd.testing.simulator import run_simulator
 from tests.engine_helpers import config_dict, latest_by_key, mutate, settings, stream_events, truth
 
 TENANT = 5151

@@ -6,8 +6,9 @@ import random
 
 import pytest
 
-from syncd.policy import Outcome, next_due, resume_delay
-from syncd.ratelimit import PACE, TokenBucket, backoff, jittered, parse_retry_after
+from syncd.engine.policy import Outcome, next_due, resume_delay
+from syncd.engine.ratelimit import PACE, TokenBucket, backoff, jittered
+from syncd.servicetitan.retry_after import parse_retry_after
 
 
 def test_bucket_allows_burst_then_paces() -> None:

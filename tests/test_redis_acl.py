@@ -19,8 +19,8 @@ import redis.exceptions
 
 from syncd.consumer import Consumer, Event, Subscription
 from syncd.daemon import EXIT_CONFIG
-from syncd.redisserver import RedisServer
-from syncd.simulator.testing import run_simulator
+from syncd.testing.redis_server import RedisServer
+from syncd.testing.simulator import run_simulator
 from tests.engine_helpers import DaemonProcess, config_dict
 
 README = Path(__file__).resolve().parent.parent / "README.md"

@@ -17,9 +17,9 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from syncd import config
-from syncd.redisconn import connect
-from syncd.redisserver import RedisServer, RedisServerError, find_binary, free_port
-from syncd.simulator.testing import run_simulator
+from syncd.redis.conn import connect
+from syncd.testing.redis_server import RedisServer, RedisServerError, find_binary, free_port
+from syncd.testing.simulator import run_simulator
 from tests.engine_helpers import DaemonProcess, config_dict, stream_events
 
 

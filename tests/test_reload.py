@@ -16,8 +16,8 @@ import redis.asyncio as aioredis
 
 from syncd import config
 from syncd.daemon import Daemon
-from syncd.redisserver import RedisServer
-from syncd.simulator.testing import run_simulator
+from syncd.testing.redis_server import RedisServer
+from syncd.testing.simulator import run_simulator
 from tests.engine_helpers import DaemonProcess, config_dict, sim_stats, to_toml, truth
 
 CUSTOMERS, JOBS = "crm.customers", "jpm.jobs"
@@ -210,7 +210,7 @@ async def test_removed_tenant_with_a_page_in_flight_leaves_no_series(
 
 
 def test_forgotten_tenant_records_nothing_until_tracked_again() -> None:
-    from syncd.metrics import Metrics
+    from syncd.ops.metrics import Metrics
 
     m = Metrics()
     m.forget_tenant(1)  # never seen: nothing to remove, on every prometheus-client allowed

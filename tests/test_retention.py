@@ -9,7 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 from structlog.testing import capture_logs
 
-from syncd import upkeep
+from syncd.engine import upkeep
 from syncd.keys import Keys
 
 STREAM = Keys("st", 77).stream("crm.customers")

@@ -1,4 +1,4 @@
-"""What is due next (syncd.due), driven by an explicit clock: no sockets, no sleeps."""
+"""What is due next (syncd.engine.due), driven by an explicit clock: no sockets, no sleeps."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from syncd import catalogue
 from syncd.config import Secret, TenantSettings
-from syncd.due import PAUSED_RECHECK_S, Timetable
+from syncd.engine.due import PAUSED_RECHECK_S, Timetable
 
 FEEDS = ["crm.customers", "crm.locations", "jpm.jobs"]
 

@@ -13,12 +13,12 @@ import pytest
 import redis.asyncio as aioredis
 from structlog.testing import capture_logs
 
-from syncd.auth import TokenProvider
 from syncd.config import Secret
 from syncd.daemon import Daemon
 from syncd.errors import TransientError
-from syncd.redisserver import RedisServer
-from syncd.simulator.testing import run_simulator
+from syncd.servicetitan.auth import TokenProvider
+from syncd.testing.redis_server import RedisServer
+from syncd.testing.simulator import run_simulator
 from tests.engine_helpers import (
     assert_exactly_once,
     config_dict,

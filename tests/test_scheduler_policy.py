@@ -1,4 +1,4 @@
-"""The scheduler's decisions (syncd.policy), by tables: no clock, no sockets."""
+"""The scheduler's decisions (syncd.engine.policy), by tables: no clock, no sockets."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from syncd.policy import (
+from syncd.engine.policy import (
     MAX_EMPTY_RUN,
     ONCE_RATE_LIMIT_PATIENCE,
     TRAIL,

@@ -1,4 +1,4 @@
-"""Who gets the next free worker (syncd.fairshare), by tables: no clock, no sockets."""
+"""Who gets the next free worker (syncd.engine.fairshare), by tables: no clock, no sockets."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from syncd.fairshare import Pool, fair_share, may_borrow
+from syncd.engine.fairshare import Pool, fair_share, may_borrow
 
 
 @pytest.mark.parametrize(

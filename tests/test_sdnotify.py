@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from syncd.sdnotify import Notifier, format_message, notify_address, watchdog_interval
+from syncd.ops.sdnotify import Notifier, format_message, notify_address, watchdog_interval
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from syncd.redisserver import RedisServer
+from syncd.testing.redis_server import RedisServer
 from tests.engine_helpers import DaemonProcess, config_dict
 from tests.upstream_helpers import serve
 

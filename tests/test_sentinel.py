@@ -10,10 +10,11 @@ from collections.abc import Iterator
 import pytest
 import redis.exceptions
 
+from syncd.config.addresses import parse_sentinels
 from syncd.keys import Keys
-from syncd.sentinel import SentinelOptions, connect_sentinel, parse_sentinels
-from syncd.sentinelserver import SERVICE, SentinelServers
-from syncd.simulator.testing import run_simulator
+from syncd.redis.sentinel import SentinelOptions, connect_sentinel
+from syncd.testing.sentinel_server import SERVICE, SentinelServers
+from syncd.testing.simulator import run_simulator
 from tests.engine_helpers import (
     DaemonProcess,
     assert_exactly_once,

@@ -15,8 +15,8 @@ from pathlib import Path
 import aiohttp
 import redis.asyncio as aioredis
 
-from syncd.redisserver import RedisServer, free_port
-from syncd.simulator.testing import run_simulator
+from syncd.testing.redis_server import RedisServer, free_port
+from syncd.testing.simulator import run_simulator
 from tests.engine_helpers import (
     DaemonProcess,
     assert_exactly_once,

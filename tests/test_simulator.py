@@ -16,7 +16,7 @@ import pytest
 import pytest_asyncio
 
 from syncd import catalogue
-from syncd.simulator.testing import RunningSimulator, SimulatorProcess, credentials, run_simulator
+from syncd.testing.simulator import RunningSimulator, SimulatorProcess, credentials, run_simulator
 
 TENANT = 1001
 OTHER = 1002

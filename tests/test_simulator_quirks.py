@@ -21,7 +21,7 @@ from syncd.simulator.cache import SizedCache
 from syncd.simulator.cli import add_arguments, quirks_from_args
 from syncd.simulator.data import FeedLog
 from syncd.simulator.quirks import Quirks, edit_entries, parse_assignments
-from syncd.simulator.testing import (
+from syncd.testing.simulator import (
     RunningSimulator,
     SimulatorProcess,
     credentials,

@@ -13,7 +13,7 @@ import pytest
 import pytest_asyncio
 
 from syncd import catalogue
-from syncd.simulator.testing import RunningSimulator, run_simulator
+from syncd.testing.simulator import RunningSimulator, run_simulator
 
 TENANT = 1001
 _ANNOTATIONS = {"nullable", "x-enumNames", "deprecated", "x-deprecatedMessage"}

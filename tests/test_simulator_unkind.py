@@ -24,7 +24,7 @@ from syncd.simulator.cache import SizedCache
 from syncd.simulator.data import ChangeQuirks, FeedLog
 from syncd.simulator.offschema import FeedShape, RecordStyle, naive_timestamp, restyle
 from syncd.simulator.quirks import Quirks, parse_assignments
-from syncd.simulator.testing import RunningSimulator, SimulatorProcess, credentials, run_simulator
+from syncd.testing.simulator import RunningSimulator, SimulatorProcess, credentials, run_simulator
 from tests.test_simulator import Client, check_problem, get_token, key_of
 
 TENANT = 1001

@@ -14,9 +14,9 @@ import redis.asyncio as aioredis
 from structlog.testing import capture_logs
 
 from syncd.daemon import EXIT_CONFIG, Daemon
-from syncd.redischeck import NodeSettings, assess
-from syncd.redisserver import RedisClusterServers, RedisServer, free_port, running
-from syncd.simulator.testing import run_simulator
+from syncd.redis.checks import NodeSettings, assess
+from syncd.testing.redis_server import RedisClusterServers, RedisServer, free_port, running
+from syncd.testing.simulator import run_simulator
 from tests.engine_helpers import config_dict, settings, to_toml
 
 FEED = "crm.customers"

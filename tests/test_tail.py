@@ -1,4 +1,4 @@
-"""syncd.tail against a real Redis: JSON lines, readable lines, following, and group mode."""
+"""`syncd tail` against a real Redis: JSON lines, readable lines, following, and group mode."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from syncd.consumer import Event
+from syncd.consumer.tail import render_pretty, summarize, tail
 from syncd.keys import Keys
-from syncd.tail import render_pretty, summarize, tail
 
 TENANT = 123456
 KEYS = Keys("st", TENANT)

@@ -16,7 +16,7 @@ import redis
 
 from bench.common import to_toml
 from syncd.keys import Keys
-from syncd.redisserver import RedisServer
+from syncd.testing.redis_server import RedisServer
 from tests.engine_helpers import config_dict
 
 TENANT = 4242

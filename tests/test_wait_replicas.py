@@ -10,10 +10,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from syncd import catalogue
-from syncd.client import decode_page
+from syncd.engine.publisher import Publisher
 from syncd.errors import TransientError
-from syncd.publisher import Publisher
-from syncd.redisserver import RedisServer
+from syncd.servicetitan.client import decode_page
+from syncd.testing.redis_server import RedisServer
 
 FEED = catalogue.feed("crm.customers")
 

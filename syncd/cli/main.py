@@ -1,0 +1,223 @@
+"""syncd: keeps downstream systems in sync with ServiceTitan through Redis streams.
+
+exit codes:
+  0  success (run: stopped by a signal; --once: every feed drained)
+  1  --once: at least one feed could not be synced; doctor: a check failed; other command
+     failures
+  2  invalid configuration or usage; run: Redis settings that break the promises
+     (maxmemory-policy allkeys-*, see [redis] allow_eviction)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from syncd import catalogue
+from syncd.config import ConfigError, load, load_settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import syncd.simulator.cli as sim_cli
+
+    parser = argparse.ArgumentParser(
+        prog="syncd",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the sync daemon")
+    run.add_argument("--config", "-c", required=True, help="configuration file (TOML)")
+    run.add_argument(
+        "--once", action="store_true", help="drain every feed once, then exit (1 if any failed)"
+    )
+    run.add_argument(
+        "--instance",
+        help="this instance's name in a fleet ([fleet] enabled), unique among them"
+        " (default: the host name plus the pid)",
+    )
+
+    check = sub.add_parser("check-config", help="validate a configuration file and exit")
+    check.add_argument("config", help="configuration file (TOML)")
+
+    doc = sub.add_parser(
+        "doctor",
+        help="check an installation: configuration, secret files, Redis, credentials, API, clock",
+        description="Check an installation before trusting it; each line ok, warn or fail with "
+        "what to do. Spends one token grant and one small export request per tenant; writes "
+        "nothing. Exit 0 when nothing fails (warnings allowed), 1 when a check fails, 2 when the "
+        "configuration cannot be read or is invalid.",
+    )
+    doc.add_argument("--config", "-c", required=True, help="configuration file (TOML)")
+    doc.add_argument("--json", action="store_true", help="JSON instead of a table")
+
+    sub.add_parser("feeds", help="list the export feeds syncd knows")
+
+    st = sub.add_parser("status", help="per tenant and feed: cursor, last poll, events, errors")
+    st.add_argument("--config", "-c", required=True)
+    st.add_argument("--json", action="store_true", help="JSON instead of a table")
+    st.add_argument(
+        "--fleet", action="store_true", help="only the fleet: instances, tenants each, renewals"
+    )
+
+    bf = sub.add_parser(
+        "backfill", help="re-export a tenant's feeds from the beginning or a date, then exit"
+    )
+    bf.add_argument("--config", "-c", required=True)
+    bf.add_argument("--tenant", type=int, required=True)
+    bf.add_argument("--feed", help="one feed (default: every feed of the tenant)")
+    bf.add_argument("--from", dest="start", help="start date, e.g. 2024-01-01")
+
+    rc = sub.add_parser("reset-cursor", help="forget a feed's cursor (next poll starts over)")
+    rc.add_argument("--config", "-c", required=True)
+    rc.add_argument("--tenant", type=int, required=True)
+    rc.add_argument("--feed", required=True)
+
+    tl = sub.add_parser("tail", help="print a tenant's events as they arrive")
+    tl.add_argument("--config", "-c", required=True)
+    tl.add_argument("--tenant", type=int, required=True)
+    tl.add_argument("--feed", help="one feed (default: every feed of the tenant)")
+    tl.add_argument("--group", help="read as this consumer group and acknowledge what is printed")
+    tl.add_argument("--from-start", action="store_true", help="from the streams' beginning")
+    tl.add_argument(
+        "--count",
+        type=_positive,
+        metavar="N",
+        help="take N events, print them and exit. With --group, an event is acknowledged once "
+        "its line was written and flushed; lines a pipe's buffer held but its reader never read "
+        "(e.g. `| head -n 3`) cannot be known, so to acknowledge exactly N use --count N",
+    )
+
+    sim = sub.add_parser("simulate", help="run the ServiceTitan simulator")
+    sim_cli.add_arguments(sim)
+
+    demo = sub.add_parser(
+        "demo", help="syncd on the built-in simulator and a local Redis, showing the events"
+    )
+    demo.add_argument("--redis-url", default=None, help="Redis to use (default: local or own)")
+    demo.add_argument(
+        "--private-redis",
+        action="store_true",
+        help="start a private Redis even when one answers on 127.0.0.1:6379",
+    )
+    return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not {text!r}")
+    return value
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"syncd: {message}", file=sys.stderr)
+    return code
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from syncd import log
+    from syncd.daemon import Daemon
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        return _fail(str(exc), 2)
+    log.configure(settings.config.log.level, settings.config.log.format)
+    if args.instance is not None and not args.instance.strip():
+        return _fail("--instance: empty name", 2)
+    daemon = Daemon(settings, once=args.once, config_path=args.config, instance=args.instance)
+    return asyncio.run(daemon.run())
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        return _fail(str(exc), 2)
+    feeds = sum(len(t.feeds) for t in settings.tenants)
+    print(f"{args.config}: ok ({len(settings.tenants)} tenants, {feeds} feeds)")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from syncd import log
+    from syncd.cli import doctor
+
+    # The checks' own lines say what went wrong; library logs would only repeat it.
+    log.configure("error", "console" if sys.stderr.isatty() else "json")
+    return doctor.run(args.config, as_json=args.json, out=sys.stdout)
+
+
+def cmd_feeds(_: argparse.Namespace) -> int:
+    for f in catalogue.feeds().values():
+        print(f"{f.name:45} key={'+'.join(f.key_fields):22} {f.path}")
+    return 0
+
+
+def cmd_operator(args: argparse.Namespace) -> int:
+    from syncd import log
+    from syncd.cli import commands
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        return _fail(str(exc), 2)
+    log.configure("warning", "console" if sys.stderr.isatty() else "json")
+    if args.command == "status":
+        return commands.run(
+            commands.status(settings, as_json=args.json, out=sys.stdout, fleet_only=args.fleet)
+        )
+    if args.command == "reset-cursor":
+        return commands.run(commands.reset_cursor(settings, args.tenant, args.feed, sys.stdout))
+    if args.command == "backfill":
+        return commands.run(
+            commands.backfill(
+                settings,
+                args.tenant,
+                args.feed,
+                args.start,
+                out=sys.stdout,
+                progress=sys.stdout.isatty(),
+            )
+        )
+    return commands.run(
+        commands.tail_command(
+            settings, args.tenant, args.feed, args.group, args.from_start, sys.stdout, args.count
+        )
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command in ("status", "reset-cursor", "backfill", "tail"):
+        return cmd_operator(args)
+    if args.command == "run":
+        return cmd_run(args)
+    if args.command == "check-config":
+        return cmd_check_config(args)
+    if args.command == "doctor":
+        return cmd_doctor(args)
+    if args.command == "feeds":
+        return cmd_feeds(args)
+    if args.command == "simulate":
+        import syncd.simulator.cli as sim_cli
+
+        return sim_cli.run(args)
+    if args.command == "demo":
+        from syncd.cli.demo import main as demo_main
+
+        return demo_main(args)
+    return 2
+
+
+__all__ = ["load", "main"]
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,643 @@
+"""Read syncd's change events from Redis streams through consumer groups.
+
+Delivery is **at least once**. An entry stays in the group's pending list until it is
+acknowledged; if its consumer dies (or its handler fails) before acknowledging, another consumer
+of the group (or the same one) takes it over with XAUTOCLAIM once it has been idle for
+`claim_idle_ms`, and it is delivered again with a higher `Event.deliveries`. So a handler may see
+an event more than once and must be idempotent: apply records by `key`, and compare
+`modified_on` (or the record's own version fields) rather than counting events: apply an
+event only when its `modified_on` is newer than or equal to the stored one (`is_newer_or_same`).
+Acknowledge only after the effect is durable; `Consumer.run` does exactly that, per event.
+
+An entry delivered more than `max_deliveries` times is treated as poison: it is copied to the
+tenant's dead stream (`reason=max_deliveries`, with the original fields) and only then
+acknowledged, both in one server-side script, so it is never dropped without its copy (and a
+retried script copies nothing twice). Entries that lack the fields every event carries go the
+same way with `reason=malformed`.
+
+Redis 7.0 or later is required (XAUTOCLAIM reporting entries deleted by trimming). One consumer
+reads all its streams with a single XREADGROUP, so streams of several tenants in one consumer
+need a single Redis server; on a Redis Cluster, run one consumer per tenant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Literal, cast
+
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import RedisError, ResponseError
+
+from syncd.consumer.delivery import Backoff, classify, entry_order, failed_events
+from syncd.consumer.events import (
+    Event,
+    MalformedEvent,
+    Subscription,
+    parse_stream,
+    parse_stream_reply,
+)
+from syncd.consumer.events import fields_of as _fields
+from syncd.consumer.events import text as _text
+from syncd.keys import DEFAULT_PREFIX
+from syncd.redis.conn import RedisClient
+
+Start = Literal["beginning", "new"]
+
+log = structlog.get_logger("syncd.consumer")
+
+_GROUP_START: dict[str, str] = {"beginning": "0", "new": "$"}
+_BACKOFF_MIN_S = 0.5
+_BACKOFF_MAX_S = 30.0
+
+# Copy first, acknowledge second, in one script: an error in XADD stops the script, so an entry
+# is never acknowledged without its copy, and a crash cannot leave a copy of a still-pending
+# entry (which would be dead-lettered twice). An entry no longer pending was already copied
+# (or acknowledged by someone): a retried script does nothing. Both keys share the tenant's
+# hash slot. KEYS: event stream, dead stream. ARGV: group, entry id, field, value, ...
+_DEAD_LETTER_LUA = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1) == 0 then
+  return 0
+end
+redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
+return redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+"""
+
+# Deleting a consumer destroys its pending entries, so only an idle name is removed; the check
+# and the delete are one script so that nothing is delivered to the name in between.
+# KEYS: stream. ARGV: group, consumer.
+_FORGET_CONSUMER_LUA = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then
+  return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+end
+return -1
+"""
+
+
+Handler = Callable[[list[Event]], Awaitable[object]]
+"""Called with a batch of events. Return None when all were handled, or the events (or their
+ids) that failed: the others are acknowledged. Raising fails the batch; `Consumer.run` then
+calls the handler once per event to find the ones that fail."""
+
+
+def _socket_timeout_s(redis: RedisClient) -> float | None:
+    """The read timeout the client's connections get (redis-py 8 defaults it to 5 s)."""
+    if not isinstance(redis, aioredis.Redis):
+        # A cluster client keeps the connection settings of its nodes.
+        value = getattr(redis, "connection_kwargs", {}).get("socket_timeout")
+        return float(value) if isinstance(value, int | float) else None
+    pool = redis.connection_pool
+    if "socket_timeout" in pool.connection_kwargs:
+        return cast("float | None", pool.connection_kwargs["socket_timeout"])
+    # Not given explicitly (from_url): the connection class's default applies.
+    for cls in pool.connection_class.__mro__:
+        if "__init__" in vars(cls):
+            param = inspect.signature(vars(cls)["__init__"]).parameters.get("socket_timeout")
+            if param is not None and isinstance(param.default, int | float):
+                return float(param.default)
+    return None
+
+
+class _CancelGuard:
+    """Raises CancelledError once the task was asked to cancel, even when that request got lost.
+
+    On Python 3.11 a cancellation that arrives while redis-py sends a command is dropped
+    (its `send_packed_command` awaits `asyncio.wait_for`, which returns the finished send's
+    result instead of raising), and the task would go on as if nothing was asked. The task's
+    count of cancellation requests still says so.
+    """
+
+    def __init__(self) -> None:
+        self.task = asyncio.current_task()
+        self.baseline = self.task.cancelling() if self.task is not None else 0
+
+    def check(self) -> None:
+        if self.task is not None and self.task.cancelling() > self.baseline:
+            raise asyncio.CancelledError
+
+
+async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
+    # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns normally when it is
+    # cancelled in the loop turn in which the awaited call completes, dropping the cancellation.
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await stop.wait()
+
+
+class Consumer:
+    """One named member of a consumer group reading syncd event streams.
+
+    `streams` takes stream names (`st:{123}:crm.customers`), `Subscription`s, or a mix. The group
+    is created on each stream when missing, positioned at the stream's beginning or, with
+    `start="new"`, at its end; an existing group keeps its position. `batch` caps the entries
+    read per stream per call. `claim_idle_ms` must exceed the longest time a handler needs,
+    or other consumers take its events over while it still works on them; `handler_timeout`
+    (seconds) bounds each handler call in `run`, a call that takes longer fails its events.
+    `block_ms` (at least 1) is capped at 80% of the client's socket timeout, so that waiting
+    for events never trips it. After `outage_after` rounds in a row in which the handler
+    failed every event, `run` takes the handler's dependencies for down (see `run`).
+    """
+
+    def __init__(
+        self,
+        redis: RedisClient,
+        group: str,
+        consumer: str,
+        *,
+        streams: Iterable[str | Subscription] | str | Subscription,
+        prefix: str = DEFAULT_PREFIX,
+        start: Start = "beginning",
+        claim_idle_ms: int = 60_000,
+        max_deliveries: int = 5,
+        batch: int = 100,
+        block_ms: int = 5_000,
+        handler_timeout: float | None = None,
+        outage_after: int = 3,
+    ) -> None:
+        if not group or not consumer:
+            raise ValueError("group and consumer names must not be empty")
+        if start not in _GROUP_START:
+            raise ValueError(f"start must be 'beginning' or 'new', not {start!r}")
+        if min(claim_idle_ms, max_deliveries, batch, block_ms, outage_after) < 1:
+            raise ValueError(
+                "claim_idle_ms, max_deliveries, batch, block_ms and outage_after must be >= 1"
+            )
+        if handler_timeout is not None and handler_timeout <= 0:
+            raise ValueError("handler_timeout must be > 0 seconds (or None: no limit)")
+        items = [streams] if isinstance(streams, str | Subscription) else list(streams)
+        names: list[str] = []
+        for item in items:
+            names.extend(item.streams(prefix) if isinstance(item, Subscription) else [item])
+        if not names:
+            raise ValueError("a consumer needs at least one stream")
+        self.redis = redis
+        self.group = group
+        self.consumer = consumer
+        self.prefix = prefix
+        self.start: Start = start
+        self.claim_idle_ms = claim_idle_ms
+        self.max_deliveries = max_deliveries
+        self.batch = batch
+        self.handler_timeout = handler_timeout
+        self.outage_after = outage_after
+        timeout_s = _socket_timeout_s(redis)
+        self.block_ms = block_ms if timeout_s is None else min(block_ms, int(timeout_s * 800) or 1)
+        self._streams = {name: parse_stream(name, prefix) for name in names}
+        self._cursors = dict.fromkeys(self._streams, "0-0")
+        # Per stream, the newest entry this consumer was handed: where a lost group resumes.
+        # With its fields: after a restart a new entry may reuse the id.
+        self._seen: dict[str, tuple[str, dict[str, bytes]]] = {}
+        self._reclaim_due = 0.0
+        self._groups_ready = False
+        self._closed = False
+        self._dead_letter = redis.register_script(_DEAD_LETTER_LUA)
+        self._forget = redis.register_script(_FORGET_CONSUMER_LUA)
+
+    @property
+    def streams(self) -> list[str]:
+        """The stream names this consumer reads."""
+        return list(self._streams)
+
+    @property
+    def closed(self) -> bool:
+        """Whether close() was called."""
+        return self._closed
+
+    async def ensure_groups(self) -> None:
+        """Create the group on every stream where it is missing (the stream too, if need be)."""
+        await self._create_groups(_GROUP_START[self.start])
+
+    async def _create_groups(self, start: str) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in self._streams:
+                pipe.xgroup_create(stream, self.group, id=start, mkstream=True)
+            replies = await pipe.execute(raise_on_error=False)
+        for stream, reply in zip(self._streams, replies, strict=True):
+            if isinstance(reply, ResponseError) and str(reply).startswith("BUSYGROUP"):
+                continue
+            if isinstance(reply, Exception):
+                raise reply
+            log.info("consumer_group_created", stream=stream, group=self.group, start=start)
+        self._groups_ready = True
+
+    async def read(self) -> list[Event]:
+        """The next events: stale ones taken over from other consumers first, then new ones.
+
+        Blocks up to `block_ms` when there is nothing to take over and nothing new. Poison and
+        malformed entries are dead-lettered and not returned. An empty list means nothing came.
+        """
+        if self._closed:
+            raise RuntimeError("consumer is closed")
+        if not self._groups_ready:
+            await self.ensure_groups()
+        try:
+            return await self._read()
+        except RedisError as exc:
+            if classify(exc) != "nogroup":
+                raise
+            await self.recover_groups(exc)
+            return await self._read()
+
+    async def recover_groups(self, exc: BaseException | None = None) -> None:
+        """Create the group again where it vanished (deleted stream, destroyed group, a Redis
+        restarted without persistence), and say in a log line what that replays or skips.
+
+        Where the stream still holds the newest event this consumer was handed, the group
+        resumes after it: nothing this consumer handled comes again (events other consumers of
+        the group handled after it may). Where the stream no longer holds it (a new stream),
+        everything it holds is news: the group starts at its beginning. On a stream where this
+        consumer got nothing yet, it starts where `start` says: the stream's beginning
+        (everything it holds comes again, however often it was acknowledged before) or its end
+        (what was added while the group was missing is skipped).
+        """
+        log.warning("consumer_group_missing", group=self.group, error=str(exc or ""))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in self._streams:
+                pipe.xlen(stream)
+                entry_id = self._seen[stream][0] if stream in self._seen else "-"
+                pipe.xrange(stream, entry_id, entry_id, count=1)
+            replies = await pipe.execute()
+        for i, stream in enumerate(self._streams):
+            length, entries = int(replies[2 * i]), replies[2 * i + 1]
+            seen_id, seen_fields = self._seen.get(stream, (None, {}))
+            seen = seen_id
+            held = bool(entries) and _fields(entries[0][1]) == seen_fields
+            if seen is not None and held:
+                position, effect = seen, "resumes after the newest event this consumer was handed"
+            elif seen is not None:
+                position = "0"
+                effect = f"a new stream: its {length} entries are all news"
+            elif self.start == "beginning":
+                position, effect = "0", f"replays the {length} entries the stream holds"
+            else:
+                position, effect = "$", "skips what was added while the group was missing"
+            try:
+                await self.redis.xgroup_create(stream, self.group, id=position, mkstream=True)
+            except ResponseError as err:
+                if not str(err).startswith("BUSYGROUP"):
+                    raise
+                continue
+            log.warning(
+                "consumer_group_recreated",
+                stream=stream,
+                group=self.group,
+                start=self.start,
+                position=position,
+                effect=effect,
+            )
+        self._cursors = dict.fromkeys(self._streams, "0-0")
+        self._groups_ready = True
+
+    async def _read(self) -> list[Event]:
+        events: list[Event] = []
+        if time.monotonic() >= self._reclaim_due:
+            events.extend(await self._reclaim())
+        events.extend(await self._read_new(block=not events))
+        return events
+
+    async def _reclaim(self) -> list[Event]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in self._streams:
+                pipe.xautoclaim(
+                    stream,
+                    self.group,
+                    self.consumer,
+                    self.claim_idle_ms,
+                    self._cursors[stream],
+                    count=self.batch,
+                )
+            replies = await pipe.execute()
+        scan_complete = True
+        claimed: list[tuple[str, str, dict[str, bytes]]] = []
+        for stream, reply in zip(self._streams, replies, strict=True):
+            cursor, entries, deleted = _text(reply[0]), reply[1], reply[2] if len(reply) > 2 else []
+            self._cursors[stream] = cursor
+            scan_complete = scan_complete and cursor == "0-0"
+            if deleted:
+                # Trimmed before anyone acknowledged them: Redis already dropped them from the
+                # pending list, and there is no payload left to deliver or dead-letter.
+                log.warning(
+                    "consumer_pending_trimmed",
+                    stream=stream,
+                    group=self.group,
+                    entries=len(deleted),
+                )
+            claimed.extend((stream, _text(eid), _fields(f)) for eid, f in entries if f is not None)
+        # Between scans, wait long enough for entries to become stale; keep going while the last
+        # scan stopped early because it hit `batch`.
+        self._reclaim_due = time.monotonic() + (self.claim_idle_ms / 2000 if scan_complete else 0)
+        if not claimed:
+            return []
+
+        # XAUTOCLAIM does not say how often an entry was delivered; XPENDING does, and the
+        # count cannot move until the entries we now own go idle again.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream, entry_id, _ in claimed:
+                pipe.xpending_range(stream, self.group, entry_id, entry_id, 1, self.consumer)
+            pending = await pipe.execute()
+        events: list[Event] = []
+        for (stream, entry_id, fields), info in zip(claimed, pending, strict=True):
+            if not info:
+                continue  # its previous owner acknowledged it after all: it is done
+            deliveries = int(info[0]["times_delivered"])
+            if deliveries > self.max_deliveries:
+                await self._bury(stream, entry_id, fields, "max_deliveries", deliveries)
+                continue
+            event = await self._event(stream, entry_id, fields, deliveries)
+            if event is not None:
+                events.append(event)
+        log.info(
+            "consumer_reclaimed",
+            group=self.group,
+            consumer=self.consumer,
+            entries=len(claimed),
+            events=len(events),
+        )
+        return events
+
+    async def _read_new(self, *, block: bool, count: int | None = None) -> list[Event]:
+        reply = await self.redis.xreadgroup(
+            self.group,
+            self.consumer,
+            dict.fromkeys(self._streams, ">"),
+            count=count or self.batch,
+            block=self.block_ms if block else None,
+        )
+        events: list[Event] = []
+        for stream, entries in parse_stream_reply(reply):
+            for entry_id, fields in entries:
+                event = await self._event(stream, entry_id, fields, 1)
+                if event is not None:
+                    events.append(event)
+        return events
+
+    async def _event(
+        self, stream: str, entry_id: str, fields: dict[str, bytes], deliveries: int
+    ) -> Event | None:
+        ref = self._streams[stream]
+        seen = self._seen.get(stream)
+        if seen is None or entry_order(entry_id) > entry_order(seen[0]):
+            self._seen[stream] = (entry_id, fields)
+        try:
+            return Event.from_entry(
+                stream, entry_id, fields, tenant=ref.tenant, feed=ref.feed, deliveries=deliveries
+            )
+        except MalformedEvent as exc:
+            await self._bury(stream, entry_id, fields, "malformed", deliveries, str(exc))
+            return None
+
+    async def _bury(
+        self,
+        stream: str,
+        entry_id: str,
+        fields: dict[str, bytes],
+        reason: str,
+        deliveries: int,
+        detail: str = "",
+    ) -> None:
+        ref = self._streams[stream]
+        meta: dict[str, str | bytes] = {
+            "feed": ref.feed,
+            "reason": reason,
+            "stream": stream,
+            "entry_id": entry_id,
+            "group": self.group,
+            "consumer": self.consumer,
+            "deliveries": str(deliveries),
+        }
+        if detail:
+            meta["detail"] = detail
+        payload = {**{k: v for k, v in fields.items() if k not in meta}, **meta}
+        args: list[str | bytes] = [self.group, entry_id]
+        for name, value in payload.items():
+            args.extend((name, value))
+        try:
+            await self._dead_letter(keys=[stream, ref.dead], args=args)
+        except ResponseError as exc:
+            # Left pending: it is taken over and tried again after claim_idle_ms.
+            log.error(
+                "consumer_dead_letter_failed", stream=stream, entry_id=entry_id, error=str(exc)
+            )
+            return
+        log.warning(
+            "consumer_dead_lettered",
+            stream=stream,
+            entry_id=entry_id,
+            group=self.group,
+            reason=reason,
+            deliveries=deliveries,
+        )
+
+    async def ack(self, *events: Event) -> int:
+        """Acknowledge events in this consumer's group; returns how many were still pending."""
+        ids: dict[str, list[str]] = {}
+        for event in events:
+            ids.setdefault(event.stream, []).append(event.id)
+        if not ids:
+            return 0
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream, entry_ids in ids.items():
+                pipe.xack(stream, self.group, *entry_ids)
+            return sum(int(n) for n in await pipe.execute())
+
+    async def ack_all(self, batch: Iterable[Event]) -> int:
+        """Acknowledge every event of a batch; returns how many were still pending."""
+        return await self.ack(*batch)
+
+    def __aiter__(self) -> Consumer:
+        return self
+
+    async def __anext__(self) -> list[Event]:
+        """The next non-empty batch, unacknowledged; iteration ends when the consumer is closed."""
+        while not self._closed:
+            batch = await self.read()
+            if batch:
+                return batch
+        raise StopAsyncIteration
+
+    async def run(self, handler: Handler, *, stop: asyncio.Event) -> None:
+        """Hand events to `handler` and acknowledge each one it handled, until `stop`.
+
+        Per event, not per batch: the handler returns the events that failed (or raises, and is
+        then called once per event of the batch). Failed events stay pending and come back
+        after `claim_idle_ms`; one that keeps failing ends in the dead stream after
+        `max_deliveries`, while the events around it go on.
+
+        When the handler fails every event `outage_after` rounds in a row, its own
+        dependencies look down: `run` stops reading new events and retries the failed ones
+        itself with growing pauses (up to 30 s), keeping them claimed without raising their
+        delivery count, so an outage does not push good events into the dead stream. Each
+        retry also tries one new event (while fewer than `batch` are held): when it succeeds,
+        the held ones are poison after all and go back to normal redelivery.
+
+        Redis errors (restarts, failovers, resharding, a destroyed group) are logged and
+        retried with backoff; a lost group is created again (see `recover_groups`). Nothing
+        ends the loop but `stop`, `close()` or cancellation. `stop` is checked between rounds,
+        so stopping takes up to `block_ms` plus the handler's time.
+        """
+        backoff = Backoff(_BACKOFF_MIN_S, _BACKOFF_MAX_S)
+        held: list[Event] = []  # failed events retried here during a handler outage
+        failed_rounds = 0
+        guard = _CancelGuard()
+        while not stop.is_set() and not self._closed:
+            guard.check()
+            try:
+                if held:
+                    await _sleep_unless(stop, backoff.next())
+                    if stop.is_set():
+                        break
+                    held = await self._keep(held)
+                    batch = held + (await self._probe() if len(held) < self.batch else [])
+                else:
+                    batch = await self.read()
+                guard.check()
+                if not batch:
+                    continue
+                failed = await self._apply(handler, batch)
+                done = [e for e in batch if e not in failed]
+                await self.ack(*done)
+                if done or not failed:
+                    if held and failed:
+                        log.warning("consumer_outage_over", group=self.group, poison=len(failed))
+                    held, failed_rounds = [], 0
+                    backoff.reset()
+                    continue
+                failed_rounds += 1
+                if failed_rounds >= self.outage_after:
+                    if not held:
+                        log.error(
+                            "consumer_handler_outage",
+                            group=self.group,
+                            consumer=self.consumer,
+                            failed_rounds=failed_rounds,
+                            held=len(failed),
+                        )
+                    held = failed
+                    continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                await self._on_error(exc, backoff)
+            guard.check()
+            await _sleep_unless(stop, backoff.next())
+
+    async def _on_error(self, exc: Exception, backoff: Backoff) -> None:
+        kind = classify(exc)
+        if kind == "nogroup":
+            try:
+                await self.recover_groups(exc)
+                return
+            except Exception as again:
+                exc, kind = again, classify(again)
+        fields = {
+            "group": self.group,
+            "consumer": self.consumer,
+            "error": f"{type(exc).__name__}: {exc}",
+            "retry_in_s": backoff.delay,
+        }
+        if kind == "unavailable":
+            log.warning("consumer_redis_unavailable", **fields)
+        else:
+            log.error("consumer_error", exc_info=exc, **fields)
+
+    async def _probe(self) -> list[Event]:
+        """One new event, to tell an outage from poison while events are held."""
+        return await self.read_new(count=1)
+
+    async def read_new(self, count: int) -> list[Event]:
+        """Up to `count` events never delivered to the group, without waiting."""
+        if not self._groups_ready:
+            await self.ensure_groups()
+        try:
+            return await self._read_new(block=False, count=count)
+        except RedisError as exc:
+            if classify(exc) != "nogroup":
+                raise
+            await self.recover_groups(exc)
+            return []
+
+    async def _keep(self, held: list[Event]) -> list[Event]:
+        """Reset the idle time of held events so that no one takes them over; XCLAIM with
+        JUSTID leaves their delivery count alone. Returns those still ours."""
+        kept: list[Event] = []
+        for stream in dict.fromkeys(e.stream for e in held):
+            ids: list[Any] = [e.id for e in held if e.stream == stream]
+            claimed = await self.redis.xclaim(
+                stream, self.group, self.consumer, 0, ids, justid=True
+            )
+            mine = {_text(i) for i in claimed if isinstance(i, bytes | str)}
+            kept.extend(e for e in held if e.stream == stream and e.id in mine)
+        return kept
+
+    async def _apply(self, handler: Handler, batch: list[Event]) -> list[Event]:
+        """The events of `batch` the handler failed."""
+        try:
+            return failed_events(batch, await self._call(handler, batch))
+        except Exception as exc:
+            if len(batch) == 1:
+                self._log_failure(exc, batch[0])
+                return list(batch)
+            log.warning(
+                "consumer_batch_failed",
+                group=self.group,
+                events=len(batch),
+                error=f"{type(exc).__name__}: {exc}",
+                retry="one event at a time",
+            )
+        failed: list[Event] = []
+        for event in batch:
+            try:
+                failed.extend(failed_events([event], await self._call(handler, [event])))
+            except Exception as exc:
+                self._log_failure(exc, event)
+                failed.append(event)
+        return failed
+
+    async def _call(self, handler: Handler, batch: list[Event]) -> object:
+        if self.handler_timeout is None:
+            return await handler(batch)
+        try:
+            async with asyncio.timeout(self.handler_timeout):  # not wait_for: see _sleep_unless
+                return await handler(batch)
+        except TimeoutError:
+            raise TimeoutError(f"handler took more than {self.handler_timeout}s") from None
+
+    def _log_failure(self, exc: Exception, event: Event) -> None:
+        log.error(
+            "consumer_handler_failed",
+            exc_info=exc,
+            group=self.group,
+            consumer=self.consumer,
+            stream=event.stream,
+            entry_id=event.id,
+            deliveries=event.deliveries,
+        )
+
+    async def close(self) -> None:
+        """Stop iterating, and drop this consumer's name from groups where nothing is pending.
+
+        The Redis client belongs to the caller and stays open. Names still holding pending
+        entries are kept, so that those entries can be taken over.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if not self._groups_ready:
+            return
+        try:
+            # One call per stream: on a cluster the streams may live on different nodes.
+            for stream in self._streams:
+                await self._forget(keys=[stream], args=[self.group, self.consumer])
+        except RedisError as exc:
+            log.warning("consumer_close_failed", group=self.group, error=str(exc))
+
+    async def __aenter__(self) -> Consumer:
+        await self.ensure_groups()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()

@@ -1,0 +1,365 @@
+"""The publisher: one atomic Redis script applies one page, all or nothing.
+
+The script checks the cursor fence (the stored cursor must be the one the page was fetched
+from), drops records whose fingerprint is unchanged and versions older than the one last
+published for their key, XADDs the rest, records their fingerprints and timestamps, dead-letters
+records it has not dead-lettered before, and stores the page's continueFrom. A crash before the
+call refetches the page; after it, the next page is fetched; an instance that fetched the same
+page finds the cursor moved; a page fetched again from the same cursor (the API may repeat one)
+adds nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis.exceptions
+
+from syncd.errors import RedisFull, TransientError
+from syncd.keys import Keys
+from syncd.redis.conn import RedisClient, RedisCluster
+from syncd.servicetitan.page import FINGERPRINT_BYTES, Page
+
+# `#!lua` makes Redis (>= 7) refuse the whole script up front when over maxmemory, instead of
+# failing between two writes: together with the fence this keeps a page all-or-nothing.
+#
+# A `seen` value is the record's fingerprint (FINGERPRINT_BYTES) followed by the sortable
+# instant of the newest timestamp published for the key ("" when none; values written before
+# timestamps were stored are the bare fingerprint, which reads the same way). Instants are
+# `YYYY-MM-DDThh:mm:ss` (UTC) and fractional digits: a fixed-width prefix, so `<` orders them.
+# When versions published in a row share that timestamp, `|` and the fingerprints of the
+# earlier ones (newest first, at most SAME_INSTANT_KEPT) follow: a repeated tail serving one of
+# them again is an older version, not a change (else two versions would take turns forever).
+APPLY_PAGE = r"""#!lua
+local cursors, seen, stream, dead, state, dead_seen =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local feed, expected, new_cursor = ARGV[1], ARGV[2], ARGV[3]
+local detect = ARGV[4] == '1'
+local n, ndead, now, more = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], ARGV[8]
+local stale = tonumber(ARGV[9])
+local FP = tonumber(ARGV[10])
+local KEPT = tonumber(ARGV[11])
+
+local function parts(v)  -- fingerprint, instant, earlier fingerprints at that instant
+  local rest = string.sub(v, FP + 1)
+  local bar = string.find(rest, '|', 1, true)
+  local fp = string.sub(v, 1, FP)
+  if bar then return fp, string.sub(rest, 1, bar - 1), string.sub(rest, bar + 1) end
+  return fp, rest, ''
+end
+
+local function holds(fps, fp)
+  for i = 1, #fps, FP do
+    if string.sub(fps, i, i + FP - 1) == fp then return true end
+  end
+  return false
+end
+
+local stored = redis.call('HGET', cursors, feed)
+if expected == '' then
+  if stored then return {1, stored} end
+elseif stored ~= string.sub(expected, 2) then
+  if stored then return {1, stored} end
+  return {1}
+end
+
+local base = 12
+local W = 4
+local published, unchanged = 0, 0
+local CHUNK = 1000
+if detect then
+  local olds = {}
+  local i = 0
+  while i < n do
+    local last = math.min(n, i + CHUNK)
+    local args = {}
+    for j = i, last - 1 do args[#args + 1] = ARGV[base + j * W] end
+    local got = redis.call('HMGET', seen, unpack(args))
+    for j = 1, #got do olds[i + j] = got[j] end
+    i = last
+  end
+  local pending = {}
+  for j = 0, n - 1 do
+    local p = base + j * W
+    local key, new = ARGV[p], ARGV[p + 1]
+    local fp, ts = string.sub(new, 1, FP), string.sub(new, FP + 1)
+    local old = olds[j + 1]
+    local op = 'created'
+    if old then
+      op = 'updated'
+      local old_fp, old_ts, earlier = parts(old)
+      if old_fp == fp then
+        op = nil
+        unchanged = unchanged + 1
+      elseif ts ~= '' and old_ts ~= ''
+          and (ts < old_ts or (ts == old_ts and holds(earlier, fp))) then
+        op = nil
+        stale = stale + 1
+      elseif ts == '' and old_ts ~= '' then
+        new = fp .. old_ts
+      elseif ts ~= '' and ts == old_ts then
+        new = new .. '|' .. string.sub(old_fp .. earlier, 1, FP * KEPT)
+      end
+    end
+    if op then
+      redis.call('XADD', stream, '*', 'op', op, 'key', key, 'data', ARGV[p + 3],
+                 'modified_on', ARGV[p + 2])
+      pending[#pending + 1] = key
+      pending[#pending + 1] = new
+      published = published + 1
+      if #pending >= 2 * CHUNK then
+        redis.call('HSET', seen, unpack(pending))
+        pending = {}
+      end
+    end
+  end
+  if #pending > 0 then redis.call('HSET', seen, unpack(pending)) end
+else
+  for j = 0, n - 1 do
+    local p = base + j * W
+    redis.call('XADD', stream, '*', 'op', 'upsert', 'key', ARGV[p], 'data', ARGV[p + 3],
+               'modified_on', ARGV[p + 2])
+  end
+  published = n
+end
+
+local d = base + n * W
+local dead_new = 0
+for j = 0, ndead - 1 do
+  local q = d + j * 3
+  if redis.call('SADD', dead_seen, ARGV[q]) == 1 then
+    redis.call('XADD', dead, '*', 'feed', feed, 'reason', ARGV[q + 1], 'data', ARGV[q + 2])
+    dead_new = dead_new + 1
+  end
+end
+
+redis.call('HSET', cursors, feed, new_cursor)
+redis.call('HSET', state, feed .. ':last_ok', now, feed .. ':more', more)
+if stale > 0 then redis.call('HINCRBY', state, feed .. ':stale', stale) end
+return {0, published, unchanged, stale, dead_new}
+"""
+
+
+# Pages with at least this many records are checked against the fingerprints before sending.
+PRECHECK_MIN = 32
+
+# Fingerprints of earlier versions kept per key while its versions share one timestamp.
+SAME_INSTANT_KEPT = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """What one page did: `applied` False means the fence refused it (`stored` is the cursor
+    found in Redis, None for none). `stale` counts versions not published because a newer one
+    of their key was published before or came in the same page; `dead` counts records newly
+    dead-lettered (one already dead-lettered for the feed is not written again)."""
+
+    applied: bool
+    published: int = 0
+    unchanged: int = 0
+    dead: int = 0
+    stored: str | None = None
+    stale: int = 0
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def dead_fingerprint(data: bytes) -> bytes:
+    """What identifies a dead record in the feed's `dead_seen` set: a digest of its bytes."""
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+class Publisher:
+    """Applies pages to one Redis (or Redis Cluster) under one key prefix."""
+
+    def __init__(
+        self,
+        redis_client: RedisClient,
+        prefix: str,
+        *,
+        precheck_min: int = PRECHECK_MIN,
+        wait_replicas: int = 0,
+        wait_timeout: float = 5.0,
+    ) -> None:
+        self.redis = redis_client
+        self.prefix = prefix
+        self.precheck_min = precheck_min
+        self.wait_replicas = wait_replicas
+        self.wait_timeout = wait_timeout
+        self._script = redis_client.register_script(APPLY_PAGE)
+
+    def keys(self, tenant: int) -> Keys:
+        return Keys(self.prefix, tenant)
+
+    async def cursors(self, tenant: int) -> dict[str, str]:
+        """Every stored cursor of a tenant, feed -> continueFrom."""
+        try:
+            raw = await self.redis.hgetall(self.keys(tenant).cursors)
+        except redis.exceptions.RedisError as exc:
+            raise TransientError(f"redis: {exc}") from None
+        return {_text(k): _text(v) for k, v in raw.items()}
+
+    async def apply(
+        self,
+        tenant: int,
+        feed: str,
+        expected: str | None,
+        page: Page,
+        *,
+        change_detection: bool = True,
+    ) -> Applied:
+        """Apply `page`, fetched from cursor `expected` (None: nothing stored yet)."""
+        if not page.continue_from:
+            # Nothing to resume from: storing "" would restart the feed from its beginning.
+            raise TransientError("the page has no continueFrom; not applied")
+        k = self.keys(tenant)
+        seen = k.seen(feed)
+        keys, fps, mods, instants, datas = (
+            page.keys,
+            page.fingerprints,
+            page.modified,
+            page.instants,
+            page.data,
+        )
+        skipped = stale = 0
+        try:
+            if change_detection and keys and len(keys) >= self.precheck_min:
+                # Look first, send only what may be published: a re-export then ships keys,
+                # not megabytes of unchanged records. The script checks every record it gets
+                # again, and the fence makes sure nothing moved in between.
+                olds = await self.redis.hmget(seen, keys)
+                pick, skipped, stale = _precheck(olds, fps, instants)
+                if len(pick) < len(keys):
+                    keys = [keys[i] for i in pick]
+                    fps = [fps[i] for i in pick]
+                    mods = [mods[i] for i in pick]
+                    instants = [instants[i] for i in pick]
+                    datas = [datas[i] for i in pick]
+            args: list[Any] = [
+                feed,
+                "" if expected is None else "=" + expected,
+                page.continue_from,
+                "1" if change_detection else "0",
+                len(keys),
+                len(page.dead),
+                f"{time.time():.3f}",
+                "1" if page.has_more else "0",
+                stale + page.superseded,
+                FINGERPRINT_BYTES,
+                SAME_INSTANT_KEPT,
+            ]
+            # Per record: key, the `seen` value it would store (fingerprint and instant, one
+            # argument: each argument costs the client more than the bytes do), timestamp, data.
+            news = [fp + ts.encode() for fp, ts in zip(fps, instants, strict=True)]
+            args.extend(itertools.chain.from_iterable(zip(keys, news, mods, datas, strict=True)))
+            for reason, data in page.dead:
+                args.extend((dead_fingerprint(data), reason, data))
+            page_keys = [k.cursors, seen, k.stream(feed), k.dead, k.state, k.dead_seen(feed)]
+            if self.wait_replicas and not isinstance(self.redis, RedisCluster):
+                result = await self._apply_and_wait(page_keys, args)
+            else:
+                result = await self._script(keys=page_keys, args=args)
+        except redis.exceptions.ResponseError as exc:
+            # Refused before the first write (the script's flags make OOM checked up front):
+            # nothing was written; the page is fetched again later.
+            if isinstance(exc, redis.exceptions.OutOfMemoryError) or str(exc).startswith("OOM"):
+                raise RedisFull(f"redis is out of memory: {exc}") from None
+            raise TransientError(f"redis refused the page: {exc}") from None
+        except redis.exceptions.RedisError as exc:
+            raise TransientError(f"redis: {type(exc).__name__}: {exc}") from None
+        if int(result[0]) == 1:
+            stored = _text(result[1]) if len(result) > 1 else None
+            return Applied(False, stored=stored)
+        return Applied(
+            True,
+            published=int(result[1]),
+            unchanged=int(result[2]) + skipped,
+            dead=int(result[4]),
+            stale=int(result[3]),
+        )
+
+    async def _apply_and_wait(self, keys: list[str], args: list[Any]) -> Any:
+        """The page script, then WAIT on the same connection (WAIT counts the writes of the
+        connection it is sent on): the page is done once enough replicas have it."""
+        assert not isinstance(self.redis, RedisCluster)
+        async with self.redis.client() as conn:
+            result = await self._script(keys=keys, args=args, client=conn)
+            if int(result[0]) != 0:
+                return result  # fenced: nothing written
+            timeout_ms = max(1, int(self.wait_timeout * 1000))
+            acked = int(await conn.wait(self.wait_replicas, timeout_ms))
+        if acked < self.wait_replicas:
+            # Applied on the primary but not yet safe from a failover: not done. The retry
+            # finds the cursor moved (nothing twice) and the next page's WAIT covers this one.
+            raise TransientError(
+                f"only {acked} of {self.wait_replicas} replicas acknowledged the page"
+                f" within {self.wait_timeout:g}s"
+            )
+        return result
+
+    async def resume_state(self, tenant: int) -> tuple[dict[str, str], dict[str, str]]:
+        """A tenant's stored cursors (feed -> continueFrom) and feed state (last success,
+        whether more pages were waiting), read when the daemon (re)starts."""
+        k = self.keys(tenant)
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hgetall(k.cursors)
+                pipe.hgetall(k.state)
+                cursors, state = await pipe.execute()
+        except redis.exceptions.RedisError as exc:
+            raise TransientError(f"redis: {exc}") from None
+        return (
+            {_text(a): _text(b) for a, b in cursors.items()},
+            {_text(a): _text(b) for a, b in state.items()},
+        )
+
+    async def ping(self) -> bool:
+        """Whether Redis answers (every primary, on a cluster)."""
+        if isinstance(self.redis, RedisCluster):
+            return bool(await self.redis.ping(target_nodes=RedisCluster.PRIMARIES))
+        return bool(await self.redis.ping())
+
+    async def record_error(self, tenant: int, feed: str, error: str) -> None:
+        """Remember a feed's last error for `syncd status` (best effort)."""
+        k = self.keys(tenant)
+        with contextlib.suppress(redis.exceptions.RedisError):
+            await self.redis.hset(
+                k.state, mapping={f"{feed}:last_error": error, f"{feed}:last_error_at": time.time()}
+            )
+
+
+def _precheck(olds: list[Any], fps: list[bytes], instants: list[str]) -> tuple[list[int], int, int]:
+    """Which records of a page may be published, judged against their stored `seen` values
+    (the script's rule): indexes to send, and how many are unchanged and stale."""
+    # Most records of a re-export are unchanged: drop those in one comprehension first.
+    changed = [i for i, old in enumerate(olds) if old is None or not old.startswith(fps[i])]
+    pick: list[int] = []
+    stale = 0
+    for i in changed:
+        old, instant = olds[i], instants[i]
+        if old is not None and instant and older(instant.encode(), fps[i], old):
+            stale += 1
+        else:
+            pick.append(i)
+    return pick, len(olds) - len(changed), stale
+
+
+def older(instant: bytes, fp: bytes, old: bytes) -> bool:
+    """Whether a version (its sortable instant, not empty, and fingerprint) is older than the
+    one a `seen` value describes: an earlier instant, or one of the versions published before
+    it at the same instant (the script's rule)."""
+    old_instant, _, earlier = old[FINGERPRINT_BYTES:].partition(b"|")
+    if not old_instant:
+        return False
+    if instant != old_instant:
+        return instant < old_instant
+    return any(
+        earlier[i : i + FINGERPRINT_BYTES] == fp for i in range(0, len(earlier), FINGERPRINT_BYTES)
+    )

@@ -1,0 +1,7 @@
+"""The fleet: which instance polls which tenant. `assign` decides (pure, from live instances,
+known tenants and current owners); `fleet` keeps membership and per-tenant leases in Redis and
+rebalances; `state` reads what the fleet keeps there.
+
+May use `syncd.redis`, `syncd.config` and the shared modules. Leases make the fleet efficient;
+the publisher's fence keeps it correct.
+"""

@@ -1,0 +1,148 @@
+"""The Export API client: fetch one page of one feed, decode it, classify failures."""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import aiohttp
+import structlog
+
+from syncd import redact
+from syncd.catalogue import Feed
+from syncd.config import Secret
+from syncd.errors import AuthFailed, BadRequest, FeedUnavailable, RateLimited, TransientError
+from syncd.ops.metrics import Metrics
+from syncd.servicetitan.auth import TokenProvider
+from syncd.servicetitan.page import Page as Page  # re-exported: callers used to import it from here
+from syncd.servicetitan.page import decode_page as decode_page
+from syncd.servicetitan.retry_after import parse_retry_after
+from syncd.servicetitan.upstream import (
+    MAX_BODY_BYTES,
+    MAX_ERROR_BODY_BYTES,
+    REDIRECTS,
+    BodyTooLarge,
+    guarded_decode,
+    problem_text,
+    read_capped,
+    redirect_error,
+    wait_texts,
+)
+
+log = structlog.get_logger("syncd.client")
+
+
+def _cursor_of(page: Page) -> str:
+    return page.continue_from
+
+
+def decode_checked(body: bytes, feed: Feed, fetch_s: float = 0.0) -> Page:
+    """`decode_page` within the page caps (`upstream`): any body gives a Page (possibly with
+    dead letters) or a TransientError, never another exception."""
+    decode = functools.partial(decode_page, feed=feed, fetch_s=fetch_s)
+    return guarded_decode(body, decode, _cursor_of)
+
+
+def _problem_text(body: bytes, content_type: str = "", *, cut: bool = False) -> str:
+    return problem_text(body, content_type, cut=cut)
+
+
+class ExportClient:
+    """Fetches export pages for every tenant over one shared HTTP session (no cookie jar).
+
+    Every error it raises carries what syncd decided (a status, a known field's short text, a
+    short excerpt) after redaction, never the upstream bytes themselves.
+    """
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        api_url: str,
+        app_key: Secret,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._session = session
+        self._api = api_url.rstrip("/")
+        self._app_key = app_key
+        self._metrics = metrics
+        redact.register("app_key", app_key.reveal())
+
+    async def fetch(
+        self,
+        tokens: TokenProvider,
+        feed: Feed,
+        cursor: str | None,
+        *,
+        include_recent_changes: bool,
+    ) -> Page:
+        """One page of `feed` after `cursor` (a continueFrom token or a date; None: the start).
+
+        A 401 renews the token and tries once more; other failures raise the engine's errors.
+        """
+        url = self._api + feed.url_path(tokens.tenant)
+        params = {"includeRecentChanges": "true" if include_recent_changes else "false"}
+        if cursor is not None:
+            params["from"] = cursor
+        params.update(feed.params)
+        for attempt in (1, 2):
+            token = await tokens.token()
+            headers = {"Authorization": f"Bearer {token}", "ST-App-Key": self._app_key.reveal()}
+            started = time.monotonic()
+            try:
+                # Redirects are never followed: the request carries the app key and a token,
+                # which must not go wherever a Location header points.
+                async with self._session.get(
+                    url, params=params, headers=headers, allow_redirects=False
+                ) as resp:
+                    status = resp.status
+                    limit = MAX_BODY_BYTES if status == 200 else MAX_ERROR_BODY_BYTES
+                    body, over = await read_capped(resp, limit)
+                    retry_after = resp.headers.get("Retry-After")
+                    location = resp.headers.get("Location")
+                    content_type = resp.headers.get("Content-Type", "")
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                self._count(tokens.tenant, None)
+                kind = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
+                raise TransientError(f"request failed: {kind}") from None
+            elapsed = time.monotonic() - started
+            self._count(tokens.tenant, status)
+            if status == 200:
+                if over:
+                    raise BodyTooLarge(
+                        f"page body over {MAX_BODY_BYTES} bytes (MAX_BODY_BYTES); not decoded"
+                    )
+                sent = [self._app_key.reveal(), token, *(s.decode() for s in tokens.secrets_sent())]
+                sent = [s for s in sent if len(s) >= redact.MIN_SECRET_CHARS]
+                if any(form.encode() in body for s in sent for form in redact.encodings(s)):
+                    # A page echoing what it was sent would put a credential into Redis as a
+                    # cursor or an event: it is not applied.
+                    raise TransientError("page contains a credential it was sent; not applied")
+                page = decode_checked(body, feed, elapsed)
+                if any(s in page.continue_from for s in sent):
+                    # Escaped in the JSON beyond the usual forms, but stored decoded.
+                    raise TransientError(
+                        "page's continueFrom contains a credential it was sent; not applied"
+                    )
+                return page
+            if status in REDIRECTS:
+                raise TransientError(redirect_error(status, location, url, "the API"))
+            text = _problem_text(body, content_type, cut=over)
+            if status == 401:
+                tokens.invalidate(token)
+                if attempt == 1:
+                    continue
+                raise AuthFailed(f"HTTP 401 with a freshly issued token; the API says: {text}")
+            if status == 429:
+                hints = wait_texts(body)
+                wait = parse_retry_after(retry_after, hints, time.time(), tenant=tokens.tenant)
+                raise RateLimited(wait)
+            if status in (403, 404):
+                raise FeedUnavailable(status, text)
+            if status == 400:
+                raise BadRequest(text)
+            raise TransientError(f"HTTP {status}: {text}")
+        raise AssertionError("unreachable")
+
+    def _count(self, tenant: int, status: int | None) -> None:
+        if self._metrics is not None:
+            self._metrics.request(tenant, status)
