@@ -39,7 +39,9 @@ import psutil
 from bench import common
 from syncd import catalogue
 from syncd.engine.ratelimit import TokenBucket
-from syncd.ops.metrics import DETAILS, EngineStatus, Metrics, TenantStatus, zlib_gzip
+from syncd.ops.exposition import zlib_gzip
+from syncd.ops.metric_types import DETAILS
+from syncd.ops.metrics import EngineStatus, Metrics, TenantStatus
 from syncd.testing.redis_server import free_port
 
 MB = 2**20

@@ -10,14 +10,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from syncd import config
 from syncd.engine.ratelimit import RECOVERY, TokenBucket
-from syncd.ops.metrics import (
-    LATENESS_BUCKETS,
-    PAGE_SECONDS_BUCKETS,
-    RECORD_COUNTERS,
-    EngineStatus,
-    Metrics,
-    TenantStatus,
-)
+from syncd.ops.metric_types import LATENESS_BUCKETS, PAGE_SECONDS_BUCKETS, RECORD_COUNTERS
+from syncd.ops.metrics import EngineStatus, Metrics, TenantStatus
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 STATUSES = (200, 304, 404, 429, 503, None)  # every status class

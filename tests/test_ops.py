@@ -14,7 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from syncd.config import OpsConfig
 from syncd.config.addresses import parse_listen
 from syncd.ops import server as ops
-from syncd.ops.metrics import CONTENT_TYPE, Metrics, status_class
+from syncd.ops.metric_types import CONTENT_TYPE, status_class
+from syncd.ops.metrics import Metrics
 from syncd.ops.server import OpsServer
 
 Samples = set[tuple[str, frozenset[tuple[str, str]], float]]

@@ -3,16 +3,17 @@
 
 This package is syncd's stable public API for consumer authors: the names below keep their
 meaning within a major version (see CHANGELOG.md), and `from syncd.consumer import Consumer,
-Event` works as the README shows. The modules inside (`consumer`, `delivery`, `events`, `tail`)
-are not part of that promise.
+Event` works as the README shows. The modules inside (`consumer`, `deadletter`, `delivery`,
+`events`, `loop`, `tail`) are not part of that promise.
 
 May use `syncd.redis`, `syncd.keys` and `syncd.catalogue`; knows nothing of the engine, the
 fleet or ServiceTitan.
 """
 
-from syncd.consumer.consumer import Consumer, Handler, Start
+from syncd.consumer.consumer import Consumer, Start
 from syncd.consumer.delivery import entry_order, is_newer_or_same
 from syncd.consumer.events import Event, MalformedEvent, Subscription, parse_stream_reply
+from syncd.consumer.loop import Handler
 
 __all__ = [
     "Consumer",

@@ -18,22 +18,27 @@ same way with `reason=malformed`.
 Redis 7.0 or later is required (XAUTOCLAIM reporting entries deleted by trimming). One consumer
 reads all its streams with a single XREADGROUP, so streams of several tenants in one consumer
 need a single Redis server; on a Redis Cluster, run one consumer per tenant.
+
+This module holds `Consumer`: its settings, group setup and recovery, reading (taking stale
+entries over, reading new ones) and acknowledging. The loop behind `Consumer.run` is in
+`syncd.consumer.loop`, the dead-letter script in `syncd.consumer.deadletter`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Literal, cast
+from collections.abc import Iterable
+from typing import Literal, cast
 
 import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError, ResponseError
 
-from syncd.consumer.delivery import Backoff, classify, entry_order, failed_events
+from syncd.consumer import loop
+from syncd.consumer.deadletter import DEAD_LETTER_LUA, bury
+from syncd.consumer.delivery import classify, entry_order, regroup_at
 from syncd.consumer.events import (
     Event,
     MalformedEvent,
@@ -43,6 +48,7 @@ from syncd.consumer.events import (
 )
 from syncd.consumer.events import fields_of as _fields
 from syncd.consumer.events import text as _text
+from syncd.consumer.loop import Handler
 from syncd.keys import DEFAULT_PREFIX
 from syncd.redis.conn import RedisClient
 
@@ -51,21 +57,6 @@ Start = Literal["beginning", "new"]
 log = structlog.get_logger("syncd.consumer")
 
 _GROUP_START: dict[str, str] = {"beginning": "0", "new": "$"}
-_BACKOFF_MIN_S = 0.5
-_BACKOFF_MAX_S = 30.0
-
-# Copy first, acknowledge second, in one script: an error in XADD stops the script, so an entry
-# is never acknowledged without its copy, and a crash cannot leave a copy of a still-pending
-# entry (which would be dead-lettered twice). An entry no longer pending was already copied
-# (or acknowledged by someone): a retried script does nothing. Both keys share the tenant's
-# hash slot. KEYS: event stream, dead stream. ARGV: group, entry id, field, value, ...
-_DEAD_LETTER_LUA = """
-if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1) == 0 then
-  return 0
-end
-redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
-return redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-"""
 
 # Deleting a consumer destroys its pending entries, so only an idle name is removed; the check
 # and the delete are one script so that nothing is delivered to the name in between.
@@ -76,12 +67,6 @@ if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then
 end
 return -1
 """
-
-
-Handler = Callable[[list[Event]], Awaitable[object]]
-"""Called with a batch of events. Return None when all were handled, or the events (or their
-ids) that failed: the others are acknowledged. Raising fails the batch; `Consumer.run` then
-calls the handler once per event to find the ones that fail."""
 
 
 def _socket_timeout_s(redis: RedisClient) -> float | None:
@@ -100,32 +85,6 @@ def _socket_timeout_s(redis: RedisClient) -> float | None:
             if param is not None and isinstance(param.default, int | float):
                 return float(param.default)
     return None
-
-
-class _CancelGuard:
-    """Raises CancelledError once the task was asked to cancel, even when that request got lost.
-
-    On Python 3.11 a cancellation that arrives while redis-py sends a command is dropped
-    (its `send_packed_command` awaits `asyncio.wait_for`, which returns the finished send's
-    result instead of raising), and the task would go on as if nothing was asked. The task's
-    count of cancellation requests still says so.
-    """
-
-    def __init__(self) -> None:
-        self.task = asyncio.current_task()
-        self.baseline = self.task.cancelling() if self.task is not None else 0
-
-    def check(self) -> None:
-        if self.task is not None and self.task.cancelling() > self.baseline:
-            raise asyncio.CancelledError
-
-
-async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
-    # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns normally when it is
-    # cancelled in the loop turn in which the awaited call completes, dropping the cancellation.
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(seconds):
-            await stop.wait()
 
 
 class Consumer:
@@ -194,7 +153,7 @@ class Consumer:
         self._reclaim_due = 0.0
         self._groups_ready = False
         self._closed = False
-        self._dead_letter = redis.register_script(_DEAD_LETTER_LUA)
+        self._dead_letter = redis.register_script(DEAD_LETTER_LUA)
         self._forget = redis.register_script(_FORGET_CONSUMER_LUA)
 
     @property
@@ -263,18 +222,9 @@ class Consumer:
             replies = await pipe.execute()
         for i, stream in enumerate(self._streams):
             length, entries = int(replies[2 * i]), replies[2 * i + 1]
-            seen_id, seen_fields = self._seen.get(stream, (None, {}))
-            seen = seen_id
+            seen, seen_fields = self._seen.get(stream, (None, {}))
             held = bool(entries) and _fields(entries[0][1]) == seen_fields
-            if seen is not None and held:
-                position, effect = seen, "resumes after the newest event this consumer was handed"
-            elif seen is not None:
-                position = "0"
-                effect = f"a new stream: its {length} entries are all news"
-            elif self.start == "beginning":
-                position, effect = "0", f"replays the {length} entries the stream holds"
-            else:
-                position, effect = "$", "skips what was added while the group was missing"
+            position, effect = regroup_at(seen, held, length, self.start)
             try:
                 await self.redis.xgroup_create(stream, self.group, id=position, mkstream=True)
             except ResponseError as err:
@@ -399,37 +349,17 @@ class Consumer:
         deliveries: int,
         detail: str = "",
     ) -> None:
-        ref = self._streams[stream]
-        meta: dict[str, str | bytes] = {
-            "feed": ref.feed,
-            "reason": reason,
-            "stream": stream,
-            "entry_id": entry_id,
-            "group": self.group,
-            "consumer": self.consumer,
-            "deliveries": str(deliveries),
-        }
-        if detail:
-            meta["detail"] = detail
-        payload = {**{k: v for k, v in fields.items() if k not in meta}, **meta}
-        args: list[str | bytes] = [self.group, entry_id]
-        for name, value in payload.items():
-            args.extend((name, value))
-        try:
-            await self._dead_letter(keys=[stream, ref.dead], args=args)
-        except ResponseError as exc:
-            # Left pending: it is taken over and tried again after claim_idle_ms.
-            log.error(
-                "consumer_dead_letter_failed", stream=stream, entry_id=entry_id, error=str(exc)
-            )
-            return
-        log.warning(
-            "consumer_dead_lettered",
-            stream=stream,
-            entry_id=entry_id,
+        await bury(
+            self._dead_letter,
+            stream,
+            self._streams[stream],
+            entry_id,
+            fields,
             group=self.group,
+            consumer=self.consumer,
             reason=reason,
             deliveries=deliveries,
+            detail=detail,
         )
 
     async def ack(self, *events: Event) -> int:
@@ -479,74 +409,7 @@ class Consumer:
         ends the loop but `stop`, `close()` or cancellation. `stop` is checked between rounds,
         so stopping takes up to `block_ms` plus the handler's time.
         """
-        backoff = Backoff(_BACKOFF_MIN_S, _BACKOFF_MAX_S)
-        held: list[Event] = []  # failed events retried here during a handler outage
-        failed_rounds = 0
-        guard = _CancelGuard()
-        while not stop.is_set() and not self._closed:
-            guard.check()
-            try:
-                if held:
-                    await _sleep_unless(stop, backoff.next())
-                    if stop.is_set():
-                        break
-                    held = await self._keep(held)
-                    batch = held + (await self._probe() if len(held) < self.batch else [])
-                else:
-                    batch = await self.read()
-                guard.check()
-                if not batch:
-                    continue
-                failed = await self._apply(handler, batch)
-                done = [e for e in batch if e not in failed]
-                await self.ack(*done)
-                if done or not failed:
-                    if held and failed:
-                        log.warning("consumer_outage_over", group=self.group, poison=len(failed))
-                    held, failed_rounds = [], 0
-                    backoff.reset()
-                    continue
-                failed_rounds += 1
-                if failed_rounds >= self.outage_after:
-                    if not held:
-                        log.error(
-                            "consumer_handler_outage",
-                            group=self.group,
-                            consumer=self.consumer,
-                            failed_rounds=failed_rounds,
-                            held=len(failed),
-                        )
-                    held = failed
-                    continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                await self._on_error(exc, backoff)
-            guard.check()
-            await _sleep_unless(stop, backoff.next())
-
-    async def _on_error(self, exc: Exception, backoff: Backoff) -> None:
-        kind = classify(exc)
-        if kind == "nogroup":
-            try:
-                await self.recover_groups(exc)
-                return
-            except Exception as again:
-                exc, kind = again, classify(again)
-        fields = {
-            "group": self.group,
-            "consumer": self.consumer,
-            "error": f"{type(exc).__name__}: {exc}",
-            "retry_in_s": backoff.delay,
-        }
-        if kind == "unavailable":
-            log.warning("consumer_redis_unavailable", **fields)
-        else:
-            log.error("consumer_error", exc_info=exc, **fields)
-
-    async def _probe(self) -> list[Event]:
-        """One new event, to tell an outage from poison while events are held."""
-        return await self.read_new(count=1)
+        await loop.run(self, handler, stop=stop)
 
     async def read_new(self, count: int) -> list[Event]:
         """Up to `count` events never delivered to the group, without waiting."""
@@ -559,63 +422,6 @@ class Consumer:
                 raise
             await self.recover_groups(exc)
             return []
-
-    async def _keep(self, held: list[Event]) -> list[Event]:
-        """Reset the idle time of held events so that no one takes them over; XCLAIM with
-        JUSTID leaves their delivery count alone. Returns those still ours."""
-        kept: list[Event] = []
-        for stream in dict.fromkeys(e.stream for e in held):
-            ids: list[Any] = [e.id for e in held if e.stream == stream]
-            claimed = await self.redis.xclaim(
-                stream, self.group, self.consumer, 0, ids, justid=True
-            )
-            mine = {_text(i) for i in claimed if isinstance(i, bytes | str)}
-            kept.extend(e for e in held if e.stream == stream and e.id in mine)
-        return kept
-
-    async def _apply(self, handler: Handler, batch: list[Event]) -> list[Event]:
-        """The events of `batch` the handler failed."""
-        try:
-            return failed_events(batch, await self._call(handler, batch))
-        except Exception as exc:
-            if len(batch) == 1:
-                self._log_failure(exc, batch[0])
-                return list(batch)
-            log.warning(
-                "consumer_batch_failed",
-                group=self.group,
-                events=len(batch),
-                error=f"{type(exc).__name__}: {exc}",
-                retry="one event at a time",
-            )
-        failed: list[Event] = []
-        for event in batch:
-            try:
-                failed.extend(failed_events([event], await self._call(handler, [event])))
-            except Exception as exc:
-                self._log_failure(exc, event)
-                failed.append(event)
-        return failed
-
-    async def _call(self, handler: Handler, batch: list[Event]) -> object:
-        if self.handler_timeout is None:
-            return await handler(batch)
-        try:
-            async with asyncio.timeout(self.handler_timeout):  # not wait_for: see _sleep_unless
-                return await handler(batch)
-        except TimeoutError:
-            raise TimeoutError(f"handler took more than {self.handler_timeout}s") from None
-
-    def _log_failure(self, exc: Exception, event: Event) -> None:
-        log.error(
-            "consumer_handler_failed",
-            exc_info=exc,
-            group=self.group,
-            consumer=self.consumer,
-            stream=event.stream,
-            entry_id=event.id,
-            deliveries=event.deliveries,
-        )
 
     async def close(self) -> None:
         """Stop iterating, and drop this consumer's name from groups where nothing is pending.

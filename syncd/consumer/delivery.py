@@ -1,5 +1,6 @@
 """Pure decisions of the consumer loop: what a Redis error means, which events a handler
-failed, when the handler's own dependencies look down, and how newer versions win.
+failed, when the handler's own dependencies look down, where a lost group starts again, and
+how newer versions win.
 
 Kept apart from `syncd.consumer` so that each rule is a small function tested by a table.
 """
@@ -27,6 +28,7 @@ __all__ = [
     "error_code",
     "failed_events",
     "is_newer_or_same",
+    "regroup_at",
 ]
 
 ErrorKind = Literal["nogroup", "unavailable", "error"]
@@ -163,6 +165,22 @@ class Backoff:
 
     def reset(self) -> None:
         self.delay = self.low
+
+
+def regroup_at(seen: str | None, held: bool, length: int, start: str) -> tuple[str, str]:
+    """Where a lost group is created again on one stream, and what that does (for the log).
+
+    `seen` is the newest entry id the consumer was handed on the stream (None: none yet),
+    `held` whether the stream still holds that entry, `length` how many entries the stream
+    holds and `start` the consumer's `start`; see `Consumer.recover_groups`.
+    """
+    if seen is not None and held:
+        return seen, "resumes after the newest event this consumer was handed"
+    if seen is not None:
+        return "0", f"a new stream: its {length} entries are all news"
+    if start == "beginning":
+        return "0", f"replays the {length} entries the stream holds"
+    return "$", "skips what was added while the group was missing"
 
 
 def is_newer_or_same(incoming: str | None, stored: str | None) -> bool:

@@ -5,15 +5,8 @@ May use `syncd.engine`, `syncd.fleet`, `syncd.servicetitan`, `syncd.ops`, `syncd
 `syncd.config` and the shared modules; only `syncd.cli` uses it.
 """
 
-from syncd.daemon.daemon import (
-    EXIT_CONFIG,
-    EXIT_FEEDS_FAILED,
-    EXIT_OK,
-    Daemon,
-    cancel_all,
-    http_session,
-    redis_client,
-)
+from syncd.daemon.daemon import EXIT_CONFIG, EXIT_FEEDS_FAILED, EXIT_OK, Daemon
+from syncd.daemon.state import cancel_all, http_session, redis_client
 
 __all__ = [
     "EXIT_CONFIG",

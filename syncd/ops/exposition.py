@@ -5,13 +5,18 @@ tuple, generic formatting); at tens of thousands of series that is most of a scr
 A dict of numbers written with cached label strings costs a tenth of that. Each family can also
 yield a prometheus_client `Metric`, so a `CollectorRegistry` (tests, `get_sample_value`) sees
 exactly the same samples as the fast text.
+
+A `Snapshot` holds copies of every family's values, so that another thread can write them as
+one body (gzip-compressed with `zlib_gzip` when large) or yield them as `Metric`s.
 """
 
 from __future__ import annotations
 
 import bisect
+import gzip as gzip_module
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -196,3 +201,33 @@ class Histogram:
         for key, counts in values.items():
             family.add_metric(list(key), list(self._rows(counts)), counts[-1])
         return family
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """Copies of every series, taken on the event loop, safe to format in another thread."""
+
+    counters: list[tuple[Family, dict[Key, float]]]
+    histograms: list[tuple[Histogram, dict[Key, list[float]]]]
+    forgotten: set[str]  # tenants removed since the last render
+
+    def text(self) -> bytes:
+        """Every series in the text format, counters and gauges first, in snapshot order."""
+        out: list[str] = []
+        for family, values in self.counters:
+            family.text(values, out)
+        for histogram, counts in self.histograms:
+            histogram.text(counts, out)
+        return "".join(out).encode()
+
+    def metrics(self) -> Iterator[Metric]:
+        """The same samples as `text`, as prometheus_client `Metric`s."""
+        for family, values in self.counters:
+            yield family.metric(values)
+        for histogram, counts in self.histograms:
+            yield histogram.metric(counts)
+
+
+def zlib_gzip(body: bytes) -> bytes:
+    """`body` in gzip format at compression level 1."""
+    return gzip_module.compress(body, compresslevel=1, mtime=0)

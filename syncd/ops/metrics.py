@@ -14,6 +14,9 @@ metrics_detail`:
 - "tenant_feed": all of the above, plus per tenant and feed four record counters and the time
   since success (5 x N x F), and dead letters and stale records for the pairs that had any:
   about 298,000 series and 22 MB at 1,000 tenants. For small installations.
+
+The detail levels, record counters, buckets and engine status types are in
+`syncd.ops.metric_types`; the families and their text format in `syncd.ops.exposition`.
 """
 
 from __future__ import annotations
@@ -21,115 +24,32 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
-import gzip as gzip_module
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Literal, get_args
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
-from syncd.ops.exposition import Family, Histogram, Key, Labels
-from syncd.ops.staleness import Success
-
-Detail = Literal["tenant", "tenant_feed"]
-DETAILS: tuple[str, ...] = get_args(Detail)
-
-# The classic text format: every series name syncd exports is a legacy Prometheus name, so this
-# is what every Prometheus and compatible scraper understands.
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-# A page is one HTTP round trip for up to a few thousand records, usually well under a second;
-# the long tail reaches into the client's timeout.
-PAGE_SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-# Lateness stays near zero while workers keep up; seconds to minutes mean the pool is saturated.
-LATENESS_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0)
-
-# Counted per page, exported per tenant (`syncd_tenant_<name>_total`), per feed
-# (`syncd_feed_<name>_total`) and, at "tenant_feed" detail, per both (`syncd_<name>_total`).
-RECORD_COUNTERS = (
-    ("fetched", "records_fetched", "Records received in export pages."),
-    ("published", "records_published", "Records published as change events."),
-    (
-        "unchanged",
-        "records_unchanged",
-        "Records dropped because their content had already been published.",
-    ),
-    ("pages", "pages", "Export pages fetched and applied."),
-    (
-        "dead",
-        "dead_letters",
-        "Records written to the dead-letter stream instead of a feed stream.",
-    ),
-    (
-        "stale",
-        "stale_records",
-        "Record versions not published because a newer version of their key was published"
-        " before or came in the same page.",
-    ),
+from syncd.ops.exposition import Family, Histogram, Key, Labels, Snapshot, zlib_gzip
+from syncd.ops.metric_types import (
+    DETAILS,
+    LATENESS_BUCKETS,
+    PAGE_SECONDS_BUCKETS,
+    PAUSE_REASONS,
+    RECORD_COUNTERS,
+    Detail,
+    EngineStatus,
+    StatusSource,
+    TenantStatus,
+    status_class,
 )
-# Why feeds are not polled (the `reason` label of `syncd_feeds_paused`): a consumer group lags
-# more than `[streams] max_lag`, or the tenant waits out a 429.
-PAUSE_REASONS = ("consumer_lag", "rate_limit")
-
+from syncd.ops.staleness import Success
 
 # One thread renders (and compresses) every scrape: with a pool, each thread that happens to
 # serve a scrape would grow a malloc arena of its own and keep it.
 _RENDERER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="metrics")
-
-
-def zlib_gzip(body: bytes) -> bytes:
-    """`body` in gzip format at compression level 1."""
-    return gzip_module.compress(body, compresslevel=1, mtime=0)
-
-
-def status_class(status: int | None) -> str:
-    """The `status` label of a response: "2xx".."5xx", "429" on its own, "error" for none."""
-    if status is None or not 200 <= status <= 599:
-        # No response at all (timeout, refused connection, TLS failure); aiohttp never hands 1xx
-        # to the caller, so anything outside 200..599 is just as broken.
-        return "error"
-    if status == 429:
-        return "429"
-    return f"{status // 100}xx"
-
-
-@dataclass(frozen=True, slots=True)
-class TenantStatus:
-    """What the engine knows about one tenant right now, read once per scrape.
-
-    A tenant without a row is at rest: allowed its configured rate, not paused, authenticated.
-    """
-
-    tenant: int
-    rate: float  # what the limiter allows now, lowered after 429s
-    feeds: int
-    rate_limit_paused: bool  # waiting out a 429
-    auth_failing: bool  # the last token request failed
-
-
-@dataclass(frozen=True, slots=True)
-class EngineStatus:
-    """The tenants not at rest, and whether polling has stopped for Redis."""
-
-    tenants: Sequence[TenantStatus]
-    redis_memory_full: bool = False
-    redis_unavailable: bool = False
-
-
-StatusSource = Callable[[], EngineStatus]
-
-
-@dataclass(slots=True)
-class _Snapshot:
-    """Copies of every series, taken on the event loop, safe to format in another thread."""
-
-    counters: list[tuple[Family, dict[Key, float]]]
-    histograms: list[tuple[Histogram, dict[Key, list[float]]]]
-    forgotten: set[str]  # tenants removed since the last render
 
 
 class Metrics(Collector):
@@ -419,7 +339,7 @@ class Metrics(Collector):
 
     # -- reading -----------------------------------------------------------------------
 
-    def _snapshot(self, *, for_text: bool = True) -> _Snapshot:
+    def _snapshot(self, *, for_text: bool = True) -> Snapshot:
         """Every series as it stands; runs on the event loop, where the engine state is safe."""
         now = self._clock()
         g = self._gauge
@@ -479,21 +399,15 @@ class Metrics(Collector):
         forgotten = set()
         if for_text:  # the render that gets them drops their label strings
             forgotten, self._forgotten = self._forgotten, set()
-        return _Snapshot(counters, histograms, forgotten)
+        return Snapshot(counters, histograms, forgotten)
 
-    def _text(self, snapshot: _Snapshot, *, gzip_from: int | None = None) -> tuple[bytes, bool]:
+    def _text(self, snapshot: Snapshot, *, gzip_from: int | None = None) -> tuple[bytes, bool]:
         # The lines kept between renders are one thread's at a time (`render` may run on the
         # loop while a scrape renders in the worker).
         with self._text_lock:
             for labels in self._tenant_labels_all:
                 labels.purge(snapshot.forgotten)
-            out: list[str] = []
-            for family, values in snapshot.counters:
-                family.text(values, out)
-            for histogram, counts in snapshot.histograms:
-                histogram.text(counts, out)
-            body = "".join(out).encode()
-            del out
+            body = snapshot.text()
         if gzip_from is None or len(body) < gzip_from:
             return body, False
         # Level 1: the text is repetitive enough to shrink over tenfold even so, and higher
@@ -524,11 +438,7 @@ class Metrics(Collector):
 
     def collect(self) -> Iterator[Metric]:
         """The same samples as `render`, for `CollectorRegistry` users."""
-        snapshot = self._snapshot(for_text=False)
-        for family, values in snapshot.counters:
-            yield family.metric(values)
-        for histogram, counts in snapshot.histograms:
-            yield histogram.metric(counts)
+        yield from self._snapshot(for_text=False).metrics()
 
     def sample(self, name: str, labels: dict[str, str] | None = None) -> float | None:
         """The current value of one sample, or None if it does not exist."""
@@ -536,4 +446,5 @@ class Metrics(Collector):
         return value
 
 
-__all__ = ["CONTENT_TYPE", "DETAILS", "Detail", "EngineStatus", "Metrics", "TenantStatus"]
+# The status types are those of `set_status_source`, importable from here with the collector.
+__all__ = ["EngineStatus", "Metrics", "TenantStatus"]

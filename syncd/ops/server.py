@@ -19,7 +19,8 @@ import structlog
 from syncd.config import OpsConfig, Secret
 from syncd.config.addresses import parse_listen, unix_path
 from syncd.ops.http import HttpServer, Request, Response
-from syncd.ops.metrics import CONTENT_TYPE, Metrics
+from syncd.ops.metric_types import CONTENT_TYPE
+from syncd.ops.metrics import Metrics
 
 log = structlog.get_logger("syncd.ops")
 

@@ -1,0 +1,217 @@
+"""The loop behind `Consumer.run`: hand each batch to the handler, acknowledge what it handled,
+hold the failed events through an outage of the handler's own dependencies, and ride out Redis
+errors with backoff.
+
+It drives a consumer only through the `Source` protocol below (`Consumer` is one), so reading,
+group setup and acknowledging stay in `syncd.consumer.consumer`, and the decisions it makes
+(`classify`, `failed_events`, `Backoff`) in `syncd.consumer.delivery`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import structlog
+
+from syncd.consumer.delivery import Backoff, classify, failed_events
+from syncd.consumer.events import Event
+from syncd.consumer.events import text as _text
+from syncd.redis.conn import RedisClient
+
+log = structlog.get_logger("syncd.consumer")
+
+_BACKOFF_MIN_S = 0.5
+_BACKOFF_MAX_S = 30.0
+
+
+Handler = Callable[[list[Event]], Awaitable[object]]
+"""Called with a batch of events. Return None when all were handled, or the events (or their
+ids) that failed: the others are acknowledged. Raising fails the batch; `Consumer.run` then
+calls the handler once per event to find the ones that fail."""
+
+
+class Source(Protocol):
+    """What the loop needs of a consumer: its settings, reading, acknowledging, and recreating
+    a lost group."""
+
+    redis: RedisClient
+    group: str
+    consumer: str
+    batch: int
+    handler_timeout: float | None
+    outage_after: int
+
+    @property
+    def closed(self) -> bool: ...
+
+    async def read(self) -> list[Event]: ...
+
+    async def read_new(self, count: int) -> list[Event]: ...
+
+    async def ack(self, *events: Event) -> int: ...
+
+    async def recover_groups(self, exc: BaseException | None = None) -> None: ...
+
+
+class _CancelGuard:
+    """Raises CancelledError once the task was asked to cancel, even when that request got lost.
+
+    On Python 3.11 a cancellation that arrives while redis-py sends a command is dropped
+    (its `send_packed_command` awaits `asyncio.wait_for`, which returns the finished send's
+    result instead of raising), and the task would go on as if nothing was asked. The task's
+    count of cancellation requests still says so.
+    """
+
+    def __init__(self) -> None:
+        self.task = asyncio.current_task()
+        self.baseline = self.task.cancelling() if self.task is not None else 0
+
+    def check(self) -> None:
+        if self.task is not None and self.task.cancelling() > self.baseline:
+            raise asyncio.CancelledError
+
+
+async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
+    # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns normally when it is
+    # cancelled in the loop turn in which the awaited call completes, dropping the cancellation.
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await stop.wait()
+
+
+async def run(source: Source, handler: Handler, *, stop: asyncio.Event) -> None:
+    """`Consumer.run`: see there for what it promises."""
+    backoff = Backoff(_BACKOFF_MIN_S, _BACKOFF_MAX_S)
+    held: list[Event] = []  # failed events retried here during a handler outage
+    failed_rounds = 0
+    guard = _CancelGuard()
+    while not stop.is_set() and not source.closed:
+        guard.check()
+        try:
+            if held:
+                await _sleep_unless(stop, backoff.next())
+                if stop.is_set():
+                    break
+                held = await _keep(source, held)
+                batch = held + (await _probe(source) if len(held) < source.batch else [])
+            else:
+                batch = await source.read()
+            guard.check()
+            if not batch:
+                continue
+            failed = await _apply(source, handler, batch)
+            done = [e for e in batch if e not in failed]
+            await source.ack(*done)
+            if done or not failed:
+                if held and failed:
+                    log.warning("consumer_outage_over", group=source.group, poison=len(failed))
+                held, failed_rounds = [], 0
+                backoff.reset()
+                continue
+            failed_rounds += 1
+            if failed_rounds >= source.outage_after:
+                if not held:
+                    log.error(
+                        "consumer_handler_outage",
+                        group=source.group,
+                        consumer=source.consumer,
+                        failed_rounds=failed_rounds,
+                        held=len(failed),
+                    )
+                held = failed
+                continue
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await _on_error(source, exc, backoff)
+        guard.check()
+        await _sleep_unless(stop, backoff.next())
+
+
+async def _on_error(source: Source, exc: Exception, backoff: Backoff) -> None:
+    kind = classify(exc)
+    if kind == "nogroup":
+        try:
+            await source.recover_groups(exc)
+            return
+        except Exception as again:
+            exc, kind = again, classify(again)
+    fields = {
+        "group": source.group,
+        "consumer": source.consumer,
+        "error": f"{type(exc).__name__}: {exc}",
+        "retry_in_s": backoff.delay,
+    }
+    if kind == "unavailable":
+        log.warning("consumer_redis_unavailable", **fields)
+    else:
+        log.error("consumer_error", exc_info=exc, **fields)
+
+
+async def _probe(source: Source) -> list[Event]:
+    """One new event, to tell an outage from poison while events are held."""
+    return await source.read_new(count=1)
+
+
+async def _keep(source: Source, held: list[Event]) -> list[Event]:
+    """Reset the idle time of held events so that no one takes them over; XCLAIM with
+    JUSTID leaves their delivery count alone. Returns those still ours."""
+    kept: list[Event] = []
+    for stream in dict.fromkeys(e.stream for e in held):
+        ids: list[Any] = [e.id for e in held if e.stream == stream]
+        claimed = await source.redis.xclaim(
+            stream, source.group, source.consumer, 0, ids, justid=True
+        )
+        mine = {_text(i) for i in claimed if isinstance(i, bytes | str)}
+        kept.extend(e for e in held if e.stream == stream and e.id in mine)
+    return kept
+
+
+async def _apply(source: Source, handler: Handler, batch: list[Event]) -> list[Event]:
+    """The events of `batch` the handler failed."""
+    try:
+        return failed_events(batch, await _call(source, handler, batch))
+    except Exception as exc:
+        if len(batch) == 1:
+            _log_failure(source, exc, batch[0])
+            return list(batch)
+        log.warning(
+            "consumer_batch_failed",
+            group=source.group,
+            events=len(batch),
+            error=f"{type(exc).__name__}: {exc}",
+            retry="one event at a time",
+        )
+    failed: list[Event] = []
+    for event in batch:
+        try:
+            failed.extend(failed_events([event], await _call(source, handler, [event])))
+        except Exception as exc:
+            _log_failure(source, exc, event)
+            failed.append(event)
+    return failed
+
+
+async def _call(source: Source, handler: Handler, batch: list[Event]) -> object:
+    if source.handler_timeout is None:
+        return await handler(batch)
+    try:
+        async with asyncio.timeout(source.handler_timeout):  # not wait_for: see _sleep_unless
+            return await handler(batch)
+    except TimeoutError:
+        raise TimeoutError(f"handler took more than {source.handler_timeout}s") from None
+
+
+def _log_failure(source: Source, exc: Exception, event: Event) -> None:
+    log.error(
+        "consumer_handler_failed",
+        exc_info=exc,
+        group=source.group,
+        consumer=source.consumer,
+        stream=event.stream,
+        entry_id=event.id,
+        deliveries=event.deliveries,
+    )
