@@ -665,7 +665,8 @@ _FRAME = re.compile(r"^(?P<func>.+?) \((?P<file>[^:)]+)(?::\d+)?\)$")
 
 
 def _short_frame(frame: str) -> str:
-    """`apply (syncd/publisher.py:120)` -> `syncd/publisher.py:apply`; thread names dropped."""
+    """`apply (syncd/engine/publisher.py:120)` -> `syncd/engine/publisher.py:apply`; thread names
+    dropped."""
     m = _FRAME.match(frame.strip())
     if not m:
         return "" if frame.startswith(("process ", "thread ")) else frame.strip()

@@ -32,7 +32,7 @@ from syncd.keys import Keys
 from syncd.testing.redis_server import RedisServer, reachable
 from syncd.testing.simulator import SimulatorProcess
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "demo.toml"
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "config" / "demo.toml"
 
 
 class Guard:
