@@ -1,4 +1,7 @@
 PYTHON ?= python3
+# A pipeline fails when any of its commands does (`pytest ... | tail -1` included).
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -17,12 +20,13 @@ LATEST_PYTHON ?= $(shell lock/pythons 3.13 || echo $(PYTHON))
 .PHONY: test test-lowest test-latest check-pythons lint promtool run bench lock lock-upgrade check-lock \
 	clean
 
-# Installed from the lock alone: exact versions, hashes required, no dependency resolution, the
-# build backend from the lock too (no build isolation). A changed lock rebuilds the environment.
+# Installed from the lock alone: exact versions, hashes required, no dependency resolution, wheels
+# only (an sdist would build with whatever its own build requirements resolve to), the build
+# backend from the lock too (no build isolation). A changed lock rebuilds the environment.
 $(STAMP): $(LOCK) pyproject.toml
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --require-hashes --no-deps --only-binary :all: -r $(LOCK)
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(BIN)/python -m pip check
 	touch $(STAMP)
@@ -47,7 +51,7 @@ test: lint promtool
 $(UV): lock/uv.txt
 	rm -rf $(TOOLS)
 	$(PYTHON) -m venv $(TOOLS)
-	$(TOOLS)/bin/python -m pip install --quiet --require-hashes --no-deps -r lock/uv.txt
+	$(TOOLS)/bin/python -m pip install --quiet --require-hashes --no-deps --only-binary :all: -r lock/uv.txt
 	touch $(UV)
 
 # The lock for pyproject.toml's ranges after a change to them: pins still allowed are kept.
@@ -93,7 +97,7 @@ test-latest: $(UV) $(STAMP) $(LATEST)/bin/python promtool
 check-pythons: check-lock
 	@for py in $$(lock/pythons); do \
 		env=$$(mktemp -d) && $$py -m venv $$env && \
-		$$env/bin/python -m pip install --quiet --require-hashes --no-deps -r $(LOCK) && \
+		$$env/bin/python -m pip install --quiet --require-hashes --no-deps --only-binary :all: -r $(LOCK) && \
 		$$env/bin/python -m pip install --quiet --no-deps --no-build-isolation -e . && \
 		$$env/bin/python -m pip check >/dev/null && $$env/bin/syncd --help >/dev/null && \
 		$$env/bin/pytest -q -p no:cacheprovider tests/test_lock.py tests/test_publisher.py \

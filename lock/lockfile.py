@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -29,8 +30,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = ROOT / "pyproject.toml"
 LOCK = ROOT / "lock" / "dev.txt"
-# The oldest supported Python: the universal resolution covers it and every newer one.
-PYTHON_FLOOR = "3.11"
 EXTRAS = ("test", "bench")
 DIGEST_LINE = re.compile(r"^# inputs-sha256: ([0-9a-f]{64})$")
 PIN_LINE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)")
@@ -110,6 +109,16 @@ def problems(pyproject: Path | None = None, lock: Path | None = None) -> list[st
     return found
 
 
+def python_floor(pyproject: Path = PYPROJECT) -> str:
+    """The oldest supported Python, from `requires-python` (">=3.11"): the universal resolution
+    covers it and every newer one."""
+    wanted = inputs(pyproject)["requires-python"] or ""
+    match = re.fullmatch(r"\s*>=\s*(3\.\d+)\s*(,.*)?", wanted)
+    if not match:
+        raise SystemExit(f"pyproject.toml: requires-python: expected '>=3.N...', got {wanted!r}")
+    return match.group(1)
+
+
 def lock(uv: str, upgrade: bool, pyproject: Path = PYPROJECT, out: Path = LOCK) -> None:
     """Resolve the ranges and write the pins, hashed, to `out`: the newest versions allowed with
     `upgrade`, else the current pins wherever the ranges still allow them."""
@@ -120,21 +129,25 @@ def lock(uv: str, upgrade: bool, pyproject: Path = PYPROJECT, out: Path = LOCK) 
         compiled = Path(tmp) / "dev.txt"
         if out.exists() and not upgrade:
             compiled.write_text(out.read_text())  # uv prefers the pins of an existing output
-        cmd = [uv, "pip", "compile", "--quiet", "--universal", "--generate-hashes"]
+        # --no-config and no UV_* variables: only pyproject.toml's ranges (which the digest
+        # covers) decide what is locked, not a uv.toml, [tool.uv] or the caller's environment.
+        cmd = [uv, "pip", "compile", "--quiet", "--no-config", "--universal", "--generate-hashes"]
         if upgrade:
             cmd.append("--upgrade")
-        cmd += ["--python-version", PYTHON_FLOOR, "--no-header", "--no-annotate"]
+        floor = python_floor(pyproject)
+        cmd += ["--python-version", floor, "--no-header", "--no-annotate"]
         for extra in EXTRAS:
             cmd += ["--extra", extra]
         cmd += [str(pyproject), str(build_in), "-o", str(compiled)]
-        subprocess.run(cmd, check=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("UV_")}
+        subprocess.run(cmd, check=True, env=env)
         body = compiled.read_text()
     header = (
         f"# inputs-sha256: {digest(pyproject)}\n"
         "# The development and test environment of syncd, every file hashed: `make` installs\n"
         "# exactly this (pip --require-hashes). Do not edit: `make lock` writes it from\n"
         f"# pyproject.toml (extras {', '.join(EXTRAS)} and the build backend), for Python\n"
-        f"# {PYTHON_FLOOR} and newer on every platform.\n"
+        f"# {floor} and newer, every platform with wheels for all of it (installed binary-only).\n"
     )
     out.write_text(header + body)
 

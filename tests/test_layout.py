@@ -111,7 +111,8 @@ def tree_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _with_import(tree: Path, module: str, statement: str) -> None:
     path = tree / "syncd" / module
     text = path.read_text()
-    at = text.index("\nfrom ") + 1  # after the module docstring and `from __future__`
+    future = "from __future__ import annotations\n"
+    at = text.index(future) + len(future) if future in text else text.index("\nimport ") + 1
     path.write_text(text[:at] + statement + "\n" + text[at:])
 
 
@@ -132,6 +133,14 @@ def test_the_contract_holds_for_the_tree(tree_copy: Path) -> None:
         ("engine/due.py", "import syncd.engine.scheduler", "No cycles are allowed"),
         # The simulator importing what it is there to test.
         ("simulator/cursor.py", "import syncd.servicetitan.page", "syncd.simulator"),
+        # The consumer library pulling in the HTTP client's library.
+        (
+            "consumer/delivery.py",
+            "import aiohttp",
+            "syncd.consumer is not allowed to import aiohttp",
+        ),
+        # The ServiceTitan edge reaching for Redis.
+        ("servicetitan/page.py", "import syncd.redis.conn", "syncd.servicetitan is not allowed"),
     ],
 )
 def test_the_contract_fails_an_import_against_the_arrows(

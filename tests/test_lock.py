@@ -81,7 +81,7 @@ def test_a_new_dependency_is_named_as_missing_from_the_lock(tmp_path: Path) -> N
 def test_a_new_python_floor_or_build_backend_makes_the_lock_stale(tmp_path: Path) -> None:
     for old, new in (
         ('requires-python = ">=3.11"', 'requires-python = ">=3.12"'),
-        ('requires = ["setuptools>=68"]', 'requires = ["setuptools>=68", "wheel"]'),
+        ('requires = ["setuptools>=70.1"]', 'requires = ["setuptools>=70.1", "wheel"]'),
     ):
         found = lockfile.problems(_project(tmp_path, old, new))
         assert any("run `make lock`" in p for p in found), (old, found)
@@ -120,3 +120,10 @@ def test_the_mypy_of_other_versions_checks_what_the_locked_one_does() -> None:
     for override in ours.get("overrides", []):
         for module in override["module"]:
             assert ranges.has_section(f"mypy-{module}"), module
+
+
+def test_the_python_floor_comes_from_requires_python(tmp_path: Path) -> None:
+    assert lockfile.python_floor() == "3.11"
+    assert lockfile.python_floor(_project(tmp_path, '">=3.11"', '">=3.12,<4"')) == "3.12"
+    with pytest.raises(SystemExit, match="requires-python"):
+        lockfile.python_floor(_project(tmp_path, '">=3.11"', '"~=3.11"'))

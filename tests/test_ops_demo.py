@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from syncd.cli.demoguard import start_time
+from syncd.testing.demoguard import start_time
 from syncd.testing.redis_server import RedisServer
 
 PASSWORD = "demo-redis-pass-77"

@@ -6,7 +6,7 @@ daemon on `config/demo.toml`, and prints the events as they arrive until Ctrl-C 
 
 On its way out the demo deletes its `demo:*` keys and stops its children (the simulator, a
 private Redis and its temporary directory), on an exception or a signal too. A watchdog process
-(syncd.cli.demoguard) does the same if the demo is killed outright (SIGKILL).
+(syncd.testing.demoguard) does the same if the demo is killed outright (SIGKILL).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class Guard:
 
     def __init__(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "syncd.cli.demoguard"],
+            [sys.executable, "-m", "syncd.testing.demoguard"],
             stdin=subprocess.PIPE,
             text=True,
             start_new_session=True,  # a Ctrl-C of the terminal must not reach it

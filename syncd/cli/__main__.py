@@ -1,0 +1,3 @@
+from syncd.cli.main import main
+
+raise SystemExit(main())
