@@ -24,6 +24,19 @@ class RedisFull(TransientError):
     """Redis refused a write for lack of memory (OOM): polling pauses until it has room."""
 
 
+class ReplicasBehind(TransientError):
+    """Fewer than `wanted` replicas acknowledged the primary's writes within the wait timeout
+    (`[redis] wait_replicas`): what a feed stored there is not yet safe from a failover, so
+    the feed is held where the replicas are known to be."""
+
+    def __init__(self, acked: int, wanted: int, timeout: float, what: str) -> None:
+        super().__init__(
+            f"only {acked} of {wanted} replicas acknowledged {what} within {timeout:g}s"
+        )
+        self.acked = acked
+        self.wanted = wanted
+
+
 class FeedUnavailable(SyncError):
     """403 or 404 for a feed: retrying soon will not help, the feed is parked."""
 

@@ -68,12 +68,12 @@ def test_series_count_formula_at_each_detail(tenants: int, feeds: int) -> None:
     """The formulas of the README and syncd.ops.metrics, counted on what is rendered."""
     n, f, r = tenants, feeds, len(RECORD_COUNTERS)
     page_histogram = len(PAGE_SECONDS_BUCKETS) + 3  # buckets, +Inf, _count, _sum
-    unlabelled = 1 + (len(LATENESS_BUCKETS) + 3) + 2 + 2  # errors, lateness, polling, fleet
+    unlabelled = 1 + (len(LATENESS_BUCKETS) + 3) + 3 + 2  # errors, lateness, polling, fleet
     per_tenant = r + 3 + 2 + 3 + 2  # records, 429s/paused/tokens, age, rates/auth, pauses
     per_feed = r + 2 + page_histogram
     statuses = len(STATUSES) * n
     default = per_tenant * n + statuses + per_feed * f + unlabelled
-    assert (per_tenant, per_feed, unlabelled) == (16, 21, 17)
+    assert (per_tenant, per_feed, unlabelled) == (16, 21, 18)
     assert len(samples(busy(n, f))) == default
     # Tenant x feed: four record counters, time since success, and here a dead letter and a
     # stale record each.
@@ -213,6 +213,9 @@ def test_engine_status_per_tenant_and_pauses_by_reason() -> None:
     assert not [k for k in got if ("tenant", "4") in k[1]]
     assert value(got, "syncd_polling_paused", reason="redis_unavailable") == 1
     assert value(got, "syncd_polling_paused", reason="redis_memory") == 0
+    assert value(got, "syncd_polling_paused", reason="replicas_behind") == 0
+    m.set_status_source(lambda: EngineStatus(rows, replicas_behind=True))
+    assert value(samples(m), "syncd_polling_paused", reason="replicas_behind") == 1
 
 
 def test_renders_after_changes_show_the_new_values() -> None:

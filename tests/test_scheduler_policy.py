@@ -21,6 +21,7 @@ from syncd.engine.policy import (
     once_finished,
     page_progress,
     rate_limit_pause,
+    settle_first,
 )
 
 NOW = 1000.0
@@ -124,6 +125,18 @@ def _after(
             RUN,
             AfterPoll(100, False, False, False, NOW + 7, True),
         ),
+        # Replicas behind: the feed is held, a failure that backs off (not a success, not
+        # neutral: it must not be polled again at once) and is recorded ...
+        (FRESH, "replicas", RUN, AfterPoll(1, False, False, False, NOW + 1, True)),
+        (
+            FeedFacts(failures=3, drained=True),
+            "replicas",
+            RUN,
+            AfterPoll(4, True, False, False, NOW + 8, True),
+        ),
+        # ... and a --once run gives up on the feed after once_max_failures of them.
+        (FeedFacts(failures=1), "replicas", ONCE, AfterPoll(2, False, False, False, NOW + 2, True)),
+        (FeedFacts(failures=2), "replicas", ONCE, AfterPoll(3, False, False, True, None, True)),
     ],
 )
 def test_after_poll(facts: FeedFacts, kind: str, rules: Rules, expected: AfterPoll) -> None:
@@ -274,3 +287,19 @@ def test_first_delay(
 )
 def test_once_finished(feeds: list[tuple[bool, bool, bool]], expected: bool) -> None:
     assert once_finished(feeds) is expected
+
+
+@pytest.mark.parametrize(
+    ("waits", "settled", "expected"),
+    [
+        (False, False, False),  # no wait_replicas: a cursor is fetched from as it is
+        (False, True, False),
+        # With wait_replicas, a cursor read from Redis or left by a page whose WAIT failed is
+        # settled (replicas hold it) before anything is fetched past it ...
+        (True, False, True),
+        # ... one acknowledged (page applied and waited for, or settled) is fetched from.
+        (True, True, False),
+    ],
+)
+def test_settle_first(waits: bool, settled: bool, expected: bool) -> None:
+    assert settle_first(waits, settled) is expected

@@ -75,6 +75,8 @@ class Health(DaemonState):
             text += f"; fleet: instance {f['instance']} of {f['members']}"
         if not sched.redis_ok.is_set():
             text += "; waiting for Redis"
+        if not sched.replicas_ok.is_set():
+            text += "; waiting for Redis replicas"
         return text
 
     async def _watchdog(self) -> None:
@@ -106,4 +108,5 @@ class Health(DaemonState):
             rows,
             redis_memory_full=sched.memory_full,
             redis_unavailable=not sched.redis_ok.is_set(),
+            replicas_behind=not sched.replicas_ok.is_set(),
         )

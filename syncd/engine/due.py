@@ -51,6 +51,9 @@ class FeedState:
     running: bool = False
     paused: str | None = None  # backpressure: why this feed is not polled now
     last_ok: float | None = None  # unix time of the last applied page
+    # `cursor` is known to be held by `[redis] wait_replicas` replicas (ignored without them):
+    # until then the feed's next poll settles it instead of fetching past it.
+    settled: bool = False
     # Until a first success, "seconds since success" counts from when the feed was scheduled,
     # so that a feed that never succeeds still shows (and alerts) in the metrics.
     since: float = field(default_factory=time.time)
@@ -168,6 +171,7 @@ class Timetable:
                     fs.poll_interval,
                     drained=fs.drained,
                     last_ok=fs.last_ok,
+                    settled=fs.settled,
                     since=fs.since,
                 )
                 t.feeds[fs.name] = fresh  # ... and schedule its replacement now

@@ -30,6 +30,7 @@ OutcomeKind = Literal[
     "parked",  # 403/404
     "auth",  # credentials refused
     "error",  # anything worth retrying with backoff
+    "replicas",  # fewer than `wait_replicas` replicas acknowledged: the feed is held
     "no_progress",  # the API answered without moving the feed on
 ]
 
@@ -189,6 +190,18 @@ def rate_limit_pause(
             rng=rng,
         )
     return max(paused_until, now + wait), wait
+
+
+def settle_first(waits: bool, settled: bool) -> bool:
+    """Whether a poll first makes sure replicas hold the feed's stored cursor (and everything
+    written before it) instead of fetching from it at once.
+
+    With `[redis] wait_replicas`, a cursor is safe to fetch past only once that many replicas
+    acknowledged it: after a page applied and waited for, or a fenced page whose stored cursor
+    was waited for, it is; a cursor read from Redis at start (a page of an earlier run may have
+    failed its WAIT) or left by a page whose WAIT failed is not, and is settled first.
+    """
+    return waits and not settled
 
 
 # Cursors a feed remembers of its current run of `hasMore: true` pages: a continueFrom that the

@@ -7,6 +7,9 @@ records it has not dead-lettered before, and stores the page's continueFrom. A c
 call refetches the page; after it, the next page is fetched; an instance that fetched the same
 page finds the cursor moved; a page fetched again from the same cursor (the API may repeat one)
 adds nothing.
+
+With `[redis] wait_replicas`, every cursor the publisher hands back (a page's, applied; the
+stored one, fenced or settled) is one that many replicas acknowledged; else ReplicasBehind.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 
 import redis.exceptions
 
-from syncd.errors import RedisFull, TransientError
+from syncd.errors import RedisFull, ReplicasBehind, TransientError
 from syncd.keys import Keys
 from syncd.redis.conn import RedisClient, RedisCluster
 from syncd.servicetitan.page import FINGERPRINT_BYTES, Page
@@ -145,6 +148,18 @@ return {0, published, unchanged, stale, dead_new}
 """
 
 
+# With `[redis] wait_replicas`: a feed's stored cursor, read together with a write (when its
+# replicas were last asked about it), so that a WAIT after it on the same connection covers
+# every write the primary made before, the cursor's included. WAIT counts the writes of its own
+# connection (newer servers only those that reached the replication stream): a read alone
+# would prove nothing. Only the state hash is touched; the page script stays the one place
+# where a feed's cursor, stream and index change.
+SETTLE = r"""#!lua
+local stored = redis.call('HGET', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1] .. ':settle', ARGV[2])
+return stored
+"""
+
 # Pages with at least this many records are checked against the fingerprints before sending.
 PRECHECK_MIN = 32
 
@@ -194,6 +209,13 @@ class Publisher:
         self.wait_replicas = wait_replicas
         self.wait_timeout = wait_timeout
         self._script = redis_client.register_script(APPLY_PAGE)
+        self._settle = redis_client.register_script(SETTLE)
+
+    @property
+    def waits(self) -> bool:
+        """Whether pages and adopted cursors count only once `wait_replicas` replicas have
+        them (never on a cluster: it fails over by itself)."""
+        return self.wait_replicas > 0 and not isinstance(self.redis, RedisCluster)
 
     def keys(self, tenant: int) -> Keys:
         return Keys(self.prefix, tenant)
@@ -262,8 +284,8 @@ class Publisher:
             for reason, data in page.dead:
                 args.extend((dead_fingerprint(data), reason, data))
             page_keys = [k.cursors, seen, k.stream(feed), k.dead, k.state, k.dead_seen(feed)]
-            if self.wait_replicas and not isinstance(self.redis, RedisCluster):
-                result = await self._apply_and_wait(page_keys, args)
+            if self.waits:
+                result = await self._apply_and_wait(tenant, feed, page_keys, args)
             else:
                 result = await self._script(keys=page_keys, args=args)
         except redis.exceptions.ResponseError as exc:
@@ -285,24 +307,58 @@ class Publisher:
             stale=int(result[3]),
         )
 
-    async def _apply_and_wait(self, keys: list[str], args: list[Any]) -> Any:
+    async def _apply_and_wait(
+        self, tenant: int, feed: str, keys: list[str], args: list[Any]
+    ) -> Any:
         """The page script, then WAIT on the same connection (WAIT counts the writes of the
-        connection it is sent on): the page is done once enough replicas have it."""
+        connection it is sent on): the page is done once enough replicas have it. A page the
+        fence refused reports the stored cursor only once enough replicas have that too."""
         assert not isinstance(self.redis, RedisCluster)
         async with self.redis.client() as conn:
             result = await self._script(keys=keys, args=args, client=conn)
             if int(result[0]) != 0:
-                return result  # fenced: nothing written
-            timeout_ms = max(1, int(self.wait_timeout * 1000))
-            acked = int(await conn.wait(self.wait_replicas, timeout_ms))
-        if acked < self.wait_replicas:
-            # Applied on the primary but not yet safe from a failover: not done. The retry
-            # finds the cursor moved (nothing twice) and the next page's WAIT covers this one.
-            raise TransientError(
-                f"only {acked} of {self.wait_replicas} replicas acknowledged the page"
-                f" within {self.wait_timeout:g}s"
-            )
+                # Fenced: the cursor moved, maybe by a page whose own WAIT failed (this
+                # instance's, another's, before a restart). Not adopted until replicas hold it.
+                stored = await self._settle_on(conn, tenant, feed)
+                return [1] if stored is None else [1, stored]
+            # Applied on the primary: not done (ReplicasBehind) until replicas have it. The
+            # feed then settles (see settle()) before it fetches anything past this page.
+            await self._wait(conn, "the page")
         return result
+
+    async def settle(self, tenant: int, feed: str) -> str | None:
+        """A feed's stored cursor (None: none) once `wait_replicas` replicas hold it, with
+        everything the primary wrote before; ReplicasBehind if they do not within
+        `wait_timeout`. What a feed adopts from Redis (at start, after a page whose WAIT
+        failed) is settled first: nothing past a page is fetched before replicas have it."""
+        try:
+            if not self.waits:
+                raw = await self.redis.hget(self.keys(tenant).cursors, feed)
+                return None if raw is None else _text(raw)
+            assert not isinstance(self.redis, RedisCluster)
+            async with self.redis.client() as conn:
+                return await self._settle_on(conn, tenant, feed)
+        except redis.exceptions.ResponseError as exc:
+            if isinstance(exc, redis.exceptions.OutOfMemoryError) or str(exc).startswith("OOM"):
+                raise RedisFull(f"redis is out of memory: {exc}") from None
+            raise TransientError(f"redis refused the settle: {exc}") from None
+        except redis.exceptions.RedisError as exc:
+            raise TransientError(f"redis: {type(exc).__name__}: {exc}") from None
+
+    async def _settle_on(self, conn: Any, tenant: int, feed: str) -> str | None:
+        k = self.keys(tenant)
+        raw = await self._settle(
+            keys=[k.cursors, k.state], args=[feed, f"{time.time():.3f}"], client=conn
+        )
+        await self._wait(conn, "the stored cursor")
+        return None if raw is None else _text(raw)
+
+    async def _wait(self, conn: Any, what: str) -> None:
+        """WAIT for `wait_replicas` replicas on `conn`; ReplicasBehind when fewer answer."""
+        timeout_ms = max(1, int(self.wait_timeout * 1000))
+        acked = int(await conn.wait(self.wait_replicas, timeout_ms))
+        if acked < self.wait_replicas:
+            raise ReplicasBehind(acked, self.wait_replicas, self.wait_timeout, what)
 
     async def resume_state(self, tenant: int) -> tuple[dict[str, str], dict[str, str]]:
         """A tenant's stored cursors (feed -> continueFrom) and feed state (last success,

@@ -4,8 +4,9 @@ The I/O shell around three pure parts: `due` (what is due next), `fairshare` (wh
 poll takes the next free worker) and syncd.engine.policy (what a poll's outcome does to its feed and
 tenant). A single dispatcher moves tenants whose time has come into the pool's queue and starts
 each poll the pool allows as a task of one task group; it never waits on a tenant: with no
-worker free, it waits for one to come back. Shutdown stops the dispatcher, gives running polls
-a grace period, then cancels the task group.
+worker free, it waits for one to come back; while polling is held (syncd.engine.holds: Redis
+unreachable or full, replicas behind) it starts nothing. Shutdown stops the dispatcher, gives
+running polls a grace period, then cancels the task group.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import structlog
 from syncd.config import TenantSettings
 from syncd.engine.due import FeedSpec, FeedState, TenantState, Timetable
 from syncd.engine.fairshare import Pool
+from syncd.engine.holds import Holds
 from syncd.engine.policy import (
     PARK_S,
     AfterPoll,
@@ -37,6 +39,7 @@ from syncd.engine.policy import (
     page_progress,
     rate_limit_pause,
     resume_delay,
+    settle_first,
 )
 from syncd.engine.publisher import Publisher
 from syncd.errors import (
@@ -45,6 +48,7 @@ from syncd.errors import (
     FeedUnavailable,
     RateLimited,
     RedisFull,
+    ReplicasBehind,
     SyncError,
     TransientError,
 )
@@ -59,7 +63,7 @@ log = structlog.get_logger("syncd.scheduler")
 TICK_S = 1.0
 
 
-class Scheduler:
+class Scheduler(Holds):
     """Polls every feed of every tenant; publishes each page through the publisher."""
 
     def __init__(
@@ -92,13 +96,9 @@ class Scheduler:
         self._stopping = asyncio.Event()
         self._forced = asyncio.Event()
         self._tasks: anyio.abc.TaskGroup | None = None
-        self.redis_ok = asyncio.Event()
-        self.redis_ok.set()
-        # Redis memory near maxmemory (or an OOM answer): nothing is polled until it has room.
-        self.memory_full = False
+        self._init_holds()
         self.crashed = False
         self._active: set[FeedState] = set()
-        self._probing = False
         self.last_progress = time.monotonic()
         self.pages = 0
 
@@ -204,7 +204,7 @@ class Scheduler:
         tt, pool = self.timetable, self.pool
         while not self._stopping.is_set():
             self.last_progress = time.monotonic()
-            if not self.redis_ok.is_set() or self.memory_full:
+            if self.held:
                 # Waiting on Redis is not being stuck: keep ticking for the watchdog.
                 await self._sleep(TICK_S / 2)
                 continue
@@ -262,14 +262,23 @@ class Scheduler:
     async def _poll(self, fs: FeedState) -> None:
         t = fs.tenant
         flog = log.bind(tenant=t.id, feed=fs.name)
-        expected = fs.cursor
-        sent = expected if expected is not None else t.settings.start
-        fetched = False
+        at_redis = False  # a TransientError now is Redis' (else the API's)
         try:
+            if settle_first(self.publisher.waits, fs.settled):
+                # Nothing past the stored cursor is fetched before replicas hold it.
+                at_redis = True
+                stored = await self.publisher.settle(t.id, fs.name)
+                if stored != fs.cursor:
+                    # The page whose WAIT failed, or another instance's: adopted now.
+                    fs.cursor = stored
+                    fs.trail, fs.empty_run = (), 0
+                fs.settled, at_redis = True, False
+            expected = fs.cursor
+            sent = expected if expected is not None else t.settings.start
             page = await self.client.fetch(
                 t.tokens, fs.feed, sent, include_recent_changes=t.settings.include_recent_changes
             )
-            fetched = True
+            at_redis = True
             stall = page_progress(sent, page.has_more, page.fetched, page.continue_from, fs.trail)
             if stall is not None:
                 # Not applied: nothing to resume from, or a cursor that would be asked again.
@@ -309,14 +318,30 @@ class Scheduler:
             self.memory_full = True
             self._after(fs, Outcome("memory"))
             return
+        except ReplicasBehind as exc:
+            # Applied on the primary perhaps, not done: the feed stays where replicas are known
+            # to be and settles its stored cursor before it fetches again.
+            fs.settled = False
+            flog.warning(
+                "replicas_behind",
+                acked=exc.acked,
+                wanted=exc.wanted,
+                error=str(exc),
+                failures=fs.failures + 1,
+            )
+            self._replicas_behind(fs)
+            self._after(fs, Outcome("replicas"), error=str(exc))
+            return
         except TransientError as exc:
-            if fetched:
+            if at_redis:
                 self._redis_trouble(str(exc))
             flog.warning("poll_failed", error=str(exc), failures=fs.failures + 1)
             self._after(fs, Outcome("error"), error=str(exc))
             return
         self.last_progress = time.monotonic()
         self.pages += 1
+        # With wait_replicas, both answers are held by the replicas (see Publisher.apply).
+        fs.settled = True
         if not applied.applied:
             # Another instance (or a restarted Redis) holds a different cursor: adopt it.
             flog.info("cursor_moved", stored=applied.stored is not None)
@@ -413,42 +438,6 @@ class Scheduler:
     @property
     def failed_feeds(self) -> list[FeedState]:
         return [fs for fs in self.timetable.feeds() if fs.failed]
-
-    def set_memory_full(self, full: bool) -> None:
-        """Pause (or resume) all polling for Redis memory."""
-        self.memory_full = full
-        self._wake.set()
-
-    # -- Redis outages -----------------------------------------------------------------
-
-    def _redis_trouble(self, error: str) -> None:
-        """Pause polling until Redis answers again: fetching pages we cannot store is waste."""
-        if self.metrics is not None:
-            self.metrics.redis_error()
-        if not self.redis_ok.is_set():
-            return
-        self.redis_ok.clear()
-        log.error("redis_unavailable", error=error)
-        if not self._probing:
-            self._probing = True
-            self._spawn(self._probe_redis)
-
-    async def _probe_redis(self) -> None:
-        delay = 0.2
-        try:
-            while True:
-                try:
-                    if await self.publisher.ping():
-                        break
-                except Exception as exc:
-                    log.debug("redis_probe_failed", error=type(exc).__name__)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-        finally:
-            self._probing = False
-        log.info("redis_available")
-        self.redis_ok.set()
-        self._wake.set()
 
 
 __all__ = [

@@ -79,11 +79,12 @@ class TenantStatus:
 
 @dataclass(frozen=True, slots=True)
 class EngineStatus:
-    """The tenants not at rest, and whether polling has stopped for Redis."""
+    """The tenants not at rest, and whether polling has stopped for Redis (or its replicas)."""
 
     tenants: Sequence[TenantStatus]
     redis_memory_full: bool = False
     redis_unavailable: bool = False
+    replicas_behind: bool = False  # fewer than `[redis] wait_replicas` replicas answer
 
 
 StatusSource = Callable[[], EngineStatus]

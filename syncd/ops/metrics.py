@@ -3,14 +3,14 @@
 Series count, for N tenants and F feeds (the catalogue has about 55), at each `[ops]
 metrics_detail`:
 
-- "tenant" (the default), never tenant x feed: 16 x N + S + 21 x F + 17, where S <= 6 x N is
+- "tenant" (the default), never tenant x feed: 16 x N + S + 21 x F + 18, where S <= 6 x N is
   the `requests_total` series (one per status class a tenant has seen). Per tenant: six record
   counters, `rate_limited_total`, `paused_seconds_total`, `token_renewals_total`, time since
   success and its poll interval, configured and allowed request rate, `auth_failing`,
   `feeds_paused` for two reasons. Per feed: six record counters, time since success and its
   poll interval, `page_fetch_seconds` (13 series). Unlabelled: `redis_errors_total`,
-  `schedule_lateness_seconds` (12), `polling_paused` (2 reasons), the two fleet gauges. At 1,000
-  tenants and 55 feeds: at most 23,172 series, about 1.1 MB.
+  `schedule_lateness_seconds` (12), `polling_paused` (3 reasons), the two fleet gauges. At 1,000
+  tenants and 55 feeds: at most 23,173 series, about 1.1 MB.
 - "tenant_feed": all of the above, plus per tenant and feed four record counters and the time
   since success (5 x N x F), and dead letters and stale records for the pairs that had any:
   about 298,000 series and 22 MB at 1,000 tenants. For small installations.
@@ -171,7 +171,8 @@ class Metrics(Collector):
                 ),
                 (
                     "syncd_polling_paused",
-                    "1 while nothing is polled, by reason: redis_memory, redis_unavailable.",
+                    "1 while nothing is polled, by reason: redis_memory, redis_unavailable,"
+                    " replicas_behind.",
                     Labels(("reason",)),
                 ),
             )
@@ -377,6 +378,7 @@ class Metrics(Collector):
             polling = {
                 ("redis_memory",): int(status.redis_memory_full),
                 ("redis_unavailable",): int(status.redis_unavailable),
+                ("replicas_behind",): int(status.replicas_behind),
             }
         counters.append((self.feeds_paused, paused))
         for key, _, _ in RECORD_COUNTERS:
