@@ -28,6 +28,7 @@ ALERTS = {
     "SyncdDeadLettersGrowing",
     "SyncdRedisErrors",
     "SyncdRedisUnavailable",
+    "SyncdReplicasBehind",
     "SyncdFleetMemberGone",
 }
 
