@@ -1,15 +1,18 @@
 """Credentials in the places an upstream or an operator can put them, spelt so that a check of
 the plain form misses them:
 
-- a Redis URL whose password holds a `/`, `?` or `#` (the parser then misreads it).
+- a Redis URL whose password holds a `/`, `?` or `#` (the parser then misreads it);
+- a secret file reached through a symlinked directory.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -103,3 +106,84 @@ def test_check_config_doctor_and_run_never_show_such_a_password(tmp_path: Path) 
     outputs += [doctor.render_table(lines, code), doctor.render_json(lines, code)]
     for out in outputs:
         assert not any(p in out for p in PIECES), out
+
+
+# -- secret files -------------------------------------------------------------------------
+
+
+def _settings_with_secret_file(path: Path, **extra: Any) -> config.Settings:
+    data: dict[str, Any] = {
+        "redis": {"url": "redis://127.0.0.1:6379/0"},
+        "servicetitan": {"app_key": "app-key-1234"},
+        "tenants": [{"id": 7, "client_id": "cid", "client_secret_file": str(path)}],
+        **extra,
+    }
+    return config.resolve(config.parse(data, "t.toml"), environ={})
+
+
+def _private(path: Path) -> Path:
+    path.write_text("file-secret-7")
+    path.chmod(0o600)
+    return path
+
+
+def _not_roots(link: Path) -> None:
+    """As a user's own symlink: when the tests run as root, given to another uid."""
+    if os.geteuid() == 0:
+        os.lchown(link, 12345, 12345)
+
+
+def test_a_secret_file_through_a_symlinked_directory_is_refused(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    _private(real / "s")
+    link = tmp_path / "creds"
+    link.symlink_to(real)
+    _not_roots(link)
+    with pytest.raises(config.ConfigError) as info:
+        _settings_with_secret_file(link / "s")
+    message = str(info.value)
+    assert message.startswith(f"t.toml: tenants[0].client_secret_file: {link}/s is reached ")
+    assert f"through {link}, a symlink owned by uid " in message
+    assert "allow_insecure_secret_files = true overrides" in message
+    # Deeper on the way, and through a relative symlink, the same.
+    (real / "sub").mkdir()
+    _private(real / "sub" / "s")
+    relative = real / "up"
+    relative.symlink_to("sub")
+    _not_roots(relative)
+    with pytest.raises(config.ConfigError, match=rf"through {relative}, a symlink owned by"):
+        _settings_with_secret_file(real / "up" / "s")
+    # The real path, and the override, are accepted.
+    assert _settings_with_secret_file(real / "s").tenants[0].client_secret.reveal()
+    insecure = _settings_with_secret_file(link / "s", allow_insecure_secret_files=True)
+    assert insecure.tenants[0].client_secret.reveal() == "file-secret-7"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a symlink of root's needs root")
+def test_roots_symlinks_on_the_way_lead_on(tmp_path: Path) -> None:
+    # As /var/run -> /run.
+    real = tmp_path / "run"
+    real.mkdir()
+    _private(real / "s")
+    (tmp_path / "var-run").symlink_to(real)
+    assert _settings_with_secret_file(tmp_path / "var-run" / "s").tenants
+
+
+def test_a_kubernetes_secret_volume_is_accepted(tmp_path: Path) -> None:
+    """name -> ..data/name, ..data -> ..2026_01_01_00_00_00.1: links within the directory."""
+    volume = tmp_path / "secrets"
+    (volume / "..2026_01_01_00_00_00.1").mkdir(parents=True)
+    _private(volume / "..2026_01_01_00_00_00.1" / "s")
+    (volume / "..data").symlink_to("..2026_01_01_00_00_00.1")
+    (volume / "s").symlink_to("..data/s")
+    _not_roots(volume / "..data")
+    _not_roots(volume / "s")
+    assert _settings_with_secret_file(volume / "s").tenants[0].client_secret.reveal()
+    # A link out of the directory still is not.
+    (volume / "out").symlink_to("../elsewhere")
+    (tmp_path / "elsewhere").mkdir()
+    _private(tmp_path / "elsewhere" / "s")
+    (volume / "t").symlink_to("out/s")
+    with pytest.raises(config.ConfigError, match=r"is a symlink to .*, outside its own directory"):
+        _settings_with_secret_file(volume / "t")
