@@ -8,6 +8,11 @@ Two passes over any text that may have come from outside:
 - anything that merely looks like a credential is replaced too: `Bearer ...`, `key=value` pairs
   whose name says token/secret/password/key, credentials in a URL, JWTs and long opaque strings.
 
+A known secret is also found when the text spells it in a way no encoder would but a reader
+undoes: every character percent-encoded (`%61%62...`), `\\u`-escaped or written as an HTML
+character reference; the text is then decoded (percent-decoding, JSON escapes, HTML references,
+a few rounds for nested encodings) and masked in its decoded form.
+
 An upstream server that echoes the request headers into an error page must not be able to
 route the app key or a token into Redis, `syncd status` or `/readyz` through our error text.
 """
@@ -169,9 +174,58 @@ def _mask_known(text: str) -> str:
     return "".join(out)
 
 
+# Spellings of a text that a reader decodes: a percent-encoded byte, a JSON (or JavaScript)
+# escape, an HTML character reference (named ones too, through html.unescape).
+_PERCENT = re.compile(r"%[0-9A-Fa-f]{2}")
+_JSON_ESCAPE = re.compile(r"\\(?:u([0-9A-Fa-f]{4})|([\"\\/bfnrt]))")
+_JSON_SHORT = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+_SURROGATE_PAIR = re.compile("[\ud800-\udbff][\udc00-\udfff]")
+# Nested encodings (a percent-encoded JSON escape) are undone this many times at most.
+DECODE_ROUNDS = 3
+
+
+def _unescape(m: re.Match[str]) -> str:
+    hex_digits, char = m.groups()
+    if hex_digits is not None:
+        return chr(int(hex_digits, 16))
+    return _JSON_SHORT.get(char, char)
+
+
+def _pair(m: re.Match[str]) -> str:
+    return m.group(0).encode("utf-16-le", "surrogatepass").decode("utf-16-le")
+
+
+def _decoded(text: str) -> str:
+    """`text` with one round of percent-encoding, JSON escapes and HTML references undone."""
+    if "%" in text and _PERCENT.search(text):
+        text = urllib.parse.unquote(text, errors="replace")
+    if "\\" in text:
+        text = _JSON_ESCAPE.sub(_unescape, text)
+        text = _SURROGATE_PAIR.sub(_pair, text)
+    if "&" in text:
+        text = html.unescape(text)
+    return text
+
+
+def _mask_decoded(text: str) -> str:
+    """`text`, decoded and masked, when a known secret shows only once it is decoded; else
+    `text` as it is (its known secrets already masked)."""
+    current = text
+    for _ in range(DECODE_ROUNDS):
+        plain = _decoded(current)
+        if plain == current:
+            break
+        current = _mask_known(plain)
+        if current != plain:
+            text = current
+    return text
+
+
 def redact(text: str) -> str:
     """`text` with every known secret and everything that looks like a credential masked."""
     text = _mask_known(text)
+    if _by_prefix and ("%" in text or "\\" in text or "&" in text):
+        text = _mask_decoded(text)
     if len(text) < 8:
         return text
     if "@" in text and "://" in text:

@@ -1,6 +1,7 @@
 """Credentials in the places an upstream or an operator can put them, spelt so that a check of
 the plain form misses them:
 
+- error text with a secret percent-encoded, escaped or written as HTML references in full;
 - a Redis URL whose password holds a `/`, `?` or `#` (the parser then misreads it);
 - a secret file reached through a symlinked directory.
 """
@@ -8,18 +9,99 @@ the plain form misses them:
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bench.common import to_toml
-from syncd import config
+from syncd import config, redact
 from syncd.cli import doctor
 from syncd.config.urls import check_url, redact_url
+from syncd.servicetitan.upstream import problem_text
+
+# -- how a secret may be spelt ------------------------------------------------------------
+
+
+def percent(secret: str, digits: str = "X") -> str:
+    return "".join(f"%{b:02{digits}}" for b in secret.encode())
+
+
+def escaped(secret: str, digits: str = "x") -> str:
+    return "".join(f"\\u{ord(c):04{digits}}" for c in secret)
+
+
+def spellings(secret: str) -> list[str]:
+    """The secret as a reader of the text would see it: as is, and its escaped forms."""
+    return [secret, escaped(secret), escaped(secret, "X"), percent(secret)]
+
+
+def leaked(text: str, secret: str) -> bool:
+    if any(s in text for s in spellings(secret)):
+        return True
+    # Whatever mixture of escapes: decoded, the secret must not be there either.
+    plain = re.sub(r"\\u([0-9a-fA-F]{4})", lambda m: chr(int(m.group(1), 16)), text)
+    return secret in plain or secret in urllib.parse.unquote(plain)
+
+
+# -- error text: normalised before it is masked ---------------------------------------------
+
+KNOWN = "Kq4tRz8vWm2nPx7s"  # only unreserved characters: its one registered form is itself
+
+
+@pytest.fixture
+def known() -> Any:
+    redact.register("test-known", KNOWN)
+    yield KNOWN
+    redact.forget("test-known")
+
+
+@pytest.mark.parametrize(
+    ("name", "echoed"),
+    [
+        ("as is", KNOWN),
+        ("percent-encoded in full", percent(KNOWN)),
+        ("percent-encoded in full, lower-case hex", percent(KNOWN, "x")),
+        ("\\u-escaped in full", escaped(KNOWN)),
+        ("\\u-escaped in full, upper-case hex", escaped(KNOWN, "X")),
+        ("half of it \\u-escaped", KNOWN[:8] + escaped(KNOWN[8:])),
+        ("HTML decimal references", "".join(f"&#{ord(c)};" for c in KNOWN)),
+        ("HTML hexadecimal references", "".join(f"&#x{ord(c):x};" for c in KNOWN)),
+        ("\\u escapes percent-encoded", percent(escaped(KNOWN))),
+        ("percent-encoding percent-encoded", percent(percent(KNOWN))),
+    ],
+)
+def test_a_known_secret_is_masked_however_it_is_spelt(known: str, name: str, echoed: str) -> None:
+    for text in (f"HTTP 400: bad value {echoed} here", f"x{echoed}y", echoed):
+        out = redact.redact(text)
+        assert not leaked(out, KNOWN), (name, out)
+        assert redact.MASK in out, name
+    # Through the error text an upstream answer becomes (plain text keeps its escapes).
+    body = f"rejected {echoed} (see log)".encode()
+    assert not leaked(problem_text(body, "text/plain"), KNOWN), name
+    # And in a log event.
+    event = redact.processor(None, "warning", {"event": "poll_failed", "error": echoed})
+    assert not leaked(json.dumps(event), KNOWN), name
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "100% of 5 & co",
+        "GET /a%20b?x=%2F failed",
+        'a "quoted\\n" \\u00e9t\\u00e9 &amp; &#65;',
+        "HTTP 503: upstream connect error",
+    ],
+)
+def test_text_without_a_known_secret_keeps_its_encodings(known: str, text: str) -> None:
+    assert redact.redact(text) == text
+
 
 # -- Redis URLs whose password the parser misreads ---------------------------------------------
 
