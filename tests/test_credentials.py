@@ -1,6 +1,8 @@
 """Credentials in the places an upstream or an operator can put them, spelt so that a check of
 the plain form misses them:
 
+- a page whose record, key, timestamp or cursor holds a credential `\\u`-escaped, or another
+  tenant's credential, through the real client against the simulator (its `echo_*` quirks);
 - error text with a secret percent-encoded, escaped or written as HTML references in full;
 - a Redis URL whose password holds a `/`, `?` or `#` (the parser then misreads it);
 - a secret file reached through a symlinked directory.
@@ -9,6 +11,7 @@ the plain form misses them:
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import re
@@ -19,12 +22,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
+import structlog
 
 from bench.common import to_toml
 from syncd import config, redact
-from syncd.cli import doctor
+from syncd.cli import commands, doctor
 from syncd.config.urls import check_url, redact_url
-from syncd.servicetitan.upstream import problem_text
+from syncd.daemon import Daemon
+from syncd.servicetitan import upstream
+from syncd.servicetitan.upstream import (
+    escaped_credential,
+    page_credential,
+    problem_text,
+    unescaped_strings,
+)
+from syncd.testing.redis_server import RedisServer
+from syncd.testing.simulator import run_simulator
+from tests.engine_helpers import config_dict, settings
+from tests.test_secrets import redis_dump
 
 # -- how a secret may be spelt ------------------------------------------------------------
 
@@ -188,6 +204,166 @@ def test_check_config_doctor_and_run_never_show_such_a_password(tmp_path: Path) 
     outputs += [doctor.render_table(lines, code), doctor.render_json(lines, code)]
     for out in outputs:
         assert not any(p in out for p in PIECES), out
+
+
+# -- pages ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scanned", [0, 1, 1000])
+def test_unescaped_strings_are_what_a_decoder_stores(
+    monkeypatch: pytest.MonkeyPatch, scanned: int
+) -> None:
+    # Past MAX_SCANNED_STRINGS strings, the rest is found by another path: the same strings.
+    monkeypatch.setattr(upstream, "MAX_SCANNED_STRINGS", scanned)
+    body = (
+        b'{"a": "plain", "b\\u0041": "x\\"y\\/z", "c": ["\\u00e9", 1], "d": "e\\\\",'
+        b' "f": "q\\"r", "g": "\\\\u0041", "h": "\\ud83d\\ude00\\ud83d"}'
+    )
+    assert json.loads(body)  # well-formed, as after decoding
+    strings = unescaped_strings(body).decode("utf-8", "surrogatepass").split("\x00")
+    # Strings with only \" or \\ escapes are left out: no secret hides behind those.
+    expected = ["bA", 'x"y/z', "\u00e9", "\\u0041", "\U0001f600\ud83d"]
+    if scanned <= 1:  # the regular expression takes every string with an escape
+        expected = ["bA", 'x"y/z', "\u00e9", "e\\", 'q"r', "\\u0041", "\U0001f600\ud83d"]
+    assert strings == expected
+    assert unescaped_strings(b'{"a": "plain", "b": "q\\"r"}') == b""
+
+
+def test_a_page_holding_any_tenants_credential_is_refused() -> None:
+    redact.register(("client_secret", 91), "cs-ninety-one-secret")
+    redact.register(("token", 92), "tk-ninety-two-token-live")
+    try:
+        for body, tenant, raw, expected in [
+            (b'{"x": "cs-ninety-one-secret"}', 91, True, "a credential it was sent"),
+            (b'{"x": "cs-ninety-one-secret"}', 92, True, "another tenant's credential"),
+            (b'{"x": "tk-ninety-two-token-live"}', 91, True, "another tenant's credential"),
+            (
+                b'{"x": "zz%s"}' % escaped("tk-ninety-two-token-live").encode(),
+                91,
+                False,
+                "another tenant's credential",
+            ),
+            (b'{"%s": 1}' % escaped("cs-ninety-one-secret").encode(), 91, False, "it was sent"),
+            (b'{"x": "tk-ninety-\\u0074wo-token-live"}', 92, False, "it was sent"),
+        ]:
+            found = page_credential(body, tenant)
+            if not raw:
+                assert found is None, body
+                found = escaped_credential(body, tenant)
+            assert found is not None, body
+            assert expected in found, body
+        clean = b'{"x": "cs-ninety-one-secre", "y": "\\u00e9t\\u00e9"}'
+        assert page_credential(clean, 91) is None
+        assert escaped_credential(clean, 91) is None
+    finally:
+        redact.forget(("client_secret", 91))
+        redact.forget(("token", 92))
+
+
+def test_the_token_sent_is_checked_even_if_renewed_since() -> None:
+    body = b'{"x": "%s"}' % escaped("old-token-still-live").encode()
+    assert page_credential(body, 1) is None
+    assert escaped_credential(body, 1) is None
+    found = escaped_credential(body, 1, ["old-token-still-live"])
+    assert found is not None
+    assert "it was sent" in found
+
+
+@pytest.mark.parametrize("few", [0, 10**6])
+def test_every_known_secret_is_found_wherever_it_lies(
+    monkeypatch: pytest.MonkeyPatch, few: int
+) -> None:
+    """The block index (one pass, any number of secrets) finds a secret of any length at any
+    offset; so does the search for each, which known_in does when it knows only a few."""
+    monkeypatch.setattr(redact, "FEW_FORMS", few)
+    secrets = [f"{n:02d}" + "abcdefghijklmnopqrstuvwxyz"[: n - 2] for n in range(6, 30)]
+    for i, s in enumerate(secrets):
+        redact.register(("test-len", i), s)
+    try:
+        for s in secrets:
+            for offset in range(9):
+                text = b"#" * offset + s.encode() + b"#" * 3
+                assert redact.known_in(text) is not None, (s, offset)
+                assert redact.known_in(text.replace(s[-1].encode(), b"!")) is None, (s, offset)
+    finally:
+        for i in range(len(secrets)):
+            redact.forget(("test-len", i))
+    assert redact.known_in(secrets[-1].encode()) is None
+
+
+ECHO_TENANT, OTHER = 1801, 1802
+FEED = "crm.customers"
+
+
+async def _poll_once(
+    redis_server: RedisServer, r: aioredis.Redis, sim_url: str, app_key: str, tenants: list[int]
+) -> tuple[str, str]:
+    """Run the daemon once over `tenants`; (its captured log events, `status` text and JSON)."""
+    data = config_dict(redis_server.url, sim_url, app_key, tenants, [FEED])
+    s = settings(data)
+    with structlog.testing.capture_logs() as logs:
+        await Daemon(s, once=True).run()
+    out = io.StringIO()
+    await commands.status(s, as_json=False, out=out)
+    await commands.status(s, as_json=True, out=out)
+    return json.dumps(logs, default=str), out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("credential", "place", "escape", "expected"),
+    [
+        ("token", "key", True, "a credential it was sent"),
+        ("token", "timestamp", True, "a credential it was sent"),
+        ("token", "record", True, "a credential it was sent"),
+        ("app_key", "key", True, "a credential it was sent"),
+        ("other_secret", "record", False, "another tenant's credential"),
+        ("other_secret", "key", True, "another tenant's credential"),
+        ("other_token", "cursor", False, "another tenant's credential"),
+        ("other_token", "record", True, "another tenant's credential"),
+    ],
+)
+async def test_a_page_echoing_a_credential_stores_nothing_of_it(
+    redis: aioredis.Redis,
+    redis_server: RedisServer,
+    credential: str,
+    place: str,
+    escape: bool,
+    expected: str,
+) -> None:
+    quirks = {
+        ECHO_TENANT: {"echo_credential": credential, "echo_in": place, "echo_escaped": escape}
+    }
+    async with run_simulator(
+        tenants=[ECHO_TENANT, OTHER], records=8, page_size=5, tenant_quirks=quirks
+    ) as sim:
+        tenants = [ECHO_TENANT, OTHER]
+        if credential == "other_token":
+            # The other tenant's live token, obtained (and so known) by this process first;
+            # then polled without it, so that it keeps that one token.
+            await _poll_once(redis_server, redis, sim.url, sim.app_key, [OTHER])
+            issued = [t for t, (owner, _) in sim.state.tokens.items() if owner == OTHER]
+            assert len(issued) == 1
+            tenants = [ECHO_TENANT]
+        log, status = await _poll_once(redis_server, redis, sim.url, sim.app_key, tenants)
+        secrets = {
+            "token": [t for t, (owner, _) in sim.state.tokens.items() if owner == ECHO_TENANT],
+            "app_key": [sim.app_key],
+            "other_secret": [f"secret-{OTHER}"],
+            "other_token": issued if credential == "other_token" else [],
+        }[credential]
+    assert secrets
+    dump = await redis_dump(redis)
+    for name, text in [("redis", dump), ("log", log), ("status", status)]:
+        for secret in secrets:
+            assert not leaked(text, secret), f"{name} holds {credential} in {place}"
+    # The echoing tenant's feed failed for it, and stored nothing of its pages ...
+    state = await redis.hgetall(f"st:{{{ECHO_TENANT}}}:state")
+    assert expected in state[f"{FEED}:last_error".encode()].decode()
+    assert await redis.exists(f"st:{{{ECHO_TENANT}}}:{FEED}") == 0
+    assert await redis.hlen(f"st:{{{ECHO_TENANT}}}:cursors") == 0
+    assert expected in status
+    # ... while the other tenant's went through.
+    assert await redis.xlen(f"st:{{{OTHER}}}:{FEED}") == 8
 
 
 # -- secret files -------------------------------------------------------------------------
