@@ -8,6 +8,14 @@ Two passes over any text that may have come from outside:
 - anything that merely looks like a credential is replaced too: `Bearer ...`, `key=value` pairs
   whose name says token/secret/password/key, credentials in a URL, JWTs and long opaque strings.
 
+A known secret is also found when the text spells it in a way no encoder would but a reader
+undoes: every character percent-encoded (`%61%62...`), `\\u`-escaped or written as an HTML
+character reference; the text is then decoded (percent-decoding, JSON escapes, HTML references,
+a few rounds for nested encodings) and masked in its decoded form.
+
+`known_in` answers, in one pass over a page's bytes whatever the number of secrets, whether
+any known secret (in any of the forms above) is in it: a page holding one is not applied.
+
 An upstream server that echoes the request headers into an error page must not be able to
 route the app key or a token into Redis, `syncd status` or `/readyz` through our error text.
 """
@@ -18,6 +26,7 @@ import bisect
 import html
 import json
 import re
+import sys
 import threading
 import urllib.parse
 from collections.abc import Hashable, MutableMapping
@@ -37,6 +46,14 @@ _uses: dict[str, int] = {}
 # whatever the number of secrets (thousands of tenants mean thousands of secrets and tokens).
 # Updated one bucket at a time: a renewed token costs the same with ten tenants or ten thousand.
 _by_prefix: dict[str, tuple[str, ...]] = {}
+# The known forms as UTF-8, for `known_in`, indexed by blocks of their bytes: a form of at least
+# 2 * BLOCK - 1 bytes holds, wherever it lies in a text, one of the text's BLOCK-aligned blocks,
+# and that block is one of its own first BLOCK blocks (at offsets 0 .. BLOCK - 1). So the
+# text's aligned blocks, read as integers by a memoryview, are looked up in one C-level pass.
+# Forms of 7 to 14 bytes take 4-byte blocks, shorter ones (6 bytes) are searched one by one.
+_by_block: dict[int, dict[bytes, None]] = {}  # 8-byte blocks of forms of 15+ bytes
+_by_short_block: dict[int, dict[bytes, None]] = {}  # 4-byte blocks of forms of 7-14 bytes
+_tiny: dict[bytes, None] = {}  # forms of 6 bytes
 
 # Every repetition is bounded or anchored so that no input makes a pattern backtrack over it
 # quadratically: the texts come from outside.
@@ -99,6 +116,39 @@ def _longest_first(form: str) -> int:
     return -len(form)
 
 
+def _blocks(data: bytes) -> tuple[dict[int, dict[bytes, None]], list[int]] | None:
+    """The block index a form's bytes belong in and their blocks there; None: too short."""
+    for size, index in ((8, _by_block), (4, _by_short_block)):
+        if len(data) >= 2 * size - 1:
+            blocks = [int.from_bytes(data[o : o + size], sys.byteorder) for o in range(size)]
+            return index, blocks
+    return None
+
+
+def _index_bytes(data: bytes) -> None:
+    found = _blocks(data)
+    if found is None:
+        _tiny[data] = None
+        return
+    index, blocks = found
+    for block in blocks:
+        index.setdefault(block, {})[data] = None
+
+
+def _unindex_bytes(data: bytes) -> None:
+    found = _blocks(data)
+    if found is None:
+        _tiny.pop(data, None)
+        return
+    index, blocks = found
+    for block in blocks:
+        forms = index.get(block)
+        if forms is not None:
+            forms.pop(data, None)
+            if not forms:
+                del index[block]
+
+
 def _add(form: str) -> None:
     count = _uses.get(form, 0)
     _uses[form] = count + 1
@@ -109,6 +159,7 @@ def _add(form: str) -> None:
         # Longest first, so that a secret containing another is masked whole.
         i = bisect.bisect_right(bucket, -len(form), key=_longest_first)
         _by_prefix[key] = (*bucket[:i], form, *bucket[i:])
+        _index_bytes(_as_bytes(form))
 
 
 def _remove(form: str) -> None:
@@ -124,6 +175,7 @@ def _remove(form: str) -> None:
         _by_prefix[key] = bucket
     else:
         del _by_prefix[key]
+    _unindex_bytes(_as_bytes(form))
 
 
 def register(slot: Hashable, secret: str | None) -> None:
@@ -169,9 +221,110 @@ def _mask_known(text: str) -> str:
     return "".join(out)
 
 
+# Up to this many known forms, `known_in` searches for each instead of reading the blocks.
+FEW_FORMS = 8
+
+
+def _as_bytes(form: str) -> bytes:
+    return form.encode("utf-8", "surrogatepass")
+
+
+def _candidates(
+    index: dict[int, dict[bytes, None]], blocks: memoryview, into: dict[bytes, None]
+) -> None:
+    # The common case, no block of any known form: one C-level pass.
+    if index.keys().isdisjoint(blocks):
+        return
+    for block in set(blocks).intersection(index):
+        into.update(index.get(block, {}))
+
+
+def _found(data: bytes) -> bytes | None:
+    """A known form (as bytes) that `data` contains, or None."""
+    if len(_uses) <= FEW_FORMS:
+        # A few forms: a search for each (memchr-fast) costs less than reading every block.
+        return next((f for form in list(_uses) if (f := _as_bytes(form)) in data), None)
+    n = len(data)
+    candidates: dict[bytes, None] = {}
+    with memoryview(data) as view:
+        if _by_block and n >= 8:
+            with view[: n - n % 8].cast("Q") as blocks:
+                _candidates(_by_block, blocks, candidates)
+        if _by_short_block and n >= 4:
+            with view[: n - n % 4].cast("I") as blocks:
+                _candidates(_by_short_block, blocks, candidates)
+    for form in (*candidates, *_tiny):
+        if form in data:
+            return form
+    return None
+
+
+def known_in(data: bytes) -> Hashable | None:
+    """The slot of a known secret that `data` holds in one of the forms it may be echoed in,
+    or None. One pass over `data` whatever the number of secrets known (with only a few, a
+    search for each, which costs less)."""
+    form = _found(data)
+    if form is None:
+        return None
+    text = form.decode("utf-8", "surrogatepass")
+    for slot, forms in list(_known.items()):
+        if text in forms:
+            return slot
+    return None  # forgotten meanwhile
+
+
+# Spellings of a text that a reader decodes: a percent-encoded byte, a JSON (or JavaScript)
+# escape, an HTML character reference (named ones too, through html.unescape).
+_PERCENT = re.compile(r"%[0-9A-Fa-f]{2}")
+_JSON_ESCAPE = re.compile(r"\\(?:u([0-9A-Fa-f]{4})|([\"\\/bfnrt]))")
+_JSON_SHORT = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+_SURROGATE_PAIR = re.compile("[\ud800-\udbff][\udc00-\udfff]")
+# Nested encodings (a percent-encoded JSON escape) are undone this many times at most.
+DECODE_ROUNDS = 3
+
+
+def _unescape(m: re.Match[str]) -> str:
+    hex_digits, char = m.groups()
+    if hex_digits is not None:
+        return chr(int(hex_digits, 16))
+    return _JSON_SHORT.get(char, char)
+
+
+def _pair(m: re.Match[str]) -> str:
+    return m.group(0).encode("utf-16-le", "surrogatepass").decode("utf-16-le")
+
+
+def _decoded(text: str) -> str:
+    """`text` with one round of percent-encoding, JSON escapes and HTML references undone."""
+    if "%" in text and _PERCENT.search(text):
+        text = urllib.parse.unquote(text, errors="replace")
+    if "\\" in text:
+        text = _JSON_ESCAPE.sub(_unescape, text)
+        text = _SURROGATE_PAIR.sub(_pair, text)
+    if "&" in text:
+        text = html.unescape(text)
+    return text
+
+
+def _mask_decoded(text: str) -> str:
+    """`text`, decoded and masked, when a known secret shows only once it is decoded; else
+    `text` as it is (its known secrets already masked)."""
+    current = text
+    for _ in range(DECODE_ROUNDS):
+        plain = _decoded(current)
+        if plain == current:
+            break
+        current = _mask_known(plain)
+        if current != plain:
+            text = current
+    return text
+
+
 def redact(text: str) -> str:
     """`text` with every known secret and everything that looks like a credential masked."""
     text = _mask_known(text)
+    if _by_prefix and ("%" in text or "\\" in text or "&" in text):
+        text = _mask_decoded(text)
     if len(text) < 8:
         return text
     if "@" in text and "://" in text:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import re
 import time
 from collections import Counter
@@ -20,7 +21,7 @@ from syncd import catalogue
 from syncd.simulator.cache import SizedCache
 from syncd.simulator.cli import add_arguments, quirks_from_args
 from syncd.simulator.data import FeedLog
-from syncd.simulator.quirks import Quirks, edit_entries, parse_assignments
+from syncd.simulator.quirks import EchoPlace, Quirks, echo_in_page, edit_entries, parse_assignments
 from syncd.testing.simulator import (
     RunningSimulator,
     SimulatorProcess,
@@ -520,6 +521,45 @@ def test_date_offset_flag() -> None:
     quirks, per_tenant = quirks_from_args(args)
     assert quirks.date_offset == -30.0
     assert dict(per_tenant)[7].date_offset == 5.0
+
+
+def test_echo_credential_writes_it_where_asked() -> None:
+    page = json.dumps(
+        {"hasMore": True, "continueFrom": "c1", "data": [{"id": 1, "modifiedOn": "2026"}]}
+    ).encode()
+    places: list[tuple[EchoPlace, bool]] = [
+        ("record", True),
+        ("key", True),
+        ("timestamp", False),
+        ("cursor", True),
+    ]
+    for place, escape in places:
+        body = echo_in_page(page, "tok+en/42", place, escape, ("id",), "modifiedOn")
+        assert (b"tok+en/42" in body) is not escape
+        decoded = json.loads(body)
+        record = decoded["data"][0]
+        got = {
+            "record": record.get("echo"),
+            "key": record["id"],
+            "timestamp": record["modifiedOn"],
+            "cursor": decoded["continueFrom"],
+        }[place]
+        assert got == "tok+en/42", place
+    empty = json.dumps({"hasMore": False, "continueFrom": "c", "data": []}).encode()
+    assert echo_in_page(empty, "tok+en/42", "record", True, ("id",), None) == empty
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(
+        ["--echo-credential", "other_token", "--echo-in", "cursor", "--echo-plain"]
+    )
+    quirks, _ = quirks_from_args(args)
+    assert (quirks.echo_credential, quirks.echo_in, quirks.echo_escaped) == (
+        "other_token",
+        "cursor",
+        False,
+    )
+    with pytest.raises(ValueError, match="echo_in"):
+        Quirks().apply({"echo_in": "header"})
 
 
 # -- defaults -------------------------------------------------------------------------------

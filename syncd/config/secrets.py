@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import os
 import re
+import urllib.parse
 from collections.abc import Mapping
 from typing import TypeVar
 
 import msgspec
 
-from syncd import catalogue
+from syncd import catalogue, redact
 from syncd.config.load import fail, load
 from syncd.config.model import ENVIRONMENTS, Config, Secret, Settings, TenantSettings
 from syncd.config.secretfiles import SecretFileError, read_secret_file
@@ -118,7 +119,7 @@ def resolve(cfg: Config, environ: Mapping[str, str] | None = None) -> Settings:
             env,
             insecure,
         )
-    return Settings(
+    settings = Settings(
         config=cfg,
         ops_token=ops_token,
         auth_url=(st.auth_url or default_auth),
@@ -127,6 +128,27 @@ def resolve(cfg: Config, environ: Mapping[str, str] | None = None) -> Settings:
         tenants=tuple(tenants),
         sentinel_password=sentinel_password,
     )
+    register_secrets(settings)
+    return settings
+
+
+def register_secrets(settings: Settings) -> None:
+    """Make every secret of `settings` known to `syncd.redact` as soon as it is read: masked in
+    every log line and error, and refused in a page (whichever tenant's page it is, and
+    whether or not this instance polls its tenant)."""
+    redact.register("app_key", settings.app_key.reveal())
+    for t in settings.tenants:
+        redact.register(("client_secret", t.id), t.client_secret.reveal())
+    for slot, secret in (
+        ("ops_token", settings.ops_token),
+        ("sentinel_password", settings.sentinel_password),
+    ):
+        redact.register(slot, None if secret is None else secret.reveal())
+    try:
+        password = urllib.parse.urlsplit(settings.config.redis.url).password
+    except ValueError:
+        password = None
+    redact.register("redis_password", urllib.parse.unquote(password) if password else None)
 
 
 def _resolve_tls(cfg: Config, name: str, env: Mapping[str, str]) -> Config:

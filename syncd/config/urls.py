@@ -16,9 +16,42 @@ SCHEMES = ("redis://", "rediss://", "unix://")
 _QUERY_SECRET = re.compile(r"(?i)((?:^|&)[^=&]*(?:passw|pwd|secret|token)[^=&]*=)[^&]*")
 
 
+def _misplaced_at(url: str) -> int | None:
+    """Where the last '@' of `url` is when URL parsing does not end the user info there (a
+    `/`, `?` or `#` before it cut the authority short, or parsing failed), else None: all
+    before it may be a user name and password."""
+    at = url.rfind("@")
+    if at < 0:
+        return None
+    start = url.find("://")
+    start = 0 if start < 0 else start + 3
+    try:
+        netloc = urllib.parse.urlsplit(url).netloc
+    except ValueError:
+        return at
+    if start == 0 or at >= start + len(netloc) or url[start : start + len(netloc)] != netloc:
+        return at
+    return None
+
+
+def _splits(url: str) -> bool:
+    try:
+        urllib.parse.urlsplit(url)
+    except ValueError:
+        return False
+    return True
+
+
 def redact_url(url: str) -> str:
     """The URL with any password (and a user name standing alone) replaced by ***, in the
-    user info and in the query string."""
+    user info and in the query string. A URL whose user info parsing would misread (a `/`, `?`
+    or `#` left unencoded in the password) loses all it has between `://` and its last `@`."""
+    at = _misplaced_at(url)
+    if at is not None:
+        start = url.find("://")
+        head = url[: start + 3] if start >= 0 else ""
+        host, sep, query = url[at + 1 :].partition("?")
+        return f"{head}***@{host}{sep}" + _QUERY_SECRET.sub(r"\1***", query)
     try:
         parts = urllib.parse.urlsplit(url)
         netloc = parts.netloc
@@ -42,6 +75,13 @@ def check_url(url: str) -> str | None:
     """
     if not url.startswith(SCHEMES):
         return "expected a redis://, rediss:// or unix:// URL"
+    # The client would take part of the password for the host, port or path. (A URL that does
+    # not split at all gets the parser's own message, below.)
+    if _misplaced_at(url) is not None and _splits(url):
+        return (
+            "has an '@' after its host: a '/', '?' or '#' in the user name or password must be "
+            "percent-encoded (%2F, %3F, %23), as must an '@' in the path or query (%40)"
+        )
     try:
         parts = urllib.parse.urlsplit(url)
         port = parts.port

@@ -110,10 +110,6 @@ class TokenProvider:
         self._failure = None
         self.last_error = None
 
-    def secrets_sent(self) -> tuple[bytes, ...]:
-        """The tenant's own secrets as bytes, for checking that an answer does not echo them."""
-        return (self._secret.reveal().encode(),)
-
     def invalidate(self, token: str) -> None:
         """Drop `token` after a 401, unless a newer one already replaced it."""
         if self._token == token:

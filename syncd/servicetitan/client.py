@@ -22,7 +22,9 @@ from syncd.servicetitan.upstream import (
     MAX_ERROR_BODY_BYTES,
     REDIRECTS,
     BodyTooLarge,
+    escaped_credential,
     guarded_decode,
+    page_credential,
     problem_text,
     read_capped,
     redirect_error,
@@ -111,18 +113,17 @@ class ExportClient:
                     raise BodyTooLarge(
                         f"page body over {MAX_BODY_BYTES} bytes (MAX_BODY_BYTES); not decoded"
                     )
-                sent = [self._app_key.reveal(), token, *(s.decode() for s in tokens.secrets_sent())]
-                sent = [s for s in sent if len(s) >= redact.MIN_SECRET_CHARS]
-                if any(form.encode() in body for s in sent for form in redact.encodings(s)):
-                    # A page echoing what it was sent would put a credential into Redis as a
-                    # cursor or an event: it is not applied.
-                    raise TransientError("page contains a credential it was sent; not applied")
+                # A page holding a credential (echoed, or another tenant's) would put it into
+                # Redis as a cursor or an event: it is not applied. Its bytes first; what its
+                # escapes spell once it decoded. The token sent is checked even if renewed since.
+                sent = [token] if len(token) >= redact.MIN_SECRET_CHARS else []
+                problem = page_credential(body, tokens.tenant, sent)
+                if problem is not None:
+                    raise TransientError(problem)
                 page = decode_checked(body, feed, elapsed)
-                if any(s in page.continue_from for s in sent):
-                    # Escaped in the JSON beyond the usual forms, but stored decoded.
-                    raise TransientError(
-                        "page's continueFrom contains a credential it was sent; not applied"
-                    )
+                problem = escaped_credential(body, tokens.tenant, sent)
+                if problem is not None:
+                    raise TransientError(problem)
                 return page
             if status in REDIRECTS:
                 raise TransientError(redirect_error(status, location, url, "the API"))

@@ -8,9 +8,11 @@ excerpt of an HTML or plain-text body, always after redaction; never the raw byt
 
 from __future__ import annotations
 
+import contextlib
 import html
+import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, TypeVar
 
 import aiohttp
@@ -18,7 +20,7 @@ import msgspec
 import yarl
 
 from syncd.errors import TransientError
-from syncd.redact import redact
+from syncd.redact import encodings, known_in, redact
 
 # A page body larger than this fails the page (it is fetched again later, and keeps failing
 # until the API sends smaller pages): an export page holds at most a few thousand records of a
@@ -253,3 +255,98 @@ def guarded_decode(body: bytes, decode: Callable[[bytes], P], cursor_of: Callabl
             f"over the {MAX_CURSOR_CHARS} allowed; it is not stored"
         )
     return page
+
+
+# -- credentials in a page --------------------------------------------------------------------
+
+# Escapes that can hide a secret's characters: a \u escape can spell any character, \/ a
+# slash written either way. (A secret with a quote or a backslash is found in the bytes in its
+# JSON-escaped form: see `redact.encodings`.)
+_HIDING = re.compile(r"\\[u/]")
+# A JSON string holding at least one escape. Outside strings JSON has neither quotes nor
+# backslashes, so in a document that decoded, a search starting outside a string finds whole
+# strings; the scan is linear (possessive repetitions: nothing is tried twice).
+_ESCAPED_STRING = re.compile(r'"[^"\\]*+(?:\\.[^"\\]*+)++"', re.DOTALL)
+# Strings with such escapes are found from their escapes and each decoded by the JSON module
+# (about 2 us a string, whatever the page's size); past this many, one regular expression pass
+# over the rest of the page costs less (about 7 ms per MB, and 0.3 us a string).
+MAX_SCANNED_STRINGS = 1000
+_DECODE_AT = json.JSONDecoder(strict=False).raw_decode
+
+
+def _opening_quote(text: str, pos: int) -> int:
+    """Where the string holding `pos` starts: the last quote before it that is not escaped."""
+    start = text.rfind('"', 0, pos)
+    while start > 0 and text[start - 1] == "\\":
+        i = start - 1
+        while text[i] == "\\":
+            i -= 1
+        if (start - 1 - i) % 2 == 0:
+            break  # escaped backslashes: the quote ends them
+        start = text.rfind('"', 0, start)
+    return start
+
+
+def unescaped_strings(body: bytes) -> bytes:
+    """What the JSON strings of `body` (a document that decoded) holding a `\\u` or `\\/`
+    escape decode to, as UTF-8 separated by NUL; b"" when there are none: a credential written
+    with escapes is not in the body's bytes, but it is in what a decoder stores."""
+    if b"\\" not in body:
+        return b""
+    text = body.decode("utf-8", "replace")
+    strings: list[str] = []
+    escape = _HIDING.search(text)
+    while escape is not None:
+        start = _opening_quote(text, escape.start())
+        if len(strings) >= MAX_SCANNED_STRINGS:
+            rest = _ESCAPED_STRING.findall(text, start)
+            # (Not JSON after all would be a page the decoder refused.)
+            with contextlib.suppress(ValueError):
+                strings += json.loads("[" + ",".join(rest) + "]", strict=False)
+            break
+        try:
+            value, end = _DECODE_AT(text, start)
+        except ValueError:
+            end = escape.end()
+        else:
+            strings.append(value)
+        escape = _HIDING.search(text, end)
+    return "\x00".join(strings).encode("utf-8", "surrogatepass")
+
+
+def _holds(text: bytes, sent: Sequence[str]) -> Hashable | None:
+    slot = known_in(text)
+    if slot is not None:
+        return slot
+    if any(form.encode("utf-8", "surrogatepass") in text for s in sent for form in encodings(s)):
+        return "sent"
+    return None
+
+
+def _why(slot: Hashable, tenant: int) -> str:
+    if slot in ("sent", "app_key", ("token", tenant), ("client_secret", tenant)):
+        return "page contains a credential it was sent; not applied"
+    if isinstance(slot, tuple) and slot[:1] in (("token",), ("client_secret",)):
+        return "page contains another tenant's credential; not applied"
+    return "page contains a credential syncd holds; not applied"
+
+
+def page_credential(body: bytes, tenant: int, sent: Sequence[str] = ()) -> str | None:
+    """Why the page `body` of `tenant` must not be applied because it holds a credential in
+    its bytes, or None.
+
+    Every secret syncd knows (the app key, each tenant's client secret and live token: see
+    `redact.known_in`) and each of `sent` (what the request carried, in case it was replaced
+    since) is looked for, in the forms it may be echoed in: a record, a key, a timestamp or a
+    cursor holding one would put it into Redis, `status` or the next request's URL.
+    """
+    slot = _holds(body, sent)
+    return None if slot is None else _why(slot, tenant)
+
+
+def escaped_credential(body: bytes, tenant: int, sent: Sequence[str] = ()) -> str | None:
+    """`page_credential` of what the escaped strings of `body` decode to (`unescaped_strings`;
+    nothing to do for a body without a backslash). Only for a body that decoded."""
+    plain = unescaped_strings(body)
+    slot = _holds(plain, sent) if plain else None
+    return None if slot is None else _why(slot, tenant)

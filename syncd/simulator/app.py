@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gzip
 import logging
 import math
@@ -27,7 +28,7 @@ from syncd.simulator.problems import (
     problem,
     rate_limited,
 )
-from syncd.simulator.quirks import Quirks, edit_entries
+from syncd.simulator.quirks import Quirks, echo_in_page, edit_entries
 from syncd.simulator.state import STATE_KEY, SimState, TenantStats, now_ticks
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -217,7 +218,36 @@ async def _export(
         )
     else:
         page = await state.pager.page(log, wanted.start, wanted.recent, wanted.active, ticks, style)
+    if quirks.echo_credential != "none":
+        secret = _echoed(state, tenant, quirks, token, now)
+        if secret is not None:
+            body = echo_in_page(
+                page.body,
+                secret,
+                quirks.echo_in,
+                quirks.echo_escaped,
+                log.feed.key_fields,
+                log.feed.timestamp_field,
+            )
+            page = dataclasses.replace(page, body=body)
     return await _send(request, state, stats, log, page)
+
+
+def _echoed(state: SimState, tenant: int, quirks: Quirks, token: str, now: float) -> str | None:
+    """The credential the `echo_credential` quirk puts into tenant's pages; None when there is
+    none to echo (no other tenant, or none with a live token)."""
+    kind = quirks.echo_credential
+    if kind == "token":
+        return token
+    if kind == "app_key":
+        return state.options.app_key
+    other = next((t for t in state.tenants if t != tenant), None)
+    if other is None:
+        return None
+    if kind == "other_secret":
+        return f"secret-{other}"
+    live = [k for k, (owner, expiry) in state.tokens.items() if owner == other and expiry > now]
+    return live[-1] if live else None
 
 
 def _no_progress(state: SimState, log: FeedLog, wanted: _Query, quirks: Quirks) -> dict[str, Any]:

@@ -126,6 +126,19 @@ _QUIRK_FLAGS: tuple[tuple[str, str, str | tuple[str, ...], str], ...] = (
         ("problem", "text", "html"),
         "body of injected 5xx: ProblemDetails, text/plain or a gateway's HTML (default problem)",
     ),
+    (
+        "echo_credential",
+        "--echo-credential",
+        ("none", "token", "app_key", "other_token", "other_secret"),
+        "a credential written into every export page, \\u-escaped (default none)",
+    ),
+    (
+        "echo_in",
+        "--echo-in",
+        ("record", "key", "timestamp", "cursor"),
+        "where --echo-credential goes: the first record's own field, key or timestamp, or "
+        "continueFrom (default record)",
+    ),
 )
 
 
@@ -145,6 +158,13 @@ def _add_quirk_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         default=None,
         help="gzip export responses for clients that accept it",
+    )
+    group.add_argument(
+        "--echo-plain",
+        dest="echo_escaped",
+        action="store_false",
+        default=None,
+        help="write --echo-credential as it is, not \\u-escaped",
     )
     group.add_argument(
         "--date-offset",
@@ -170,7 +190,8 @@ def _add_quirk_arguments(parser: argparse.ArgumentParser) -> None:
 
 def quirks_from_args(args: argparse.Namespace) -> tuple[Quirks, tuple[tuple[int, Quirks], ...]]:
     """The quirks for every tenant and the per-tenant ones; ValueError naming a bad flag."""
-    fields = ("repeat_tail", "gzip", "date_offset", *(field for field, *_ in _QUIRK_FLAGS))
+    fields: tuple[str, ...] = ("repeat_tail", "gzip", "date_offset", "echo_escaped")
+    fields += tuple(field for field, *_ in _QUIRK_FLAGS)
     given = {f: getattr(args, f) for f in fields if getattr(args, f, None) is not None}
     quirks = Quirks().apply(given)
     per_tenant: dict[int, Quirks] = {}

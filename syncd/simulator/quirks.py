@@ -8,6 +8,7 @@ stream per tenant derived from the seed, so a run is repeatable.
 
 from __future__ import annotations
 
+import json
 import math
 from random import Random
 from typing import Any, Literal
@@ -20,6 +21,8 @@ from syncd.simulator.offschema import RecordStyle
 NoProgressCursor = Literal["same", "missing", "null", "empty", "alternate"]
 RateLimitBody = Literal["problem", "apim", "apim-retry-after", "text", "html"]
 ErrorBody = Literal["problem", "text", "html"]
+EchoCredential = Literal["none", "token", "app_key", "other_token", "other_secret"]
+EchoPlace = Literal["record", "key", "timestamp", "cursor"]
 
 # An HTTP date must stay a valid one: a year either way is far beyond any real clock error.
 MAX_DATE_OFFSET_S = 366 * 86400.0
@@ -93,6 +96,13 @@ class Quirks(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     # Seconds added to the Date header of export answers (negative: behind): an API whose
     # clock is off from the client's.
     date_offset: float = 0.0
+    # A credential written into every export page (a hostile or broken API): the request's
+    # token, the app key, the live token of another tenant or another tenant's client secret;
+    # in the first record (a field of its own, its key or its timestamp) or as continueFrom;
+    # every character as a \\uXXXX escape unless echo_escaped is off.
+    echo_credential: EchoCredential = "none"
+    echo_in: EchoPlace = "record"
+    echo_escaped: bool = True
 
     def check(self) -> str | None:
         """A message naming the first bad field, or None."""
@@ -214,3 +224,39 @@ def edit_entries(
         if result == ordered:
             result.append(result.pop(0))
     return result
+
+
+_ECHO_MARK = "\x00syncd-sim-echo\x00"
+
+
+def echo_in_page(
+    body: bytes,
+    secret: str,
+    place: EchoPlace,
+    escaped: bool,
+    key_fields: tuple[str, ...],
+    timestamp_field: str | None,
+) -> bytes:
+    """An export page `body` with `secret` in `place`: a field "echo" of its first record, that
+    record's key (its last key field) or timestamp, or the continueFrom. `escaped`: every
+    character written as a \\uXXXX escape. A page without records is left as it is unless the
+    place is its cursor."""
+    page = json.loads(body)
+    if place == "cursor":
+        page["continueFrom"] = _ECHO_MARK
+    else:
+        records = page.get("data") or []
+        if not records or not isinstance(records[0], dict):
+            return body
+        field = {
+            "record": "echo",
+            "key": key_fields[-1],
+            "timestamp": timestamp_field or "modifiedOn",
+        }[place]
+        records[0][field] = _ECHO_MARK
+    text = json.dumps(page, ensure_ascii=False)
+    if escaped:
+        spelt = "".join(f"\\u{ord(c):04x}" for c in secret)
+    else:
+        spelt = json.dumps(secret, ensure_ascii=False)[1:-1]
+    return text.replace(json.dumps(_ECHO_MARK)[1:-1], spelt, 1).encode()
