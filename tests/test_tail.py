@@ -64,6 +64,7 @@ async def test_json_lines_from_start(redis: aioredis.Redis) -> None:
             "op": "created",
             "key": "1",
             "modified_on": "2024-05-01T12:00:00Z",
+            "modified_at": "2024-05-01T12:00:00.0000000Z",
             "data": {"id": 1, "name": "Acme é", "active": True, "balance": 12.5, "tags": [1, 2]},
         },
         {
@@ -74,6 +75,7 @@ async def test_json_lines_from_start(redis: aioredis.Redis) -> None:
             "op": "created",
             "key": "9",
             "modified_on": "2024-05-01T12:00:00Z",
+            "modified_at": "2024-05-01T12:00:00.0000000Z",
             "data": {"id": 9},
         },
     ]

@@ -20,6 +20,8 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from syncd.instants import utc_instant
+
 __all__ = [
     "Backoff",
     "ErrorKind",
@@ -184,28 +186,24 @@ def regroup_at(seen: str | None, held: bool, length: int, start: str) -> tuple[s
 
 
 def is_newer_or_same(incoming: str | None, stored: str | None) -> bool:
-    """Whether an event with `modified_on = incoming` may overwrite a stored version `stored`.
+    """Whether an event dated `incoming` may overwrite a stored version dated `stored`.
 
-    syncd publishes the versions of one key in `modified_on` order, so under redelivery the
-    rule is: apply an event when its `modified_on` is newer than or equal to the stored one
-    (equal: the same version again, applying it is harmless). Both are ServiceTitan's ISO 8601
-    UTC timestamps, which compare as text once their fractions are padded. A missing stored
-    value means nothing was applied yet. An event without `modified_on` (job history) cannot
-    be ordered by time, so it is applied: for such feeds store `Event.id` instead and compare
-    with `entry_order` (within one stream, a later entry is a newer version).
+    syncd publishes the versions of one key in time order, so under redelivery the rule is:
+    apply an event when its instant is newer than or equal to the stored one (equal: the same
+    version again, applying it is harmless). Pass `Event.modified_at` and store it: both are
+    then fixed-width UTC text, and this is the text comparison `stored <= incoming` (in SQL,
+    `stored.modified_at <= excluded.modified_at`). `modified_on` values work too: any ISO 8601
+    text is read as the instant it names, whatever its offset or fraction length, exactly as
+    the daemon computes `modified_at` (a fraction is compared to 100 ns).
+
+    A missing stored value (None, "", or not a timestamp) means nothing comparable was stored.
+    An event without a timestamp (job history, an off-schema record) cannot be ordered by time,
+    so it is applied: for such feeds store `Event.id` instead and compare with `entry_order`
+    (within one stream, a later entry is a newer version).
     """
-    if stored is None or not stored:
-        return True
-    if incoming is None or not incoming:
-        return True
-    return _sortable(incoming) >= _sortable(stored)
-
-
-def _sortable(stamp: str) -> tuple[str, str]:
-    # "2024-05-01T12:00:00Z", "2024-05-01T12:00:00.5Z" and "...00.123456+00:00" all occur.
-    text = stamp.strip().removesuffix("Z").removesuffix("+00:00")
-    whole, _, fraction = text.partition(".")
-    return whole, fraction.ljust(9, "0")
+    new = utc_instant(incoming) if incoming else ""
+    old = utc_instant(stored) if stored else ""
+    return not new or not old or new >= old
 
 
 def entry_order(entry_id: str) -> tuple[int, int]:

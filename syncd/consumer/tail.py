@@ -226,6 +226,7 @@ def render_json(event: Event) -> str:
         "op": event.op,
         "key": event.key,
         "modified_on": event.modified_on,
+        "modified_at": event.modified_at,
         "data": _embeddable(event.data),
     }
     return msgspec.json.encode(line).decode()
