@@ -7,7 +7,7 @@ Kept apart from `syncd.consumer` so that each rule is a small function tested by
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal, Protocol, TypeVar
 
 from redis.exceptions import (
@@ -25,6 +25,7 @@ from syncd.instants import utc_instant
 __all__ = [
     "Backoff",
     "ErrorKind",
+    "UnknownResult",
     "classify",
     "entry_order",
     "error_code",
@@ -111,19 +112,39 @@ class _Keyed(Protocol):
 E = TypeVar("E", bound=_Keyed)
 
 
+class UnknownResult(TypeError):
+    """A handler returned something that does not say which events failed: a dict (such as
+    `{event.id: reason}`), a str or bytes on their own, a number, True, an event outside a
+    collection. Nothing of its batch may be acknowledged on its word."""
+
+    def __init__(self, result: object) -> None:
+        kind = type(result).__name__
+        hint = ""
+        if isinstance(result, Mapping):
+            hint = " (to fail the ids a dict holds as keys, return list(it))"
+        super().__init__(
+            f"the handler returned a {kind}{hint}: return None when every event was handled, "
+            "or a list of the failed events (or of their entry ids)"
+        )
+        self.kind = kind
+
+
 def failed_events(batch: Sequence[E], result: object) -> list[E]:
     """The events of `batch` a handler reported as failed by returning them (or their ids).
 
-    A handler that returns None (or a value that is not a collection: a count, True) handled
-    the whole batch. A collection or iterator of events or entry ids (str or bytes) names the
-    failed ones. Raises ValueError when the handler named something that is not an event of
-    the batch (a record key, an event of another batch): what it meant to fail is unknown,
-    so nothing may be acknowledged on its word.
+    None: the handler handled the whole batch. A collection or iterator (list, tuple, set,
+    generator...) of events or entry ids (str or bytes) names the failed ones; the others were
+    handled. Raises UnknownResult for any other value (see there), and ValueError when the
+    handler named something that is not an event of the batch (a record key, an event of
+    another batch): in both cases what it meant to fail is unknown, so nothing may be
+    acknowledged on its word.
     """
-    if result is None or isinstance(result, str | bytes | dict):
+    if result is None:
         return []
-    if not isinstance(result, Iterable):
-        return []
+    if isinstance(result, str | bytes | bytearray | memoryview | Mapping) or not isinstance(
+        result, Iterable
+    ):
+        raise UnknownResult(result)
     by_pair = {(e.stream, e.id): e for e in batch}
     by_id = {e.id: e for e in batch}
     failed: dict[tuple[str, str], E] = {}
