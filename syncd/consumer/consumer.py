@@ -34,7 +34,7 @@ from typing import Literal, cast
 
 import redis.asyncio as aioredis
 import structlog
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
 from syncd.consumer import loop
 from syncd.consumer.deadletter import DEAD_LETTER_LUA, bury
@@ -442,7 +442,17 @@ class Consumer:
             log.warning("consumer_close_failed", group=self.group, error=str(exc))
 
     async def __aenter__(self) -> Consumer:
-        await self.ensure_groups()
+        """Create the groups where missing. A Redis that cannot answer now (down, restarting,
+        failing over) is no error here: it is logged (`consumer_redis_unavailable`) and the
+        first read creates them, which `run` retries with backoff until `stop`. Refused
+        credentials and other errors raise."""
+        try:
+            await self.ensure_groups()
+        except Exception as exc:
+            if classify(exc) != "unavailable" or isinstance(exc, AuthenticationError):
+                raise
+            error = f"{type(exc).__name__}: {exc}"
+            log.warning("consumer_redis_unavailable", group=self.group, error=error)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
