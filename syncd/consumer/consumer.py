@@ -48,6 +48,7 @@ from syncd.consumer.events import (
 )
 from syncd.consumer.events import fields_of as _fields
 from syncd.consumer.events import text as _text
+from syncd.consumer.held import Held
 from syncd.consumer.loop import Handler
 from syncd.keys import DEFAULT_PREFIX
 from syncd.redis.conn import RedisClient
@@ -150,6 +151,8 @@ class Consumer:
         # Per stream, the newest entry this consumer was handed: where a lost group resumes.
         # With its fields: after a restart a new entry may reuse the id.
         self._seen: dict[str, tuple[str, dict[str, bytes]]] = {}
+        # The entries handed out and not acknowledged yet: what a lost group takes with it.
+        self._held = Held(self._streams)
         self._reclaim_due = 0.0
         self._groups_ready = False
         self._closed = False
@@ -230,6 +233,12 @@ class Consumer:
             except ResponseError as err:
                 if not str(err).startswith("BUSYGROUP"):
                     raise
+                # There all along, or created again by another consumer: what this one held
+                # and the group no longer holds pending is lost.
+                pending = await self._held.pending(self.redis, self.group, only=stream)
+                if stream in pending:
+                    how = "created again by another consumer"
+                    self._held.report_lost(stream, self.group, self.consumer, how, pending[stream])
                 continue
             log.warning(
                 "consumer_group_recreated",
@@ -239,6 +248,8 @@ class Consumer:
                 position=position,
                 effect=effect,
             )
+            how = f"created again at {position}"
+            self._held.report_lost(stream, self.group, self.consumer, how)
         self._cursors = dict.fromkeys(self._streams, "0-0")
         self._groups_ready = True
 
@@ -276,10 +287,14 @@ class Consumer:
                     group=self.group,
                     entries=len(deleted),
                 )
+                for entry_id in deleted:
+                    self._held.drop(stream, _text(entry_id))
             claimed.extend((stream, _text(eid), _fields(f)) for eid, f in entries if f is not None)
         # Between scans, wait long enough for entries to become stale; keep going while the last
         # scan stopped early because it hit `batch`.
         self._reclaim_due = time.monotonic() + (self.claim_idle_ms / 2000 if scan_complete else 0)
+        if scan_complete:
+            await self._held.forget_taken_over(self.redis, self.group, self.consumer)
         if not claimed:
             return []
 
@@ -292,6 +307,7 @@ class Consumer:
         events: list[Event] = []
         for (stream, entry_id, fields), info in zip(claimed, pending, strict=True):
             if not info:
+                self._held.drop(stream, entry_id)
                 continue  # its previous owner acknowledged it after all: it is done
             deliveries = int(info[0]["times_delivered"])
             if deliveries > self.max_deliveries:
@@ -333,12 +349,14 @@ class Consumer:
         if seen is None or entry_order(entry_id) > entry_order(seen[0]):
             self._seen[stream] = (entry_id, fields)
         try:
-            return Event.from_entry(
+            event = Event.from_entry(
                 stream, entry_id, fields, tenant=ref.tenant, feed=ref.feed, deliveries=deliveries
             )
         except MalformedEvent as exc:
             await self._bury(stream, entry_id, fields, "malformed", deliveries, str(exc))
             return None
+        self._held.add(stream, entry_id)
+        return event
 
     async def _bury(
         self,
@@ -349,6 +367,7 @@ class Consumer:
         deliveries: int,
         detail: str = "",
     ) -> None:
+        self._held.drop(stream, entry_id)
         await bury(
             self._dead_letter,
             stream,
@@ -367,6 +386,7 @@ class Consumer:
         ids: dict[str, list[str]] = {}
         for event in events:
             ids.setdefault(event.stream, []).append(event.id)
+            self._held.drop(event.stream, event.id)
         if not ids:
             return 0
         async with self.redis.pipeline(transaction=False) as pipe:
