@@ -36,7 +36,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
-from syncd.consumer import loop
+from syncd.consumer import capped, loop
 from syncd.consumer.deadletter import DEAD_LETTER_LUA, bury
 from syncd.consumer.delivery import classify, entry_order, regroup_at
 from syncd.consumer.events import (
@@ -186,23 +186,28 @@ class Consumer:
             log.info("consumer_group_created", stream=stream, group=self.group, start=start)
         self._groups_ready = True
 
-    async def read(self) -> list[Event]:
+    async def read(self, limit: int | None = None) -> list[Event]:
         """The next events: stale ones taken over from other consumers first, then new ones.
 
         Blocks up to `block_ms` when there is nothing to take over and nothing new. Poison and
         malformed entries are dead-lettered and not returned. An empty list means nothing came.
+        Without `limit`, up to `batch` entries per stream are taken; with it, at most `limit`
+        in all (the oldest first), so that nothing beyond it is left pending under this
+        consumer's name.
         """
         if self._closed:
             raise RuntimeError("consumer is closed")
+        if limit is not None and limit < 1:
+            raise ValueError("limit must be >= 1 (or None)")
         if not self._groups_ready:
             await self.ensure_groups()
         try:
-            return await self._read()
+            return await self._read(limit)
         except RedisError as exc:
             if classify(exc) != "nogroup":
                 raise
             await self.recover_groups(exc)
-            return await self._read()
+            return await self._read(limit)
 
     async def recover_groups(self, exc: BaseException | None = None) -> None:
         """Create the group again where it vanished (deleted stream, destroyed group, a Redis
@@ -253,28 +258,25 @@ class Consumer:
         self._cursors = dict.fromkeys(self._streams, "0-0")
         self._groups_ready = True
 
-    async def _read(self) -> list[Event]:
+    async def _read(self, limit: int | None) -> list[Event]:
         events: list[Event] = []
         if time.monotonic() >= self._reclaim_due:
-            events.extend(await self._reclaim())
-        events.extend(await self._read_new(block=not events))
+            events.extend(await self._reclaim(limit))
+        if limit is None:
+            events.extend(await self._read_new(block=not events))
+        elif len(events) < limit:
+            events.extend(await self._read_new_at_most(limit - len(events), block=not events))
         return events
 
-    async def _reclaim(self) -> list[Event]:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for stream in self._streams:
-                pipe.xautoclaim(
-                    stream,
-                    self.group,
-                    self.consumer,
-                    self.claim_idle_ms,
-                    self._cursors[stream],
-                    count=self.batch,
-                )
-            replies = await pipe.execute()
-        scan_complete = True
+    async def _autoclaim(self, limit: int | None) -> list[tuple[str, str, dict[str, bytes]]]:
+        """Take over entries idle for `claim_idle_ms`: `batch` per stream, `limit` in all."""
+        idle_ms, batch = self.claim_idle_ms, self.batch
+        replies = await capped.autoclaim(
+            self.redis, self._cursors, self.group, self.consumer, idle_ms, batch, limit
+        )
+        scan_complete = len(replies) == len(self._streams)
         claimed: list[tuple[str, str, dict[str, bytes]]] = []
-        for stream, reply in zip(self._streams, replies, strict=True):
+        for stream, reply in replies:
             cursor, entries, deleted = _text(reply[0]), reply[1], reply[2] if len(reply) > 2 else []
             self._cursors[stream] = cursor
             scan_complete = scan_complete and cursor == "0-0"
@@ -291,10 +293,14 @@ class Consumer:
                     self._held.drop(stream, _text(entry_id))
             claimed.extend((stream, _text(eid), _fields(f)) for eid, f in entries if f is not None)
         # Between scans, wait long enough for entries to become stale; keep going while the last
-        # scan stopped early because it hit `batch`.
+        # scan stopped early because it hit `batch` (or `limit`).
         self._reclaim_due = time.monotonic() + (self.claim_idle_ms / 2000 if scan_complete else 0)
         if scan_complete:
             await self._held.forget_taken_over(self.redis, self.group, self.consumer)
+        return claimed
+
+    async def _reclaim(self, limit: int | None) -> list[Event]:
+        claimed = await self._autoclaim(limit)
         if not claimed:
             return []
 
@@ -333,12 +339,26 @@ class Consumer:
             count=count or self.batch,
             block=self.block_ms if block else None,
         )
+        return await self._new_events(parse_stream_reply(reply))
+
+    async def _new_events(
+        self, entries: Iterable[tuple[str, list[tuple[str, dict[str, bytes]]]]]
+    ) -> list[Event]:
         events: list[Event] = []
-        for stream, entries in parse_stream_reply(reply):
-            for entry_id, fields in entries:
+        for stream, items in entries:
+            for entry_id, fields in items:
                 event = await self._event(stream, entry_id, fields, 1)
                 if event is not None:
                     events.append(event)
+        return events
+
+    async def _read_new_at_most(self, limit: int, *, block: bool) -> list[Event]:
+        block_ms = self.block_ms if block else None
+        entries = await capped.read_new(
+            self.redis, self.streams, self.group, self.consumer, limit, block_ms=block_ms
+        )
+        events = await self._new_events(entries)
+        events.sort(key=lambda event: entry_order(event.id))  # across feeds, in time order
         return events
 
     async def _event(

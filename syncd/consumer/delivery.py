@@ -32,6 +32,7 @@ __all__ = [
     "failed_events",
     "is_newer_or_same",
     "regroup_at",
+    "shares_of",
 ]
 
 ErrorKind = Literal["nogroup", "unavailable", "error"]
@@ -225,6 +226,21 @@ def is_newer_or_same(incoming: str | None, stored: str | None) -> bool:
     new = utc_instant(incoming) if incoming else ""
     old = utc_instant(stored) if stored else ""
     return not new or not old or new >= old
+
+
+def shares_of(heads: Mapping[str, Sequence[str]], limit: int) -> dict[str, int]:
+    """How many of the `limit` oldest entries fall to each stream, given the next entry ids
+    of each (`heads`: stream -> ids in stream order); streams with none are left out. Across
+    streams, entry ids are publication times: oldest first, ties in the order of `heads`."""
+    merged = sorted(
+        (entry_order(entry_id), rank, stream)
+        for rank, (stream, ids) in enumerate(heads.items())
+        for entry_id in ids
+    )
+    shares: dict[str, int] = {}
+    for _, _, stream in merged[:limit]:
+        shares[stream] = shares.get(stream, 0) + 1
+    return shares
 
 
 def entry_order(entry_id: str) -> tuple[int, int]:

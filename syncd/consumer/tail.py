@@ -6,7 +6,8 @@ written and flushed to the output, which is how an operator drains or inspects a
 
 When the output is a pipe whose reader went away (`| head`), tail stops at once and quietly:
 events it read but could not write stay pending in the group. What a pipe's buffer held but its
-reader never read cannot be known: `limit` (`--count N`) takes and acknowledges exactly N.
+reader never read cannot be known: `limit` (`--count N`) takes and acknowledges exactly N, in
+all streams together, and leaves nothing pending.
 """
 
 from __future__ import annotations
@@ -180,19 +181,14 @@ async def _consume(
         streams=subscription.streams(prefix),
         prefix=prefix,
         start="beginning" if from_start else "new",
-        batch=_BATCH if limit is None else max(1, min(_BATCH, limit)),
+        batch=_BATCH,
         block_ms=_BLOCK_MS,
     )
     printed = 0
     try:
         while not stop.is_set() and (limit is None or printed < limit):
-            if limit is not None:
-                consumer.batch = min(_BATCH, limit - printed)  # never take more than wanted
-            events = await consumer.read()
-            # Beyond the limit, events stay pending under tail's consumer name: the group's
-            # other consumers take them over after their claim idle time.
-            if limit is not None:
-                events = events[: limit - printed]
+            # With a limit, never more than what is still wanted, in all streams together.
+            events = await consumer.read(None if limit is None else min(_BATCH, limit - printed))
             written = _write(out, render, events)
             await consumer.ack(*events[:written])
             printed += written
