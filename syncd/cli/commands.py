@@ -255,10 +255,12 @@ async def tail_command(
     out: TextIO,
     count: int | None = None,
 ) -> int:
-    from syncd.consumer.tail import tail
+    from syncd.consumer.tail import OutputFailed, tail
 
     t = _tenant(settings, tenant)
     feeds = _feeds(t, feed)
+    if out is None:  # started with its standard output closed (`>&-`)
+        raise CommandError("tail: standard output is closed")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -277,6 +279,8 @@ async def tail_command(
             stop=stop,
             limit=count,
         )
+    except OutputFailed as exc:
+        raise CommandError(f"tail: {exc}") from None
     finally:
         await r.aclose()
         for sig in (signal.SIGINT, signal.SIGTERM):
