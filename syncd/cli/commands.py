@@ -55,7 +55,7 @@ def _when(ts: str | None) -> str | None:
 
 async def collect_status(settings: Settings, r: RedisClient) -> list[dict[str, Any]]:
     """Per tenant and feed: cursor, last successful poll, stream length, stale versions dropped,
-    last error."""
+    why polling is paused, last error."""
     prefix = settings.config.redis.key_prefix
     rows: list[dict[str, Any]] = []
     owners = await read_owners(r, prefix, [t.id for t in settings.tenants])
@@ -99,6 +99,7 @@ def render_table(rows: list[dict[str, Any]], out: TextIO, *, owner: bool = False
         ("stale_records", 7),
         ("tenant_dead_letters", 8),
         ("cursor", 14),
+        ("paused", 24),
         ("last_error", 40),
     ]
     titles = {
