@@ -1,3 +1,3 @@
 """syncd: keeps downstream systems in sync with ServiceTitan through Redis streams."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

@@ -11,7 +11,11 @@ class RateLimited(SyncError):
     """ServiceTitan answered 429: the tenant pauses for `retry_after` seconds (None: back off)."""
 
     def __init__(self, retry_after: float | None, where: str = "api") -> None:
-        super().__init__(f"rate limited ({where}), retry after {retry_after}s")
+        if retry_after is None:
+            wait = "no usable Retry-After, backing off"
+        else:
+            wait = f"retry after {retry_after}s"
+        super().__init__(f"rate limited ({where}), {wait}")
         self.retry_after = retry_after
         self.where = where
 

@@ -20,7 +20,14 @@ from redis.exceptions import (
 from structlog.testing import capture_logs
 
 from syncd.consumer import Consumer, Event, is_newer_or_same
-from syncd.consumer.delivery import Backoff, classify, entry_order, error_code, failed_events
+from syncd.consumer.delivery import (
+    Backoff,
+    UnknownResult,
+    classify,
+    entry_order,
+    error_code,
+    failed_events,
+)
 from syncd.testing.redis_server import running
 from tests.test_consumer import CUSTOMERS, KEYS, publish
 
@@ -122,7 +129,8 @@ def test_failed_events_and_backoff() -> None:
         for i in range(3)
     ]
     assert failed_events(batch, None) == []
-    assert failed_events(batch, 3) == []  # not a collection: everything was handled
+    with pytest.raises(UnknownResult):
+        failed_events(batch, 3)  # not a collection: says nothing of which events failed
     assert failed_events(batch, [batch[1]]) == [batch[1]]
     assert failed_events(batch, [b"1-2", "1-2"]) == [batch[2]]
     assert failed_events(batch, (e for e in batch if e.key != "1")) == [batch[0], batch[2]]

@@ -64,6 +64,7 @@ async def test_json_lines_from_start(redis: aioredis.Redis) -> None:
             "op": "created",
             "key": "1",
             "modified_on": "2024-05-01T12:00:00Z",
+            "modified_at": "2024-05-01T12:00:00.0000000Z",
             "data": {"id": 1, "name": "Acme é", "active": True, "balance": 12.5, "tags": [1, 2]},
         },
         {
@@ -74,6 +75,7 @@ async def test_json_lines_from_start(redis: aioredis.Redis) -> None:
             "op": "created",
             "key": "9",
             "modified_on": "2024-05-01T12:00:00Z",
+            "modified_at": "2024-05-01T12:00:00.0000000Z",
             "data": {"id": 9},
         },
     ]
@@ -194,3 +196,58 @@ async def test_group_mode_from_now(redis: aioredis.Redis) -> None:
 async def test_unknown_feed_is_refused(redis: aioredis.Redis) -> None:
     with pytest.raises(ValueError, match="unknown feed"):
         await run_tail(redis, feeds=["crm.customer"])
+
+
+async def group_state(redis: aioredis.Redis, stream: str, group: str) -> tuple[int, int]:
+    """(entries the group took from `stream`, entries of it still pending)."""
+    (info,) = [g for g in await redis.xinfo_groups(stream) if g["name"].decode() == group]
+    return int(info["entries-read"] or 0), int(info["pending"])
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 5])
+async def test_group_count_takes_exactly_n_across_feeds(redis: aioredis.Redis, count: int) -> None:
+    # Three feeds with events interleaved in time: --count N takes the N oldest of all of them,
+    # and only those: nothing is left pending under the name of a tail that exited.
+    streams = [CUSTOMERS, JOBS, KEYS.stream("settings.technicians")]
+    ids = []
+    for i in range(9):  # one millisecond apart: entry ids of different streams then say the order
+        fields = {"op": "created", "key": str(i), "data": b"{}", "modified_on": ""}
+        ids.append((await redis.xadd(streams[i % 3], fields, id=f"{1714564800000 + i}-0")).decode())
+
+    printed, lines = await run_tail(redis, group="ops", limit=count)
+
+    assert printed == count
+    assert [json.loads(line)["id"] for line in lines] == ids[:count]
+    taken = [await group_state(redis, stream, "ops") for stream in streams]
+    assert sum(read for read, _ in taken) == count
+    assert [pending for _, pending in taken] == [0, 0, 0]
+    for stream in streams:
+        assert await redis.xpending(stream, "ops") == {
+            "pending": 0,
+            "min": None,
+            "max": None,
+            "consumers": [],
+        }
+        assert await redis.xinfo_consumers(stream, "ops") == []
+
+    # Run again: the next ones, exactly as many, still nothing pending and nothing dead.
+    printed, lines = await run_tail(redis, group="ops", limit=9 - count)
+    assert [json.loads(line)["id"] for line in lines] == ids[count:]
+    assert [await group_state(redis, stream, "ops") for stream in streams] == [(3, 0)] * 3
+    assert await redis.xlen(KEYS.dead) == 0
+
+
+async def test_group_count_waits_for_what_is_missing(redis: aioredis.Redis) -> None:
+    first = await publish(redis, CUSTOMERS, "1", b'{"id":1}')
+    task = asyncio.create_task(run_tail(redis, group="ops", limit=3))
+    later: list[str] = []
+    while not task.done():  # one event at a time, in two feeds, until tail has its three
+        later.append(await publish(redis, (JOBS, CUSTOMERS)[len(later) % 2], "n", b"{}"))
+        await asyncio.sleep(0.05)
+
+    printed, lines = await task
+    assert printed == 3
+    assert [json.loads(line)["id"] for line in lines] == [first, *later[:2]]
+    taken = [await group_state(redis, stream, "ops") for stream in (CUSTOMERS, JOBS)]
+    assert sum(read for read, _ in taken) == 3
+    assert [pending for _, pending in taken] == [0, 0]

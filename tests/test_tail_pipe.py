@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -83,12 +84,17 @@ def tail_into_head(config: Path, *extra: str) -> tuple[int, str, list[str]]:
 
 
 def group_counts(client: redis.Redis) -> tuple[int, int]:
-    """(entries delivered to the group, entries still pending)."""
-    (info,) = client.xinfo_groups(STREAM)  # type: ignore[misc]
+    """(entries delivered to the group, entries still pending); none without a group."""
+    groups = client.xinfo_groups(STREAM)
+    if not groups:
+        return 0, 0
+    (info,) = groups  # type: ignore[misc]
     return int(info["entries-read"] or 0), int(info["pending"])
 
 
 def acknowledged(client: redis.Redis, ids: list[str]) -> list[str]:
+    if not client.xinfo_groups(STREAM):
+        return []  # tail never got as far as creating its group
     pending = {
         row["message_id"].decode()
         for row in client.xpending_range(STREAM, GROUP, "-", "+", 1000)  # type: ignore[union-attr]
@@ -141,6 +147,67 @@ def test_count_takes_and_acknowledges_exactly_n(sync_redis: redis.Redis, config_
     assert "Traceback" not in errors, errors
     assert [msgspec.json.decode(line)["id"] for line in shown] == ids[:3]
     assert group_counts(sync_redis) == (3, 0)  # three taken, three acknowledged, none pending
+
+
+def run_tail(config: Path, stdout: Any, *, shell: str = "") -> tuple[int, str]:
+    """Run `syncd tail --group ... --count 3` writing to `stdout` (through `sh -c shell`, when
+    given); its exit code and stderr."""
+    args = [sys.executable, "-m", "syncd", "tail", "--config", str(config), "--tenant"]
+    args += [str(TENANT), "--group", GROUP, "--from-start", "--count", "3"]
+    done = subprocess.run(
+        ["sh", "-c", shell, "sh", *args] if shell else args,
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        timeout=DEADLINE_S,
+    )
+    return done.returncode, done.stderr.decode()
+
+
+def test_a_full_disk_ends_tail_with_one_line_and_acknowledges_nothing_unwritten(
+    sync_redis: redis.Redis, config_file: Path
+) -> None:
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    ids = publish(sync_redis, 5)
+    with open("/dev/full", "w") as full:  # every write: ENOSPC
+        code, errors = run_tail(config_file, full)
+
+    assert code == 1
+    assert "Traceback" not in errors, errors
+    (line,) = errors.strip().splitlines()
+    assert line.startswith("syncd: tail: cannot write to the output: No space left on device")
+    assert acknowledged(sync_redis, ids) == []
+
+
+def test_a_closed_stdout_ends_tail_with_one_line(
+    sync_redis: redis.Redis, config_file: Path
+) -> None:
+    ids = publish(sync_redis, 5)
+
+    # `syncd tail ... >&-`: the process starts without a standard output.
+    code, errors = run_tail(config_file, subprocess.DEVNULL, shell='exec "$@" >&-')
+
+    assert code == 1
+    assert "Traceback" not in errors, errors
+    assert errors.strip().splitlines() == ["syncd: tail: standard output is closed"]
+    assert acknowledged(sync_redis, ids) == []
+
+
+def test_a_pipe_closed_before_tail_writes_ends_it_quietly(
+    sync_redis: redis.Redis, config_file: Path
+) -> None:
+    ids = publish(sync_redis, 5, size=20_000)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody will ever read: every write fails with EPIPE
+    try:
+        code, errors = run_tail(config_file, write_end)
+    finally:
+        os.close(write_end)
+
+    assert code == 0  # as with `| head`: its reader is gone, nothing is wrong with tail
+    assert "Traceback" not in errors, errors
+    assert "Error" not in errors, errors
+    assert acknowledged(sync_redis, ids) == []
 
 
 def test_help_explains_count() -> None:

@@ -55,7 +55,7 @@ def _when(ts: str | None) -> str | None:
 
 async def collect_status(settings: Settings, r: RedisClient) -> list[dict[str, Any]]:
     """Per tenant and feed: cursor, last successful poll, stream length, stale versions dropped,
-    last error."""
+    why polling is paused, last error."""
     prefix = settings.config.redis.key_prefix
     rows: list[dict[str, Any]] = []
     owners = await read_owners(r, prefix, [t.id for t in settings.tenants])
@@ -99,6 +99,7 @@ def render_table(rows: list[dict[str, Any]], out: TextIO, *, owner: bool = False
         ("stale_records", 7),
         ("tenant_dead_letters", 8),
         ("cursor", 14),
+        ("paused", 24),
         ("last_error", 40),
     ]
     titles = {
@@ -255,10 +256,12 @@ async def tail_command(
     out: TextIO,
     count: int | None = None,
 ) -> int:
-    from syncd.consumer.tail import tail
+    from syncd.consumer.tail import OutputFailed, tail
 
     t = _tenant(settings, tenant)
     feeds = _feeds(t, feed)
+    if out is None:  # started with its standard output closed (`>&-`)
+        raise CommandError("tail: standard output is closed")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -277,6 +280,8 @@ async def tail_command(
             stop=stop,
             limit=count,
         )
+    except OutputFailed as exc:
+        raise CommandError(f"tail: {exc}") from None
     finally:
         await r.aclose()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -3,11 +3,11 @@
 
 This package is syncd's stable public API for consumer authors: the names below keep their
 meaning within a major version (see CHANGELOG.md), and `from syncd.consumer import Consumer,
-Event` works as the README shows. The modules inside (`consumer`, `deadletter`, `delivery`,
-`events`, `loop`, `tail`) are not part of that promise.
+Event` works as the README shows. The modules inside (`consumer`, `capped`, `deadletter`,
+`delivery`, `events`, `held`, `loop`, `tail`) are not part of that promise.
 
-May use `syncd.redis`, `syncd.keys` and `syncd.catalogue`; knows nothing of the engine, the
-fleet or ServiceTitan.
+May use `syncd.redis`, `syncd.keys`, `syncd.catalogue` and `syncd.instants`; knows nothing of
+the engine, the fleet or ServiceTitan.
 """
 
 from syncd.consumer.consumer import Consumer, Start

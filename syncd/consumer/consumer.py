@@ -5,8 +5,8 @@ acknowledged; if its consumer dies (or its handler fails) before acknowledging, 
 of the group (or the same one) takes it over with XAUTOCLAIM once it has been idle for
 `claim_idle_ms`, and it is delivered again with a higher `Event.deliveries`. So a handler may see
 an event more than once and must be idempotent: apply records by `key`, and compare
-`modified_on` (or the record's own version fields) rather than counting events: apply an
-event only when its `modified_on` is newer than or equal to the stored one (`is_newer_or_same`).
+`modified_at` (or the record's own version fields) rather than counting events: apply an
+event only when its `modified_at` is newer than or equal to the stored one (`is_newer_or_same`).
 Acknowledge only after the effect is durable; `Consumer.run` does exactly that, per event.
 
 An entry delivered more than `max_deliveries` times is treated as poison: it is copied to the
@@ -34,9 +34,9 @@ from typing import Literal, cast
 
 import redis.asyncio as aioredis
 import structlog
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
-from syncd.consumer import loop
+from syncd.consumer import capped, loop
 from syncd.consumer.deadletter import DEAD_LETTER_LUA, bury
 from syncd.consumer.delivery import classify, entry_order, regroup_at
 from syncd.consumer.events import (
@@ -48,6 +48,7 @@ from syncd.consumer.events import (
 )
 from syncd.consumer.events import fields_of as _fields
 from syncd.consumer.events import text as _text
+from syncd.consumer.held import Held
 from syncd.consumer.loop import Handler
 from syncd.keys import DEFAULT_PREFIX
 from syncd.redis.conn import RedisClient
@@ -150,6 +151,8 @@ class Consumer:
         # Per stream, the newest entry this consumer was handed: where a lost group resumes.
         # With its fields: after a restart a new entry may reuse the id.
         self._seen: dict[str, tuple[str, dict[str, bytes]]] = {}
+        # The entries handed out and not acknowledged yet: what a lost group takes with it.
+        self._held = Held(self._streams)
         self._reclaim_due = 0.0
         self._groups_ready = False
         self._closed = False
@@ -183,23 +186,28 @@ class Consumer:
             log.info("consumer_group_created", stream=stream, group=self.group, start=start)
         self._groups_ready = True
 
-    async def read(self) -> list[Event]:
+    async def read(self, limit: int | None = None) -> list[Event]:
         """The next events: stale ones taken over from other consumers first, then new ones.
 
         Blocks up to `block_ms` when there is nothing to take over and nothing new. Poison and
         malformed entries are dead-lettered and not returned. An empty list means nothing came.
+        Without `limit`, up to `batch` entries per stream are taken; with it, at most `limit`
+        in all (the oldest first), so that nothing beyond it is left pending under this
+        consumer's name.
         """
         if self._closed:
             raise RuntimeError("consumer is closed")
+        if limit is not None and limit < 1:
+            raise ValueError("limit must be >= 1 (or None)")
         if not self._groups_ready:
             await self.ensure_groups()
         try:
-            return await self._read()
+            return await self._read(limit)
         except RedisError as exc:
             if classify(exc) != "nogroup":
                 raise
             await self.recover_groups(exc)
-            return await self._read()
+            return await self._read(limit)
 
     async def recover_groups(self, exc: BaseException | None = None) -> None:
         """Create the group again where it vanished (deleted stream, destroyed group, a Redis
@@ -230,6 +238,12 @@ class Consumer:
             except ResponseError as err:
                 if not str(err).startswith("BUSYGROUP"):
                     raise
+                # There all along, or created again by another consumer: what this one held
+                # and the group no longer holds pending is lost.
+                pending = await self._held.pending(self.redis, self.group, only=stream)
+                if stream in pending:
+                    how = "created again by another consumer"
+                    self._held.report_lost(stream, self.group, self.consumer, how, pending[stream])
                 continue
             log.warning(
                 "consumer_group_recreated",
@@ -239,31 +253,30 @@ class Consumer:
                 position=position,
                 effect=effect,
             )
+            how = f"created again at {position}"
+            self._held.report_lost(stream, self.group, self.consumer, how)
         self._cursors = dict.fromkeys(self._streams, "0-0")
         self._groups_ready = True
 
-    async def _read(self) -> list[Event]:
+    async def _read(self, limit: int | None) -> list[Event]:
         events: list[Event] = []
         if time.monotonic() >= self._reclaim_due:
-            events.extend(await self._reclaim())
-        events.extend(await self._read_new(block=not events))
+            events.extend(await self._reclaim(limit))
+        if limit is None:
+            events.extend(await self._read_new(block=not events))
+        elif len(events) < limit:
+            events.extend(await self._read_new_at_most(limit - len(events), block=not events))
         return events
 
-    async def _reclaim(self) -> list[Event]:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for stream in self._streams:
-                pipe.xautoclaim(
-                    stream,
-                    self.group,
-                    self.consumer,
-                    self.claim_idle_ms,
-                    self._cursors[stream],
-                    count=self.batch,
-                )
-            replies = await pipe.execute()
-        scan_complete = True
+    async def _autoclaim(self, limit: int | None) -> list[tuple[str, str, dict[str, bytes]]]:
+        """Take over entries idle for `claim_idle_ms`: `batch` per stream, `limit` in all."""
+        idle_ms, batch = self.claim_idle_ms, self.batch
+        replies = await capped.autoclaim(
+            self.redis, self._cursors, self.group, self.consumer, idle_ms, batch, limit
+        )
+        scan_complete = len(replies) == len(self._streams)
         claimed: list[tuple[str, str, dict[str, bytes]]] = []
-        for stream, reply in zip(self._streams, replies, strict=True):
+        for stream, reply in replies:
             cursor, entries, deleted = _text(reply[0]), reply[1], reply[2] if len(reply) > 2 else []
             self._cursors[stream] = cursor
             scan_complete = scan_complete and cursor == "0-0"
@@ -276,10 +289,18 @@ class Consumer:
                     group=self.group,
                     entries=len(deleted),
                 )
+                for entry_id in deleted:
+                    self._held.drop(stream, _text(entry_id))
             claimed.extend((stream, _text(eid), _fields(f)) for eid, f in entries if f is not None)
         # Between scans, wait long enough for entries to become stale; keep going while the last
-        # scan stopped early because it hit `batch`.
+        # scan stopped early because it hit `batch` (or `limit`).
         self._reclaim_due = time.monotonic() + (self.claim_idle_ms / 2000 if scan_complete else 0)
+        if scan_complete:
+            await self._held.forget_taken_over(self.redis, self.group, self.consumer)
+        return claimed
+
+    async def _reclaim(self, limit: int | None) -> list[Event]:
+        claimed = await self._autoclaim(limit)
         if not claimed:
             return []
 
@@ -292,6 +313,7 @@ class Consumer:
         events: list[Event] = []
         for (stream, entry_id, fields), info in zip(claimed, pending, strict=True):
             if not info:
+                self._held.drop(stream, entry_id)
                 continue  # its previous owner acknowledged it after all: it is done
             deliveries = int(info[0]["times_delivered"])
             if deliveries > self.max_deliveries:
@@ -317,12 +339,26 @@ class Consumer:
             count=count or self.batch,
             block=self.block_ms if block else None,
         )
+        return await self._new_events(parse_stream_reply(reply))
+
+    async def _new_events(
+        self, entries: Iterable[tuple[str, list[tuple[str, dict[str, bytes]]]]]
+    ) -> list[Event]:
         events: list[Event] = []
-        for stream, entries in parse_stream_reply(reply):
-            for entry_id, fields in entries:
+        for stream, items in entries:
+            for entry_id, fields in items:
                 event = await self._event(stream, entry_id, fields, 1)
                 if event is not None:
                     events.append(event)
+        return events
+
+    async def _read_new_at_most(self, limit: int, *, block: bool) -> list[Event]:
+        block_ms = self.block_ms if block else None
+        entries = await capped.read_new(
+            self.redis, self.streams, self.group, self.consumer, limit, block_ms=block_ms
+        )
+        events = await self._new_events(entries)
+        events.sort(key=lambda event: entry_order(event.id))  # across feeds, in time order
         return events
 
     async def _event(
@@ -333,12 +369,14 @@ class Consumer:
         if seen is None or entry_order(entry_id) > entry_order(seen[0]):
             self._seen[stream] = (entry_id, fields)
         try:
-            return Event.from_entry(
+            event = Event.from_entry(
                 stream, entry_id, fields, tenant=ref.tenant, feed=ref.feed, deliveries=deliveries
             )
         except MalformedEvent as exc:
             await self._bury(stream, entry_id, fields, "malformed", deliveries, str(exc))
             return None
+        self._held.add(stream, entry_id)
+        return event
 
     async def _bury(
         self,
@@ -349,6 +387,7 @@ class Consumer:
         deliveries: int,
         detail: str = "",
     ) -> None:
+        self._held.drop(stream, entry_id)
         await bury(
             self._dead_letter,
             stream,
@@ -367,6 +406,7 @@ class Consumer:
         ids: dict[str, list[str]] = {}
         for event in events:
             ids.setdefault(event.stream, []).append(event.id)
+            self._held.drop(event.stream, event.id)
         if not ids:
             return 0
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -442,7 +482,17 @@ class Consumer:
             log.warning("consumer_close_failed", group=self.group, error=str(exc))
 
     async def __aenter__(self) -> Consumer:
-        await self.ensure_groups()
+        """Create the groups where missing. A Redis that cannot answer now (down, restarting,
+        failing over) is no error here: it is logged (`consumer_redis_unavailable`) and the
+        first read creates them, which `run` retries with backoff until `stop`. Refused
+        credentials and other errors raise."""
+        try:
+            await self.ensure_groups()
+        except Exception as exc:
+            if classify(exc) != "unavailable" or isinstance(exc, AuthenticationError):
+                raise
+            error = f"{type(exc).__name__}: {exc}"
+            log.warning("consumer_redis_unavailable", group=self.group, error=error)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

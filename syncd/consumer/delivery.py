@@ -7,7 +7,7 @@ Kept apart from `syncd.consumer` so that each rule is a small function tested by
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal, Protocol, TypeVar
 
 from redis.exceptions import (
@@ -20,15 +20,19 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from syncd.instants import utc_instant
+
 __all__ = [
     "Backoff",
     "ErrorKind",
+    "UnknownResult",
     "classify",
     "entry_order",
     "error_code",
     "failed_events",
     "is_newer_or_same",
     "regroup_at",
+    "shares_of",
 ]
 
 ErrorKind = Literal["nogroup", "unavailable", "error"]
@@ -109,19 +113,39 @@ class _Keyed(Protocol):
 E = TypeVar("E", bound=_Keyed)
 
 
+class UnknownResult(TypeError):
+    """A handler returned something that does not say which events failed: a dict (such as
+    `{event.id: reason}`), a str or bytes on their own, a number, True, an event outside a
+    collection. Nothing of its batch may be acknowledged on its word."""
+
+    def __init__(self, result: object) -> None:
+        kind = type(result).__name__
+        hint = ""
+        if isinstance(result, Mapping):
+            hint = " (to fail the ids a dict holds as keys, return list(it))"
+        super().__init__(
+            f"the handler returned a {kind}{hint}: return None when every event was handled, "
+            "or a list of the failed events (or of their entry ids)"
+        )
+        self.kind = kind
+
+
 def failed_events(batch: Sequence[E], result: object) -> list[E]:
     """The events of `batch` a handler reported as failed by returning them (or their ids).
 
-    A handler that returns None (or a value that is not a collection: a count, True) handled
-    the whole batch. A collection or iterator of events or entry ids (str or bytes) names the
-    failed ones. Raises ValueError when the handler named something that is not an event of
-    the batch (a record key, an event of another batch): what it meant to fail is unknown,
-    so nothing may be acknowledged on its word.
+    None: the handler handled the whole batch. A collection or iterator (list, tuple, set,
+    generator...) of events or entry ids (str or bytes) names the failed ones; the others were
+    handled. Raises UnknownResult for any other value (see there), and ValueError when the
+    handler named something that is not an event of the batch (a record key, an event of
+    another batch): in both cases what it meant to fail is unknown, so nothing may be
+    acknowledged on its word.
     """
-    if result is None or isinstance(result, str | bytes | dict):
+    if result is None:
         return []
-    if not isinstance(result, Iterable):
-        return []
+    if isinstance(result, str | bytes | bytearray | memoryview | Mapping) or not isinstance(
+        result, Iterable
+    ):
+        raise UnknownResult(result)
     by_pair = {(e.stream, e.id): e for e in batch}
     by_id = {e.id: e for e in batch}
     failed: dict[tuple[str, str], E] = {}
@@ -184,28 +208,39 @@ def regroup_at(seen: str | None, held: bool, length: int, start: str) -> tuple[s
 
 
 def is_newer_or_same(incoming: str | None, stored: str | None) -> bool:
-    """Whether an event with `modified_on = incoming` may overwrite a stored version `stored`.
+    """Whether an event dated `incoming` may overwrite a stored version dated `stored`.
 
-    syncd publishes the versions of one key in `modified_on` order, so under redelivery the
-    rule is: apply an event when its `modified_on` is newer than or equal to the stored one
-    (equal: the same version again, applying it is harmless). Both are ServiceTitan's ISO 8601
-    UTC timestamps, which compare as text once their fractions are padded. A missing stored
-    value means nothing was applied yet. An event without `modified_on` (job history) cannot
-    be ordered by time, so it is applied: for such feeds store `Event.id` instead and compare
-    with `entry_order` (within one stream, a later entry is a newer version).
+    syncd publishes the versions of one key in time order, so under redelivery the rule is:
+    apply an event when its instant is newer than or equal to the stored one (equal: the same
+    version again, applying it is harmless). Pass `Event.modified_at` and store it: both are
+    then fixed-width UTC text, and this is the text comparison `stored <= incoming` (in SQL,
+    `stored.modified_at <= excluded.modified_at`). `modified_on` values work too: any ISO 8601
+    text is read as the instant it names, whatever its offset or fraction length, exactly as
+    the daemon computes `modified_at` (a fraction is compared to 100 ns).
+
+    A missing stored value (None, "", or not a timestamp) means nothing comparable was stored.
+    An event without a timestamp (job history, an off-schema record) cannot be ordered by time,
+    so it is applied: for such feeds store `Event.id` instead and compare with `entry_order`
+    (within one stream, a later entry is a newer version).
     """
-    if stored is None or not stored:
-        return True
-    if incoming is None or not incoming:
-        return True
-    return _sortable(incoming) >= _sortable(stored)
+    new = utc_instant(incoming) if incoming else ""
+    old = utc_instant(stored) if stored else ""
+    return not new or not old or new >= old
 
 
-def _sortable(stamp: str) -> tuple[str, str]:
-    # "2024-05-01T12:00:00Z", "2024-05-01T12:00:00.5Z" and "...00.123456+00:00" all occur.
-    text = stamp.strip().removesuffix("Z").removesuffix("+00:00")
-    whole, _, fraction = text.partition(".")
-    return whole, fraction.ljust(9, "0")
+def shares_of(heads: Mapping[str, Sequence[str]], limit: int) -> dict[str, int]:
+    """How many of the `limit` oldest entries fall to each stream, given the next entry ids
+    of each (`heads`: stream -> ids in stream order); streams with none are left out. Across
+    streams, entry ids are publication times: oldest first, ties in the order of `heads`."""
+    merged = sorted(
+        (entry_order(entry_id), rank, stream)
+        for rank, (stream, ids) in enumerate(heads.items())
+        for entry_id in ids
+    )
+    shares: dict[str, int] = {}
+    for _, _, stream in merged[:limit]:
+        shares[stream] = shares.get(stream, 0) + 1
+    return shares
 
 
 def entry_order(entry_id: str) -> tuple[int, int]:

@@ -9,6 +9,7 @@ from typing import Any, NamedTuple, TypeVar
 import msgspec
 
 from syncd import catalogue
+from syncd.instants import utc_instant
 from syncd.keys import DEFAULT_PREFIX, Keys
 
 __all__ = ["Event", "MalformedEvent", "Subscription", "parse_stream", "parse_stream_reply"]
@@ -38,8 +39,12 @@ class Event(msgspec.Struct, frozen=True):
     op: str  # "created", "updated" or "upsert"
     key: str
     data: bytes  # the record's JSON exactly as ServiceTitan sent it
-    modified_on: str | None
+    modified_on: str | None  # the record's timestamp as sent (None: none)
     deliveries: int  # 1 on first delivery; 0 when read without a consumer group
+    # The same instant in UTC at a fixed width, "2024-05-01T12:00:02.4500000Z", which compares
+    # as text (None: no timestamp). Events published before syncd 0.3.0 lack the field: it is
+    # then computed from `modified_on`, the way the daemon does.
+    modified_at: str | None = None
 
     def json(self) -> Any:
         """The record as plain Python objects."""
@@ -62,12 +67,20 @@ class Event(msgspec.Struct, frozen=True):
     ) -> Event:
         """Build an event from a stream entry's fields; unknown fields are ignored.
 
+        `modified_at` is the entry's own field; an entry without one (published before syncd
+        0.3.0) gets it computed from `modified_on`.
+
         Raises MalformedEvent when `op`, `key` or `data` is missing.
         """
         missing = [name for name in _REQUIRED_FIELDS if name not in fields]
         if missing:
             raise MalformedEvent(stream, entry_id, missing)
-        modified_on = fields.get("modified_on")
+        raw_on, raw_at = fields.get("modified_on"), fields.get("modified_at")
+        modified_on = raw_on.decode("utf-8", "replace") if raw_on else None
+        if raw_at is None:  # published before syncd 0.3.0
+            modified_at = utc_instant(modified_on)
+        else:
+            modified_at = raw_at.decode("utf-8", "replace")
         return cls(
             stream=stream,
             id=entry_id,
@@ -76,8 +89,9 @@ class Event(msgspec.Struct, frozen=True):
             op=fields["op"].decode("utf-8", "replace"),
             key=fields["key"].decode("utf-8", "replace"),
             data=fields["data"],
-            modified_on=modified_on.decode("utf-8", "replace") if modified_on else None,
+            modified_on=modified_on,
             deliveries=deliveries,
+            modified_at=modified_at or None,
         )
 
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any, Protocol
 
 import structlog
 
-from syncd.consumer.delivery import Backoff, classify, failed_events
+from syncd.consumer.delivery import Backoff, UnknownResult, classify, failed_events
 from syncd.consumer.events import Event
 from syncd.consumer.events import text as _text
 from syncd.redis.conn import RedisClient
@@ -27,10 +28,21 @@ _BACKOFF_MIN_S = 0.5
 _BACKOFF_MAX_S = 30.0
 
 
-Handler = Callable[[list[Event]], Awaitable[object]]
+Failures = (
+    Sequence[Event | str | bytes]
+    | AbstractSet[Event | str | bytes]
+    | Iterator[Event | str | bytes]
+    | None
+)
+"""What a handler returns: None when every event of its batch was handled, else the events
+that failed or their entry ids, in a list, tuple, set or generator."""
+
+Handler = Callable[[list[Event]], Awaitable[Failures]]
 """Called with a batch of events. Return None when all were handled, or the events (or their
 ids) that failed: the others are acknowledged. Raising fails the batch; `Consumer.run` then
-calls the handler once per event to find the ones that fail."""
+calls the handler once per event to find the ones that fail. Any other result (a dict such as
+`{event.id: reason}`, a str, bytes, a number, True) is refused at run time: the whole batch
+counts as failed and an error (`consumer_handler_result_refused`) names the type."""
 
 
 class Source(Protocol):
@@ -174,6 +186,11 @@ async def _apply(source: Source, handler: Handler, batch: list[Event]) -> list[E
     """The events of `batch` the handler failed."""
     try:
         return failed_events(batch, await _call(source, handler, batch))
+    except UnknownResult as exc:
+        # Not an error of some event but of the handler's code: calling it per event would
+        # only repeat it. The whole batch stays pending.
+        _log_refused(source, exc, batch)
+        return list(batch)
     except Exception as exc:
         if len(batch) == 1:
             _log_failure(source, exc, batch[0])
@@ -189,13 +206,16 @@ async def _apply(source: Source, handler: Handler, batch: list[Event]) -> list[E
     for event in batch:
         try:
             failed.extend(failed_events([event], await _call(source, handler, [event])))
+        except UnknownResult as exc:
+            _log_refused(source, exc, [event])
+            failed.append(event)
         except Exception as exc:
             _log_failure(source, exc, event)
             failed.append(event)
     return failed
 
 
-async def _call(source: Source, handler: Handler, batch: list[Event]) -> object:
+async def _call(source: Source, handler: Handler, batch: list[Event]) -> Failures:
     if source.handler_timeout is None:
         return await handler(batch)
     try:
@@ -203,6 +223,18 @@ async def _call(source: Source, handler: Handler, batch: list[Event]) -> object:
             return await handler(batch)
     except TimeoutError:
         raise TimeoutError(f"handler took more than {source.handler_timeout}s") from None
+
+
+def _log_refused(source: Source, exc: UnknownResult, batch: list[Event]) -> None:
+    log.error(
+        "consumer_handler_result_refused",
+        group=source.group,
+        consumer=source.consumer,
+        result_type=exc.kind,
+        events=len(batch),
+        error=str(exc),
+        effect="nothing of the batch is acknowledged",
+    )
 
 
 def _log_failure(source: Source, exc: Exception, event: Event) -> None:

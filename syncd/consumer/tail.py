@@ -6,7 +6,9 @@ written and flushed to the output, which is how an operator drains or inspects a
 
 When the output is a pipe whose reader went away (`| head`), tail stops at once and quietly:
 events it read but could not write stay pending in the group. What a pipe's buffer held but its
-reader never read cannot be known: `limit` (`--count N`) takes and acknowledges exactly N.
+reader never read cannot be known: `limit` (`--count N`) takes and acknowledges exactly N, in
+all streams together, and leaves nothing pending. An output that fails otherwise (a full disk,
+a closed descriptor) stops tail with `OutputFailed`; what was not written is not acknowledged.
 """
 
 from __future__ import annotations
@@ -38,6 +40,16 @@ _VALUE_CHARS = 40
 _PIPE_CHECK_S = 0.1
 
 Render = Callable[[Event], str]
+
+
+class OutputFailed(Exception):
+    """The output refused a line for another reason than its reader going away."""
+
+    def __init__(self, error: OSError | ValueError, written: int) -> None:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        super().__init__(f"cannot write to the output: {reason} (after {written} events)")
+        self.error = error
+        self.written = written
 
 
 async def tail(
@@ -155,8 +167,10 @@ async def _watch(
         events.sort(key=lambda event: _id_order(event.id))
         if limit is not None:
             events = events[: limit - printed]
-        written = _write(out, render, events)
+        written, error = _write(out, render, events)
         printed += written
+        if error is not None:
+            raise OutputFailed(error, printed)
         if written < len(events):
             break
     return printed
@@ -180,22 +194,19 @@ async def _consume(
         streams=subscription.streams(prefix),
         prefix=prefix,
         start="beginning" if from_start else "new",
-        batch=_BATCH if limit is None else max(1, min(_BATCH, limit)),
+        batch=_BATCH,
         block_ms=_BLOCK_MS,
     )
     printed = 0
     try:
         while not stop.is_set() and (limit is None or printed < limit):
-            if limit is not None:
-                consumer.batch = min(_BATCH, limit - printed)  # never take more than wanted
-            events = await consumer.read()
-            # Beyond the limit, events stay pending under tail's consumer name: the group's
-            # other consumers take them over after their claim idle time.
-            if limit is not None:
-                events = events[: limit - printed]
-            written = _write(out, render, events)
+            # With a limit, never more than what is still wanted, in all streams together.
+            events = await consumer.read(None if limit is None else min(_BATCH, limit - printed))
+            written, error = _write(out, render, events)
             await consumer.ack(*events[:written])
             printed += written
+            if error is not None:
+                raise OutputFailed(error, printed)
             if written < len(events):
                 break  # the reader is gone: the rest stays pending for the group
     finally:
@@ -203,17 +214,23 @@ async def _consume(
     return printed
 
 
-def _write(out: TextIO, render: Render, events: list[Event]) -> int:
-    """Write and flush one line per event; returns how many lines reached the output (all of
-    them, unless its reader went away)."""
+def _write(
+    out: TextIO, render: Render, events: list[Event]
+) -> tuple[int, OSError | ValueError | None]:
+    """Write and flush one line per event. Returns how many lines reached the output (all of
+    them, unless it failed) and, when it failed for another reason than its reader going
+    away (a full disk, a closed descriptor), the error."""
     for written, event in enumerate(events):
         try:
             out.write(render(event) + "\n")
             out.flush()
         except BrokenPipeError:
             _silence(out)
-            return written
-    return len(events)
+            return written, None
+        except (OSError, ValueError) as exc:  # ValueError: a closed file object
+            _silence(out)
+            return written, exc
+    return len(events), None
 
 
 def render_json(event: Event) -> str:
@@ -226,6 +243,7 @@ def render_json(event: Event) -> str:
         "op": event.op,
         "key": event.key,
         "modified_on": event.modified_on,
+        "modified_at": event.modified_at,
         "data": _embeddable(event.data),
     }
     return msgspec.json.encode(line).decode()

@@ -56,6 +56,13 @@ local function parts(v)  -- fingerprint, instant, earlier fingerprints at that i
   return fp, rest, ''
 end
 
+-- The event's `modified_at`: the instant at a fixed width, `...Thh:mm:ss.fffffffZ`
+-- (syncd.instants.fixed_width, FRACTION_DIGITS = 7); "" when the record has no timestamp.
+local function fixed(ts)
+  if ts == '' then return '' end
+  return string.sub(ts, 1, 19) .. '.' .. string.sub(string.sub(ts, 20) .. '0000000', 1, 7) .. 'Z'
+end
+
 local function holds(fps, fp)
   for i = 1, #fps, FP do
     if string.sub(fps, i, i + FP - 1) == fp then return true end
@@ -111,7 +118,7 @@ if detect then
     end
     if op then
       redis.call('XADD', stream, '*', 'op', op, 'key', key, 'data', ARGV[p + 3],
-                 'modified_on', ARGV[p + 2])
+                 'modified_on', ARGV[p + 2], 'modified_at', fixed(ts))
       pending[#pending + 1] = key
       pending[#pending + 1] = new
       published = published + 1
@@ -126,7 +133,7 @@ else
   for j = 0, n - 1 do
     local p = base + j * W
     redis.call('XADD', stream, '*', 'op', 'upsert', 'key', ARGV[p], 'data', ARGV[p + 3],
-               'modified_on', ARGV[p + 2])
+               'modified_on', ARGV[p + 2], 'modified_at', fixed(string.sub(ARGV[p + 1], FP + 1)))
   end
   published = n
 end

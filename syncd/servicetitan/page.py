@@ -25,6 +25,7 @@ import msgspec
 
 from syncd.catalogue import Feed, encode_key, key_part
 from syncd.errors import TransientError
+from syncd.instants import sortable_instant as sortable_instant  # re-exported
 
 
 class _Envelope(msgspec.Struct):
@@ -62,28 +63,6 @@ class Page:
         return len(self.keys) + len(self.dead) + self.superseded
 
 
-# Date, optional time with optional fraction (any length), optional zone. ServiceTitan sends
-# `2024-01-02T03:04:05.1234567Z`; off-schema records drop the zone or the fraction.
-_ISO = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})"
-    r"(?:[Tt ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d+))?)?)?"
-    r"(?:([Zz])|([+-])(\d{2}):?(\d{2}))?"
-)
-
-
-def sortable_instant(value: object) -> str:
-    """An ISO-8601 timestamp as a string that sorts like the instant it names.
-
-    `YYYY-MM-DDThh:mm:ss` in UTC followed by the fractional digits without trailing zeros, so
-    that plain string comparison (in Python and in the page script) orders instants, whatever
-    the zone or fraction length they were written with. No zone means UTC. "" for anything that
-    is not such a timestamp (null, a number, garbage, an impossible date): no timestamp.
-    """
-    if type(value) is not str:
-        return ""
-    return _sortable_instant_slow(value)
-
-
 _DATETIMES = list[dt.datetime]
 
 
@@ -103,39 +82,8 @@ def sortable_instants(values: list[str]) -> list[str]:
         if v[-1] == "Z" and v[10] == "T":
             out.append(v[:19] + v[20:-1].rstrip("0"))
         else:
-            out.append(_sortable_instant_slow(v))
+            out.append(sortable_instant(v))
     return out
-
-
-def _sortable_instant_slow(value: str) -> str:
-    m = _ISO.fullmatch(value)
-    if m is None:
-        return ""
-    year, month, day, hour, minute, second, frac, _z, sign, off_h, off_m = m.groups()
-    try:
-        when = dt.datetime(int(year), int(month), int(day))
-        end_of_day = hour == "24" and minute == "00" and int(second or 0) == 0
-        if end_of_day and not (frac or "").strip("0"):
-            # ISO 8601's end of the day is the next day's start: the same instant, not "no
-            # timestamp" (which would let an older version through after it).
-            when += dt.timedelta(days=1)
-            hour = second = frac = None
-            year, month, day = f"{when.year:04d}", f"{when.month:02d}", f"{when.day:02d}"
-        when = when.replace(hour=int(hour or 0), minute=int(minute or 0), second=int(second or 0))
-        if sign is not None and (off_h != "00" or off_m != "00"):
-            offset = dt.timedelta(hours=int(off_h), minutes=int(off_m))
-            when = when - offset if sign == "+" else when + offset
-            if not 1 <= when.year <= 9999:
-                return ""
-            return (
-                f"{when.year:04d}-{when.month:02d}-{when.day:02d}T"
-                f"{when.hour:02d}:{when.minute:02d}:{when.second:02d}" + (frac or "").rstrip("0")
-            )
-    except (ValueError, OverflowError):
-        return ""
-    return f"{year}-{month}-{day}T{hour or '00'}:{minute or '00'}:{second or '00'}" + (
-        frac or ""
-    ).rstrip("0")
 
 
 @functools.cache
