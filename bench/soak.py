@@ -722,7 +722,11 @@ async def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         version = str(info.get("valkey_version") or info.get("redis_version"))
         sim_totals = (await asyncio.to_thread(_get_json, s.sim.url + "/_sim/stats"))["totals"]
         result = {
-            "ok": verdict.ok and drained and not s.unexpected and not s.harness_errors,
+            "ok": verdict.ok
+            and drained
+            and not s.unexpected
+            and not s.harness_errors
+            and all(code == 0 for code in codes.values()),
             "seed": s.seed,
             "seconds": args.seconds,
             "settings": {
@@ -778,7 +782,8 @@ def report(result: dict[str, Any]) -> None:
         f"{sim['errors']} errors, {sim['token_grants']} tokens granted"
     )
     print(f"drained: {result['drained']} after {result['drain_s']}s")
-    print(f"exit codes after SIGTERM: {result['exit_codes']}")
+    clean = all(code == 0 for code in result["exit_codes"].values())
+    print(f"exit codes after SIGTERM: {result['exit_codes']}{'' if clean else '  NOT ALL 0'}")
     if result["unexpected_exits"]:
         print(f"UNEXPECTED EXITS: {result['unexpected_exits']}")
     if result["harness_errors"]:
