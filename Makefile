@@ -113,11 +113,13 @@ bench: $(STAMP)
 	$(BIN)/python -m bench
 
 # A fleet, Sentinel, the simulator and two consumers under random faults for SOAK_S seconds,
-# then checked against the ground truth (bench/soak.py; SOAK_SEED repeats a run).
+# then checked against the ground truth (bench/soak.py; SOAK_SEED repeats a run, SOAK_ARGS
+# passes more options, e.g. "--deletes 0 --faults kill,failover").
 SOAK_S ?= 600
 SOAK_SEED ?=
+SOAK_ARGS ?=
 soak: $(STAMP)
-	$(BIN)/python -m bench.soak --seconds $(SOAK_S) $(if $(SOAK_SEED),--seed $(SOAK_SEED))
+	$(BIN)/python -m bench.soak --seconds $(SOAK_S) $(if $(SOAK_SEED),--seed $(SOAK_SEED)) $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) $(TOOLS) $(LOWEST) $(LATEST) .mypy_cache .pytest_cache .ruff_cache
