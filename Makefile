@@ -17,8 +17,8 @@ LATEST := .venv-latest
 # The newest supported Python runs the latest versions when the machine has it (lock/pythons).
 LATEST_PYTHON ?= $(shell lock/pythons 3.13 || echo $(PYTHON))
 
-.PHONY: test test-lowest test-latest check-pythons lint promtool run bench lock lock-upgrade check-lock \
-	clean
+.PHONY: test test-lowest test-latest check-pythons lint promtool run bench soak lock lock-upgrade \
+	check-lock clean
 
 # Installed from the lock alone: exact versions, hashes required, no dependency resolution, wheels
 # only (an sdist would build with whatever its own build requirements resolve to), the build
@@ -111,6 +111,15 @@ run: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# A fleet, Sentinel, the simulator and two consumers under random faults for SOAK_S seconds,
+# then checked against the ground truth (bench/soak.py; SOAK_SEED repeats a run, SOAK_ARGS
+# passes more options, e.g. "--deletes 0 --faults kill,failover").
+SOAK_S ?= 600
+SOAK_SEED ?=
+SOAK_ARGS ?=
+soak: $(STAMP)
+	$(BIN)/python -m bench.soak --seconds $(SOAK_S) $(if $(SOAK_SEED),--seed $(SOAK_SEED)) $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) $(TOOLS) $(LOWEST) $(LATEST) .mypy_cache .pytest_cache .ruff_cache
