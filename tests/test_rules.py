@@ -29,6 +29,9 @@ ALERTS = {
     "SyncdRedisErrors",
     "SyncdRedisUnavailable",
     "SyncdFleetMemberGone",
+    "SyncdFleetConfigDisagrees",
+    "SyncdFleetFeedsUnpolled",
+    "SyncdFleetInstanceNameClash",
 }
 
 
