@@ -29,6 +29,7 @@ from typing import Any
 import redis
 
 from bench import common
+from syncd.fleet.state import parse_holder
 from syncd.keys import Keys
 from syncd.testing.redis_server import RedisServer
 
@@ -79,7 +80,8 @@ def owners(r: redis.Redis, tenants: list[int]) -> dict[int, str]:
     pipe = r.pipeline(transaction=False)
     for t in tenants:
         pipe.get(Keys(PREFIX, t).owner)
-    return {t: v.decode() for t, v in zip(tenants, pipe.execute(), strict=True) if v is not None}
+    values = zip(tenants, pipe.execute(), strict=True)
+    return {t: parse_holder(v)[0] for t, v in values if v is not None}  # names, not processes
 
 
 def spread(r: redis.Redis, tenants: list[int], live: list[str]) -> tuple[int, int]:

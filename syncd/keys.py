@@ -47,7 +47,8 @@ class Keys:
 
     @property
     def owner(self) -> str:
-        """String with a TTL: the fleet instance polling this tenant now (its lease)."""
+        """String with a TTL: the fleet instance polling this tenant now (its lease), as
+        `<name>#<incarnation>`: the name and the random token of that process."""
         return f"{self.base}:owner"
 
 
@@ -76,6 +77,16 @@ class FleetKeys:
     def known(self, instance: str) -> str:
         """Set with a TTL of one lease: the tenant ids an instance's configuration lists."""
         return f"{self.base}:known:{instance}"
+
+    def config(self, instance: str) -> str:
+        """String (JSON) with a TTL of one lease: an instance's effective per-tenant
+        configuration (its distinct profiles and the tenants of each)."""
+        return f"{self.base}:config:{instance}"
+
+    def clash(self, instance: str) -> str:
+        """String (JSON) with a TTL of one lease: the heartbeat of a process kept out of the
+        fleet because another live process holds its instance name."""
+        return f"{self.base}:clash:{instance}"
 
     @property
     def epoch(self) -> str:

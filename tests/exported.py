@@ -18,7 +18,13 @@ from syncd.testing.simulator import run_simulator
 from tests.engine_helpers import config_dict, to_toml
 
 # Exported only by an instance that is a member of a fleet.
-FLEET_ONLY = {"syncd_fleet_members", "syncd_fleet_tenants_owned"}
+FLEET_ONLY = {
+    "syncd_fleet_members",
+    "syncd_fleet_tenants_owned",
+    "syncd_fleet_config_disagreements",
+    "syncd_fleet_feeds_unpolled",
+    "syncd_fleet_instance_name_clash",
+}
 _NAME = re.compile(r"\bsyncd_[a-zA-Z0-9_:]*")
 _HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum")
 

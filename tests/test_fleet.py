@@ -8,7 +8,7 @@ import io
 import json
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 
 import pytest
@@ -17,8 +17,9 @@ import structlog
 from redis.asyncio.cluster import RedisCluster
 
 from syncd.cli import commands
+from syncd.fleet.compare import Profile
 from syncd.fleet.fleet import Fleet
-from syncd.fleet.state import read_members, read_owners
+from syncd.fleet.state import parse_holder, read_holders, read_members, read_owners
 from syncd.keys import Keys
 from syncd.redis.conn import RedisClient
 from syncd.testing.redis_server import RedisClusterServers, RedisServer
@@ -26,6 +27,7 @@ from tests.engine_helpers import config_dict, settings
 from tests.tcpproxy import proxy
 
 PREFIX = "st"
+CRM, JOBS, INV = "crm.customers", "jpm.jobs", "inventory.purchase-orders"
 
 
 @dataclass
@@ -67,13 +69,24 @@ class Harness:
         self.members: dict[str, Member] = {}
 
     def add(
-        self, name: str, client: RedisClient, tenants: range | list[int], lease: float
+        self,
+        name: str,
+        client: RedisClient,
+        tenants: range | list[int],
+        lease: float,
+        *,
+        profiles: Mapping[int, Profile] | None = None,
+        label: str | None = None,
+        run: bool = True,
     ) -> Member:
+        """An instance; `label` names it on the board (two processes under one name), `run`
+        False leaves its rounds to the test."""
         board = self.board
+        label = label or name
         member: Member
 
         async def on_acquire(tenant: int) -> None:
-            board.start(tenant, name)
+            board.start(tenant, label)
 
         async def on_release(tenant: int) -> None:
             m = member
@@ -82,7 +95,7 @@ class Harness:
             if m.hold_release is not None:
                 await m.hold_release.wait()
             m.released.append(tenant)
-            board.stop(tenant, name)
+            board.stop(tenant, label)
 
         fleet = Fleet(
             client,
@@ -92,11 +105,17 @@ class Harness:
             on_acquire=on_acquire,
             on_release=on_release,
             tenants=tenants,
+            profiles=profiles,
         )
         member = Member(fleet, client)
-        member.task = asyncio.create_task(fleet.run())
-        self.members[name] = member
+        if run:
+            member.task = asyncio.create_task(fleet.run())
+        self.members[label] = member
         return member
+
+    def run(self, label: str) -> None:
+        m = self.members[label]
+        m.task = asyncio.create_task(m.fleet.run())
 
     async def stop(self, name: str) -> None:
         m = self.members.pop(name)
@@ -120,6 +139,8 @@ class Harness:
                 m.task.cancel()
                 with pytest.raises(asyncio.CancelledError):
                     await m.task
+            for task in list(m.fleet._tasks.values()):  # of a member whose rounds the test ran
+                task.cancel()
         self.members.clear()
 
     def counts(self) -> dict[str, int]:
@@ -260,7 +281,10 @@ async def test_a_member_cut_off_from_redis_stops_before_its_leases_run_out(
             await asyncio.gather(*pending)
             # a let go while its leases still stood: no moment with two pollers.
             assert set(remaining) == cut_tenants
-            assert all(owner == b"a" and ttl > 0 for owner, ttl in remaining.values()), remaining
+            assert all(
+                owner is not None and parse_holder(owner) == ("a", a.fleet.token) and ttl > 0
+                for owner, ttl in remaining.values()
+            ), remaining
             await eventually(lambda: harness.counts()["b"] == n, what="b took over")
             assert harness.board.overlaps == []
             line.restore()
@@ -305,21 +329,179 @@ async def test_disagreeing_configurations_are_reported_and_followed(
         await eventually(lambda: balanced(harness, 6), what="tenant 7 removed")
 
 
-async def test_two_processes_under_one_name_are_reported(
+def feed_profiles(tenants: list[int], *feeds: str, interval: float = 300.0) -> dict[int, Profile]:
+    opts = {"poll_interval": interval, "change_detection": True}
+    return {
+        t: Profile(feeds={f: dict(opts) for f in feeds}, options={"start": None}) for t in tenants
+    }
+
+
+async def test_feed_lists_that_differ_are_reported_within_one_round_and_followed(
+    harness: Harness, clients: Callable[[], aioredis.Redis], redis_server: RedisServer
+) -> None:
+    """Two instances share four tenants; b also lists jpm.jobs. The first round after b joined
+    names the feed, the tenants and the instances; every tenant goes to b, which polls the
+    extra feed, until a lists it too; then they share again."""
+    tenants, lease = [1, 2, 3, 4], 1.5
+    with structlog.testing.capture_logs() as logs:
+        a = harness.add(
+            "a", clients(), tenants, lease, profiles=feed_profiles(tenants, CRM), run=False
+        )
+        b = harness.add(
+            "b", clients(), tenants, lease, profiles=feed_profiles(tenants, CRM, JOBS), run=False
+        )
+        await a.fleet.round()
+        await eventually(lambda: harness.counts()["a"] == 4, what="a alone polls all four")
+        await b.fleet.round()  # b joins
+        before = len(logs)
+        await a.fleet.round()  # one round of a's after b joined
+        reported = [e for e in logs[before:] if e["event"] == "fleet_config_disagrees"]
+        assert len(reported) == 1, logs[before:]
+        assert reported[0]["tenants"] == 4
+        assert reported[0]["differences"] == [
+            {
+                "feed": JOBS,
+                "listed_by": ["b"],
+                "missing_from": ["a"],
+                "tenants": 4,
+                "sample": tenants,
+            }
+        ]
+        assert reported[0]["unpolled"] == 0
+        # The tenants go to the instance that lists every feed: a hands them over.
+        assert a.fleet.view.plan is not None
+        assert a.fleet.view.plan.owners == dict.fromkeys(tenants, "b")
+        assert a.fleet.view.unpolled == {}
+        harness.run("a")
+        harness.run("b")
+        await eventually(lambda: harness.counts() == {"a": 0, "b": 4}, what="b polls every tenant")
+
+        # The fleet as `syncd status --fleet` shows it, from any host.
+        data = config_dict(redis_server.url, "http://127.0.0.1:1", "k", tenants, [CRM])
+        data["fleet"] = {"enabled": True}
+        out = io.StringIO()
+        assert await commands.status(settings(data), as_json=True, out=out, fleet_only=True) == 0
+        rows = {r["instance"]: r for r in json.loads(out.getvalue())}
+        assert rows["a"]["differences"] == rows["b"]["differences"] == reported[0]["differences"]
+        assert (rows["a"]["tenants"], rows["b"]["tenants"]) == (0, 4)
+        out = io.StringIO()
+        assert await commands.status(settings(data), as_json=False, out=out, fleet_only=True) == 0
+        assert f"feed {JOBS} listed by b, not by a: tenants 1, 2, 3, 4" in out.getvalue()
+        assert "NOT POLLED" not in out.getvalue()
+
+        # A reload of a that adds the feed: the configurations agree and the tenants are shared.
+        a.fleet.set_tenants(tenants, feed_profiles(tenants, CRM, JOBS))
+        await eventually(lambda: balanced(harness, 4), what="shared again")
+        assert any(e["event"] == "fleet_config_agrees" for e in logs[before:])
+        assert a.fleet.view.compared.differences == []
+        assert harness.board.overlaps == []
+
+
+async def test_feed_lists_neither_containing_the_other_are_reported_as_unpolled(
     harness: Harness, clients: Callable[[], aioredis.Redis]
 ) -> None:
+    tenants, lease = [1, 2], 1.5
     with structlog.testing.capture_logs() as logs:
-        harness.add("twin", clients(), [1, 2], 1.5)
-        await eventually(lambda: harness.counts()["twin"] == 2, what="first twin polls")
-        second = Harness(harness.board)
-        second.add("twin", clients(), [1, 2], 1.5)
-        try:
-            await eventually(
-                lambda: any(e["event"] == "fleet_instance_name_clash" for e in logs),
-                what="the clash reported",
-            )
-        finally:
-            await second.close()
+        a = harness.add("a", clients(), tenants, lease, profiles=feed_profiles(tenants, CRM, JOBS))
+        harness.add("b", clients(), tenants, lease, profiles=feed_profiles(tenants, CRM, INV))
+        await eventually(lambda: balanced(harness, 2), what="one tenant each")
+        await eventually(lambda: len(a.fleet.view.unpolled) == 2, what="unpolled feeds seen")
+        owner = {t: next(iter(hs)) for t, hs in harness.board.owner_map().items()}
+        lacks = {"a": (INV,), "b": (JOBS,)}
+        assert a.fleet.view.unpolled == {t: lacks[o] for t, o in owner.items()}
+        assert any(e["event"] == "fleet_feeds_unpolled" for e in logs)
+
+
+async def test_option_differences_are_reported_by_name(
+    harness: Harness, clients: Callable[[], aioredis.Redis]
+) -> None:
+    tenants, lease = [1, 2], 1.5
+    a = harness.add("a", clients(), tenants, lease, profiles=feed_profiles(tenants, CRM))
+    harness.add("b", clients(), tenants, lease, profiles=feed_profiles(tenants, CRM, interval=60.0))
+    await eventually(lambda: balanced(harness, 2), what="shared: options do not move tenants")
+    await eventually(lambda: bool(a.fleet.view.compared.differences), what="difference seen")
+    [diff] = a.fleet.view.compared.differences
+    assert diff.describe() == {
+        "feed": CRM,
+        "option": "poll_interval",
+        "values": {"a": 300.0, "b": 60.0},
+        "tenants": 2,
+        "sample": tenants,
+    }
+
+
+async def test_two_processes_under_one_name_never_poll_one_tenant_twice(
+    harness: Harness, clients: Callable[[], aioredis.Redis], redis: aioredis.Redis
+) -> None:
+    """A second process under a name in use (a cloned host) takes no lease while the first
+    lives, says so, and takes over when the first stops."""
+    n, lease = 6, 1.5
+    tenants = list(range(1, n + 1))
+    with structlog.testing.capture_logs() as logs:
+        first = harness.add("twin", clients(), tenants, lease, label="first")
+        harness.add("other", clients(), tenants, lease)
+        await eventually(
+            lambda: harness.counts() == {"first": 3, "other": 3}, what="first and other share"
+        )
+        second = harness.add("twin", clients(), tenants, lease, label="second")
+        # Over two lease periods: every tenant with exactly one poller, every lease held by
+        # the first twin's incarnation or by the other instance.
+        deadline = time.monotonic() + 2 * lease
+        while time.monotonic() < deadline:
+            owners = harness.board.owner_map()
+            assert set(owners) == set(tenants)
+            assert all(len(hs) == 1 for hs in owners.values()), owners
+            assert "second" not in {h for hs in owners.values() for h in hs}
+            holders = await read_holders(redis, PREFIX, tenants)
+            assert {parse_holder(v) for v in holders.values()} <= {
+                ("twin", first.fleet.token),
+                ("other", harness.members["other"].fleet.token),
+            }
+            await asyncio.sleep(0.05)
+        assert harness.board.overlaps == []
+        clashes = [e for e in logs if e["event"] == "fleet_instance_name_clash"]
+        assert {e["polling"] for e in clashes} == {True, False}, clashes
+        assert first.fleet.name_clash is not None
+        assert second.fleet.name_clash is not None
+        assert second.fleet.kept_out is not None
+        assert first.fleet.name_clash.token == second.fleet.token
+        members = await read_members(redis, PREFIX)
+        assert members["twin"].heartbeat.token == first.fleet.token
+        assert members["twin"].clash is not None
+        assert members["twin"].clash.token == second.fleet.token
+
+        # The first stops: the second joins at once (the epoch moved) and takes its tenants.
+        await harness.stop("first")
+        await eventually(
+            lambda: harness.counts() == {"second": 3, "other": 3},
+            timeout=20,
+            what="second took over",
+        )
+        await eventually(lambda: second.fleet.name_clash is None, what="the clash is over")
+        assert second.fleet.kept_out is None
+        assert harness.board.overlaps == []
+
+
+async def test_a_process_restarted_under_its_name_waits_for_its_predecessor(
+    harness: Harness, clients: Callable[[], aioredis.Redis]
+) -> None:
+    """After a SIGKILL, the new process under the same name cannot tell its predecessor from a
+    live clone until the predecessor's heartbeat fails to renew: it waits for it to run out
+    (at most a lease), reports no clash, and takes the tenants back."""
+    n, lease = 4, 1.5
+    with structlog.testing.capture_logs() as logs:
+        harness.add("a", clients(), range(1, n + 1), lease)
+        await eventually(lambda: harness.counts() == {"a": n}, what="a polls everything")
+        await harness.kill("a")
+        again = harness.add("a", clients(), range(1, n + 1), lease)
+        took = await eventually(
+            lambda: harness.counts() == {"a": n}, timeout=20, what="the new a took back"
+        )
+        assert took <= lease + 5
+        assert again.fleet.name_clash is None
+        assert [e for e in logs if e["event"] == "fleet_instance_name_taken"]
+        assert not [e for e in logs if e["event"] == "fleet_instance_name_clash"]
+        assert harness.board.overlaps == []
 
 
 # -- Redis Cluster --------------------------------------------------------------------------

@@ -227,3 +227,141 @@ async def test_reload_adds_and_removes_tenants_for_the_fleet(
 
 async def _xlen(r: aioredis.Redis, tenant: int, n: int) -> bool:
     return int(await r.xlen(f"st:{{{tenant}}}:crm.customers")) >= n
+
+
+async def _metric(port: int, name: str) -> float | None:
+    """A gauge's value on a daemon's /metrics; None before it serves or exports it."""
+    try:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.get(f"http://127.0.0.1:{port}/metrics") as resp,
+        ):
+            text = await resp.text()
+    except aiohttp.ClientConnectionError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
+async def test_a_feed_only_one_instance_lists_is_delivered_for_every_tenant(
+    redis: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    """A rolling change that adds jpm.jobs, half done: a lists crm.customers, b also jpm.jobs.
+    The difference is reported by name and every tenant's jpm.jobs events arrive (b polls
+    them all), exactly once."""
+    tenants = [9301, 9302, 9303, 9304]
+    async with run_simulator(tenants=tenants, records=40, page_size=20) as sim:
+        old = config_dict(redis_server.url, sim.url, sim.app_key, tenants, ["crm.customers"])
+        old["fleet"] = {"enabled": True, "lease": LEASE}
+        new = {**old, "tenants": config_dict("", "", "", tenants, FEEDS)["tenants"]}
+        port = free_port()
+        a = DaemonProcess({**old, "ops": {"listen": f"127.0.0.1:{port}"}}, "--instance", "a")
+        b = DaemonProcess(new, "--instance", "b")
+        try:
+            a.start()
+
+            async def a_owns_all() -> bool:
+                return set((await read_owners(redis, "st", tenants)).values()) == {"a"}
+
+            await until(a_owns_all, 60, "a polls every tenant")
+            b.start()
+
+            async def delivered() -> bool:
+                for t in tenants:
+                    if int(await redis.xlen(f"st:{{{t}}}:jpm.jobs")) < 40:
+                        return False
+                return True
+
+            await until(delivered, 60, "jpm.jobs delivered for every tenant")
+
+            async def reported() -> bool:
+                return await _metric(port, "syncd_fleet_config_disagreements") == len(tenants)
+
+            await until(reported, 30, "a's /metrics counts the tenants whose feeds differ")
+            assert await _metric(port, "syncd_fleet_feeds_unpolled") == 0
+            assert set((await read_owners(redis, "st", tenants)).values()) == {"b"}
+            for d in (a, b):
+                d.signal(signal.SIGTERM)
+                assert await asyncio.to_thread(d.wait, 30) == 0
+            disagree = [e for e in a.events() if e["event"] == "fleet_config_disagrees"]
+            assert disagree, "the feed only b lists was not reported"
+            assert disagree[0]["differences"] == [
+                {
+                    "feed": "jpm.jobs",
+                    "listed_by": ["b"],
+                    "missing_from": ["a"],
+                    "tenants": 4,
+                    "sample": tenants,
+                }
+            ]
+        finally:
+            a.close()
+            b.close()
+        for t in tenants:
+            for f in FEEDS:
+                events = await stream_events(redis, t, f)
+                records = await truth(sim.url, t, f)
+                assert_exactly_once(events, records, where=f"{t}/{f}")
+
+
+async def test_two_processes_under_one_name_poll_each_tenant_once(
+    redis: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    """Two processes started as `--instance twin` (cloned hosts): the second polls nothing
+    while the first lives, both say so, and it takes over when the first stops."""
+    tenants = [9401, 9402, 9403, 9404]
+    # Polled every second once drained: a second poller would show in the simulator's stats.
+    async with run_simulator(tenants=tenants, records=400, page_size=10, seed=5) as sim:
+        data = config_dict(
+            redis_server.url,
+            sim.url,
+            sim.app_key,
+            tenants,
+            ["crm.customers"],
+            requests_per_second=4.0,
+            poll_interval=1.0,
+        )
+        data["fleet"] = {"enabled": True, "lease": LEASE}
+        port = free_port()
+        first = DaemonProcess(data, "--instance", "twin")
+        second = DaemonProcess(
+            {**data, "ops": {"listen": f"127.0.0.1:{port}"}}, "--instance", "twin"
+        )
+        try:
+            first.start()
+
+            async def first_owns_all() -> bool:
+                return set((await read_owners(redis, "st", tenants)).values()) == {"twin"}
+
+            await until(first_owns_all, 60, "the first twin polls every tenant")
+            second.start()
+
+            async def clash_seen() -> bool:
+                return await _metric(port, "syncd_fleet_instance_name_clash") == 1
+
+            await until(clash_seen, 30, "the second twin reports the clash")
+            await asyncio.sleep(2 * LEASE)  # two lease periods of both running
+            assert overlaps(await sim_stats(sim.url)) == {}, "two processes polled one tenant"
+            assert [e for e in first.events() if e["event"] == "fleet_instance_name_clash"]
+            assert [e for e in second.events() if e["event"] == "fleet_instance_name_clash"]
+
+            # The first stops: the second takes over and finishes the backfill.
+            first.signal(signal.SIGTERM)
+            assert await asyncio.to_thread(first.wait, 30) == 0
+
+            async def synced() -> bool:
+                return all([await _xlen(redis, t, 400) for t in tenants])
+
+            await until(synced, 120, "the second twin finished the backfill")
+            assert await _metric(port, "syncd_fleet_instance_name_clash") == 0
+            second.signal(signal.SIGTERM)
+            assert await asyncio.to_thread(second.wait, 30) == 0
+            assert overlaps(await sim_stats(sim.url)) == {}
+        finally:
+            first.close()
+            second.close()
+        for t in tenants:
+            events = await stream_events(redis, t, "crm.customers")
+            assert_exactly_once(events, await truth(sim.url, t, "crm.customers"), where=str(t))

@@ -63,17 +63,33 @@ def busy(tenants: int, feeds: int, detail: str = "tenant", clock: Clock | None =
     return m
 
 
+def test_fleet_gauges_say_how_configurations_compare_and_whether_a_name_clashes() -> None:
+    m = Metrics(clock=Clock())  # type: ignore[arg-type]
+    assert not [k for k in samples(m) if k[0].startswith("syncd_fleet_")]  # not in a fleet
+    m.set_fleet(3, 2, disagreements=4, unpolled=1, name_clash=True)
+    got = samples(m)
+    assert value(got, "syncd_fleet_members") == 3
+    assert value(got, "syncd_fleet_tenants_owned") == 2
+    assert value(got, "syncd_fleet_config_disagreements") == 4
+    assert value(got, "syncd_fleet_feeds_unpolled") == 1
+    assert value(got, "syncd_fleet_instance_name_clash") == 1
+    m.set_fleet(3, 2)
+    got = samples(m)
+    assert value(got, "syncd_fleet_config_disagreements") == 0
+    assert value(got, "syncd_fleet_instance_name_clash") == 0
+
+
 @pytest.mark.parametrize(("tenants", "feeds"), [(1, 1), (3, 4), (7, 2)])
 def test_series_count_formula_at_each_detail(tenants: int, feeds: int) -> None:
     """The formulas of the README and syncd.ops.metrics, counted on what is rendered."""
     n, f, r = tenants, feeds, len(RECORD_COUNTERS)
     page_histogram = len(PAGE_SECONDS_BUCKETS) + 3  # buckets, +Inf, _count, _sum
-    unlabelled = 1 + (len(LATENESS_BUCKETS) + 3) + 3 + 2  # errors, lateness, polling, fleet
+    unlabelled = 1 + (len(LATENESS_BUCKETS) + 3) + 3 + 5  # errors, lateness, polling, fleet
     per_tenant = r + 3 + 2 + 3 + 2  # records, 429s/paused/tokens, age, rates/auth, pauses
     per_feed = r + 2 + page_histogram
     statuses = len(STATUSES) * n
     default = per_tenant * n + statuses + per_feed * f + unlabelled
-    assert (per_tenant, per_feed, unlabelled) == (16, 21, 18)
+    assert (per_tenant, per_feed, unlabelled) == (16, 21, 21)
     assert len(samples(busy(n, f))) == default
     # Tenant x feed: four record counters, time since success, and here a dead letter and a
     # stale record each.

@@ -19,6 +19,7 @@ import redis.exceptions
 
 from syncd.consumer import Consumer, Event, Subscription
 from syncd.daemon import EXIT_CONFIG
+from syncd.fleet.state import parse_holder
 from syncd.testing.redis_server import RedisServer
 from syncd.testing.simulator import run_simulator
 from tests.engine_helpers import DaemonProcess, config_dict
@@ -179,7 +180,9 @@ async def test_a_fleet_member_under_the_acl_user(
             async with asyncio.timeout(60):
                 while await admin.xlen(f"st:{{{tenant}}}:{feed}") < 30:
                     await asyncio.sleep(0.05)
-            assert await admin.get(f"st:{{{tenant}}}:owner") == b"acl"
+            owner = await admin.get(f"st:{{{tenant}}}:owner")
+            assert owner is not None
+            assert parse_holder(owner)[0] == "acl"
             daemon.signal(signal.SIGTERM)
             assert await asyncio.to_thread(daemon.wait, 30) == 0
             text = "\n".join(daemon.log_lines())

@@ -30,6 +30,9 @@ ALERTS = {
     "SyncdRedisUnavailable",
     "SyncdReplicasBehind",
     "SyncdFleetMemberGone",
+    "SyncdFleetConfigDisagrees",
+    "SyncdFleetFeedsUnpolled",
+    "SyncdFleetInstanceNameClash",
 }
 
 

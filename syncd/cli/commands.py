@@ -15,7 +15,7 @@ import msgspec
 
 from syncd.config import ConfigError, OpsConfig, Settings, TenantSettings, check_start
 from syncd.daemon import Daemon, redis_client
-from syncd.daemon.fleet import fleet_status
+from syncd.daemon.fleet import FleetStatus, fleet_status
 from syncd.fleet.state import read_owners
 from syncd.keys import Keys
 from syncd.redis.conn import RedisClient
@@ -118,13 +118,30 @@ def render_table(rows: list[dict[str, Any]], out: TextIO, *, owner: bool = False
         out.write("  ".join(cells).rstrip() + "\n")
 
 
-def render_fleet(instances: list[dict[str, Any]], out: TextIO) -> None:
-    out.write(f"fleet: {len(instances)} instance(s)\n")
-    for i in instances:
+def render_fleet(fleet: FleetStatus, out: TextIO) -> None:
+    out.write(f"fleet: {len(fleet.instances)} instance(s)\n")
+    for i in fleet.instances:
         age = max(0.0, time.time() - i["renewed"])
         out.write(
             f"  {i['instance']:30} {i['tenants']:6} tenants"
             f"  (knows {i['known']}, renewed {age:.1f}s ago, {i['host']} pid {i['pid']})\n"
+        )
+        clash = i.get("name_clash")
+        if clash:
+            out.write(
+                f"    NAME CLASH: another process waits for this name ({clash['host']} pid"
+                f" {clash['pid']}), polling nothing until this one leaves or stops renewing\n"
+            )
+    if fleet.differences:
+        out.write("configurations differ:\n")
+        for d in fleet.differences:
+            out.write(f"  {d.text()}\n")
+    if fleet.unpolled:
+        pairs = sum(len(fs) for fs in fleet.unpolled.values())
+        sample = "; ".join(f"{t}: {', '.join(fs)}" for t, fs in list(fleet.unpolled.items())[:10])
+        out.write(
+            f"NOT POLLED: {pairs} feed(s) of {len(fleet.unpolled)} tenant(s) that an instance"
+            f" lists but the tenant's owner does not ({sample})\n"
         )
 
 
@@ -132,29 +149,29 @@ async def status(
     settings: Settings, *, as_json: bool, out: TextIO, fleet_only: bool = False
 ) -> int:
     """Per tenant and feed rows (with each tenant's owner), and in a fleet a summary of the
-    instances; `fleet_only`: the summary alone."""
+    instances and of how their configurations differ; `fleet_only`: the summary alone."""
     in_fleet = settings.config.fleet.enabled
     r = redis_client(settings.config, settings.sentinel_password)
     try:
         rows = [] if fleet_only else await collect_status(settings, r)
-        instances: list[dict[str, Any]] = []
+        fleet = FleetStatus([], [], {})
         if in_fleet or fleet_only:
             prefix = settings.config.redis.key_prefix
-            _, instances = await fleet_status(r, prefix, [t.id for t in settings.tenants])
+            fleet = await fleet_status(r, prefix, [t.id for t in settings.tenants])
     finally:
         await r.aclose()
     if fleet_only:
         if as_json:
-            out.write(json.dumps(instances, indent=2) + "\n")
+            out.write(json.dumps(fleet.instances, indent=2) + "\n")
         else:
-            render_fleet(instances, out)
+            render_fleet(fleet, out)
     elif as_json:
         out.write(json.dumps(rows, indent=2) + "\n")
     else:
         render_table(rows, out, owner=in_fleet)
         if in_fleet:
             out.write("\n")
-            render_fleet(instances, out)
+            render_fleet(fleet, out)
     return 0
 
 

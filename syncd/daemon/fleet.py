@@ -10,14 +10,24 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
 
 from syncd.config import Settings, TenantSettings
 from syncd.engine.scheduler import Scheduler
+from syncd.fleet.assign import assign
+from syncd.fleet.compare import Difference, Profile, Value
 from syncd.fleet.fleet import Fleet
-from syncd.fleet.state import read_members, read_owners, summary
+from syncd.fleet.state import (
+    comparison,
+    live_owners,
+    parse_holder,
+    read_holders,
+    read_members,
+    summary,
+)
 from syncd.ops.metrics import Metrics
 from syncd.redis.conn import RedisClient
 
@@ -49,6 +59,7 @@ class FleetMember:
             on_acquire=self.acquire,
             on_release=self.release,
             tenants=[t.id for t in host.settings.tenants],
+            profiles=profiles(host.settings),
             on_round=self._gauges,
         )
         self._task: asyncio.Task[None] | None = None
@@ -86,11 +97,18 @@ class FleetMember:
         return self._task
 
     def reloaded(self, settings: Settings) -> None:
-        """The configuration's tenants changed: tell the fleet what this instance knows."""
-        self.fleet.set_tenants(t.id for t in settings.tenants)
+        """The configuration changed: tell the fleet the tenants and profiles it now has."""
+        self.fleet.set_tenants((t.id for t in settings.tenants), profiles(settings))
 
     def _gauges(self) -> None:
-        self.host.metrics.set_fleet(len(self.fleet.view.members), len(self.fleet.held))
+        view = self.fleet.view
+        self.host.metrics.set_fleet(
+            len(view.members),
+            len(self.fleet.held),
+            disagreements=len(view.compared.disagreeing),
+            unpolled=sum(len(fs) for fs in view.unpolled.values()),
+            name_clash=self.fleet.name_clash is not None,
+        )
 
     def owns(self, tenant: int) -> bool:
         return tenant in self.fleet.held
@@ -124,15 +142,56 @@ class FleetMember:
             "instance": self.instance,
             "tenants": len(self.fleet.held),
             "members": len(view.members),
-            "disagreements": len(view.disagreements),
+            "disagreements": len(view.compared.disagreeing),
+            "feeds_unpolled": sum(len(fs) for fs in view.unpolled.values()),
+            "name_clash": self.fleet.name_clash is not None,
+            "kept_out": self.fleet.kept_out is not None,
         }
 
 
-async def fleet_status(
-    redis: RedisClient, prefix: str, tenants: list[int]
-) -> tuple[dict[int, str], list[dict[str, Any]]]:
-    """Owners of `tenants` and one summary row per live instance (for `syncd status`)."""
-    owners = await read_owners(redis, prefix, tenants)
+def profiles(settings: Settings) -> dict[int, Profile]:
+    """What this instance would publish for each tenant, as the fleet compares it: the feeds,
+    each with the options that change what is published or when, and the tenant-wide ones."""
+    out = {}
+    for t in settings.tenants:
+        feeds: dict[str, dict[str, Value]] = {}
+        for feed in t.feeds:
+            max_len, max_age = settings.retention(feed)
+            feeds[feed] = {
+                "poll_interval": settings.poll_interval(t, feed),
+                "change_detection": settings.feed_options(feed).change_detection,
+                "max_len": max_len,
+                "max_age": max_age,
+            }
+        options: dict[str, Value] = {
+            "include_recent_changes": t.include_recent_changes,
+            "start": t.start,
+        }
+        out[t.id] = Profile(feeds=feeds, options=options)
+    return out
+
+
+@dataclass
+class FleetStatus:
+    """The fleet as `syncd status` shows it."""
+
+    instances: list[dict[str, Any]]  # one row per live instance
+    differences: list[Difference]  # how the live instances' configurations differ
+    unpolled: dict[int, tuple[str, ...]]  # tenant -> feeds listed but not polled by its owner
+
+
+async def fleet_status(redis: RedisClient, prefix: str, tenants: list[int]) -> FleetStatus:
+    """One summary row per live instance and how their configurations compare, for
+    `syncd status`: `tenants` (this configuration's) are counted with the ones the fleet knows."""
     members = await read_members(redis, prefix)
     everyone = sorted(set().union(tenants, *(m.known for m in members.values())))
-    return owners, summary(members, await read_owners(redis, prefix, everyone))
+    holders = await read_holders(redis, prefix, everyone)
+    compared = comparison(members)
+    plan = assign(compared.eligible, live_owners(holders, members))
+    unpolled = compared.unpolled(plan.owners)
+    rows = summary(members, {t: parse_holder(v)[0] for t, v in holders.items()}, compared)
+    for row in rows:
+        row["feeds_unpolled"] = {
+            str(t): list(fs) for t, fs in unpolled.items() if plan.owners.get(t) == row["instance"]
+        }
+    return FleetStatus(rows, compared.differences, unpolled)

@@ -73,6 +73,10 @@ class Health(DaemonState):
         if self.fleet is not None:
             f = self.fleet.status()
             text += f"; fleet: instance {f['instance']} of {f['members']}"
+            if f["kept_out"]:
+                text += " (name held by another process: polling nothing)"
+            elif f["disagreements"]:
+                text += f", configurations differ for {f['disagreements']} tenant(s)"
         if not sched.redis_ok.is_set():
             text += "; waiting for Redis"
         if not sched.replicas_ok.is_set():

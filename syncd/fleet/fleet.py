@@ -1,12 +1,19 @@
 """The fleet: instances on one Redis share the tenants, one owner per tenant, by leases.
 
-The thin I/O shell around `syncd.fleet.assign`. Every lease/3 seconds (sooner when another instance
-joins, leaves or releases) an instance renews its heartbeat and its leases in one pipeline, reads
-the members, what each one's configuration knows and who owns what, computes the assignment, gives
-up the tenants it should not hold (after the daemon stopped polling them) and takes the free ones
-assigned to it. Leases are keys `<prefix>:{<tenant>}:owner` holding the owner's name, taken with
-SET NX PX semantics and renewed or released by small scripts that act only for the holder. They
-are many and renewed together, so they are pipelined scripts rather than one redis-py Lock each.
+The thin I/O shell around `syncd.fleet.assign` and `syncd.fleet.compare`. Every lease/3 seconds
+(sooner when another instance joins, leaves or releases) an instance renews its heartbeat and its
+leases in one pipeline, reads the members, what each one's configuration knows and publishes and
+who owns what, compares the configurations, computes the assignment, gives up the tenants it
+should not hold (after the daemon stopped polling them) and takes the free ones assigned to it.
+Leases are keys `<prefix>:{<tenant>}:owner` holding `<name>#<token>` (the instance name and the
+random incarnation token of the process), taken with SET NX PX semantics and renewed or released
+by small scripts that act only for the holder. They are many and renewed together, so they are
+pipelined scripts rather than one redis-py Lock each.
+
+An instance name is held like a lease too: a process writes the heartbeat of its name only while
+no other live process holds that name. A second process started under a name in use stays out
+of the fleet (it polls nothing), says so loudly, and joins when the holder leaves or its heartbeat
+runs out; so two processes under one name never both poll, whatever the timing.
 
 Leases make the fleet efficient; they do not make it correct. Two instances may briefly both poll
 a tenant (a paused process, a clock jump); the cursor fence in the page script keeps that exactly
@@ -18,40 +25,41 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import msgspec
 import structlog
 
 from syncd.fleet.assign import Plan, assign, disagreements
+from syncd.fleet.compare import Comparison, Profile
 from syncd.fleet.state import (
-    ACQUIRE,
-    CHUNK,
     HEARTBEAT,
-    KNOWN,
-    RELEASE,
+    JOIN,
+    LEAVE,
     RENEW,
+    Cache,
     Heartbeat,
     Member,
-    chunks,
+    comparison,
+    config_document,
     digest,
+    live_owners,
+    read_holders,
     read_members,
-    read_owners,
 )
-from syncd.keys import FleetKeys, Keys
+from syncd.fleet.transitions import Callback, Transitions
+from syncd.keys import Keys
 from syncd.redis.conn import RedisClient
 
 log = structlog.get_logger("syncd.fleet")
 
-Callback = Callable[[int], Awaitable[None]]
-
 # Share of the lease after the last renewal at which an instance stops polling a tenant locally.
 DROP_AT = 2 / 3
+NO_DIFFERENCES = Comparison({}, [], frozenset())
 
 
 def default_instance_name() -> str:
@@ -60,11 +68,13 @@ def default_instance_name() -> str:
 
 
 @dataclass
-class _Tenant:
-    """One tenant this instance holds a lease on, or is handing back."""
+class KeptOut:
+    """This process is out of the fleet: another process holds its instance name."""
 
-    renewed: float  # monotonic time the last successful renewal was sent
-    releasing: bool = False
+    first: Heartbeat  # the holder as first seen
+    holder: Heartbeat  # as last seen
+    expires_in: float  # seconds until the holder's heartbeat runs out unless renewed
+    clash: bool = False  # the holder renewed since: a live process, not a dead predecessor
 
 
 @dataclass
@@ -72,12 +82,15 @@ class FleetView:
     """What the last round saw: for status, logs and tests."""
 
     members: dict[str, Member] = field(default_factory=dict)
-    owners: dict[int, str] = field(default_factory=dict)
+    owners: dict[int, str] = field(default_factory=dict)  # tenant -> live member holding it
+    holders: dict[int, str] = field(default_factory=dict)  # tenant -> its lease's value
     plan: Plan | None = None
     disagreements: dict[int, list[str]] = field(default_factory=dict)
+    compared: Comparison = NO_DIFFERENCES
+    unpolled: dict[int, tuple[str, ...]] = field(default_factory=dict)
 
 
-class Fleet:
+class Fleet(Transitions):
     """Membership, leases and the assignment loop of one instance."""
 
     def __init__(
@@ -90,48 +103,62 @@ class Fleet:
         on_acquire: Callback,
         on_release: Callback,
         tenants: Iterable[int] = (),
+        profiles: Mapping[int, Profile] | None = None,
         on_round: Callable[[], None] | None = None,
     ) -> None:
-        self.redis = redis
-        self.prefix = prefix
-        self.keys = FleetKeys(prefix)
-        self.instance = instance
-        self.lease = lease
-        self.on_acquire = on_acquire
-        self.on_release = on_release
+        super().__init__(
+            redis,
+            prefix,
+            instance,
+            os.urandom(8).hex(),
+            lease,
+            on_acquire=on_acquire,
+            on_release=on_release,
+        )
         self.on_round = on_round  # after each round: the view and leases held are fresh
-        self.known: frozenset[int] = frozenset(tenants)
-        self.token = os.urandom(8).hex()
         self.view = FleetView()
-        self.held: dict[int, _Tenant] = {}
-        self.active: set[int] = set()  # on_acquire done, on_release not yet called
+        self.kept_out: KeptOut | None = None
         self.last_renewal: float | None = None  # wall clock, for status
-        self._tasks: dict[int, asyncio.Task[None]] = {}
-        self._known_written = False
+        self._published = False  # the known tenants and configuration of this name are ours
         self._epoch: bytes | None = None
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
+        self.known: frozenset[int] = frozenset()
+        self._document = b""
+        self._config = ""
+        self.set_tenants(tenants, profiles)
         self._redis_ok = True
-        self._clash_logged = False
-        self._disagreeing: frozenset[int] = frozenset()
-        self._cache: dict[str, frozenset[int]] = {}  # known digest -> tenant ids
+        self._reported: object = None
+        self._clash_reported: str | None = None  # token of the other process, while reported
+        self._cache = Cache()
+        self._compared: tuple[object, Comparison] | None = None
         self._due_in: float | None = None  # next round sooner than a period, in seconds
         self._draining = False
-
-    @property
-    def lease_ms(self) -> int:
-        return max(1, int(self.lease * 1000))
 
     @property
     def period(self) -> float:
         return self.lease / 3
 
-    def set_tenants(self, tenants: Iterable[int]) -> None:
-        """The tenant ids of this instance's configuration (at start and after each reload)."""
+    @property
+    def name_clash(self) -> Heartbeat | None:
+        """The other live process under this instance's name, while there is one."""
+        if self.kept_out is not None:
+            return self.kept_out.holder if self.kept_out.clash else None
+        me = self.view.members.get(self.instance)
+        return me.clash if me is not None else None
+
+    def set_tenants(
+        self, tenants: Iterable[int], profiles: Mapping[int, Profile] | None = None
+    ) -> None:
+        """The tenants of this instance's configuration and each one's profile (at start and
+        after each reload); without profiles, every tenant has the same, empty one."""
         known = frozenset(tenants)
-        if known != self.known:
+        mine = {t: (profiles or {}).get(t, Profile()) for t in known}
+        document, config = config_document(mine)
+        if known != self.known or config != self._config:
             self.known = known
-            self._known_written = False
+            self._document, self._config = document, config
+            self._published = False
             self._wake.set()
 
     def drain(self) -> None:
@@ -233,9 +260,13 @@ class Fleet:
         await self._renew()
         view = await self.read_view()
         self.view = view
+        self._report(view)
+        if self.kept_out is not None:  # another process holds our name: hold nothing
+            self._release_all()
+            self._due_in = self.kept_out.expires_in + 0.05
+            return
         if view.plan is None:  # our own heartbeat is not among the members: decide nothing
             return
-        self._report(view)
         mine = view.plan.tenants_of(self.instance)
         for tenant, state in list(self.held.items()):
             if tenant not in mine and not state.releasing:
@@ -243,7 +274,7 @@ class Fleet:
         wanted = [
             t
             for t in sorted(mine)
-            if t not in self.held and view.owners.get(t) in (None, self.instance)
+            if t not in self.held and view.holders.get(t) in (None, self.holder)
         ]
         if wanted and not self._draining:
             await self._acquire(wanted)
@@ -253,7 +284,7 @@ class Fleet:
         """Look again right when a silent member's heartbeat or an orphaned lease runs out,
         rather than up to a period later: that is when its tenants become free."""
         soonest = [m.expires_in for n, m in view.members.items() if n != self.instance]
-        orphans = [t for t, o in view.owners.items() if o not in view.members]
+        orphans = [t for t in view.holders if t not in view.owners]
         if orphans:
             pipe = self.redis.pipeline(transaction=False)
             for t in orphans:
@@ -272,206 +303,182 @@ class Fleet:
             renewed=time.time(),
             host=socket.gethostname(),
             pid=os.getpid(),
+            config=self._config,
         )
         k = self.keys
-        joined = False
-        if not self._known_written:
-            # Before the heartbeat that announces its digest, so nobody reads a stale set.
-            await self._write_known()
-            joined = True
+        name = self.instance
+        keys = (k.members, k.member(name), k.known(name), k.config(name), k.clash(name))
+        args = (name, self.lease_ms, msgspec.json.encode(heartbeat), self.token)
+        join_args: list[str | int | bytes] = [*keys, *args, self._document, *sorted(self.known)]
         tenants = list(self.held)
         pipe = self.redis.pipeline(transaction=False)
         pipe.get(k.epoch)
-        pipe.eval(
-            HEARTBEAT,
-            3,
-            k.members,
-            k.member(self.instance),
-            k.known(self.instance),
-            self.instance,
-            self.lease_ms,
-            msgspec.json.encode(heartbeat),
-        )
+        if self._published:
+            pipe.eval(HEARTBEAT, len(keys), *keys, *args)
+        else:
+            pipe.eval(JOIN, len(keys), *join_args)
         for t in tenants:
-            pipe.eval(RENEW, 1, Keys(self.prefix, t).owner, self.instance, self.lease_ms)
+            pipe.eval(RENEW, 1, Keys(self.prefix, t).owner, self.holder, self.lease_ms)
         results = await pipe.execute()
         self._epoch = results[0]
-        has_known, *prev = results[1]
-        if prev and not self._clash_logged and self.last_renewal is not None:
-            other = msgspec.json.decode(prev[0], type=Heartbeat)
-            if other.token != self.token:
-                self._clash_logged = True
-                log.error(
-                    "fleet_instance_name_clash",
-                    instance=self.instance,
-                    other_host=other.host,
-                    other_pid=other.pid,
-                )
-        joined = joined or not prev
+        code, prev, *ttl = results[1]
+        joined = not self._published
+        if code == 2:  # its known tenants or configuration ran out while Redis was away
+            code, prev, *ttl = await self.redis.eval(JOIN, len(keys), *join_args)
+            joined = True
         for t, ok in zip(tenants, results[2:], strict=True):
             if ok:
                 self.held[t].renewed = sent
             elif t in self.held:
                 log.warning("fleet_lease_lost", instance=self.instance, tenant=t)
                 self._drop(t)
-        if not has_known:  # expired while Redis was out of reach
-            await self._write_known()
-            joined = True
-        if joined:
+        if code == 0:
+            self._published = False
+            self._name_taken(msgspec.json.decode(prev, type=Heartbeat), max(0, ttl[0]) / 1000)
+            return
+        self._published = True
+        if self.kept_out is not None:
+            if self.kept_out.clash:
+                log.info("fleet_instance_name_clash_over", instance=self.instance)
+            self.kept_out = None
+        if joined or not prev:
             await self.redis.incr(k.epoch)
-            log.info("fleet_joined", instance=self.instance, tenants=len(self.known))
+            if not prev:
+                log.info("fleet_joined", instance=self.instance, tenants=len(self.known))
         self.last_renewal = heartbeat.renewed
 
-    async def _write_known(self) -> None:
-        ids = sorted(self.known)
-        await self.redis.eval(KNOWN, 1, self.keys.known(self.instance), self.lease_ms, *ids)
-        self._known_written = True
+    def _name_taken(self, other: Heartbeat, expires_in: float) -> None:
+        """Another process holds this instance's name. Until it renews, it may be this one's
+        predecessor (killed, its heartbeat not yet run out); once it does, it is a clash."""
+        kept = self.kept_out
+        if kept is None:
+            self.kept_out = KeptOut(other, other, expires_in)
+            log.warning(
+                "fleet_instance_name_taken",
+                instance=self.instance,
+                other_host=other.host,
+                other_pid=other.pid,
+                expires_in_s=round(expires_in, 3),
+            )
+            return
+        kept.holder, kept.expires_in = other, expires_in
+        renewed = (other.token, other.renewed) != (kept.first.token, kept.first.renewed)
+        if renewed and not kept.clash:
+            kept.clash = True
+            log.error(
+                "fleet_instance_name_clash",
+                instance=self.instance,
+                other_host=other.host,
+                other_pid=other.pid,
+                polling=False,
+                detail="another live process holds this instance name; this one polls nothing"
+                " until it leaves: give each process its own --instance",
+            )
 
     async def read_view(self) -> FleetView:
-        """Members, what each knows, the owners of those tenants and the assignment."""
+        """Members, what each knows and publishes, the owners of those tenants, how the
+        configurations compare and the assignment."""
         members = await read_members(self.redis, self.prefix, self._cache)
-        if self.instance not in members:  # our own heartbeat may have just expired
+        me = members.get(self.instance)
+        if me is None or me.heartbeat.token != self.token:  # not (or no longer) a member
             return FleetView(members=members)
         known = {name: m.known for name, m in members.items()}
+        compared = self._compare(members)
         tenants = sorted(set().union(*known.values()))
-        owners = await read_owners(self.redis, self.prefix, tenants)
-        plan = assign(known, owners)
-        return FleetView(members, owners, plan, disagreements(known))
+        holders = await read_holders(self.redis, self.prefix, tenants)
+        owners = live_owners(holders, members)
+        plan = assign(compared.eligible, owners)
+        return FleetView(
+            members,
+            owners,
+            holders,
+            plan,
+            disagreements(known),
+            compared,
+            compared.unpolled(plan.owners),
+        )
+
+    def _compare(self, members: dict[str, Member]) -> Comparison:
+        """The comparison, computed again only when a member's tenants or configuration moved."""
+        key = tuple(
+            (n, m.known, m.heartbeat.config if m.published else None)
+            for n, m in sorted(members.items())
+        )
+        if self._compared is None or self._compared[0] != key:
+            self._compared = (key, comparison(members))
+        return self._compared[1]
 
     def _report(self, view: FleetView) -> None:
-        disagreeing = frozenset(view.disagreements)
-        if disagreeing != self._disagreeing:
-            self._disagreeing = disagreeing
-            if disagreeing:
+        """Log a change in how the configurations compare, and a clash under this name."""
+        compared = view.compared
+        state = (
+            frozenset(view.disagreements),
+            tuple((d.feed, d.option, d.values, d.tenants) for d in compared.differences),
+            tuple(sorted(view.unpolled.items())),
+        )
+        if state != self._reported:
+            self._reported = state
+            if compared.differences:
                 sample = dict(list(view.disagreements.items())[:10])
                 log.warning(
                     "fleet_config_disagrees",
                     instance=self.instance,
-                    tenants=len(disagreeing),
+                    tenants=len(compared.disagreeing),
                     missing_from={str(t): names for t, names in sample.items()},
+                    differences=[d.describe() for d in compared.differences[:20]],
+                    unpolled=len(view.unpolled),
                 )
-            else:
+            elif view.plan is not None:
                 log.info("fleet_config_agrees", instance=self.instance)
-
-    # -- tenants ----------------------------------------------------------------------
-
-    async def _acquire(self, tenants: list[int]) -> None:
-        for chunk in chunks(tenants, CHUNK):
-            sent = time.monotonic()
-            pipe = self.redis.pipeline(transaction=False)
-            for t in chunk:
-                pipe.eval(ACQUIRE, 1, Keys(self.prefix, t).owner, self.instance, self.lease_ms)
-            results = await pipe.execute()
-            for t, ok in zip(chunk, results, strict=True):
-                if ok and t not in self.held:
-                    self.held[t] = _Tenant(renewed=sent)
-                    self._then(t, functools.partial(self._start, t))
-
-    def _release(self, tenant: int) -> None:
-        """Hand a tenant back: the daemon stops polling it, then the lease goes."""
-        self.held[tenant].releasing = True
-        self._then(tenant, functools.partial(self._hand_back, tenant))
-
-    def _drop(self, tenant: int) -> None:
-        """Stop polling a tenant whose lease is lost or may be: no Redis call."""
-        if self.held.pop(tenant, None) is not None:
-            self._then(tenant, functools.partial(self._stop_polling, tenant))
-
-    def _then(self, tenant: int, step: Callable[[], Awaitable[None]]) -> None:
-        """Run a tenant's transitions one after another, in the order they were decided."""
-        before = self._tasks.get(tenant)
-
-        async def chained() -> None:
-            if before is not None:
-                with contextlib.suppress(Exception, asyncio.CancelledError):
-                    await before
-            try:
-                await step()
-            except Exception as exc:
+            if view.unpolled:
                 log.error(
-                    "fleet_transition_failed",
+                    "fleet_feeds_unpolled",
                     instance=self.instance,
-                    tenant=tenant,
-                    error=f"{type(exc).__name__}: {exc}",
+                    tenants=len(view.unpolled),
+                    sample={str(t): list(fs) for t, fs in list(view.unpolled.items())[:10]},
+                    detail="no live instance lists every feed the others list for these"
+                    " tenants: give the instances the same feeds",
                 )
-
-        task = asyncio.create_task(chained())
-        self._tasks[tenant] = task
-
-        def forget(done: asyncio.Task[None]) -> None:
-            if self._tasks.get(tenant) is done:
-                del self._tasks[tenant]
-
-        task.add_done_callback(forget)
-
-    async def _start(self, tenant: int) -> None:
-        if tenant not in self.held or tenant in self.active:
-            return
-        try:
-            await self.on_acquire(tenant)
-        except Exception as exc:
+        me = view.members.get(self.instance)
+        other = me.clash if me is not None and self.kept_out is None else None
+        if other is not None and other.token != self._clash_reported:
+            self._clash_reported = other.token
             log.error(
-                "fleet_acquire_failed",
+                "fleet_instance_name_clash",
                 instance=self.instance,
-                tenant=tenant,
-                error=f"{type(exc).__name__}: {exc}",
+                other_host=other.host,
+                other_pid=other.pid,
+                polling=True,
+                detail="another live process uses this instance name and is kept out of the"
+                " fleet: give each process its own --instance",
             )
-            if tenant in self.held:
-                self.held[tenant].releasing = True
-                await self._hand_back(tenant)
-            return
-        self.active.add(tenant)
-        log.info("fleet_tenant_acquired", instance=self.instance, tenant=tenant)
+        elif other is None and self._clash_reported is not None and self.kept_out is None:
+            self._clash_reported = None
+            log.info("fleet_instance_name_clash_over", instance=self.instance)
 
-    async def _stop_polling(self, tenant: int) -> None:
-        if tenant in self.active:
-            self.active.discard(tenant)
-            await self.on_release(tenant)
-
-    async def _hand_back(self, tenant: int) -> None:
-        await self._stop_polling(tenant)
-        if self.held.pop(tenant, None) is None:
-            return
-        key = Keys(self.prefix, tenant).owner
-        try:
-            await self.redis.eval(RELEASE, 1, key, self.instance)
-            await self.redis.incr(self.keys.epoch)
-        except Exception as exc:
-            # The lease runs out by itself.
-            log.warning(
-                "fleet_release_failed", instance=self.instance, tenant=tenant, error=str(exc)
-            )
-            return
-        log.info("fleet_tenant_released", instance=self.instance, tenant=tenant)
+    # -- leaving ----------------------------------------------------------------------
 
     async def _leave(self) -> None:
         """Stop polling everything (in-flight work finishes in on_release), release every
         lease and the membership, so the others take over at once."""
-        for task in list(self._tasks.values()):
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await task
-        tenants = list(self.held)
-        results = await asyncio.gather(
-            *(self._stop_polling(t) for t in tenants), return_exceptions=True
-        )
-        for t, result in zip(tenants, results, strict=True):
-            if isinstance(result, Exception):
-                log.error(
-                    "fleet_release_failed", instance=self.instance, tenant=t, error=repr(result)
-                )
+        tenants = await self._stop_all()
         k = self.keys
+        name = self.instance
         try:
             async with asyncio.timeout(self.lease):
-                for chunk in chunks(tenants, CHUNK):
-                    pipe = self.redis.pipeline(transaction=False)
-                    for t in chunk:
-                        pipe.eval(RELEASE, 1, Keys(self.prefix, t).owner, self.instance)
-                    await pipe.execute()
-                pipe = self.redis.pipeline(transaction=False)
-                pipe.delete(k.member(self.instance), k.known(self.instance))
-                pipe.srem(k.members, self.instance)
-                pipe.incr(k.epoch)
-                await pipe.execute()
+                await self._release_leases(tenants)
+                await self.redis.eval(
+                    LEAVE,
+                    6,
+                    k.members,
+                    k.member(name),
+                    k.known(name),
+                    k.config(name),
+                    k.clash(name),
+                    k.epoch,
+                    name,
+                    self.token,
+                )
         except Exception as exc:
             log.warning("fleet_leave_failed", instance=self.instance, error=str(exc))
         else:

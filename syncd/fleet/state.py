@@ -6,12 +6,14 @@ heartbeats (only for their holder), the heartbeat's shape, and the members and o
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
-from dataclasses import dataclass
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
+from syncd.fleet.compare import Comparison, Profile, Published, compare
 from syncd.keys import FleetKeys, Keys
 from syncd.redis.conn import RedisClient
 
@@ -41,22 +43,70 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
-# KEYS: members, member, known. ARGV: name, lease ms, heartbeat. Returns {known exists, previous}.
-HEARTBEAT = """
+# The name is held like a lease: a heartbeat is written only over one of the same process (the
+# same token). Otherwise the script records the process kept out in the clash key and returns
+# {0, the holder's heartbeat, its ms to live}.
+_NAME_HELD = """
 local prev = redis.call('GET', KEYS[2])
+if prev then
+  local ok, beat = pcall(cjson.decode, prev)
+  if not ok or type(beat) ~= 'table' or beat['token'] ~= ARGV[4] then
+    redis.call('SET', KEYS[5], ARGV[3], 'PX', ARGV[2])
+    return {0, prev, redis.call('PTTL', KEYS[2])}
+  end
+end
+"""
+# KEYS: members, member, known, config, clash. ARGV: name, lease ms, heartbeat, token.
+# Returns {1, previous heartbeat or ''}; {2, ...} when the known tenants or the configuration
+# ran out (JOIN writes them again); {0, ...} when another process holds the name.
+HEARTBEAT = (
+    _NAME_HELD
+    + """
+if redis.call('EXISTS', KEYS[3]) == 0 or redis.call('EXISTS', KEYS[4]) == 0 then
+  return {2, prev or ''}
+end
 redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[2])
 redis.call('SADD', KEYS[1], ARGV[1])
-local has = redis.call('PEXPIRE', KEYS[3], ARGV[2])
-return {has, prev}
+redis.call('PEXPIRE', KEYS[3], ARGV[2])
+redis.call('PEXPIRE', KEYS[4], ARGV[2])
+return {1, prev or ''}
 """
-# KEYS: known. ARGV: lease ms, tenant ids...
-KNOWN = """
-redis.call('DEL', KEYS[1])
-for i = 2, #ARGV, 1000 do
-  redis.call('SADD', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+)
+# KEYS: as HEARTBEAT. ARGV: as HEARTBEAT, then the configuration document, then tenant ids.
+# Writes the known tenants and the configuration with the heartbeat that announces their
+# digests, so nobody reads a stale set.
+JOIN = (
+    _NAME_HELD
+    + """
+redis.call('DEL', KEYS[3])
+for i = 6, #ARGV, 1000 do
+  redis.call('SADD', KEYS[3], unpack(ARGV, i, math.min(i + 999, #ARGV)))
 end
-redis.call('SADD', KEYS[1], 0)
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
+redis.call('SADD', KEYS[3], 0)
+redis.call('PEXPIRE', KEYS[3], ARGV[2])
+redis.call('SET', KEYS[4], ARGV[5], 'PX', ARGV[2])
+redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[2])
+redis.call('SADD', KEYS[1], ARGV[1])
+return {1, prev or ''}
+"""
+)
+# KEYS: members, member, known, config, clash, epoch. ARGV: name, token. Removes what this
+# process wrote (the membership only while it still holds the name) and bumps the epoch.
+LEAVE = """
+local function mine(key)
+  local v = redis.call('GET', key)
+  if not v then return false end
+  local ok, beat = pcall(cjson.decode, v)
+  return ok and type(beat) == 'table' and beat['token'] == ARGV[2]
+end
+if mine(KEYS[2]) then
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+  redis.call('SREM', KEYS[1], ARGV[1])
+end
+if mine(KEYS[5]) then
+  redis.call('DEL', KEYS[5])
+end
+redis.call('INCR', KEYS[6])
 return 1
 """
 # KEYS: members, then the member keys of ARGV's names: drop those whose heartbeat expired.
@@ -73,16 +123,38 @@ return 1
 class Heartbeat(msgspec.Struct, frozen=True):
     """What an instance tells the fleet about itself, refreshed every renewal."""
 
-    token: str  # random per process: two live processes under one name show up
+    token: str  # random per process, its incarnation: part of every lease it holds
     known: str  # digest of the tenant ids its configuration lists
     tenants: int  # leases held
     renewed: float  # wall-clock time of this heartbeat
     host: str = ""
     pid: int = 0
+    config: str = ""  # digest of its configuration document ("" from an older syncd)
 
 
 def digest(tenants: Iterable[int]) -> str:
     return hashlib.sha1(",".join(map(str, sorted(tenants))).encode()).hexdigest()[:16]
+
+
+def config_document(profiles: Mapping[int, Profile]) -> tuple[bytes, str]:
+    """The configuration document an instance publishes, and its digest."""
+    doc = msgspec.json.encode(Published.of(profiles), order="sorted")
+    return doc, hashlib.sha1(doc).hexdigest()[:16]
+
+
+def holder(instance: str, token: str) -> str:
+    """A lease's value: the instance name and the incarnation (token) of the process."""
+    return f"{instance}#{token}"
+
+
+_HOLDER = re.compile(r"(.*)#([0-9a-f]{16})", re.S)
+
+
+def parse_holder(value: bytes | str) -> tuple[str, str | None]:
+    """(name, token) of a lease's value; an older syncd's lease holds the name alone."""
+    s = text(value)
+    m = _HOLDER.fullmatch(s)
+    return (m[1], m[2]) if m else (s, None)
 
 
 @dataclass
@@ -91,6 +163,21 @@ class Member:
     heartbeat: Heartbeat
     known: frozenset[int]
     expires_in: float = 0.0  # seconds until its heartbeat runs out unless renewed
+    published: Published | None = None  # its configuration (None: an older syncd, or unread)
+    clash: Heartbeat | None = None  # another live process under this name, kept out
+
+    def holds(self, value: bytes | str) -> bool:
+        """Whether a lease's value names this member (this process, not another by its name)."""
+        name, token = parse_holder(value)
+        return name == self.name and token in (None, self.heartbeat.token)
+
+
+@dataclass
+class Cache:
+    """What was read by digest, so an unchanged configuration is read once."""
+
+    known: dict[str, frozenset[int]] = field(default_factory=dict)
+    config: dict[str, Published] = field(default_factory=dict)
 
 
 def text(value: bytes | str) -> str:
@@ -103,11 +190,12 @@ def chunks(items: list[int], size: int) -> Iterable[list[int]]:
 
 
 async def read_members(
-    redis: RedisClient, prefix: str, cache: dict[str, frozenset[int]] | None = None
+    redis: RedisClient, prefix: str, cache: Cache | None = None
 ) -> dict[str, Member]:
-    """The live instances, their heartbeats and known tenants; prunes the ones gone."""
+    """The live instances, their heartbeats, known tenants and configurations, and any process
+    kept out under their name; prunes the ones gone."""
     k = FleetKeys(prefix)
-    cache = {} if cache is None else cache
+    cache = Cache() if cache is None else cache
     names = sorted(text(n) for n in await redis.smembers(k.members))
     if not names:
         return {}
@@ -115,8 +203,9 @@ async def read_members(
     for n in names:  # GETs, not MGET: cluster pipelines refuse multi-key commands
         pipe.get(k.member(n))
         pipe.pttl(k.member(n))
+        pipe.get(k.clash(n))
     replies = await pipe.execute()
-    values, ttls = replies[::2], replies[1::2]
+    values, ttls, clashes = replies[::3], replies[1::3], replies[2::3]
     expires = dict(zip(names, ttls, strict=True))
     gone = [n for n, v in zip(names, values, strict=True) if v is None]
     if gone:
@@ -126,7 +215,30 @@ async def read_members(
         for n, v in zip(names, values, strict=True)
         if v is not None
     }
-    missing = [n for n, b in beats.items() if b.known not in cache]
+    others = {
+        n: msgspec.json.decode(c, type=Heartbeat)
+        for n, c in zip(names, clashes, strict=True)
+        if c is not None and n in beats
+    }
+    known = await _read_known(redis, k, beats, cache)
+    published = await _read_config(redis, k, beats, cache)
+    return {
+        n: Member(
+            n,
+            b,
+            known.get(n, frozenset()),
+            max(0, expires[n]) / 1000,
+            published.get(n),
+            others[n] if n in others and others[n].token != b.token else None,
+        )
+        for n, b in beats.items()
+    }
+
+
+async def _read_known(
+    redis: RedisClient, k: FleetKeys, beats: dict[str, Heartbeat], cache: Cache
+) -> dict[str, frozenset[int]]:
+    missing = [n for n, b in beats.items() if b.known not in cache.known]
     read: dict[str, frozenset[int]] = {}
     if missing:
         pipe = redis.pipeline(transaction=False)
@@ -135,17 +247,44 @@ async def read_members(
         for n, ids in zip(missing, await pipe.execute(), strict=True):
             tenants = frozenset(int(i) for i in ids) - {0}
             if digest(tenants) == beats[n].known:
-                cache[beats[n].known] = tenants
+                cache.known[beats[n].known] = tenants
             else:  # rewritten since its heartbeat: use it this once, do not cache it
                 read[n] = tenants
-    return {
-        n: Member(n, b, cache.get(b.known, read.get(n, frozenset())), max(0, expires[n]) / 1000)
-        for n, b in beats.items()
-    }
+    return {n: cache.known.get(b.known, read.get(n, frozenset())) for n, b in beats.items()}
 
 
-async def read_owners(redis: RedisClient, prefix: str, tenants: list[int]) -> dict[int, str]:
-    """tenant -> the instance holding its lease, for the tenants that have one."""
+async def _read_config(
+    redis: RedisClient, k: FleetKeys, beats: dict[str, Heartbeat], cache: Cache
+) -> dict[str, Published]:
+    missing = [n for n, b in beats.items() if b.config and b.config not in cache.config]
+    read: dict[str, Published] = {}
+    if missing:
+        pipe = redis.pipeline(transaction=False)
+        for n in missing:
+            pipe.get(k.config(n))
+        for n, doc in zip(missing, await pipe.execute(), strict=True):
+            if doc is None:
+                continue
+            try:
+                published = msgspec.json.decode(doc, type=Published)
+            except msgspec.DecodeError:
+                continue  # not one this syncd can read: compared by tenant ids only
+            if hashlib.sha1(doc).hexdigest()[:16] == beats[n].config:
+                cache.config[beats[n].config] = published
+            else:  # rewritten since its heartbeat: use it this once
+                read[n] = published
+    out = {}
+    for n, b in beats.items():
+        p = cache.config.get(b.config) if b.config else None
+        if p is None:
+            p = read.get(n)
+        if p is not None:
+            out[n] = p
+    return out
+
+
+async def read_holders(redis: RedisClient, prefix: str, tenants: list[int]) -> dict[int, str]:
+    """tenant -> its lease's value (`<name>#<token>`), for the tenants that have one."""
     owners: dict[int, str] = {}
     for chunk in chunks(tenants, CHUNK):
         pipe = redis.pipeline(transaction=False)
@@ -157,11 +296,47 @@ async def read_owners(redis: RedisClient, prefix: str, tenants: list[int]) -> di
     return owners
 
 
-def summary(members: dict[str, Member], owners: dict[int, str]) -> list[dict[str, Any]]:
-    """One row per live instance: name, tenants owned, last renewal (for `syncd status`)."""
+async def read_owners(redis: RedisClient, prefix: str, tenants: list[int]) -> dict[int, str]:
+    """tenant -> the name of the instance holding its lease, for the tenants that have one."""
+    holders = await read_holders(redis, prefix, tenants)
+    return {t: parse_holder(v)[0] for t, v in holders.items()}
+
+
+def live_owners(holders: Mapping[int, str], members: Mapping[str, Member]) -> dict[int, str]:
+    """tenant -> the live member holding its lease; tenants whose lease is held by a process
+    that is not the live member of its name (gone, or kept out) are left out."""
+    out: dict[int, str] = {}
+    for t, value in holders.items():
+        name, _ = parse_holder(value)
+        m = members.get(name)
+        if m is not None and m.holds(value):
+            out[t] = name
+    return out
+
+
+def comparison(members: Mapping[str, Member]) -> Comparison:
+    """The members' configurations compared tenant by tenant (see `syncd.fleet.compare`)."""
+    catalog: dict[str, Profile] = {}
+    profiles: dict[str, dict[int, str] | None] = {}
+    for name, m in members.items():
+        if m.published is None:
+            profiles[name] = None
+            continue
+        catalog.update(m.published.profiles)
+        profiles[name] = m.published.by_tenant()
+    return compare({n: m.known for n, m in members.items()}, profiles, catalog)
+
+
+def summary(
+    members: dict[str, Member], owners: dict[int, str], compared: Comparison | None = None
+) -> list[dict[str, Any]]:
+    """One row per live instance: name, tenants owned, last renewal, its configuration's digest,
+    a process kept out under its name, and the configuration differences it is part of (for
+    `syncd status`)."""
     held: dict[str, int] = {}
     for owner in owners.values():
         held[owner] = held.get(owner, 0) + 1
+    differences = compared.differences if compared is not None else []
     return [
         {
             "instance": name,
@@ -170,6 +345,9 @@ def summary(members: dict[str, Member], owners: dict[int, str]) -> list[dict[str
             "renewed": m.heartbeat.renewed,
             "host": m.heartbeat.host,
             "pid": m.heartbeat.pid,
+            "config": m.heartbeat.config or None,
+            "name_clash": (None if m.clash is None else {"host": m.clash.host, "pid": m.clash.pid}),
+            "differences": [d.describe() for d in differences if name in dict(d.values)],
         }
         for name, m in sorted(members.items())
     ]

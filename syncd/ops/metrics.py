@@ -3,14 +3,14 @@
 Series count, for N tenants and F feeds (the catalogue has about 55), at each `[ops]
 metrics_detail`:
 
-- "tenant" (the default), never tenant x feed: 16 x N + S + 21 x F + 18, where S <= 6 x N is
+- "tenant" (the default), never tenant x feed: 16 x N + S + 21 x F + 21, where S <= 6 x N is
   the `requests_total` series (one per status class a tenant has seen). Per tenant: six record
   counters, `rate_limited_total`, `paused_seconds_total`, `token_renewals_total`, time since
   success and its poll interval, configured and allowed request rate, `auth_failing`,
   `feeds_paused` for two reasons. Per feed: six record counters, time since success and its
   poll interval, `page_fetch_seconds` (13 series). Unlabelled: `redis_errors_total`,
-  `schedule_lateness_seconds` (12), `polling_paused` (3 reasons), the two fleet gauges. At 1,000
-  tenants and 55 feeds: at most 23,173 series, about 1.1 MB.
+  `schedule_lateness_seconds` (12), `polling_paused` (3 reasons), the five fleet gauges. At 1,000
+  tenants and 55 feeds: at most 23,176 series, about 1.1 MB.
 - "tenant_feed": all of the above, plus per tenant and feed four record counters and the time
   since success (5 x N x F), and dead letters and stale records for the pairs that had any:
   about 298,000 series and 22 MB at 1,000 tenants. For small installations.
@@ -114,6 +114,33 @@ class Metrics(Collector):
         self.fleet = fam("syncd_fleet_members", "Live members of the fleet.", "gauge", none)
         self.fleet_owned = fam(
             "syncd_fleet_tenants_owned", "Tenants this instance holds the lease of.", "gauge", none
+        )
+        self.fleet_disagreements = fam(
+            "syncd_fleet_config_disagreements",
+            "Tenants whose configuration differs between live fleet members (listed or not,"
+            " feeds, options); `syncd status --fleet` names the differences.",
+            "gauge",
+            none,
+        )
+        self.fleet_unpolled = fam(
+            "syncd_fleet_feeds_unpolled",
+            "Tenant feeds some live member lists that the tenant's owner does not poll (feed"
+            " lists no member's list contains all of).",
+            "gauge",
+            none,
+        )
+        self.fleet_name_clash = fam(
+            "syncd_fleet_instance_name_clash",
+            "1 while another live process uses this instance's name (the later one polls nothing).",
+            "gauge",
+            none,
+        )
+        self._fleet_families = (
+            self.fleet,
+            self.fleet_owned,
+            self.fleet_disagreements,
+            self.fleet_unpolled,
+            self.fleet_name_clash,
         )
         self.page_fetch_seconds = Histogram(
             "syncd_page_fetch_seconds", "Time to fetch one export page.", PAGE_SECONDS_BUCKETS, f
@@ -311,10 +338,23 @@ class Metrics(Collector):
             self._limits[(t,)] = requests_per_second
             self._not_paused[(t, "rate_limit")] = 0
 
-    def set_fleet(self, members: int, tenants_owned: int) -> None:
-        """The fleet's live members as this instance sees them, and the tenants it owns."""
+    def set_fleet(
+        self,
+        members: int,
+        tenants_owned: int,
+        *,
+        disagreements: int = 0,
+        unpolled: int = 0,
+        name_clash: bool = False,
+    ) -> None:
+        """The fleet's live members as this instance sees them, the tenants it owns, the tenants
+        whose configuration differs between members, the tenant feeds no owner polls, and
+        whether another live process uses this instance's name."""
         self.fleet.values[()] = members
         self.fleet_owned.values[()] = tenants_owned
+        self.fleet_disagreements.values[()] = disagreements
+        self.fleet_unpolled.values[()] = unpolled
+        self.fleet_name_clash.values[()] = int(name_clash)
 
     def set_status_source(self, fn: StatusSource) -> None:
         """Read the engine's per-tenant state from `fn` once per scrape, on the event loop.
@@ -388,7 +428,7 @@ class Metrics(Collector):
         counters.append((g["syncd_feed_poll_interval_seconds"], intervals))
         counters.append((self.redis_errors_total, self.redis_errors_total.values.copy()))
         counters.append((g["syncd_polling_paused"], polling))
-        for family in (self.fleet, self.fleet_owned):
+        for family in self._fleet_families:
             if family.values:
                 counters.append((family, family.values.copy()))
         if self.detail == "tenant_feed":
