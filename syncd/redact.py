@@ -29,7 +29,7 @@ import re
 import sys
 import threading
 import urllib.parse
-from collections.abc import Hashable, MutableMapping
+from collections.abc import Container, Hashable, Iterator, MutableMapping
 from typing import Any
 
 MASK = "***"
@@ -239,11 +239,12 @@ def _candidates(
         into.update(index.get(block, {}))
 
 
-def _found(data: bytes) -> bytes | None:
-    """A known form (as bytes) that `data` contains, or None."""
+def _found(data: bytes) -> Iterator[bytes]:
+    """The known forms (as bytes) that `data` contains."""
     if len(_uses) <= FEW_FORMS:
         # A few forms: a search for each (memchr-fast) costs less than reading every block.
-        return next((f for form in list(_uses) if (f := _as_bytes(form)) in data), None)
+        yield from (f for form in list(_uses) if (f := _as_bytes(form)) in data)
+        return
     n = len(data)
     candidates: dict[bytes, None] = {}
     with memoryview(data) as view:
@@ -253,24 +254,19 @@ def _found(data: bytes) -> bytes | None:
         if _by_short_block and n >= 4:
             with view[: n - n % 4].cast("I") as blocks:
                 _candidates(_by_short_block, blocks, candidates)
-    for form in (*candidates, *_tiny):
-        if form in data:
-            return form
-    return None
+    yield from (form for form in (*candidates, *_tiny) if form in data)
 
 
-def known_in(data: bytes) -> Hashable | None:
+def known_in(data: bytes, ignore: Container[Hashable] = ()) -> Hashable | None:
     """The slot of a known secret that `data` holds in one of the forms it may be echoed in,
-    or None. One pass over `data` whatever the number of secrets known (with only a few, a
-    search for each, which costs less)."""
-    form = _found(data)
-    if form is None:
-        return None
-    text = form.decode("utf-8", "surrogatepass")
-    for slot, forms in list(_known.items()):
-        if text in forms:
-            return slot
-    return None  # forgotten meanwhile
+    or None; slots in `ignore` do not count. One pass over `data` whatever the number of
+    secrets known (with only a few, a search for each, which costs less)."""
+    for form in _found(data):
+        text = form.decode("utf-8", "surrogatepass")
+        for slot, forms in list(_known.items()):
+            if text in forms and slot not in ignore:
+                return slot
+    return None  # none, or only ignored or forgotten meanwhile
 
 
 # Spellings of a text that a reader decodes: a percent-encoded byte, a JSON (or JavaScript)

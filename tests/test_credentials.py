@@ -168,6 +168,23 @@ def test_urls_that_parse_are_shown_as_before(url: str, shown: str) -> None:
     assert redact_url(url) == shown
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://h/0?password=pa55#Zq9tail",
+        "unix:///tmp/r.sock?password=pa55#Zq9tail",
+        "redis://h:6379/0#Zq9tail",
+    ],
+)
+def test_a_hash_sign_is_refused_and_what_follows_it_never_shown(url: str) -> None:
+    problem = check_url(url)
+    assert problem is not None
+    assert "%23" in problem
+    assert "Zq9tail" not in problem
+    assert "Zq9tail" not in redact_url(url)
+    assert "pa55" not in redact_url(url)
+
+
 def test_check_config_doctor_and_run_never_show_such_a_password(tmp_path: Path) -> None:
     url = "redis://default:Xq7/Zr9?Wk3#Vb5@redis.local:6379/0"
     path = tmp_path / "syncd.toml"
@@ -258,6 +275,23 @@ def test_a_page_holding_any_tenants_credential_is_refused() -> None:
     finally:
         redact.forget(("client_secret", 91))
         redact.forget(("token", 92))
+
+
+def test_a_page_holding_an_operators_password_is_applied_and_the_password_still_masked() -> None:
+    redact.register("redis_password", "CHANGE-ME")
+    redact.register("ops_token", "monitoring")
+    redact.register(("client_secret", 93), "cs-ninety-three-secret")
+    try:
+        body = b'{"summary": "tech to CHANGE-ME filter", "note": "monitoring"}'
+        assert page_credential(body, 93) is None
+        assert escaped_credential(b'{"x": "CHANGE\\u002dME"}', 93) is None
+        # An API credential beside it is still found.
+        both = b'{"a": "CHANGE-ME", "b": "cs-ninety-three-secret"}'
+        assert page_credential(both, 93) == "page contains a credential it was sent; not applied"
+        assert "CHANGE-ME" not in redact.redact("redis said CHANGE-ME")
+    finally:
+        for slot in ("redis_password", "ops_token", ("client_secret", 93)):
+            redact.forget(slot)
 
 
 def test_the_token_sent_is_checked_even_if_renewed_since() -> None:

@@ -58,13 +58,15 @@ def redact_url(url: str) -> str:
     except ValueError:
         return "<unparsable URL>"
     query = _QUERY_SECRET.sub(r"\1***", parts.query)
-    if "@" not in netloc and query == parts.query:
+    # A Redis URL has no fragment: what follows a '#' is the rest of a password cut short.
+    fragment = "***" if parts.fragment else ""
+    if "@" not in netloc and query == parts.query and fragment == parts.fragment:
         return url
     if "@" in netloc:
         userinfo, _, hostport = netloc.rpartition("@")
         user, sep, _password = userinfo.partition(":")
         netloc = f"{user if sep else ''}{':' if sep else ''}***@{hostport}"
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query, fragment=fragment))
 
 
 def check_url(url: str) -> str | None:
@@ -82,6 +84,10 @@ def check_url(url: str) -> str | None:
             "has an '@' after its host: a '/', '?' or '#' in the user name or password must be "
             "percent-encoded (%2F, %3F, %23), as must an '@' in the path or query (%40)"
         )
+    # A Redis URL has no fragment: a '#' is part of a password (in the user info or the query)
+    # that the client would cut short, and whatever follows it would be shown as is.
+    if "#" in url:
+        return "holds a '#': in a password it must be percent-encoded (%23)"
     try:
         parts = urllib.parse.urlsplit(url)
         port = parts.port

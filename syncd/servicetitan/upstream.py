@@ -314,8 +314,15 @@ def unescaped_strings(body: bytes) -> bytes:
     return "\x00".join(strings).encode("utf-8", "surrogatepass")
 
 
+# Passwords the operator chose (Redis, the sentinels, the ops server's token) are masked in every
+# log line and error, but a page holding one is applied: they never go to the API, so a page
+# cannot be echoing them, and customer data that happens to hold such a word would otherwise
+# stop its feed for good.
+OPERATOR_SLOTS = frozenset({"ops_token", "sentinel_password", "redis_password"})
+
+
 def _holds(text: bytes, sent: Sequence[str]) -> Hashable | None:
-    slot = known_in(text)
+    slot = known_in(text, ignore=OPERATOR_SLOTS)
     if slot is not None:
         return slot
     if any(form.encode("utf-8", "surrogatepass") in text for s in sent for form in encodings(s)):
@@ -335,10 +342,11 @@ def page_credential(body: bytes, tenant: int, sent: Sequence[str] = ()) -> str |
     """Why the page `body` of `tenant` must not be applied because it holds a credential in
     its bytes, or None.
 
-    Every secret syncd knows (the app key, each tenant's client secret and live token: see
-    `redact.known_in`) and each of `sent` (what the request carried, in case it was replaced
-    since) is looked for, in the forms it may be echoed in: a record, a key, a timestamp or a
-    cursor holding one would put it into Redis, `status` or the next request's URL.
+    Every API credential syncd knows (the app key, each tenant's client secret and live token:
+    see `redact.known_in`; not `OPERATOR_SLOTS`) and each of `sent` (what the request carried,
+    in case it was replaced since) is looked for, in the forms it may be echoed in: a record, a
+    key, a timestamp or a cursor holding one would put it into Redis, `status` or the next
+    request's URL.
     """
     slot = _holds(body, sent)
     return None if slot is None else _why(slot, tenant)
