@@ -63,7 +63,9 @@ async def read_new(
     waits that long for one when none is there."""
     positions, shares = await _shares(redis, streams, group, limit)
     if not shares and block_ms is not None:
-        await redis.xread(dict(positions), count=1, block=block_ms)  # type: ignore[arg-type]
+        # Typed loosely: redis-py's stubs for XREAD's streams differ between its versions.
+        where: dict[Any, Any] = dict(positions)
+        await redis.xread(where, count=1, block=block_ms)
         positions, shares = await _shares(redis, streams, group, limit)
     if not shares:
         return []
