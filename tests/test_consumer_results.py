@@ -200,6 +200,9 @@ def test_mypy_refuses_a_handler_that_returns_a_dict_bytes_or_a_count(tmp_path: P
         [
             str(mypy if mypy.exists() else "mypy"),
             "--strict",
+            # Only the snippet's own errors: how syncd's modules check against the installed
+            # redis-py is make lint's business (and differs between its versions).
+            "--follow-imports=silent",
             "--no-error-summary",
             "--cache-dir",
             str(tmp_path / "cache"),

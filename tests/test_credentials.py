@@ -216,7 +216,13 @@ def test_check_config_doctor_and_run_never_show_such_a_password(tmp_path: Path) 
         outputs.append(proc.stdout + proc.stderr)
         assert "redis.url" in outputs[-1], args
         assert "percent-encoded" in outputs[-1], args
-    lines, code = asyncio.run(doctor.diagnose(str(path)))
+    # A loop of its own, never made current: asyncio.run would leave the thread without one,
+    # which older pytest-asyncio versions need for the async tests that follow.
+    loop = asyncio.new_event_loop()
+    try:
+        lines, code = loop.run_until_complete(doctor.diagnose(str(path)))
+    finally:
+        loop.close()
     assert code == 2
     outputs += [doctor.render_table(lines, code), doctor.render_json(lines, code)]
     for out in outputs:
