@@ -33,7 +33,9 @@ class Holds:
     _wake: asyncio.Event
 
     def _spawn(self, fn: Callable[..., object], *args: object) -> None:
-        raise NotImplementedError
+        """Start `fn(*args)` in the scheduler's task group: the Scheduler defines it (the
+        probes below run there); Holds alone has no task group to start them in."""
+        raise NotImplementedError("Holds is the Scheduler's base; the Scheduler starts tasks")
 
     def _init_holds(self) -> None:
         self.redis_ok = asyncio.Event()
