@@ -4,9 +4,9 @@
         --feeds crm.customers,jpm.jobs
 
 It reads through the sentinels with `syncd.consumer` and applies the README's rule: an event
-is applied only if its `modified_on` is newer than or equal to the stored one for its key (an
-event or a stored row without one always applies), in SQL as the README writes it, `INSERT ...
-ON CONFLICT ... DO UPDATE ... WHERE stored <= excluded`. `op=deleted` marks the row deleted by
+is applied only if its `Event.version` (`modified_at`, then the entry id) is newer than or equal
+to the stored one for its key, in SQL as the README writes it, `INSERT ... ON CONFLICT ... DO
+UPDATE ... WHERE (stored version) <= (excluded version)`. `op=deleted` marks the row deleted by
 the same rule. Each batch is one transaction, run by `psql` (the machine's client: no database
 driver is needed); a batch that fails is retried event by event by the consumer library.
 """
@@ -33,7 +33,9 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
     key text NOT NULL,
     op text NOT NULL,
     modified_on text NOT NULL,
-    sort text COLLATE "C" NOT NULL,
+    modified_at text COLLATE "C" NOT NULL,
+    entry_ms bigint NOT NULL,
+    entry_seq bigint NOT NULL,
     data bytea NOT NULL,
     deleted boolean NOT NULL,
     entry text NOT NULL,
@@ -41,17 +43,6 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
 );
 """
 PSQL = ["psql", "-h", "127.0.0.1", "-U", "postgres", "-X", "-q", "-v", "ON_ERROR_STOP=1"]
-
-
-def sort_key(modified_on: str | None) -> str:
-    """Text that orders like `syncd.consumer.is_newer_or_same` orders timestamps: the stamp
-    without its UTC mark, the fraction padded to nine digits. "" for none (always applied, and
-    anything applies over it), as in that rule."""
-    text = (modified_on or "").strip().removesuffix("Z").removesuffix("+00:00")
-    if not text:
-        return ""
-    whole, _, fraction = text.partition(".")
-    return f"{whole}.{fraction.ljust(9, '0')}"
 
 
 def _literal(text: str) -> str:
@@ -65,6 +56,7 @@ def apply_sql(events: list[Event]) -> str:
     statements = []
     for e in events:
         deleted = e.op == "deleted"
+        modified_at, entry_ms, entry_seq = e.version
         values = ", ".join(
             [
                 str(e.tenant),
@@ -72,7 +64,9 @@ def apply_sql(events: list[Event]) -> str:
                 _literal(e.key),
                 _literal(e.op),
                 _literal(e.modified_on or ""),
-                _literal(sort_key(e.modified_on)),
+                _literal(modified_at),
+                str(entry_ms),
+                str(entry_seq),
                 f"'\\x{e.data.hex()}'::bytea",
                 "true" if deleted else "false",
                 _literal(e.id),
@@ -81,9 +75,11 @@ def apply_sql(events: list[Event]) -> str:
         statements.append(
             f"INSERT INTO {TABLE} AS t VALUES ({values}) "
             "ON CONFLICT (tenant, feed, key) DO UPDATE SET op = excluded.op, "
-            "modified_on = excluded.modified_on, sort = excluded.sort, data = excluded.data, "
+            "modified_on = excluded.modified_on, modified_at = excluded.modified_at, "
+            "entry_ms = excluded.entry_ms, entry_seq = excluded.entry_seq, data = excluded.data, "
             "deleted = excluded.deleted, entry = excluded.entry "
-            "WHERE excluded.sort = '' OR t.sort = '' OR t.sort <= excluded.sort;"
+            "WHERE (t.modified_at, t.entry_ms, t.entry_seq) "
+            "<= (excluded.modified_at, excluded.entry_ms, excluded.entry_seq);"
         )
     return "BEGIN;\n" + "\n".join(statements) + "\nCOMMIT;\n"
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from bench.soak_consumer import apply_sql, sort_key
+from bench.soak_consumer import apply_sql
 from bench.soak_proxy import port_rewriter, split_replies
 from bench.soak_verdict import (
     Row,
@@ -18,7 +18,7 @@ from bench.soak_verdict import (
     judge_stream,
     judge_table,
 )
-from syncd.consumer import Event, is_newer_or_same
+from syncd.consumer import Event
 
 
 def rec(key: str, stamp: str, **more: Any) -> dict[str, Any]:
@@ -195,29 +195,6 @@ def test_merge_adds_counts_and_keeps_a_few_examples() -> None:
 )
 def test_instant(text: str | None, expected: tuple[int, str] | None) -> None:
     assert instant(text) == expected
-
-
-STAMPS = [
-    "2025-01-01T00:00:00Z",
-    "2025-01-01T00:00:00.5Z",
-    "2025-01-01T00:00:00.45Z",
-    "2025-01-01T00:00:00.4500001Z",
-    "2025-01-01T00:00:00",
-    "2025-01-01T00:00:00.123",
-    "2025-01-01T00:00:01+00:00",
-    "2024-12-31T23:59:59.9999999Z",
-    "",
-]
-
-
-@pytest.mark.parametrize("a", STAMPS)
-@pytest.mark.parametrize("b", STAMPS)
-def test_the_consumers_sql_order_is_the_readme_rule(a: str, b: str) -> None:
-    """The table's `WHERE excluded.sort = '' OR t.sort = '' OR t.sort <= excluded.sort`
-    decides as `is_newer_or_same(incoming, stored)` does."""
-    incoming, stored = sort_key(a), sort_key(b)
-    sql_says = incoming == "" or stored == "" or stored <= incoming
-    assert sql_says == is_newer_or_same(a or None, b or None)
 
 
 def test_apply_sql_quotes_what_it_writes() -> None:

@@ -5,8 +5,8 @@ acknowledged; if its consumer dies (or its handler fails) before acknowledging, 
 of the group (or the same one) takes it over with XAUTOCLAIM once it has been idle for
 `claim_idle_ms`, and it is delivered again with a higher `Event.deliveries`. So a handler may see
 an event more than once and must be idempotent: apply records by `key`, and compare
-`modified_at` (or the record's own version fields) rather than counting events: apply an
-event only when its `modified_at` is newer than or equal to the stored one (`is_newer_or_same`).
+versions rather than counting events: apply an event only when its `Event.version`
+(`modified_at`, then the entry id) is newer than or equal to the stored one.
 Acknowledge only after the effect is durable; `Consumer.run` does exactly that, per event.
 
 An entry delivered more than `max_deliveries` times is treated as poison: it is copied to the

@@ -208,20 +208,14 @@ def regroup_at(seen: str | None, held: bool, length: int, start: str) -> tuple[s
 
 
 def is_newer_or_same(incoming: str | None, stored: str | None) -> bool:
-    """Whether an event dated `incoming` may overwrite a stored version dated `stored`.
+    """Whether the instant `incoming` is newer than or equal to `stored`, compared as the
+    instants they name: `modified_at` values (fixed-width UTC text) or `modified_on` values (any
+    ISO 8601 text, whatever its offset or fraction length, read exactly as the daemon computes
+    `modified_at`; a fraction is compared to 100 ns). A missing or unreadable value on either
+    side answers True.
 
-    syncd publishes the versions of one key in time order, so under redelivery the rule is:
-    apply an event when its instant is newer than or equal to the stored one (equal: the same
-    version again, applying it is harmless). Pass `Event.modified_at` and store it: both are
-    then fixed-width UTC text, and this is the text comparison `stored <= incoming` (in SQL,
-    `stored.modified_at <= excluded.modified_at`). `modified_on` values work too: any ISO 8601
-    text is read as the instant it names, whatever its offset or fraction length, exactly as
-    the daemon computes `modified_at` (a fraction is compared to 100 ns).
-
-    A missing stored value (None, "", or not a timestamp) means nothing comparable was stored.
-    An event without a timestamp (job history, an off-schema record) cannot be ordered by time,
-    so it is applied: for such feeds store `Event.id` instead and compare with `entry_order`
-    (within one stream, a later entry is a newer version).
+    Timestamps alone do not order a key's versions (two may share one; a key may have none):
+    to apply redelivered events, compare `Event.version`, which adds the entry id.
     """
     new = utc_instant(incoming) if incoming else ""
     old = utc_instant(stored) if stored else ""

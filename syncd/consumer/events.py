@@ -42,9 +42,20 @@ class Event(msgspec.Struct, frozen=True):
     modified_on: str | None  # the record's timestamp as sent (None: none)
     deliveries: int  # 1 on first delivery; 0 when read without a consumer group
     # The same instant in UTC at a fixed width, "2024-05-01T12:00:02.4500000Z", which compares
-    # as text (None: no timestamp). Events published before syncd 0.3.0 lack the field: it is
-    # then computed from `modified_on`, the way the daemon does.
+    # as text; for a record without a timestamp, the newest instant published for its key
+    # (None: the key never had one). Events published before syncd 0.3.0 lack the field: it
+    # is then computed from `modified_on`, the way the daemon does.
     modified_at: str | None = None
+
+    @property
+    def version(self) -> tuple[str, int, int]:
+        """Where this event stands among its key's versions: `modified_at` ("" for none),
+        then the entry id as a pair. syncd publishes a key's versions in this order, so under
+        redelivery apply an event when `event.version >= stored_version` and store its
+        version: equal timestamps are ordered by publication, and an older version delivered
+        again never wins."""
+        ms, _, seq = self.id.partition("-")
+        return self.modified_at or "", int(ms), int(seq or 0)
 
     def json(self) -> Any:
         """The record as plain Python objects."""

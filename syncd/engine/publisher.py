@@ -57,7 +57,9 @@ local function parts(v)  -- fingerprint, instant, earlier fingerprints at that i
 end
 
 -- The event's `modified_at`: the instant at a fixed width, `...Thh:mm:ss.fffffffZ`
--- (syncd.instants.fixed_width, FRACTION_DIGITS = 7); "" when the record has no timestamp.
+-- (syncd.instants.fixed_width, FRACTION_DIGITS = 7). A record without a timestamp gets the
+-- newest instant published for its key, so that a key's events never go back in
+-- (modified_at, entry id) order; "" when the key has none (and without change detection).
 local function fixed(ts)
   if ts == '' then return '' end
   return string.sub(ts, 1, 19) .. '.' .. string.sub(string.sub(ts, 20) .. '0000000', 1, 7) .. 'Z'
@@ -100,6 +102,7 @@ if detect then
     local fp, ts = string.sub(new, 1, FP), string.sub(new, FP + 1)
     local old = olds[j + 1]
     local op = 'created'
+    local at = ts  -- the event's instant: a record without one keeps its key's newest
     if old then
       op = 'updated'
       local old_fp, old_ts, earlier = parts(old)
@@ -112,13 +115,14 @@ if detect then
         stale = stale + 1
       elseif ts == '' and old_ts ~= '' then
         new = fp .. old_ts
+        at = old_ts
       elseif ts ~= '' and ts == old_ts then
         new = new .. '|' .. string.sub(old_fp .. earlier, 1, FP * KEPT)
       end
     end
     if op then
       redis.call('XADD', stream, '*', 'op', op, 'key', key, 'data', ARGV[p + 3],
-                 'modified_on', ARGV[p + 2], 'modified_at', fixed(ts))
+                 'modified_on', ARGV[p + 2], 'modified_at', fixed(at))
       pending[#pending + 1] = key
       pending[#pending + 1] = new
       published = published + 1
