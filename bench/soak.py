@@ -46,7 +46,6 @@ from redis.asyncio.sentinel import Sentinel
 
 from bench import common
 from bench.soak_consumer import PSQL, SCHEMA, TABLE
-from bench.soak_proxy import Proxy, port_rewriter
 from bench.soak_verdict import Row, StreamEvent, Verdict, judge_stream, judge_table
 from syncd import catalogue
 from syncd.consumer import entry_order
@@ -54,6 +53,7 @@ from syncd.keys import Keys
 from syncd.testing.redis_server import RedisServerError
 from syncd.testing.sentinel_server import SERVICE, SentinelServers
 from syncd.testing.simulator import SimulatorProcess
+from syncd.testing.tcpproxy import Proxy, port_rewriter
 
 FEEDS = ["crm.customers", "jpm.jobs"]
 PREFIX = "st"

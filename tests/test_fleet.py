@@ -23,8 +23,8 @@ from syncd.fleet.state import parse_holder, read_holders, read_members, read_own
 from syncd.keys import Keys
 from syncd.redis.conn import RedisClient
 from syncd.testing.redis_server import RedisClusterServers, RedisServer
+from syncd.testing.tcpproxy import proxy
 from tests.engine_helpers import config_dict, settings
-from tests.tcpproxy import proxy
 
 PREFIX = "st"
 CRM, JOBS, INV = "crm.customers", "jpm.jobs", "inventory.purchase-orders"
@@ -276,7 +276,7 @@ async def test_a_member_cut_off_from_redis_stops_before_its_leases_run_out(
 
             pending: list[asyncio.Task[None]] = []
             a.on_release_hook = lambda t: pending.append(asyncio.create_task(look(t)))
-            line.cut()
+            line.cut(close=True)
             await eventually(lambda: not harness.board.of("a"), what="a stopped polling")
             await asyncio.gather(*pending)
             # a let go while its leases still stood: no moment with two pollers.

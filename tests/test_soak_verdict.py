@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 
 from bench.soak_consumer import apply_sql
-from bench.soak_proxy import port_rewriter, split_replies
 from bench.soak_verdict import (
     Row,
     StreamEvent,
@@ -19,6 +18,7 @@ from bench.soak_verdict import (
     judge_table,
 )
 from syncd.consumer import Event
+from syncd.testing.tcpproxy import port_rewriter, split_replies
 
 
 def rec(key: str, stamp: str, **more: Any) -> dict[str, Any]:

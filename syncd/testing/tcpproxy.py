@@ -1,15 +1,15 @@
-"""TCP proxies for the soak's network partition: one instance reaches the sentinels and both Redis
-servers only through these, so cutting them partitions that instance alone.
+"""TCP proxies in front of real servers, whose line a test or the soak can cut: a network
+partition for one client while the others still reach the server.
 
-A cut proxy forwards nothing: established connections stay open but silent, new ones are
-accepted and never answered (a black hole, as a dead link looks). Restoring closes the
-connections the cut left hanging (whatever was in flight is lost, as it would be), and new ones
-are forwarded again.
+A cut proxy forwards nothing. By default established connections stay open but silent and new
+ones are accepted and never answered (a black hole, as a dead link looks); `cut(close=True)`
+closes the established ones instead (a reset). Restoring closes the connections the cut left
+hanging (whatever was in flight is lost, as it would be), and new ones are forwarded again.
 
-The sentinels name the primary by its real address, which the instance would then reach
-directly; a proxy in front of a sentinel therefore rewrites the `port` fields of its replies
-(`SENTINEL MASTERS`, `SENTINEL REPLICAS`) and the address `GET-MASTER-ADDR-BY-NAME` returns,
-replacing each Redis server's port by the port of its proxy.
+The sentinels name the primary by its real address, which a client would then reach directly;
+a proxy in front of a sentinel therefore rewrites the `port` fields of its replies (`SENTINEL
+MASTERS`, `SENTINEL REPLICAS`) and the address `GET-MASTER-ADDR-BY-NAME` returns, replacing
+each Redis server's port by the port of its proxy (`port_rewriter`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 Rewrite = Callable[[bytes], bytes]
 
@@ -49,10 +49,17 @@ class Proxy:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
 
-    def cut(self) -> None:
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def cut(self, *, close: bool = False) -> None:
+        """Forward nothing from now on; `close`: also close the established connections."""
         self.cut_off = True
-        for link in self._links:
+        for link in list(self._links):
             link.cut = True
+            if close:
+                link.close()
 
     def restore(self) -> None:
         self.cut_off = False
@@ -165,3 +172,14 @@ def port_rewriter(ports: dict[int, int]) -> Rewrite:
         return address.sub(swap, field.sub(swap, reply))
 
     return rewrite
+
+
+@contextlib.asynccontextmanager
+async def proxy(target_port: int, rewrite: Rewrite | None = None) -> AsyncIterator[Proxy]:
+    """A started Proxy to 127.0.0.1:`target_port`, stopped on exit."""
+    p = Proxy(target_port, rewrite)
+    await p.start()
+    try:
+        yield p
+    finally:
+        await p.stop()
