@@ -265,3 +265,24 @@ def test_json_depth_agrees_with_the_structure(value: Any, ascii_only: bool) -> N
     quotes and backslashes."""
     body = json.dumps(value, ensure_ascii=ascii_only).encode()
     assert json_depth(body) == _depth(value)
+
+
+def _wrapped(value: Any, levels: list[bool]) -> Any:
+    for as_list in levels:
+        value = [value, 1] if as_list else {"k[": value, "v": "}"}
+    return value
+
+
+@BUDGET
+@given(
+    parts=st.lists(st.tuples(nested, st.lists(st.booleans(), max_size=80)), min_size=1, max_size=4),
+    ascii_only=st.booleans(),
+)
+def test_json_depth_agrees_on_deep_and_shallow_parts_side_by_side(
+    parts: list[tuple[Any, list[bool]]], ascii_only: bool
+) -> None:
+    """Deep documents (past the rounds that drop innermost pairs, measured by runs instead)
+    beside shallow ones, up to past MAX_JSON_DEPTH: the count agrees, capped at the limit + 1."""
+    value = [_wrapped(inner, levels) for inner, levels in parts]
+    body = json.dumps(value, ensure_ascii=ascii_only).encode()
+    assert json_depth(body) == min(_depth(value), MAX_JSON_DEPTH + 1)
