@@ -19,8 +19,8 @@ from syncd.config import Secret
 from syncd.daemon import http_session
 from syncd.errors import RateLimited, TransientError
 from syncd.servicetitan.auth import TokenProvider
-from syncd.servicetitan.client import ExportClient, Page
-from syncd.servicetitan.upstream import MAX_BODY_BYTES, BodyTooLarge
+from syncd.servicetitan.client import THREAD_MIN_BYTES, ExportClient, Page
+from syncd.servicetitan.upstream import MAX_BODY_BYTES, MAX_JSON_DEPTH, BodyTooLarge
 from syncd.testing.redis_server import RedisServer
 from syncd.testing.simulator import run_simulator
 from tests.engine_helpers import DaemonProcess, config_dict, settings
@@ -416,3 +416,38 @@ async def test_the_simulators_gzip_pages_and_gateway_error_pages(
                 assert texts[502] == "HTTP 502: Bad Gateway"
             else:
                 assert "502 Bad Gateway" in texts[502]
+
+
+async def test_a_big_page_is_checked_and_decoded_as_a_small_one(
+    session: aiohttp.ClientSession,
+) -> None:
+    """Pages from THREAD_MIN_BYTES on are checked and decoded in a worker thread: the same
+    Page, and the same refusals (a credential echoed, nesting past the cap), as on the loop."""
+    token = "tok-1-live-4f1c9e"
+    filler = "f" * 200
+    many = [{"id": i, "modifiedOn": "2025-01-01T00:00:00Z", "name": filler} for i in range(2000)]
+    echoing = [*many, {"id": 9999, "name": f"x{token}y"}]
+    deep: Any = "x"
+    for _ in range(MAX_JSON_DEPTH + 1):
+        deep = {"a": deep}
+    too_deep = [*many, {"id": 9999, "deep": deep}]
+    bodies = [page(many, "c2"), page(echoing, "c3"), page(too_deep, "c4")]
+    assert all(len(body) >= THREAD_MIN_BYTES for body in bodies)
+
+    async def token_endpoint(request: web.Request) -> web.Response:
+        return web.json_response({"access_token": token, "expires_in": 900})
+
+    async def exports(request: web.Request) -> web.Response:
+        return web.Response(body=bodies.pop(0), content_type="application/json")
+
+    async with serve(exports, token=token_endpoint) as up:
+        client = ExportClient(session, up.url, Secret(APP_KEY))
+        provider = tokens(session, up)
+        got = await client.fetch(provider, CUSTOMERS, None, include_recent_changes=False)
+        assert got.keys == [str(i) for i in range(2000)]
+        assert got.continue_from == "c2"
+        assert got.data[7] == json.dumps(many[7]).encode()
+        with pytest.raises(TransientError, match="credential it was sent; not applied"):
+            await client.fetch(provider, CUSTOMERS, None, include_recent_changes=False)
+        with pytest.raises(TransientError, match="nested deeper"):
+            await client.fetch(provider, CUSTOMERS, None, include_recent_changes=False)

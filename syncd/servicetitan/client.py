@@ -6,6 +6,7 @@ import functools
 import time
 
 import aiohttp
+import anyio.to_thread
 import structlog
 
 from syncd import redact
@@ -43,6 +44,26 @@ def decode_checked(body: bytes, feed: Feed, fetch_s: float = 0.0) -> Page:
     dead letters) or a TransientError, never another exception."""
     decode = functools.partial(decode_page, feed=feed, fetch_s=fetch_s)
     return guarded_decode(body, decode, _cursor_of)
+
+
+# A page body at least this large is checked and decoded in a worker thread: a 30 MiB page
+# takes a good part of a second, and the event loop (every other tenant, /healthz) keeps
+# running meanwhile. Smaller pages are not worth the hop.
+THREAD_MIN_BYTES = 256 * 1024
+
+
+def checked_page(body: bytes, feed: Feed, tenant: int, sent: list[str], fetch_s: float) -> Page:
+    """A 200 answer's body as a Page, or a TransientError. A page holding a credential
+    (echoed, or another tenant's) would put it into Redis as a cursor or an event: it is not
+    applied. Its bytes are checked first; what its escapes spell once it is decoded, after."""
+    problem = page_credential(body, tenant, sent)
+    if problem is not None:
+        raise TransientError(problem)
+    page = decode_checked(body, feed, fetch_s)
+    problem = escaped_credential(body, tenant, sent)
+    if problem is not None:
+        raise TransientError(problem)
+    return page
 
 
 def _problem_text(body: bytes, content_type: str = "", *, cut: bool = False) -> str:
@@ -113,18 +134,12 @@ class ExportClient:
                     raise BodyTooLarge(
                         f"page body over {MAX_BODY_BYTES} bytes (MAX_BODY_BYTES); not decoded"
                     )
-                # A page holding a credential (echoed, or another tenant's) would put it into
-                # Redis as a cursor or an event: it is not applied. Its bytes first; what its
-                # escapes spell once it decoded. The token sent is checked even if renewed since.
+                # The token sent is checked even if renewed since.
                 sent = [token] if len(token) >= redact.MIN_SECRET_CHARS else []
-                problem = page_credential(body, tokens.tenant, sent)
-                if problem is not None:
-                    raise TransientError(problem)
-                page = decode_checked(body, feed, elapsed)
-                problem = escaped_credential(body, tokens.tenant, sent)
-                if problem is not None:
-                    raise TransientError(problem)
-                return page
+                check = functools.partial(checked_page, body, feed, tokens.tenant, sent, elapsed)
+                if len(body) < THREAD_MIN_BYTES:
+                    return check()
+                return await anyio.to_thread.run_sync(check)
             if status in REDIRECTS:
                 raise TransientError(redirect_error(status, location, url, "the API"))
             text = _problem_text(body, content_type, cut=over)
