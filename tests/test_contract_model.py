@@ -134,36 +134,14 @@ class Model:
     def apply(self, expected: str | None, recs: list[Record], continue_from: str) -> Applied:
         if self.cursor != expected:
             return Applied(False, stored=self.cursor)
-        # Per key: the version kept, the newest instant so far, its position in the page.
-        kept: dict[str, tuple[Record, int | None, int]] = {}
-        superseded = 0
-        for pos, rec in enumerate(recs):
-            if rec.key is None:
-                continue
-            if rec.key in kept:
-                superseded += 1
-                newest = kept[rec.key][1]
-                if older(rec.instant, newest):
-                    continue
-                kept[rec.key] = (rec, rec.instant if rec.instant is not None else newest, pos)
-            else:
-                kept[rec.key] = (rec, rec.instant, pos)
+        kept, superseded = kept_versions(recs)
         published = unchanged = 0
         stale = superseded
-        for key, (rec, _, _) in sorted(kept.items(), key=lambda kv: kv[1][2]):
-            last = self.last.get(key)
-            if last is not None and last[0] == rec.raw:
-                unchanged += 1
-                continue
-            same = last is not None and rec.instant is not None and rec.instant == last[1]
-            if last is not None and (older(rec.instant, last[1]) or (same and rec.raw in last[2])):
-                stale += 1
-                continue
-            newest = rec.instant if rec.instant is not None or last is None else last[1]
-            earlier = ((last[0], *last[2])[:SAME_INSTANT_KEPT]) if last is not None and same else ()
-            self.last[key] = (rec.raw, newest, earlier)
-            self.events.append(("created" if last is None else "updated", key, rec.raw))
-            published += 1
+        for key, rec in kept:
+            outcome = self._version(key, rec)
+            published += outcome == "published"
+            unchanged += outcome == "unchanged"
+            stale += outcome == "stale"
         dead = 0
         for rec in recs:
             if rec.key is None and rec.raw not in self.dead:
@@ -172,6 +150,50 @@ class Model:
         self.stale += stale
         self.cursor = continue_from
         return Applied(True, published, unchanged, dead, None, stale)
+
+    def _version(self, key: str, rec: Record) -> str:
+        """One version of a key against what was published: published, unchanged or stale."""
+        last = self.last.get(key)
+        if last is not None and last[0] == rec.raw:
+            return "unchanged"
+        same = last is not None and rec.instant is not None and rec.instant == last[1]
+        if last is not None and (older(rec.instant, last[1]) or (same and rec.raw in last[2])):
+            return "stale"
+        newest = rec.instant if rec.instant is not None or last is None else last[1]
+        earlier = ((last[0], *last[2])[:SAME_INSTANT_KEPT]) if last is not None and same else ()
+        self.last[key] = (rec.raw, newest, earlier)
+        self.events.append(("created" if last is None else "updated", key, rec.raw))
+        return "published"
+
+    def apply_part(self, expected: str | None, recs: list[Record], sent: set[str]) -> None:
+        """The first chunks of a page, holding the kept versions of the keys in `sent`: their
+        events, and nothing else (no dead letters, no stale count, the cursor stays)."""
+        if self.cursor != expected:
+            return
+        for key, rec in kept_versions(recs)[0]:
+            if key in sent:
+                self._version(key, rec)
+
+
+def kept_versions(recs: list[Record]) -> tuple[list[tuple[str, Record]], int]:
+    """The version kept of each key of a page, in page order (of the kept version), and how
+    many versions were superseded by another of their key in the page."""
+    # Per key: the version kept, the newest instant so far, its position in the page.
+    kept: dict[str, tuple[Record, int | None, int]] = {}
+    superseded = 0
+    for pos, rec in enumerate(recs):
+        if rec.key is None:
+            continue
+        if rec.key in kept:
+            superseded += 1
+            newest = kept[rec.key][1]
+            if older(rec.instant, newest):
+                continue
+            kept[rec.key] = (rec, rec.instant if rec.instant is not None else newest, pos)
+        else:
+            kept[rec.key] = (rec, rec.instant, pos)
+    ordered = sorted(kept.items(), key=lambda kv: kv[1][2])
+    return [(key, rec) for key, (rec, _, _) in ordered], superseded
 
 
 # --- The machine ------------------------------------------------------------------------------
@@ -203,11 +225,16 @@ class ContractMachine(RuleBasedStateMachine):
     @initialize(
         feed=st.sampled_from([CUSTOMERS.name, RATINGS.name, HISTORY.name]),
         prechecks=st.tuples(st.sampled_from([0, 1000]), st.sampled_from([0, 3, 1000])),
+        chunks=st.tuples(st.sampled_from([1, 2, 1000]), st.sampled_from([1, 3, 1000])),
     )
-    def setup(self, feed: str, prechecks: tuple[int, int]) -> None:
+    def setup(self, feed: str, prechecks: tuple[int, int], chunks: tuple[int, int]) -> None:
         self.feed = catalogue.feed(feed)
-        # precheck_min 0: every page is looked at before the script; 1000: never.
-        self.pubs = [Publisher(self.r, "st", precheck_min=n) for n in prechecks]
+        # precheck_min 0: every page is looked at before the script; 1000: never. Chunks of
+        # 1 or a few records: pages of several scripts; 1000: one script a page.
+        self.pubs = [
+            Publisher(self.r, "st", precheck_min=n, chunk_records=c)
+            for n, c in zip(prechecks, chunks, strict=True)
+        ]
 
     def _new_page(
         self, data: st.DataObject, expected: str | None, repeat: bool
@@ -280,6 +307,22 @@ class ContractMachine(RuleBasedStateMachine):
     def crash_before_the_script(self, i: int, data: st.DataObject) -> None:
         """Fetched, never applied: it may be fetched (and applied) again later."""
         self._new_page(data, self.believed[i], data.draw(st.booleans(), label="repeat"))
+
+    @rule(i=st.integers(0, 1), data=st.data())
+    def crash_between_chunks(self, i: int, data: st.DataObject) -> None:
+        """The page's first chunks ran, the rest never did (a crash, a lost connection, Redis
+        full): the cursor stays; the page may be fetched and applied again later."""
+        expected = self.believed[i]
+        recs, cf = self._new_page(data, expected, data.draw(st.booleans(), label="repeat"))
+        page = decode_page(envelope(recs, cf), self.feed)
+        pub = self.pubs[i]
+        prepared = self.run(pub.prepare(TENANT, self.feed.name, expected, page))
+        if len(prepared.chunks) < 2:
+            return
+        ran = data.draw(st.integers(1, len(prepared.chunks) - 1), label="chunks run")
+        self.run(pub.run_chunks(prepared.keys, prepared.chunks[:ran]))
+        sent = {str(key) for args in prepared.chunks[:ran] for key in args[11::4]}
+        self.model.apply_part(expected, recs, sent)
 
     @rule()
     def operator_resets_the_cursor(self) -> None:

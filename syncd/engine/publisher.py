@@ -1,12 +1,19 @@
-"""The publisher: one atomic Redis script applies one page, all or nothing.
+"""The publisher: atomic Redis scripts apply a page, chunk by chunk, behind the cursor fence.
 
-The script checks the cursor fence (the stored cursor must be the one the page was fetched
+Each script checks the cursor fence (the stored cursor must be the one the page was fetched
 from), drops records whose fingerprint is unchanged and versions older than the one last
-published for their key, XADDs the rest, records their fingerprints and timestamps, dead-letters
-records it has not dead-lettered before, and stores the page's continueFrom. A crash before the
-call refetches the page; after it, the next page is fetched; an instance that fetched the same
-page finds the cursor moved; a page fetched again from the same cursor (the API may repeat one)
-adds nothing.
+published for their key, XADDs the rest and records their fingerprints and timestamps. The
+page's last script also dead-letters records it has not dead-lettered before and stores the
+page's continueFrom. A crash before the last script refetches the page; after it, the next
+page is fetched; an instance that fetched the same page finds the cursor moved; a page fetched
+again from the same cursor (the API may repeat one) adds nothing.
+
+With change detection, a big page goes in chunks (CHUNK_RECORDS, CHUNK_BYTES) so that Redis
+is never blocked for long by one script: chunks before the last publish but leave the cursor
+where it is. A page cut short between two (a crash, OOM, a lost connection) is fetched again
+from the same cursor, and the versions its first chunks published are unchanged then: each
+version is still published once, and the cursor never passes a record that was not applied.
+Without change detection there are no fingerprints to make that safe: the page is one script.
 
 With `[redis] wait_replicas`, every cursor the publisher hands back (a page's, applied; the
 stored one, fenced or settled) is one that many replicas acknowledged; else ReplicasBehind.
@@ -152,6 +159,9 @@ for j = 0, ndead - 1 do
   end
 end
 
+if new_cursor == '' then  -- a chunk before the page's last: the cursor stays where it is
+  return {0, published, unchanged, stale, dead_new}
+end
 redis.call('HSET', cursors, feed, new_cursor)
 redis.call('HSET', state, feed .. ':last_ok', now, feed .. ':more', more)
 if stale > 0 then redis.call('HINCRBY', state, feed .. ':stale', stale) end
@@ -174,6 +184,11 @@ return stored
 # Pages with at least this many records are checked against the fingerprints before sending.
 PRECHECK_MIN = 32
 
+# A chunk of a page (one script) ends at this many records or at this many bytes of records,
+# whichever comes first: what keeps each script, and so each time Redis is busy with it, short.
+CHUNK_RECORDS = 1000
+CHUNK_BYTES = 1024 * 1024
+
 # Fingerprints of earlier versions kept per key while its versions share one timestamp.
 SAME_INSTANT_KEPT = 4
 
@@ -193,8 +208,34 @@ class Applied:
     stale: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A page ready to apply: the keys its scripts touch, the arguments of each chunk's script
+    (the last one stores the cursor), and how many records the precheck found unchanged."""
+
+    keys: list[str]
+    chunks: list[list[Any]]
+    skipped: int
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def chunk_bounds(sizes: list[int], most_records: int, most_bytes: int) -> list[int]:
+    """Where a page's chunks end (exclusive indexes, the last is len(sizes)): each holds at
+    most `most_records` records and, but for a single record over it, `most_bytes` bytes of
+    records. A page without records is one empty chunk."""
+    bounds: list[int] = []
+    count = size = 0
+    for i, n in enumerate(sizes):
+        if count and (count == most_records or size + n > most_bytes):
+            bounds.append(i)
+            count = size = 0
+        count += 1
+        size += n
+    bounds.append(len(sizes))
+    return bounds
 
 
 def dead_fingerprint(data: bytes) -> bytes:
@@ -213,10 +254,14 @@ class Publisher:
         precheck_min: int = PRECHECK_MIN,
         wait_replicas: int = 0,
         wait_timeout: float = 5.0,
+        chunk_records: int = CHUNK_RECORDS,
+        chunk_bytes: int = CHUNK_BYTES,
     ) -> None:
         self.redis = redis_client
         self.prefix = prefix
         self.precheck_min = precheck_min
+        self.chunk_records = chunk_records
+        self.chunk_bytes = chunk_bytes
         self.wait_replicas = wait_replicas
         self.wait_timeout = wait_timeout
         self._script = redis_client.register_script(APPLY_PAGE)
@@ -249,6 +294,44 @@ class Publisher:
         change_detection: bool = True,
     ) -> Applied:
         """Apply `page`, fetched from cursor `expected` (None: nothing stored yet)."""
+        try:
+            prepared = await self.prepare(
+                tenant, feed, expected, page, change_detection=change_detection
+            )
+            if self.waits:
+                result = await self._apply_and_wait(tenant, feed, prepared.keys, prepared.chunks)
+            else:
+                result = await self.run_chunks(prepared.keys, prepared.chunks)
+        except redis.exceptions.ResponseError as exc:
+            # Refused before the chunk's first write (the script's flags make OOM checked up
+            # front): the page is fetched again later, and what earlier chunks published is
+            # unchanged then.
+            if isinstance(exc, redis.exceptions.OutOfMemoryError) or str(exc).startswith("OOM"):
+                raise RedisFull(f"redis is out of memory: {exc}") from None
+            raise TransientError(f"redis refused the page: {exc}") from None
+        except redis.exceptions.RedisError as exc:
+            raise TransientError(f"redis: {type(exc).__name__}: {exc}") from None
+        if int(result[0]) == 1:
+            stored = _text(result[1]) if len(result) > 1 else None
+            return Applied(False, stored=stored)
+        return Applied(
+            True,
+            published=int(result[1]),
+            unchanged=int(result[2]) + prepared.skipped,
+            dead=int(result[4]),
+            stale=int(result[3]),
+        )
+
+    async def prepare(
+        self,
+        tenant: int,
+        feed: str,
+        expected: str | None,
+        page: Page,
+        *,
+        change_detection: bool = True,
+    ) -> Prepared:
+        """The scripts that apply `page`: what `apply` runs. Raises what redis-py raises."""
         if not page.continue_from:
             # Nothing to resume from: storing "" would restart the feed from its beginning.
             raise TransientError("the page has no continueFrom; not applied")
@@ -262,71 +345,85 @@ class Publisher:
             page.data,
         )
         skipped = stale = 0
-        try:
-            if change_detection and keys and len(keys) >= self.precheck_min:
-                # Look first, send only what may be published: a re-export then ships keys,
-                # not megabytes of unchanged records. The script checks every record it gets
-                # again, and the fence makes sure nothing moved in between.
-                olds = await self.redis.hmget(seen, keys)
-                pick, skipped, stale = _precheck(olds, fps, instants)
-                if len(pick) < len(keys):
-                    keys = [keys[i] for i in pick]
-                    fps = [fps[i] for i in pick]
-                    mods = [mods[i] for i in pick]
-                    instants = [instants[i] for i in pick]
-                    datas = [datas[i] for i in pick]
+        if change_detection and keys and len(keys) >= self.precheck_min:
+            # Look first, send only what may be published: a re-export then ships keys, not
+            # megabytes of unchanged records. The script checks every record it gets again,
+            # and the fence makes sure nothing moved in between.
+            olds = await self.redis.hmget(seen, keys)
+            pick, skipped, stale = _precheck(olds, fps, instants)
+            if len(pick) < len(keys):
+                keys = [keys[i] for i in pick]
+                fps = [fps[i] for i in pick]
+                mods = [mods[i] for i in pick]
+                instants = [instants[i] for i in pick]
+                datas = [datas[i] for i in pick]
+        # Per record: key, the `seen` value it would store (fingerprint and instant, one
+        # argument: each argument costs the client more than the bytes do), timestamp, data.
+        news = [fp + ts.encode() for fp, ts in zip(fps, instants, strict=True)]
+        records = list(zip(keys, news, mods, datas, strict=True))
+        bounds = (
+            chunk_bounds([len(d) for d in datas], self.chunk_records, self.chunk_bytes)
+            if change_detection
+            else [len(records)]
+        )
+        dead: list[Any] = []
+        for reason, data in page.dead:
+            dead.extend((dead_fingerprint(data), reason, data))
+        chunks: list[list[Any]] = []
+        low = 0
+        for high in bounds:
+            last = high == len(records)
             args: list[Any] = [
                 feed,
                 "" if expected is None else "=" + expected,
-                page.continue_from,
+                page.continue_from if last else "",  # "": not the page's last chunk
                 "1" if change_detection else "0",
-                len(keys),
-                len(page.dead),
+                high - low,
+                len(page.dead) if last else 0,
                 f"{time.time():.3f}",
                 "1" if page.has_more else "0",
-                stale + page.superseded,
+                stale + page.superseded if last else 0,
                 FINGERPRINT_BYTES,
                 SAME_INSTANT_KEPT,
             ]
-            # Per record: key, the `seen` value it would store (fingerprint and instant, one
-            # argument: each argument costs the client more than the bytes do), timestamp, data.
-            news = [fp + ts.encode() for fp, ts in zip(fps, instants, strict=True)]
-            args.extend(itertools.chain.from_iterable(zip(keys, news, mods, datas, strict=True)))
-            for reason, data in page.dead:
-                args.extend((dead_fingerprint(data), reason, data))
-            page_keys = [k.cursors, seen, k.stream(feed), k.dead, k.state, k.dead_seen(feed)]
-            if self.waits:
-                result = await self._apply_and_wait(tenant, feed, page_keys, args)
-            else:
-                result = await self._script(keys=page_keys, args=args)
-        except redis.exceptions.ResponseError as exc:
-            # Refused before the first write (the script's flags make OOM checked up front):
-            # nothing was written; the page is fetched again later.
-            if isinstance(exc, redis.exceptions.OutOfMemoryError) or str(exc).startswith("OOM"):
-                raise RedisFull(f"redis is out of memory: {exc}") from None
-            raise TransientError(f"redis refused the page: {exc}") from None
-        except redis.exceptions.RedisError as exc:
-            raise TransientError(f"redis: {type(exc).__name__}: {exc}") from None
-        if int(result[0]) == 1:
-            stored = _text(result[1]) if len(result) > 1 else None
-            return Applied(False, stored=stored)
-        return Applied(
-            True,
-            published=int(result[1]),
-            unchanged=int(result[2]) + skipped,
-            dead=int(result[4]),
-            stale=int(result[3]),
-        )
+            args.extend(itertools.chain.from_iterable(records[low:high]))
+            if last:
+                args.extend(dead)
+            chunks.append(args)
+            low = high
+        page_keys = [k.cursors, seen, k.stream(feed), k.dead, k.state, k.dead_seen(feed)]
+        return Prepared(page_keys, chunks, skipped)
+
+    async def run_chunks(self, keys: list[str], chunks: list[list[Any]], client: Any = None) -> Any:
+        """A page's scripts in order, one per chunk, on `client` (None: any connection):
+        the last one's result with the counts of all, or the first refusal by the fence.
+        Versions an earlier chunk found stale are counted by the last (an interrupted page
+        counts them when it is applied again)."""
+        published = unchanged = found_stale = 0
+        result: list[Any] = []
+        for n, args in enumerate(chunks):
+            final = n == len(chunks) - 1
+            if final and found_stale:
+                args = [*args[:8], int(args[8]) + found_stale, *args[9:]]
+            result = list(await self._script(keys=keys, args=args, client=client))
+            if int(result[0]) != 0:
+                return result
+            published += int(result[1])
+            unchanged += int(result[2])
+            if not final:
+                found_stale += int(result[3])
+        result[1:3] = [published, unchanged]
+        return result
 
     async def _apply_and_wait(
-        self, tenant: int, feed: str, keys: list[str], args: list[Any]
+        self, tenant: int, feed: str, keys: list[str], chunks: list[list[Any]]
     ) -> Any:
-        """The page script, then WAIT on the same connection (WAIT counts the writes of the
-        connection it is sent on): the page is done once enough replicas have it. A page the
-        fence refused reports the stored cursor only once enough replicas have that too."""
+        """The page's scripts, then WAIT on the same connection (WAIT counts the writes of
+        the connection it is sent on): the page is done once enough replicas have it. A page
+        the fence refused reports the stored cursor only once enough replicas have that too."""
         assert not isinstance(self.redis, RedisCluster)
         async with self.redis.client() as conn:
-            result = await self._script(keys=keys, args=args, client=conn)
+            result = await self.run_chunks(keys, chunks, client=conn)
             if int(result[0]) != 0:
                 # Fenced: the cursor moved, maybe by a page whose own WAIT failed (this
                 # instance's, another's, before a restart). Not adopted until replicas hold it.
