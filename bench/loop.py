@@ -129,7 +129,8 @@ async def measure(body: bytes, redis_url: str, threshold: int) -> dict[str, Any]
 
 def main() -> None:
     body = hostile_page()
-    assert len(body) <= MAX_BODY_BYTES and DEPTH < MAX_JSON_DEPTH
+    assert len(body) <= MAX_BODY_BYTES
+    assert DEPTH < MAX_JSON_DEPTH
     common.log(f"loop: a {len(body) / 2**20:.1f} MiB page nested {DEPTH} levels, {ROUNDS} rounds")
     with common.redis_server() as server:
         version = common.redis_version(common.redis_client(server))
