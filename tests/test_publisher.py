@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from syncd import catalogue
 from syncd.cli import commands
 from syncd.daemon import Daemon
-from syncd.engine.publisher import PRECHECK_MIN, Publisher
+from syncd.engine.publisher import PRECHECK_MIN, Publisher, chunk_bounds
 from syncd.errors import TransientError
 from syncd.servicetitan.page import Page, decode_page, encode_key, newest_per_key, sortable_instant
 from syncd.testing.redis_server import RedisServer
@@ -586,3 +586,72 @@ async def test_the_page_script_runs_under_the_readme_acl_user(
     finally:
         await restricted.aclose()
         await redis.execute_command("ACL", "DELUSER", USER)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "records", "size", "bounds"),
+    [
+        ([], 3, 100, [0]),
+        ([10, 10, 10], 3, 100, [3]),
+        ([10, 10, 10, 10], 3, 100, [3, 4]),
+        ([10] * 7, 3, 100, [3, 6, 7]),
+        ([60, 50, 10], 5, 100, [1, 3]),  # bytes end a chunk before records do
+        ([150, 10, 200, 10], 5, 100, [1, 2, 3, 4]),  # one record over the size is a chunk
+        ([50, 50, 1], 5, 100, [2, 3]),  # exactly the size fits
+    ],
+)
+def test_chunk_bounds_table(sizes: list[int], records: int, size: int, bounds: list[int]) -> None:
+    assert chunk_bounds(sizes, records, size) == bounds
+
+
+async def test_a_page_in_chunks_publishes_as_one_script_would(redis: aioredis.Redis) -> None:
+    # The same pages applied in one script and in chunks of 3: the same events and cursor.
+    pages = [
+        [{"id": i % 8, "v": n, "modifiedOn": f"2024-01-01T00:00:0{n}Z"} for i in range(11)]
+        for n in range(3)
+    ]
+    pages[1].append({"id": {"bad": 1}})  # a dead letter, written by the last chunk
+    results = []
+    for prefix, chunk in (("one", 1000), ("many", 3)):
+        pub = Publisher(redis, prefix, precheck_min=1000, chunk_records=chunk)
+        expected = None
+        applied = []
+        for n, records in enumerate(pages):
+            applied.append(await pub.apply(T, CUSTOMERS.name, expected, page(records, f"c{n}")))
+            expected = f"c{n}"
+        stream = await redis.xrange(f"{prefix}:{{{T}}}:{CUSTOMERS.name}")
+        results.append(
+            (applied, [f for _, f in stream], await redis.hgetall(f"{prefix}:{{{T}}}:cursors"))
+        )
+    assert results[0] == results[1]
+    assert len(results[0][1]) == 24  # 8 keys, each in three versions
+
+
+async def test_a_page_cut_between_chunks_publishes_each_version_once(
+    redis: aioredis.Redis,
+) -> None:
+    # The first chunk ran, the second never did (a crash): the cursor stays, and the page
+    # applied again later publishes the rest only.
+    pub = Publisher(redis, "st", precheck_min=1000, chunk_records=4)
+    records = [{"id": i, "modifiedOn": "2024-01-01T00:00:00Z"} for i in range(10)]
+    prepared = await pub.prepare(T, CUSTOMERS.name, None, page(records, "c1"))
+    assert len(prepared.chunks) == 3
+    await pub.run_chunks(prepared.keys, prepared.chunks[:1])
+    assert [key for _, key, _ in await events(redis)] == ["0", "1", "2", "3"]
+    assert await redis.hget(f"st:{{{T}}}:cursors", CUSTOMERS.name) is None
+    again = await pub.apply(T, CUSTOMERS.name, None, page(records, "c1"))
+    assert (again.published, again.unchanged) == (6, 4)
+    assert [key for _, key, _ in await events(redis)] == [str(i) for i in range(10)]
+    assert await redis.hget(f"st:{{{T}}}:cursors", CUSTOMERS.name) == b"c1"
+
+
+async def test_a_chunk_fenced_out_stops_the_page(redis: aioredis.Redis) -> None:
+    # Another instance moves the cursor between two chunks: the rest is not applied.
+    pub = Publisher(redis, "st", precheck_min=1000, chunk_records=2)
+    records = [{"id": i, "modifiedOn": "2024-01-01T00:00:00Z"} for i in range(5)]
+    prepared = await pub.prepare(T, CUSTOMERS.name, None, page(records, "c1"))
+    await pub.run_chunks(prepared.keys, prepared.chunks[:1])
+    await redis.hset(f"st:{{{T}}}:cursors", CUSTOMERS.name, "other")
+    result = await pub.run_chunks(prepared.keys, prepared.chunks[1:])
+    assert result == [1, b"other"]
+    assert [key for _, key, _ in await events(redis)] == ["0", "1"]
