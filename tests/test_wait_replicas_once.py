@@ -9,6 +9,7 @@ import contextlib
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 import structlog
 from structlog.testing import capture_logs
@@ -101,6 +102,11 @@ async def test_once_waits_out_a_replica_that_falls_behind_again_and_again(
         assert len(events_named(logs, "replicas_behind")) >= stops
         assert not events_named(logs, "feed_failed")
         await assert_replicated_exactly_once(client, replica, sim)
+    # Every hold counted, though polling is not held at the end.
+    held = sum(e["held_s"] for e in events_named(logs, "replicas_caught_up"))
+    assert daemon.metrics.sample("syncd_polling_paused", {"reason": "replicas_behind"}) == 0
+    behind_s = daemon.metrics.sample("syncd_replicas_behind_seconds_total")
+    assert behind_s == pytest.approx(held, abs=0.01)
 
 
 async def test_once_ends_in_a_failure_naming_the_replicas_when_they_never_catch_up(

@@ -58,6 +58,7 @@ class Holds:
         self._replicas_probing = False
         self._held: set[FeedState] = set()  # feeds whose WAIT failed while polling is held
         self._held_since = 0.0
+        self._held_s = 0.0  # seconds held for replicas, holds that ended
 
     @property
     def held(self) -> bool:
@@ -70,6 +71,15 @@ class Holds:
         self._wake.set()
 
     # -- replicas behind -------------------------------------------------------------
+
+    def replicas_behind_seconds(self) -> float:
+        """Seconds all polling has been held for replicas behind since start, the hold under
+        way included: replicas that answer now and then end each hold soon, so its share of
+        time, not whether one lasts, tells how much they block."""
+        held = self._held_s
+        if not self.replicas_ok.is_set():
+            held += time.monotonic() - self._held_since
+        return held
 
     def _replicas_behind(self, fs: FeedState) -> None:
         """Hold all polling until the replicas answer: every feed writes to the same primary,
@@ -103,11 +113,9 @@ class Holds:
         finally:
             self._replicas_probing = False
         held, self._held = self._held, set()
-        log.info(
-            "replicas_caught_up",
-            held_s=round(time.monotonic() - self._held_since, 3),
-            feeds_held=len(held),
-        )
+        held_s = time.monotonic() - self._held_since
+        log.info("replicas_caught_up", held_s=round(held_s, 3), feeds_held=len(held))
+        self._held_s += held_s
         self.replicas_ok.set()
         # The feeds held settle (and go on) at once rather than after their backoff.
         now = self.clock()
