@@ -318,7 +318,7 @@ class Fleet(Transitions):
         else:
             pipe.eval(JOIN, len(keys), *join_args)
         for t in tenants:
-            pipe.eval(RENEW, 1, Keys(self.prefix, t).owner, self.holder, self.lease_ms)
+            self._lease(pipe, RENEW, t)
         results = await pipe.execute()
         self._epoch = results[0]
         code, prev, *ttl = results[1]
