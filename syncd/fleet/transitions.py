@@ -67,7 +67,8 @@ class Transitions:
     def _lease(self, redis: Any, script: str, tenant: int) -> Any:
         """Send a lease script (ACQUIRE, RENEW, RELEASE of syncd.fleet.state) for `tenant` on
         `redis` (a client, or a pipeline to queue it in), acting for this process only."""
-        return redis.eval(script, 1, Keys(self.prefix, tenant).owner, self.holder, self.lease_ms)
+        owner = Keys(self.prefix, tenant).owner
+        return redis.eval(script, 1, owner, self.holder, self.lease_ms, self.instance)
 
     async def _acquire(self, tenants: list[int]) -> None:
         for chunk in chunks(tenants, CHUNK):
