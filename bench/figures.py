@@ -365,7 +365,7 @@ def _cell(name: str, value: float) -> str:
 
 
 def _spread(name: str, s: dict[str, float], runs: int) -> str:
-    if runs < 2:
+    if runs < 2 or _cell(name, s["min"]) == _cell(name, s["max"]):
         return _cell(name, s["median"])
     low, high = _cell(name, s["min"]).split()[0], _cell(name, s["max"])
     return f"{_cell(name, s['median'])} ({low} to {high})"
@@ -388,7 +388,7 @@ def block_sidebyside(results: Results) -> str:
         ratio = r["ratios"][name]
         rows.append(
             _row(
-                m["figure"],
+                re.sub(r" (MB|ms)$", "", m["figure"]),
                 _spread(name, base["summary"][name], s["runs"]),
                 _spread(name, new["summary"][name], s["runs"]),
                 "n/a" if ratio is None else f"{ratio:.2f}",
