@@ -1,12 +1,16 @@
 """`make bench`: every benchmark in turn, a summary table, results in bench/results/*.json.
 
-    .venv/bin/python -m bench                      # all of them (about 16 minutes)
+    .venv/bin/python -m bench                      # all of them (about 17 minutes)
     BENCH_ONLY=backfill,freshness .venv/bin/python -m bench
 
+At the end, README.md's benchmark figures are generated again from bench/results/*.json
+(bench/figures.py).
+
 Sizes: BENCH_BACKFILL_RECORDS, BENCH_STEADY_TENANTS, BENCH_STEADY_WINDOW, BENCH_RATELIMIT_RECORDS,
-BENCH_FRESHNESS_WINDOW, BENCH_HANGING_RECORDS, BENCH_SCRAPE_TENANTS, BENCH_SCRAPE_SCRAPES (see
-each module's --help). A missed target is reported, not an error; the exit status is 1 only
-when a benchmark could not run.
+BENCH_FRESHNESS_WINDOW, BENCH_HANGING_RECORDS, BENCH_SCRAPE_TENANTS, BENCH_SCRAPE_SCRAPES,
+BENCH_SIDEBYSIDE_RECORDS, BENCH_SIDEBYSIDE_RUNS (see each module's --help);
+BENCH_SIDEBYSIDE_AGAINST is bench.sidebyside's baseline commit (default e65f5ae). A missed target
+is reported, not an error; the exit status is 1 only when a benchmark could not run.
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ from bench import (
     backfill,
     bench_simulator,
     common,
+    figures,
     freshness,
     hanging,
     ratelimit,
     retention,
     scrape,
+    sidebyside,
     steady,
 )
 
@@ -73,6 +79,41 @@ def _rows_backfill(f: dict[str, Any]) -> list[Row]:
         ("daemon peak RSS MB", f"{f['peak_rss_mb']:.0f}", "", None),
         ("Redis bytes / record", f"{f['redis_bytes_per_record']}", "", None),
     ]
+
+
+_SHORT = (
+    ("first sync", "first"),
+    (" s per 100,000 records", " s/100k"),
+    ("Redis bytes per record", "Redis B/record"),
+    (" (every other key)", ""),
+    ("daemon peak RSS", "peak RSS"),
+    ("longest Redis block", "longest block"),
+)
+
+
+def _rows_sidebyside(f: dict[str, Any]) -> list[Row]:
+    base, new = f["contenders"]["baseline"], f["contenders"]["current"]
+    rows: list[Row] = [
+        ("baseline / this tree", f"{base['commit'][:7]} / {new['commit'][:7]}", "", None)
+    ]
+
+    def fmt(v: float) -> str:
+        return f"{v:,.0f}" if v >= 1000 else f"{v:.3g}"
+
+    for m in f["metrics"]:
+        name, figure = m["name"], m["figure"]
+        for long, short in _SHORT:
+            figure = figure.replace(long, short)
+        old_v, new_v = base["summary"][name]["median"], new["summary"][name]["median"]
+        ratio = f["ratios"][name]
+        value = f"{fmt(old_v)} / {fmt(new_v)}" + (f" ({ratio:.2f}x)" if ratio else "")
+        rows.append((figure, value, "", None))
+    return rows
+
+
+def _sidebyside() -> dict[str, Any]:
+    against = os.environ.get("BENCH_SIDEBYSIDE_AGAINST", sidebyside.DEFAULT_AGAINST)
+    return sidebyside.run(sidebyside.parser().parse_args(["--against", against]))
 
 
 def _rows_steady(f: dict[str, Any]) -> list[Row]:
@@ -221,6 +262,7 @@ BENCHMARKS: dict[
     "retention": (lambda: retention.run([50_000, 1_000_000], 900), _rows_retention),
     "hanging": (lambda: hanging.run(hanging.parser().parse_args([])), _rows_hanging),
     "scrape": (lambda: scrape.run(scrape.parser().parse_args([])), _rows_scrape),
+    "sidebyside": (_sidebyside, _rows_sidebyside),
 }
 
 
@@ -239,13 +281,13 @@ def main() -> int:
         common.log(f"=== {name}")
         t0 = time.monotonic()
         try:
-            figures = run()
+            result = run()
         except Exception:
             traceback.print_exc()
             failed.append(name)
             rows.append((name, ("FAILED (see above)", "", "", False)))
             continue
-        rows.extend((name, row) for row in table(figures))
+        rows.extend((name, row) for row in table(result))
         common.log(f"=== {name} done in {time.monotonic() - t0:.0f}s")
     print()
     print(f"{'benchmark':10} {'figure':34} {'value':>24}  {'target':26} met")
@@ -254,6 +296,11 @@ def main() -> int:
         mark = "" if met is None else ("yes" if met else "NO")
         print(f"{name:10} {figure:34} {value:>24}  {target:26} {mark}")
     print(f"\n{time.monotonic() - started:.0f}s; results in {common.RESULTS_DIR}/")
+    try:
+        figures.main([])
+    except (KeyError, ValueError) as e:
+        print(f"README.md's benchmark figures not generated: {e}", file=sys.stderr)
+        return 1
     return 1 if failed else 0
 
 

@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -370,6 +370,8 @@ class Daemon:
     CPU and peak RSS come from `wait4()` (exact, for this process alone); `cpu_times()` and
     `rss_mb()` read it while it runs (psutil). With `profile="py-spy"` a `py-spy record` is
     attached for the daemon's whole life and writes raw (collapsed) stacks to `profile_out`.
+    `cwd` and `env` run another checkout's syncd (its tree as the working directory and first
+    on PYTHONPATH, see bench/sidebyside.py).
     """
 
     def __init__(
@@ -381,8 +383,12 @@ class Daemon:
         profile: str | None = None,
         profile_out: Path | None = None,
         profile_rate: int = 250,
+        cwd: Path = ROOT,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.config_path = config_path
+        self.cwd = cwd
+        self.env = env
         self.once = once
         self.log_path = log_path or config_path.with_suffix(".log")
         self.profile = profile
@@ -406,7 +412,9 @@ class Daemon:
         with self.log_path.open("ab") as out:
             self._log_offset = out.tell()
             self.started = time.monotonic()
-            self.proc = subprocess.Popen(command, stdout=out, stderr=out, cwd=ROOT)
+            self.proc = subprocess.Popen(
+                command, stdout=out, stderr=out, cwd=self.cwd, env=self.env
+            )
         self.ps = psutil.Process(self.proc.pid)
         self._sampler = threading.Thread(target=self._sample_rss, daemon=True)
         self._sampler.start()
@@ -547,9 +555,13 @@ def run_daemon(
     timeout: float,
     profile: str | None = None,
     profile_out: Path | None = None,
+    cwd: Path = ROOT,
+    env: Mapping[str, str] | None = None,
 ) -> DaemonResult:
     """Run `--once` to completion."""
-    daemon = Daemon(config_path, once=True, profile=profile, profile_out=profile_out).start()
+    daemon = Daemon(
+        config_path, once=True, profile=profile, profile_out=profile_out, cwd=cwd, env=env
+    ).start()
     result = daemon.wait(timeout)
     if result.returncode != 0:
         log(f"daemon exited with {result.returncode}:\n{daemon.tail()}")

@@ -19,7 +19,14 @@ from redis.asyncio.cluster import RedisCluster
 from syncd.cli import commands
 from syncd.fleet.compare import Profile
 from syncd.fleet.fleet import Fleet
-from syncd.fleet.state import parse_holder, read_holders, read_members, read_owners
+from syncd.fleet.state import (
+    ACQUIRE,
+    holder,
+    parse_holder,
+    read_holders,
+    read_members,
+    read_owners,
+)
 from syncd.keys import Keys
 from syncd.redis.conn import RedisClient
 from syncd.testing.redis_server import RedisClusterServers, RedisServer
@@ -502,6 +509,57 @@ async def test_a_process_restarted_under_its_name_waits_for_its_predecessor(
         assert [e for e in logs if e["event"] == "fleet_instance_name_taken"]
         assert not [e for e in logs if e["event"] == "fleet_instance_name_clash"]
         assert harness.board.overlaps == []
+
+
+async def test_a_lease_of_0_2_0_is_retaken_at_once_by_its_instance_restarted(
+    harness: Harness, clients: Callable[[], aioredis.Redis], redis: aioredis.Redis
+) -> None:
+    """An in-place upgrade: 0.2.0 wrote leases holding the bare instance name. The instance
+    restarted under that name on this version takes them in its first round, instead of
+    waiting up to a lease for them to run out; leases of another name, or of another process
+    under this name, stay where they are."""
+    lease = 1.5
+    bare = {1: "a", 2: "a", 3: "b"}
+    for t, value in bare.items():
+        await redis.set(Keys(PREFIX, t).owner, value, px=60_000)
+    await redis.set(Keys(PREFIX, 4).owner, "a#0123456789abcdef", px=60_000)
+    a = harness.add("a", clients(), [1, 2, 3, 4], lease, run=False)
+    await a.fleet.round()
+    assert set(a.fleet.held) == {1, 2}
+    holders = await read_holders(redis, PREFIX, [1, 2, 3, 4])
+    assert holders == {
+        1: a.fleet.holder,
+        2: a.fleet.holder,
+        3: "b",
+        4: "a#0123456789abcdef",
+    }
+    await eventually(lambda: harness.board.of("a") == {1, 2}, what="a polls its old tenants")
+    # Renewed as its own from then on.
+    assert 0 < await redis.pttl(Keys(PREFIX, 1).owner) <= lease * 1000
+
+
+@pytest.mark.parametrize(
+    ("stored", "taken"),
+    [
+        (None, True),  # free
+        ("a#0000000000000001", True),  # this process's own: renewed
+        ("a", True),  # 0.2.0's lease under this name
+        ("b", False),  # 0.2.0's lease of another instance
+        ("a#0000000000000002", False),  # another process under this name
+        ("ab", False),
+    ],
+)
+async def test_the_lease_script_takes_a_bare_name_only_if_it_is_its_own(
+    redis: aioredis.Redis, stored: str | None, taken: bool
+) -> None:
+    """Decided in the script, atomically with the write."""
+    key = Keys(PREFIX, 1).owner
+    if stored is not None:
+        await redis.set(key, stored, px=60_000)
+    mine = holder("a", "0000000000000001")
+    assert await redis.eval(ACQUIRE, 1, key, mine, 1500, "a") == int(taken)
+    assert (await redis.get(key)).decode() == (mine if taken else stored)
+    assert 0 < await redis.pttl(key) <= (1500 if taken else 60_000)
 
 
 # -- Redis Cluster --------------------------------------------------------------------------

@@ -84,12 +84,13 @@ def test_series_count_formula_at_each_detail(tenants: int, feeds: int) -> None:
     """The formulas of the README and syncd.ops.metrics, counted on what is rendered."""
     n, f, r = tenants, feeds, len(RECORD_COUNTERS)
     page_histogram = len(PAGE_SECONDS_BUCKETS) + 3  # buckets, +Inf, _count, _sum
-    unlabelled = 1 + (len(LATENESS_BUCKETS) + 3) + 3 + 5  # errors, lateness, polling, fleet
+    # errors, lateness, polling, replicas behind, fleet
+    unlabelled = 1 + (len(LATENESS_BUCKETS) + 3) + 3 + 1 + 5
     per_tenant = r + 3 + 2 + 3 + 2  # records, 429s/paused/tokens, age, rates/auth, pauses
     per_feed = r + 2 + page_histogram
     statuses = len(STATUSES) * n
     default = per_tenant * n + statuses + per_feed * f + unlabelled
-    assert (per_tenant, per_feed, unlabelled) == (16, 21, 21)
+    assert (per_tenant, per_feed, unlabelled) == (16, 21, 22)
     assert len(samples(busy(n, f))) == default
     # Tenant x feed: four record counters, time since success, and here a dead letter and a
     # stale record each.
@@ -232,6 +233,19 @@ def test_engine_status_per_tenant_and_pauses_by_reason() -> None:
     assert value(got, "syncd_polling_paused", reason="replicas_behind") == 0
     m.set_status_source(lambda: EngineStatus(rows, replicas_behind=True))
     assert value(samples(m), "syncd_polling_paused", reason="replicas_behind") == 1
+
+
+def test_replicas_behind_seconds_are_a_counter_from_zero() -> None:
+    """Seconds held for replicas, whatever the hold's state at the scrape: its rate is the share
+    of time held (the SyncdReplicasBehind alert), which a gauge back at 0 between two short
+    holds cannot tell."""
+    m = Metrics(clock=Clock())
+    m.set_status_source(lambda: EngineStatus(()))
+    assert value(samples(m), "syncd_replicas_behind_seconds_total") == 0
+    m.set_status_source(lambda: EngineStatus((), replicas_behind=False, replicas_behind_s=42.25))
+    got = samples(m)
+    assert value(got, "syncd_replicas_behind_seconds_total") == 42.25
+    assert value(got, "syncd_polling_paused", reason="replicas_behind") == 0
 
 
 def test_renders_after_changes_show_the_new_values() -> None:

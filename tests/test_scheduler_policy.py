@@ -9,6 +9,7 @@ import pytest
 from syncd.engine.policy import (
     MAX_EMPTY_RUN,
     ONCE_RATE_LIMIT_PATIENCE,
+    ONCE_REPLICAS_PATIENCE,
     TRAIL,
     AfterPoll,
     FeedFacts,
@@ -21,6 +22,7 @@ from syncd.engine.policy import (
     once_finished,
     page_progress,
     rate_limit_pause,
+    replicas_given_up,
     settle_first,
 )
 
@@ -125,18 +127,20 @@ def _after(
             RUN,
             AfterPoll(100, False, False, False, NOW + 7, True),
         ),
-        # Replicas behind: the feed is held, a failure that backs off (not a success, not
-        # neutral: it must not be polled again at once) and is recorded ...
-        (FRESH, "replicas", RUN, AfterPoll(1, False, False, False, NOW + 1, True)),
+        # Replicas behind: the feed is held; recorded and backed off from as after one more
+        # failure (not a success, not neutral: it must not be polled again at once), but not
+        # the feed's failure: its failures stay as they were ...
+        (FRESH, "replicas", RUN, AfterPoll(0, False, False, False, NOW + 1, True)),
         (
             FeedFacts(failures=3, drained=True),
             "replicas",
             RUN,
-            AfterPoll(4, True, False, False, NOW + 8, True),
+            AfterPoll(3, True, False, False, NOW + 8, True),
         ),
-        # ... and a --once run gives up on the feed after once_max_failures of them.
-        (FeedFacts(failures=1), "replicas", ONCE, AfterPoll(2, False, False, False, NOW + 2, True)),
-        (FeedFacts(failures=2), "replicas", ONCE, AfterPoll(3, False, False, True, None, True)),
+        # ... and a --once run never gives up on the feed for them (the hold's probe judges
+        # the replicas: see test_once_gives_up_on_replicas): where an error would end the feed
+        # (failures=2, above), they do not.
+        (FeedFacts(failures=2), "replicas", ONCE, AfterPoll(2, False, False, False, NOW + 4, True)),
     ],
 )
 def test_after_poll(facts: FeedFacts, kind: str, rules: Rules, expected: AfterPoll) -> None:
@@ -287,6 +291,20 @@ def test_first_delay(
 )
 def test_once_finished(feeds: list[tuple[bool, bool, bool]], expected: bool) -> None:
     assert once_finished(feeds) is expected
+
+
+@pytest.mark.parametrize(
+    ("rules", "attempts", "expected"),
+    [
+        # --once bears once_max_failures x ONCE_REPLICAS_PATIENCE short settles in a row ...
+        (ONCE, 3 * ONCE_REPLICAS_PATIENCE - 1, False),
+        (ONCE, 3 * ONCE_REPLICAS_PATIENCE, True),
+        # ... a running daemon waits for the replicas however long they take.
+        (RUN, 10_000, False),
+    ],
+)
+def test_once_gives_up_on_replicas(rules: Rules, attempts: int, expected: bool) -> None:
+    assert replicas_given_up(rules, attempts) is expected
 
 
 @pytest.mark.parametrize(

@@ -113,4 +113,5 @@ class Health(DaemonState):
             redis_memory_full=sched.memory_full,
             redis_unavailable=not sched.redis_ok.is_set(),
             replicas_behind=not sched.replicas_ok.is_set(),
+            replicas_behind_s=sched.replicas_behind_seconds(),
         )

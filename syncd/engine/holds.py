@@ -16,7 +16,9 @@ from collections.abc import Callable
 import structlog
 
 from syncd.engine.due import FeedState, Timetable
+from syncd.engine.policy import Rules, replicas_given_up
 from syncd.engine.publisher import Publisher
+from syncd.errors import ReplicasBehind
 from syncd.ops.metrics import Metrics
 
 log = structlog.get_logger("syncd.scheduler")
@@ -29,6 +31,7 @@ class Holds:
     publisher: Publisher
     metrics: Metrics | None
     timetable: Timetable
+    rules: Rules
     clock: Callable[[], float]
     _wake: asyncio.Event
 
@@ -36,6 +39,11 @@ class Holds:
         """Start `fn(*args)` in the scheduler's task group: the Scheduler defines it (the
         probes below run there); Holds alone has no task group to start them in."""
         raise NotImplementedError("Holds is the Scheduler's base; the Scheduler starts tasks")
+
+    def stop(self) -> None:
+        """Stop taking new work: the Scheduler defines it (a --once run that gives up on the
+        replicas ends with it)."""
+        raise NotImplementedError("Holds is the Scheduler's base; the Scheduler stops")
 
     def _init_holds(self) -> None:
         self.redis_ok = asyncio.Event()
@@ -50,6 +58,7 @@ class Holds:
         self._replicas_probing = False
         self._held: set[FeedState] = set()  # feeds whose WAIT failed while polling is held
         self._held_since = 0.0
+        self._held_s = 0.0  # seconds held for replicas, holds that ended
 
     @property
     def held(self) -> bool:
@@ -62,6 +71,15 @@ class Holds:
         self._wake.set()
 
     # -- replicas behind -------------------------------------------------------------
+
+    def replicas_behind_seconds(self) -> float:
+        """Seconds all polling has been held for replicas behind since start, the hold under
+        way included: replicas that answer now and then end each hold soon, so its share of
+        time, not whether one lasts, tells how much they block."""
+        held = self._held_s
+        if not self.replicas_ok.is_set():
+            held += time.monotonic() - self._held_since
+        return held
 
     def _replicas_behind(self, fs: FeedState) -> None:
         """Hold all polling until the replicas answer: every feed writes to the same primary,
@@ -78,6 +96,7 @@ class Holds:
 
     async def _probe_replicas(self, tenant: int, feed: str) -> None:
         delay = 0.2
+        attempts = 0
         try:
             while True:
                 try:
@@ -85,22 +104,49 @@ class Holds:
                     break
                 except Exception as exc:  # ReplicasBehind after its WAIT, or Redis down
                     log.debug("replicas_probe_failed", error=type(exc).__name__)
+                    attempts += 1
+                    if replicas_given_up(self.rules, attempts):
+                        self._give_up_on_replicas(exc, attempts)
+                        return
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         finally:
             self._replicas_probing = False
         held, self._held = self._held, set()
-        log.info(
-            "replicas_caught_up",
-            held_s=round(time.monotonic() - self._held_since, 3),
-            feeds_held=len(held),
-        )
+        held_s = time.monotonic() - self._held_since
+        log.info("replicas_caught_up", held_s=round(held_s, 3), feeds_held=len(held))
+        self._held_s += held_s
         self.replicas_ok.set()
         # The feeds held settle (and go on) at once rather than after their backoff.
         now = self.clock()
         for tid in {fs.tenant.id for fs in held if not fs.tenant.removed}:
             self.timetable.retry_now(tid, held.__contains__, now)
         self._wake.set()
+
+    def _give_up_on_replicas(self, exc: Exception, attempts: int) -> None:
+        """A --once run whose replicas did not catch up: every feed not drained fails, saying
+        so (nothing past its stored cursor may be fetched), and the run ends."""
+        acked: int | None = None
+        wanted: int | None = None
+        if isinstance(exc, ReplicasBehind):
+            error = f"the replicas did not catch up: {exc}, {attempts} times in a row"
+            acked, wanted = exc.acked, exc.wanted
+        else:
+            error = f"the replicas did not catch up: {attempts} settles in a row failed: {exc}"
+        failed = 0
+        for fs in self.timetable.feeds():
+            if not (fs.drained or fs.failed):
+                fs.failed, fs.last_error = True, error
+                failed += 1
+        log.error(
+            "replicas_given_up",
+            acked=acked,
+            wanted=wanted,
+            attempts=attempts,
+            held_s=round(time.monotonic() - self._held_since, 3),
+            feeds_failed=failed,
+        )
+        self.stop()
 
     # -- Redis outages -----------------------------------------------------------------
 

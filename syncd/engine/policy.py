@@ -85,6 +85,9 @@ _FATAL = frozenset({"parked", "auth"})  # --once gives up at the first one
 # tenant whose budget other apps share gets patience, one refused for good does not keep the
 # run going for ever.
 ONCE_RATE_LIMIT_PATIENCE = 5
+# --once bears this many times once_max_failures short WAITs in a row of the probe that waits
+# for the replicas before it gives up on them (see replicas_given_up).
+ONCE_REPLICAS_PATIENCE = 5
 
 
 def after_poll(
@@ -95,13 +98,18 @@ def after_poll(
     429s count as failures for the backoff, and fail a --once run only after many more in a
     row than other failures (ONCE_RATE_LIMIT_PATIENCE): other apps may share the tenant's
     budget. A no-progress page is a failure like a 5xx: it backs off and counts toward
-    `once_max_failures`, and its episode is reported once, when it starts and ends.
+    `once_max_failures`, and its episode is reported once, when it starts and ends. Replicas
+    behind are not the feed's failure: recorded and backed off from, they leave its failures
+    as they were and never fail it (the scheduler's hold judges the replicas, see
+    replicas_given_up).
     """
     kind = outcome.kind
     if kind in _SUCCESS:
         failures, error = 0, False
     elif kind in _NEUTRAL:
         failures, error = feed.failures, False
+    elif kind == "replicas":  # recorded, not counted against the feed
+        failures, error = feed.failures, True
     else:
         failures, error = feed.failures + 1, True
     drained = feed.drained or kind == "page"
@@ -112,7 +120,7 @@ def after_poll(
     elif feed.stuck and not stuck:
         episode = "ended"
     failed = False
-    if rules.once and error:
+    if rules.once and error and kind != "replicas":
         limit = rules.once_max_failures
         if kind == "rate_limited":
             limit *= ONCE_RATE_LIMIT_PATIENCE
@@ -167,6 +175,8 @@ def next_due(
         return now + PARK_S
     if kind == "auth":
         return now + max(AUTH_RETRY_S, backoff(failures, base=backoff_base, cap=backoff_max))
+    if kind == "replicas":  # not a failure of the feed's, but not to be tried again at once
+        failures += 1
     return now + backoff(failures, base=backoff_base, cap=backoff_max, jitter=jitter, rng=rng)
 
 
@@ -190,6 +200,18 @@ def rate_limit_pause(
             rng=rng,
         )
     return max(paused_until, now + wait), wait
+
+
+def replicas_given_up(rules: Rules, attempts: int) -> bool:
+    """Whether a --once run stops waiting for replicas that have not caught up through
+    `attempts` settles in a row (each a WAIT of up to `wait_timeout`).
+
+    Replicas that catch up now and then keep the run going: each time they do, the feeds held
+    go on and the count starts again. Replicas that do not are given as much patience as a
+    rate-limited tenant (once_max_failures x ONCE_REPLICAS_PATIENCE); a running daemon waits
+    for them for ever.
+    """
+    return rules.once and attempts >= rules.once_max_failures * ONCE_REPLICAS_PATIENCE
 
 
 def settle_first(waits: bool, settled: bool) -> bool:

@@ -22,11 +22,13 @@ stored one, fenced or settled) is one that many replicas acknowledged; else Repl
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import itertools
 import time
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.exceptions
 
@@ -181,6 +183,8 @@ redis.call('HSET', KEYS[2], ARGV[1] .. ':settle', ARGV[2])
 return stored
 """
 
+T = TypeVar("T")
+
 # Pages with at least this many records are checked against the fingerprints before sending.
 PRECHECK_MIN = 32
 
@@ -293,24 +297,19 @@ class Publisher:
         *,
         change_detection: bool = True,
     ) -> Applied:
-        """Apply `page`, fetched from cursor `expected` (None: nothing stored yet)."""
-        try:
+        """Apply `page`, fetched from cursor `expected` (None: nothing stored yet). A chunk
+        refused (out of memory, a lost connection) leaves what earlier chunks published: the
+        page is fetched again later, and those versions are unchanged then."""
+        with _redis_errors("the page"):
             prepared = await self.prepare(
                 tenant, feed, expected, page, change_detection=change_detection
             )
             if self.waits:
-                result = await self._apply_and_wait(tenant, feed, prepared.keys, prepared.chunks)
+                result = await self._waited(
+                    functools.partial(self._apply_on, tenant, feed, prepared.keys, prepared.chunks)
+                )
             else:
                 result = await self.run_chunks(prepared.keys, prepared.chunks)
-        except redis.exceptions.ResponseError as exc:
-            # Refused before the chunk's first write (the script's flags make OOM checked up
-            # front): the page is fetched again later, and what earlier chunks published is
-            # unchanged then.
-            if isinstance(exc, redis.exceptions.OutOfMemoryError) or str(exc).startswith("OOM"):
-                raise RedisFull(f"redis is out of memory: {exc}") from None
-            raise TransientError(f"redis refused the page: {exc}") from None
-        except redis.exceptions.RedisError as exc:
-            raise TransientError(f"redis: {type(exc).__name__}: {exc}") from None
         if int(result[0]) == 1:
             stored = _text(result[1]) if len(result) > 1 else None
             return Applied(False, stored=stored)
@@ -415,58 +414,54 @@ class Publisher:
         result[1:3] = [published, unchanged]
         return result
 
-    async def _apply_and_wait(
-        self, tenant: int, feed: str, keys: list[str], chunks: list[list[Any]]
-    ) -> Any:
-        """The page's scripts, then WAIT on the same connection (WAIT counts the writes of
-        the connection it is sent on): the page is done once enough replicas have it. A page
-        the fence refused reports the stored cursor only once enough replicas have that too."""
-        assert not isinstance(self.redis, RedisCluster)
-        async with self.redis.client() as conn:
-            result = await self.run_chunks(keys, chunks, client=conn)
-            if int(result[0]) != 0:
-                # Fenced: the cursor moved, maybe by a page whose own WAIT failed (this
-                # instance's, another's, before a restart). Not adopted until replicas hold it.
-                stored = await self._settle_on(conn, tenant, feed)
-                return [1] if stored is None else [1, stored]
-            # Applied on the primary: not done (ReplicasBehind) until replicas have it. The
-            # feed then settles (see settle()) before it fetches anything past this page.
-            await self._wait(conn, "the page")
-        return result
+    async def _apply_on(
+        self, tenant: int, feed: str, keys: list[str], chunks: list[list[Any]], conn: Any
+    ) -> tuple[Any, str]:
+        """The page's scripts on `conn`, to be waited for: the page is done once enough
+        replicas have it. A page the fence refused reports the stored cursor, settled on
+        `conn`, so only once enough replicas have that too."""
+        result = await self.run_chunks(keys, chunks, client=conn)
+        if int(result[0]) != 0:
+            # Fenced: the cursor moved, maybe by a page whose own WAIT failed (this instance's,
+            # another's, before a restart). Not adopted until replicas hold it.
+            stored, what = await self._settle_on(tenant, feed, conn)
+            return ([1] if stored is None else [1, stored]), what
+        # Applied on the primary: not done (ReplicasBehind) until replicas have it. The feed
+        # then settles (see settle()) before it fetches anything past this page.
+        return result, "the page"
 
     async def settle(self, tenant: int, feed: str) -> str | None:
         """A feed's stored cursor (None: none) once `wait_replicas` replicas hold it, with
         everything the primary wrote before; ReplicasBehind if they do not within
         `wait_timeout`. What a feed adopts from Redis (at start, after a page whose WAIT
         failed) is settled first: nothing past a page is fetched before replicas have it."""
-        try:
+        with _redis_errors("the settle"):
             if not self.waits:
                 raw = await self.redis.hget(self.keys(tenant).cursors, feed)
                 return None if raw is None else _text(raw)
-            assert not isinstance(self.redis, RedisCluster)
-            async with self.redis.client() as conn:
-                return await self._settle_on(conn, tenant, feed)
-        except redis.exceptions.ResponseError as exc:
-            if isinstance(exc, redis.exceptions.OutOfMemoryError) or str(exc).startswith("OOM"):
-                raise RedisFull(f"redis is out of memory: {exc}") from None
-            raise TransientError(f"redis refused the settle: {exc}") from None
-        except redis.exceptions.RedisError as exc:
-            raise TransientError(f"redis: {type(exc).__name__}: {exc}") from None
+            return await self._waited(functools.partial(self._settle_on, tenant, feed))
 
-    async def _settle_on(self, conn: Any, tenant: int, feed: str) -> str | None:
+    async def _settle_on(self, tenant: int, feed: str, conn: Any) -> tuple[str | None, str]:
+        """The stored cursor, read on `conn` with a write for the WAIT after it to cover."""
         k = self.keys(tenant)
         raw = await self._settle(
             keys=[k.cursors, k.state], args=[feed, f"{time.time():.3f}"], client=conn
         )
-        await self._wait(conn, "the stored cursor")
-        return None if raw is None else _text(raw)
+        return (None if raw is None else _text(raw)), "the stored cursor"
 
-    async def _wait(self, conn: Any, what: str) -> None:
-        """WAIT for `wait_replicas` replicas on `conn`; ReplicasBehind when fewer answer."""
-        timeout_ms = max(1, int(self.wait_timeout * 1000))
-        acked = int(await conn.wait(self.wait_replicas, timeout_ms))
+    async def _waited(self, write: Callable[[Any], Awaitable[tuple[T, str]]]) -> T:
+        """`write` on one connection of the pool, then WAIT for `wait_replicas` replicas on
+        that connection (WAIT counts the writes of the connection it is sent on): what `write`
+        returns, once they hold what it wrote and everything the primary wrote before;
+        ReplicasBehind, naming what it wrote (its second value), when fewer answer."""
+        assert not isinstance(self.redis, RedisCluster)
+        async with self.redis.client() as conn:
+            result, what = await write(conn)
+            timeout_ms = max(1, int(self.wait_timeout * 1000))
+            acked = int(await conn.wait(self.wait_replicas, timeout_ms))
         if acked < self.wait_replicas:
             raise ReplicasBehind(acked, self.wait_replicas, self.wait_timeout, what)
+        return result
 
     async def resume_state(self, tenant: int) -> tuple[dict[str, str], dict[str, str]]:
         """A tenant's stored cursors (feed -> continueFrom) and feed state (last success,
@@ -497,6 +492,21 @@ class Publisher:
             await self.redis.hset(
                 k.state, mapping={f"{feed}:last_error": error, f"{feed}:last_error_at": time.time()}
             )
+
+
+@contextlib.contextmanager
+def _redis_errors(what: str) -> Iterator[None]:
+    """Redis' errors as the engine's: out of memory (RedisFull), refused or failing
+    (TransientError). A script is refused before its first write (its flags make OOM checked up
+    front), so nothing was written; a page is fetched again later."""
+    try:
+        yield
+    except redis.exceptions.ResponseError as exc:
+        if isinstance(exc, redis.exceptions.OutOfMemoryError) or str(exc).startswith("OOM"):
+            raise RedisFull(f"redis is out of memory: {exc}") from None
+        raise TransientError(f"redis refused {what}: {exc}") from None
+    except redis.exceptions.RedisError as exc:
+        raise TransientError(f"redis: {type(exc).__name__}: {exc}") from None
 
 
 def _precheck(olds: list[Any], fps: list[bytes], instants: list[str]) -> tuple[list[int], int, int]:

@@ -320,15 +320,10 @@ class Scheduler(Holds):
             return
         except ReplicasBehind as exc:
             # Applied on the primary perhaps, not done: the feed stays where replicas are known
-            # to be and settles its stored cursor before it fetches again.
+            # to be and settles its stored cursor before it fetches again. Held, not failing:
+            # the hold's probe decides when the replicas have had their chance (--once).
             fs.settled = False
-            flog.warning(
-                "replicas_behind",
-                acked=exc.acked,
-                wanted=exc.wanted,
-                error=str(exc),
-                failures=fs.failures + 1,
-            )
+            flog.warning("replicas_behind", acked=exc.acked, wanted=exc.wanted, error=str(exc))
             self._replicas_behind(fs)
             self._after(fs, Outcome("replicas"), error=str(exc))
             return

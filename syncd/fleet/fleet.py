@@ -7,7 +7,8 @@ who owns what, compares the configurations, computes the assignment, gives up th
 should not hold (after the daemon stopped polling them) and takes the free ones assigned to it.
 Leases are keys `<prefix>:{<tenant>}:owner` holding `<name>#<token>` (the instance name and the
 random incarnation token of the process), taken with SET NX PX semantics and renewed or released
-by small scripts that act only for the holder. They are many and renewed together, so they are
+by small scripts that act only for the holder (a lease holding the bare name, written by 0.2.0,
+is taken by the process holding that name). They are many and renewed together, so they are
 pipelined scripts rather than one redis-py Lock each.
 
 An instance name is held like a lease too: a process writes the heartbeat of its name only while
@@ -271,11 +272,9 @@ class Fleet(Transitions):
         for tenant, state in list(self.held.items()):
             if tenant not in mine and not state.releasing:
                 self._release(tenant)
-        wanted = [
-            t
-            for t in sorted(mine)
-            if t not in self.held and view.holders.get(t) in (None, self.holder)
-        ]
+        # Free, ours, or this instance's from before an upgrade (0.2.0 held the bare name).
+        ours = (None, self.holder, self.instance)
+        wanted = [t for t in sorted(mine) if t not in self.held and view.holders.get(t) in ours]
         if wanted and not self._draining:
             await self._acquire(wanted)
         await self._watch_expiries(view)
@@ -318,7 +317,7 @@ class Fleet(Transitions):
         else:
             pipe.eval(JOIN, len(keys), *join_args)
         for t in tenants:
-            pipe.eval(RENEW, 1, Keys(self.prefix, t).owner, self.holder, self.lease_ms)
+            self._lease(pipe, RENEW, t)
         results = await pipe.execute()
         self._epoch = results[0]
         code, prev, *ttl = results[1]

@@ -19,9 +19,15 @@ from syncd.redis.conn import RedisClient
 
 CHUNK = 2000  # commands per pipeline round trip
 
+# The lease scripts. KEYS: the tenant's lease. ARGV: this process's holder value (name#token),
+# the lease in ms, the instance name.
+#
+# ACQUIRE also takes a lease holding the bare instance name, written by 0.2.0: during an
+# in-place upgrade that is this instance's previous life (a live process under the name would
+# hold the name's heartbeat, and this one would be kept out of the fleet).
 ACQUIRE = """
 local cur = redis.call('GET', KEYS[1])
-if not cur then
+if not cur or cur == ARGV[3] then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   return 1
 end

@@ -12,6 +12,7 @@ import functools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
@@ -63,12 +64,18 @@ class Transitions:
     def lease_ms(self) -> int:
         return max(1, int(self.lease * 1000))
 
+    def _lease(self, redis: Any, script: str, tenant: int) -> Any:
+        """Send a lease script (ACQUIRE, RENEW, RELEASE of syncd.fleet.state) for `tenant` on
+        `redis` (a client, or a pipeline to queue it in), acting for this process only."""
+        owner = Keys(self.prefix, tenant).owner
+        return redis.eval(script, 1, owner, self.holder, self.lease_ms, self.instance)
+
     async def _acquire(self, tenants: list[int]) -> None:
         for chunk in chunks(tenants, CHUNK):
             sent = time.monotonic()
             pipe = self.redis.pipeline(transaction=False)
             for t in chunk:
-                pipe.eval(ACQUIRE, 1, Keys(self.prefix, t).owner, self.holder, self.lease_ms)
+                self._lease(pipe, ACQUIRE, t)
             results = await pipe.execute()
             for t, ok in zip(chunk, results, strict=True):
                 if ok and t not in self.held:
@@ -145,9 +152,8 @@ class Transitions:
         await self._stop_polling(tenant)
         if self.held.pop(tenant, None) is None:
             return
-        key = Keys(self.prefix, tenant).owner
         try:
-            await self.redis.eval(RELEASE, 1, key, self.holder)
+            await self._lease(self.redis, RELEASE, tenant)
             await self.redis.incr(self.keys.epoch)
         except Exception as exc:
             # The lease runs out by itself.
@@ -177,5 +183,5 @@ class Transitions:
         for chunk in chunks(tenants, CHUNK):
             pipe = self.redis.pipeline(transaction=False)
             for t in chunk:
-                pipe.eval(RELEASE, 1, Keys(self.prefix, t).owner, self.holder)
+                self._lease(pipe, RELEASE, t)
             await pipe.execute()

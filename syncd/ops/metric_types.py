@@ -85,6 +85,8 @@ class EngineStatus:
     redis_memory_full: bool = False
     redis_unavailable: bool = False
     replicas_behind: bool = False  # fewer than `[redis] wait_replicas` replicas answer
+    # Seconds polling has been held for them since start, the hold under way included.
+    replicas_behind_s: float = 0.0
 
 
 StatusSource = Callable[[], EngineStatus]

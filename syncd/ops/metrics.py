@@ -3,14 +3,14 @@
 Series count, for N tenants and F feeds (the catalogue has about 55), at each `[ops]
 metrics_detail`:
 
-- "tenant" (the default), never tenant x feed: 16 x N + S + 21 x F + 21, where S <= 6 x N is
+- "tenant" (the default), never tenant x feed: 16 x N + S + 21 x F + 22, where S <= 6 x N is
   the `requests_total` series (one per status class a tenant has seen). Per tenant: six record
   counters, `rate_limited_total`, `paused_seconds_total`, `token_renewals_total`, time since
   success and its poll interval, configured and allowed request rate, `auth_failing`,
   `feeds_paused` for two reasons. Per feed: six record counters, time since success and its
   poll interval, `page_fetch_seconds` (13 series). Unlabelled: `redis_errors_total`,
-  `schedule_lateness_seconds` (12), `polling_paused` (3 reasons), the five fleet gauges. At 1,000
-  tenants and 55 feeds: at most 23,176 series, about 1.1 MB.
+  `schedule_lateness_seconds` (12), `polling_paused` (3 reasons), `replicas_behind_seconds_total`,
+  the five fleet gauges. At 1,000 tenants and 55 feeds: at most 23,177 series, about 1.1 MB.
 - "tenant_feed": all of the above, plus per tenant and feed four record counters and the time
   since success (5 x N x F), and dead letters and stale records for the pairs that had any:
   about 298,000 series and 22 MB at 1,000 tenants. For small installations.
@@ -108,6 +108,12 @@ class Metrics(Collector):
         )
         self.redis_errors_total = fam(
             "syncd_redis_errors_total", "Failed Redis calls.", "counter", none
+        )
+        self.replicas_behind_s = fam(
+            "syncd_replicas_behind_seconds_total",
+            "Seconds all polling was held for too few replicas ([redis] wait_replicas).",
+            "counter",
+            none,
         )
         # At zero from the start: the first error must show as an increase.
         self.redis_errors_total.values[()] = 0
@@ -420,6 +426,7 @@ class Metrics(Collector):
                 ("redis_unavailable",): int(status.redis_unavailable),
                 ("replicas_behind",): int(status.replicas_behind),
             }
+            counters.append((self.replicas_behind_s, {(): round(status.replicas_behind_s, 3)}))
         counters.append((self.feeds_paused, paused))
         for key, _, _ in RECORD_COUNTERS:
             counters.append((self._per_feed[key], self._per_feed[key].values.copy()))
