@@ -317,11 +317,11 @@ class ContractMachine(RuleBasedStateMachine):
         page = decode_page(envelope(recs, cf), self.feed)
         pub = self.pubs[i]
         prepared = self.run(pub.prepare(TENANT, self.feed.name, expected, page))
-        if len(prepared.chunks) < 2:
+        if len(prepared) < 2:
             return
-        ran = data.draw(st.integers(1, len(prepared.chunks) - 1), label="chunks run")
-        self.run(pub.run_chunks(prepared.keys, prepared.chunks[:ran]))
-        sent = {str(key) for args in prepared.chunks[:ran] for key in args[11::4]}
+        ran = data.draw(st.integers(1, len(prepared) - 1), label="chunks run")
+        self.run(pub.run_chunks(prepared, range(ran)))
+        sent = {str(key) for n in range(ran) for key in prepared.chunk(n)[11::4]}
         self.model.apply_part(expected, recs, sent)
 
     @rule()

@@ -635,8 +635,8 @@ async def test_a_page_cut_between_chunks_publishes_each_version_once(
     pub = Publisher(redis, "st", precheck_min=1000, chunk_records=4)
     records = [{"id": i, "modifiedOn": "2024-01-01T00:00:00Z"} for i in range(10)]
     prepared = await pub.prepare(T, CUSTOMERS.name, None, page(records, "c1"))
-    assert len(prepared.chunks) == 3
-    await pub.run_chunks(prepared.keys, prepared.chunks[:1])
+    assert len(prepared) == 3
+    await pub.run_chunks(prepared, range(1))
     assert [key for _, key, _ in await events(redis)] == ["0", "1", "2", "3"]
     assert await redis.hget(f"st:{{{T}}}:cursors", CUSTOMERS.name) is None
     again = await pub.apply(T, CUSTOMERS.name, None, page(records, "c1"))
@@ -650,8 +650,8 @@ async def test_a_chunk_fenced_out_stops_the_page(redis: aioredis.Redis) -> None:
     pub = Publisher(redis, "st", precheck_min=1000, chunk_records=2)
     records = [{"id": i, "modifiedOn": "2024-01-01T00:00:00Z"} for i in range(5)]
     prepared = await pub.prepare(T, CUSTOMERS.name, None, page(records, "c1"))
-    await pub.run_chunks(prepared.keys, prepared.chunks[:1])
+    await pub.run_chunks(prepared, range(1))
     await redis.hset(f"st:{{{T}}}:cursors", CUSTOMERS.name, "other")
-    result = await pub.run_chunks(prepared.keys, prepared.chunks[1:])
+    result = await pub.run_chunks(prepared, range(1, len(prepared)))
     assert result == [1, b"other"]
     assert [key for _, key, _ in await events(redis)] == ["0", "1"]

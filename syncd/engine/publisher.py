@@ -214,12 +214,39 @@ class Applied:
 
 @dataclass(frozen=True, slots=True)
 class Prepared:
-    """A page ready to apply: the keys its scripts touch, the arguments of each chunk's script
-    (the last one stores the cursor), and how many records the precheck found unchanged."""
+    """A page ready to apply: the keys its scripts touch, what every chunk's script is told
+    (`header`: its fields 3, 5, 6 and 9 are set per chunk), the records to send (key, `seen`
+    value, timestamp, data), where chunks end, the dead letters (for the last chunk), and how
+    many records the precheck found unchanged. Chunks are built one at a time, as they are
+    sent, so that a big page never holds the event loop for long."""
 
     keys: list[str]
-    chunks: list[list[Any]]
+    header: list[Any]
+    records: list[tuple[str, bytes, str, bytes]]
+    bounds: list[int]
+    dead: list[Any]
     skipped: int
+    continue_from: str
+    stale: int
+
+    def __len__(self) -> int:
+        return len(self.bounds)
+
+    def chunk(self, n: int, found_stale: int = 0) -> list[Any]:
+        """The arguments of chunk `n`'s script; `found_stale`: versions earlier chunks found
+        stale, counted by the last."""
+        low = self.bounds[n - 1] if n else 0
+        high = self.bounds[n]
+        last = n == len(self.bounds) - 1
+        args = list(self.header)
+        args[2] = self.continue_from if last else ""  # "": not the page's last chunk
+        args[4] = high - low
+        args[5] = len(self.dead) // 3 if last else 0
+        args[8] = self.stale + found_stale if last else 0
+        args.extend(itertools.chain.from_iterable(self.records[low:high]))
+        if last:
+            args.extend(self.dead)
+        return args
 
 
 def _text(value: Any) -> str:
@@ -306,10 +333,10 @@ class Publisher:
             )
             if self.waits:
                 result = await self._waited(
-                    functools.partial(self._apply_on, tenant, feed, prepared.keys, prepared.chunks)
+                    functools.partial(self._apply_on, tenant, feed, prepared)
                 )
             else:
-                result = await self.run_chunks(prepared.keys, prepared.chunks)
+                result = await self.run_chunks(prepared)
         if int(result[0]) == 1:
             stored = _text(result[1]) if len(result) > 1 else None
             return Applied(False, stored=stored)
@@ -368,59 +395,58 @@ class Publisher:
         dead: list[Any] = []
         for reason, data in page.dead:
             dead.extend((dead_fingerprint(data), reason, data))
-        chunks: list[list[Any]] = []
-        low = 0
-        for high in bounds:
-            last = high == len(records)
-            args: list[Any] = [
-                feed,
-                "" if expected is None else "=" + expected,
-                page.continue_from if last else "",  # "": not the page's last chunk
-                "1" if change_detection else "0",
-                high - low,
-                len(page.dead) if last else 0,
-                f"{time.time():.3f}",
-                "1" if page.has_more else "0",
-                stale + page.superseded if last else 0,
-                FINGERPRINT_BYTES,
-                SAME_INSTANT_KEPT,
-            ]
-            args.extend(itertools.chain.from_iterable(records[low:high]))
-            if last:
-                args.extend(dead)
-            chunks.append(args)
-            low = high
+        header: list[Any] = [
+            feed,
+            "" if expected is None else "=" + expected,
+            "",  # the new cursor: the last chunk's
+            "1" if change_detection else "0",
+            0,  # records in the chunk
+            0,  # dead letters: the last chunk's
+            f"{time.time():.3f}",
+            "1" if page.has_more else "0",
+            0,  # stale versions: counted by the last chunk
+            FINGERPRINT_BYTES,
+            SAME_INSTANT_KEPT,
+        ]
         page_keys = [k.cursors, seen, k.stream(feed), k.dead, k.state, k.dead_seen(feed)]
-        return Prepared(page_keys, chunks, skipped)
+        return Prepared(
+            page_keys,
+            header,
+            records,
+            bounds,
+            dead,
+            skipped,
+            page.continue_from,
+            stale + page.superseded,
+        )
 
-    async def run_chunks(self, keys: list[str], chunks: list[list[Any]], client: Any = None) -> Any:
-        """A page's scripts in order, one per chunk, on `client` (None: any connection):
-        the last one's result with the counts of all, or the first refusal by the fence.
-        Versions an earlier chunk found stale are counted by the last (an interrupted page
-        counts them when it is applied again)."""
+    async def run_chunks(
+        self, prepared: Prepared, chunks: range | None = None, client: Any = None
+    ) -> Any:
+        """A page's scripts in order, one per chunk (those numbered in `chunks`: all by
+        default), on `client` (None: any connection): the last one's result with the counts of
+        all, or the first refusal by the fence. Versions an earlier chunk found stale are
+        counted by the last (an interrupted page counts them when it is applied again)."""
         published = unchanged = found_stale = 0
         result: list[Any] = []
-        for n, args in enumerate(chunks):
-            final = n == len(chunks) - 1
-            if final and found_stale:
-                args = [*args[:8], int(args[8]) + found_stale, *args[9:]]
-            result = list(await self._script(keys=keys, args=args, client=client))
+        for n in range(len(prepared)) if chunks is None else chunks:
+            args = prepared.chunk(n, found_stale)
+            result = list(await self._script(keys=prepared.keys, args=args, client=client))
             if int(result[0]) != 0:
                 return result
             published += int(result[1])
             unchanged += int(result[2])
-            if not final:
-                found_stale += int(result[3])
+            found_stale += int(result[3])
         result[1:3] = [published, unchanged]
         return result
 
     async def _apply_on(
-        self, tenant: int, feed: str, keys: list[str], chunks: list[list[Any]], conn: Any
+        self, tenant: int, feed: str, prepared: Prepared, conn: Any
     ) -> tuple[Any, str]:
         """The page's scripts on `conn`, to be waited for: the page is done once enough
         replicas have it. A page the fence refused reports the stored cursor, settled on
         `conn`, so only once enough replicas have that too."""
-        result = await self.run_chunks(keys, chunks, client=conn)
+        result = await self.run_chunks(prepared, client=conn)
         if int(result[0]) != 0:
             # Fenced: the cursor moved, maybe by a page whose own WAIT failed (this instance's,
             # another's, before a restart). Not adopted until replicas hold it.
