@@ -127,7 +127,8 @@ async def measure(body: bytes, redis_url: str, threshold: int) -> dict[str, Any]
     }
 
 
-def main() -> None:
+def run() -> dict[str, Any]:
+    """Measure, write bench/results/loop.json, and return its figures."""
     body = hostile_page()
     assert len(body) <= MAX_BODY_BYTES
     assert DEPTH < MAX_JSON_DEPTH
@@ -146,8 +147,8 @@ def main() -> None:
         "met": threaded["healthz_p99_ms"] < 100,
     }
     common.write_result("loop", figures, redis_version=version)
-    print(json.dumps(figures, indent=2))
+    return figures
 
 
 if __name__ == "__main__":
-    main()
+    print(json.dumps(run(), indent=2))
