@@ -4,6 +4,7 @@ each instance would poll."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import io
 import json
 import math
@@ -17,8 +18,8 @@ import structlog
 from redis.asyncio.cluster import RedisCluster
 
 from syncd.cli import commands
-from syncd.fleet.compare import Profile
-from syncd.fleet.fleet import Fleet
+from syncd.fleet.compare import MAX_DIFFERENCES, Profile
+from syncd.fleet.fleet import LOGGED_DIFFERENCES, Fleet
 from syncd.fleet.state import parse_holder, read_holders, read_members, read_owners
 from syncd.keys import Keys
 from syncd.redis.conn import RedisClient
@@ -428,6 +429,58 @@ async def test_option_differences_are_reported_by_name(
         "tenants": 2,
         "sample": tenants,
     }
+
+
+def own_starts(tenants: list[int], later: int = 0) -> dict[int, Profile]:
+    """Each tenant with a `start` of its own (`later` days later): no two share a profile."""
+    first = datetime.date(2024, 1, 1) + datetime.timedelta(later)
+    return {
+        t: Profile(
+            feeds=feed_profiles([t], CRM, JOBS)[t].feeds,
+            options={"start": (first + datetime.timedelta(t)).isoformat()},
+        )
+        for t in tenants
+    }
+
+
+async def test_every_tenant_differing_is_reported_within_bounds(
+    harness: Harness, clients: Callable[[], aioredis.Redis], redis_server: RedisServer
+) -> None:
+    """b's `start` is a day later for every tenant: as many differences as tenants. The log
+    event, the comparison and `syncd status --fleet` name the first ones and count the rest,
+    within the first round of a's after b joined."""
+    n, lease = MAX_DIFFERENCES + 150, 30.0
+    tenants = list(range(1, n + 1))
+    a = harness.add("a", clients(), tenants, lease, profiles=own_starts(tenants), run=False)
+    b = harness.add("b", clients(), tenants, lease, profiles=own_starts(tenants, 1), run=False)
+    await a.fleet.round()
+    await b.fleet.round()  # b joins
+    with structlog.testing.capture_logs() as logs:
+        await a.fleet.round()
+    [reported] = [e for e in logs if e["event"] == "fleet_config_disagrees"]
+    assert reported["tenants"] == n
+    assert [d["sample"] for d in reported["differences"]] == [
+        [t] for t in range(1, LOGGED_DIFFERENCES + 1)
+    ]
+    assert reported["more_differences"] == n - LOGGED_DIFFERENCES
+    compared = a.fleet.view.compared
+    assert [d.tenants for d in compared.differences] == [(t,) for t in range(1, 101)]
+    assert compared.omitted == n - MAX_DIFFERENCES
+    assert compared.disagreeing == frozenset(tenants)
+
+    data = config_dict(redis_server.url, "http://127.0.0.1:1", "k", tenants, [CRM])
+    data["fleet"] = {"enabled": True}
+    out = io.StringIO()
+    assert await commands.status(settings(data), as_json=False, out=out, fleet_only=True) == 0
+    lines = out.getvalue().splitlines()
+    assert len([line for line in lines if "start differs" in line]) == MAX_DIFFERENCES
+    assert (
+        f"  ... and {n - MAX_DIFFERENCES} more difference(s); {n} tenant(s) differ in all" in lines
+    )
+    out = io.StringIO()
+    assert await commands.status(settings(data), as_json=True, out=out, fleet_only=True) == 0
+    rows = json.loads(out.getvalue())
+    assert [len(r["differences"]) for r in rows] == [MAX_DIFFERENCES, MAX_DIFFERENCES]
 
 
 async def test_two_processes_under_one_name_never_poll_one_tenant_twice(

@@ -176,8 +176,10 @@ class FleetStatus:
     """The fleet as `syncd status` shows it."""
 
     instances: list[dict[str, Any]]  # one row per live instance
-    differences: list[Difference]  # how the live instances' configurations differ
+    differences: list[Difference]  # how the live instances' configurations differ (the first)
     unpolled: dict[int, tuple[str, ...]]  # tenant -> feeds listed but not polled by its owner
+    omitted: int = 0  # differences beyond those listed
+    disagreeing: int = 0  # tenants concerned by any difference
 
 
 async def fleet_status(redis: RedisClient, prefix: str, tenants: list[int]) -> FleetStatus:
@@ -194,4 +196,6 @@ async def fleet_status(redis: RedisClient, prefix: str, tenants: list[int]) -> F
         row["feeds_unpolled"] = {
             str(t): list(fs) for t, fs in unpolled.items() if plan.owners.get(t) == row["instance"]
         }
-    return FleetStatus(rows, compared.differences, unpolled)
+    return FleetStatus(
+        rows, compared.differences, unpolled, compared.omitted, len(compared.disagreeing)
+    )

@@ -59,6 +59,7 @@ log = structlog.get_logger("syncd.fleet")
 
 # Share of the lease after the last renewal at which an instance stops polling a tenant locally.
 DROP_AT = 2 / 3
+LOGGED_DIFFERENCES = 20  # configuration differences described in fleet_config_disagrees
 NO_DIFFERENCES = Comparison({}, [], frozenset())
 
 
@@ -414,18 +415,21 @@ class Fleet(Transitions):
         state = (
             frozenset(view.disagreements),
             tuple((d.feed, d.option, d.values, d.tenants) for d in compared.differences),
+            (len(compared.disagreeing), compared.omitted),
             tuple(sorted(view.unpolled.items())),
         )
         if state != self._reported:
             self._reported = state
             if compared.differences:
                 sample = dict(list(view.disagreements.items())[:10])
+                shown = compared.differences[:LOGGED_DIFFERENCES]
                 log.warning(
                     "fleet_config_disagrees",
                     instance=self.instance,
                     tenants=len(compared.disagreeing),
                     missing_from={str(t): names for t, names in sample.items()},
-                    differences=[d.describe() for d in compared.differences[:20]],
+                    differences=[d.describe() for d in shown],
+                    more_differences=len(compared.differences) - len(shown) + compared.omitted,
                     unpolled=len(view.unpolled),
                 )
             elif view.plan is not None:

@@ -316,15 +316,9 @@ def live_owners(holders: Mapping[int, str], members: Mapping[str, Member]) -> di
 
 def comparison(members: Mapping[str, Member]) -> Comparison:
     """The members' configurations compared tenant by tenant (see `syncd.fleet.compare`)."""
-    catalog: dict[str, Profile] = {}
-    profiles: dict[str, dict[int, str] | None] = {}
-    for name, m in members.items():
-        if m.published is None:
-            profiles[name] = None
-            continue
-        catalog.update(m.published.profiles)
-        profiles[name] = m.published.by_tenant()
-    return compare({n: m.known for n, m in members.items()}, profiles, catalog)
+    return compare(
+        {n: m.known for n, m in members.items()}, {n: m.published for n, m in members.items()}
+    )
 
 
 def summary(
