@@ -254,10 +254,11 @@ def guarded_decode(body: bytes, decode: Callable[[bytes], P], cursor_of: Callabl
     """`decode(body)` with the page caps applied: invalid UTF-8, nesting deeper than
     MAX_JSON_DEPTH, a decoder hitting the recursion limit and a `continueFrom` longer than
     MAX_CURSOR_CHARS are TransientErrors like any other undecodable page."""
-    try:
-        body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise TransientError(f"invalid export page: not UTF-8 at byte {exc.start}") from None
+    if not body.isascii():  # ASCII is UTF-8, and checking it copies nothing
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise TransientError(f"invalid export page: not UTF-8 at byte {exc.start}") from None
     if json_depth(body) > MAX_JSON_DEPTH:
         raise TransientError(f"invalid export page: JSON nested deeper than {MAX_JSON_DEPTH}")
     try:
