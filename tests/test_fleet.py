@@ -12,16 +12,18 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.cluster import RedisCluster
 
 from syncd.cli import commands
-from syncd.fleet.compare import MAX_DIFFERENCES, Profile
+from syncd.daemon.fleet import fleet_status
+from syncd.fleet.compare import MAX_DIFFERENCES, Difference, Profile, Published
 from syncd.fleet.fleet import LOGGED_DIFFERENCES, Fleet
 from syncd.fleet.state import parse_holder, read_holders, read_members, read_owners
-from syncd.keys import Keys
+from syncd.keys import FleetKeys, Keys
 from syncd.redis.conn import RedisClient
 from syncd.testing.redis_server import RedisClusterServers, RedisServer
 from tests.engine_helpers import config_dict, settings
@@ -441,6 +443,42 @@ def own_starts(tenants: list[int], later: int = 0) -> dict[int, Profile]:
         )
         for t in tenants
     }
+
+
+async def test_the_same_configuration_is_compared_by_digest_without_reading_it(
+    harness: Harness, clients: Callable[[], aioredis.Redis], redis: aioredis.Redis
+) -> None:
+    """Instances whose heartbeats announce the same configuration digest agree without reading
+    each other's configuration: documents that say otherwise (overwritten here, each its own
+    way) are not read, by the instances or by `syncd status --fleet`. Once b's really differs,
+    the first round of a's after b announced it names the difference."""
+    tenants, lease = list(range(1, 41)), 30.0
+    a = harness.add("a", clients(), tenants, lease, profiles=own_starts(tenants), run=False)
+    b = harness.add("b", clients(), tenants, lease, profiles=own_starts(tenants), run=False)
+    await a.fleet.round()
+    await b.fleet.round()
+    for name, listed in (("a", [CRM]), ("b", [CRM, JOBS, INV])):
+        other = msgspec.json.encode(Published.of(feed_profiles(tenants, *listed)))
+        assert await redis.set(FleetKeys(PREFIX).config(name), other, keepttl=True)
+    with structlog.testing.capture_logs() as logs:
+        await b.fleet.round()
+        await a.fleet.round()
+        status = await fleet_status(redis, PREFIX, tenants)
+    assert a.fleet.view.plan is not None
+    assert a.fleet.view.compared.differences == b.fleet.view.compared.differences == []
+    assert status.differences == []
+    assert not [e for e in logs if e["event"] == "fleet_config_disagrees"]
+
+    b.fleet.set_tenants(tenants, {**own_starts(tenants), 7: own_starts([7], later=1)[7]})
+    await b.fleet.round()  # announces its new configuration
+    with structlog.testing.capture_logs() as logs:
+        await a.fleet.round()
+    starts = [own_starts([7], later)[7].options["start"] for later in (0, 1)]
+    expected = Difference("", "start", tuple(zip("ab", starts, strict=True)), (7,))
+    assert a.fleet.view.compared.differences == [expected]
+    [reported] = [e for e in logs if e["event"] == "fleet_config_disagrees"]
+    assert reported["differences"] == [expected.describe()]
+    assert reported["tenants"] == 1
 
 
 async def test_every_tenant_differing_is_reported_within_bounds(

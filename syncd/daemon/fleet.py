@@ -21,7 +21,7 @@ from syncd.fleet.assign import assign
 from syncd.fleet.compare import Difference, Profile, Value
 from syncd.fleet.fleet import Fleet
 from syncd.fleet.state import (
-    comparison,
+    compare_members,
     live_owners,
     parse_holder,
     read_holders,
@@ -188,7 +188,7 @@ async def fleet_status(redis: RedisClient, prefix: str, tenants: list[int]) -> F
     members = await read_members(redis, prefix)
     everyone = sorted(set().union(tenants, *(m.known for m in members.values())))
     holders = await read_holders(redis, prefix, everyone)
-    compared = comparison(members)
+    compared = await compare_members(redis, prefix, members)
     plan = assign(compared.eligible, live_owners(holders, members))
     unpolled = compared.unpolled(plan.owners)
     rows = summary(members, {t: parse_holder(v)[0] for t, v in holders.items()}, compared)

@@ -44,7 +44,7 @@ from syncd.fleet.state import (
     Cache,
     Heartbeat,
     Member,
-    comparison,
+    compare_members,
     config_document,
     digest,
     live_owners,
@@ -127,12 +127,11 @@ class Fleet(Transitions):
         self.known: frozenset[int] = frozenset()
         self._document = b""
         self._config = ""
+        self._cache = Cache()
         self.set_tenants(tenants, profiles)
         self._redis_ok = True
         self._reported: object = None
         self._clash_reported: str | None = None  # token of the other process, while reported
-        self._cache = Cache()
-        self._compared: tuple[object, Comparison] | None = None
         self._due_in: float | None = None  # next round sooner than a period, in seconds
         self._draining = False
 
@@ -155,9 +154,13 @@ class Fleet(Transitions):
         after each reload); without profiles, every tenant has the same, empty one."""
         known = frozenset(tenants)
         mine = {t: (profiles or {}).get(t, Profile()) for t in known}
-        document, config = config_document(mine)
+        published, document, config = config_document(mine)
         if known != self.known or config != self._config:
             self.known = known
+            # Its own configuration is never read from Redis; the one it replaces is, while a
+            # member still publishes it.
+            self._cache.config.pop(self._config, None)
+            self._cache.config[config] = published
             self._document, self._config = document, config
             self._published = False
             self._wake.set()
@@ -384,7 +387,7 @@ class Fleet(Transitions):
         if me is None or me.heartbeat.token != self.token:  # not (or no longer) a member
             return FleetView(members=members)
         known = {name: m.known for name, m in members.items()}
-        compared = self._compare(members)
+        compared = await compare_members(self.redis, self.prefix, members, self._cache)
         tenants = sorted(set().union(*known.values()))
         holders = await read_holders(self.redis, self.prefix, tenants)
         owners = live_owners(holders, members)
@@ -398,16 +401,6 @@ class Fleet(Transitions):
             compared,
             compared.unpolled(plan.owners),
         )
-
-    def _compare(self, members: dict[str, Member]) -> Comparison:
-        """The comparison, computed again only when a member's tenants or configuration moved."""
-        key = tuple(
-            (n, m.known, m.heartbeat.config if m.published else None)
-            for n, m in sorted(members.items())
-        )
-        if self._compared is None or self._compared[0] != key:
-            self._compared = (key, comparison(members))
-        return self._compared[1]
 
     def _report(self, view: FleetView) -> None:
         """Log a change in how the configurations compare, and a clash under this name."""
