@@ -29,6 +29,7 @@ from syncd.keys import Keys
 from syncd.servicetitan.page import decode_page
 from syncd.testing.redis_server import RedisServer
 from tests.engine_helpers import config_dict
+from tests.test_redis_acl import USER, acl_url, readme_acl_line
 
 TENANT = 5151
 KEYS = Keys("st", TENANT)
@@ -56,13 +57,16 @@ def customer(key: int, **extra: Any) -> dict[str, Any]:
     return {"id": key, "name": f"Customer {key}", "modifiedOn": "2024-05-01T12:00:00Z", **extra}
 
 
-@pytest.fixture
-def config(tmp_path: Path, redis_server: RedisServer) -> Path:
-    data = config_dict(redis_server.url, "http://127.0.0.1:9", APP_KEY, [TENANT], ["crm.customers"])
+def write_config(path: Path, url: str) -> Path:
+    data = config_dict(url, "http://127.0.0.1:9", APP_KEY, [TENANT], ["crm.customers"])
     data["tenants"][0]["client_secret"] = SECRET
-    path = tmp_path / "syncd.toml"
     path.write_text(to_toml(data))
     return path
+
+
+@pytest.fixture
+def config(tmp_path: Path, redis_server: RedisServer) -> Path:
+    return write_config(tmp_path / "syncd.toml", redis_server.url)
 
 
 class Run:
@@ -345,6 +349,29 @@ async def test_purge(redis: aioredis.Redis, syncd: Run, buried: dict[str, str]) 
     # The record purged is not dead-lettered again when its page comes again.
     await publish(redis, [customer(1), customer(666), {"name": "no key"}], "c2")
     assert await dead_ids(redis) == []
+
+
+async def test_under_the_readme_acl_user(
+    redis: aioredis.Redis, redis_server: RedisServer, tmp_path: Path, buried: dict[str, str]
+) -> None:
+    await redis.execute_command(*readme_acl_line())
+    restricted = aioredis.Redis.from_url(acl_url(redis_server))
+    try:
+        syncd = Run(write_config(tmp_path / "acl.toml", acl_url(redis_server)))
+        assert (await syncd("list")).returncode == 0
+        replayed = await syncd("replay", "--id", buried["event"])
+        assert replayed.returncode == 0, replayed.stderr
+        billing = consumer(restricted, "billing", "c2")
+        async with billing:
+            (event,) = await billing.read()
+            assert await billing.ack(event) == 1
+        assert await redis.xlen(KEYS.replay("crm.customers", "billing")) == 0
+        purged = await syncd("purge", "--all", "--yes")
+        assert purged.returncode == 0, purged.stderr
+        assert await dead_ids(redis) == []
+    finally:
+        await restricted.aclose()
+        await redis.execute_command("ACL", "DELUSER", USER)
 
 
 @pytest.mark.parametrize(
