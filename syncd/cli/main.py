@@ -5,7 +5,8 @@ exit codes:
   1  --once: at least one feed could not be synced; doctor: a check failed; other command
      failures
   2  invalid configuration or usage; run: Redis settings that break the promises
-     (maxmemory-policy allkeys-*, see [redis] allow_eviction)
+     (maxmemory-policy allkeys-*, see [redis] allow_eviction); dead replay: a dead letter
+     that is not an event
 """
 
 from __future__ import annotations
@@ -90,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
         "its line was written and flushed; lines a pipe's buffer held but its reader never read "
         "(e.g. `| head -n 3`) cannot be known, so to acknowledge exactly N use --count N",
     )
+
+    from syncd.cli import dead
+
+    dead.add_parser(sub)
 
     sim = sub.add_parser("simulate", help="run the ServiceTitan simulator")
     sim_cli.add_arguments(sim)
@@ -206,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_doctor(args)
     if args.command == "feeds":
         return cmd_feeds(args)
+    if args.command == "dead":
+        from syncd.cli import dead
+
+        return dead.main(args)
     if args.command == "simulate":
         import syncd.simulator.cli as sim_cli
 

@@ -46,6 +46,10 @@ class Event(msgspec.Struct, frozen=True):
     # (None: the key never had one). Events published before syncd 0.3.0 lack the field: it
     # is then computed from `modified_on`, the way the daemon does.
     modified_at: str | None = None
+    # Set when `syncd dead replay` handed this dead-lettered event back to the group: the
+    # entry id in the group's replay stream, where it is acknowledged. `stream` and `id` stay
+    # the event's own, so `version` places it among its key's versions as before.
+    replay_id: str | None = None
 
     @property
     def version(self) -> tuple[str, int, int]:
@@ -129,9 +133,13 @@ class Subscription(msgspec.Struct, frozen=True):
 
 
 class StreamRef(NamedTuple):
+    """What a consumer knows of a stream it reads: its tenant, feed and dead stream, and for
+    a replay stream (see `syncd.consumer.replay`) the event stream it hands events back to."""
+
     tenant: int
     feed: str
     dead: str
+    origin: str = ""
 
 
 def parse_stream(name: str, prefix: str) -> StreamRef:

@@ -20,6 +20,7 @@ import structlog
 from syncd.consumer.delivery import Backoff, UnknownResult, classify, failed_events
 from syncd.consumer.events import Event
 from syncd.consumer.events import text as _text
+from syncd.consumer.replay import pending_entry
 from syncd.redis.conn import RedisClient
 
 log = structlog.get_logger("syncd.consumer")
@@ -50,6 +51,7 @@ class Source(Protocol):
     a lost group."""
 
     redis: RedisClient
+    prefix: str
     group: str
     consumer: str
     batch: int
@@ -172,13 +174,15 @@ async def _keep(source: Source, held: list[Event]) -> list[Event]:
     """Reset the idle time of held events so that no one takes them over; XCLAIM with
     JUSTID leaves their delivery count alone. Returns those still ours."""
     kept: list[Event] = []
-    for stream in dict.fromkeys(e.stream for e in held):
-        ids: list[Any] = [e.id for e in held if e.stream == stream]
+    # Where each is pending: a replayed event in its replay stream.
+    where = [(e, *pending_entry(e, source.prefix, source.group)) for e in held]
+    for stream in dict.fromkeys(s for _, s, _ in where):
+        ids: list[Any] = [entry_id for _, s, entry_id in where if s == stream]
         claimed = await source.redis.xclaim(
             stream, source.group, source.consumer, 0, ids, justid=True
         )
         mine = {_text(i) for i in claimed if isinstance(i, bytes | str)}
-        kept.extend(e for e in held if e.stream == stream and e.id in mine)
+        kept.extend(e for e, s, entry_id in where if s == stream and entry_id in mine)
     return kept
 
 
