@@ -27,12 +27,10 @@ entries over, reading new ones) and acknowledging. The loop behind `Consumer.run
 from __future__ import annotations
 
 import asyncio
-import inspect
 import time
 from collections.abc import Iterable
-from typing import Literal, cast
+from typing import Literal
 
-import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
@@ -51,7 +49,7 @@ from syncd.consumer.events import text as _text
 from syncd.consumer.held import Held
 from syncd.consumer.loop import Handler
 from syncd.keys import DEFAULT_PREFIX
-from syncd.redis.conn import RedisClient
+from syncd.redis.conn import RedisClient, socket_timeout_s
 
 Start = Literal["beginning", "new"]
 
@@ -68,24 +66,6 @@ if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then
 end
 return -1
 """
-
-
-def _socket_timeout_s(redis: RedisClient) -> float | None:
-    """The read timeout the client's connections get (redis-py 8 defaults it to 5 s)."""
-    if not isinstance(redis, aioredis.Redis):
-        # A cluster client keeps the connection settings of its nodes.
-        value = getattr(redis, "connection_kwargs", {}).get("socket_timeout")
-        return float(value) if isinstance(value, int | float) else None
-    pool = redis.connection_pool
-    if "socket_timeout" in pool.connection_kwargs:
-        return cast("float | None", pool.connection_kwargs["socket_timeout"])
-    # Not given explicitly (from_url): the connection class's default applies.
-    for cls in pool.connection_class.__mro__:
-        if "__init__" in vars(cls):
-            param = inspect.signature(vars(cls)["__init__"]).parameters.get("socket_timeout")
-            if param is not None and isinstance(param.default, int | float):
-                return float(param.default)
-    return None
 
 
 class Consumer:
@@ -144,7 +124,7 @@ class Consumer:
         self.batch = batch
         self.handler_timeout = handler_timeout
         self.outage_after = outage_after
-        timeout_s = _socket_timeout_s(redis)
+        timeout_s = socket_timeout_s(redis)
         self.block_ms = block_ms if timeout_s is None else min(block_ms, int(timeout_s * 800) or 1)
         self._streams = {name: parse_stream(name, prefix) for name in names}
         self._cursors = dict.fromkeys(self._streams, "0-0")
