@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Literal
 
 import structlog
@@ -367,7 +367,7 @@ class Consumer:
         deliveries: int,
         detail: str = "",
     ) -> None:
-        self._held.drop(stream, entry_id)
+        noted = self._held.drop(stream, entry_id)
         await bury(
             self._dead_letter,
             stream,
@@ -378,8 +378,13 @@ class Consumer:
             consumer=self.consumer,
             reason=reason,
             deliveries=deliveries,
-            detail=detail,
+            detail=detail or noted,
         )
+
+    def refused(self, reasons: Mapping[tuple[str, str], str]) -> None:
+        """Note why the handler failed events it holds ((stream, entry id) -> reason): should
+        they reach the dead stream, the reason goes with them (`detail`)."""
+        self._held.refused(reasons)
 
     async def ack(self, *events: Event) -> int:
         """Acknowledge events in this consumer's group; returns how many were still pending."""

@@ -12,7 +12,14 @@ from syncd import catalogue
 from syncd.instants import utc_instant
 from syncd.keys import DEFAULT_PREFIX, Keys
 
-__all__ = ["Event", "MalformedEvent", "Subscription", "parse_stream", "parse_stream_reply"]
+__all__ = [
+    "Event",
+    "Failed",
+    "MalformedEvent",
+    "Subscription",
+    "parse_stream",
+    "parse_stream_reply",
+]
 
 T = TypeVar("T")
 
@@ -104,6 +111,24 @@ class Event(msgspec.Struct, frozen=True):
             deliveries=deliveries,
             modified_at=modified_at or None,
         )
+
+
+class Failed(msgspec.Struct, frozen=True):
+    """An event a handler failed for a reason of its own, such as a record its database
+    refuses: return it among the failures. The event comes back like any failed one, and
+    should it reach the dead stream (after `max_deliveries`), the reason goes with it as
+    `detail`. Such failures are no sign of an outage of the handler's dependencies."""
+
+    event: Event
+    reason: str
+
+    @property
+    def stream(self) -> str:
+        return self.event.stream
+
+    @property
+    def id(self) -> str:
+        return self.event.id
 
 
 class Subscription(msgspec.Struct, frozen=True):
