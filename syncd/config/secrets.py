@@ -119,6 +119,12 @@ def resolve(cfg: Config, environ: Mapping[str, str] | None = None) -> Settings:
             env,
             insecure,
         )
+    mirror_password = None
+    m = cfg.mirror
+    if m is not None and (m.password_file, m.password_env) != (None, None):
+        mirror_password = _read_secret(
+            name, "mirror.password", None, m.password_file, m.password_env, env, insecure
+        )
     settings = Settings(
         config=cfg,
         ops_token=ops_token,
@@ -127,6 +133,7 @@ def resolve(cfg: Config, environ: Mapping[str, str] | None = None) -> Settings:
         app_key=app_key,
         tenants=tuple(tenants),
         sentinel_password=sentinel_password,
+        mirror_password=mirror_password,
     )
     register_secrets(settings)
     return settings
@@ -142,13 +149,19 @@ def register_secrets(settings: Settings) -> None:
     for slot, secret in (
         ("ops_token", settings.ops_token),
         ("sentinel_password", settings.sentinel_password),
+        ("mirror_password", settings.mirror_password),
     ):
         redact.register(slot, None if secret is None else secret.reveal())
-    try:
-        password = urllib.parse.urlsplit(settings.config.redis.url).password
-    except ValueError:
-        password = None
-    redact.register("redis_password", urllib.parse.unquote(password) if password else None)
+    mirror = settings.config.mirror
+    for slot, url in (
+        ("redis_password", settings.config.redis.url),
+        ("mirror_url_password", mirror.url if mirror is not None else ""),
+    ):
+        try:
+            password = urllib.parse.urlsplit(url).password
+        except ValueError:
+            password = None
+        redact.register(slot, urllib.parse.unquote(password) if password else None)
 
 
 def _resolve_tls(cfg: Config, name: str, env: Mapping[str, str]) -> Config:
