@@ -181,6 +181,10 @@ def test_credentials_directory_expansion(tmp_path: Path) -> None:
         (lambda t: t + MIRROR + "batch = 20000\n", "mirror.batch: must be at most 10000"),
         (lambda t: t + MIRROR + "tenants = [1003]\n", "mirror.tenants[0]: tenant 1003 is not"),
         (lambda t: t + MIRROR + "tenants = []\n", "mirror.tenants: empty"),
+        (
+            lambda t: t + MIRROR + "[redis]\ncluster = true\n",
+            "mirror.tenants: with redis.cluster = true a mirror reads one tenant",
+        ),
         (lambda t: t + MIRROR + "feeds = ['jpm.jbs']\n", "mirror.feeds[0]: unknown feed"),
         (
             lambda t: t + MIRROR + "tenants = [1001]\nfeeds = ['crm.leads']\n",

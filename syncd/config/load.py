@@ -226,6 +226,13 @@ def _check_mirror(cfg: Config, m: MirrorConfig, name: str) -> None:
             raise fail(name, f"mirror.tenants[{i}]", f"tenant {tenant} is listed twice")
     _check_feeds(name, "mirror.feeds", m.feeds)
     tenants = [configured[t] for t in m.tenants] if m.tenants is not None else cfg.tenants
+    if cfg.redis.cluster and len(tenants) > 1:
+        raise fail(
+            name,
+            "mirror.tenants",
+            "with redis.cluster = true a mirror reads one tenant (its streams share a slot): "
+            "list one, and run a mirror per tenant",
+        )
     synced: set[str] = set()
     for t in tenants:
         feeds = t.feeds if t.feeds is not None else cfg.defaults.feeds
