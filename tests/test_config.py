@@ -99,6 +99,19 @@ def test_mirror_section(tmp_path: Path) -> None:
     assert config.load_settings(write(tmp_path, GOOD), environ={}).config.mirror is None
 
 
+def test_the_mirror_reads_no_api_secrets(tmp_path: Path) -> None:
+    # Its unit holds the database's credential only: the API's are not read, nor needed.
+    text = GOOD.replace('app_key = "k"', 'app_key_file = "${CREDENTIALS_DIRECTORY}/app_key"')
+    path = write(tmp_path, text.replace("SECRET_FILE", "/nonexistent/secret") + MIRROR)
+    env = {"CREDENTIALS_DIRECTORY": str(tmp_path / "creds")}
+    with pytest.raises(config.ConfigError, match="app_key_file: cannot read"):
+        config.load_settings(path, environ=env)
+    s = config.load_settings(path, environ=env, api_secrets=False)
+    assert s.app_key.reveal() == ""
+    assert [t.client_secret.reveal() for t in s.tenants] == ["", ""]
+    assert s.tenants[0].feeds == ("crm.customers", "jpm.jobs")
+
+
 def test_environment_picks_urls(tmp_path: Path) -> None:
     text = GOOD.replace('api_url = "http://127.0.0.1:1"\n', "").replace(
         'app_key = "k"', 'app_key_env = "ST_KEY"\nenvironment = "integration"'

@@ -153,7 +153,8 @@ def cmd_mirror(args: argparse.Namespace) -> int:
     from syncd import log
 
     try:
-        settings = load_settings(args.config)
+        # The mirror never calls ServiceTitan: its credentials are not read (nor needed).
+        settings = load_settings(args.config, api_secrets=False)
     except ConfigError as exc:
         return _fail(str(exc), 2)
     if settings.config.mirror is None:

@@ -66,27 +66,37 @@ def expand_path(path: str, environ: Mapping[str, str]) -> str | None:
     return None if missing else out
 
 
-def resolve(cfg: Config, environ: Mapping[str, str] | None = None) -> Settings:
-    """Read secrets and compute each tenant's effective settings."""
+def resolve(
+    cfg: Config, environ: Mapping[str, str] | None = None, *, api_secrets: bool = True
+) -> Settings:
+    """Read secrets and compute each tenant's effective settings.
+
+    `api_secrets=False` leaves ServiceTitan's (the app key, the tenants' client secrets) unread
+    and empty, for a process that never calls the API (`syncd mirror`): it need not hold them.
+    """
     env = os.environ if environ is None else environ
     name, st, d = cfg.path or "<config>", cfg.servicetitan, cfg.defaults
     default_auth, default_api = ENVIRONMENTS[st.environment]
     insecure = cfg.allow_insecure_secret_files
-    app_key = _read_secret(
-        name, "servicetitan.app_key", st.app_key, st.app_key_file, st.app_key_env, env, insecure
-    )
+    app_key = Secret("")
+    if api_secrets:
+        app_key = _read_secret(
+            name, "servicetitan.app_key", st.app_key, st.app_key_file, st.app_key_env, env, insecure
+        )
     tenants = []
     all_feeds = catalogue.default_feeds()
     for i, t in enumerate(cfg.tenants):
-        secret = _read_secret(
-            name,
-            f"tenants[{i}].client_secret",
-            t.client_secret,
-            t.client_secret_file,
-            t.client_secret_env,
-            env,
-            insecure,
-        )
+        secret = Secret("")
+        if api_secrets:
+            secret = _read_secret(
+                name,
+                f"tenants[{i}].client_secret",
+                t.client_secret,
+                t.client_secret_file,
+                t.client_secret_env,
+                env,
+                insecure,
+            )
         start = t.start if t.start is not None else d.start
         feeds = t.feeds if t.feeds is not None else d.feeds
         tenants.append(
@@ -201,7 +211,10 @@ def _pick(own: _T | None, default: _T) -> _T:
 
 
 def load_settings(
-    path: str | os.PathLike[str], environ: Mapping[str, str] | None = None
+    path: str | os.PathLike[str],
+    environ: Mapping[str, str] | None = None,
+    *,
+    api_secrets: bool = True,
 ) -> Settings:
     """load() then resolve(): the one call the daemon and the commands use."""
-    return resolve(load(path), environ)
+    return resolve(load(path), environ, api_secrets=api_secrets)
