@@ -79,7 +79,8 @@ class Consumer:
     (seconds) bounds each handler call in `run`, a call that takes longer fails its events.
     `block_ms` (at least 1) is capped at 80% of the client's socket timeout, so that waiting
     for events never trips it. After `outage_after` rounds in a row in which the handler
-    failed every event, `run` takes the handler's dependencies for down (see `run`).
+    failed every event, `run` takes the handler's dependencies for down (see `run`). With
+    `read_ahead`, `run` reads the next batch while the handler works on one.
     """
 
     def __init__(
@@ -97,6 +98,7 @@ class Consumer:
         block_ms: int = 5_000,
         handler_timeout: float | None = None,
         outage_after: int = 3,
+        read_ahead: bool = False,
     ) -> None:
         if not group or not consumer:
             raise ValueError("group and consumer names must not be empty")
@@ -124,6 +126,7 @@ class Consumer:
         self.batch = batch
         self.handler_timeout = handler_timeout
         self.outage_after = outage_after
+        self.read_ahead = read_ahead
         timeout_s = socket_timeout_s(redis)
         self.block_ms = block_ms if timeout_s is None else min(block_ms, int(timeout_s * 800) or 1)
         self._streams = {name: parse_stream(name, prefix) for name in names}
@@ -433,6 +436,12 @@ class Consumer:
         retried with backoff; a lost group is created again (see `recover_groups`). Nothing
         ends the loop but `stop`, `close()` or cancellation. `stop` is checked between rounds,
         so stopping takes up to `block_ms` plus the handler's time.
+
+        With `read_ahead`, the next batch is read (and delivered) while the handler works on
+        one, so that Redis' time and the handler's overlap; the handler is still called with
+        one batch at a time, in order, and each is acknowledged after its call. A batch read
+        ahead when `stop` is set is handled before `run` returns (stopping takes up to a
+        second handler call); one read ahead when an outage began is the next retry's probe.
         """
         await loop.run(self, handler, stop=stop)
 

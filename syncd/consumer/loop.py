@@ -67,6 +67,7 @@ class Source(Protocol):
     batch: int
     handler_timeout: float | None
     outage_after: int
+    read_ahead: bool
 
     @property
     def closed(self) -> bool: ...
@@ -110,54 +111,83 @@ async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
 
 async def run(source: Source, handler: Handler, *, stop: asyncio.Event) -> None:
     """`Consumer.run`: see there for what it promises."""
-    backoff = Backoff(_BACKOFF_MIN_S, _BACKOFF_MAX_S)
-    held: list[Event] = []  # failed events retried here during a handler outage
-    failed_rounds = 0
+    state = _Rounds()
     guard = _CancelGuard()
-    while not stop.is_set() and not source.closed:
-        guard.check()
-        try:
-            if held:
-                await _sleep_unless(stop, backoff.next())
-                if stop.is_set():
-                    break
-                held = await _keep(source, held)
-                batch = held + (await _probe(source) if len(held) < source.batch else [])
-            else:
-                batch = await source.read()
+    # With read_ahead, the next batch, read while the handler works on this one. Once read, its
+    # events are delivered: they are handled (after `stop` too) rather than left pending.
+    ahead: asyncio.Task[list[Event]] | None = None
+    try:
+        while not source.closed and (not stop.is_set() or ahead is not None):
             guard.check()
-            if not batch:
-                continue
-            failed, reasons = await _apply(source, handler, batch)
-            done = [e for e in batch if e not in failed]
-            await source.ack(*done)
-            source.refused(reasons)
-            # Events refused for reasons of their own say nothing of the handler's dependencies.
-            own = all((e.stream, e.id) in reasons for e in failed)
-            if done or not failed or own:
-                if held and failed:
-                    log.warning("consumer_outage_over", group=source.group, poison=len(failed))
-                held, failed_rounds = [], 0
-                backoff.reset()
-                continue
-            failed_rounds += 1
-            if failed_rounds >= source.outage_after:
-                if not held:
-                    log.error(
-                        "consumer_handler_outage",
-                        group=source.group,
-                        consumer=source.consumer,
-                        failed_rounds=failed_rounds,
-                        held=len(failed),
-                    )
-                held = failed
-                continue
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            await _on_error(source, exc, backoff)
-        guard.check()
-        await _sleep_unless(stop, backoff.next())
+            try:
+                if state.held:
+                    await _sleep_unless(stop, state.backoff.next())
+                    if stop.is_set():
+                        break
+                    held = state.held = await _keep(source, state.held)
+                    if ahead is not None:  # new events, read before the outage showed: the probe
+                        batch, ahead = held + await ahead, None
+                    else:
+                        batch = held + (await _probe(source) if len(held) < source.batch else [])
+                else:
+                    batch, ahead = await (ahead if ahead is not None else source.read()), None
+                guard.check()
+                if not batch:
+                    continue
+                if source.read_ahead and not state.held and not stop.is_set():
+                    ahead = asyncio.create_task(source.read())
+                if await _round(source, handler, batch, state):
+                    continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                await _on_error(source, exc, state.backoff)
+            guard.check()
+            await _sleep_unless(stop, state.backoff.next())
+    finally:
+        if ahead is not None:  # cancelled, or stopped while holding: its events stay pending
+            ahead.cancel()
+            with contextlib.suppress(BaseException):
+                await ahead
+
+
+class _Rounds:
+    """What the loop carries from one round to the next."""
+
+    def __init__(self) -> None:
+        self.backoff = Backoff(_BACKOFF_MIN_S, _BACKOFF_MAX_S)
+        self.held: list[Event] = []  # failed events retried here during a handler outage
+        self.failed_rounds = 0
+
+
+async def _round(source: Source, handler: Handler, batch: list[Event], state: _Rounds) -> bool:
+    """Hand `batch` to the handler and acknowledge what it handled. True: go on at once (the
+    batch was handled, or its events are held from now on); False: back off first."""
+    failed, reasons = await _apply(source, handler, batch)
+    done = [e for e in batch if e not in failed]
+    await source.ack(*done)
+    source.refused(reasons)
+    # Events refused for reasons of their own say nothing of the handler's dependencies.
+    own = all((e.stream, e.id) in reasons for e in failed)
+    if done or not failed or own:
+        if state.held and failed:
+            log.warning("consumer_outage_over", group=source.group, poison=len(failed))
+        state.held, state.failed_rounds = [], 0
+        state.backoff.reset()
+        return True
+    state.failed_rounds += 1
+    if state.failed_rounds < source.outage_after:
+        return False
+    if not state.held:
+        log.error(
+            "consumer_handler_outage",
+            group=source.group,
+            consumer=source.consumer,
+            failed_rounds=state.failed_rounds,
+            held=len(failed),
+        )
+    state.held = failed
+    return True
 
 
 async def _on_error(source: Source, exc: Exception, backoff: Backoff) -> None:
