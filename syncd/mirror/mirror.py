@@ -45,6 +45,7 @@ _BACKOFF_MAX_S = 30.0
 _APPLY_TIMEOUT_S = 300.0
 _PROGRESS_EVERY_S = 60.0
 _BLOCK_MS = 5_000
+_WORK_MEM = "64MB"
 
 
 def subscriptions(settings: Settings) -> list[Subscription]:
@@ -170,6 +171,9 @@ class Mirror:
             m, secret = self.config, self.settings.mirror_password
             options: dict[str, Any] = {
                 "application_name": "syncd-mirror",
+                # Each feed's upsert sorts its staged rows, records included: in memory, not
+                # spilled to disk, up to this size (a batch of 10,000 records of 6 kB).
+                "options": f"-c work_mem={_WORK_MEM}",
                 "connect_timeout": max(2, round(m.connect_timeout)),
                 # A peer gone silent is noticed within about 25 s of no answer.
                 "keepalives_idle": 10,
