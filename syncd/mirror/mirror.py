@@ -125,6 +125,8 @@ class Mirror:
             # Waiting for new events no longer than events take to go stale: refused ones come
             # back on time on a quiet stream too.
             block_ms=min(_BLOCK_MS, claim_idle_ms),
+            # Redis' and the client's share of a batch overlaps PostgreSQL's.
+            read_ahead=True,
         )
         helpers = [asyncio.create_task(self._watchdog()), asyncio.create_task(self._progress())]
         try:
