@@ -28,6 +28,21 @@ FEEDS = ["crm.customers", "jpm.jobs"]
 RECORDS = 1500
 
 
+def test_without_its_section_the_mirror_exits_2(tmp_path: Path) -> None:
+    data = mirror_config("redis://127.0.0.1:1/0", "postgresql://127.0.0.1:1/db", [TENANT], FEEDS)
+    del data["mirror"]
+    config = tmp_path / "syncd.toml"
+    config.write_text(to_toml(data))
+    done = subprocess.run(
+        [sys.executable, "-m", "syncd", "mirror", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert f"{config}: mirror: missing: add a [mirror] section" in done.stderr
+
+
 def start(config: Path, log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         return subprocess.Popen(
