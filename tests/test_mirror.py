@@ -178,3 +178,24 @@ async def test_a_read_only_postgresql_pauses_the_mirror(
             sql(f'ALTER DATABASE "{db}" RESET default_transaction_read_only')
             await until(lambda: caught_up(redis, subs), "the event once writes are allowed")
     assert sorted(k for _, k in await table(pg_url, CUSTOMERS)) == ["1", "2"]
+
+
+async def test_two_mirrors_in_one_group_share_the_work_and_the_newest_wins(
+    redis: aioredis.Redis, redis_server: RedisServer, pg_url: str
+) -> None:
+    feeds = [CUSTOMERS, "jpm.jobs"]
+    newest: dict[str, dict[tuple[int, str], object]] = {feed: {} for feed in feeds}
+    for n in range(600):  # a key's versions in publication order, interleaved across keys
+        feed, key = feeds[n % 2], str(n % 23)
+        at = f"2024-05-01T1{n // 3600}:{n // 60 % 60:02d}:{n % 60:02d}.0000000Z"
+        await publish(redis, TENANT, feed, key, {"n": n}, at)
+        newest[feed][(TENANT, key)] = {"n": n}
+    data = mirror_config(redis_server.url, pg_url, [TENANT], feeds, batch=3)
+    subs = [Subscription(TENANT, feeds)]
+    async with running_mirror(data, "m1") as one, running_mirror(data, "m2") as two:
+        await until(lambda: caught_up(redis, subs), "both mirrors to catch up")
+    assert one.applied > 0
+    assert two.applied > 0
+    assert one.applied + two.applied >= 600
+    for feed in feeds:
+        assert await table(pg_url, feed) == newest[feed], feed

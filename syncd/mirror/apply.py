@@ -111,7 +111,9 @@ async def _part(
     try:
         async with conn.transaction():
             await _stage(conn, [row for _, row in part])
-            for feed in dict.fromkeys(row.feed for _, row in part):
+            # Feeds in one order, keys sorted in each: mirrors applying batches side by side take
+            # their row locks in the same order and never deadlock.
+            for feed in sorted({row.feed for _, row in part}):
                 await conn.execute(upserts[feed], [feed])
             if not whole:
                 # The next part stages its own rows only.
