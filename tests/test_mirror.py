@@ -4,15 +4,19 @@ rest is applied; a PostgreSQL that is down or read-only pauses it, acknowledging
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import urllib.parse
+from pathlib import Path
 
 import psycopg
+import pytest
 import redis.asyncio as aioredis
 from structlog.testing import capture_logs
 
 from syncd.consumer import Subscription
 from syncd.daemon import Daemon
-from syncd.testing.redis_server import RedisServer
+from syncd.testing.redis_server import RedisServer, free_port
 from syncd.testing.simulator import run_simulator
 from syncd.testing.tcpproxy import proxy
 from tests.engine_helpers import mutate, settings, truth
@@ -199,3 +203,32 @@ async def test_two_mirrors_in_one_group_share_the_work_and_the_newest_wins(
     assert one.applied + two.applied >= 600
     for feed in feeds:
         assert await table(pg_url, feed) == newest[feed], feed
+
+
+async def test_systemd_hears_ready_at_once_and_why_it_waits(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # PostgreSQL unreachable at start: a started service waiting for it, not a failed start.
+    path = str(tmp_path / "notify")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    closed = f"postgresql://postgres@127.0.0.1:{free_port()}/none"
+    data = mirror_config(redis_server.url, closed, [TENANT], [CUSTOMERS], connect_timeout=2.0)
+    messages: list[str] = []
+
+    def heard(text: str) -> bool:
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                messages.append(sock.recv(4096).decode())
+        return any(text in m for m in messages)
+
+    try:
+        with capture_logs() as logs:
+            async with running_mirror(data):
+                await until(lambda: heard("STATUS=waiting for PostgreSQL"), "the status")
+        assert any(m.startswith("READY=1") for m in messages)
+        assert [e for e in logs if e["event"] == "mirror_postgres_unavailable"]
+    finally:
+        sock.close()

@@ -129,6 +129,8 @@ class Mirror:
             read_ahead=True,
         )
         helpers = [asyncio.create_task(self._watchdog()), asyncio.create_task(self._progress())]
+        # Ready at once: a PostgreSQL that is down at start is waited for, not a failed start.
+        self.notifier.ready("connecting to PostgreSQL")
         try:
             try:
                 if not await self._start():
@@ -136,7 +138,7 @@ class Mirror:
             except SchemaTooNew as exc:
                 log.error("mirror_schema_too_new", error=str(exc))
                 return EXIT_SCHEMA
-            self.notifier.ready(f"mirroring {len(self.feeds)} feeds into {self.config.schema}")
+            self.notifier.status(f"mirroring {len(self.feeds)} feeds into {self.config.schema}")
             log.info(
                 "mirror_started",
                 consumer=self.name,
@@ -151,8 +153,10 @@ class Mirror:
         finally:
             for helper in helpers:
                 helper.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
             await self._close()
             await redis.aclose()
+            self.notifier.close()
             log.info("mirror_stopped", applied=self.applied, refused=self.refused)
 
     async def _start(self) -> bool:
@@ -204,6 +208,7 @@ class Mirror:
         """Log why PostgreSQL cannot be used, drop the connection and wait before retrying."""
         await self._close()
         delay = backoff.next()
+        self.notifier.status("waiting for PostgreSQL (see the log: mirror_postgres_unavailable)")
         log.warning(
             "mirror_postgres_unavailable",
             url=redact_url(self.config.url),
@@ -239,6 +244,9 @@ class Mirror:
                 await self._unavailable(exc, backoff, events=len(batch))
                 if self.stop.is_set():
                     return list(batch)
+        if backoff.delay > _BACKOFF_MIN_S:  # it had to wait: say it is back
+            self.notifier.status(f"mirroring {len(self.feeds)} feeds into {self.config.schema}")
+            log.info("mirror_postgres_available", events=len(batch))
         failed.extend(Failed(rows[i][0], reason) for i, reason in refused)
         for f in failed:
             e = f.event if isinstance(f, Failed) else f
