@@ -329,8 +329,10 @@ class Consumer:
     ) -> list[Event]:
         events: list[Event] = []
         for stream, items in entries:
+            if items:  # new entries come in stream order, after all the group delivered before
+                self._seen[stream] = items[-1]
             for entry_id, fields in items:
-                event = await self._event(stream, entry_id, fields, 1)
+                event = await self._event(stream, entry_id, fields, 1, seen=False)
                 if event is not None:
                     events.append(event)
         return events
@@ -345,11 +347,16 @@ class Consumer:
         return events
 
     async def _event(
-        self, stream: str, entry_id: str, fields: dict[str, bytes], deliveries: int
+        self,
+        stream: str,
+        entry_id: str,
+        fields: dict[str, bytes],
+        deliveries: int,
+        seen: bool = True,
     ) -> Event | None:
         ref = self._streams[stream]
-        seen = self._seen.get(stream)
-        if seen is None or entry_order(entry_id) > entry_order(seen[0]):
+        newest = self._seen.get(stream)
+        if seen and (newest is None or entry_order(entry_id) > entry_order(newest[0])):
             self._seen[stream] = (entry_id, fields)
         try:
             event = Event.from_entry(

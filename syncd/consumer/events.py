@@ -178,7 +178,13 @@ def text(value: bytes | str) -> str:
 
 def fields_of(raw: Mapping[Any, Any]) -> dict[str, bytes]:
     # Clients made with decode_responses=True hand back str; events carry bytes either way.
-    return {text(k): v if isinstance(v, bytes) else str(v).encode() for k, v in raw.items()}
+    # Written out rather than through text(): this runs for every field of every entry read.
+    return {
+        (k.decode("utf-8", "replace") if type(k) is bytes else str(k)): (
+            v if type(v) is bytes else str(v).encode()
+        )
+        for k, v in raw.items()
+    }
 
 
 def parse_stream_reply(reply: Any) -> list[tuple[str, list[tuple[str, dict[str, bytes]]]]]:
