@@ -47,16 +47,18 @@ def row_of(event: Event) -> Row | str:
         data = event.data.decode("utf-8") if event.data or not deleted else None
     except UnicodeDecodeError as exc:
         return f"data is not UTF-8 text (byte {exc.start})"
-    modified_at, entry_ms, entry_seq = event.version
+    # Event.version, spelt out: this runs for every event mirrored.
+    ms, _, seq = event.id.partition("-")
+    at = event.modified_at or ""
     return Row(
         event.feed,
         event.tenant,
         event.key,
         deleted,
         event.modified_on,
-        modified_at,
-        entry_ms,
-        entry_seq,
+        at,
+        int(ms),
+        int(seq or 0),
         data,
     )
 
