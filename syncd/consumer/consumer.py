@@ -444,11 +444,9 @@ class Consumer:
         ends the loop but `stop`, `close()` or cancellation. `stop` is checked between rounds,
         so stopping takes up to `block_ms` plus the handler's time.
 
-        With `read_ahead`, the next batch is read (and delivered) while the handler works on
-        one, so that Redis' time and the handler's overlap; the handler is still called with
-        one batch at a time, in order, and each is acknowledged after its call. A batch read
-        ahead when `stop` is set is handled before `run` returns (stopping takes up to a
-        second handler call); one read ahead when an outage began is the next retry's probe.
+        With `read_ahead`, the next batch is read while the handler works on one (batches
+        still come one at a time, in order, each acknowledged after its call); a batch read
+        ahead is handled after `stop` too, and is the first probe when an outage begins.
         """
         await loop.run(self, handler, stop=stop)
 
