@@ -62,7 +62,7 @@ async def test_sigkill_mid_backfill_then_restart_leaves_the_tables_equal_to_the_
     ) as sim:
         # Small batches: the backfill takes many transactions, one of them is cut short.
         data = mirror_config(
-            redis_server.url, pg_url, [TENANT], FEEDS, sim.url, sim.app_key, batch=20
+            redis_server.url, pg_url, [TENANT], FEEDS, sim.url, sim.app_key, batch=10
         )
         data["mirror"]["claim_idle"] = 1.0
         assert await Daemon(settings(data), once=True).run() == 0
