@@ -129,6 +129,7 @@ class PostgresServer(_Databases):
                 check=True,
                 capture_output=True,
                 user=self._user,
+                cwd=self._dir.name,  # a directory the postgres user may enter
             )
         if not self.port:
             self.port = free_port()
@@ -153,6 +154,7 @@ class PostgresServer(_Databases):
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 user=self._user,
+                cwd=self._dir.name,
             )
         self._wait_ready(timeout, log_path)
 
