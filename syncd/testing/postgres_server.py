@@ -212,18 +212,23 @@ class LocalPostgres(_Databases):
 
 
 def start(*, durable: bool = False) -> Postgres:
-    """A private server where the machine has the programs, else the local server."""
+    """A private server where the machine has the programs (and it starts), else the local
+    server."""
     bindir = find_bindir()
+    why = "no initdb (PostgreSQL's server programs)"
     if bindir is not None:
         server = PostgresServer(bindir, durable=durable)
-        server.start()
-        return server
+        try:
+            server.start()
+            return server
+        except (OSError, subprocess.SubprocessError, PostgresServerError, KeyError) as exc:
+            server.stop()
+            why = f"a private server did not start ({type(exc).__name__}: {exc})"
     local = LocalPostgres()
     try:
         local.admin("SELECT 1")
     except Exception as exc:
         raise PostgresServerError(
-            "no initdb (PostgreSQL's server programs) and no server on 127.0.0.1:5432 "
-            f"answering as user postgres: {exc}"
+            f"{why}, and no server on 127.0.0.1:5432 answering as user postgres: {exc}"
         ) from None
     return local
