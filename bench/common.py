@@ -94,6 +94,50 @@ def write_result(name: str, figures: dict[str, Any], redis_version: str) -> Path
     return path
 
 
+def figures_elsewhere(src: str, module: str, argv: Sequence[str]) -> dict[str, Any]:
+    """The figures of `python -m <module> <argv> --figures-only` (JSON on its standard output)
+    measured on the syncd package of `src`, another checkout's directory or a git revision of
+    this one (`main`): the code before a change, measured by this checkout's benchmark."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if Path(src).is_dir():
+            source = str(Path(src).resolve())
+            (Path(tmp) / "syncd").symlink_to(Path(source) / "syncd")
+        else:
+            commit = subprocess.run(
+                ["git", "rev-parse", "--short", "--verify", f"{src}^{{commit}}"],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+            source = f"{src} ({commit})"
+            archive = subprocess.run(
+                ["git", "archive", commit, "syncd"], cwd=ROOT, capture_output=True, check=True
+            ).stdout
+            subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        # That syncd alone ahead of this checkout (which still provides `bench`).
+        code = (
+            f"import runpy, sys; sys.path.insert(0, {tmp!r}); "
+            f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"
+        )
+        out = subprocess.run(
+            [PYTHON, "-c", code, *argv, "--figures-only"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+            check=True,
+        )
+    return {**json.loads(out.stdout), "source": source}
+
+
+def syncd_source() -> str:
+    """Where the syncd measured comes from: "this checkout" or the other checkout's path."""
+    import syncd
+
+    where = Path(syncd.__file__).resolve().parent.parent
+    return "this checkout" if where == ROOT else str(where)
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """The q-quantile (0..1) of `values`, linearly interpolated; nan when empty."""
     if not values:

@@ -4,6 +4,7 @@ each instance would poll."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import io
 import json
 import math
@@ -11,14 +12,16 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.cluster import RedisCluster
 
 from syncd.cli import commands
-from syncd.fleet.compare import Profile
-from syncd.fleet.fleet import Fleet
+from syncd.daemon.fleet import fleet_status
+from syncd.fleet.compare import MAX_DIFFERENCES, Difference, Profile, Published
+from syncd.fleet.fleet import LOGGED_DIFFERENCES, Fleet
 from syncd.fleet.state import (
     ACQUIRE,
     holder,
@@ -27,7 +30,7 @@ from syncd.fleet.state import (
     read_members,
     read_owners,
 )
-from syncd.keys import Keys
+from syncd.keys import FleetKeys, Keys
 from syncd.redis.conn import RedisClient
 from syncd.testing.redis_server import RedisClusterServers, RedisServer
 from syncd.testing.tcpproxy import proxy
@@ -435,6 +438,94 @@ async def test_option_differences_are_reported_by_name(
         "tenants": 2,
         "sample": tenants,
     }
+
+
+def own_starts(tenants: list[int], later: int = 0) -> dict[int, Profile]:
+    """Each tenant with a `start` of its own (`later` days later): no two share a profile."""
+    first = datetime.date(2024, 1, 1) + datetime.timedelta(later)
+    return {
+        t: Profile(
+            feeds=feed_profiles([t], CRM, JOBS)[t].feeds,
+            options={"start": (first + datetime.timedelta(t)).isoformat()},
+        )
+        for t in tenants
+    }
+
+
+async def test_the_same_configuration_is_compared_by_digest_without_reading_it(
+    harness: Harness, clients: Callable[[], aioredis.Redis], redis: aioredis.Redis
+) -> None:
+    """Instances whose heartbeats announce the same configuration digest agree without reading
+    each other's configuration: documents that say otherwise (overwritten here, each its own
+    way) are not read, by the instances or by `syncd status --fleet`. Once b's really differs,
+    the first round of a's after b announced it names the difference."""
+    tenants, lease = list(range(1, 41)), 30.0
+    a = harness.add("a", clients(), tenants, lease, profiles=own_starts(tenants), run=False)
+    b = harness.add("b", clients(), tenants, lease, profiles=own_starts(tenants), run=False)
+    await a.fleet.round()
+    await b.fleet.round()
+    for name, listed in (("a", [CRM]), ("b", [CRM, JOBS, INV])):
+        other = msgspec.json.encode(Published.of(feed_profiles(tenants, *listed)))
+        assert await redis.set(FleetKeys(PREFIX).config(name), other, keepttl=True)
+    with structlog.testing.capture_logs() as logs:
+        await b.fleet.round()
+        await a.fleet.round()
+        status = await fleet_status(redis, PREFIX, tenants)
+    assert a.fleet.view.plan is not None
+    assert a.fleet.view.compared.differences == b.fleet.view.compared.differences == []
+    assert status.differences == []
+    assert not [e for e in logs if e["event"] == "fleet_config_disagrees"]
+
+    b.fleet.set_tenants(tenants, {**own_starts(tenants), 7: own_starts([7], later=1)[7]})
+    await b.fleet.round()  # announces its new configuration
+    with structlog.testing.capture_logs() as logs:
+        await a.fleet.round()
+    starts = [own_starts([7], later)[7].options["start"] for later in (0, 1)]
+    expected = Difference("", "start", tuple(zip("ab", starts, strict=True)), (7,))
+    assert a.fleet.view.compared.differences == [expected]
+    [reported] = [e for e in logs if e["event"] == "fleet_config_disagrees"]
+    assert reported["differences"] == [expected.describe()]
+    assert reported["tenants"] == 1
+
+
+async def test_every_tenant_differing_is_reported_within_bounds(
+    harness: Harness, clients: Callable[[], aioredis.Redis], redis_server: RedisServer
+) -> None:
+    """b's `start` is a day later for every tenant: as many differences as tenants. The log
+    event, the comparison and `syncd status --fleet` name the first ones and count the rest,
+    within the first round of a's after b joined."""
+    n, lease = MAX_DIFFERENCES + 150, 30.0
+    tenants = list(range(1, n + 1))
+    a = harness.add("a", clients(), tenants, lease, profiles=own_starts(tenants), run=False)
+    b = harness.add("b", clients(), tenants, lease, profiles=own_starts(tenants, 1), run=False)
+    await a.fleet.round()
+    await b.fleet.round()  # b joins
+    with structlog.testing.capture_logs() as logs:
+        await a.fleet.round()
+    [reported] = [e for e in logs if e["event"] == "fleet_config_disagrees"]
+    assert reported["tenants"] == n
+    assert [d["sample"] for d in reported["differences"]] == [
+        [t] for t in range(1, LOGGED_DIFFERENCES + 1)
+    ]
+    assert reported["more_differences"] == n - LOGGED_DIFFERENCES
+    compared = a.fleet.view.compared
+    assert [d.tenants for d in compared.differences] == [(t,) for t in range(1, 101)]
+    assert compared.omitted == n - MAX_DIFFERENCES
+    assert compared.disagreeing == frozenset(tenants)
+
+    data = config_dict(redis_server.url, "http://127.0.0.1:1", "k", tenants, [CRM])
+    data["fleet"] = {"enabled": True}
+    out = io.StringIO()
+    assert await commands.status(settings(data), as_json=False, out=out, fleet_only=True) == 0
+    lines = out.getvalue().splitlines()
+    assert len([line for line in lines if "start differs" in line]) == MAX_DIFFERENCES
+    assert (
+        f"  ... and {n - MAX_DIFFERENCES} more difference(s); {n} tenant(s) differ in all" in lines
+    )
+    out = io.StringIO()
+    assert await commands.status(settings(data), as_json=True, out=out, fleet_only=True) == 0
+    rows = json.loads(out.getvalue())
+    assert [len(r["differences"]) for r in rows] == [MAX_DIFFERENCES, MAX_DIFFERENCES]
 
 
 async def test_two_processes_under_one_name_never_poll_one_tenant_twice(

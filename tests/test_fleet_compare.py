@@ -4,11 +4,14 @@ differ: decided from the facts alone (syncd.fleet.compare), then fed to the assi
 from __future__ import annotations
 
 from collections.abc import Mapping
+from unittest import mock
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from syncd.fleet import compare as compare_module
 from syncd.fleet.assign import assign
 from syncd.fleet.compare import LISTED, Difference, Profile, Published, Value, compare
 
@@ -27,16 +30,13 @@ def run(
     """compare() from instance -> (tenant -> profile), or a list of tenant ids for an instance
     that publishes no profiles; eligible tenants per instance and the differences, readable."""
     known: dict[str, list[int]] = {}
-    profiles: dict[str, dict[int, str] | None] = {}
-    catalog: dict[str, Profile] = {}
+    published: dict[str, Published | None] = {}
     for name, cfg in configs.items():
         if isinstance(cfg, list):
-            known[name], profiles[name] = cfg, None
+            known[name], published[name] = cfg, None
             continue
-        published = Published.of(cfg)
-        catalog.update(published.profiles)
-        known[name], profiles[name] = list(cfg), published.by_tenant()
-    got = compare(known, profiles, catalog)
+        known[name], published[name] = list(cfg), Published.of(cfg)
+    got = compare(known, published)
     eligible = {i: set(ts) for i, ts in got.eligible.items()}
     diffs = [(d.feed, d.option, dict(d.values), d.tenants) for d in got.differences]
     return eligible, diffs
@@ -152,8 +152,7 @@ def test_comparison_table(
 def test_unpolled_names_the_feeds_the_owner_lacks() -> None:
     a, b = feeds(CRM, JOBS), feeds(CRM, INV)
     published = {"a": Published.of(each(T4, a)), "b": Published.of(each(T4, b))}
-    catalog = {**published["a"].profiles, **published["b"].profiles}
-    got = compare({"a": T4, "b": T4}, {n: p.by_tenant() for n, p in published.items()}, catalog)
+    got = compare({"a": T4, "b": T4}, published)
     assert got.unpolled({1: "a", 2: "b"}) == {1: (INV,), 2: (JOBS,)}
     assert got.disagreeing == frozenset(T4)
 
@@ -163,10 +162,7 @@ def test_no_feed_goes_unpolled_when_one_list_contains_the_others() -> None:
     and the instance that lacks the feed keeps nothing, whoever held the tenants before."""
     configs = {"a": each(T4, feeds(CRM)), "b": each(T4, feeds(CRM, JOBS))}
     published = {n: Published.of(c) for n, c in configs.items()}
-    catalog = {d: p for pub in published.values() for d, p in pub.profiles.items()}
-    got = compare(
-        dict.fromkeys(configs, T4), {n: p.by_tenant() for n, p in published.items()}, catalog
-    )
+    got = compare(dict.fromkeys(configs, T4), published)
     plan = assign(got.eligible, dict.fromkeys(T4, "a"))  # a held them all before b came
     assert plan.owners == dict.fromkeys(T4, "b")
     assert got.unpolled(plan.owners) == {}
@@ -203,6 +199,37 @@ def test_a_profile_digest_does_not_depend_on_order() -> None:
     assert Published.of({1: one, 2: two}).tenants == {one.digest(): [1, 2]}
 
 
+def test_each_feed_list_and_each_set_of_options_is_published_once() -> None:
+    """A tenant's own `start` makes its profile its own; the feed list it shares with others
+    is still written once."""
+    shared = feeds(CRM, JOBS, INV).feeds
+    profiles = {
+        t: Profile(feeds=shared if t % 2 else feeds(CRM).feeds, options={"start": f"2024-{t}"})
+        for t in range(1, 1001)
+    }
+    published = Published.of(profiles)
+    assert len(published.feeds) == 2
+    assert len(published.options) == 1000
+    assert published.by_tenant() == {t: p.digest() for t, p in profiles.items()}
+    document = msgspec.json.encode(published)
+    assert document.count(JOBS.encode()) == 1
+    assert document.count(CRM.encode()) == 2
+
+
+def test_differences_past_the_limit_are_counted_not_named() -> None:
+    """Every tenant's `start` differing: the first MAX_DIFFERENCES are named (by first tenant),
+    the rest counted; every tenant is still known to differ, and none moves."""
+    n = compare_module.MAX_DIFFERENCES + 150
+    a = {t: Profile(feeds=feeds(CRM).feeds, options={"start": f"2024-{t}"}) for t in range(n)}
+    b = {t: Profile(feeds=feeds(CRM).feeds, options={"start": f"2025-{t}"}) for t in range(n)}
+    got = compare(dict.fromkeys("ab", range(n)), {"a": Published.of(a), "b": Published.of(b)})
+    assert [d.tenants for d in got.differences] == [(t,) for t in range(100)]
+    assert got.differences[7].values == (("a", "2024-7"), ("b", "2025-7"))
+    assert got.omitted == 150
+    assert got.disagreeing == frozenset(range(n))
+    assert got.eligible == {"a": frozenset(range(n)), "b": frozenset(range(n))}
+
+
 # -- properties ----------------------------------------------------------------------------
 
 catalogue = [CRM, JOBS, INV, "a.b", "c.d"]
@@ -224,13 +251,8 @@ def configurations(draw: st.DrawFn) -> dict[str, dict[int, Profile]]:
 def test_a_tenant_goes_to_an_instance_listing_it_and_nothing_listed_is_lost_silently(
     configs: dict[str, dict[int, Profile]],
 ) -> None:
-    published = {n: Published.of(c) for n, c in configs.items()}
-    catalog = {d: p for pub in published.values() for d, p in pub.profiles.items()}
-    got = compare(
-        {n: list(c) for n, c in configs.items()},
-        {n: p.by_tenant() for n, p in published.items()},
-        catalog,
-    )
+    published: dict[str, Published | None] = {n: Published.of(c) for n, c in configs.items()}
+    got = compare({n: list(c) for n, c in configs.items()}, published)
     plan = assign(got.eligible, {})
     listed = {t for c in configs.values() for t in c}
     assert set(plan.owners) == listed
@@ -246,3 +268,88 @@ def test_a_tenant_goes_to_an_instance_listing_it_and_nothing_listed_is_lost_sile
         assert not missing or not covering
         if missing:
             assert t in got.disagreeing
+
+
+_Key = tuple[str, str, tuple[tuple[str, Value], ...]]  # feed, option, values
+
+
+def _stated_differently(feed: str, having: Mapping[str, Mapping[str, Value]]) -> list[_Key]:
+    out = []
+    for option in sorted({o for opts in having.values() for o in opts}):
+        values = tuple((i, opts[option]) for i, opts in having.items() if option in opts)
+        if len({repr(v) for _, v in values}) > 1:
+            out.append((feed, option, values))
+    return out
+
+
+def one_by_one(
+    configs: Mapping[str, Mapping[int, Profile]],
+) -> list[tuple[str, str, tuple[tuple[str, Value], ...], tuple[int, ...]]]:
+    """The differences the slow, obvious way, each tenant on its own: listed by some instances
+    only; each feed listed by some only; each option two instances state differently."""
+    instances = sorted(configs)
+    found: dict[_Key, list[int]] = {}
+    for t in sorted({t for c in configs.values() for t in c}):
+        keys = []
+        if not all(t in configs[i] for i in instances):
+            keys.append(("", LISTED, tuple((i, t in configs[i]) for i in instances)))
+        having = {i: configs[i][t] for i in instances if t in configs[i]}
+        for f in sorted({f for p in having.values() for f in p.feeds}):
+            listed = tuple((i, f in p.feeds) for i, p in having.items())
+            if not all(v for _, v in listed):
+                keys.append((f, LISTED, listed))
+            keys += _stated_differently(
+                f, {i: p.feeds[f] for i, p in having.items() if f in p.feeds}
+            )
+        keys += _stated_differently("", {i: p.options for i, p in having.items()})
+        for key in keys:
+            found.setdefault(key, []).append(t)
+    return [(*key, tuple(found[key])) for key in sorted(found, key=lambda k: (*k[:2], found[k][0]))]
+
+
+@st.composite
+def varied_configurations(draw: st.DrawFn) -> dict[str, dict[int, Profile]]:
+    """Feed lists, poll intervals, an option some instances do not state, and `start`."""
+    instances = draw(st.lists(st.sampled_from("abcd"), min_size=1, max_size=4, unique=True))
+    tenants = draw(st.lists(st.integers(1, 30), min_size=1, max_size=15, unique=True))
+    out: dict[str, dict[int, Profile]] = {}
+    for i in instances:
+        out[i] = {}
+        for t in tenants:
+            if not draw(st.integers(0, 4)):
+                continue  # not listed by this one
+            listed: dict[str, dict[str, Value]] = {}
+            for f in sorted(draw(feed_lists)):
+                opts: dict[str, Value] = {"poll_interval": draw(st.sampled_from([60.0, 300.0]))}
+                if draw(st.booleans()):
+                    opts["change_detection"] = draw(st.booleans())
+                listed[f] = opts
+            start = draw(st.sampled_from([None, "2024-01-01", "2024-02-01"]))
+            out[i][t] = Profile(feeds=listed, options={"start": start})
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(varied_configurations(), st.integers(0, 5))
+def test_tenants_decided_together_differ_as_each_alone(
+    configs: dict[str, dict[int, Profile]], limit: int
+) -> None:
+    """Tenants seen alike are decided once, feed lists apart from tenant-wide options: the
+    differences are those of each tenant compared on its own, the first `limit` named."""
+    known = {n: list(c) for n, c in configs.items()}
+    published: dict[str, Published | None] = {n: Published.of(c) for n, c in configs.items()}
+    expected = one_by_one(configs)
+    with mock.patch.object(compare_module, "MAX_DIFFERENCES", 10**6):
+        got = compare(known, published)
+    assert [(d.feed, d.option, d.values, d.tenants) for d in got.differences] == expected
+    assert got.disagreeing == frozenset(t for *_, ts in expected for t in ts)
+    for t in {t for c in configs.values() for t in c}:
+        lists = {i: set(c[t].feeds) for i, c in configs.items() if t in c}
+        may = {i for i, fs in lists.items() if not any(fs < other for other in lists.values())}
+        assert {i for i, ts in got.eligible.items() if t in ts} == may
+    with mock.patch.object(compare_module, "MAX_DIFFERENCES", limit):
+        bounded = compare(known, published)
+    assert bounded.differences == got.differences[:limit]
+    assert bounded.omitted == len(expected) - len(bounded.differences)
+    assert bounded.disagreeing == got.disagreeing
+    assert bounded.eligible == got.eligible

@@ -136,6 +136,11 @@ def render_fleet(fleet: FleetStatus, out: TextIO) -> None:
         out.write("configurations differ:\n")
         for d in fleet.differences:
             out.write(f"  {d.text()}\n")
+        if fleet.omitted:
+            out.write(
+                f"  ... and {fleet.omitted} more difference(s);"
+                f" {fleet.disagreeing} tenant(s) differ in all\n"
+            )
     if fleet.unpolled:
         pairs = sum(len(fs) for fs in fleet.unpolled.values())
         sample = "; ".join(f"{t}: {', '.join(fs)}" for t, fs in list(fleet.unpolled.items())[:10])

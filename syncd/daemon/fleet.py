@@ -21,7 +21,7 @@ from syncd.fleet.assign import assign
 from syncd.fleet.compare import Difference, Profile, Value
 from syncd.fleet.fleet import Fleet
 from syncd.fleet.state import (
-    comparison,
+    compare_members,
     live_owners,
     parse_holder,
     read_holders,
@@ -176,8 +176,10 @@ class FleetStatus:
     """The fleet as `syncd status` shows it."""
 
     instances: list[dict[str, Any]]  # one row per live instance
-    differences: list[Difference]  # how the live instances' configurations differ
+    differences: list[Difference]  # how the live instances' configurations differ (the first)
     unpolled: dict[int, tuple[str, ...]]  # tenant -> feeds listed but not polled by its owner
+    omitted: int = 0  # differences beyond those listed
+    disagreeing: int = 0  # tenants concerned by any difference
 
 
 async def fleet_status(redis: RedisClient, prefix: str, tenants: list[int]) -> FleetStatus:
@@ -186,7 +188,7 @@ async def fleet_status(redis: RedisClient, prefix: str, tenants: list[int]) -> F
     members = await read_members(redis, prefix)
     everyone = sorted(set().union(tenants, *(m.known for m in members.values())))
     holders = await read_holders(redis, prefix, everyone)
-    compared = comparison(members)
+    compared = await compare_members(redis, prefix, members)
     plan = assign(compared.eligible, live_owners(holders, members))
     unpolled = compared.unpolled(plan.owners)
     rows = summary(members, {t: parse_holder(v)[0] for t, v in holders.items()}, compared)
@@ -194,4 +196,6 @@ async def fleet_status(redis: RedisClient, prefix: str, tenants: list[int]) -> F
         row["feeds_unpolled"] = {
             str(t): list(fs) for t, fs in unpolled.items() if plan.owners.get(t) == row["instance"]
         }
-    return FleetStatus(rows, compared.differences, unpolled)
+    return FleetStatus(
+        rows, compared.differences, unpolled, compared.omitted, len(compared.disagreeing)
+    )

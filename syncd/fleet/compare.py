@@ -17,6 +17,13 @@ owner lacks are reported as unpolled. Differing options are reported and do not 
 
 Instances that publish no configuration (an older syncd) are compared by tenant ids only and may
 own any tenant they list.
+
+The cost stays with what differs, not with the tenants: a profile is published as the digests of
+its two parts, the feed list (each feed with its options, the same for most tenants) and the
+tenant-wide options (where `start` makes every tenant's its own), each part once; tenants seen
+the same way by every instance are decided together, and each distinct feed-list signature once.
+At most MAX_DIFFERENCES differences are named (the first by feed, option and tenant), the others
+counted.
 """
 
 from __future__ import annotations
@@ -30,6 +37,12 @@ import msgspec
 Value = str | int | float | bool | None
 LISTED = "listed"  # the `option` of a difference in whether a tenant, or a feed, is listed
 SAMPLE = 10  # tenants named in a difference's description
+MAX_DIFFERENCES = 100  # differences named; more are counted (`Comparison.omitted`)
+PART = 16  # hex digits of a part's digest; a profile's digest is its feeds', then its options'
+
+
+def _part_digest(part: Mapping[str, object]) -> str:
+    return hashlib.sha1(msgspec.json.encode(part, order="sorted")).hexdigest()[:PART]
 
 
 class Profile(msgspec.Struct, frozen=True):
@@ -40,26 +53,30 @@ class Profile(msgspec.Struct, frozen=True):
     options: dict[str, Value] = msgspec.field(default_factory=dict)
 
     def digest(self) -> str:
-        return hashlib.sha1(msgspec.json.encode(self, order="sorted")).hexdigest()[:16]
+        return _part_digest(self.feeds) + _part_digest(self.options)
 
 
 class Published(msgspec.Struct, frozen=True):
-    """An instance's effective per-tenant configuration as it publishes it: its distinct
-    profiles by digest, and the tenants of each (most tenants share a few profiles)."""
+    """An instance's effective per-tenant configuration as it publishes it, each part once:
+    the distinct feed lists and tenant-wide options by digest, and the tenants of each profile
+    by the profile's digest (its feed list's digest, then its options')."""
 
-    profiles: dict[str, Profile] = msgspec.field(default_factory=dict)
+    feeds: dict[str, dict[str, dict[str, Value]]] = msgspec.field(default_factory=dict)
+    options: dict[str, dict[str, Value]] = msgspec.field(default_factory=dict)
     tenants: dict[str, list[int]] = msgspec.field(default_factory=dict)
 
     @classmethod
     def of(cls, profiles: Mapping[int, Profile]) -> Published:
-        by_digest: dict[str, Profile] = {}
+        feeds: dict[str, dict[str, dict[str, Value]]] = {}
+        options: dict[str, dict[str, Value]] = {}
         tenants: dict[str, list[int]] = {}
         for t in sorted(profiles):
             p = profiles[t]
-            d = p.digest()
-            by_digest.setdefault(d, p)
-            tenants.setdefault(d, []).append(t)
-        return cls(by_digest, tenants)
+            fd, od = _part_digest(p.feeds), _part_digest(p.options)
+            feeds.setdefault(fd, p.feeds)
+            options.setdefault(od, p.options)
+            tenants.setdefault(fd + od, []).append(t)
+        return cls(feeds, options, tenants)
 
     def by_tenant(self) -> dict[int, str]:
         return {t: d for d, ts in self.tenants.items() for t in ts}
@@ -114,11 +131,12 @@ class Comparison:
     """The configurations of the live instances, compared tenant by tenant."""
 
     eligible: dict[str, frozenset[int]]  # instance -> the tenants it may own
-    differences: list[Difference]
+    differences: list[Difference]  # the first MAX_DIFFERENCES
     disagreeing: frozenset[int]  # tenants with any difference
     # tenant -> eligible instance -> feeds some live instance lists for it that it does not
     # (only where the lists cannot be reconciled)
     lacking: dict[int, dict[str, tuple[str, ...]]] = field(default_factory=dict)
+    omitted: int = 0  # differences past MAX_DIFFERENCES, counted but not named
 
     def unpolled(self, owners: Mapping[int, str]) -> dict[int, tuple[str, ...]]:
         """tenant -> the feeds its (planned) owner will not poll although another lists them."""
@@ -130,8 +148,15 @@ class Comparison:
         return out
 
 
+def agreement(known: Mapping[str, frozenset[int]]) -> Comparison:
+    """The comparison of instances known to publish the same configuration (the same digest):
+    nothing differs, each may own every tenant it lists."""
+    return Comparison(eligible=dict(known), differences=[], disagreeing=frozenset())
+
+
 # One tenant as the instances see it: (instance, its profile digest, or "" when it does not list
-# the tenant, or None when it publishes no profiles), by instance name.
+# the tenant, or None when it publishes no profile for it), by instance name. The same with the
+# digest of the profile's feed list instead: a feed signature.
 _Signature = tuple[tuple[str, str | None], ...]
 _Values = tuple[tuple[str, Value], ...]
 _Key = tuple[str, str, _Values]  # feed, option, values: a difference before its tenants
@@ -139,76 +164,94 @@ _Found = tuple[frozenset[str], list[_Key], dict[str, tuple[str, ...]]]
 
 
 def compare(
-    known: Mapping[str, Iterable[int]],
-    profiles: Mapping[str, Mapping[int, str] | None],
-    catalog: Mapping[str, Profile],
+    known: Mapping[str, Iterable[int]], published: Mapping[str, Published | None]
 ) -> Comparison:
     """Compare the live instances' configurations.
 
-    `known`: instance -> the tenant ids it lists. `profiles`: instance -> (tenant -> the digest
-    of its profile for the tenant), or None for an instance that publishes none; `catalog`:
-    digest -> profile. Tenants that share how every instance sees them are decided once.
+    `known`: instance -> the tenant ids it lists. `published`: instance -> its configuration,
+    or None for an instance that publishes none (or whose configuration was not read).
     """
     instances = sorted(known)
     sets = {i: frozenset(known[i]) for i in instances}
+    views = {i: p.by_tenant() for i, p in published.items() if p is not None and i in sets}
     tenants = sorted(set().union(*sets.values())) if sets else []
-    decided: dict[_Signature, _Found] = {}
-    eligible: dict[str, set[int]] = {i: set() for i in instances}
-    grouped: dict[_Key, list[int]] = {}
-    lacking: dict[int, dict[str, tuple[str, ...]]] = {}
+    alike: dict[_Signature, list[int]] = {}  # most tenants share how they are seen with others
     for t in tenants:
         sig: _Signature = tuple(
-            (i, _profile_of(profiles.get(i), t) if t in sets[i] else "") for i in instances
+            (i, views[i].get(t) if i in views else None) if t in sets[i] else (i, "")
+            for i in instances
         )
-        found = decided.get(sig)
-        if found is None:
-            found = decided[sig] = _decide(sig, catalog)
-        allowed, diffs, lacks = found
+        alike.setdefault(sig, []).append(t)
+    eligible: dict[str, set[int]] = {i: set() for i in instances}
+    grouped: dict[_Key, list[int]] = {}
+    disagreeing: set[int] = set()
+    lacking: dict[int, dict[str, tuple[str, ...]]] = {}
+    by_feeds: dict[_Signature, list[int]] = {}
+    for sig, ts in alike.items():
+        by_feeds.setdefault(tuple((i, d and d[:PART]) for i, d in sig), []).extend(ts)
+        for key in _tenant_option_diffs(sig, published):
+            grouped.setdefault(key, []).extend(ts)
+            disagreeing.update(ts)
+    for fsig, ts in by_feeds.items():
+        allowed, diffs, lacks = _decide(fsig, published)
         for i in allowed:
-            eligible[i].add(t)
+            eligible[i].update(ts)
         for key in diffs:
-            grouped.setdefault(key, []).append(t)
+            grouped.setdefault(key, []).extend(ts)
+        if diffs:
+            disagreeing.update(ts)
         if lacks:
-            lacking[t] = lacks
-    differences = [
-        Difference(feed, option, values, tuple(ts))
-        for (feed, option, values), ts in sorted(grouped.items(), key=lambda kv: kv[0][:2])
-    ]
+            lacking.update(dict.fromkeys(ts, lacks))
+    # Named in order of feed, option and first tenant; the rest only counted.
+    first = {key: min(ts) for key, ts in grouped.items()}
+    ordered = sorted(grouped, key=lambda k: (k[0], k[1], first[k]))
+    named = ordered[:MAX_DIFFERENCES]
     return Comparison(
         eligible={i: frozenset(ts) for i, ts in eligible.items()},
-        differences=differences,
-        disagreeing=frozenset(t for d in differences for t in d.tenants),
+        differences=[Difference(f, o, v, tuple(sorted(grouped[f, o, v]))) for f, o, v in named],
+        disagreeing=frozenset(disagreeing),
         lacking=lacking,
+        omitted=len(ordered) - len(named),
     )
 
 
-def _profile_of(tenants: Mapping[int, str] | None, tenant: int) -> str | None:
-    if tenants is None:
-        return None
-    return tenants.get(tenant)  # a tenant listed without a profile: unknown, like an old peer
+def _tenant_option_diffs(sig: _Signature, published: Mapping[str, Published | None]) -> list[_Key]:
+    """How the tenant-wide options differ between the instances that describe a tenant."""
+    stated: dict[str, tuple[str, dict[str, Value]]] = {}  # instance -> (digest, options)
+    for i, d in sig:
+        p = published.get(i)
+        if d and p is not None and (options := p.options.get(d[PART:])) is not None:
+            stated[i] = (d[PART:], options)
+    if len({d for d, _ in stated.values()}) <= 1:
+        return []
+    return _option_diffs("", {i: options for i, (_, options) in stated.items()})
 
 
-def _decide(sig: _Signature, catalog: Mapping[str, Profile]) -> _Found:
-    """Who may own a tenant seen this way, how the views differ, what each eligible one lacks."""
-    listing = [(i, d) for i, d in sig if d != ""]
+def _decide(fsig: _Signature, published: Mapping[str, Published | None]) -> _Found:
+    """Who may own a tenant whose feed lists are seen this way (the digests of each instance's
+    feed list for it), how the lists differ, and what each eligible instance lacks."""
+    listing = [(i, d) for i, d in fsig if d != ""]
     diffs: list[_Key] = []
-    if len(listing) < len(sig):
-        diffs.append(("", LISTED, tuple((i, d != "") for i, d in sig)))
-    described = {i: catalog[d] for i, d in listing if d is not None and d in catalog}
+    if len(listing) < len(fsig):
+        diffs.append(("", LISTED, tuple((i, d != "") for i, d in fsig)))
+    described: dict[str, dict[str, dict[str, Value]]] = {}
+    for i, d in listing:
+        p = published.get(i)
+        if d is not None and p is not None and (feeds := p.feeds.get(d)) is not None:
+            described[i] = feeds
     unknown = {i for i, _ in listing} - set(described)
     if len({d for i, d in listing if i in described}) <= 1:
         return frozenset(i for i, _ in listing), diffs, {}
-    feeds = {i: frozenset(p.feeds) for i, p in described.items()}
-    maximal = {i for i, fs in feeds.items() if not any(fs < other for other in feeds.values())}
-    union = frozenset().union(*feeds.values())
+    lists = {i: frozenset(fs) for i, fs in described.items()}
+    maximal = {i for i, fs in lists.items() if not any(fs < other for other in lists.values())}
+    union = frozenset().union(*lists.values())
     for feed in sorted(union):
-        listed = tuple((i, feed in feeds[i]) for i in sorted(described))
+        listed = tuple((i, feed in lists[i]) for i in sorted(described))
         if not all(v for _, v in listed):
             diffs.append((feed, LISTED, listed))
-        having = {i: described[i].feeds[feed] for i in sorted(described) if feed in feeds[i]}
+        having = {i: described[i][feed] for i in sorted(described) if feed in lists[i]}
         diffs += _option_diffs(feed, having)
-    diffs += _option_diffs("", {i: described[i].options for i in sorted(described)})
-    lacks = {i: tuple(sorted(union - feeds[i])) for i in maximal if union - feeds[i]}
+    lacks = {i: tuple(sorted(union - lists[i])) for i in maximal if union - lists[i]}
     return frozenset(maximal | unknown), diffs, lacks
 
 

@@ -7,9 +7,8 @@ who owns what, compares the configurations, computes the assignment, gives up th
 should not hold (after the daemon stopped polling them) and takes the free ones assigned to it.
 Leases are keys `<prefix>:{<tenant>}:owner` holding `<name>#<token>` (the instance name and the
 random incarnation token of the process), taken with SET NX PX semantics and renewed or released
-by small scripts that act only for the holder (a lease holding the bare name, written by 0.2.0,
-is taken by the process holding that name). They are many and renewed together, so they are
-pipelined scripts rather than one redis-py Lock each.
+by small pipelined scripts that act only for the holder (a lease holding the bare name, written
+by 0.2.0, is taken by the process holding that name).
 
 An instance name is held like a lease too: a process writes the heartbeat of its name only while
 no other live process holds that name. A second process started under a name in use stays out
@@ -45,10 +44,12 @@ from syncd.fleet.state import (
     Cache,
     Heartbeat,
     Member,
+    agreeing,
     comparison,
     config_document,
     digest,
     live_owners,
+    read_configs,
     read_holders,
     read_members,
 )
@@ -60,6 +61,7 @@ log = structlog.get_logger("syncd.fleet")
 
 # Share of the lease after the last renewal at which an instance stops polling a tenant locally.
 DROP_AT = 2 / 3
+LOGGED_DIFFERENCES = 20  # configuration differences described in fleet_config_disagrees
 NO_DIFFERENCES = Comparison({}, [], frozenset())
 
 
@@ -127,11 +129,11 @@ class Fleet(Transitions):
         self.known: frozenset[int] = frozenset()
         self._document = b""
         self._config = ""
+        self._cache = Cache()
         self.set_tenants(tenants, profiles)
         self._redis_ok = True
         self._reported: object = None
         self._clash_reported: str | None = None  # token of the other process, while reported
-        self._cache = Cache()
         self._compared: tuple[object, Comparison] | None = None
         self._due_in: float | None = None  # next round sooner than a period, in seconds
         self._draining = False
@@ -155,9 +157,13 @@ class Fleet(Transitions):
         after each reload); without profiles, every tenant has the same, empty one."""
         known = frozenset(tenants)
         mine = {t: (profiles or {}).get(t, Profile()) for t in known}
-        document, config = config_document(mine)
+        published, document, config = config_document(mine)
         if known != self.known or config != self._config:
             self.known = known
+            # Its own configuration is never read from Redis; the one it replaces is, while a
+            # member still publishes it.
+            self._cache.config.pop(self._config, None)
+            self._cache.config[config] = published
             self._document, self._config = document, config
             self._published = False
             self._wake.set()
@@ -382,7 +388,7 @@ class Fleet(Transitions):
         if me is None or me.heartbeat.token != self.token:  # not (or no longer) a member
             return FleetView(members=members)
         known = {name: m.known for name, m in members.items()}
-        compared = self._compare(members)
+        compared = await self._compare(members)
         tenants = sorted(set().union(*known.values()))
         holders = await read_holders(self.redis, self.prefix, tenants)
         owners = live_owners(holders, members)
@@ -397,15 +403,21 @@ class Fleet(Transitions):
             compared.unpolled(plan.owners),
         )
 
-    def _compare(self, members: dict[str, Member]) -> Comparison:
-        """The comparison, computed again only when a member's tenants or configuration moved."""
-        key = tuple(
-            (n, m.known, m.heartbeat.config if m.published else None)
-            for n, m in sorted(members.items())
-        )
-        if self._compared is None or self._compared[0] != key:
-            self._compared = (key, comparison(members))
-        return self._compared[1]
+    async def _compare(self, members: dict[str, Member]) -> Comparison:
+        """The comparison, computed again only when a member's tenants or configuration moved;
+        from the digests alone while every member publishes the same configuration."""
+        key = tuple((n, m.known, m.heartbeat.config) for n, m in sorted(members.items()))
+        if self._compared is not None and self._compared[0] == key:
+            return self._compared[1]
+        compared = agreeing(members)
+        if compared is None:
+            await read_configs(self.redis, self.prefix, members, self._cache)
+            compared = comparison(members)
+            if any(m.heartbeat.config and m.published is None for m in members.values()):
+                self._compared = None  # a configuration not read: again next round
+                return compared
+        self._compared = (key, compared)
+        return compared
 
     def _report(self, view: FleetView) -> None:
         """Log a change in how the configurations compare, and a clash under this name."""
@@ -413,18 +425,21 @@ class Fleet(Transitions):
         state = (
             frozenset(view.disagreements),
             tuple((d.feed, d.option, d.values, d.tenants) for d in compared.differences),
+            (len(compared.disagreeing), compared.omitted),
             tuple(sorted(view.unpolled.items())),
         )
         if state != self._reported:
             self._reported = state
             if compared.differences:
                 sample = dict(list(view.disagreements.items())[:10])
+                shown = compared.differences[:LOGGED_DIFFERENCES]
                 log.warning(
                     "fleet_config_disagrees",
                     instance=self.instance,
                     tenants=len(compared.disagreeing),
                     missing_from={str(t): names for t, names in sample.items()},
-                    differences=[d.describe() for d in compared.differences[:20]],
+                    differences=[d.describe() for d in shown],
+                    more_differences=len(compared.differences) - len(shown) + compared.omitted,
                     unpolled=len(view.unpolled),
                 )
             elif view.plan is not None:

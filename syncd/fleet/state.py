@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from syncd.fleet.compare import Comparison, Profile, Published, compare
+from syncd.fleet.compare import Comparison, Profile, Published, agreement, compare
 from syncd.keys import FleetKeys, Keys
 from syncd.redis.conn import RedisClient
 
@@ -142,10 +142,11 @@ def digest(tenants: Iterable[int]) -> str:
     return hashlib.sha1(",".join(map(str, sorted(tenants))).encode()).hexdigest()[:16]
 
 
-def config_document(profiles: Mapping[int, Profile]) -> tuple[bytes, str]:
-    """The configuration document an instance publishes, and its digest."""
-    doc = msgspec.json.encode(Published.of(profiles), order="sorted")
-    return doc, hashlib.sha1(doc).hexdigest()[:16]
+def config_document(profiles: Mapping[int, Profile]) -> tuple[Published, bytes, str]:
+    """The configuration an instance publishes, its document and the document's digest."""
+    published = Published.of(profiles)
+    doc = msgspec.json.encode(published, order="sorted")
+    return published, doc, hashlib.sha1(doc).hexdigest()[:16]
 
 
 def holder(instance: str, token: str) -> str:
@@ -169,7 +170,9 @@ class Member:
     heartbeat: Heartbeat
     known: frozenset[int]
     expires_in: float = 0.0  # seconds until its heartbeat runs out unless renewed
-    published: Published | None = None  # its configuration (None: an older syncd, or unread)
+    # Its configuration, read only when the members' digests differ (`read_configs`); None: an
+    # older syncd, or not read.
+    published: Published | None = None
     clash: Heartbeat | None = None  # another live process under this name, kept out
 
     def holds(self, value: bytes | str) -> bool:
@@ -180,7 +183,8 @@ class Member:
 
 @dataclass
 class Cache:
-    """What was read by digest, so an unchanged configuration is read once."""
+    """What was read by digest, so an unchanged configuration is read once; only the digests
+    of the live members are kept."""
 
     known: dict[str, frozenset[int]] = field(default_factory=dict)
     config: dict[str, Published] = field(default_factory=dict)
@@ -198,8 +202,9 @@ def chunks(items: list[int], size: int) -> Iterable[list[int]]:
 async def read_members(
     redis: RedisClient, prefix: str, cache: Cache | None = None
 ) -> dict[str, Member]:
-    """The live instances, their heartbeats, known tenants and configurations, and any process
-    kept out under their name; prunes the ones gone."""
+    """The live instances, their heartbeats and known tenants, and any process kept out under
+    their name; prunes the ones gone. Their configurations are read by `compare_members`, only
+    when their digests differ."""
     k = FleetKeys(prefix)
     cache = Cache() if cache is None else cache
     names = sorted(text(n) for n in await redis.smembers(k.members))
@@ -227,15 +232,13 @@ async def read_members(
         if c is not None and n in beats
     }
     known = await _read_known(redis, k, beats, cache)
-    published = await _read_config(redis, k, beats, cache)
     return {
         n: Member(
             n,
             b,
             known.get(n, frozenset()),
             max(0, expires[n]) / 1000,
-            published.get(n),
-            others[n] if n in others and others[n].token != b.token else None,
+            clash=others[n] if n in others and others[n].token != b.token else None,
         )
         for n, b in beats.items()
     }
@@ -244,6 +247,8 @@ async def read_members(
 async def _read_known(
     redis: RedisClient, k: FleetKeys, beats: dict[str, Heartbeat], cache: Cache
 ) -> dict[str, frozenset[int]]:
+    live = {b.known for b in beats.values()}
+    cache.known = {d: ts for d, ts in cache.known.items() if d in live}
     missing = [n for n, b in beats.items() if b.known not in cache.known]
     read: dict[str, frozenset[int]] = {}
     if missing:
@@ -259,10 +264,27 @@ async def _read_known(
     return {n: cache.known.get(b.known, read.get(n, frozenset())) for n, b in beats.items()}
 
 
-async def _read_config(
-    redis: RedisClient, k: FleetKeys, beats: dict[str, Heartbeat], cache: Cache
-) -> dict[str, Published]:
-    missing = [n for n, b in beats.items() if b.config and b.config not in cache.config]
+def agreeing(members: Mapping[str, Member]) -> Comparison | None:
+    """The comparison when every member publishes the same configuration for the same tenants
+    (by the digests in their heartbeats, nothing read); None when they may differ."""
+    beats = [m.heartbeat for m in members.values()]
+    if not all(b.config for b in beats) or len({(b.config, b.known) for b in beats}) > 1:
+        return None
+    if len({m.known for m in members.values()}) > 1:  # a set rewritten since its heartbeat
+        return None
+    return agreement({n: m.known for n, m in members.items()})
+
+
+async def read_configs(
+    redis: RedisClient, prefix: str, members: Mapping[str, Member], cache: Cache
+) -> None:
+    """Each member's configuration into `Member.published`: from the cache by the digest in its
+    heartbeat, else read (and cached when it is the one the heartbeat announces). A member whose
+    configuration cannot be read is left without one: compared by tenant ids only."""
+    k = FleetKeys(prefix)
+    live = {m.heartbeat.config for m in members.values() if m.heartbeat.config}
+    cache.config = {d: p for d, p in cache.config.items() if d in live}
+    missing = [n for n, m in members.items() if m.heartbeat.config in live - set(cache.config)]
     read: dict[str, Published] = {}
     if missing:
         pipe = redis.pipeline(transaction=False)
@@ -275,18 +297,24 @@ async def _read_config(
                 published = msgspec.json.decode(doc, type=Published)
             except msgspec.DecodeError:
                 continue  # not one this syncd can read: compared by tenant ids only
-            if hashlib.sha1(doc).hexdigest()[:16] == beats[n].config:
-                cache.config[beats[n].config] = published
+            if hashlib.sha1(doc).hexdigest()[:16] == members[n].heartbeat.config:
+                cache.config[members[n].heartbeat.config] = published
             else:  # rewritten since its heartbeat: use it this once
                 read[n] = published
-    out = {}
-    for n, b in beats.items():
-        p = cache.config.get(b.config) if b.config else None
-        if p is None:
-            p = read.get(n)
-        if p is not None:
-            out[n] = p
-    return out
+    for n, m in members.items():
+        m.published = cache.config.get(m.heartbeat.config, read.get(n))
+
+
+async def compare_members(
+    redis: RedisClient, prefix: str, members: Mapping[str, Member], cache: Cache | None = None
+) -> Comparison:
+    """How the members' configurations compare: from the digests in their heartbeats when those
+    agree, else from the configurations (read only then, each once per digest)."""
+    same = agreeing(members)
+    if same is not None:
+        return same
+    await read_configs(redis, prefix, members, Cache() if cache is None else cache)
+    return comparison(members)
 
 
 async def read_holders(redis: RedisClient, prefix: str, tenants: list[int]) -> dict[int, str]:
@@ -321,16 +349,11 @@ def live_owners(holders: Mapping[int, str], members: Mapping[str, Member]) -> di
 
 
 def comparison(members: Mapping[str, Member]) -> Comparison:
-    """The members' configurations compared tenant by tenant (see `syncd.fleet.compare`)."""
-    catalog: dict[str, Profile] = {}
-    profiles: dict[str, dict[int, str] | None] = {}
-    for name, m in members.items():
-        if m.published is None:
-            profiles[name] = None
-            continue
-        catalog.update(m.published.profiles)
-        profiles[name] = m.published.by_tenant()
-    return compare({n: m.known for n, m in members.items()}, profiles, catalog)
+    """The members' configurations as read (`read_configs`) compared tenant by tenant (see
+    `syncd.fleet.compare`)."""
+    return compare(
+        {n: m.known for n, m in members.items()}, {n: m.published for n, m in members.items()}
+    )
 
 
 def summary(
