@@ -1,6 +1,6 @@
 """`make bench`: every benchmark in turn, a summary table, results in bench/results/*.json.
 
-    .venv/bin/python -m bench                      # all of them (about 17 minutes)
+    .venv/bin/python -m bench                      # all of them (about 20 minutes)
     BENCH_ONLY=backfill,freshness .venv/bin/python -m bench
 
 At the end, README.md's benchmark figures are generated again from bench/results/*.json
