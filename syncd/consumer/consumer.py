@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Literal
 
 import structlog
@@ -80,9 +80,10 @@ class Consumer:
     (seconds) bounds each handler call in `run`, a call that takes longer fails its events.
     `block_ms` (at least 1) is capped at 80% of the client's socket timeout, so that waiting
     for events never trips it. After `outage_after` rounds in a row in which the handler
-    failed every event, `run` takes the handler's dependencies for down (see `run`).
-    Beside each stream it reads the group's replay stream, from its beginning: the dead
-    letters `syncd dead replay` handed back to the group (`Event.replay_id` set).
+    failed every event, `run` takes the handler's dependencies for down (see `run`). With
+    `read_ahead`, `run` reads the next batch while the handler works on one. Beside each stream
+    it reads the group's replay stream, from its beginning: the dead letters `syncd dead
+    replay` handed back to the group (`Event.replay_id` set).
     """
 
     def __init__(
@@ -100,6 +101,7 @@ class Consumer:
         block_ms: int = 5_000,
         handler_timeout: float | None = None,
         outage_after: int = 3,
+        read_ahead: bool = False,
     ) -> None:
         if not group or not consumer:
             raise ValueError("group and consumer names must not be empty")
@@ -127,6 +129,7 @@ class Consumer:
         self.batch = batch
         self.handler_timeout = handler_timeout
         self.outage_after = outage_after
+        self.read_ahead = read_ahead
         timeout_s = socket_timeout_s(redis)
         self.block_ms = block_ms if timeout_s is None else min(block_ms, int(timeout_s * 800) or 1)
         self._streams = {name: parse_stream(name, prefix) for name in names}
@@ -307,8 +310,10 @@ class Consumer:
     ) -> list[Event]:
         events: list[Event] = []
         for stream, items in entries:
+            if items:  # new entries come in stream order, after all the group delivered before
+                self._seen[stream] = items[-1]
             for entry_id, fields in items:
-                event = await self._event(stream, entry_id, fields, 1)
+                event = await self._event(stream, entry_id, fields, 1, seen=False)
                 if event is not None:
                     events.append(event)
         return events
@@ -323,11 +328,17 @@ class Consumer:
         return events
 
     async def _event(
-        self, stream: str, entry_id: str, fields: dict[str, bytes], deliveries: int
+        self,
+        stream: str,
+        entry_id: str,
+        fields: dict[str, bytes],
+        deliveries: int,
+        seen: bool = True,
     ) -> Event | None:
         ref = self._reading[stream]
-        seen = self._seen.get(stream)
-        if not ref.origin and (seen is None or entry_order(entry_id) > entry_order(seen[0])):
+        newest = self._seen.get(stream)
+        fresh = newest is None or entry_order(entry_id) > entry_order(newest[0])
+        if seen and not ref.origin and fresh:
             self._seen[stream] = (entry_id, fields)
         try:
             event = replay.event_of(stream, ref, entry_id, fields, deliveries)
@@ -346,7 +357,7 @@ class Consumer:
         deliveries: int,
         detail: str = "",
     ) -> None:
-        self._held.drop(stream, entry_id)
+        noted = self._held.drop(stream, entry_id)
         ref = self._reading[stream]
         named, named_id, copied = stream, entry_id, fields
         if ref.origin:  # the copy names the event's own stream and entry id
@@ -361,9 +372,14 @@ class Consumer:
             consumer=self.consumer,
             reason=reason,
             deliveries=deliveries,
-            detail=detail,
+            detail=detail or noted,
             replayed=(stream, entry_id) if ref.origin else None,
         )
+
+    def refused(self, reasons: Mapping[tuple[str, str], str]) -> None:
+        """Note why the handler failed events it holds ((stream, entry id) -> reason): should
+        they reach the dead stream, the reason goes with them (`detail`)."""
+        self._held.refused(reasons)
 
     async def ack(self, *events: Event) -> int:
         """Acknowledge events in this consumer's group; returns how many were still pending."""
@@ -417,6 +433,10 @@ class Consumer:
         retried with backoff; a lost group is created again (see `recover_groups`). Nothing
         ends the loop but `stop`, `close()` or cancellation. `stop` is checked between rounds,
         so stopping takes up to `block_ms` plus the handler's time.
+
+        With `read_ahead`, the next batch is read while the handler works on one (batches
+        still come one at a time, in order, each acknowledged after its call); a batch read
+        ahead is handled after `stop` too, and is the first probe when an outage begins.
         """
         await loop.run(self, handler, stop=stop)
 

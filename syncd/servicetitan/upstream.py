@@ -331,11 +331,13 @@ def unescaped_strings(body: bytes) -> bytes:
     return "\x00".join(strings).encode("utf-8", "surrogatepass")
 
 
-# Passwords the operator chose (Redis, the sentinels, the ops server's token) are masked in every
-# log line and error, but a page holding one is applied: they never go to the API, so a page
-# cannot be echoing them, and customer data that happens to hold such a word would otherwise
-# stop its feed for good.
-OPERATOR_SLOTS = frozenset({"ops_token", "sentinel_password", "redis_password"})
+# Passwords the operator chose (Redis, the sentinels, the ops server's token, the mirror's
+# database) are masked in every log line and error, but a page holding one is applied: they
+# never go to the API, so a page cannot be echoing them, and customer data that happens to hold
+# such a word would otherwise stop its feed for good.
+OPERATOR_SLOTS = frozenset(
+    {"ops_token", "sentinel_password", "redis_password", "mirror_password", "mirror_url_password"}
+)
 
 
 def _holds(text: bytes, sent: Sequence[str]) -> Hashable | None:
