@@ -72,7 +72,7 @@ lock-upgrade: $(UV)
 define other_env
 	rm -f $(1)/requirements.txt
 	$(UV) pip compile --quiet --python $(1)/bin/python $(2) --upgrade \
-		--extra test --extra bench pyproject.toml -o $(1)/requirements.txt
+		--extra test --extra bench --extra postgres pyproject.toml -o $(1)/requirements.txt
 	$(UV) pip sync --quiet --python $(1)/bin/python $(1)/requirements.txt
 	$(UV) pip install --quiet --python $(1)/bin/python --no-deps -e .
 	$(BIN)/mypy --config-file lock/mypy-ranges.ini --python-executable $(1)/bin/python \

@@ -28,6 +28,8 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +62,7 @@ METRICS: tuple[tuple[str, str, bool], ...] = (
     ("first_peak_rss_mb", "first sync, daemon peak RSS MB", False),
     ("reexport_peak_rss_mb", "re-export, daemon peak RSS MB", False),
     ("first_longest_block_ms", "first sync, longest Redis block ms", False),
+    ("first_xreadgroup_p99_ms", "first sync, a consumer's XREADGROUP p99 ms", False),
     ("reexport_longest_block_ms", "re-export, longest Redis block ms", False),
 )
 
@@ -212,13 +215,60 @@ def _applied(result: common.DaemonResult) -> tuple[int, int]:
     )
 
 
-def _phase(contender: Contender, config: Path, r: redis.Redis) -> dict[str, Any]:
-    """One `--once` of `contender`: what it fetched and published, and what that cost."""
+class Reader(threading.Thread):
+    """A consumer meanwhile: XREADGROUP (COUNT 100, BLOCK 100 ms) and XACK on one stream, in a
+    loop; the time each read that returned events took (a read that had to wait for events
+    is left out: what is measured is how long a consumer waits behind the daemon's scripts)."""
+
+    def __init__(self, r: redis.Redis, stream: str) -> None:
+        super().__init__(daemon=True)
+        self.r, self.stream = r, stream
+        self.latencies: list[float] = []
+        self.running = True
+        r.xgroup_create(stream, "bench", id="0", mkstream=True)
+
+    def run(self) -> None:
+        while self.running:
+            started = time.monotonic()
+            got = self.r.xreadgroup("bench", "c", {self.stream: ">"}, count=100, block=100)
+            took = time.monotonic() - started
+            if got:
+                self.latencies.append(took)
+                ids = [entry_id for _, entries in got for entry_id, _ in entries]
+                self.r.xack(self.stream, "bench", *ids)
+
+    def p99_ms(self) -> float:
+        return round(common.percentile(sorted(self.latencies), 0.99) * 1000, 1)
+
+
+def _phase(
+    contender: Contender, config: Path, r: redis.Redis, read: str | None = None
+) -> dict[str, Any]:
+    """One `--once` of `contender`: what it fetched and published, and what that cost; with
+    `read`, a consumer reads that stream meanwhile."""
     watch_blocks(r)
+    reader = None
+    if read is not None:
+        reader = Reader(
+            redis.Redis(
+                host=r.connection_pool.connection_kwargs["host"],
+                port=r.connection_pool.connection_kwargs["port"],
+            ),
+            read,
+        )
+        reader.start()
     cpu_before = redis_cpu(r)
-    result = common.run_daemon(config, timeout=3600, cwd=contender.tree, env=contender.env())
+    try:
+        result = common.run_daemon(config, timeout=3600, cwd=contender.tree, env=contender.env())
+    finally:
+        if reader is not None:
+            reader.running = False
+            reader.join()
     redis_cpu_s = redis_cpu(r) - cpu_before
     blocks = longest_blocks(r)
+    if reader is not None:
+        blocks["xreadgroup_p99_ms"] = reader.p99_ms()
+        blocks["xreadgroup_reads"] = len(reader.latencies)
     if result.returncode != 0:
         raise RuntimeError(f"{contender.label}: the daemon exited with {result.returncode}")
     fetched, published = _applied(result)
@@ -260,7 +310,7 @@ def run_once(
             ),
             name=f"{contender.label}-{index}.toml",
         )
-        first = _phase(contender, config, r)
+        first = _phase(contender, config, r, read=f"st:{{{tenants[0]}}}:{FEED}")
         memory = memory_by_type(r)
         for t in tenants:
             contender.syncd(
@@ -299,6 +349,7 @@ def run_once(
             "first_peak_rss_mb": first["peak_rss_mb"],
             "reexport_peak_rss_mb": again["peak_rss_mb"],
             "first_longest_block_ms": first["longest_block_ms"],
+            "first_xreadgroup_p99_ms": first["xreadgroup_p99_ms"],
             "reexport_longest_block_ms": again["longest_block_ms"],
         },
         "first_sync": first,

@@ -1,9 +1,9 @@
 """The development lock: how `make lock` writes it and how `make` checks it is fresh.
 
 `lock/dev.txt` pins every package of the development and test environment (the runtime
-dependencies, the `test` and `bench` extras and the build backend) to one version with the hash
-of every file PyPI serves for it, for every supported Python and platform (uv's universal
-resolution). Its first line records a digest of what it was compiled from: the dependency
+dependencies, the `test`, `bench` and `postgres` extras and the build backend) to one version
+with the hash of every file PyPI serves for it, for every supported Python and platform (uv's
+universal resolution). Its first line records a digest of what it was compiled from: the dependency
 ranges, `requires-python` and the build requirements of `pyproject.toml`. `check` recomputes the
 digest and fails when `pyproject.toml` changed without `make lock`, and checks that every pin
 satisfies the range it was resolved for.
@@ -30,7 +30,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = ROOT / "pyproject.toml"
 LOCK = ROOT / "lock" / "dev.txt"
-EXTRAS = ("test", "bench")
+EXTRAS = ("test", "bench", "postgres")
 DIGEST_LINE = re.compile(r"^# inputs-sha256: ([0-9a-f]{64})$")
 PIN_LINE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)")
 

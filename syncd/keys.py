@@ -40,6 +40,12 @@ class Keys:
         """Stream of records that could not be turned into events, with the reason."""
         return f"{self.base}:dead"
 
+    def replay(self, feed: str, group: str) -> str:
+        """Stream: the dead letters of one feed that `syncd dead replay` handed back to one
+        consumer group, read by that group alone beside the feed's stream. The feed comes
+        first: feed names hold no colon, group names may."""
+        return f"{self.base}:replay:{feed}:{group}"
+
     @property
     def state(self) -> str:
         """Hash: per-feed operational state (last poll, last error), for `syncd status`."""

@@ -1,4 +1,5 @@
-"""Shared fixtures: a real Redis server for the session, started on a free port."""
+"""Shared fixtures: a real Redis server for the session, started on a free port; PostgreSQL
+(a private server, or the machine's) with a throwaway database per test that asks for one."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import redis.asyncio as aioredis
 
+from syncd.testing import postgres_server
+from syncd.testing.postgres_server import Postgres
 from syncd.testing.redis_server import RedisClusterServers, RedisServer
 
 
@@ -35,3 +38,20 @@ def cluster() -> Iterator[RedisClusterServers]:
     servers.start()
     yield servers
     servers.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """A private PostgreSQL for the session where the machine has initdb, else the server on
+    127.0.0.1:5432 (see syncd.testing.postgres_server)."""
+    server = postgres_server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(postgres: Postgres) -> Iterator[str]:
+    """The URL of an empty database of this test's own, dropped afterwards."""
+    name = postgres.create_database()
+    yield postgres.url(name)
+    postgres.drop_database(name)

@@ -11,7 +11,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from syncd import catalogue, config
+from syncd import catalogue, config, redact
 
 GOOD = """
 [servicetitan]
@@ -40,6 +40,12 @@ start = "2024-01-01"
 """
 
 
+MIRROR = """
+[mirror]
+url = "postgresql://u@127.0.0.1:5432/db"
+"""
+
+
 def write(tmp_path: Path, text: str, secret: str = "secret-1002\n") -> Path:
     secret_file = tmp_path / "secret"
     secret_file.write_text(secret)
@@ -65,6 +71,45 @@ def test_good_config_resolves(tmp_path: Path) -> None:
     assert s.api_url == "http://127.0.0.1:1"
     assert "secret-1002" not in repr(t2)
     assert "secret-1002" not in repr(s)
+
+
+def test_mirror_section(tmp_path: Path) -> None:
+    text = GOOD + MIRROR.replace("u@", "u:db%2Fpass@") + "tenants = [1002]\n"
+    s = config.load_settings(write(tmp_path, text), environ={})
+    m = s.config.mirror
+    assert m is not None
+    assert (m.schema, m.group, m.tenants, m.feeds, m.batch) == (
+        "syncd",
+        "syncd-mirror",
+        [1002],
+        None,
+        1000,
+    )
+    assert "db%2Fpass" not in repr(m)
+    assert "db/pass" not in redact.redact("connection to postgres failed: db/pass")
+    assert s.mirror_password is None
+    secret = tmp_path / "pg"
+    secret.write_text("from-a-file\n")
+    secret.chmod(0o600)
+    s = config.load_settings(
+        write(tmp_path, GOOD + MIRROR + f"password_file = '{secret}'\n"), environ={}
+    )
+    assert s.mirror_password is not None
+    assert s.mirror_password.reveal() == "from-a-file"
+    assert config.load_settings(write(tmp_path, GOOD), environ={}).config.mirror is None
+
+
+def test_the_mirror_reads_no_api_secrets(tmp_path: Path) -> None:
+    # Its unit holds the database's credential only: the API's are not read, nor needed.
+    text = GOOD.replace('app_key = "k"', 'app_key_file = "${CREDENTIALS_DIRECTORY}/app_key"')
+    path = write(tmp_path, text.replace("SECRET_FILE", "/nonexistent/secret") + MIRROR)
+    env = {"CREDENTIALS_DIRECTORY": str(tmp_path / "creds")}
+    with pytest.raises(config.ConfigError, match="app_key_file: cannot read"):
+        config.load_settings(path, environ=env)
+    s = config.load_settings(path, environ=env, api_secrets=False)
+    assert s.app_key.reveal() == ""
+    assert [t.client_secret.reveal() for t in s.tenants] == ["", ""]
+    assert s.tenants[0].feeds == ("crm.customers", "jpm.jobs")
 
 
 def test_environment_picks_urls(tmp_path: Path) -> None:
@@ -131,6 +176,37 @@ def test_credentials_directory_expansion(tmp_path: Path) -> None:
         ),
         (lambda t: t + '[ops]\nlisten = "h:99999"\n', "ops.listen:"),
         (lambda t: t + "[streams]\nmax_memory = 2\n", "streams.max_memory: must be a share"),
+        (lambda t: t + "[mirror]\nschema = 'x'\n", "mirror.url: missing required key"),
+        (lambda t: t + MIRROR.replace("postgresql:", "mysql:"), "mirror.url: expected a postgres"),
+        (
+            lambda t: t + MIRROR.replace("u@", "u:pw#1@"),
+            "mirror.url: has an '@' after its host: a '/', '?' or '#' in the user name or "
+            "password must be percent-encoded (%2F, %3F, %23) (in postgresql://***@127.0.0.1",
+        ),
+        (
+            lambda t: t + MIRROR.replace("u@", "u:pw@") + "password_env = 'PW'\n",
+            "mirror.password: more than one given",
+        ),
+        (lambda t: t + MIRROR + "schema = 'Mirror'\n", "mirror.schema: expected a lower-case"),
+        (lambda t: t + MIRROR + "schema = 'pg_x'\n", "mirror.schema: expected a lower-case"),
+        (lambda t: t + MIRROR + "group = 'a b'\n", "mirror.group: not a usable group name"),
+        (lambda t: t + MIRROR + "batch = 0\n", "mirror.batch: must be > 0"),
+        (lambda t: t + MIRROR + "batch = 20000\n", "mirror.batch: must be at most 10000"),
+        (lambda t: t + MIRROR + "tenants = [1003]\n", "mirror.tenants[0]: tenant 1003 is not"),
+        (lambda t: t + MIRROR + "tenants = []\n", "mirror.tenants: empty"),
+        (
+            lambda t: t + MIRROR + "[redis]\ncluster = true\n",
+            "mirror.tenants: with redis.cluster = true a mirror reads one tenant",
+        ),
+        (lambda t: t + MIRROR + "feeds = ['jpm.jbs']\n", "mirror.feeds[0]: unknown feed"),
+        (
+            lambda t: t + MIRROR + "tenants = [1001]\nfeeds = ['crm.leads']\n",
+            "mirror.feeds[0]: 'crm.leads' is synced for no mirrored tenant",
+        ),
+        (
+            lambda t: t + MIRROR + "password_file = '/nonexistent/pw'\n",
+            "mirror.password_file: cannot read /nonexistent/pw",
+        ),
     ],
 )
 def test_bad_config_names_key(tmp_path: Path, edit, message: str) -> None:  # type: ignore[no-untyped-def]
@@ -226,6 +302,9 @@ def _with_float(path: tuple[str, ...], literal: float) -> tuple[str, str]:
         case ("feeds", "*", field):
             tables.append(f'[feeds."jpm.jobs"]\n{field} = {_toml(literal)}\n')
             key = f"feeds.jpm.jobs.{field}"
+        case ("mirror", field):
+            sections["mirror"] = {"url": "postgresql://127.0.0.1/db", field: literal}
+            key = f"mirror.{field}"
         case (section, field):
             sections.setdefault(section, {})[field] = literal
             key = f"{section}.{field}"
@@ -250,6 +329,7 @@ def test_every_float_setting_is_found() -> None:
         ("streams", "max_memory"),
         ("engine", "jitter"),
         ("tenants", "[]", "poll_interval"),
+        ("mirror", "claim_idle"),
     ]:
         assert path in FLOAT_SETTINGS
     assert len(FLOAT_SETTINGS) >= 16

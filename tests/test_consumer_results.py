@@ -16,8 +16,8 @@ import pytest
 import redis.asyncio as aioredis
 from structlog.testing import capture_logs
 
-from syncd.consumer import Event
-from syncd.consumer.delivery import UnknownResult, failed_events
+from syncd.consumer import Event, Failed
+from syncd.consumer.delivery import UnknownResult, failed_events, failure_reasons
 from tests.test_consumer import CUSTOMERS, KEYS, publish
 from tests.test_consumer_faults import Runner, make, until
 
@@ -64,10 +64,57 @@ def test_a_result_that_names_no_failures_is_refused(result: object, kind: str) -
         ({"1-1": "why"}.keys(), [BATCH[1]]),  # a dict's keys: the ids it holds
         (iter(["1-1"]), [BATCH[1]]),
         ((e for e in BATCH if e.key != "1"), [BATCH[0], BATCH[2]]),
+        ([Failed(BATCH[1], "refused")], [BATCH[1]]),
+        ([BATCH[0], Failed(BATCH[2], "refused")], [BATCH[0], BATCH[2]]),
     ],
 )
 def test_a_collection_of_failures_is_understood(result: object, failed: list[Event]) -> None:
     assert failed_events(BATCH, result) == failed
+
+
+@pytest.mark.parametrize(
+    ("result", "reasons"),
+    [
+        (None, {}),
+        ([BATCH[0], "1-1"], {}),
+        ({"1-1": "a dict is refused anyway"}, {}),
+        ("1-1", {}),
+        ([BATCH[0], Failed(BATCH[2], "too big")], {(CUSTOMERS, "1-2"): "too big"}),
+        ((Failed(e, e.key) for e in BATCH[:2]), {(CUSTOMERS, "1-0"): "0", (CUSTOMERS, "1-1"): "1"}),
+    ],
+)
+def test_the_reasons_given_for_failures(result: object, reasons: dict[Any, str]) -> None:
+    assert failure_reasons(result) == reasons
+
+
+async def test_a_refused_event_reaches_the_dead_stream_with_its_reason(
+    redis: aioredis.Redis,
+) -> None:
+    # Alone in its batches (as each redelivery is), a refused event fails every event of the
+    # round; with a reason of its own that is no outage, so it is not held but goes the normal
+    # way, and its dead letter says why.
+    handled: list[str] = []
+
+    async def handler(batch: list[Event]) -> list[Failed]:
+        handled.extend(e.key for e in batch if e.key != "2")
+        return [
+            Failed(e, "jsonb: \\u0000 cannot be converted to text") for e in batch if e.key == "2"
+        ]
+
+    for key in (1, 2, 3):
+        await publish(redis, CUSTOMERS, key)
+    c = make(redis, claim_idle_ms=100, max_deliveries=2, outage_after=1)
+    with capture_logs() as logs:
+        runner = Runner(c, handler)
+        await until(lambda: redis.xlen(KEYS.dead), "the refused event in the dead stream")
+        await runner.finish()
+    assert handled == ["1", "3"]
+    ((_, dead),) = await redis.xrange(KEYS.dead)
+    assert dead[b"key"] == b"2"
+    assert dead[b"reason"] == b"max_deliveries"
+    assert dead[b"detail"] == b"jsonb: \\u0000 cannot be converted to text"
+    assert not [e for e in logs if e["event"] == "consumer_handler_outage"]
+    assert (await redis.xinfo_groups(CUSTOMERS))[0]["pending"] == 0
 
 
 def test_the_refusal_says_what_to_return_instead() -> None:
@@ -148,7 +195,7 @@ MYPY_SNIPPET = """
     import asyncio
     from collections.abc import Iterator
 
-    from syncd.consumer import Consumer, Event
+    from syncd.consumer import Consumer, Event, Failed
 
 
     async def failed_events(batch: list[Event]) -> list[Event]:
@@ -171,6 +218,10 @@ MYPY_SNIPPET = """
         return {e.id: "why" for e in batch}
 
 
+    async def refused(batch: list[Event]) -> list[Failed]:
+        return [Failed(e, "why") for e in batch]
+
+
     async def raw(batch: list[Event]) -> bytes:
         return b""
 
@@ -184,9 +235,10 @@ MYPY_SNIPPET = """
         await c.run(failed_ids, stop=stop)
         await c.run(all_handled, stop=stop)
         await c.run(generated, stop=stop)
-        await c.run(reasons, stop=stop)  # line 40
-        await c.run(raw, stop=stop)  # line 41
-        await c.run(counted, stop=stop)  # line 42
+        await c.run(refused, stop=stop)
+        await c.run(reasons, stop=stop)  # line 45
+        await c.run(raw, stop=stop)  # line 46
+        await c.run(counted, stop=stop)  # line 47
 """
 
 
@@ -214,5 +266,5 @@ def test_mypy_refuses_a_handler_that_returns_a_dict_bytes_or_a_count(tmp_path: P
         timeout=300,
     )
     lines = [line for line in done.stdout.splitlines() if ": error:" in line]
-    assert [int(line.split(":")[1]) for line in lines] == [40, 41, 42], done.stdout
+    assert [int(line.split(":")[1]) for line in lines] == [45, 46, 47], done.stdout
     assert all('"run" of "Consumer"' in line for line in lines), done.stdout

@@ -141,6 +141,11 @@ def test_the_contract_holds_for_the_tree(tree_copy: Path) -> None:
         ),
         # The ServiceTitan edge reaching for Redis.
         ("servicetitan/page.py", "import syncd.redis.conn", "syncd.servicetitan is not allowed"),
+        # The mirror reaching into the engine, and the daemon (its sibling) into the mirror.
+        ("mirror/rows.py", "import syncd.engine.due", "syncd.mirror is not allowed"),
+        ("daemon/state.py", "import syncd.mirror.rows", "syncd.daemon is not allowed"),
+        # PostgreSQL's driver, an optional extra, outside the mirror.
+        ("consumer/events.py", "import psycopg", "syncd.consumer is not allowed to import psycopg"),
     ],
 )
 def test_the_contract_fails_an_import_against_the_arrows(

@@ -52,7 +52,8 @@ def test_every_locked_package_has_one_version_and_its_hashes(name: str) -> None:
 
 def test_the_lock_holds_the_build_backend_and_every_extra() -> None:
     pinned = lockfile.pins()
-    for name in ("setuptools", "pytest", "mypy", "ruff", "pyinstrument", "redis", "msgspec"):
+    extras = ("pytest", "mypy", "ruff", "pyinstrument", "psycopg")
+    for name in ("setuptools", *extras, "redis", "msgspec"):
         assert name in pinned, name
 
 

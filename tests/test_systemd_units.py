@@ -1,4 +1,5 @@
-"""The systemd units: the settings syncd relies on, their hardening score, and that they parse."""
+"""The systemd units: the settings syncd and its mirror rely on, their hardening score, and that
+they parse."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from syncd.config import MAX_SHUTDOWN_GRACE_S
 UNITS = Path(__file__).resolve().parent.parent / "systemd"
 MAIN = UNITS / "syncd.service"
 TEMPLATE = UNITS / "syncd@.service"
+MIRROR = UNITS / "syncd-mirror.service"
+ALL = [MAIN, TEMPLATE, MIRROR]
 MAX_EXPOSURE = 2.0
 # After the longest shutdown grace the configuration allows, time to close connections.
 CLOSE_MARGIN_S = 5
@@ -62,13 +65,12 @@ def seconds(text: str) -> float:
     return int(match[1]) * (60 if match[2] == "min" else 1)
 
 
-@pytest.mark.parametrize("path", [MAIN, TEMPLATE], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", ALL, ids=lambda p: p.name)
 def test_service_settings(path: Path) -> None:
     unit = parse_unit(path)
     assert value(unit, "Service", "Type") == "notify"
     assert value(unit, "Service", "NotifyAccess") == "main"
     assert seconds(value(unit, "Service", "WatchdogSec")) == 30
-    assert value(unit, "Service", "ExecReload") == "/bin/kill -HUP $MAINPID"
     assert value(unit, "Service", "Restart") == "on-failure"
     assert seconds(value(unit, "Service", "RestartSec")) == 5
     assert (
@@ -76,11 +78,6 @@ def test_service_settings(path: Path) -> None:
     )
     assert value(unit, "Service", "User") == "syncd"
     assert value(unit, "Service", "Group") == "syncd"
-    credentials = dict(c.split(":", 1) for c in values(unit, "Service", "LoadCredential"))
-    assert credentials == {
-        "app_key": "/etc/syncd/credentials/app_key",
-        "tenants": "/etc/syncd/credentials/tenants",
-    }
     families = value(unit, "Service", "RestrictAddressFamilies").split()
     assert sorted(families) == ["AF_INET", "AF_INET6", "AF_UNIX"]
     assert value(unit, "Service", "ProtectSystem") == "strict"
@@ -88,6 +85,38 @@ def test_service_settings(path: Path) -> None:
 
 
 @pytest.mark.parametrize("path", [MAIN, TEMPLATE], ids=lambda p: p.name)
+def test_the_daemon_reloads_and_holds_the_api_credentials(path: Path) -> None:
+    unit = parse_unit(path)
+    assert value(unit, "Service", "ExecReload") == "/bin/kill -HUP $MAINPID"
+    credentials = dict(c.split(":", 1) for c in values(unit, "Service", "LoadCredential"))
+    assert credentials == {
+        "app_key": "/etc/syncd/credentials/app_key",
+        "tenants": "/etc/syncd/credentials/tenants",
+    }
+
+
+def test_the_mirror_holds_the_database_credential_only_and_does_not_reload() -> None:
+    unit = parse_unit(MIRROR)
+    assert values(unit, "Service", "ExecReload") == []  # SIGHUP is no reload for it
+    credentials = dict(c.split(":", 1) for c in values(unit, "Service", "LoadCredential"))
+    assert credentials == {"postgres": "/etc/syncd/credentials/postgres"}
+    assert "postgresql.service" in value(unit, "Unit", "After").split()
+
+
+def test_the_mirror_is_hardened_as_the_daemon() -> None:
+    # Every sandboxing and privilege setting of syncd.service, with the same value.
+    first = "CapabilityBoundingSet"
+    main = parse_unit(MAIN)["Service"]
+    hardening = main[[k for k, _ in main].index(first) :]
+    mirror = parse_unit(MIRROR)["Service"]
+    assert mirror[[k for k, _ in mirror].index(first) :] == hardening
+    for key in ("DynamicUser", "LimitCORE", "UMask", "PrivateUsers"):
+        assert values(parse_unit(MIRROR), "Service", key) == values(
+            parse_unit(MAIN), "Service", key
+        )
+
+
+@pytest.mark.parametrize("path", ALL, ids=lambda p: p.name)
 def test_resource_limits_and_crash_loop(path: Path) -> None:
     unit = parse_unit(path)
     assert int(value(unit, "Service", "LimitNOFILE")) >= 16384
@@ -113,6 +142,10 @@ def test_exec_start() -> None:
     assert (
         value(parse_unit(MAIN), "Service", "ExecStart")
         == "/opt/syncd/.venv/bin/syncd run --config /etc/syncd/syncd.toml --instance %H"
+    )
+    assert (
+        value(parse_unit(MIRROR), "Service", "ExecStart")
+        == "/opt/syncd/.venv/bin/syncd mirror --config /etc/syncd/syncd.toml --name %H"
     )
     assert (
         value(parse_unit(TEMPLATE), "Service", "ExecStart")
@@ -141,7 +174,7 @@ def systemd_analyze() -> str:
     return binary
 
 
-@pytest.mark.parametrize("path", [MAIN, TEMPLATE], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", ALL, ids=lambda p: p.name)
 def test_units_parse_without_warnings(path: Path) -> None:
     out = subprocess.run(
         [systemd_analyze(), "verify", "--man=no", str(path)],
@@ -159,7 +192,7 @@ def test_units_parse_without_warnings(path: Path) -> None:
     assert complaints == []
 
 
-@pytest.mark.parametrize("path", [MAIN, TEMPLATE], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", ALL, ids=lambda p: p.name)
 def test_security_exposure(path: Path) -> None:
     binary = systemd_analyze()
     version = subprocess.run(

@@ -5,7 +5,9 @@ exit codes:
   1  --once: at least one feed could not be synced; doctor: a check failed; other command
      failures
   2  invalid configuration or usage; run: Redis settings that break the promises
-     (maxmemory-policy allkeys-*, see [redis] allow_eviction)
+     (maxmemory-policy allkeys-*, see [redis] allow_eviction); dead replay: a dead letter
+     that is not an event; mirror: no [mirror] section, the postgres extra not installed, or
+     tables a newer syncd migrated
 """
 
 from __future__ import annotations
@@ -38,6 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--instance",
         help="this instance's name in a fleet ([fleet] enabled), unique among them"
         " (default: the host name plus the pid)",
+    )
+
+    mirror = sub.add_parser(
+        "mirror",
+        help="keep the events as tables in PostgreSQL ([mirror] section), until SIGTERM",
+        description="Read the configured streams as a member of [mirror] group and keep one "
+        "table per feed in PostgreSQL, each batch in one transaction, acknowledged after COMMIT.",
+    )
+    mirror.add_argument("--config", "-c", required=True, help="configuration file (TOML)")
+    mirror.add_argument(
+        "--name",
+        help="this mirror's consumer name in the group, unique among them (default: the host name)",
     )
 
     check = sub.add_parser("check-config", help="validate a configuration file and exit")
@@ -91,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(e.g. `| head -n 3`) cannot be known, so to acknowledge exactly N use --count N",
     )
 
+    from syncd.cli import dead
+
+    dead.add_parser(sub)
+
     sim = sub.add_parser("simulate", help="run the ServiceTitan simulator")
     sim_cli.add_arguments(sim)
 
@@ -134,6 +152,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _fail("--instance: empty name", 2)
     daemon = Daemon(settings, once=args.once, config_path=args.config, instance=args.instance)
     return asyncio.run(daemon.run())
+
+
+def cmd_mirror(args: argparse.Namespace) -> int:
+    from syncd import log
+
+    try:
+        # The mirror never calls ServiceTitan: its credentials are not read (nor needed).
+        settings = load_settings(args.config, api_secrets=False)
+    except ConfigError as exc:
+        return _fail(str(exc), 2)
+    if settings.config.mirror is None:
+        return _fail(f"{args.config}: mirror: missing: add a [mirror] section with its url", 2)
+    if args.name is not None and not args.name.strip():
+        return _fail("--name: empty name", 2)
+    try:
+        from syncd.mirror import Mirror
+    except ImportError as exc:
+        return _fail(f"mirror: needs the postgres extra (pip install 'syncd[postgres]'): {exc}", 2)
+    log.configure(settings.config.log.level, settings.config.log.format)
+    return asyncio.run(Mirror(settings, name=args.name).run())
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -200,12 +238,18 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_operator(args)
     if args.command == "run":
         return cmd_run(args)
+    if args.command == "mirror":
+        return cmd_mirror(args)
     if args.command == "check-config":
         return cmd_check_config(args)
     if args.command == "doctor":
         return cmd_doctor(args)
     if args.command == "feeds":
         return cmd_feeds(args)
+    if args.command == "dead":
+        from syncd.cli import dead
+
+        return dead.main(args)
     if args.command == "simulate":
         import syncd.simulator.cli as sim_cli
 

@@ -9,6 +9,7 @@ import math
 import os
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,13 +22,16 @@ from syncd.config.model import (
     MAX_SHUTDOWN_GRACE_S,
     Config,
     ConfigError,
+    MirrorConfig,
     RedisConfig,
     TenantConfig,
     TenantDefaults,
 )
-from syncd.config.urls import check_url, redact_url
+from syncd.config.urls import check_postgres_url, check_url, redact_url
 
 _AT_PATH = re.compile(r"\s*-\s*at `\$(?P<path>[^`]*)`$")
+# A PostgreSQL name the mirror uses unquoted: lower case, at most 63 bytes, not pg_ (reserved).
+_SQL_NAME = re.compile(r"(?!pg_)[a-z_][a-z0-9_]{0,62}")
 
 
 def _key_path(message: str) -> tuple[str, str]:
@@ -180,6 +184,62 @@ def _check(cfg: Config, name: str) -> None:
             check_listen(cfg.ops.listen)
         except ValueError as exc:
             raise fail(name, "ops.listen", str(exc)) from None
+    if cfg.mirror is not None:
+        _check_mirror(cfg, cfg.mirror, name)
+
+
+def _check_mirror(cfg: Config, m: MirrorConfig, name: str) -> None:
+    """The [mirror] section: where PostgreSQL is, and which of the configured streams."""
+    problem = check_postgres_url(m.url)
+    if problem is not None:
+        raise fail(name, "mirror.url", f"{problem} (in {redact_url(m.url)})")
+    given = [k for k in ("password_file", "password_env") if getattr(m, k) is not None]
+    try:
+        in_url = urllib.parse.urlsplit(m.url).password is not None
+    except ValueError:
+        in_url = False
+    if len(given) + in_url > 1:
+        raise fail(name, "mirror.password", "more than one given: the URL's, password_file or _env")
+    if not _SQL_NAME.fullmatch(m.schema):
+        raise fail(
+            name,
+            "mirror.schema",
+            f"expected a lower-case name of letters, digits and _ (at most 63, not pg_...), "
+            f"got {m.schema!r}",
+        )
+    if not m.group or any(c.isspace() for c in m.group):
+        raise fail(name, "mirror.group", f"not a usable group name: {m.group!r}")
+    positive = {"batch": m.batch, "claim_idle": m.claim_idle}
+    positive |= {"max_deliveries": m.max_deliveries, "connect_timeout": m.connect_timeout}
+    for key, value in positive.items():
+        if value <= 0:
+            raise fail(name, f"mirror.{key}", f"must be > 0, got {value}")
+    if m.batch > 10_000:
+        raise fail(name, "mirror.batch", f"must be at most 10000 events, got {m.batch}")
+    configured = {t.id: t for t in cfg.tenants}
+    if m.tenants is not None and not m.tenants:
+        raise fail(name, "mirror.tenants", "empty: list at least one, or leave the key out for all")
+    for i, tenant in enumerate(m.tenants or ()):
+        if tenant not in configured:
+            raise fail(name, f"mirror.tenants[{i}]", f"tenant {tenant} is not configured")
+        if tenant in (m.tenants or [])[:i]:
+            raise fail(name, f"mirror.tenants[{i}]", f"tenant {tenant} is listed twice")
+    _check_feeds(name, "mirror.feeds", m.feeds)
+    tenants = [configured[t] for t in m.tenants] if m.tenants is not None else cfg.tenants
+    if cfg.redis.cluster and len(tenants) > 1:
+        raise fail(
+            name,
+            "mirror.tenants",
+            "with redis.cluster = true a mirror reads one tenant (its streams share a slot): "
+            "list one, and run a mirror per tenant",
+        )
+    synced: set[str] = set()
+    for t in tenants:
+        feeds = t.feeds if t.feeds is not None else cfg.defaults.feeds
+        synced.update(catalogue.default_feeds() if feeds is None else feeds)
+    for i, feed in enumerate(m.feeds or ()):
+        if feed not in synced:
+            raise fail(name, f"mirror.feeds[{i}]", f"{feed!r} is synced for no mirrored tenant")
 
 
 def _check_ha(cfg: Config, name: str) -> None:

@@ -211,6 +211,26 @@ class OpsConfig(_Base, frozen=True):
     metrics_detail: Literal["tenant", "tenant_feed"] = "tenant"
 
 
+class MirrorConfig(_Base, frozen=True):
+    """`syncd mirror`: the feeds' events kept as tables in PostgreSQL, one per feed."""
+
+    url: str  # postgresql://user@host:5432/dbname
+    # The database password, when the URL holds none (else libpq's PGPASSWORD or ~/.pgpass).
+    password_file: str | None = None
+    password_env: str | None = None
+    schema: str = "syncd"  # created when missing; holds the tables and their schema version
+    group: str = "syncd-mirror"  # the consumer group the mirror reads as
+    tenants: list[int] | None = None  # default: every configured tenant
+    feeds: list[str] | None = None  # default: each tenant's configured feeds
+    batch: int = 1000  # events read per stream per round, applied in one transaction
+    claim_idle: float = 60.0  # seconds before events a dead mirror held are taken over
+    max_deliveries: int = 5  # a record refused this often goes to the dead stream
+    connect_timeout: float = 10.0  # seconds to reach PostgreSQL
+
+    def __repr__(self) -> str:
+        return _masked_repr(self, urls=("url",))
+
+
 class Config(_Base, frozen=True):
     redis: RedisConfig = msgspec.field(default_factory=RedisConfig)
     servicetitan: ServiceTitanConfig = msgspec.field(default_factory=ServiceTitanConfig)
@@ -221,6 +241,7 @@ class Config(_Base, frozen=True):
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     ops: OpsConfig = msgspec.field(default_factory=OpsConfig)
     fleet: FleetConfig = msgspec.field(default_factory=FleetConfig)
+    mirror: MirrorConfig | None = None
     tenants: list[TenantConfig] = msgspec.field(default_factory=list)
     # Accept secret files that group or others can read, owned by someone else, or reached
     # through a symlink out of their directory.
@@ -255,6 +276,7 @@ class Settings:
     tenants: tuple[TenantSettings, ...]
     ops_token: Secret | None = None
     sentinel_password: Secret | None = None
+    mirror_password: Secret | None = None  # [mirror] password_file or password_env
 
     def feed_options(self, feed: str) -> FeedOptions:
         return self.config.feeds.get(feed) or _DEFAULT_FEED_OPTIONS

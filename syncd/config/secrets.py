@@ -66,27 +66,37 @@ def expand_path(path: str, environ: Mapping[str, str]) -> str | None:
     return None if missing else out
 
 
-def resolve(cfg: Config, environ: Mapping[str, str] | None = None) -> Settings:
-    """Read secrets and compute each tenant's effective settings."""
+def resolve(
+    cfg: Config, environ: Mapping[str, str] | None = None, *, api_secrets: bool = True
+) -> Settings:
+    """Read secrets and compute each tenant's effective settings.
+
+    `api_secrets=False` leaves ServiceTitan's (the app key, the tenants' client secrets) unread
+    and empty, for a process that never calls the API (`syncd mirror`): it need not hold them.
+    """
     env = os.environ if environ is None else environ
     name, st, d = cfg.path or "<config>", cfg.servicetitan, cfg.defaults
     default_auth, default_api = ENVIRONMENTS[st.environment]
     insecure = cfg.allow_insecure_secret_files
-    app_key = _read_secret(
-        name, "servicetitan.app_key", st.app_key, st.app_key_file, st.app_key_env, env, insecure
-    )
+    app_key = Secret("")
+    if api_secrets:
+        app_key = _read_secret(
+            name, "servicetitan.app_key", st.app_key, st.app_key_file, st.app_key_env, env, insecure
+        )
     tenants = []
     all_feeds = catalogue.default_feeds()
     for i, t in enumerate(cfg.tenants):
-        secret = _read_secret(
-            name,
-            f"tenants[{i}].client_secret",
-            t.client_secret,
-            t.client_secret_file,
-            t.client_secret_env,
-            env,
-            insecure,
-        )
+        secret = Secret("")
+        if api_secrets:
+            secret = _read_secret(
+                name,
+                f"tenants[{i}].client_secret",
+                t.client_secret,
+                t.client_secret_file,
+                t.client_secret_env,
+                env,
+                insecure,
+            )
         start = t.start if t.start is not None else d.start
         feeds = t.feeds if t.feeds is not None else d.feeds
         tenants.append(
@@ -119,6 +129,12 @@ def resolve(cfg: Config, environ: Mapping[str, str] | None = None) -> Settings:
             env,
             insecure,
         )
+    mirror_password = None
+    m = cfg.mirror
+    if m is not None and (m.password_file, m.password_env) != (None, None):
+        mirror_password = _read_secret(
+            name, "mirror.password", None, m.password_file, m.password_env, env, insecure
+        )
     settings = Settings(
         config=cfg,
         ops_token=ops_token,
@@ -127,6 +143,7 @@ def resolve(cfg: Config, environ: Mapping[str, str] | None = None) -> Settings:
         app_key=app_key,
         tenants=tuple(tenants),
         sentinel_password=sentinel_password,
+        mirror_password=mirror_password,
     )
     register_secrets(settings)
     return settings
@@ -142,13 +159,19 @@ def register_secrets(settings: Settings) -> None:
     for slot, secret in (
         ("ops_token", settings.ops_token),
         ("sentinel_password", settings.sentinel_password),
+        ("mirror_password", settings.mirror_password),
     ):
         redact.register(slot, None if secret is None else secret.reveal())
-    try:
-        password = urllib.parse.urlsplit(settings.config.redis.url).password
-    except ValueError:
-        password = None
-    redact.register("redis_password", urllib.parse.unquote(password) if password else None)
+    mirror = settings.config.mirror
+    for slot, url in (
+        ("redis_password", settings.config.redis.url),
+        ("mirror_url_password", mirror.url if mirror is not None else ""),
+    ):
+        try:
+            password = urllib.parse.urlsplit(url).password
+        except ValueError:
+            password = None
+        redact.register(slot, urllib.parse.unquote(password) if password else None)
 
 
 def _resolve_tls(cfg: Config, name: str, env: Mapping[str, str]) -> Config:
@@ -188,7 +211,10 @@ def _pick(own: _T | None, default: _T) -> _T:
 
 
 def load_settings(
-    path: str | os.PathLike[str], environ: Mapping[str, str] | None = None
+    path: str | os.PathLike[str],
+    environ: Mapping[str, str] | None = None,
+    *,
+    api_secrets: bool = True,
 ) -> Settings:
     """load() then resolve(): the one call the daemon and the commands use."""
-    return resolve(load(path), environ)
+    return resolve(load(path), environ, api_secrets=api_secrets)

@@ -109,6 +109,31 @@ def check_url(url: str) -> str | None:
     return None
 
 
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def check_postgres_url(url: str) -> str | None:
+    """What makes `url` unusable as a PostgreSQL URL (libpq's form), or None; never echoes
+    credentials. libpq itself reads it when the mirror connects."""
+    if not url.startswith(POSTGRES_SCHEMES):
+        return "expected a postgresql:// URL"
+    if _misplaced_at(url) is not None and _splits(url):
+        return (
+            "has an '@' after its host: a '/', '?' or '#' in the user name or password must be "
+            "percent-encoded (%2F, %3F, %23)"
+        )
+    if "#" in url:
+        return "holds a '#': in a password it must be percent-encoded (%23)"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        return _scrub(str(exc), url)
+    if port == 0:
+        return "port must be 1..65535, got 0"
+    return None
+
+
 def _scrub(message: str, url: str) -> str:
     """A parser message, unless it contains a credential of `url` (then a generic one)."""
     try:

@@ -12,12 +12,13 @@ the engine, the fleet or ServiceTitan.
 
 from syncd.consumer.consumer import Consumer, Start
 from syncd.consumer.delivery import entry_order, is_newer_or_same
-from syncd.consumer.events import Event, MalformedEvent, Subscription, parse_stream_reply
+from syncd.consumer.events import Event, Failed, MalformedEvent, Subscription, parse_stream_reply
 from syncd.consumer.loop import Handler
 
 __all__ = [
     "Consumer",
     "Event",
+    "Failed",
     "Handler",
     "MalformedEvent",
     "Start",

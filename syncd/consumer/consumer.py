@@ -21,24 +21,23 @@ need a single Redis server; on a Redis Cluster, run one consumer per tenant.
 
 This module holds `Consumer`: its settings, group setup and recovery, reading (taking stale
 entries over, reading new ones) and acknowledging. The loop behind `Consumer.run` is in
-`syncd.consumer.loop`, the dead-letter script in `syncd.consumer.deadletter`.
+`syncd.consumer.loop`, the dead-letter script in `syncd.consumer.deadletter`, and the replay
+streams (dead letters `syncd dead replay` hands back) in `syncd.consumer.replay`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import time
-from collections.abc import Iterable
-from typing import Literal, cast
+from collections.abc import Iterable, Mapping
+from typing import Literal
 
-import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
-from syncd.consumer import capped, loop
+from syncd.consumer import capped, loop, regroup, replay
 from syncd.consumer.deadletter import DEAD_LETTER_LUA, bury
-from syncd.consumer.delivery import classify, entry_order, regroup_at
+from syncd.consumer.delivery import classify, entry_order
 from syncd.consumer.events import (
     Event,
     MalformedEvent,
@@ -51,7 +50,7 @@ from syncd.consumer.events import text as _text
 from syncd.consumer.held import Held
 from syncd.consumer.loop import Handler
 from syncd.keys import DEFAULT_PREFIX
-from syncd.redis.conn import RedisClient
+from syncd.redis.conn import RedisClient, socket_timeout_s
 
 Start = Literal["beginning", "new"]
 
@@ -70,24 +69,6 @@ return -1
 """
 
 
-def _socket_timeout_s(redis: RedisClient) -> float | None:
-    """The read timeout the client's connections get (redis-py 8 defaults it to 5 s)."""
-    if not isinstance(redis, aioredis.Redis):
-        # A cluster client keeps the connection settings of its nodes.
-        value = getattr(redis, "connection_kwargs", {}).get("socket_timeout")
-        return float(value) if isinstance(value, int | float) else None
-    pool = redis.connection_pool
-    if "socket_timeout" in pool.connection_kwargs:
-        return cast("float | None", pool.connection_kwargs["socket_timeout"])
-    # Not given explicitly (from_url): the connection class's default applies.
-    for cls in pool.connection_class.__mro__:
-        if "__init__" in vars(cls):
-            param = inspect.signature(vars(cls)["__init__"]).parameters.get("socket_timeout")
-            if param is not None and isinstance(param.default, int | float):
-                return float(param.default)
-    return None
-
-
 class Consumer:
     """One named member of a consumer group reading syncd event streams.
 
@@ -99,7 +80,10 @@ class Consumer:
     (seconds) bounds each handler call in `run`, a call that takes longer fails its events.
     `block_ms` (at least 1) is capped at 80% of the client's socket timeout, so that waiting
     for events never trips it. After `outage_after` rounds in a row in which the handler
-    failed every event, `run` takes the handler's dependencies for down (see `run`).
+    failed every event, `run` takes the handler's dependencies for down (see `run`). With
+    `read_ahead`, `run` reads the next batch while the handler works on one. Beside each stream
+    it reads the group's replay stream, from its beginning: the dead letters `syncd dead
+    replay` handed back to the group (`Event.replay_id` set).
     """
 
     def __init__(
@@ -117,6 +101,7 @@ class Consumer:
         block_ms: int = 5_000,
         handler_timeout: float | None = None,
         outage_after: int = 3,
+        read_ahead: bool = False,
     ) -> None:
         if not group or not consumer:
             raise ValueError("group and consumer names must not be empty")
@@ -144,24 +129,28 @@ class Consumer:
         self.batch = batch
         self.handler_timeout = handler_timeout
         self.outage_after = outage_after
-        timeout_s = _socket_timeout_s(redis)
+        self.read_ahead = read_ahead
+        timeout_s = socket_timeout_s(redis)
         self.block_ms = block_ms if timeout_s is None else min(block_ms, int(timeout_s * 800) or 1)
         self._streams = {name: parse_stream(name, prefix) for name in names}
-        self._cursors = dict.fromkeys(self._streams, "0-0")
+        # What is read: the event streams and, beside each, its replay stream for the group.
+        self._reading = {**self._streams, **replay.replay_streams(self._streams, prefix, group)}
+        self._cursors = dict.fromkeys(self._reading, "0-0")
         # Per stream, the newest entry this consumer was handed: where a lost group resumes.
         # With its fields: after a restart a new entry may reuse the id.
         self._seen: dict[str, tuple[str, dict[str, bytes]]] = {}
         # The entries handed out and not acknowledged yet: what a lost group takes with it.
-        self._held = Held(self._streams)
+        self._held = Held(self._reading)
         self._reclaim_due = 0.0
         self._groups_ready = False
         self._closed = False
         self._dead_letter = redis.register_script(DEAD_LETTER_LUA)
         self._forget = redis.register_script(_FORGET_CONSUMER_LUA)
+        self._ack_replayed = redis.register_script(replay.ACK_LUA)
 
     @property
     def streams(self) -> list[str]:
-        """The stream names this consumer reads."""
+        """The event stream names this consumer reads (and beside each, its replay stream)."""
         return list(self._streams)
 
     @property
@@ -175,15 +164,19 @@ class Consumer:
 
     async def _create_groups(self, start: str) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
-            for stream in self._streams:
-                pipe.xgroup_create(stream, self.group, id=start, mkstream=True)
+            for stream, ref in self._reading.items():
+                # Everything in a replay stream is addressed to the group: read from its start.
+                pipe.xgroup_create(
+                    stream, self.group, id="0" if ref.origin else start, mkstream=True
+                )
             replies = await pipe.execute(raise_on_error=False)
-        for stream, reply in zip(self._streams, replies, strict=True):
+        for (stream, ref), reply in zip(self._reading.items(), replies, strict=True):
             if isinstance(reply, ResponseError) and str(reply).startswith("BUSYGROUP"):
                 continue
             if isinstance(reply, Exception):
                 raise reply
-            log.info("consumer_group_created", stream=stream, group=self.group, start=start)
+            if not ref.origin:
+                log.info("consumer_group_created", stream=stream, group=self.group, start=start)
         self._groups_ready = True
 
     async def read(self, limit: int | None = None) -> list[Event]:
@@ -219,43 +212,14 @@ class Consumer:
         everything it holds is news: the group starts at its beginning. On a stream where this
         consumer got nothing yet, it starts where `start` says: the stream's beginning
         (everything it holds comes again, however often it was acknowledged before) or its end
-        (what was added while the group was missing is skipped).
+        (what was added while the group was missing is skipped). A replay stream starts at its
+        beginning: what it holds is what the group has not handled yet.
         """
         log.warning("consumer_group_missing", group=self.group, error=str(exc or ""))
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for stream in self._streams:
-                pipe.xlen(stream)
-                entry_id = self._seen[stream][0] if stream in self._seen else "-"
-                pipe.xrange(stream, entry_id, entry_id, count=1)
-            replies = await pipe.execute()
-        for i, stream in enumerate(self._streams):
-            length, entries = int(replies[2 * i]), replies[2 * i + 1]
-            seen, seen_fields = self._seen.get(stream, (None, {}))
-            held = bool(entries) and _fields(entries[0][1]) == seen_fields
-            position, effect = regroup_at(seen, held, length, self.start)
-            try:
-                await self.redis.xgroup_create(stream, self.group, id=position, mkstream=True)
-            except ResponseError as err:
-                if not str(err).startswith("BUSYGROUP"):
-                    raise
-                # There all along, or created again by another consumer: what this one held
-                # and the group no longer holds pending is lost.
-                pending = await self._held.pending(self.redis, self.group, only=stream)
-                if stream in pending:
-                    how = "created again by another consumer"
-                    self._held.report_lost(stream, self.group, self.consumer, how, pending[stream])
-                continue
-            log.warning(
-                "consumer_group_recreated",
-                stream=stream,
-                group=self.group,
-                start=self.start,
-                position=position,
-                effect=effect,
-            )
-            how = f"created again at {position}"
-            self._held.report_lost(stream, self.group, self.consumer, how)
-        self._cursors = dict.fromkeys(self._streams, "0-0")
+        await regroup.recreate(
+            self.redis, self.group, self.consumer, self.start, self._reading, self._seen, self._held
+        )
+        self._cursors = dict.fromkeys(self._reading, "0-0")
         self._groups_ready = True
 
     async def _read(self, limit: int | None) -> list[Event]:
@@ -274,7 +238,7 @@ class Consumer:
         replies = await capped.autoclaim(
             self.redis, self._cursors, self.group, self.consumer, idle_ms, batch, limit
         )
-        scan_complete = len(replies) == len(self._streams)
+        scan_complete = len(replies) == len(self._reading)
         claimed: list[tuple[str, str, dict[str, bytes]]] = []
         for stream, reply in replies:
             cursor, entries, deleted = _text(reply[0]), reply[1], reply[2] if len(reply) > 2 else []
@@ -335,7 +299,7 @@ class Consumer:
         reply = await self.redis.xreadgroup(
             self.group,
             self.consumer,
-            dict.fromkeys(self._streams, ">"),
+            dict.fromkeys(self._reading, ">"),
             count=count or self.batch,
             block=self.block_ms if block else None,
         )
@@ -346,8 +310,10 @@ class Consumer:
     ) -> list[Event]:
         events: list[Event] = []
         for stream, items in entries:
+            if items:  # new entries come in stream order, after all the group delivered before
+                self._seen[stream] = items[-1]
             for entry_id, fields in items:
-                event = await self._event(stream, entry_id, fields, 1)
+                event = await self._event(stream, entry_id, fields, 1, seen=False)
                 if event is not None:
                     events.append(event)
         return events
@@ -355,23 +321,27 @@ class Consumer:
     async def _read_new_at_most(self, limit: int, *, block: bool) -> list[Event]:
         block_ms = self.block_ms if block else None
         entries = await capped.read_new(
-            self.redis, self.streams, self.group, self.consumer, limit, block_ms=block_ms
+            self.redis, list(self._reading), self.group, self.consumer, limit, block_ms=block_ms
         )
         events = await self._new_events(entries)
         events.sort(key=lambda event: entry_order(event.id))  # across feeds, in time order
         return events
 
     async def _event(
-        self, stream: str, entry_id: str, fields: dict[str, bytes], deliveries: int
+        self,
+        stream: str,
+        entry_id: str,
+        fields: dict[str, bytes],
+        deliveries: int,
+        seen: bool = True,
     ) -> Event | None:
-        ref = self._streams[stream]
-        seen = self._seen.get(stream)
-        if seen is None or entry_order(entry_id) > entry_order(seen[0]):
+        ref = self._reading[stream]
+        newest = self._seen.get(stream)
+        fresh = newest is None or entry_order(entry_id) > entry_order(newest[0])
+        if seen and not ref.origin and fresh:
             self._seen[stream] = (entry_id, fields)
         try:
-            event = Event.from_entry(
-                stream, entry_id, fields, tenant=ref.tenant, feed=ref.feed, deliveries=deliveries
-            )
+            event = replay.event_of(stream, ref, entry_id, fields, deliveries)
         except MalformedEvent as exc:
             await self._bury(stream, entry_id, fields, "malformed", deliveries, str(exc))
             return None
@@ -387,32 +357,47 @@ class Consumer:
         deliveries: int,
         detail: str = "",
     ) -> None:
-        self._held.drop(stream, entry_id)
+        noted = self._held.drop(stream, entry_id)
+        ref = self._reading[stream]
+        named, named_id, copied = stream, entry_id, fields
+        if ref.origin:  # the copy names the event's own stream and entry id
+            named, named_id, copied = replay.dead_copy(stream, ref, entry_id, fields)
         await bury(
             self._dead_letter,
-            stream,
-            self._streams[stream],
-            entry_id,
-            fields,
+            named,
+            ref,
+            named_id,
+            copied,
             group=self.group,
             consumer=self.consumer,
             reason=reason,
             deliveries=deliveries,
-            detail=detail,
+            detail=detail or noted,
+            replayed=(stream, entry_id) if ref.origin else None,
         )
+
+    def refused(self, reasons: Mapping[tuple[str, str], str]) -> None:
+        """Note why the handler failed events it holds ((stream, entry id) -> reason): should
+        they reach the dead stream, the reason goes with them (`detail`)."""
+        self._held.refused(reasons)
 
     async def ack(self, *events: Event) -> int:
         """Acknowledge events in this consumer's group; returns how many were still pending."""
         ids: dict[str, list[str]] = {}
+        replayed: dict[str, list[str]] = {}
         for event in events:
-            ids.setdefault(event.stream, []).append(event.id)
-            self._held.drop(event.stream, event.id)
+            stream, entry_id = replay.pending_entry(event, self.prefix, self.group)
+            (ids if event.replay_id is None else replayed).setdefault(stream, []).append(entry_id)
+            self._held.drop(stream, entry_id)
+        acked = 0
+        for stream, entry_ids in replayed.items():  # rare: one script per replay stream
+            acked += await replay.ack(self._ack_replayed, stream, self.group, entry_ids)
         if not ids:
-            return 0
+            return acked
         async with self.redis.pipeline(transaction=False) as pipe:
             for stream, entry_ids in ids.items():
                 pipe.xack(stream, self.group, *entry_ids)
-            return sum(int(n) for n in await pipe.execute())
+            return acked + sum(int(n) for n in await pipe.execute())
 
     async def ack_all(self, batch: Iterable[Event]) -> int:
         """Acknowledge every event of a batch; returns how many were still pending."""
@@ -448,6 +433,10 @@ class Consumer:
         retried with backoff; a lost group is created again (see `recover_groups`). Nothing
         ends the loop but `stop`, `close()` or cancellation. `stop` is checked between rounds,
         so stopping takes up to `block_ms` plus the handler's time.
+
+        With `read_ahead`, the next batch is read while the handler works on one (batches
+        still come one at a time, in order, each acknowledged after its call); a batch read
+        ahead is handled after `stop` too, and is the first probe when an outage begins.
         """
         await loop.run(self, handler, stop=stop)
 
@@ -476,7 +465,7 @@ class Consumer:
             return
         try:
             # One call per stream: on a cluster the streams may live on different nodes.
-            for stream in self._streams:
+            for stream in self._reading:
                 await self._forget(keys=[stream], args=[self.group, self.consumer])
         except RedisError as exc:
             log.warning("consumer_close_failed", group=self.group, error=str(exc))

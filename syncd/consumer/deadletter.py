@@ -17,18 +17,30 @@ log = structlog.get_logger("syncd.consumer")
 # Copy first, acknowledge second, in one script: an error in XADD stops the script, so an entry
 # is never acknowledged without its copy, and a crash cannot leave a copy of a still-pending
 # entry (which would be dead-lettered twice). An entry no longer pending was already copied
-# (or acknowledged by someone): a retried script does nothing. Both keys share the tenant's
-# hash slot. KEYS: event stream, dead stream. ARGV: group, entry id, field, value, ...
+# (or acknowledged by someone): a retried script does nothing. An entry of a replay stream is
+# deleted once acknowledged (see `syncd.consumer.replay`). Both keys share the tenant's hash
+# slot. KEYS: the stream the entry is pending in, dead stream. ARGV: group, entry id, "1" to
+# delete it, field, value, ...
 DEAD_LETTER_LUA = """
 if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1) == 0 then
   return 0
 end
-redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
-return redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XADD', KEYS[2], '*', unpack(ARGV, 4))
+local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+if ARGV[3] == '1' then
+  redis.call('XDEL', KEYS[1], ARGV[2])
+end
+return acked
 """
 
 Script = Callable[..., Awaitable[Any]]
-"""`DEAD_LETTER_LUA` registered on a client (`redis.register_script`)."""
+"""A Lua script registered on a client (`redis.register_script`)."""
+
+BURIAL_FIELDS = frozenset(
+    {"feed", "reason", "stream", "entry_id", "group", "consumer", "deliveries", "detail", "replays"}
+)
+"""What a consumer's dead letter carries beside the event's own fields (`replays` once
+`syncd dead replay` handed it back)."""
 
 
 async def bury(
@@ -43,11 +55,14 @@ async def bury(
     reason: str,
     deliveries: int,
     detail: str = "",
+    replayed: tuple[str, str] | None = None,
 ) -> None:
-    """Dead-letter one pending entry of `stream` (`ref` is that stream's parsed name).
+    """Dead-letter one pending entry of `stream` (`ref` is that stream's parsed name), or
+    with `replayed`, the (replay stream, entry id) in which it was handed back to the group:
+    that entry is the one acknowledged (and deleted), the copy names `stream` and `entry_id`.
 
-    The copy holds the entry's fields and, over any of the same name, `feed`, `reason`,
-    `stream`, `entry_id`, `group`, `consumer`, `deliveries` and `detail` (when given).
+    The copy holds `fields` and, over any of the same name, `feed`, `reason`, `stream`,
+    `entry_id`, `group`, `consumer`, `deliveries` and `detail` (when given).
     """
     meta: dict[str, str | bytes] = {
         "feed": ref.feed,
@@ -61,11 +76,12 @@ async def bury(
     if detail:
         meta["detail"] = detail
     payload = {**{k: v for k, v in fields.items() if k not in meta}, **meta}
-    args: list[str | bytes] = [group, entry_id]
+    pending, pending_id = replayed or (stream, entry_id)
+    args: list[str | bytes] = [group, pending_id, "1" if replayed else "0"]
     for name, value in payload.items():
         args.extend((name, value))
     try:
-        await script(keys=[stream, ref.dead], args=args)
+        await script(keys=[pending, ref.dead], args=args)
     except ResponseError as exc:
         # Left pending: it is taken over and tried again after claim_idle_ms.
         log.error("consumer_dead_letter_failed", stream=stream, entry_id=entry_id, error=str(exc))
@@ -77,4 +93,5 @@ async def bury(
         group=group,
         reason=reason,
         deliveries=deliveries,
+        **({"replay_id": pending_id} if replayed else {}),
     )

@@ -20,6 +20,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from syncd.consumer.events import Failed
 from syncd.instants import utc_instant
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "entry_order",
     "error_code",
     "failed_events",
+    "failure_reasons",
     "is_newer_or_same",
     "regroup_at",
     "shares_of",
@@ -134,11 +136,11 @@ def failed_events(batch: Sequence[E], result: object) -> list[E]:
     """The events of `batch` a handler reported as failed by returning them (or their ids).
 
     None: the handler handled the whole batch. A collection or iterator (list, tuple, set,
-    generator...) of events or entry ids (str or bytes) names the failed ones; the others were
-    handled. Raises UnknownResult for any other value (see there), and ValueError when the
-    handler named something that is not an event of the batch (a record key, an event of
-    another batch): in both cases what it meant to fail is unknown, so nothing may be
-    acknowledged on its word.
+    generator...) of events, `Failed` events or entry ids (str or bytes) names the failed ones;
+    the others were handled. Raises UnknownResult for any other value (see there), and
+    ValueError when the handler named something that is not an event of the batch (a record
+    key, an event of another batch): in both cases what it meant to fail is unknown, so
+    nothing may be acknowledged on its word.
     """
     if result is None:
         return []
@@ -171,6 +173,14 @@ def failed_events(batch: Sequence[E], result: object) -> list[E]:
             f"batch ({shown}): return the failed events or their entry ids"
         )
     return [e for e in batch if (e.stream, e.id) in failed]
+
+
+def failure_reasons(result: object) -> dict[tuple[str, str], str]:
+    """(stream, entry id) -> reason of the failures a handler gave a reason for (`Failed`),
+    in a result `failed_events` accepted."""
+    if not isinstance(result, Iterable) or isinstance(result, str | bytes | Mapping):
+        return {}
+    return {(f.stream, f.id): f.reason for f in result if isinstance(f, Failed)}
 
 
 class Backoff:

@@ -12,7 +12,14 @@ from syncd import catalogue
 from syncd.instants import utc_instant
 from syncd.keys import DEFAULT_PREFIX, Keys
 
-__all__ = ["Event", "MalformedEvent", "Subscription", "parse_stream", "parse_stream_reply"]
+__all__ = [
+    "Event",
+    "Failed",
+    "MalformedEvent",
+    "Subscription",
+    "parse_stream",
+    "parse_stream_reply",
+]
 
 T = TypeVar("T")
 
@@ -46,6 +53,10 @@ class Event(msgspec.Struct, frozen=True):
     # (None: the key never had one). Events published before syncd 0.3.0 lack the field: it
     # is then computed from `modified_on`, the way the daemon does.
     modified_at: str | None = None
+    # Set when `syncd dead replay` handed this dead-lettered event back to the group: the
+    # entry id in the group's replay stream, where it is acknowledged. `stream` and `id` stay
+    # the event's own, so `version` places it among its key's versions as before.
+    replay_id: str | None = None
 
     @property
     def version(self) -> tuple[str, int, int]:
@@ -106,6 +117,24 @@ class Event(msgspec.Struct, frozen=True):
         )
 
 
+class Failed(msgspec.Struct, frozen=True):
+    """An event a handler failed for a reason of its own, such as a record its database
+    refuses: return it among the failures. The event comes back like any failed one, and
+    should it reach the dead stream (after `max_deliveries`), the reason goes with it as
+    `detail`. Such failures are no sign of an outage of the handler's dependencies."""
+
+    event: Event
+    reason: str
+
+    @property
+    def stream(self) -> str:
+        return self.event.stream
+
+    @property
+    def id(self) -> str:
+        return self.event.id
+
+
 class Subscription(msgspec.Struct, frozen=True):
     """Feeds of one tenant to read: the named ones, or every catalogue feed when `feeds` is None."""
 
@@ -129,9 +158,13 @@ class Subscription(msgspec.Struct, frozen=True):
 
 
 class StreamRef(NamedTuple):
+    """What a consumer knows of a stream it reads: its tenant, feed and dead stream, and for
+    a replay stream (see `syncd.consumer.replay`) the event stream it hands events back to."""
+
     tenant: int
     feed: str
     dead: str
+    origin: str = ""
 
 
 def parse_stream(name: str, prefix: str) -> StreamRef:
@@ -153,7 +186,13 @@ def text(value: bytes | str) -> str:
 
 def fields_of(raw: Mapping[Any, Any]) -> dict[str, bytes]:
     # Clients made with decode_responses=True hand back str; events carry bytes either way.
-    return {text(k): v if isinstance(v, bytes) else str(v).encode() for k, v in raw.items()}
+    # Written out rather than through text(): this runs for every field of every entry read.
+    return {
+        (k.decode("utf-8", "replace") if type(k) is bytes else str(k)): (
+            v if type(v) is bytes else str(v).encode()
+        )
+        for k, v in raw.items()
+    }
 
 
 def parse_stream_reply(reply: Any) -> list[tuple[str, list[tuple[str, dict[str, bytes]]]]]:

@@ -1,6 +1,7 @@
 """What one consumer holds: the entries it was handed and has not acknowledged (nor
 dead-lettered) yet, per stream, which are the events its handler failed once `run` has
-acknowledged the others.
+acknowledged the others, with the reason the handler gave for each (`Failed`), which the dead
+stream gets should the entry end there.
 
 Redis keeps them in the group's pending list, and a group that vanishes (destroyed, its stream
 deleted, a Redis restarted without persistence) takes them with it: the group created again
@@ -10,7 +11,7 @@ never delivers them. Only the consumer still knows them, so it says which they w
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import structlog
 
@@ -28,17 +29,25 @@ _SLACK = 100
 
 
 class Held:
-    """Per stream, the ids of the entries handed out and not yet acknowledged, oldest first."""
+    """Per stream, the ids of the entries handed out and not yet acknowledged, oldest first,
+    each with the reason its handler last failed it for ("" for none given)."""
 
     def __init__(self, streams: Iterable[str]) -> None:
-        self._ids: dict[str, dict[str, None]] = {stream: {} for stream in streams}
+        self._ids: dict[str, dict[str, str]] = {stream: {} for stream in streams}
 
     def add(self, stream: str, entry_id: str) -> None:
-        self._ids[stream][entry_id] = None
+        self._ids[stream].setdefault(entry_id, "")
 
-    def drop(self, stream: str, entry_id: str) -> None:
-        if stream in self._ids:
-            self._ids[stream].pop(entry_id, None)
+    def refused(self, reasons: Mapping[tuple[str, str], str]) -> None:
+        """Note why the handler failed these held entries ((stream, entry id) -> reason)."""
+        for (stream, entry_id), reason in reasons.items():
+            held = self._ids.get(stream)
+            if held is not None and entry_id in held:
+                held[entry_id] = reason
+
+    def drop(self, stream: str, entry_id: str) -> str:
+        """Forget an entry; returns the reason noted for it ("" for none)."""
+        return self._ids[stream].pop(entry_id, "") if stream in self._ids else ""
 
     def ids(self, stream: str) -> list[str]:
         return list(self._ids[stream])
@@ -47,7 +56,7 @@ class Held:
         """Keep those of `stream` that are in `pending`; returns the others."""
         held = self._ids[stream]
         gone = [entry_id for entry_id in held if entry_id not in pending]
-        self._ids[stream] = {entry_id: None for entry_id in held if entry_id in pending}
+        self._ids[stream] = {i: reason for i, reason in held.items() if i in pending}
         return gone
 
     async def pending(

@@ -17,9 +17,16 @@ from typing import Any, Protocol
 
 import structlog
 
-from syncd.consumer.delivery import Backoff, UnknownResult, classify, failed_events
-from syncd.consumer.events import Event
+from syncd.consumer.delivery import (
+    Backoff,
+    UnknownResult,
+    classify,
+    failed_events,
+    failure_reasons,
+)
+from syncd.consumer.events import Event, Failed
 from syncd.consumer.events import text as _text
+from syncd.consumer.replay import pending_entry
 from syncd.redis.conn import RedisClient
 
 log = structlog.get_logger("syncd.consumer")
@@ -29,20 +36,26 @@ _BACKOFF_MAX_S = 30.0
 
 
 Failures = (
-    Sequence[Event | str | bytes]
-    | AbstractSet[Event | str | bytes]
-    | Iterator[Event | str | bytes]
+    Sequence[Event | Failed | str | bytes]
+    | AbstractSet[Event | Failed | str | bytes]
+    | Iterator[Event | Failed | str | bytes]
     | None
 )
 """What a handler returns: None when every event of its batch was handled, else the events
-that failed or their entry ids, in a list, tuple, set or generator."""
+that failed (or their entry ids, or `Failed(event, reason)`), in a list, tuple, set or
+generator."""
 
 Handler = Callable[[list[Event]], Awaitable[Failures]]
 """Called with a batch of events. Return None when all were handled, or the events (or their
-ids) that failed: the others are acknowledged. Raising fails the batch; `Consumer.run` then
-calls the handler once per event to find the ones that fail. Any other result (a dict such as
-`{event.id: reason}`, a str, bytes, a number, True) is refused at run time: the whole batch
-counts as failed and an error (`consumer_handler_result_refused`) names the type."""
+ids) that failed: the others are acknowledged. An event failed for a reason of its own (a
+record the database refuses) is returned as `Failed(event, reason)`: the reason goes with it
+to the dead stream, and such failures do not count towards an outage. Raising fails the
+batch; `Consumer.run` then calls the handler once per event to find the ones that fail. Any
+other result (a dict such as `{event.id: reason}`, a str, bytes, a number, True) is refused at
+run time: the whole batch counts as failed and an error (`consumer_handler_result_refused`)
+names the type."""
+
+Reasons = dict[tuple[str, str], str]
 
 
 class Source(Protocol):
@@ -50,11 +63,13 @@ class Source(Protocol):
     a lost group."""
 
     redis: RedisClient
+    prefix: str
     group: str
     consumer: str
     batch: int
     handler_timeout: float | None
     outage_after: int
+    read_ahead: bool
 
     @property
     def closed(self) -> bool: ...
@@ -64,6 +79,8 @@ class Source(Protocol):
     async def read_new(self, count: int) -> list[Event]: ...
 
     async def ack(self, *events: Event) -> int: ...
+
+    def refused(self, reasons: Reasons) -> None: ...
 
     async def recover_groups(self, exc: BaseException | None = None) -> None: ...
 
@@ -96,51 +113,83 @@ async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
 
 async def run(source: Source, handler: Handler, *, stop: asyncio.Event) -> None:
     """`Consumer.run`: see there for what it promises."""
-    backoff = Backoff(_BACKOFF_MIN_S, _BACKOFF_MAX_S)
-    held: list[Event] = []  # failed events retried here during a handler outage
-    failed_rounds = 0
+    state = _Rounds()
     guard = _CancelGuard()
-    while not stop.is_set() and not source.closed:
-        guard.check()
-        try:
-            if held:
-                await _sleep_unless(stop, backoff.next())
-                if stop.is_set():
-                    break
-                held = await _keep(source, held)
-                batch = held + (await _probe(source) if len(held) < source.batch else [])
-            else:
-                batch = await source.read()
+    # With read_ahead, the next batch, read while the handler works on this one. Once read, its
+    # events are delivered: they are handled (after `stop` too) rather than left pending.
+    ahead: asyncio.Task[list[Event]] | None = None
+    try:
+        while not source.closed and (not stop.is_set() or ahead is not None):
             guard.check()
-            if not batch:
-                continue
-            failed = await _apply(source, handler, batch)
-            done = [e for e in batch if e not in failed]
-            await source.ack(*done)
-            if done or not failed:
-                if held and failed:
-                    log.warning("consumer_outage_over", group=source.group, poison=len(failed))
-                held, failed_rounds = [], 0
-                backoff.reset()
-                continue
-            failed_rounds += 1
-            if failed_rounds >= source.outage_after:
-                if not held:
-                    log.error(
-                        "consumer_handler_outage",
-                        group=source.group,
-                        consumer=source.consumer,
-                        failed_rounds=failed_rounds,
-                        held=len(failed),
-                    )
-                held = failed
-                continue
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            await _on_error(source, exc, backoff)
-        guard.check()
-        await _sleep_unless(stop, backoff.next())
+            try:
+                if state.held:
+                    await _sleep_unless(stop, state.backoff.next())
+                    if stop.is_set():
+                        break
+                    held = state.held = await _keep(source, state.held)
+                    if ahead is not None:  # new events, read before the outage showed: the probe
+                        batch, ahead = held + await ahead, None
+                    else:
+                        batch = held + (await _probe(source) if len(held) < source.batch else [])
+                else:
+                    batch, ahead = await (ahead if ahead is not None else source.read()), None
+                guard.check()
+                if not batch:
+                    continue
+                if source.read_ahead and not state.held and not stop.is_set():
+                    ahead = asyncio.create_task(source.read())
+                if await _round(source, handler, batch, state):
+                    continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                await _on_error(source, exc, state.backoff)
+            guard.check()
+            await _sleep_unless(stop, state.backoff.next())
+    finally:
+        if ahead is not None:  # cancelled, or stopped while holding: its events stay pending
+            ahead.cancel()
+            with contextlib.suppress(BaseException):
+                await ahead
+
+
+class _Rounds:
+    """What the loop carries from one round to the next."""
+
+    def __init__(self) -> None:
+        self.backoff = Backoff(_BACKOFF_MIN_S, _BACKOFF_MAX_S)
+        self.held: list[Event] = []  # failed events retried here during a handler outage
+        self.failed_rounds = 0
+
+
+async def _round(source: Source, handler: Handler, batch: list[Event], state: _Rounds) -> bool:
+    """Hand `batch` to the handler and acknowledge what it handled. True: go on at once (the
+    batch was handled, or its events are held from now on); False: back off first."""
+    failed, reasons = await _apply(source, handler, batch)
+    done = [e for e in batch if e not in failed]
+    await source.ack(*done)
+    source.refused(reasons)
+    # Events refused for reasons of their own say nothing of the handler's dependencies.
+    own = all((e.stream, e.id) in reasons for e in failed)
+    if done or not failed or own:
+        if state.held and failed:
+            log.warning("consumer_outage_over", group=source.group, poison=len(failed))
+        state.held, state.failed_rounds = [], 0
+        state.backoff.reset()
+        return True
+    state.failed_rounds += 1
+    if state.failed_rounds < source.outage_after:
+        return False
+    if not state.held:
+        log.error(
+            "consumer_handler_outage",
+            group=source.group,
+            consumer=source.consumer,
+            failed_rounds=state.failed_rounds,
+            held=len(failed),
+        )
+    state.held = failed
+    return True
 
 
 async def _on_error(source: Source, exc: Exception, backoff: Backoff) -> None:
@@ -172,29 +221,42 @@ async def _keep(source: Source, held: list[Event]) -> list[Event]:
     """Reset the idle time of held events so that no one takes them over; XCLAIM with
     JUSTID leaves their delivery count alone. Returns those still ours."""
     kept: list[Event] = []
-    for stream in dict.fromkeys(e.stream for e in held):
-        ids: list[Any] = [e.id for e in held if e.stream == stream]
+    # Where each is pending: a replayed event in its replay stream.
+    where = [(e, *pending_entry(e, source.prefix, source.group)) for e in held]
+    for stream in dict.fromkeys(s for _, s, _ in where):
+        ids: list[Any] = [entry_id for _, s, entry_id in where if s == stream]
         claimed = await source.redis.xclaim(
             stream, source.group, source.consumer, 0, ids, justid=True
         )
         mine = {_text(i) for i in claimed if isinstance(i, bytes | str)}
-        kept.extend(e for e in held if e.stream == stream and e.id in mine)
+        kept.extend(e for e, s, entry_id in where if s == stream and entry_id in mine)
     return kept
 
 
-async def _apply(source: Source, handler: Handler, batch: list[Event]) -> list[Event]:
-    """The events of `batch` the handler failed."""
+async def _failures(
+    source: Source, handler: Handler, batch: list[Event]
+) -> tuple[list[Event], Reasons]:
+    result = await _call(source, handler, batch)
+    if isinstance(result, Iterator):
+        result = list(result)  # read once, for the failures and their reasons
+    return failed_events(batch, result), failure_reasons(result)
+
+
+async def _apply(
+    source: Source, handler: Handler, batch: list[Event]
+) -> tuple[list[Event], Reasons]:
+    """The events of `batch` the handler failed, and the reasons it gave for some of them."""
     try:
-        return failed_events(batch, await _call(source, handler, batch))
+        return await _failures(source, handler, batch)
     except UnknownResult as exc:
         # Not an error of some event but of the handler's code: calling it per event would
         # only repeat it. The whole batch stays pending.
         _log_refused(source, exc, batch)
-        return list(batch)
+        return list(batch), {}
     except Exception as exc:
         if len(batch) == 1:
             _log_failure(source, exc, batch[0])
-            return list(batch)
+            return list(batch), {}
         log.warning(
             "consumer_batch_failed",
             group=source.group,
@@ -203,16 +265,19 @@ async def _apply(source: Source, handler: Handler, batch: list[Event]) -> list[E
             retry="one event at a time",
         )
     failed: list[Event] = []
+    reasons: Reasons = {}
     for event in batch:
         try:
-            failed.extend(failed_events([event], await _call(source, handler, [event])))
+            one, why = await _failures(source, handler, [event])
         except UnknownResult as exc:
             _log_refused(source, exc, [event])
-            failed.append(event)
+            one, why = [event], {}
         except Exception as exc:
             _log_failure(source, exc, event)
-            failed.append(event)
-    return failed
+            one, why = [event], {}
+        failed.extend(one)
+        reasons.update(why)
+    return failed, reasons
 
 
 async def _call(source: Source, handler: Handler, batch: list[Event]) -> Failures:

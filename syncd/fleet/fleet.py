@@ -44,12 +44,10 @@ from syncd.fleet.state import (
     Cache,
     Heartbeat,
     Member,
-    agreeing,
-    comparison,
+    compare_members,
     config_document,
     digest,
     live_owners,
-    read_configs,
     read_holders,
     read_members,
 )
@@ -134,7 +132,6 @@ class Fleet(Transitions):
         self._redis_ok = True
         self._reported: object = None
         self._clash_reported: str | None = None  # token of the other process, while reported
-        self._compared: tuple[object, Comparison] | None = None
         self._due_in: float | None = None  # next round sooner than a period, in seconds
         self._draining = False
 
@@ -388,7 +385,7 @@ class Fleet(Transitions):
         if me is None or me.heartbeat.token != self.token:  # not (or no longer) a member
             return FleetView(members=members)
         known = {name: m.known for name, m in members.items()}
-        compared = await self._compare(members)
+        compared = await compare_members(self.redis, self.prefix, members, self._cache)
         tenants = sorted(set().union(*known.values()))
         holders = await read_holders(self.redis, self.prefix, tenants)
         owners = live_owners(holders, members)
@@ -402,22 +399,6 @@ class Fleet(Transitions):
             compared,
             compared.unpolled(plan.owners),
         )
-
-    async def _compare(self, members: dict[str, Member]) -> Comparison:
-        """The comparison, computed again only when a member's tenants or configuration moved;
-        from the digests alone while every member publishes the same configuration."""
-        key = tuple((n, m.known, m.heartbeat.config) for n, m in sorted(members.items()))
-        if self._compared is not None and self._compared[0] == key:
-            return self._compared[1]
-        compared = agreeing(members)
-        if compared is None:
-            await read_configs(self.redis, self.prefix, members, self._cache)
-            compared = comparison(members)
-            if any(m.heartbeat.config and m.published is None for m in members.values()):
-                self._compared = None  # a configuration not read: again next round
-                return compared
-        self._compared = (key, compared)
-        return compared
 
     def _report(self, view: FleetView) -> None:
         """Log a change in how the configurations compare, and a clash under this name."""

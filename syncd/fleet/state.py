@@ -183,11 +183,12 @@ class Member:
 
 @dataclass
 class Cache:
-    """What was read by digest, so an unchanged configuration is read once; only the digests
-    of the live members are kept."""
+    """What was read by digest, so an unchanged configuration is read once (only the digests of
+    the live members are kept), and the last comparison with what it was made from."""
 
     known: dict[str, frozenset[int]] = field(default_factory=dict)
     config: dict[str, Published] = field(default_factory=dict)
+    compared: tuple[object, Comparison] | None = None
 
 
 def text(value: bytes | str) -> str:
@@ -309,12 +310,21 @@ async def compare_members(
     redis: RedisClient, prefix: str, members: Mapping[str, Member], cache: Cache | None = None
 ) -> Comparison:
     """How the members' configurations compare: from the digests in their heartbeats when those
-    agree, else from the configurations (read only then, each once per digest)."""
-    same = agreeing(members)
-    if same is not None:
-        return same
-    await read_configs(redis, prefix, members, Cache() if cache is None else cache)
-    return comparison(members)
+    agree, else from the configurations, read only then. With a `cache`, each is read once per
+    digest and the comparison is made again only when a member's tenants or digest moved."""
+    cache = Cache() if cache is None else cache
+    key = tuple((n, m.known, m.heartbeat.config) for n, m in sorted(members.items()))
+    if cache.compared is not None and cache.compared[0] == key:
+        return cache.compared[1]
+    compared = agreeing(members)
+    if compared is None:
+        await read_configs(redis, prefix, members, cache)
+        compared = comparison(members)
+        if any(m.heartbeat.config and m.published is None for m in members.values()):
+            cache.compared = None  # a configuration not read: again next time
+            return compared
+    cache.compared = (key, compared)
+    return compared
 
 
 async def read_holders(redis: RedisClient, prefix: str, tenants: list[int]) -> dict[int, str]:

@@ -8,7 +8,8 @@ The connections pack commands with hiredis' C packer (`fast`).
 
 from __future__ import annotations
 
-from typing import Any, TypeAlias
+import inspect
+from typing import Any, TypeAlias, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
@@ -25,7 +26,7 @@ from syncd.redis.fast import FastConnection, FastSSLConnection, FastUnixConnecti
 
 RedisClient: TypeAlias = aioredis.Redis | RedisCluster
 
-__all__ = ["RedisClient", "RedisCluster", "connect", "tls_options"]
+__all__ = ["RedisClient", "RedisCluster", "connect", "socket_timeout_s", "tls_options"]
 
 
 _FAST: dict[type[Any], type[Any]] = {
@@ -81,3 +82,21 @@ def connect(cfg: RedisConfig, sentinel_password: str | None = None) -> RedisClie
     options["connection_class"] = _FAST.get(plain, plain)
     # from_pool: closing the client closes the pool (and its connections) too.
     return aioredis.Redis.from_pool(ConnectionPool(**options))
+
+
+def socket_timeout_s(redis: RedisClient) -> float | None:
+    """The read timeout the client's connections get (redis-py 8 defaults it to 5 s)."""
+    if not isinstance(redis, aioredis.Redis):
+        # A cluster client keeps the connection settings of its nodes.
+        value = getattr(redis, "connection_kwargs", {}).get("socket_timeout")
+        return float(value) if isinstance(value, int | float) else None
+    pool = redis.connection_pool
+    if "socket_timeout" in pool.connection_kwargs:
+        return cast("float | None", pool.connection_kwargs["socket_timeout"])
+    # Not given explicitly (from_url): the connection class's default applies.
+    for cls in pool.connection_class.__mro__:
+        if "__init__" in vars(cls):
+            param = inspect.signature(vars(cls)["__init__"]).parameters.get("socket_timeout")
+            if param is not None and isinstance(param.default, int | float):
+                return float(param.default)
+    return None

@@ -254,10 +254,11 @@ def guarded_decode(body: bytes, decode: Callable[[bytes], P], cursor_of: Callabl
     """`decode(body)` with the page caps applied: invalid UTF-8, nesting deeper than
     MAX_JSON_DEPTH, a decoder hitting the recursion limit and a `continueFrom` longer than
     MAX_CURSOR_CHARS are TransientErrors like any other undecodable page."""
-    try:
-        body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise TransientError(f"invalid export page: not UTF-8 at byte {exc.start}") from None
+    if not body.isascii():  # ASCII is UTF-8, and checking it copies nothing
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise TransientError(f"invalid export page: not UTF-8 at byte {exc.start}") from None
     if json_depth(body) > MAX_JSON_DEPTH:
         raise TransientError(f"invalid export page: JSON nested deeper than {MAX_JSON_DEPTH}")
     try:
@@ -330,11 +331,13 @@ def unescaped_strings(body: bytes) -> bytes:
     return "\x00".join(strings).encode("utf-8", "surrogatepass")
 
 
-# Passwords the operator chose (Redis, the sentinels, the ops server's token) are masked in every
-# log line and error, but a page holding one is applied: they never go to the API, so a page
-# cannot be echoing them, and customer data that happens to hold such a word would otherwise
-# stop its feed for good.
-OPERATOR_SLOTS = frozenset({"ops_token", "sentinel_password", "redis_password"})
+# Passwords the operator chose (Redis, the sentinels, the ops server's token, the mirror's
+# database) are masked in every log line and error, but a page holding one is applied: they
+# never go to the API, so a page cannot be echoing them, and customer data that happens to hold
+# such a word would otherwise stop its feed for good.
+OPERATOR_SLOTS = frozenset(
+    {"ops_token", "sentinel_password", "redis_password", "mirror_password", "mirror_url_password"}
+)
 
 
 def _holds(text: bytes, sent: Sequence[str]) -> Hashable | None:

@@ -1,0 +1,351 @@
+"""The mirror's backfill: events/s from Redis streams into PostgreSQL, side by side with a naive
+row-by-row upsert.
+
+Streams of `--tenants` x `--feeds` hold `--events` events in all (about 800 bytes of JSON each;
+a fifth of them newer versions of keys seen before), published before the clock starts. Each
+contender starts on a fresh schema with a new consumer group at the streams' start and is timed
+until its group has read and acknowledged every event:
+
+- `copy`: `syncd mirror` itself (`syncd.mirror.Mirror`): each batch staged with COPY and upserted
+  with one `INSERT ... SELECT DISTINCT ON ... ON CONFLICT` per feed, one transaction per batch,
+  the next batch read while one is applied (`read_ahead`);
+- `row_by_row`: the same consumer, tables and transactions, each event its own `INSERT ... ON
+  CONFLICT DO UPDATE ... WHERE` (the README's statement), one round trip per event.
+
+PostgreSQL is a private server (`syncd.testing.postgres_server`) with its durable defaults
+(fsync, synchronous commit); Redis is private too. Reported per contender: events/s, the share of
+the time spent in the handler (PostgreSQL) and the CPU seconds of this process and of PostgreSQL
+(per 100,000 events: what the machine's other load does not change), with the machine's load
+average before and after.
+
+    .venv/bin/python -m bench.mirror [--events 200000] [--rounds 2]
+
+Target: `copy` at 50,000 events/s or more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import psutil
+import psycopg
+import redis
+import redis.asyncio as aioredis
+from psycopg import sql
+
+from bench import common
+from syncd import config
+from syncd.consumer import Consumer, Event, Subscription
+from syncd.mirror import Mirror
+from syncd.mirror.rows import row_of
+from syncd.mirror.schema import migrate
+from syncd.testing import postgres_server
+
+TARGET_EVENTS_PER_S = 50_000
+FEEDS = ["crm.customers", "jpm.jobs"]
+BATCH = 1000
+_NAIVE_UPSERT = """
+INSERT INTO {table} AS stored
+    (tenant, key, modified_on, modified_at, entry_ms, entry_seq, data, deleted_at)
+VALUES (%s, %s, %s, %s, %s, %s, %s, NULL)
+ON CONFLICT (tenant, key) DO UPDATE SET modified_on = excluded.modified_on,
+    modified_at = excluded.modified_at, entry_ms = excluded.entry_ms,
+    entry_seq = excluded.entry_seq, data = excluded.data, deleted_at = NULL
+WHERE (stored.modified_at, stored.entry_ms, stored.entry_seq)
+   <= (excluded.modified_at, excluded.entry_ms, excluded.entry_seq)
+"""
+
+
+def record(rng: random.Random, key: int, version: int) -> bytes:
+    """A customer-like record of about 800 bytes."""
+    return json.dumps(
+        {
+            "id": key,
+            "active": True,
+            "name": f"Customer {key} {rng.choice(['Heating', 'Plumbing', 'Electric'])} LLC",
+            "type": rng.choice(["Residential", "Commercial"]),
+            "address": {
+                "street": f"{rng.randint(1, 9999)} Main Street",
+                "unit": None,
+                "city": "Springfield",
+                "state": "IL",
+                "zip": f"{rng.randint(10000, 99999)}",
+                "country": "USA",
+                "latitude": round(rng.uniform(30, 45), 6),
+                "longitude": round(rng.uniform(-120, -70), 6),
+            },
+            "customFields": [
+                {"typeId": i, "name": f"field {i}", "value": f"value {rng.random():.6f}"}
+                for i in range(4)
+            ],
+            "balance": round(rng.uniform(0, 5000), 2),
+            "tagTypeIds": [rng.randint(1, 500) for _ in range(3)],
+            "doNotMail": False,
+            "doNotService": False,
+            "createdOn": "2023-01-01T00:00:00Z",
+            "createdById": 1234,
+            "modifiedOn": f"2024-05-01T12:{version // 60 % 60:02d}:{version % 60:02d}Z",
+            "mergedToId": None,
+            "externalData": [{"key": "crm", "value": f"ext-{key}-{version}"}],
+            "version": version,
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def fill(client: redis.Redis, tenants: int, events: int, seed: int = 1) -> list[Subscription]:
+    """Publish `events` across tenants x FEEDS, as syncd writes them; the subscriptions."""
+    rng = random.Random(seed)
+    streams = [(t, f) for t in range(1, tenants + 1) for f in FEEDS]
+    per_stream = events // len(streams)
+    for tenant, feed in streams:
+        keys = 0
+        pipe = client.pipeline(transaction=False)
+        for n in range(per_stream):
+            if keys and rng.random() < 0.2:  # a newer version of a key seen before
+                key, version = rng.randrange(keys), n
+            else:
+                key, version = keys, 0
+                keys += 1
+            at = f"2024-05-01T12:{version // 60 % 60:02d}:{version % 60:02d}.0000000Z"
+            fields = {
+                "op": "updated" if version else "created",
+                "key": str(key),
+                "data": record(rng, key, version),
+                "modified_on": at[:19] + "Z",
+                "modified_at": at,
+            }
+            pipe.xadd(f"st:{{{tenant}}}:{feed}", fields)  # type: ignore[arg-type]
+            if n % 5000 == 4999:
+                pipe.execute()
+        pipe.execute()
+    return [Subscription(t, FEEDS) for t in range(1, tenants + 1)]
+
+
+def settings(redis_url: str, pg_url: str, tenants: int, group: str, schema: str) -> Any:
+    data = {
+        "redis": {"url": redis_url},
+        "servicetitan": {"app_key": "k", "api_url": "http://127.0.0.1:1"},
+        "tenants": [
+            {"id": t, "client_id": f"c{t}", "client_secret": "s", "feeds": FEEDS}
+            for t in range(1, tenants + 1)
+        ],
+        "mirror": {"url": pg_url, "group": group, "schema": schema, "batch": BATCH},
+    }
+    return config.resolve(config.parse(data, "bench.toml"), environ={})
+
+
+async def caught_up(r: aioredis.Redis, subs: list[Subscription], group: str) -> bool:
+    for sub in subs:
+        for stream in sub.streams():
+            groups = {g["name"].decode(): g for g in await r.xinfo_groups(stream)}
+            g = groups.get(group)
+            if g is None or g["pending"] or g["lag"] != 0:
+                return False
+    return True
+
+
+def postgres_cpu(server: postgres_server.Postgres) -> float:
+    """CPU seconds of the PostgreSQL server and its backends so far."""
+    proc = getattr(server, "proc", None)
+    if proc is None:
+        return float("nan")
+    try:
+        root = psutil.Process(proc.pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return float("nan")
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+class Timed:
+    """A handler wrapped to count the seconds spent in it."""
+
+    def __init__(self, handler: Callable[[list[Event]], Awaitable[Any]]) -> None:
+        self.handler = handler
+        self.seconds = 0.0
+
+    async def __call__(self, batch: list[Event]) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return await self.handler(batch)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+
+async def run_copy(s: Any, subs: list[Subscription], r: aioredis.Redis) -> tuple[float, float]:
+    """`syncd mirror` until its group caught up: (seconds, seconds in the handler)."""
+    mirror = Mirror(s, name="bench")
+    timed = Timed(mirror.handle)
+    mirror.handle = timed  # type: ignore[method-assign]
+    t0 = time.perf_counter()
+    task = asyncio.create_task(mirror.serve())
+    while not await caught_up(r, subs, s.config.mirror.group):
+        await asyncio.sleep(0.02)
+    elapsed = time.perf_counter() - t0
+    mirror.stop.set()
+    assert await task == 0
+    return elapsed, timed.seconds
+
+
+async def run_row_by_row(
+    s: Any, subs: list[Subscription], r: aioredis.Redis
+) -> tuple[float, float]:
+    """The same consumer, one INSERT ... ON CONFLICT per event."""
+    m = s.config.mirror
+    t0 = time.perf_counter()
+    async with await psycopg.AsyncConnection.connect(m.url) as conn:
+        tables = await migrate(conn, m.schema, FEEDS)
+        statements = {
+            feed: sql.SQL(_NAIVE_UPSERT).format(table=sql.Identifier(m.schema, name))
+            for feed, name in tables.items()
+        }
+
+        async def handle(batch: list[Event]) -> None:
+            async with conn.transaction():
+                for event in batch:
+                    row = row_of(event)
+                    assert not isinstance(row, str)
+                    await conn.execute(
+                        statements[row.feed],
+                        [
+                            row.tenant,
+                            row.key,
+                            row.modified_on,
+                            row.modified_at,
+                            row.entry_ms,
+                            row.entry_seq,
+                            row.data,
+                        ],
+                    )
+
+        timed = Timed(handle)
+        stop = asyncio.Event()
+        client = aioredis.Redis.from_url(str(s.config.redis.url))
+        consumer = Consumer(client, m.group, "bench", streams=subs, batch=BATCH)
+        async with consumer:
+            task = asyncio.create_task(consumer.run(timed, stop=stop))
+            while not await caught_up(r, subs, m.group):
+                await asyncio.sleep(0.02)
+            elapsed = time.perf_counter() - t0
+            stop.set()
+            await task
+        await client.aclose()
+    return elapsed, timed.seconds
+
+
+async def measure(
+    name: str, run: Any, s: Any, subs: list[Subscription], events: int, pg: Any
+) -> dict[str, Any]:
+    r = aioredis.Redis.from_url(str(s.config.redis.url))
+    me = psutil.Process()
+    cpu0, pg0 = sum(me.cpu_times()[:2]), postgres_cpu(pg)
+    elapsed, in_handler = await run(s, subs, r)
+    cpu1, pg1 = sum(me.cpu_times()[:2]), postgres_cpu(pg)
+    await r.aclose()
+    result = {
+        "events": events,
+        "seconds": round(elapsed, 2),
+        "events_per_s": round(events / elapsed),
+        "handler_share": round(in_handler / elapsed, 2),
+        "client_cpu_s": round(cpu1 - cpu0, 2),
+        "postgres_cpu_s": round(pg1 - pg0, 2),
+    }
+    common.log(f"{name}: {result}")
+    return result
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    load_before = os.getloadavg()[0]
+    pg = postgres_server.start(durable=True)
+    try:
+        with common.redis_server() as rs:
+            client = common.redis_client(rs)
+            common.log(f"publishing {args.events:,} events")
+            subs = fill(client, args.tenants, args.events)
+            version = common.redis_version(client)
+            db = pg.create_database("syncd_bench")
+            url = pg.url(db)
+            rounds: dict[str, list[dict[str, Any]]] = {"copy": [], "row_by_row": []}
+            for n in range(args.rounds):
+                for name, run in (("copy", run_copy), ("row_by_row", run_row_by_row)):
+                    group = schema = f"{name}_{n}"
+                    s = settings(rs.url, url, args.tenants, group, schema)
+                    rounds[name].append(await measure(name, run, s, subs, args.events, pg))
+            with psycopg.connect(url) as conn:
+                server = conn.execute("SHOW server_version").fetchone()
+                sync = conn.execute("SHOW synchronous_commit").fetchone()
+                tables = conn.execute("SELECT count(*) FROM copy_0.crm_customers").fetchone()
+            pg.drop_database(db)
+    finally:
+        pg.stop()
+    best = {name: max(r["events_per_s"] for r in runs) for name, runs in rounds.items()}
+
+    def per_100k(name: str, key: str) -> float:
+        runs = rounds[name]
+        return round(statistics.median(r[key] / r["events"] * 100_000 for r in runs), 2)
+
+    figures: dict[str, Any] = {
+        "postgres_version": server[0] if server else "",
+        "psycopg": psycopg.__version__,
+        "synchronous_commit": sync[0] if sync else "",
+        "tenants": args.tenants,
+        "feeds": FEEDS,
+        "batch": BATCH,
+        "rows_per_table": tables[0] if tables else 0,
+        "rounds": rounds,
+        "copy_events_per_s": best["copy"],
+        "row_by_row_events_per_s": best["row_by_row"],
+        "speedup": round(best["copy"] / best["row_by_row"], 1),
+        "cpu_s_per_100k": {
+            name: {
+                "client": per_100k(name, "client_cpu_s"),
+                "postgres": per_100k(name, "postgres_cpu_s"),
+            }
+            for name in rounds
+        },
+        "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "target_events_per_s": TARGET_EVENTS_PER_S,
+        "target_met": best["copy"] >= TARGET_EVENTS_PER_S,
+    }
+    common.write_result("mirror", figures, version)
+    return figures
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--events", type=int, default=200_000, help="events in all the streams")
+    p.add_argument("--tenants", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2, help="runs of each contender, in turns")
+    return p
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The benchmark; its figures (also written to bench/results/mirror.json)."""
+    return asyncio.run(bench(args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    figures = run(parser().parse_args(argv))
+    print(json.dumps({k: v for k, v in figures.items() if k != "rounds"}, indent=2))
+    return 0 if figures["target_met"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
