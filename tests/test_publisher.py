@@ -12,9 +12,22 @@ import redis.asyncio as aioredis
 from syncd import catalogue
 from syncd.cli import commands
 from syncd.daemon import Daemon
-from syncd.engine.publisher import PRECHECK_MIN, Publisher, chunk_bounds
+from syncd.engine.publisher import (
+    PRECHECK_CHUNK,
+    PRECHECK_MIN,
+    THREAD_MIN_RECORDS,
+    Publisher,
+    chunk_bounds,
+)
 from syncd.errors import TransientError
-from syncd.servicetitan.page import Page, decode_page, encode_key, newest_per_key, sortable_instant
+from syncd.servicetitan.page import (
+    HEADS_PASS_MAX_BYTES,
+    Page,
+    decode_page,
+    encode_key,
+    newest_per_key,
+    sortable_instant,
+)
 from syncd.testing.redis_server import RedisServer
 from syncd.testing.simulator import run_simulator
 from tests.engine_helpers import config_dict, settings, stream_events, truth
@@ -655,3 +668,37 @@ async def test_a_chunk_fenced_out_stops_the_page(redis: aioredis.Redis) -> None:
     result = await pub.run_chunks(prepared, range(1, len(prepared)))
     assert result == [1, b"other"]
     assert [key for _, key, _ in await events(redis)] == ["0", "1"]
+
+
+async def test_a_big_page_goes_through_threads_and_pipelined_lookups(
+    redis: aioredis.Redis,
+) -> None:
+    # Past THREAD_MIN_RECORDS the scripts' records are made ready in a worker thread, and the
+    # precheck asks PRECHECK_CHUNK keys a command: the same outcome as a small page's.
+    n = max(THREAD_MIN_RECORDS, 2 * PRECHECK_CHUNK) + 7
+    records = [{"id": i, "modifiedOn": "2024-01-01T00:00:00Z"} for i in range(n)]
+    pub = Publisher(redis, "st", precheck_min=1)
+    first = await pub.apply(T, CUSTOMERS.name, None, page(records, "c1"))
+    assert (first.published, first.unchanged) == (n, 0)
+    records[-1]["v"] = 2
+    again = await pub.apply(T, CUSTOMERS.name, "c1", page(records, "c2"))
+    assert (again.published, again.unchanged) == (1, n - 1)
+    assert await redis.xlen(f"st:{{{T}}}:{CUSTOMERS.name}") == n + 1
+
+
+def test_a_page_past_the_heads_pass_is_read_record_by_record() -> None:
+    # Past HEADS_PASS_MAX_BYTES each record's key and timestamp are read on their own: the
+    # same Page as the one-pass reading, a record that is not an object dead-lettered alike.
+    filler = "x" * 1000
+    records: list[Any] = [
+        {"id": i, "modifiedOn": "2024-01-01T00:00:00Z", "f": filler} for i in range(20)
+    ]
+    records.insert(3, [1, 2])
+    small = decode_page(body(records), CUSTOMERS)
+    size = HEADS_PASS_MAX_BYTES // 1000 + 1
+    big_records = records + [{"id": 100 + i, "f": filler} for i in range(size)]
+    big = decode_page(body(big_records), CUSTOMERS)
+    assert len(body(big_records)) > HEADS_PASS_MAX_BYTES
+    assert big.keys[:20] == small.keys
+    assert big.dead == small.dead == [("record is not a JSON object", b"[1, 2]")]
+    assert big.instants[:20] == small.instants

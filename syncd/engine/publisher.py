@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import anyio.to_thread
 import redis.exceptions
 
 from syncd.engine.scripts import APPLY_PAGE, SETTLE
@@ -42,6 +43,12 @@ T = TypeVar("T")
 
 # Pages with at least this many records are checked against the fingerprints before sending.
 PRECHECK_MIN = 32
+
+# The precheck asks for at most this many keys a command.
+PRECHECK_CHUNK = 5_000
+
+# Pages with at least this many records are made ready for their scripts in a worker thread.
+THREAD_MIN_RECORDS = 10_000
 
 # A chunk of a page (one script) ends at this many records or at this many bytes of records,
 # whichever comes first: what keeps each script, and so each time Redis is busy with it, short.
@@ -106,6 +113,40 @@ class Prepared:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _records(
+    page: Page, olds: list[Any] | None, chunk_records: int, chunk_bytes: int
+) -> tuple[list[tuple[str, bytes, str, bytes]], list[int], int, int]:
+    """What a page's scripts send per record (key, `seen` value, timestamp, data), those the
+    precheck against `olds` (their stored `seen` values; None: not looked at) did not drop;
+    where chunks end (`chunk_records` 0: one chunk); how many were unchanged and stale."""
+    keys, fps, mods, instants, datas = (
+        page.keys,
+        page.fingerprints,
+        page.modified,
+        page.instants,
+        page.data,
+    )
+    skipped = stale = 0
+    if olds is not None:
+        pick, skipped, stale = _precheck(olds, fps, instants)
+        if len(pick) < len(keys):
+            keys = [keys[i] for i in pick]
+            fps = [fps[i] for i in pick]
+            mods = [mods[i] for i in pick]
+            instants = [instants[i] for i in pick]
+            datas = [datas[i] for i in pick]
+    # Per record: key, the `seen` value it would store (fingerprint and instant, one argument:
+    # each argument costs the client more than the bytes do), timestamp, data.
+    news = [fp + ts.encode() for fp, ts in zip(fps, instants, strict=True)]
+    records = list(zip(keys, news, mods, datas, strict=True))
+    bounds = (
+        chunk_bounds([len(d) for d in datas], chunk_records, chunk_bytes)
+        if chunk_records
+        else [len(records)]
+    )
+    return records, bounds, skipped, stale
 
 
 def chunk_bounds(sizes: list[int], most_records: int, most_bytes: int) -> list[int]:
@@ -218,35 +259,19 @@ class Publisher:
             raise TransientError("the page has no continueFrom; not applied")
         k = self.keys(tenant)
         seen = k.seen(feed)
-        keys, fps, mods, instants, datas = (
-            page.keys,
-            page.fingerprints,
-            page.modified,
-            page.instants,
-            page.data,
-        )
-        skipped = stale = 0
-        if change_detection and keys and len(keys) >= self.precheck_min:
+        olds = None
+        if change_detection and page.keys and len(page.keys) >= self.precheck_min:
             # Look first, send only what may be published: a re-export then ships keys, not
             # megabytes of unchanged records. The script checks every record it gets again,
             # and the fence makes sure nothing moved in between.
-            olds = await self.redis.hmget(seen, keys)
-            pick, skipped, stale = _precheck(olds, fps, instants)
-            if len(pick) < len(keys):
-                keys = [keys[i] for i in pick]
-                fps = [fps[i] for i in pick]
-                mods = [mods[i] for i in pick]
-                instants = [instants[i] for i in pick]
-                datas = [datas[i] for i in pick]
-        # Per record: key, the `seen` value it would store (fingerprint and instant, one
-        # argument: each argument costs the client more than the bytes do), timestamp, data.
-        news = [fp + ts.encode() for fp, ts in zip(fps, instants, strict=True)]
-        records = list(zip(keys, news, mods, datas, strict=True))
-        bounds = (
-            chunk_bounds([len(d) for d in datas], self.chunk_records, self.chunk_bytes)
-            if change_detection
-            else [len(records)]
+            olds = await self._lookup(seen, page.keys)
+        build = functools.partial(
+            _records, page, olds, self.chunk_records if change_detection else 0, self.chunk_bytes
         )
+        if len(page.keys) < THREAD_MIN_RECORDS:
+            records, bounds, skipped, stale = build()
+        else:  # a big page: the event loop goes on meanwhile
+            records, bounds, skipped, stale = await anyio.to_thread.run_sync(build)
         dead: list[Any] = []
         for reason, data in page.dead:
             dead.extend((dead_fingerprint(data), reason, data))
@@ -274,6 +299,17 @@ class Publisher:
             page.continue_from,
             stale + page.superseded,
         )
+
+    async def _lookup(self, seen: str, keys: list[str]) -> list[Any]:
+        """HMGET of `keys` in `seen`, PRECHECK_CHUNK keys a command, pipelined: each reply is
+        parsed on its own, so a big page's never holds the event loop for long."""
+        if len(keys) <= PRECHECK_CHUNK:
+            return list(await self.redis.hmget(seen, keys))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for low in range(0, len(keys), PRECHECK_CHUNK):
+                pipe.hmget(seen, keys[low : low + PRECHECK_CHUNK])
+            replies = await pipe.execute()
+        return [old for reply in replies for old in reply]
 
     async def run_chunks(
         self, prepared: Prepared, chunks: range | None = None, client: Any = None

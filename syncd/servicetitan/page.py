@@ -37,6 +37,9 @@ class _Envelope(msgspec.Struct):
 
 _ENVELOPE = msgspec.json.Decoder(_Envelope)
 
+# Pages up to this size have the key and timestamp of every record read in one pass.
+HEADS_PASS_MAX_BYTES = 8 * 1024 * 1024
+
 # Length of a record fingerprint (bytes); stored values in `seen` start with it.
 FINGERPRINT_BYTES = 8
 
@@ -120,7 +123,10 @@ def decode_page(body: bytes, feed: Feed, fetch_s: float = 0.0) -> Page:
     continue_from = env.continueFrom if isinstance(env.continueFrom, str) else ""
     raws = [bytes(r) for r in env.data]
     heads: list[Any] | None = None  # None: look at each record on its own
-    if not lenient:
+    # A big page's records are looked at one by one (what the whole-page pass does when a
+    # record is not an object): no single call then holds a worker thread's lock on the
+    # interpreter for long, and the event loop goes on.
+    if not lenient and len(body) < HEADS_PASS_MAX_BYTES:
         with contextlib.suppress(msgspec.ValidationError):  # some record is not an object
             heads = many.decode(body).data
     keys_f, ts_field = feed.key_fields, feed.timestamp_field
