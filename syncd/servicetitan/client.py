@@ -6,6 +6,7 @@ import functools
 import time
 
 import aiohttp
+import anyio
 import anyio.to_thread
 import structlog
 
@@ -50,6 +51,9 @@ def decode_checked(body: bytes, feed: Feed, fetch_s: float = 0.0) -> Page:
 # takes a good part of a second, and the event loop (every other tenant, /healthz) keeps
 # running meanwhile. Smaller pages are not worth the hop.
 THREAD_MIN_BYTES = 256 * 1024
+# At most this many pages are checked and decoded at once: each holds its body and its records
+# meanwhile, and the interpreter runs one thread at a time anyway.
+DECODING_AT_ONCE = 2
 
 
 def checked_page(body: bytes, feed: Feed, tenant: int, sent: list[str], fetch_s: float) -> Page:
@@ -88,6 +92,7 @@ class ExportClient:
         self._api = api_url.rstrip("/")
         self._app_key = app_key
         self._metrics = metrics
+        self._decoding: anyio.CapacityLimiter | None = None  # made in the event loop
         redact.register("app_key", app_key.reveal())
 
     async def fetch(
@@ -139,7 +144,9 @@ class ExportClient:
                 check = functools.partial(checked_page, body, feed, tokens.tenant, sent, elapsed)
                 if len(body) < THREAD_MIN_BYTES:
                     return check()
-                return await anyio.to_thread.run_sync(check)
+                if self._decoding is None:
+                    self._decoding = anyio.CapacityLimiter(DECODING_AT_ONCE)
+                return await anyio.to_thread.run_sync(check, limiter=self._decoding)
             if status in REDIRECTS:
                 raise TransientError(redirect_error(status, location, url, "the API"))
             text = _problem_text(body, content_type, cut=over)
