@@ -49,6 +49,7 @@ from syncd.mirror import Mirror
 from syncd.mirror.rows import row_of
 from syncd.mirror.schema import migrate
 from syncd.testing import postgres_server
+from syncd.testing.groups import caught_up
 
 TARGET_EVENTS_PER_S = 50_000
 FEEDS = ["crm.customers", "jpm.jobs"]
@@ -144,16 +145,6 @@ def settings(redis_url: str, pg_url: str, tenants: int, group: str, schema: str)
     return config.resolve(config.parse(data, "bench.toml"), environ={})
 
 
-async def caught_up(r: aioredis.Redis, subs: list[Subscription], group: str) -> bool:
-    for sub in subs:
-        for stream in sub.streams():
-            groups = {g["name"].decode(): g for g in await r.xinfo_groups(stream)}
-            g = groups.get(group)
-            if g is None or g["pending"] or g["lag"] != 0:
-                return False
-    return True
-
-
 def postgres_cpu(server: postgres_server.Postgres) -> float:
     """CPU seconds of the PostgreSQL server and its backends so far."""
     proc = getattr(server, "proc", None)
@@ -196,7 +187,8 @@ async def run_copy(s: Any, subs: list[Subscription], r: aioredis.Redis) -> tuple
     mirror.handle = timed  # type: ignore[method-assign]
     t0 = time.perf_counter()
     task = asyncio.create_task(mirror.serve())
-    while not await caught_up(r, subs, s.config.mirror.group):
+    streams = [stream for sub in subs for stream in sub.streams()]
+    while not await caught_up(r, streams, s.config.mirror.group):
         await asyncio.sleep(0.02)
     elapsed = time.perf_counter() - t0
     mirror.stop.set()
@@ -241,7 +233,8 @@ async def run_row_by_row(
         consumer = Consumer(client, m.group, "bench", streams=subs, batch=BATCH)
         async with consumer:
             task = asyncio.create_task(consumer.run(timed, stop=stop))
-            while not await caught_up(r, subs, m.group):
+            streams = [stream for sub in subs for stream in sub.streams()]
+            while not await caught_up(r, streams, m.group):
                 await asyncio.sleep(0.02)
             elapsed = time.perf_counter() - t0
             stop.set()

@@ -16,6 +16,7 @@ from psycopg import sql
 from syncd.consumer import Subscription
 from syncd.mirror import Mirror
 from syncd.mirror.schema import table_name
+from syncd.testing import groups
 from tests.engine_helpers import config_dict, settings
 
 GROUP = "syncd-mirror"
@@ -50,13 +51,7 @@ async def running_mirror(data: dict[str, Any], name: str = "m1") -> AsyncIterato
 
 async def caught_up(r: aioredis.Redis, subs: list[Subscription], group: str = GROUP) -> bool:
     """Whether `group` has read and acknowledged every event of the streams."""
-    for sub in subs:
-        for stream in sub.streams():
-            groups = {g["name"].decode(): g for g in await r.xinfo_groups(stream)}
-            g = groups.get(group)
-            if g is None or g["pending"] or g["lag"] != 0:
-                return False
-    return True
+    return await groups.caught_up(r, [s for sub in subs for s in sub.streams()], group)
 
 
 async def table(pg_url: str, feed: str, schema: str = "syncd") -> dict[tuple[int, str], Any]:

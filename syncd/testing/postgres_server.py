@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from syncd.testing.redis_server import free_port
+from syncd.testing.redis_server import free_port, stop_child
 
 
 class PostgresServerError(RuntimeError):
@@ -179,13 +179,7 @@ class PostgresServer(_Databases):
 
     def stop(self, *, keep_data: bool = False) -> None:
         """Stop the server (a fast shutdown); its directory goes too unless `keep_data`."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_child(self.proc, signal.SIGINT, 20)
         self.proc = None
         if self._dir is not None and not keep_data:
             self._dir.cleanup()

