@@ -69,6 +69,23 @@ def redact_url(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query, fragment=fragment))
 
 
+def _password_layout(url: str, also: str = "") -> str | None:
+    """What in `url` would split a password the client reads, or None (`also`: more to say
+    of the '@')."""
+    # The client would take part of the password for the host, port or path. (A URL that does
+    # not split at all gets the parser's own message.)
+    if _misplaced_at(url) is not None and _splits(url):
+        return (
+            "has an '@' after its host: a '/', '?' or '#' in the user name or password must be "
+            "percent-encoded (%2F, %3F, %23)" + also
+        )
+    # A URL here has no fragment: a '#' is part of a password (in the user info or the query)
+    # that the client would cut short, and whatever follows it would be shown as is.
+    if "#" in url:
+        return "holds a '#': in a password it must be percent-encoded (%23)"
+    return None
+
+
 def check_url(url: str) -> str | None:
     """What makes `url` unusable for the Redis client, or None; never echoes credentials.
 
@@ -77,17 +94,9 @@ def check_url(url: str) -> str | None:
     """
     if not url.startswith(SCHEMES):
         return "expected a redis://, rediss:// or unix:// URL"
-    # The client would take part of the password for the host, port or path. (A URL that does
-    # not split at all gets the parser's own message, below.)
-    if _misplaced_at(url) is not None and _splits(url):
-        return (
-            "has an '@' after its host: a '/', '?' or '#' in the user name or password must be "
-            "percent-encoded (%2F, %3F, %23), as must an '@' in the path or query (%40)"
-        )
-    # A Redis URL has no fragment: a '#' is part of a password (in the user info or the query)
-    # that the client would cut short, and whatever follows it would be shown as is.
-    if "#" in url:
-        return "holds a '#': in a password it must be percent-encoded (%23)"
+    problem = _password_layout(url, ", as must an '@' in the path or query (%40)")
+    if problem is not None:
+        return problem
     try:
         parts = urllib.parse.urlsplit(url)
         port = parts.port
@@ -117,13 +126,9 @@ def check_postgres_url(url: str) -> str | None:
     credentials. libpq itself reads it when the mirror connects."""
     if not url.startswith(POSTGRES_SCHEMES):
         return "expected a postgresql:// URL"
-    if _misplaced_at(url) is not None and _splits(url):
-        return (
-            "has an '@' after its host: a '/', '?' or '#' in the user name or password must be "
-            "percent-encoded (%2F, %3F, %23)"
-        )
-    if "#" in url:
-        return "holds a '#': in a password it must be percent-encoded (%23)"
+    problem = _password_layout(url)
+    if problem is not None:
+        return problem
     try:
         parts = urllib.parse.urlsplit(url)
         port = parts.port

@@ -9,6 +9,7 @@ cursor before it fetches past it, do. A part of the Scheduler (`Holds` is one of
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import time
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from syncd.ops.metrics import Metrics
 log = structlog.get_logger("syncd.scheduler")
 
 
-class Holds:
+class Holds(abc.ABC):
     """The scheduler's holds on all polling, and the probes that end them."""
 
     # Provided by the Scheduler.
@@ -35,15 +36,15 @@ class Holds:
     clock: Callable[[], float]
     _wake: asyncio.Event
 
+    @abc.abstractmethod
     def _spawn(self, fn: Callable[..., object], *args: object) -> None:
         """Start `fn(*args)` in the scheduler's task group: the Scheduler defines it (the
         probes below run there); Holds alone has no task group to start them in."""
-        raise NotImplementedError("Holds is the Scheduler's base; the Scheduler starts tasks")
 
+    @abc.abstractmethod
     def stop(self) -> None:
         """Stop taking new work: the Scheduler defines it (a --once run that gives up on the
         replicas ends with it)."""
-        raise NotImplementedError("Holds is the Scheduler's base; the Scheduler stops")
 
     def _init_holds(self) -> None:
         self.redis_ok = asyncio.Event()

@@ -13,6 +13,7 @@ removes it; nothing else of the server is changed.
 
 from __future__ import annotations
 
+import abc
 import glob
 import os
 import pwd
@@ -58,11 +59,12 @@ def find_bindir() -> str | None:
     return str(Path(newest).parent)
 
 
-class _Databases:
+class _Databases(abc.ABC):
     """Creating and dropping databases with unique names, through the `postgres` database."""
 
+    @abc.abstractmethod
     def url(self, database: str = "postgres") -> str:
-        raise NotImplementedError
+        """The URL of `database` on this server."""
 
     def admin(self, sql: str) -> None:
         """Run one statement in the `postgres` database, outside a transaction."""
