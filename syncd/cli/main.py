@@ -5,15 +5,21 @@ exit codes:
   1  --once: at least one feed could not be synced; doctor: a check failed; other command
      failures
   2  invalid configuration or usage; run: Redis settings that break the promises
-     (maxmemory-policy allkeys-*, see [redis] allow_eviction); dead replay: a dead letter
-     that is not an event; mirror: no [mirror] section, the postgres extra not installed, or
-     tables a newer syncd migrated
+     (maxmemory-policy allkeys-*, see [redis] allow_eviction) or a Redis user missing a
+     permission syncd needs (NOPERM); dead replay: a dead letter that is not an event;
+     mirror: no [mirror] section, the postgres extra not installed, or tables a newer syncd
+     migrated
+
+A reader of the output that goes away (`syncd feeds | head`) ends the command quietly, exit 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import select
+import stat
 import sys
 
 from syncd import catalogue
@@ -195,7 +201,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def cmd_feeds(_: argparse.Namespace) -> int:
     for f in catalogue.feeds().values():
-        print(f"{f.name:45} key={'+'.join(f.key_fields):22} {f.path}")
+        line = f"{f.name:45} key={'+'.join(f.key_fields):22} {f.path}"
+        if f.name in catalogue.LEGACY:
+            line += f"  (legacy path of {catalogue.LEGACY[f.name]}: synced only when named)"
+        print(line)
     return 0
 
 
@@ -234,6 +243,35 @@ def cmd_operator(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        code = _dispatch(args)
+        sys.stdout.flush()  # here, not at exit: a reader gone by now is handled below
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise
+        # What was not written has no reader; send what is left in the buffers nowhere.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 0
+    return code
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether standard output is a pipe whose reader closed it (`| head`), rather than a
+    broken pipe elsewhere (a connection), which stays an error."""
+    try:
+        fd = sys.stdout.fileno()
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return False
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        return any(event & select.POLLERR for _, event in poller.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("status", "reset-cursor", "backfill", "tail"):
         return cmd_operator(args)
     if args.command == "run":
