@@ -1,5 +1,6 @@
 """`syncd demo`: never prints a password, removes its keys on exit, and leaves no child process
-or temporary directory behind, whether it stops on SIGTERM or is killed with SIGKILL.
+or temporary directory behind, whether it stops on SIGTERM or is killed with SIGKILL. And it
+runs from a wheel installed into a fresh environment, away from the checkout.
 """
 
 from __future__ import annotations
@@ -7,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,6 +25,7 @@ from syncd.testing.redis_server import RedisServer
 
 PASSWORD = "demo-redis-pass-77"
 DEADLINE_S = 90.0
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def descendants(root: int) -> dict[int, list[str]]:
@@ -79,15 +83,16 @@ def alive(pid: int, started: str | None) -> bool:
 
 
 class Demo:
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, command: tuple[str, ...] = (), cwd: Path | None = None) -> None:
         # Files rather than pipes: nobody has to keep reading them. Closed by close().
         self.out = tempfile.TemporaryFile()  # noqa: SIM115
         self.err = tempfile.TemporaryFile()  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "syncd", "demo", *args],
+            [*(command or (sys.executable, "-m", "syncd")), "demo", *args],
             stdout=self.out,
             stderr=self.err,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            cwd=cwd,
         )
 
     def output(self) -> str:
@@ -196,5 +201,58 @@ async def test_sigkill_of_the_demo_takes_its_children_and_temp_dir() -> None:
         while await asyncio.to_thread(Path(data_dir).exists):
             assert loop.time() < deadline, f"{data_dir} left behind"
             await asyncio.sleep(0.1)
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def wheel_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh environment with syncd installed from a wheel built from this tree; the
+    dependencies come from the test environment's site-packages (a path in a .pth file, so its
+    editable install of syncd is not seen)."""
+    base = tmp_path_factory.mktemp("wheel")
+    src = base / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "CHANGELOG.md", "MANIFEST.in"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "syncd", src / "syncd", ignore=shutil.ignore_patterns("__pycache__"))
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]
+    build = [*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", "dist"]
+    subprocess.run([*build, "./src"], cwd=base, check=True, timeout=300)
+    (wheel,) = (base / "dist").glob("syncd-*.whl")
+    env = base / "env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", env], check=True, timeout=120)
+    python = env / "bin" / "python"
+    purelib = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    Path(purelib, "test-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    install = [*pip, "--python", str(python), "install", "--no-deps", "--no-index", str(wheel)]
+    subprocess.run(install, check=True, timeout=300)
+    return env
+
+
+def module_file(python: Path, cwd: Path) -> str:
+    """Where `python` imports syncd from."""
+    command = [python, "-c", "import syncd; print(syncd.__file__)"]
+    return subprocess.run(command, capture_output=True, text=True, check=True, cwd=cwd).stdout
+
+
+async def test_demo_runs_from_a_wheel(
+    wheel_env: Path, redis: aioredis.Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    where = await asyncio.to_thread(module_file, wheel_env / "bin" / "python", tmp_path)
+    assert where.startswith(str(wheel_env)), where  # the wheel's syncd, not the checkout's
+    syncd = str(wheel_env / "bin" / "syncd")
+    demo = Demo("--redis-url", redis_server.url, command=(syncd,), cwd=tmp_path)
+    try:
+        await demo.wait_for_events()
+        demo.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(demo.proc.wait, DEADLINE_S) == 0
+        assert "Traceback" not in demo.output()
+        assert not [k async for k in redis.scan_iter(match="demo:{100[12]}:*")]
     finally:
         demo.close()

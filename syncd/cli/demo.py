@@ -2,7 +2,8 @@
 
 Starts the simulator in a child process (mutating records as it goes), uses the Redis on
 127.0.0.1:6379 when one answers (else, or with `--private-redis`, starts a private one), runs the
-daemon on `config/demo.toml`, and prints the events as they arrive until Ctrl-C or SIGTERM.
+daemon on `syncd/data/demo.toml` (package data: a wheel has it too), and prints the events as
+they arrive until Ctrl-C or SIGTERM.
 
 On its way out the demo deletes its `demo:*` keys and stops its children (the simulator, a
 private Redis and its temporary directory), on an exception or a signal too. A watchdog process
@@ -17,7 +18,8 @@ import contextlib
 import signal
 import subprocess
 import sys
-from pathlib import Path
+import tomllib
+from importlib import resources
 from types import FrameType
 from typing import IO
 
@@ -32,7 +34,13 @@ from syncd.keys import Keys
 from syncd.testing.redis_server import RedisServer, reachable
 from syncd.testing.simulator import SimulatorProcess
 
-DEMO_CONFIG = Path(__file__).resolve().parents[2] / "config" / "demo.toml"
+DEMO_CONFIG = "data/demo.toml"  # inside the package: read through importlib.resources
+
+
+def demo_config() -> config.Config:
+    """The demo's configuration, packaged with syncd (wheel or checkout alike)."""
+    text = resources.files("syncd").joinpath(DEMO_CONFIG).read_text("utf-8")
+    return config.parse(tomllib.loads(text), f"syncd/{DEMO_CONFIG}")
 
 
 class Guard:
@@ -142,7 +150,7 @@ def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = config.load(DEMO_CONFIG)
+    cfg = demo_config()
     tenants = ",".join(str(t.id) for t in cfg.tenants)
     feeds = ",".join(cfg.defaults.feeds or [])
     previous = signal.signal(signal.SIGTERM, _exit_on_signal)
