@@ -602,6 +602,36 @@ async def test_unset_variable_in_a_secret_path_is_a_configuration_error(tmp_path
     assert "unset variable" in lines[0].detail
 
 
+async def test_an_unset_credentials_directory_is_named_with_who_sets_it(tmp_path: Path) -> None:
+    """Run by hand, outside the unit: the advice is how to get systemd's credentials directory,
+    not a chmod of a path that does not exist."""
+    data = config_dict("redis://127.0.0.1:1/0", "http://127.0.0.1:1", "k", [1], FEEDS)
+    del data["servicetitan"]["app_key"]
+    data["servicetitan"]["app_key_file"] = "${CREDENTIALS_DIRECTORY}/app_key"
+    path = write_config(tmp_path, data)
+    env = {k: v for k, v in os.environ.items() if k != "CREDENTIALS_DIRECTORY"}
+    lines, code = await doctor.diagnose(str(path), env)
+    assert code == 2
+    config_line = where("fail", lines, "configuration")
+    assert "CREDENTIALS_DIRECTORY" in config_line.detail
+    assert "LoadCredential=" in config_line.detail
+    (line,) = [ln for ln in lines if ln.check == "secret file" and ln.status == "fail"]
+    assert line.detail == (
+        "servicetitan.app_key_file: '${CREDENTIALS_DIRECTORY}/app_key' names an unset variable,"
+        " CREDENTIALS_DIRECTORY"
+    )
+    assert "chmod" not in line.action
+    for words in ("systemd sets CREDENTIALS_DIRECTORY", "LoadCredential=", "systemd-run"):
+        assert words in line.action, words
+    # check-config says the same to whoever runs it by hand.
+    command = [sys.executable, "-m", "syncd", "check-config", str(path)]
+    res = await asyncio.to_thread(
+        subprocess.run, command, capture_output=True, text=True, env=env, check=False
+    )
+    assert res.returncode == 2
+    assert "an unset variable, CREDENTIALS_DIRECTORY: systemd sets it only inside" in res.stderr
+
+
 def test_every_secret_file_is_checked(tmp_path: Path) -> None:
     """The app key, client secrets, the ops token and the Redis TLS key: each a secret file."""
     files = {}
@@ -628,7 +658,12 @@ def test_every_secret_file_is_checked(tmp_path: Path) -> None:
     ]
     assert "mode 0640" in (found[3].problem or "")
     unset = secret_files(cfg, {})
-    assert unset[0].problem == "'${DOCTOR_DIR}/app_key' names an unset variable"
+    assert unset[0].problem == "'${DOCTOR_DIR}/app_key' names an unset variable, DOCTOR_DIR"
+    assert unset[0].unset == ("DOCTOR_DIR",)
+    line = doctor.judge_secret_file(unset[0])
+    assert line.status == "fail"
+    assert "DOCTOR_DIR" in line.action
+    assert "chmod" not in line.action
     assert inline_secrets(cfg) == []
     data["redis"] = {"url": "redis://syncd:pw-in-the-file@127.0.0.1:1/0"}
     data["servicetitan"]["app_key"] = "inline-app-key"

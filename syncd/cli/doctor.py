@@ -31,7 +31,7 @@ from syncd.cli.doctor_facts import (
     SecretFile,
     TenantFacts,
 )
-from syncd.config import ConfigError, load, resolve
+from syncd.config import CREDENTIALS_VARIABLE, ConfigError, load, resolve
 from syncd.redis import checks as redischeck
 from syncd.redis.checks import NodeSettings
 
@@ -83,12 +83,26 @@ def judge_config(path: str, error: str | None, tenants: int = 0, feeds: int = 0)
 def judge_secret_file(f: SecretFile) -> Line:
     if f.problem is None:
         return Line("secret file", "ok", f"{f.key} {f.path}: only its owner can read it")
+    if f.unset:
+        return Line("secret file", "fail", f"{f.key}: {f.problem}", _unset_action(f.unset))
     return Line(
         "secret file",
         "fail",
         f"{f.key}: {f.problem}",
         f"chmod 0600 {f.path}, owned by the user syncd runs as (or root); a symlink may point "
         "only within its own directory",
+    )
+
+
+def _unset_action(names: Sequence[str]) -> str:
+    if CREDENTIALS_VARIABLE not in names:
+        return f"set {', '.join(names)} in doctor's environment as in the service's"
+    return (
+        f"run doctor the way systemd runs syncd: systemd sets {CREDENTIALS_VARIABLE}, to a "
+        "private copy of the files the unit's LoadCredential= lines name, only inside that "
+        "service. E.g. sudo systemd-run --pipe --wait --collect -p DynamicUser=yes -p User=syncd "
+        "-p LoadCredential=... (each of the unit's) syncd doctor --config FILE (the README's "
+        "production quick start)"
     )
 
 

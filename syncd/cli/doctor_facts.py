@@ -24,7 +24,15 @@ import aiohttp
 import redis.exceptions
 
 from syncd import catalogue, redact
-from syncd.config import Config, RedisConfig, Settings, TenantSettings, expand_path
+from syncd.config import (
+    Config,
+    RedisConfig,
+    Settings,
+    TenantSettings,
+    expand_path,
+    unset_problem,
+    unset_variables,
+)
 from syncd.config.secretfiles import SecretFileError, check_mode, read_secret_file
 from syncd.config.urls import redact_url
 from syncd.daemon import http_session
@@ -55,6 +63,7 @@ class SecretFile:
     key: str  # e.g. tenants[0].client_secret_file
     path: str
     problem: str | None  # None: the daemon would accept it
+    unset: tuple[str, ...] = ()  # the variables the path names that are not set
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +158,9 @@ def secret_files(cfg: Config, environ: Mapping[str, str]) -> list[SecretFile]:
     for key, given in named:
         path = expand_path(given, environ)
         if path is None:
-            out.append(SecretFile(key, given, f"{given!r} names an unset variable"))
+            unset = tuple(unset_variables(given, environ))
+            problem = unset_problem(given, environ, hint=False)
+            out.append(SecretFile(key, given, problem, unset))
             continue
         try:
             read_secret_file(path)

@@ -28,9 +28,17 @@ from syncd.config.model import (
     TenantDefaults,
     TenantSettings,
 )
-from syncd.config.secrets import expand_path, load_settings, resolve
+from syncd.config.secrets import (
+    CREDENTIALS_VARIABLE,
+    expand_path,
+    load_settings,
+    resolve,
+    unset_problem,
+    unset_variables,
+)
 
 __all__ = [
+    "CREDENTIALS_VARIABLE",
     "ENVIRONMENTS",
     "MAX_SHUTDOWN_GRACE_S",
     "Config",
@@ -55,4 +63,6 @@ __all__ = [
     "load_settings",
     "parse",
     "resolve",
+    "unset_problem",
+    "unset_variables",
 ]

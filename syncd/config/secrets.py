@@ -38,7 +38,7 @@ def _read_secret(
     assert file is not None
     path = expand_path(file, environ)
     if path is None:
-        raise fail(name, key + "_file", f"{file!r} names an unset variable")
+        raise fail(name, key + "_file", unset_problem(file, environ))
     try:
         return Secret(read_secret_file(path, allow_insecure=allow_insecure))
     except SecretFileError as exc:
@@ -64,6 +64,30 @@ def expand_path(path: str, environ: Mapping[str, str]) -> str | None:
 
     out = _VAR.sub(sub, path)
     return None if missing else out
+
+
+# systemd sets it in a service that has credentials (LoadCredential= lines), never elsewhere.
+CREDENTIALS_VARIABLE = "CREDENTIALS_DIRECTORY"
+CREDENTIALS_HINT = (
+    "systemd sets it only inside a service with LoadCredential= lines; run syncd as the unit "
+    "does, e.g. with systemd-run and the unit's DynamicUser=, User= and LoadCredential= "
+    "properties"
+)
+
+
+def unset_variables(path: str, environ: Mapping[str, str]) -> list[str]:
+    """The variables `path` names ($VAR, ${VAR}) that `environ` does not set, in order."""
+    names = [m.group(1) or m.group(2) for m in _VAR.finditer(path)]
+    return [v for i, v in enumerate(names) if v not in environ and v not in names[:i]]
+
+
+def unset_problem(path: str, environ: Mapping[str, str], *, hint: bool = True) -> str:
+    """What is wrong with a path naming unset variables: which ones, and (`hint`) for systemd's
+    credentials directory, who sets it."""
+    names = unset_variables(path, environ)
+    what = "unset variables:" if len(names) > 1 else "an unset variable,"
+    text = f"{path!r} names {what} {', '.join(names)}"
+    return f"{text}: {CREDENTIALS_HINT}" if hint and CREDENTIALS_VARIABLE in names else text
 
 
 def resolve(
@@ -183,7 +207,7 @@ def _resolve_tls(cfg: Config, name: str, env: Mapping[str, str]) -> Config:
         if value is not None:
             value = expand_path(value, env)
             if value is None:
-                raise fail(name, f"redis.{key}", f"{getattr(rc, key)!r} names an unset variable")
+                raise fail(name, f"redis.{key}", unset_problem(getattr(rc, key), env))
         paths[key] = value
     if paths["tls_key_file"] is not None and not cfg.allow_insecure_secret_files:
         try:
