@@ -3,7 +3,7 @@
     .venv/bin/python -m bench                      # all of them (about 20 minutes)
     BENCH_ONLY=backfill,freshness .venv/bin/python -m bench
 
-At the end, README.md's benchmark figures are generated again from bench/results/*.json
+At the end, docs/benchmarks.md's figures are generated again from bench/results/*.json
 (bench/figures.py).
 
 Sizes: BENCH_BACKFILL_RECORDS, BENCH_STEADY_TENANTS, BENCH_STEADY_WINDOW, BENCH_RATELIMIT_RECORDS,
@@ -324,7 +324,7 @@ def main() -> int:
     try:
         figures.main([])
     except (KeyError, ValueError) as e:
-        print(f"README.md's benchmark figures not generated: {e}", file=sys.stderr)
+        print(f"docs/benchmarks.md's figures not generated: {e}", file=sys.stderr)
         return 1
     return 1 if failed else 0
 

@@ -1,10 +1,11 @@
-"""The README's benchmark figures, generated from bench/results/*.json.
+"""The benchmark figures of docs/benchmarks.md, generated from bench/results/*.json.
 
-Each block of README.md between `<!-- bench:begin NAME -->` and `<!-- bench:end NAME -->` is
-what `BLOCKS[NAME]` makes of the result files; nothing between the markers is typed by hand.
+Each block of docs/benchmarks.md between `<!-- bench:begin NAME -->` and
+`<!-- bench:end NAME -->` is what `BLOCKS[NAME]` makes of the result files; nothing between the
+markers is typed by hand.
 
-    .venv/bin/python -m bench.figures            # rewrite the blocks of README.md
-    .venv/bin/python -m bench.figures --check    # exit 1 when README.md differs from the results
+    .venv/bin/python -m bench.figures            # rewrite the blocks of docs/benchmarks.md
+    .venv/bin/python -m bench.figures --check    # exit 1 when it differs from the results
 
 `make bench` runs the writer at its end; tests/test_bench_figures.py runs the check.
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
+DOC = ROOT / "docs" / "benchmarks.md"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 Results = dict[str, dict[str, Any]]
@@ -542,39 +543,43 @@ _BLOCK = re.compile(
 )
 
 
-def render(readme: str, results: Results) -> str:
-    """`readme` with every block replaced by what the results make of it."""
-    found = [m.group("name") for m in _BLOCK.finditer(readme)]
+def render(doc: str, results: Results) -> str:
+    """`doc` with every block replaced by what the results make of it."""
+    found = [m.group("name") for m in _BLOCK.finditer(doc)]
     unknown = sorted(set(found) - set(BLOCKS))
     missing = sorted(set(BLOCKS) - set(found))
     if unknown or missing:
-        raise ValueError(f"README blocks unknown {unknown}, missing {missing}")
+        raise ValueError(f"{_name()} blocks unknown {unknown}, missing {missing}")
 
     def fill(m: re.Match[str]) -> str:
         body = BLOCKS[m.group("name")](results)
         return f"{m.group('begin')}{body}\n{m.group('end')}"
 
-    return _BLOCK.sub(fill, readme)
+    return _BLOCK.sub(fill, doc)
+
+
+def _name() -> str:
+    return str(DOC.relative_to(ROOT)) if DOC.is_relative_to(ROOT) else str(DOC)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--check", action="store_true", help="exit 1 when README.md is not up to date")
+    p.add_argument("--check", action="store_true", help=f"exit 1 when {_name()} is not up to date")
     args = p.parse_args(argv)
-    current = README.read_text()
+    current = DOC.read_text()
     wanted = render(current, load_results())
     if args.check:
         if wanted != current:
             print(
-                "README.md's benchmark figures differ from bench/results/*.json: "
+                f"{_name()}'s benchmark figures differ from bench/results/*.json: "
                 "run `.venv/bin/python -m bench.figures`",
                 file=sys.stderr,
             )
             return 1
         return 0
     if wanted != current:
-        README.write_text(wanted)
-        print("README.md: benchmark figures rewritten", file=sys.stderr)
+        DOC.write_text(wanted)
+        print(f"{_name()}: benchmark figures rewritten", file=sys.stderr)
     return 0
 
 

@@ -64,9 +64,9 @@ KINDS = ("kill", "stop", "failover", "partition", "sighup", "consumer-kill")
 KINDS += ("429-storm", "5xx-storm", "token-expiry")
 Fault = Callable[[random.Random], Awaitable[None]]
 Gap = tuple[float, float]
-# Quirks on from the start (see README "Quirks"). Not numeric_modified_on: an event without a
-# timestamp applies over anything, so a redelivered older one would win, as documented. Nor
-# naive_timestamps: a truncated fraction can make a key's newer version look older than one
+# Quirks on from the start (see docs/simulator.md, "Quirks"). Not numeric_modified_on: an event
+# without a timestamp applies over anything, so a redelivered older one would win, as documented.
+# Nor naive_timestamps: a truncated fraction can make a key's newer version look older than one
 # changed earlier in the same second, and syncd rightly never publishes it.
 QUIRKS = [
     "--stale-repeats", "0.2",

@@ -1,7 +1,7 @@
 """The README's install steps, run as written (under a temporary root instead of /), then
 systemd's LoadCredential= emulated from the unit into a fake $CREDENTIALS_DIRECTORY: the
 installed configuration passes `syncd check-config`. So does the README's configuration
-example, and every TOML block of the README is valid TOML.
+example, and every TOML block of the README and of docs/ is valid TOML.
 """
 
 from __future__ import annotations
@@ -125,9 +125,10 @@ def test_readme_configuration_example_passes_check_config(
         assert res.returncode == 0, f"README example {i}: {res.stderr}"
 
 
-def test_every_toml_block_of_the_readme_parses() -> None:
-    for text in blocks("toml"):
-        tomllib.loads(text)
+def test_every_toml_block_of_the_docs_parses() -> None:
+    for doc in [README, *sorted((ROOT / "docs").glob("*.md"))]:
+        for text in re.findall(r"```toml\n(.*?)```", doc.read_text(), re.S):
+            tomllib.loads(text)
 
 
 def test_credential_names_agree() -> None:
