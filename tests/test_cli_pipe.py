@@ -56,3 +56,14 @@ def test_feeds_marks_the_legacy_feed_left_out_by_default(
     marked = [ln.split()[0] for ln in lines if "legacy" in ln]
     assert marked == sorted(catalogue.LEGACY)
     assert set(marked) == set(catalogue.feeds()) - set(catalogue.default_feeds())
+
+
+def test_no_standard_output_at_all_is_no_traceback() -> None:
+    """`syncd feeds >&-`: Python gives the process no sys.stdout; nothing to flush."""
+    res = subprocess.run(
+        ["sh", "-c", 'exec "$@" >&-', "sh", sys.executable, "-m", "syncd", "feeds"],
+        stderr=subprocess.PIPE,
+        timeout=60,
+        check=False,
+    )
+    assert "Traceback" not in res.stderr.decode(), res.stderr.decode()

@@ -245,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code = _dispatch(args)
-        sys.stdout.flush()  # here, not at exit: a reader gone by now is handled below
+        if sys.stdout is not None:  # None: started without one (`>&-`)
+            sys.stdout.flush()  # here, not at exit: a reader gone by now is handled below
     except BrokenPipeError:
         if not _stdout_reader_gone():
             raise
@@ -260,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
 def _stdout_reader_gone() -> bool:
     """Whether standard output is a pipe whose reader closed it (`| head`), rather than a
     broken pipe elsewhere (a connection), which stays an error."""
+    if sys.stdout is None:
+        return False
     try:
         fd = sys.stdout.fileno()
         if not stat.S_ISFIFO(os.fstat(fd).st_mode):
