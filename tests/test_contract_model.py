@@ -4,7 +4,8 @@ Hypothesis drives two publishers (two instances) with random pages: new pages, t
 again from the same cursor (a repeating API, a retry after a crash that happened after the
 script ran, another instance), pages fetched from a cursor another instance already moved,
 duplicate keys, stale versions in many spellings of the same instants, records without a
-usable key, the operator resetting the cursor, and Redis refusing writes (out of memory). After
+usable key, the operator resetting the cursor, Redis refusing writes (out of memory), and an
+index left in the layout before buckets, moving while pages are applied. After
 every step Redis must hold exactly what the plain model below says: the events in order, the
 dead letters, the cursor, the count of stale versions; and per key no event may go back in time.
 
@@ -27,10 +28,13 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from syncd import catalogue
-from syncd.engine.publisher import SAME_INSTANT_KEPT, Applied, Publisher
+from syncd.engine.index import SAME_INSTANT_KEPT
+from syncd.engine.publisher import Applied, Publisher
 from syncd.errors import RedisFull
+from syncd.keys import Keys
 from syncd.servicetitan.page import decode_page
 from syncd.testing.redis_server import RedisServer
+from tests.index_helpers import to_old_layout
 
 EXAMPLES = int(os.environ.get("SYNCD_MODEL_EXAMPLES", "20"))
 STEPS = int(os.environ.get("SYNCD_MODEL_STEPS", "25"))
@@ -226,14 +230,23 @@ class ContractMachine(RuleBasedStateMachine):
         feed=st.sampled_from([CUSTOMERS.name, RATINGS.name, HISTORY.name]),
         prechecks=st.tuples(st.sampled_from([0, 1000]), st.sampled_from([0, 3, 1000])),
         chunks=st.tuples(st.sampled_from([1, 2, 1000]), st.sampled_from([1, 3, 1000])),
+        moves=st.tuples(st.sampled_from([0, 1]), st.sampled_from([0, 8])),
     )
-    def setup(self, feed: str, prechecks: tuple[int, int], chunks: tuple[int, int]) -> None:
+    def setup(
+        self,
+        feed: str,
+        prechecks: tuple[int, int],
+        chunks: tuple[int, int],
+        moves: tuple[int, int],
+    ) -> None:
         self.feed = catalogue.feed(feed)
         # precheck_min 0: every page is looked at before the script; 1000: never. Chunks of
-        # 1 or a few records: pages of several scripts; 1000: one script a page.
+        # 1 or a few records: pages of several scripts; 1000: one script a page. An index of
+        # the layout before buckets moves only as pages write its keys (0), or also a few
+        # keys after each page.
         self.pubs = [
-            Publisher(self.r, "st", precheck_min=n, chunk_records=c)
-            for n, c in zip(prechecks, chunks, strict=True)
+            Publisher(self.r, "st", precheck_min=n, chunk_records=c, migrate_chunks=m)
+            for n, c, m in zip(prechecks, chunks, moves, strict=True)
         ]
 
     def _new_page(
@@ -323,6 +336,16 @@ class ContractMachine(RuleBasedStateMachine):
         self.run(pub.run_chunks(prepared, range(ran)))
         sent = {str(key) for n in range(ran) for key in prepared.chunk(n)[11::4]}
         self.model.apply_part(expected, recs, sent)
+
+    @rule(hashtable=st.booleans())
+    def upgraded_from_the_layout_before_buckets(self, hashtable: bool) -> None:
+        """The index as an earlier syncd left it: one hash per feed (as a hash table, a scan
+        of it returns a few keys at a time), read until its keys have moved."""
+        self.run(to_old_layout(self.r, Keys("st", TENANT), self.feed.name, hashtable=hashtable))
+
+    @rule(per_script=st.integers(1, 3))
+    def index_moves_a_few_keys(self, per_script: int) -> None:
+        self.run(self.pubs[0].migrate(TENANT, self.feed.name, chunks=1, per_script=per_script))
 
     @rule()
     def operator_resets_the_cursor(self) -> None:
