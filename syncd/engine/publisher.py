@@ -49,7 +49,7 @@ T = TypeVar("T")
 PRECHECK_MIN = 32
 
 # The precheck asks for at most this many keys a command.
-PRECHECK_CHUNK = 5_000
+PRECHECK_CHUNK = 1_000
 
 # Pages with at least this many records are made ready for their scripts in a worker thread.
 THREAD_MIN_RECORDS = 10_000

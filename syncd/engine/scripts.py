@@ -31,6 +31,25 @@ local function bucket_of(h, level, split)
   return b
 end
 
+-- A bucket's key name, `<prefix><n>`, built once a script (one feed's index a script).
+local bucket_names = {}
+local function bucket_name(prefix, b)
+  local name = bucket_names[b]
+  if not name then
+    name = prefix .. b
+    bucket_names[b] = name
+  end
+  return name
+end
+
+-- The name of a key's bucket (bucket_of, with `low` = 2^level).
+local function bucket_key(prefix, key, low, split)
+  local h = hash(key)
+  local b = h % low
+  if b < split then b = h % (low + low) end
+  return bucket_name(prefix, b)
+end
+
 -- level, split, count, mark of a feed's index (an index not written yet: 0, 0, 0, 1)
 local function meta_of(meta)
   local m = redis.call('HMGET', meta, 'level', 'split', 'count', 'mark')
@@ -43,7 +62,7 @@ end
 local function grow(prefix, count, level, split, load)
   while count > load * (2 ^ level + split) do
     local high = 2 ^ level
-    local src = prefix .. split
+    local src = bucket_name(prefix, split)
     local all = redis.call('HGETALL', src)
     local moved, gone = {}, {}
     for i = 1, #all, 2 do
@@ -54,7 +73,7 @@ local function grow(prefix, count, level, split, load)
       end
     end
     if #gone > 0 then
-      redis.call('HSET', prefix .. (split + high), unpack(moved))
+      redis.call('HSET', bucket_name(prefix, split + high), unpack(moved))
       redis.call('HDEL', src, unpack(gone))
     end
     split = split + 1
@@ -189,13 +208,14 @@ if detect then
   local counted = count
   has_old = redis.call('EXISTS', old) == 1
   local prefix = meta .. ':'
+  local low = 2 ^ level
   for j = 0, n - 1 do
     local p = base + j * W
     local key, new = ARGV[p], ARGV[p + 1]
     local fp, ts = string.sub(new, 1, FP), string.sub(new, FP + 1, FP + TS)
     local at = string.sub(new, FP + TS + 1)
     if at == '' and ts ~= '' then at = ARGV[p + 2] end
-    local bkey = prefix .. bucket_of(hash(key), level, split)
+    local bkey = bucket_key(prefix, key, low, split)
     local cur = redis.call('HGET', bkey, key)
     local moving = false
     if not cur and has_old then
@@ -287,10 +307,11 @@ local level, split, count, mark = meta_of(meta)
 local M = string.char(mark)
 local has_old = redis.call('EXISTS', old) == 1
 local prefix = meta .. ':'
+local low = 2 ^ level
 local out = {mark}
 for i = 1, #ARGV do
   local key = ARGV[i]
-  local v = redis.call('HGET', prefix .. bucket_of(hash(key), level, split), key)
+  local v = redis.call('HGET', bucket_key(prefix, key, low, split), key)
   if not v and has_old then
     local v1 = redis.call('HGET', old, key)
     if v1 then v = converted(v1, M) end
@@ -314,13 +335,14 @@ local most, LOAD = tonumber(ARGV[1]), tonumber(ARGV[2])
 local level, split, count, mark = meta_of(meta)
 local M = string.char(mark)
 local prefix = meta .. ':'
+local low = 2 ^ level
 local cursor = redis.call('HGET', meta, 'migrate') or '0'
 local scanned = redis.call('HSCAN', old, cursor, 'COUNT', most)
 local items = scanned[2]
 local gone = {}
 for i = 1, #items, 2 do
   local key = items[i]
-  local bkey = prefix .. bucket_of(hash(key), level, split)
+  local bkey = bucket_key(prefix, key, low, split)
   if redis.call('HSETNX', bkey, key, converted(items[i + 1], M)) == 1 then count = count + 1 end
   gone[#gone + 1] = key
 end
