@@ -95,6 +95,7 @@ class Prepared:
     skipped: int
     continue_from: str
     stale: int
+    fetched: int  # records in the page (a reconciliation pass counts them)
 
     def __len__(self) -> int:
         return len(self.bounds)
@@ -110,6 +111,7 @@ class Prepared:
         args[4] = high - low
         args[5] = len(self.dead) // 3 if last else 0
         args[8] = self.stale + found_stale if last else 0
+        args[12] = self.fetched if last else 0
         args.extend(itertools.chain.from_iterable(self.records[low:high]))
         if last:
             args.extend(self.dead)
@@ -139,13 +141,17 @@ def _records(
     if olds is not None:
         mark, values = olds
         pick, skipped, stale = index.precheck(values, fps, instants, mark)
-        if len(pick) < len(keys):
+        # Unchanged but for the mark (a reconciliation pass is under way): only marked, so the
+        # record's bytes are not sent.
+        marks_only = [i for i in pick if (old := values[i]) is not None and old.startswith(fps[i])]
+        if len(pick) < len(keys) or marks_only:
             keys = [keys[i] for i in pick]
             fps = [fps[i] for i in pick]
             mods = [mods[i] for i in pick]
             instants = [instants[i] for i in pick]
             ats = [ats[i] for i in pick]
-            datas = [datas[i] for i in pick]
+            blank = set(marks_only)
+            datas = [b"" if i in blank else datas[i] for i in pick]
     # Per record: key, what the index would keep (fingerprint, packed instant) and the event's
     # `modified_at` where it is not the timestamp as sent (one argument: each argument costs
     # the client more than the bytes do), timestamp, data.
@@ -236,13 +242,21 @@ class Publisher:
         page: Page,
         *,
         change_detection: bool = True,
+        reconcile: bool = False,
     ) -> Applied:
         """Apply `page`, fetched from cursor `expected` (None: nothing stored yet). A chunk
         refused (out of memory, a lost connection) leaves what earlier chunks published: the
-        page is fetched again later, and those versions are unchanged then."""
-        with _redis_errors("the page"):
+        page is fetched again later, and those versions are unchanged then. `reconcile`: a
+        page of the feed's reconciliation pass, fenced by the pass's cursor (refused, with no
+        stored cursor, when no pass is fetching)."""
+        with redis_errors("the page"):
             prepared = await self.prepare(
-                tenant, feed, expected, page, change_detection=change_detection
+                tenant,
+                feed,
+                expected,
+                page,
+                change_detection=change_detection or reconcile,
+                reconcile=reconcile,
             )
             if self.waits:
                 result = await self._waited(
@@ -250,7 +264,7 @@ class Publisher:
                 )
             else:
                 result = await self.run_chunks(prepared)
-        if int(result[0]) == 1:
+        if int(result[0]) != 0:
             stored = _text(result[1]) if len(result) > 1 else None
             return Applied(False, stored=stored)
         if int(result[2]):
@@ -273,6 +287,7 @@ class Publisher:
         page: Page,
         *,
         change_detection: bool = True,
+        reconcile: bool = False,
     ) -> Prepared:
         """The scripts that apply `page`: what `apply` runs. Raises what redis-py raises."""
         if not page.continue_from:
@@ -314,6 +329,8 @@ class Publisher:
             0,  # stale versions: counted by the last chunk
             index.SAME_INSTANT_KEPT,
             index.LOAD,
+            "1" if reconcile else "0",
+            0,  # records in the page: the last chunk's
         ]
         page_keys = [k.cursors, idx, seen, k.stream(feed), k.dead, k.state, k.dead_seen(feed)]
         return Prepared(
@@ -325,6 +342,7 @@ class Publisher:
             skipped,
             page.continue_from,
             stale + page.superseded,
+            page.fetched,
         )
 
     async def _lookup(self, idx: str, seen: str, keys: list[str]) -> tuple[int, list[Any]]:
@@ -350,7 +368,7 @@ class Publisher:
         there are keys left (`migrate_chunks` scripts)."""
         k = self.keys(tenant)
         left = 0
-        with _redis_errors("the index move"):
+        with redis_errors("the index move"):
             for _ in range(chunks):
                 _, left = await self._migrate(
                     keys=[k.index(feed), k.seen(feed)], args=[per_script, index.LOAD]
@@ -401,7 +419,7 @@ class Publisher:
         everything the primary wrote before; ReplicasBehind if they do not within
         `wait_timeout`. What a feed adopts from Redis (at start, after a page whose WAIT
         failed) is settled first: nothing past a page is fetched before replicas have it."""
-        with _redis_errors("the settle"):
+        with redis_errors("the settle"):
             if not self.waits:
                 raw = await self.redis.hget(self.keys(tenant).cursors, feed)
                 return None if raw is None else _text(raw)
@@ -461,7 +479,7 @@ class Publisher:
 
 
 @contextlib.contextmanager
-def _redis_errors(what: str) -> Iterator[None]:
+def redis_errors(what: str) -> Iterator[None]:
     """Redis' errors as the engine's: out of memory (RedisFull), refused or failing
     (TransientError). A script is refused before its first write (its flags make OOM checked up
     front), so nothing was written; a page is fetched again later."""

@@ -53,8 +53,7 @@ end
 -- level, split, count, mark of a feed's index (an index not written yet: 0, 0, 0, 1)
 local function meta_of(meta)
   local m = redis.call('HMGET', meta, 'level', 'split', 'count', 'mark')
-  if m[1] then return tonumber(m[1]), tonumber(m[2]), tonumber(m[3]), tonumber(m[4]) end
-  return 0, 0, 0, 1
+  return tonumber(m[1] or 0), tonumber(m[2] or 0), tonumber(m[3] or 0), tonumber(m[4] or 1)
 end
 
 -- Linear hashing: split bucket `split` (its keys whose bucket one level up differs move to
@@ -169,7 +168,12 @@ end
 # A page's chunk: the fence, change detection against the index, events, dead letters, and
 # (the page's last chunk) the cursor. Per record: key, what the index would keep (fingerprint,
 # packed instant unless the record has none) followed by the event's `modified_at` when it
-# is not the timestamp as sent, the timestamp as sent, data.
+# is not the timestamp as sent, the timestamp as sent, data. A record whose data is empty
+# (no record's is) is only marked: the precheck found it unchanged but for its mark.
+#
+# A reconciliation pass's page (ARGV[12] = '1') is fenced by the pass's own cursor (in the
+# index's metadata) and only while the pass is fetching; it publishes what changed like any
+# page (counted as drift) and marks every key it holds. Its last page starts the sweep.
 APPLY_PAGE = (
     r"""#!lua
 local cursors, meta, old, stream, dead, state, dead_seen =
@@ -180,6 +184,7 @@ local n, ndead, now, more = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], ARGV[
 local stale = tonumber(ARGV[9])
 local KEPT = tonumber(ARGV[10])
 local LOAD = tonumber(ARGV[11])
+local pass, page_records = ARGV[12] == '1', tonumber(ARGV[13])
 """
     + INDEX_LIB
     + r"""
@@ -190,7 +195,12 @@ local function holds(fps, fp)
   return false
 end
 
-local stored = redis.call('HGET', cursors, feed)
+local cursor_key, cursor_field = cursors, feed
+if pass then
+  if redis.call('HGET', meta, 'pass') ~= 'fetch' then return {2} end
+  cursor_key, cursor_field = meta, 'pass_cursor'
+end
+local stored = redis.call('HGET', cursor_key, cursor_field)
 if expected == '' then
   if stored then return {1, stored} end
 elseif stored ~= string.sub(expected, 2) then
@@ -198,7 +208,7 @@ elseif stored ~= string.sub(expected, 2) then
   return {1}
 end
 
-local base = 12
+local base = 14
 local W = 4
 local published, unchanged = 0, 0
 local has_old = false
@@ -224,7 +234,15 @@ if detect then
     end
     local op = 'created'
     local value = fp .. M .. ts
-    if cur then
+    if ARGV[p + 3] == '' then  -- only to be marked: whatever the index holds now stays
+      op, value = nil, nil
+      if cur then
+        unchanged = unchanged + 1
+        if moving or string.sub(cur, FP + 1, FP + 1) ~= M then
+          value = string.sub(cur, 1, FP) .. M .. string.sub(cur, FP + 2)
+        end
+      end
+    elseif cur then
       op = 'updated'
       local old_fp = string.sub(cur, 1, FP)
       local old_ts = string.sub(cur, FP + 2, FP + 1 + TS)
@@ -244,9 +262,8 @@ if detect then
       elseif ts ~= '' and ts == old_ts then
         value = value .. string.sub(old_fp .. earlier, 1, FP * KEPT)
       end
-    else
-      count = count + 1
     end
+    if not cur and value then count = count + 1 end
     if op then
       redis.call('XADD', stream, '*', 'op', op, 'key', key, 'data', ARGV[p + 3],
                  'modified_on', ARGV[p + 2], 'modified_at', at)
@@ -285,11 +302,18 @@ for j = 0, ndead - 1 do
 end
 
 local migrating = has_old and 1 or 0
+if pass and published > 0 then redis.call('HINCRBY', meta, 'pass_drift', published) end
 if new_cursor == '' then  -- a chunk before the page's last: the cursor stays where it is
   return {0, published, unchanged, stale, dead_new, migrating}
 end
-redis.call('HSET', cursors, feed, new_cursor)
-redis.call('HSET', state, feed .. ':last_ok', now, feed .. ':more', more)
+if pass then
+  redis.call('HSET', meta, 'pass_cursor', new_cursor)
+  redis.call('HINCRBY', meta, 'pass_fetched', page_records)
+  if more == '0' then redis.call('HSET', meta, 'pass', 'sweep', 'sweep', 0) end
+else
+  redis.call('HSET', cursors, feed, new_cursor)
+  redis.call('HSET', state, feed .. ':last_ok', now, feed .. ':more', more)
+end
 if stale > 0 then redis.call('HINCRBY', state, feed .. ':stale', stale) end
 return {0, published, unchanged, stale, dead_new, migrating}
 """
@@ -353,6 +377,74 @@ redis.call('HSET', meta, 'level', level, 'split', split, 'count', count, 'mark',
            'migrate', scanned[1])
 if left == 0 then redis.call('HDEL', meta, 'migrate') end
 return {#gone, left}
+"""
+)
+
+
+# A reconciliation pass of a feed begins (or, when one is under way, goes on): a new mark
+# (1 to 255, never the last one), its counts at zero, its cursor at the feed's beginning.
+# Returns whether it began, and the pass's phase.
+PASS_START = r"""#!lua
+local meta = KEYS[1]
+local phase = redis.call('HGET', meta, 'pass')
+if phase then return {0, phase} end
+local mark = tonumber(redis.call('HGET', meta, 'mark') or '1') % 255 + 1
+redis.call('HDEL', meta, 'pass_cursor', 'sweep')
+redis.call('HSET', meta, 'mark', mark, 'pass', 'fetch', 'pass_started', ARGV[1],
+           'pass_fetched', 0, 'pass_drift', 0, 'pass_deleted', 0)
+return {1, 'fetch'}
+"""
+
+# The sweep at the end of a pass: from bucket ARGV[1] (which must be where the sweep is: the
+# fence), the buckets in order until about ARGV[2] keys were looked at; every key not marked
+# by the pass is gone upstream: one `deleted` event each, and its index entry goes. Keys only
+# move to higher buckets when the index grows, so none is missed; those met twice are marked.
+# At the last bucket the pass ends and its figures go to the feed's state.
+SWEEP = (
+    r"""#!lua
+local meta, stream, state = KEYS[1], KEYS[2], KEYS[3]
+local from, budget, on, at, feed, now = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4],
+  ARGV[5], ARGV[6]
+"""
+    + INDEX_LIB
+    + r"""
+if redis.call('HGET', meta, 'pass') ~= 'sweep' then return {2} end
+local pos = tonumber(redis.call('HGET', meta, 'sweep'))
+if pos ~= from then return {1, pos} end
+local level, split, count, mark = meta_of(meta)
+local M = string.char(mark)
+local buckets = 2 ^ level + split
+local prefix = meta .. ':'
+local looked, deleted = 0, 0
+while pos < buckets and looked < budget do
+  local name = bucket_name(prefix, pos)
+  local all = redis.call('HGETALL', name)
+  local gone = {}
+  for i = 1, #all, 2 do
+    if string.sub(all[i + 1], FP + 1, FP + 1) ~= M then
+      redis.call('XADD', stream, '*', 'op', 'deleted', 'key', all[i], 'data', '',
+                 'modified_on', on, 'modified_at', at)
+      gone[#gone + 1] = all[i]
+    end
+  end
+  if #gone > 0 then redis.call('HDEL', name, unpack(gone)) end
+  deleted = deleted + #gone
+  looked = looked + #all / 2
+  pos = pos + 1
+end
+count = count - deleted
+redis.call('HSET', meta, 'count', count, 'sweep', pos)
+local total = redis.call('HINCRBY', meta, 'pass_deleted', deleted)
+if pos < buckets then return {0, 0, deleted, pos} end
+-- The pass's figures: the keys it left in the index (each seen by it, or published while it
+-- ran), records fetched, drift, deletes.
+local f = redis.call('HMGET', meta, 'pass_started', 'pass_fetched', 'pass_drift')
+redis.call('HSET', state, feed .. ':pass_started', f[1], feed .. ':pass_finished', now,
+           feed .. ':pass_seen', count, feed .. ':pass_fetched', f[2], feed .. ':pass_drift', f[3],
+           feed .. ':pass_deleted', total)
+redis.call('HDEL', meta, 'pass', 'sweep', 'pass_cursor', 'pass_started', 'pass_fetched',
+           'pass_drift', 'pass_deleted')
+return {0, 1, deleted, pos}
 """
 )
 
