@@ -206,3 +206,42 @@ async def test_a_pass_killed_again_and_again_reports_each_delete_once(
     assert b"pass" not in meta
     assert int(meta[b"count"]) == 3000 - len(gone)
     assert int(meta[b"mark"]) != index.FIRST_MARK
+
+
+async def test_the_daemon_runs_a_pass_every_reconcile_interval(
+    redis: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    tenant = 9104
+    async with run_simulator(tenants=[tenant], records=200, page_size=50, seed=8) as sim:
+        data = config_dict(
+            redis_server.url,
+            sim.url,
+            sim.app_key,
+            [tenant],
+            [FEED, "jpm.jobs"],
+            poll_interval=0.3,
+        )
+        data["feeds"] = {FEED: {"reconcile_interval": 1.0}}
+        daemon = Daemon(settings(data))
+        running = asyncio.create_task(daemon.run())
+        try:
+            state = Keys("st", tenant).state
+            for _ in range(200):
+                if await redis.hget(state, f"{FEED}:pass_finished"):
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("no pass completed")
+            gone = await mutate(sim.url, tenant, "delete", 4)
+            for _ in range(300):
+                events = await stream_events(redis, tenant, FEED)
+                if len(ops(events, "deleted")) >= 4:
+                    break
+                await asyncio.sleep(0.05)
+            assert sorted(ops(events, "deleted")) == sorted(gone)
+            # Only the feed with an interval is reconciled.
+            assert await redis.hget(state, "jpm.jobs:pass_finished") is None
+        finally:
+            running.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await running

@@ -19,7 +19,7 @@ from syncd.config import Settings
 from syncd.daemon import redis_client
 from syncd.daemon.state import http_session
 from syncd.engine.publisher import Publisher
-from syncd.engine.reconcile import PassFailed, PassFigures, Progress, Reconciler
+from syncd.engine.reconcile import PassFailed, PassFigures, Progress, Reconciler, paced_at
 from syncd.errors import AuthFailed, BadRequest, FeedUnavailable
 from syncd.servicetitan.auth import TokenProvider
 from syncd.servicetitan.client import ExportClient
@@ -63,7 +63,7 @@ async def reconcile(
                 publisher,
                 client,
                 tokens,
-                rate=max(t.requests_per_second * share, 0.1),
+                pace=paced_at(max(t.requests_per_second * share, 0.1)),
                 include_recent_changes=t.include_recent_changes,
             )
             for name in feeds:

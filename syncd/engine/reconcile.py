@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,18 +91,20 @@ class Reconciler:
         client: ExportClient,
         tokens: TokenProvider,
         *,
-        rate: float,
+        pace: Callable[[], Awaitable[None]],
         include_recent_changes: bool = True,
         sweep_budget: int = SWEEP_BUDGET,
         rng: random.Random | None = None,
     ) -> None:
+        """`pace` waits before each request of a pass for its share of the tenant's budget
+        (`paced_at` a rate of its own, or what the tenant's polls leave over)."""
         self.publisher = publisher
         self.client = client
         self.tokens = tokens
         self.tenant = tokens.tenant
         self.include_recent_changes = include_recent_changes
         self.sweep_budget = sweep_budget
-        self.bucket = TokenBucket(rate=rate, burst=1.0)
+        self.pace = pace
         self.rng = rng or random.Random()
         self._start = publisher.redis.register_script(PASS_START)
         self._sweep = publisher.redis.register_script(SWEEP)
@@ -161,7 +163,7 @@ class Reconciler:
         if phase is None:
             return "done"
         if _text(phase) == "fetch":
-            await self._paced()
+            await self.pace()
             expected = None if cursor is None else _text(cursor)
             page = await self.client.fetch(
                 self.tokens, feed, expected, include_recent_changes=self.include_recent_changes
@@ -195,10 +197,34 @@ class Reconciler:
             return "done" if int(result[1]) else "sweep"
         return "sweep"
 
-    async def _paced(self) -> None:
-        """Wait for the pass's share of the tenant's request budget."""
-        while (wait := self.bucket.try_acquire(time.monotonic())) > 0:
+
+def paced_at(rate: float) -> Callable[[], Awaitable[None]]:
+    """A pace of `rate` requests per second."""
+    bucket = TokenBucket(rate=rate, burst=1.0)
+
+    async def pace() -> None:
+        while (wait := bucket.try_acquire(time.monotonic())) > 0:
             await anyio.sleep(wait)
+
+    return pace
+
+
+def on_spare(
+    bucket: TokenBucket,
+    busy: Callable[[], bool],
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    poll_s: float = 0.05,
+) -> Callable[[], Awaitable[None]]:
+    """A pace that takes a token of a tenant's own `bucket` (read at `clock`, the
+    scheduler's) only while the tenant's polls leave it full and none is under way (`busy`):
+    a pass never takes a token a poll wanted."""
+
+    async def pace() -> None:
+        while busy() or not bucket.spare(clock()):
+            await anyio.sleep(poll_s)
+
+    return pace
 
 
 def _text(value: Any) -> str:
