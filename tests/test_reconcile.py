@@ -19,6 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from bench.common import to_toml
+from syncd.cli.commands import collect_status
 from syncd.cli.reconcile import reconcile
 from syncd.daemon import Daemon
 from syncd.engine import index
@@ -88,6 +89,12 @@ async def test_a_pass_publishes_drift_and_exactly_the_deleted_keys(
         assert int(meta[b"count"]) == 391
         state = await redis.hgetall(keys.state)
         assert int(state[f"{FEED}:pass_deleted".encode()]) == 9
+        (row,) = await collect_status(settings(data), redis)
+        assert {k: row["last_pass"][k] for k in ("seen", "drift", "deleted")} == {
+            "seen": 391,
+            "drift": 0,
+            "deleted": 9,
+        }
 
         # Drift: the index lost two keys and holds another version of three (what a skipped
         # version or a lost write leaves): published again, counted as drift.
