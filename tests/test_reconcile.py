@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 from bench.common import to_toml
 from syncd.cli.commands import collect_status
 from syncd.cli.reconcile import reconcile
+from syncd.consumer import Event
 from syncd.daemon import Daemon
 from syncd.engine import index
 from syncd.keys import Keys
@@ -83,6 +84,21 @@ async def test_a_pass_publishes_drift_and_exactly_the_deleted_keys(
         assert sorted(e["key"].decode() for e in deleted) == sorted(gone)
         assert len(events) == first + 9
         assert all(e["data"] == b"" and e["modified_at"].endswith(b"Z") for e in deleted)
+        # What a consumer makes of one: a deleted record, newer than every version before it.
+        (entry_id, fields), *_ = await redis.xrevrange(keys.stream(FEED), count=1)
+        event = Event.from_entry(
+            keys.stream(FEED),
+            entry_id.decode(),
+            {k.decode(): v for k, v in fields.items()},
+            tenant=tenant,
+            feed=FEED,
+            deliveries=1,
+        )
+        assert (event.deleted, event.json(), event.key in gone) == (True, None, True)
+        created = next(
+            e for e in events if e["op"] == b"created" and e["key"].decode() == event.key
+        )
+        assert event.version[0] > created["modified_at"].decode()
         live = {k.encode() for k in await truth(sim.url, tenant, FEED)}
         assert set(await entries(redis, keys, FEED)) == live
         meta = await redis.hgetall(keys.index(FEED))
