@@ -171,7 +171,9 @@ async def test_no_false_deletes_while_records_change_during_the_pass(
         with pytest.raises(asyncio.CancelledError):
             await running
         await run_pass(data, tenant)
-        deleted_upstream = set((await sim_truth(sim.url, tenant))["deleted"])
+        ground = await sim_truth(sim.url, tenant)
+        deleted_upstream = set(ground["deleted"])
+        assert set(ground["deleted_at"]) == deleted_upstream
         events = await stream_events(redis, tenant, FEED)
         reported = ops(events, "deleted")
         assert len(reported) == len(set(reported)), "a key was reported deleted twice"
