@@ -163,9 +163,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for f in feeds
             )
             seen_bytes = sum(
-                int(r.memory_usage(Keys("st", t).seen(f), samples=0) or 0)
+                int(r.memory_usage(name, samples=0) or 0)
                 for t in tenants
                 for f in feeds
+                for name in r.scan_iter(match=Keys("st", t).index(f) + "*", count=1000)
             )
             sample = r.xrange(Keys("st", tenants[0]).stream(feeds[0]), count=1)
             sizes = [
@@ -266,7 +267,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "stream_entries": stream_len,
             "redis_used_memory_delta": after - before,
             "redis_stream_bytes_per_record": round(stream_bytes / max(stream_len, 1)),
-            "redis_seen_bytes_per_record": round(seen_bytes / max(stream_len, 1)),
+            "redis_index_bytes_per_record": round(seen_bytes / max(stream_len, 1)),
             "avg_record_bytes": payload,
             "event_fields": sorted(k.decode() for k in sample[0][1]) if sample else [],
             **first_others,

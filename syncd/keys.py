@@ -27,8 +27,18 @@ class Keys:
         """Hash: feed -> last stored continueFrom."""
         return f"{self.base}:cursors"
 
+    def index(self, feed: str) -> str:
+        """Hash: the metadata of a feed's index (`syncd.engine.index`); its buckets, small
+        hashes of record key -> what was last published, are `<this key>:<n>`."""
+        return f"{self.base}:idx:{feed}"
+
+    def bucket(self, feed: str, n: int) -> str:
+        """Hash: bucket `n` of a feed's index."""
+        return f"{self.index(feed)}:{n}"
+
     def seen(self, feed: str) -> str:
-        """Hash: record key -> fingerprint and timestamp of the last published version."""
+        """Hash: a feed's index in the layout before buckets (record key -> fingerprint and
+        timestamp of the last published version), read until its keys have moved."""
         return f"{self.base}:seen:{feed}"
 
     def dead_seen(self, feed: str) -> str:

@@ -73,3 +73,42 @@ async def test_every_key_of_the_page_script_shares_the_tenant_slot(
 def _page(records: list[dict[str, object]], cursor: str) -> Page:
     envelope = {"hasMore": False, "continueFrom": cursor, "data": records}
     return decode_page(json.dumps(envelope).encode(), catalogue.feed(FEEDS[0]))
+
+
+async def test_a_reconciliation_pass_on_a_cluster(cluster: RedisClusterServers) -> None:
+    """The pass's scripts and the index's buckets stay in the tenant's slot."""
+    import io
+
+    import aiohttp
+
+    from syncd.cli.reconcile import reconcile
+
+    client = RedisCluster.from_url(cluster.url)
+    tenants = [21, 22]
+    try:
+        await client.initialize()
+        async with run_simulator(tenants=tenants, records=300, page_size=40) as sim:
+            data = config_dict(cluster.url, sim.url, sim.app_key, tenants, ["crm.customers"])
+            data["redis"]["cluster"] = True
+            data["redis"]["key_prefix"] = "passes"
+            assert await Daemon(settings(data), once=True).run() == 0
+            for t in tenants:
+                async with (
+                    aiohttp.ClientSession() as s,
+                    s.post(
+                        f"{sim.url}/_sim/tenants/{t}/feeds/crm.customers/mutate",
+                        params={"count": "5", "kind": "delete"},
+                    ) as resp,
+                ):
+                    gone = sorted(str(k) for k in (await resp.json())["keys"])
+                out = io.StringIO()
+                code = await reconcile(
+                    settings(data), t, None, share=1.0, out=out, progress=False, as_json=True
+                )
+                assert code == 0, out.getvalue()
+                assert json.loads(out.getvalue())["deleted"] == 5
+                entries = await client.xrange(f"passes:{{{t}}}:crm.customers")
+                deleted = sorted(e[b"key"].decode() for _, e in entries if e[b"op"] == b"deleted")
+                assert deleted == gone
+    finally:
+        await client.aclose()

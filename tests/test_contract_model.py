@@ -4,7 +4,11 @@ Hypothesis drives two publishers (two instances) with random pages: new pages, t
 again from the same cursor (a repeating API, a retry after a crash that happened after the
 script ran, another instance), pages fetched from a cursor another instance already moved,
 duplicate keys, stale versions in many spellings of the same instants, records without a
-usable key, the operator resetting the cursor, and Redis refusing writes (out of memory). After
+usable key, the operator resetting the cursor, Redis refusing writes (out of memory), and an
+index left in the layout before buckets, moving while pages are applied; and reconciliation
+passes (their pages beside the incremental ones, records left out of them, the sweep in steps
+while pages go on: a key is reported deleted once, and only when no page since the pass began
+held it). After
 every step Redis must hold exactly what the plain model below says: the events in order, the
 dead letters, the cursor, the count of stale versions; and per key no event may go back in time.
 
@@ -24,13 +28,17 @@ import pytest
 import redis.asyncio as aioredis
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from syncd import catalogue
-from syncd.engine.publisher import SAME_INSTANT_KEPT, Applied, Publisher
+from syncd.engine.index import SAME_INSTANT_KEPT
+from syncd.engine.publisher import Applied, Publisher
+from syncd.engine.scripts import PASS_START, SWEEP
 from syncd.errors import RedisFull
+from syncd.keys import Keys
 from syncd.servicetitan.page import decode_page
 from syncd.testing.redis_server import RedisServer
+from tests.index_helpers import to_old_layout
 
 EXAMPLES = int(os.environ.get("SYNCD_MODEL_EXAMPLES", "20"))
 STEPS = int(os.environ.get("SYNCD_MODEL_STEPS", "25"))
@@ -106,9 +114,9 @@ def records(draw: st.DrawFn, feed: catalogue.Feed) -> Record:
     return Record(json.dumps(body).encode(), reference_key(parts), instant)
 
 
-def envelope(recs: list[Record], continue_from: str) -> bytes:
+def envelope(recs: list[Record], continue_from: str, more: bool = False) -> bytes:
     data = b",".join(r.raw for r in recs)
-    head = json.dumps({"hasMore": False, "continueFrom": continue_from})[:-1].encode()
+    head = json.dumps({"hasMore": more, "continueFrom": continue_from})[:-1].encode()
     return head + b', "data": [' + data + b"]}"
 
 
@@ -130,11 +138,31 @@ class Model:
     events: list[tuple[str, str, bytes]] = field(default_factory=list)
     dead: list[bytes] = field(default_factory=list)
     stale: int = 0
+    # A reconciliation pass: its phase (None, "fetch", "sweep"), its cursor, and the keys
+    # marked since it began (by its pages and by the incremental ones).
+    phase: str | None = None
+    pass_cursor: str | None = None
+    marked: set[str] = field(default_factory=set)
 
-    def apply(self, expected: str | None, recs: list[Record], continue_from: str) -> Applied:
-        if self.cursor != expected:
+    def apply(
+        self,
+        expected: str | None,
+        recs: list[Record],
+        continue_from: str,
+        *,
+        reconcile: bool = False,
+        more: bool = False,
+    ) -> Applied:
+        if reconcile:
+            if self.phase != "fetch":
+                return Applied(False)
+            if self.pass_cursor != expected:
+                return Applied(False, stored=self.pass_cursor)
+        elif self.cursor != expected:
             return Applied(False, stored=self.cursor)
         kept, superseded = kept_versions(recs)
+        if self.phase is not None:
+            self.marked.update(key for key, _ in kept)
         published = unchanged = 0
         stale = superseded
         for key, rec in kept:
@@ -148,8 +176,29 @@ class Model:
                 self.dead.append(rec.raw)
                 dead += 1
         self.stale += stale
-        self.cursor = continue_from
+        if reconcile:
+            self.pass_cursor = continue_from
+            if not more:
+                self.phase = "sweep"
+        else:
+            self.cursor = continue_from
         return Applied(True, published, unchanged, dead, None, stale)
+
+    def start_pass(self) -> None:
+        if self.phase is None:
+            self.phase, self.pass_cursor, self.marked = "fetch", None, set()
+
+    def swept(self, deleted: list[str], done: bool) -> None:
+        """A sweep script deleted `deleted` (in its order): each must be a key published and
+        not marked since the pass began; once the sweep is done, every key left is marked."""
+        for key in deleted:
+            assert key in self.last, f"{key} deleted, never published (or deleted twice)"
+            assert key not in self.marked, f"{key} deleted though seen during the pass"
+            del self.last[key]
+            self.events.append(("deleted", key, b""))
+        if done:
+            assert set(self.last) <= self.marked, f"not deleted: {set(self.last) - self.marked}"
+            self.phase, self.marked = None, set()
 
     def _version(self, key: str, rec: Record) -> str:
         """One version of a key against what was published: published, unchanged or stale."""
@@ -173,6 +222,8 @@ class Model:
         for key, rec in kept_versions(recs)[0]:
             if key in sent:
                 self._version(key, rec)
+                if self.phase is not None:
+                    self.marked.add(key)
 
 
 def kept_versions(recs: list[Record]) -> tuple[list[tuple[str, Record]], int]:
@@ -213,6 +264,8 @@ class ContractMachine(RuleBasedStateMachine):
         self.believed: list[str | None] = [None, None]
         self.history: dict[str | None, list[tuple[list[Record], str]]] = {}
         self.tokens = 0
+        self.passes = 0
+        self.pass_pages: list[str] = []
 
     def run(self, coro: Coroutine[Any, Any, R]) -> R:
         return self.loop.run_until_complete(coro)
@@ -226,14 +279,23 @@ class ContractMachine(RuleBasedStateMachine):
         feed=st.sampled_from([CUSTOMERS.name, RATINGS.name, HISTORY.name]),
         prechecks=st.tuples(st.sampled_from([0, 1000]), st.sampled_from([0, 3, 1000])),
         chunks=st.tuples(st.sampled_from([1, 2, 1000]), st.sampled_from([1, 3, 1000])),
+        moves=st.tuples(st.sampled_from([0, 1]), st.sampled_from([0, 8])),
     )
-    def setup(self, feed: str, prechecks: tuple[int, int], chunks: tuple[int, int]) -> None:
+    def setup(
+        self,
+        feed: str,
+        prechecks: tuple[int, int],
+        chunks: tuple[int, int],
+        moves: tuple[int, int],
+    ) -> None:
         self.feed = catalogue.feed(feed)
         # precheck_min 0: every page is looked at before the script; 1000: never. Chunks of
-        # 1 or a few records: pages of several scripts; 1000: one script a page.
+        # 1 or a few records: pages of several scripts; 1000: one script a page. An index of
+        # the layout before buckets moves only as pages write its keys (0), or also a few
+        # keys after each page.
         self.pubs = [
-            Publisher(self.r, "st", precheck_min=n, chunk_records=c)
-            for n, c in zip(prechecks, chunks, strict=True)
+            Publisher(self.r, "st", precheck_min=n, chunk_records=c, migrate_chunks=m)
+            for n, c, m in zip(prechecks, chunks, moves, strict=True)
         ]
 
     def _new_page(
@@ -321,8 +383,74 @@ class ContractMachine(RuleBasedStateMachine):
             return
         ran = data.draw(st.integers(1, len(prepared) - 1), label="chunks run")
         self.run(pub.run_chunks(prepared, range(ran)))
-        sent = {str(key) for n in range(ran) for key in prepared.chunk(n)[11::4]}
+        sent = {str(key) for n in range(ran) for key in prepared.chunk(n)[13::4]}
         self.model.apply_part(expected, recs, sent)
+
+    @precondition(lambda self: self.passes == 0)
+    @rule(hashtable=st.booleans())
+    def upgraded_from_the_layout_before_buckets(self, hashtable: bool) -> None:
+        """The index as an earlier syncd left it (which never ran a pass): one hash per feed
+        (as a hash table, a scan of it returns a few keys at a time), read until its keys
+        have moved."""
+        self.run(to_old_layout(self.r, Keys("st", TENANT), self.feed.name, hashtable=hashtable))
+
+    # A reconciliation pass: its pages beside the incremental ones, then the sweep in steps.
+    # The API's pages of the pass hold any records (those left out are gone upstream).
+
+    @rule()
+    def pass_starts(self) -> None:
+        meta = Keys("st", TENANT).index(self.feed.name)
+        began, _ = self.run(self.r.eval(PASS_START, 1, meta, "1700000000.000"))
+        assert bool(int(began)) == (self.model.phase is None)
+        self.model.start_pass()
+        self.passes += 1
+
+    @rule(i=st.integers(0, 1), more=st.booleans(), stale=st.booleans(), data=st.data())
+    def pass_page(self, i: int, more: bool, stale: bool, data: st.DataObject) -> None:
+        expected = self.model.pass_cursor
+        if stale:  # a process that fetched from where the pass was before
+            expected = data.draw(st.sampled_from([None, "p0", *self.pass_pages]), label="from")
+        recs = data.draw(st.lists(records(self.feed), max_size=8), label="records")
+        self.tokens += 1
+        cf = f"p{self.tokens}"
+        self.pass_pages.append(cf)
+        page = decode_page(envelope(recs, cf, more), self.feed)
+        got = self.run(self.pubs[i].apply(TENANT, self.feed.name, expected, page, reconcile=True))
+        want = self.model.apply(expected, recs, cf, reconcile=True, more=more)
+        assert got == want, f"pass page from {expected!r}: got {got}, model says {want}"
+
+    @rule(budget=st.integers(1, 40))
+    def sweep_step(self, budget: int) -> None:
+        keys = Keys("st", TENANT)
+        meta = keys.index(self.feed.name)
+        at = self.run(self.r.hget(meta, "sweep"))
+        before = self.run(self.r.xlen(keys.stream(self.feed.name)))
+        result = self.run(
+            self.r.eval(
+                SWEEP,
+                3,
+                meta,
+                keys.stream(self.feed.name),
+                keys.state,
+                int(at or 0),
+                budget,
+                "2026-12-07T10:00:00.000000Z",
+                "2026-12-07T10:00:00.0000000Z",
+                self.feed.name,
+                "1700000001.000",
+            )
+        )
+        if self.model.phase != "sweep":
+            assert int(result[0]) == 2
+            return
+        assert int(result[0]) == 0
+        fresh = self.run(self.r.xrange(keys.stream(self.feed.name)))[before:]
+        assert all(f[b"op"] == b"deleted" for _, f in fresh)
+        self.model.swept([f[b"key"].decode() for _, f in fresh], bool(int(result[1])))
+
+    @rule(per_script=st.integers(1, 3))
+    def index_moves_a_few_keys(self, per_script: int) -> None:
+        self.run(self.pubs[0].migrate(TENANT, self.feed.name, chunks=1, per_script=per_script))
 
     @rule()
     def operator_resets_the_cursor(self) -> None:
@@ -368,7 +496,10 @@ class ContractMachine(RuleBasedStateMachine):
             r.raw: r.instant for recs in self.history.values() for rs, _ in recs for r in rs
         }
         newest: dict[str, int] = {}
-        for _, key, raw in self.model.events:
+        for op, key, raw in self.model.events:
+            if op == "deleted":  # gone: a key that comes back is created again
+                newest.pop(key, None)
+                continue
             instant = instants.get(raw)
             if instant is None:
                 continue

@@ -20,6 +20,7 @@ from syncd.engine.publisher import (
     chunk_bounds,
 )
 from syncd.errors import TransientError
+from syncd.instants import packed_instant
 from syncd.servicetitan.page import (
     HEADS_PASS_MAX_BYTES,
     Page,
@@ -264,7 +265,7 @@ async def test_the_newest_version_of_a_key_in_a_page_wins(
     ],
 )
 def test_newest_per_key_table(keys: list[str], instants: list[str], kept: list[int]) -> None:
-    assert newest_per_key(keys, instants) == kept
+    assert newest_per_key(keys, [i.encode() for i in instants]) == kept
 
 
 # 4. Off-schema records are events when their key is usable; only an unusable key dead-letters.
@@ -306,7 +307,7 @@ async def test_off_schema_records_are_still_events(redis: aioredis.Redis) -> Non
         "",
         usable[8]["modifiedOn"],
     ]
-    assert p.instants[2:] == ["2025-10-13T00:00:00", "", "", "", "", "", ""]
+    assert p.instants[2:] == [packed_instant("2025-10-13T00:00:00"), b"", b"", b"", b"", b"", b""]
     pub = Publisher(redis, "st")
     applied = await pub.apply(T, CUSTOMERS.name, None, p)
     assert (applied.published, applied.dead) == (len(usable), len(unusable))
@@ -322,7 +323,7 @@ async def test_numbers_beyond_a_float_are_off_schema_values(redis: aioredis.Redi
     keyless = b'{"id": -1e400, "modifiedOn": "2024-01-01T00:00:00Z"}'
     raw = b'{"hasMore": false, "continueFrom": "C1", "data": [' + far + b", " + keyless + b"]}"
     p = decode_page(raw, CUSTOMERS)
-    assert (p.keys, p.modified, p.instants) == (["1"], [""], [""])
+    assert (p.keys, p.modified, p.instants) == (["1"], [""], [b""])
     assert p.dead == [("record has no key (id)", keyless)]
     applied = await Publisher(redis, "st").apply(T, CUSTOMERS.name, None, p)
     assert (applied.published, applied.dead) == (1, 1)
@@ -344,7 +345,7 @@ async def test_an_unpaired_surrogate_does_not_make_the_page_fail(redis: aioredis
     assert p.data == [cut, stamp, whole]
     assert (p.modified, p.instants) == (
         ["2024-01-01T00:00:00Z", "", ""],
-        ["2024-01-01T00:00:00", "", ""],
+        [packed_instant("2024-01-01T00:00:00"), b"", b""],
     )
     assert p.dead == [("record has no key (id)", key)]
     pub = Publisher(redis, "st")
@@ -374,7 +375,7 @@ def test_pages_with_an_unpaired_surrogate_that_do_not_decode_are_errors(text: by
 def test_modified_on_is_sent_as_is_when_a_string() -> None:
     p = page([{"id": 5, "modifiedOn": "yesterday"}, {"id": 6, "modifiedOn": 12}])
     assert p.modified == ["yesterday", ""]
-    assert p.instants == ["", ""]
+    assert p.instants == [b"", b""]
 
 
 async def test_a_version_without_a_usable_timestamp_is_not_older(redis: aioredis.Redis) -> None:

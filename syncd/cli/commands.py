@@ -84,9 +84,22 @@ async def collect_status(settings: Settings, r: RedisClient) -> list[dict[str, A
                     "last_error_at": _when(state.get(f"{feed}:last_error_at")),
                     "paused": state.get(f"{feed}:paused") or state.get("memory_paused"),
                     "stale_records": int(state.get(f"{feed}:stale") or 0),
+                    "last_pass": _last_pass(feed, state),
                 }
             )
     return rows
+
+
+def _last_pass(feed: str, state: dict[str, str]) -> dict[str, Any] | None:
+    """The feed's last completed reconciliation pass: when, keys seen, drift, deletes."""
+    if f"{feed}:pass_finished" not in state:
+        return None
+    return {
+        "finished": _when(state.get(f"{feed}:pass_finished")),
+        "seen": int(state.get(f"{feed}:pass_seen") or 0),
+        "drift": int(state.get(f"{feed}:pass_drift") or 0),
+        "deleted": int(state.get(f"{feed}:pass_deleted") or 0),
+    }
 
 
 def render_table(rows: list[dict[str, Any]], out: TextIO, *, owner: bool = False) -> None:
@@ -100,6 +113,7 @@ def render_table(rows: list[dict[str, Any]], out: TextIO, *, owner: bool = False
         ("tenant_dead_letters", 8),
         ("cursor", 14),
         ("paused", 24),
+        ("last_pass", 34),
         ("last_error", 40),
     ]
     titles = {
@@ -107,12 +121,15 @@ def render_table(rows: list[dict[str, Any]], out: TextIO, *, owner: bool = False
         "stale_records": "stale",
         "tenant_dead_letters": "dead",
         "last_success": "last ok",
+        "last_pass": "last pass (drift, deleted)",
     }
     out.write("  ".join(titles.get(c, c).ljust(w) for c, w in cols).rstrip() + "\n")
     for row in rows:
         cells = []
         for c, w in cols:
             v = row.get(c)
+            if c == "last_pass" and v is not None:
+                v = f"{v['finished']} ({v['drift']}, {v['deleted']})"
             text = "-" if v is None else str(v)
             cells.append((text[: w - 1] + "…" if len(text) > w else text).ljust(w))
         out.write("  ".join(cells).rstrip() + "\n")

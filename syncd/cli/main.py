@@ -91,6 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("--feed", help="one feed (default: every feed of the tenant)")
     bf.add_argument("--from", dest="start", help="start date, e.g. 2024-01-01")
 
+    rp = sub.add_parser(
+        "reconcile",
+        help="re-export a tenant's feeds beside their cursors, publish drift and deletes, exit",
+    )
+    rp.add_argument("--config", "-c", required=True)
+    rp.add_argument("--tenant", type=int, required=True)
+    rp.add_argument("--feed", help="one feed (default: every feed of the tenant)")
+    rp.add_argument(
+        "--share",
+        type=float,
+        default=0.25,
+        help="share of the tenant's requests_per_second the pass may spend (default 0.25)",
+    )
+    rp.add_argument("--json", action="store_true", help="each feed's figures as a JSON line")
+
     rc = sub.add_parser("reset-cursor", help="forget a feed's cursor (next poll starts over)")
     rc.add_argument("--config", "-c", required=True)
     rc.add_argument("--tenant", type=int, required=True)
@@ -223,6 +238,20 @@ def cmd_operator(args: argparse.Namespace) -> int:
         )
     if args.command == "reset-cursor":
         return commands.run(commands.reset_cursor(settings, args.tenant, args.feed, sys.stdout))
+    if args.command == "reconcile":
+        from syncd.cli.reconcile import reconcile
+
+        return commands.run(
+            reconcile(
+                settings,
+                args.tenant,
+                args.feed,
+                share=args.share,
+                out=sys.stdout,
+                progress=sys.stdout.isatty() and not args.json,
+                as_json=args.json,
+            )
+        )
     if args.command == "backfill":
         return commands.run(
             commands.backfill(
@@ -275,7 +304,7 @@ def _stdout_reader_gone() -> bool:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    if args.command in ("status", "reset-cursor", "backfill", "tail"):
+    if args.command in ("status", "reset-cursor", "backfill", "reconcile", "tail"):
         return cmd_operator(args)
     if args.command == "run":
         return cmd_run(args)

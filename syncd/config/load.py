@@ -304,9 +304,15 @@ def _check_numbers(cfg: Config, name: str) -> None:
     for key in ("header_timeout", "idle_timeout", "readiness_interval", "max_connections"):
         if getattr(o, key) <= 0:
             raise fail(name, f"ops.{key}", f"must be > 0, got {getattr(o, key)}")
+    if cfg.defaults.reconcile_interval < 0:
+        raise fail(name, "defaults.reconcile_interval", "must be >= 0 seconds (0: no passes)")
     for feed, opts in cfg.feeds.items():
         if opts.poll_interval is not None and opts.poll_interval <= 0:
             raise fail(name, f"feeds.{feed}.poll_interval", "must be > 0 seconds")
+        if opts.reconcile_interval is not None and opts.reconcile_interval < 0:
+            raise fail(
+                name, f"feeds.{feed}.reconcile_interval", "must be >= 0 seconds (0: no passes)"
+            )
         for key in ("max_len", "max_age"):
             value = getattr(opts, key)
             if value is not None and value < 0:

@@ -131,11 +131,14 @@ class TenantDefaults(_Base, frozen=True):
     include_recent_changes: bool = True
     start: str = "beginning"  # or a date: "2024-01-01"
     feeds: list[str] | None = None
+    # Seconds between reconciliation passes of each feed (0: none); `[feeds.<name>]` overrides.
+    reconcile_interval: float = 0.0
 
 
 class FeedOptions(_Base, frozen=True):
     change_detection: bool = True
     poll_interval: float | None = None
+    reconcile_interval: float | None = None  # None: [defaults] reconcile_interval
     max_len: int | None = None  # retention; overrides [streams]
     max_age: float | None = None
 
@@ -288,6 +291,16 @@ class Settings:
             st.max_len if own.max_len is None else own.max_len,
             st.max_age if own.max_age is None else own.max_age,
         )
+
+    def reconcile_interval(self, feed: str) -> float:
+        """Seconds between reconciliation passes of `feed` (0: none; never without change
+        detection, which keeps the index a pass reconciles)."""
+        own = self.feed_options(feed)
+        if not own.change_detection:
+            return 0.0
+        if own.reconcile_interval is not None:
+            return own.reconcile_interval
+        return self.config.defaults.reconcile_interval
 
     def poll_interval(self, tenant: TenantSettings, feed: str) -> float:
         own = self.feed_options(feed).poll_interval

@@ -43,7 +43,7 @@ class Event(msgspec.Struct, frozen=True):
     id: str  # the stream entry id, e.g. "1714564800123-0"
     tenant: int
     feed: str
-    op: str  # "created", "updated" or "upsert"
+    op: str  # "created", "updated", "upsert", or "deleted" (gone upstream: `data` is empty)
     key: str
     data: bytes  # the record's JSON exactly as ServiceTitan sent it
     modified_on: str | None  # the record's timestamp as sent (None: none)
@@ -68,8 +68,16 @@ class Event(msgspec.Struct, frozen=True):
         ms, _, seq = self.id.partition("-")
         return self.modified_at or "", int(ms), int(seq or 0)
 
+    @property
+    def deleted(self) -> bool:
+        """Whether the record is gone upstream (found by a reconciliation pass): delete it by
+        `key`. Such an event carries no record; its version is the time it was found gone."""
+        return self.op == "deleted"
+
     def json(self) -> Any:
-        """The record as plain Python objects."""
+        """The record as plain Python objects (None for a deleted record)."""
+        if self.op == "deleted":
+            return None
         return msgspec.json.decode(self.data)
 
     def decode(self, type: type[T]) -> T:

@@ -13,6 +13,7 @@ import structlog
 
 from syncd.daemon.fleet import FleetMember
 from syncd.daemon.health import Health
+from syncd.daemon.passes import Passes
 from syncd.daemon.reload import Reloading
 from syncd.daemon.startup import Startup
 from syncd.daemon.state import CANCEL_WITHIN_S, cancel_all, http_session, redis_client
@@ -29,7 +30,7 @@ EXIT_FEEDS_FAILED = 1
 EXIT_CONFIG = 2
 
 
-class Daemon(Startup, Reloading, Health, Upkeep):
+class Daemon(Startup, Reloading, Health, Upkeep, Passes):
     """Owns the connections and the scheduler for one configuration: the main loop, signals and
     the exit code here; startup, reload, health and stream upkeep in their own modules."""
 
@@ -97,6 +98,8 @@ class Daemon(Startup, Reloading, Health, Upkeep):
                 helpers.append(asyncio.create_task(self._watchdog()))
                 helpers.append(asyncio.create_task(self._reload_loop()))
                 helpers.append(asyncio.create_task(self._upkeep()))
+                if not self.once:
+                    helpers.append(asyncio.create_task(self._passes()))
                 log.info(
                     "started",
                     tenants=len(self.settings.tenants),

@@ -32,12 +32,16 @@ from typing import Any, TypeVar
 
 import anyio.to_thread
 import redis.exceptions
+import structlog
 
-from syncd.engine.scripts import APPLY_PAGE, SETTLE
+from syncd.engine import index
+from syncd.engine.scripts import APPLY_PAGE, LOOKUP, MIGRATE_INDEX, SETTLE
 from syncd.errors import RedisFull, ReplicasBehind, TransientError
 from syncd.keys import Keys
 from syncd.redis.conn import RedisClient, RedisCluster
-from syncd.servicetitan.page import FINGERPRINT_BYTES, Page
+from syncd.servicetitan.page import Page
+
+log = structlog.get_logger("syncd.publisher")
 
 T = TypeVar("T")
 
@@ -45,7 +49,7 @@ T = TypeVar("T")
 PRECHECK_MIN = 32
 
 # The precheck asks for at most this many keys a command.
-PRECHECK_CHUNK = 5_000
+PRECHECK_CHUNK = 1_000
 
 # Pages with at least this many records are made ready for their scripts in a worker thread.
 THREAD_MIN_RECORDS = 10_000
@@ -55,8 +59,9 @@ THREAD_MIN_RECORDS = 10_000
 CHUNK_RECORDS = 1000
 CHUNK_BYTES = 1024 * 1024
 
-# Fingerprints of earlier versions kept per key while its versions share one timestamp.
-SAME_INSTANT_KEPT = 4
+# Keys of an index in the layout before buckets moved per script, and scripts per page applied.
+MIGRATE_CHUNK = 1000
+MIGRATE_CHUNKS = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +95,7 @@ class Prepared:
     skipped: int
     continue_from: str
     stale: int
+    fetched: int  # records in the page (a reconciliation pass counts them)
 
     def __len__(self) -> int:
         return len(self.bounds)
@@ -105,6 +111,7 @@ class Prepared:
         args[4] = high - low
         args[5] = len(self.dead) // 3 if last else 0
         args[8] = self.stale + found_stale if last else 0
+        args[12] = self.fetched if last else 0
         args.extend(itertools.chain.from_iterable(self.records[low:high]))
         if last:
             args.extend(self.dead)
@@ -116,30 +123,39 @@ def _text(value: Any) -> str:
 
 
 def _records(
-    page: Page, olds: list[Any] | None, chunk_records: int, chunk_bytes: int
+    page: Page, olds: tuple[int, list[Any]] | None, chunk_records: int, chunk_bytes: int
 ) -> tuple[list[tuple[str, bytes, str, bytes]], list[int], int, int]:
-    """What a page's scripts send per record (key, `seen` value, timestamp, data), those the
-    precheck against `olds` (their stored `seen` values; None: not looked at) did not drop;
-    where chunks end (`chunk_records` 0: one chunk); how many were unchanged and stale."""
-    keys, fps, mods, instants, datas = (
+    """What a page's scripts send per record (key, index value and `modified_at`, timestamp,
+    data), those the precheck against `olds` (the index's mark and each record's value; None:
+    not looked at) did not drop; where chunks end (`chunk_records` 0: one chunk); how many
+    were unchanged and stale."""
+    keys, fps, mods, instants, ats, datas = (
         page.keys,
         page.fingerprints,
         page.modified,
         page.instants,
+        page.modified_at,
         page.data,
     )
     skipped = stale = 0
     if olds is not None:
-        pick, skipped, stale = _precheck(olds, fps, instants)
-        if len(pick) < len(keys):
+        mark, values = olds
+        pick, skipped, stale = index.precheck(values, fps, instants, mark)
+        # Unchanged but for the mark (a reconciliation pass is under way): only marked, so the
+        # record's bytes are not sent.
+        marks_only = [i for i in pick if (old := values[i]) is not None and old.startswith(fps[i])]
+        if len(pick) < len(keys) or marks_only:
             keys = [keys[i] for i in pick]
             fps = [fps[i] for i in pick]
             mods = [mods[i] for i in pick]
             instants = [instants[i] for i in pick]
-            datas = [datas[i] for i in pick]
-    # Per record: key, the `seen` value it would store (fingerprint and instant, one argument:
-    # each argument costs the client more than the bytes do), timestamp, data.
-    news = [fp + ts.encode() for fp, ts in zip(fps, instants, strict=True)]
+            ats = [ats[i] for i in pick]
+            blank = set(marks_only)
+            datas = [b"" if i in blank else datas[i] for i in pick]
+    # Per record: key, what the index would keep (fingerprint, packed instant) and the event's
+    # `modified_at` where it is not the timestamp as sent (one argument: each argument costs
+    # the client more than the bytes do), timestamp, data.
+    news = [fp + ts + at for fp, ts, at in zip(fps, instants, ats, strict=True)]
     records = list(zip(keys, news, mods, datas, strict=True))
     bounds = (
         chunk_bounds([len(d) for d in datas], chunk_records, chunk_bytes)
@@ -183,16 +199,23 @@ class Publisher:
         wait_timeout: float = 5.0,
         chunk_records: int = CHUNK_RECORDS,
         chunk_bytes: int = CHUNK_BYTES,
+        migrate_chunks: int = MIGRATE_CHUNKS,
     ) -> None:
         self.redis = redis_client
         self.prefix = prefix
         self.precheck_min = precheck_min
         self.chunk_records = chunk_records
         self.chunk_bytes = chunk_bytes
+        self.migrate_chunks = migrate_chunks
         self.wait_replicas = wait_replicas
         self.wait_timeout = wait_timeout
         self._script = redis_client.register_script(APPLY_PAGE)
+        self._lookup_script = redis_client.register_script(LOOKUP)
+        self._migrate = redis_client.register_script(MIGRATE_INDEX)
         self._settle = redis_client.register_script(SETTLE)
+        # Feeds whose last precheck found none of its keys in the index (a first sync): their
+        # next page skips it, until a script finds an unchanged record again.
+        self._fresh: set[tuple[int, str]] = set()
 
     @property
     def waits(self) -> bool:
@@ -219,13 +242,21 @@ class Publisher:
         page: Page,
         *,
         change_detection: bool = True,
+        reconcile: bool = False,
     ) -> Applied:
         """Apply `page`, fetched from cursor `expected` (None: nothing stored yet). A chunk
         refused (out of memory, a lost connection) leaves what earlier chunks published: the
-        page is fetched again later, and those versions are unchanged then."""
-        with _redis_errors("the page"):
+        page is fetched again later, and those versions are unchanged then. `reconcile`: a
+        page of the feed's reconciliation pass, fenced by the pass's cursor (refused, with no
+        stored cursor, when no pass is fetching)."""
+        with redis_errors("the page"):
             prepared = await self.prepare(
-                tenant, feed, expected, page, change_detection=change_detection
+                tenant,
+                feed,
+                expected,
+                page,
+                change_detection=change_detection or reconcile,
+                reconcile=reconcile,
             )
             if self.waits:
                 result = await self._waited(
@@ -233,9 +264,13 @@ class Publisher:
                 )
             else:
                 result = await self.run_chunks(prepared)
-        if int(result[0]) == 1:
+        if int(result[0]) != 0:
             stored = _text(result[1]) if len(result) > 1 else None
             return Applied(False, stored=stored)
+        if int(result[2]):
+            self._fresh.discard((tenant, feed))
+        if int(result[5]) and self.migrate_chunks:
+            await self.migrate(tenant, feed, self.migrate_chunks)
         return Applied(
             True,
             published=int(result[1]),
@@ -252,19 +287,26 @@ class Publisher:
         page: Page,
         *,
         change_detection: bool = True,
+        reconcile: bool = False,
     ) -> Prepared:
         """The scripts that apply `page`: what `apply` runs. Raises what redis-py raises."""
         if not page.continue_from:
             # Nothing to resume from: storing "" would restart the feed from its beginning.
             raise TransientError("the page has no continueFrom; not applied")
         k = self.keys(tenant)
-        seen = k.seen(feed)
+        idx, seen = k.index(feed), k.seen(feed)
         olds = None
-        if change_detection and page.keys and len(page.keys) >= self.precheck_min:
+        if (
+            change_detection
+            and len(page.keys) >= self.precheck_min
+            and (tenant, feed) not in self._fresh
+        ):
             # Look first, send only what may be published: a re-export then ships keys, not
             # megabytes of unchanged records. The script checks every record it gets again,
             # and the fence makes sure nothing moved in between.
-            olds = await self._lookup(seen, page.keys)
+            olds = await self._lookup(idx, seen, page.keys)
+            if not any(olds[1]):
+                self._fresh.add((tenant, feed))
         build = functools.partial(
             _records, page, olds, self.chunk_records if change_detection else 0, self.chunk_bytes
         )
@@ -285,10 +327,12 @@ class Publisher:
             f"{time.time():.3f}",
             "1" if page.has_more else "0",
             0,  # stale versions: counted by the last chunk
-            FINGERPRINT_BYTES,
-            SAME_INSTANT_KEPT,
+            index.SAME_INSTANT_KEPT,
+            index.LOAD,
+            "1" if reconcile else "0",
+            0,  # records in the page: the last chunk's
         ]
-        page_keys = [k.cursors, seen, k.stream(feed), k.dead, k.state, k.dead_seen(feed)]
+        page_keys = [k.cursors, idx, seen, k.stream(feed), k.dead, k.state, k.dead_seen(feed)]
         return Prepared(
             page_keys,
             header,
@@ -298,18 +342,41 @@ class Publisher:
             skipped,
             page.continue_from,
             stale + page.superseded,
+            page.fetched,
         )
 
-    async def _lookup(self, seen: str, keys: list[str]) -> list[Any]:
-        """HMGET of `keys` in `seen`, PRECHECK_CHUNK keys a command, pipelined: each reply is
-        parsed on its own, so a big page's never holds the event loop for long."""
-        if len(keys) <= PRECHECK_CHUNK:
-            return list(await self.redis.hmget(seen, keys))
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for low in range(0, len(keys), PRECHECK_CHUNK):
-                pipe.hmget(seen, keys[low : low + PRECHECK_CHUNK])
-            replies = await pipe.execute()
-        return [old for reply in replies for old in reply]
+    async def _lookup(self, idx: str, seen: str, keys: list[str]) -> tuple[int, list[Any]]:
+        """The index's mark and the value of each of `keys` (None: not in the index), read by
+        a script of PRECHECK_CHUNK keys at a time: each reply is parsed on its own, so a big
+        page's never holds the event loop for long."""
+        mark = index.FIRST_MARK
+        values: list[Any] = []
+        for low in range(0, len(keys), PRECHECK_CHUNK):
+            reply = await self._lookup_script(
+                keys=[idx, seen], args=keys[low : low + PRECHECK_CHUNK]
+            )
+            mark = int(reply[0])
+            values.extend(reply[1:])
+        return mark, values
+
+    async def migrate(
+        self, tenant: int, feed: str, chunks: int = MIGRATE_CHUNKS, per_script: int = MIGRATE_CHUNK
+    ) -> int:
+        """Move up to about `chunks` x `per_script` keys of a feed's index in the layout before
+        buckets into the buckets: the keys left to move. Each script moves its keys whole, so
+        a move cut anywhere resumes where it was. After every page a feed applies, while
+        there are keys left (`migrate_chunks` scripts)."""
+        k = self.keys(tenant)
+        left = 0
+        with redis_errors("the index move"):
+            for _ in range(chunks):
+                _, left = await self._migrate(
+                    keys=[k.index(feed), k.seen(feed)], args=[per_script, index.LOAD]
+                )
+                if not left:
+                    log.info("index_migrated", tenant=tenant, feed=feed)
+                    break
+        return int(left)
 
     async def run_chunks(
         self, prepared: Prepared, chunks: range | None = None, client: Any = None
@@ -352,7 +419,7 @@ class Publisher:
         everything the primary wrote before; ReplicasBehind if they do not within
         `wait_timeout`. What a feed adopts from Redis (at start, after a page whose WAIT
         failed) is settled first: nothing past a page is fetched before replicas have it."""
-        with _redis_errors("the settle"):
+        with redis_errors("the settle"):
             if not self.waits:
                 raw = await self.redis.hget(self.keys(tenant).cursors, feed)
                 return None if raw is None else _text(raw)
@@ -412,7 +479,7 @@ class Publisher:
 
 
 @contextlib.contextmanager
-def _redis_errors(what: str) -> Iterator[None]:
+def redis_errors(what: str) -> Iterator[None]:
     """Redis' errors as the engine's: out of memory (RedisFull), refused or failing
     (TransientError). A script is refused before its first write (its flags make OOM checked up
     front), so nothing was written; a page is fetched again later."""
@@ -424,33 +491,3 @@ def _redis_errors(what: str) -> Iterator[None]:
         raise TransientError(f"redis refused {what}: {exc}") from None
     except redis.exceptions.RedisError as exc:
         raise TransientError(f"redis: {type(exc).__name__}: {exc}") from None
-
-
-def _precheck(olds: list[Any], fps: list[bytes], instants: list[str]) -> tuple[list[int], int, int]:
-    """Which records of a page may be published, judged against their stored `seen` values
-    (the script's rule): indexes to send, and how many are unchanged and stale."""
-    # Most records of a re-export are unchanged: drop those in one comprehension first.
-    changed = [i for i, old in enumerate(olds) if old is None or not old.startswith(fps[i])]
-    pick: list[int] = []
-    stale = 0
-    for i in changed:
-        old, instant = olds[i], instants[i]
-        if old is not None and instant and older(instant.encode(), fps[i], old):
-            stale += 1
-        else:
-            pick.append(i)
-    return pick, len(olds) - len(changed), stale
-
-
-def older(instant: bytes, fp: bytes, old: bytes) -> bool:
-    """Whether a version (its sortable instant, not empty, and fingerprint) is older than the
-    one a `seen` value describes: an earlier instant, or one of the versions published before
-    it at the same instant (the script's rule)."""
-    old_instant, _, earlier = old[FINGERPRINT_BYTES:].partition(b"|")
-    if not old_instant:
-        return False
-    if instant != old_instant:
-        return instant < old_instant
-    return any(
-        earlier[i : i + FINGERPRINT_BYTES] == fp for i in range(0, len(earlier), FINGERPRINT_BYTES)
-    )

@@ -60,6 +60,15 @@ class TokenBucket:
             return 0.0
         return (1.0 - self.tokens) / (self.current * PACE)
 
+    def spare(self, now: float) -> bool:
+        """Take a token only if the bucket is full, all but that token: what the tenant's own
+        requests leave over (a reconciliation pass spends nothing else). Whether it took one."""
+        self._refill(now)
+        if self.tokens >= self.burst - 1e-9 and self.tokens >= 1.0 - 1e-9:
+            self.tokens -= 1.0
+            return True
+        return False
+
     def throttled(self, now: float) -> None:
         """A 429: slow down, and spend nothing saved up."""
         self._refill(now)

@@ -40,6 +40,11 @@ def _probes(keys: Keys) -> list[tuple[Any, ...]]:
         # The page script's dead-letter set; aimed at the hash above, it fails with WRONGTYPE
         # after the ACL check and adds nothing.
         ("SADD", keys.state, "probe"),
+        # The index's scripts (its move from the layout before buckets, too).
+        ("HSETNX", keys.state, "syncd.acl-probe", "1"),
+        ("HLEN", keys.state),
+        ("HSCAN", keys.state, "0", "COUNT", "1"),
+        ("EXISTS", keys.cursors),
         ("HDEL", keys.state, "syncd.acl-probe"),
         ("XLEN", stream),
         ("XADD", stream, "NOMKSTREAM", "*", "probe", "1"),

@@ -5,7 +5,9 @@ the page script needs per record is prepared here, in Python, so that the script
 
 - the key, its parts encoded so that distinct values never collide (`encode_key`);
 - the fingerprint, a short digest of the record's exact bytes;
-- the timestamp as sent (the event's `modified_on`) and as a sortable instant (`sortable_instant`);
+- the timestamp as sent (the event's `modified_on`), as a packed instant (`packed_instant`: what
+  the index stores and compares) and, when it differs from the text sent, the event's
+  `modified_at`;
 - one version per key: when a key appears twice in a page, the newest version wins.
 """
 
@@ -25,6 +27,7 @@ import msgspec
 
 from syncd.catalogue import Feed, encode_key, key_part
 from syncd.errors import TransientError
+from syncd.instants import PACKED_BYTES, fixed_width, packed_instant
 from syncd.instants import sortable_instant as sortable_instant  # re-exported
 
 
@@ -58,8 +61,10 @@ class Page:
     data: list[bytes]
     dead: list[tuple[str, bytes]]
     fetch_s: float = 0.0
-    instants: list[str] = field(default_factory=list)  # sortable_instant of each record
+    instants: list[bytes] = field(default_factory=list)  # packed_instant of each record
     superseded: int = 0
+    # The event's `modified_at` where it differs from `modified` (b"": the same, or none).
+    modified_at: list[bytes] = field(default_factory=list)
 
     @property
     def fetched(self) -> int:
@@ -69,24 +74,55 @@ class Page:
 _DATETIMES = list[dt.datetime]
 
 
-def sortable_instants(values: list[str]) -> list[str]:
-    """`sortable_instant` of each value, fast for what ServiceTitan sends.
+def instant_columns(values: list[str]) -> tuple[list[bytes], list[bytes]]:
+    """Each timestamp's `packed_instant` and its event `modified_at` where that differs from
+    the text sent (b"" when the same or when there is no timestamp), fast for what
+    ServiceTitan sends.
 
-    msgspec checks a whole page's timestamps in one call (format, ranges, calendar); those in
-    UTC with a `T` are then already in the sortable form but for the fraction. The rest take the
-    general path.
+    msgspec checks a whole page's timestamps in one call (format, ranges, calendar) and reads
+    them to the microsecond. Those already in the `modified_at` form (`...ss.fffffffZ`) take
+    their seventh fractional digit from the text: msgspec rounds it away, up or down
+    depending on its version, which the sixth digit tells. The rest take the general path.
     """
     try:
-        msgspec.convert(values, _DATETIMES)
+        whens = msgspec.convert(values, _DATETIMES)
     except msgspec.ValidationError:
-        return [sortable_instant(v) for v in values]
-    out = []
-    for v in values:
-        if v[-1] == "Z" and v[10] == "T":
-            out.append(v[:19] + v[20:-1].rstrip("0"))
+        return _instant_columns(values)
+    start = _PACK_START
+    packed: list[bytes] = []
+    ats: list[bytes] = []
+    for when, v in zip(whens, values, strict=True):
+        if len(v) == 28 and v[27] == "Z" and v[10] == "T" and v[19] == ".":
+            since = when - start
+            micro = since.microseconds
+            # Ticks of the value as read, then its seventh digit; read rounded up: minus 10.
+            ticks = ((since.days * 86_400 + since.seconds) * 1_000_000 + micro) * 10 + (
+                ord(v[26]) - 48
+            )
+            if micro % 10 != ord(v[25]) - 48:
+                ticks -= 10
+            packed.append(ticks.to_bytes(PACKED_BYTES, "big"))
+            ats.append(b"")
         else:
-            out.append(sortable_instant(v))
-    return out
+            one, at = _instant_columns([v])
+            packed.append(one[0])
+            ats.append(at[0])
+    return packed, ats
+
+
+# What `packed_instant` counts from.
+_PACK_START = dt.datetime(1, 1, 1, tzinfo=dt.UTC)
+
+
+def _instant_columns(values: list[str]) -> tuple[list[bytes], list[bytes]]:
+    packed: list[bytes] = []
+    ats: list[bytes] = []
+    for v in values:
+        sortable = sortable_instant(v)
+        packed.append(packed_instant(sortable))
+        at = fixed_width(sortable)
+        ats.append(b"" if at == v else at.encode())
+    return packed, ats
 
 
 @functools.cache
@@ -169,11 +205,12 @@ def decode_page(body: bytes, feed: Feed, fetch_s: float = 0.0) -> Page:
             mods.append(ts)
         datas.append(data)
     if ts_field is None or odd_stamps == len(keys):
-        mods = instants = [""] * len(keys)
+        mods = [""] * len(keys)
+        instants = ats = [b""] * len(keys)
     elif odd_stamps == 0:
-        instants = sortable_instants(mods)
+        instants, ats = instant_columns(mods)
     else:
-        instants = [sortable_instant(ts) if ts else "" for ts in mods]
+        instants, ats = _instant_columns(mods)
     superseded = 0
     if len(set(keys)) < len(keys):
         keep = newest_per_key(keys, instants)
@@ -182,9 +219,10 @@ def decode_page(body: bytes, feed: Feed, fetch_s: float = 0.0) -> Page:
         fps = [fps[i] for i in keep]
         mods = [mods[i] for i in keep]
         instants = [instants[i] for i in keep]
+        ats = [ats[i] for i in keep]
         datas = [datas[i] for i in keep]
     return Page(
-        env.hasMore, continue_from, keys, fps, mods, datas, dead, fetch_s, instants, superseded
+        env.hasMore, continue_from, keys, fps, mods, datas, dead, fetch_s, instants, superseded, ats
     )
 
 
@@ -256,18 +294,18 @@ def _unicode(text: str) -> bool:
     return True
 
 
-def newer_or_same(instant: str, than: str) -> bool:
-    """Whether a version dated `instant` may replace one dated `than` (sortable instants):
+def newer_or_same(instant: bytes, than: bytes) -> bool:
+    """Whether a version dated `instant` may replace one dated `than` (packed instants):
     unless both have a timestamp and it is older."""
     return not instant or not than or instant >= than
 
 
-def newest_per_key(keys: list[str], instants: list[str]) -> list[int]:
+def newest_per_key(keys: list[str], instants: list[bytes]) -> list[int]:
     """Indexes of the version to keep for each key, in page order: what applying the versions
     one after the other would leave. A version replaces the one kept unless it is older than
     the newest timestamp seen so far for its key; among equal timestamps (or without one) the
     later in the page wins."""
-    winner: dict[str, tuple[int, str]] = {}
+    winner: dict[str, tuple[int, bytes]] = {}
     for i, key in enumerate(keys):
         ts = instants[i]
         kept = winner.get(key)

@@ -133,6 +133,7 @@ class FeedLog:
         self.keyless_served = 0  # keyless records sent in well-formed pages, repeats included
         self.keyless_seen: set[int] = set()  # the keyless records ever sent
         self.deleted: list[int] = []  # indexes of deleted records, in the order of deletion
+        self.deleted_at: list[int] = []  # when each was deleted (ticks, as timestamps are)
 
     @functools.cached_property
     def shape(self) -> FeedShape:
@@ -306,6 +307,13 @@ class FeedLog:
         """Keys of the deleted records, in the order of deletion."""
         return [self.key(i) for i in self.deleted]
 
+    def deletions(self) -> dict[str, str]:
+        """When each deleted record was deleted, by key (the timestamps' format)."""
+        return {
+            self.key(i): format_ticks(at)
+            for i, at in zip(self.deleted, self.deleted_at, strict=True)
+        }
+
     def keyless_records(self, style: RecordStyle | None = None) -> list[bytes]:
         """Every keyless record as served, oldest first."""
         created = range(self.initial, len(self.current))
@@ -357,6 +365,7 @@ class FeedLog:
                 self.current[index] = _DELETED
                 self._previous.pop(index, None)
                 self.deleted.append(index)
+                self.deleted_at.append(now_ticks)
                 continue
             self._previous[index] = self.live_entry(index)
             self.versions[index] += 1

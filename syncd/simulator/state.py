@@ -229,6 +229,7 @@ class SimState:
         return {
             "live": sum(1 for i in range(len(log.current)) if log.usable(i)),
             "deleted": log.deleted_keys(),
+            "deleted_at": log.deletions(),
             "keyless": {
                 "records": msgspec.json.decode(keyless),
                 "served": log.keyless_served,

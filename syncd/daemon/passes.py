@@ -1,0 +1,92 @@
+"""The daemon's reconciliation passes: each feed with a `reconcile_interval` gets one pass per
+interval (`syncd.engine.reconcile`), one pass at a time, for the tenants this instance polls
+(in a fleet, the ones it owns: a pass a lost tenant's new owner finds under way goes on where
+it was). A pass only spends what the tenant's polls leave over of its request budget: a token
+of the tenant's own bucket when the bucket is full and no poll is under way. Passes do not run
+with `--once`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import structlog
+
+from syncd import catalogue
+from syncd.daemon.state import DaemonState
+from syncd.engine.due import TenantState
+from syncd.engine.reconcile import PassFailed, Reconciler, on_spare
+
+log = structlog.get_logger("syncd.daemon")
+
+# Seconds between looks for passes that are due.
+PASS_CHECK_S = 30.0
+
+
+class Passes(DaemonState):
+    """Reconciliation passes, one at a time."""
+
+    async def _passes(self) -> None:
+        while True:
+            try:
+                await self._passes_once()
+            except Exception as exc:
+                log.warning("reconcile_failed", error=f"{type(exc).__name__}: {exc}")
+            # Every PASS_CHECK_S, or a quarter of the shortest interval when that is shorter.
+            intervals = [
+                self.settings.reconcile_interval(f)
+                for t in self.settings.tenants
+                for f in t.feeds
+                if self.settings.reconcile_interval(f) > 0
+            ]
+            await asyncio.sleep(max(0.1, min([PASS_CHECK_S, *(i / 4 for i in intervals)])))
+
+    async def _passes_once(self) -> None:
+        """Run every pass that is due now, one after the other."""
+        assert self.scheduler is not None
+        for t in list(self.scheduler.tenants.values()):
+            for feed in await self._due_passes(t):
+                if t.removed or self.scheduler.stopping:
+                    return
+                await self._run_pass(t, feed)
+
+    async def _due_passes(self, t: TenantState) -> list[str]:
+        """The tenant's feeds whose pass is under way or due: none completed yet, or the last
+        completed an interval ago or more."""
+        assert self.publisher is not None
+        intervals = {
+            f: self.settings.reconcile_interval(f)
+            for f in t.feeds
+            if self.settings.reconcile_interval(f) > 0
+        }
+        if not intervals:
+            return []
+        keys = self.publisher.keys(t.settings.id)
+        state = await self.publisher.redis.hmget(
+            keys.state, [f"{f}:pass_finished" for f in intervals]
+        )
+        under_way = [await self.publisher.redis.hexists(keys.index(f), "pass") for f in intervals]
+        now = time.time()
+        due = []
+        for (feed, interval), finished, going in zip(
+            intervals.items(), state, under_way, strict=True
+        ):
+            if going or finished is None or now - float(finished) >= interval:
+                due.append(feed)
+        return due
+
+    async def _run_pass(self, t: TenantState, feed: str) -> None:
+        assert self.scheduler is not None
+        assert self.publisher is not None
+        busy = lambda: t.inflight > 0 or t.removed  # noqa: E731
+        reconciler = Reconciler(
+            self.publisher,
+            self.scheduler.client,
+            t.tokens,
+            pace=on_spare(t.bucket, busy, clock=self.scheduler.clock),
+            include_recent_changes=t.settings.include_recent_changes,
+        )
+        try:
+            await reconciler.run(catalogue.feed(feed))  # logs reconcile_finished with figures
+        except PassFailed as exc:
+            log.warning("reconcile_failed", tenant=t.settings.id, feed=feed, error=str(exc))

@@ -1,0 +1,231 @@
+"""A feed's reconciliation pass: the feed re-exported from its beginning on a cursor of its own,
+beside the incremental one (which keeps running), then a sweep of the index.
+
+The rules live in the scripts (`syncd.engine.scripts`): a pass takes a new mark; every key a
+page of the pass or of the incremental polls holds is marked with it; what the pass sees
+changed is published like any change (drift); once the pass has drained, the sweep publishes
+one `deleted` event for each key in the index without the mark, and drops its entry. Each step
+is one script fenced by where the pass is (its cursor, the sweep's bucket), so a pass killed
+anywhere resumes where it was, and two processes running one never publish a thing twice.
+This module is the shell: fetching, pacing, retrying, reporting.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import structlog
+
+from syncd.catalogue import Feed
+from syncd.engine.publisher import Publisher, redis_errors
+from syncd.engine.ratelimit import TokenBucket, backoff
+from syncd.engine.scripts import PASS_START, SWEEP
+from syncd.errors import RateLimited, TransientError
+from syncd.instants import utc_instant
+from syncd.servicetitan.auth import TokenProvider
+from syncd.servicetitan.client import ExportClient
+
+log = structlog.get_logger("syncd.reconcile")
+
+# Keys of the index a sweep script looks at, at most (about: whole buckets).
+SWEEP_BUDGET = 2000
+
+# Failures in a row (API or Redis) after which a pass gives up; it resumes when run again.
+MAX_FAILURES = 8
+
+
+@dataclass(frozen=True, slots=True)
+class PassFigures:
+    """What a feed's last completed pass found (from the feed's state in Redis)."""
+
+    started: float
+    finished: float
+    seen: int  # keys in the index when it ended: seen by it, or published while it ran
+    fetched: int  # records it fetched
+    drift: int
+    deleted: int
+
+    @classmethod
+    def from_state(cls, feed: str, state: dict[str, str]) -> PassFigures | None:
+        try:
+            return cls(
+                float(state[f"{feed}:pass_started"]),
+                float(state[f"{feed}:pass_finished"]),
+                int(state[f"{feed}:pass_seen"]),
+                int(state[f"{feed}:pass_fetched"]),
+                int(state[f"{feed}:pass_drift"]),
+                int(state[f"{feed}:pass_deleted"]),
+            )
+        except (KeyError, ValueError):
+            return None
+
+
+@dataclass(slots=True)
+class Progress:
+    """Where a pass is: its phase (`fetch`, `sweep`, `done`), pages and records fetched, the
+    sweep's bucket of how many."""
+
+    phase: str = "fetch"
+    pages: int = 0
+    records: int = 0
+    swept: int = 0
+    buckets: int = 0
+
+
+class PassFailed(Exception):
+    """A pass gave up after MAX_FAILURES failures in a row; it resumes where it was."""
+
+
+class Reconciler:
+    """Runs reconciliation passes of one tenant's feeds against one Redis."""
+
+    def __init__(
+        self,
+        publisher: Publisher,
+        client: ExportClient,
+        tokens: TokenProvider,
+        *,
+        pace: Callable[[], Awaitable[None]],
+        include_recent_changes: bool = True,
+        sweep_budget: int = SWEEP_BUDGET,
+        rng: random.Random | None = None,
+    ) -> None:
+        """`pace` waits before each request of a pass for its share of the tenant's budget
+        (`paced_at` a rate of its own, or what the tenant's polls leave over)."""
+        self.publisher = publisher
+        self.client = client
+        self.tokens = tokens
+        self.tenant = tokens.tenant
+        self.include_recent_changes = include_recent_changes
+        self.sweep_budget = sweep_budget
+        self.pace = pace
+        self.rng = rng or random.Random()
+        self._start = publisher.redis.register_script(PASS_START)
+        self._sweep = publisher.redis.register_script(SWEEP)
+
+    async def run(
+        self, feed: Feed, on_progress: Callable[[Progress], None] | None = None
+    ) -> PassFigures:
+        """One pass of `feed`, or the rest of one under way: its figures once it is done."""
+        k = self.publisher.keys(self.tenant)
+        meta = k.index(feed.name)
+        progress = Progress()
+        flog = log.bind(tenant=self.tenant, feed=feed.name)
+        with redis_errors("the pass"):
+            began, phase = await self._start(keys=[meta], args=[f"{time.time():.3f}"])
+        flog.info("reconcile_started" if int(began) else "reconcile_resumed", phase=_text(phase))
+        failures = 0
+        while True:
+            try:
+                phase = await self._step(feed, progress)
+            except (TransientError, RateLimited) as exc:
+                failures += 1
+                if failures >= MAX_FAILURES:
+                    raise PassFailed(f"{feed.name}: {failures} failures in a row: {exc}") from None
+                retry = exc.retry_after if isinstance(exc, RateLimited) else None
+                wait = retry if retry is not None else backoff(failures, rng=self.rng, cap=30.0)
+                flog.warning("reconcile_retry", error=str(exc), retry_in_s=round(wait, 3))
+                await anyio.sleep(wait)
+                continue
+            failures = 0
+            progress.phase = phase
+            if on_progress is not None:
+                on_progress(progress)
+            if phase == "done":
+                break
+        state = await self.publisher.redis.hgetall(k.state)
+        figures = PassFigures.from_state(feed.name, {_text(a): _text(b) for a, b in state.items()})
+        if figures is None:
+            raise PassFailed(f"{feed.name}: the pass ended without its figures in {k.state}")
+        flog.info(
+            "reconcile_finished",
+            seen=figures.seen,
+            drift=figures.drift,
+            deleted=figures.deleted,
+            duration_s=round(figures.finished - figures.started, 3),
+        )
+        return figures
+
+    async def _step(self, feed: Feed, progress: Progress) -> str:
+        """One page of the pass or one sweep script: the phase after it (`done` at the end)."""
+        k = self.publisher.keys(self.tenant)
+        meta = k.index(feed.name)
+        with redis_errors("the pass"):
+            phase, cursor, sweep, level, split = await self.publisher.redis.hmget(
+                meta, ["pass", "pass_cursor", "sweep", "level", "split"]
+            )
+        if phase is None:
+            return "done"
+        if _text(phase) == "fetch":
+            await self.pace()
+            expected = None if cursor is None else _text(cursor)
+            page = await self.client.fetch(
+                self.tokens, feed, expected, include_recent_changes=self.include_recent_changes
+            )
+            applied = await self.publisher.apply(
+                self.tenant, feed.name, expected, page, reconcile=True
+            )
+            if applied.applied:
+                progress.pages += 1
+                progress.records += page.fetched
+            return "fetch"
+        # The sweep, from where it is (another process may be sweeping too: the fence).
+        now = time.time()
+        on = dt.datetime.fromtimestamp(now, dt.UTC).isoformat(timespec="microseconds")
+        on = on.replace("+00:00", "Z")
+        progress.buckets = (1 << int(level or 0)) + int(split or 0)
+        with redis_errors("the sweep"):
+            result = await self._sweep(
+                keys=[meta, k.stream(feed.name), k.state],
+                args=[
+                    int(sweep or 0),
+                    self.sweep_budget,
+                    on,
+                    utc_instant(on),
+                    feed.name,
+                    f"{now:.3f}",
+                ],
+            )
+        if int(result[0]) == 0:
+            progress.swept = int(result[3])
+            return "done" if int(result[1]) else "sweep"
+        return "sweep"
+
+
+def paced_at(rate: float) -> Callable[[], Awaitable[None]]:
+    """A pace of `rate` requests per second."""
+    bucket = TokenBucket(rate=rate, burst=1.0)
+
+    async def pace() -> None:
+        while (wait := bucket.try_acquire(time.monotonic())) > 0:
+            await anyio.sleep(wait)
+
+    return pace
+
+
+def on_spare(
+    bucket: TokenBucket,
+    busy: Callable[[], bool],
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    poll_s: float = 0.05,
+) -> Callable[[], Awaitable[None]]:
+    """A pace that takes a token of a tenant's own `bucket` (read at `clock`, the
+    scheduler's) only while the tenant's polls leave it full and none is under way (`busy`):
+    a pass never takes a token a poll wanted."""
+
+    async def pace() -> None:
+        while busy() or not bucket.spare(clock()):
+            await anyio.sleep(poll_s)
+
+    return pace
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
