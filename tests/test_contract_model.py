@@ -399,8 +399,11 @@ class ContractMachine(RuleBasedStateMachine):
 
     @rule()
     def pass_starts(self) -> None:
-        meta = Keys("st", TENANT).index(self.feed.name)
-        began, _ = self.run(self.r.eval(PASS_START, 1, meta, "1700000000.000"))
+        keys = Keys("st", TENANT)
+        meta, old = keys.index(self.feed.name), keys.seen(self.feed.name)
+        while self.run(self.pubs[0].migrate(TENANT, self.feed.name)):
+            pass  # a pass begins once the index has left the layout before buckets
+        began, _ = self.run(self.r.eval(PASS_START, 2, meta, old, "1700000000.000"))
         assert bool(int(began)) == (self.model.phase is None)
         self.model.start_pass()
         self.passes += 1

@@ -295,3 +295,21 @@ async def test_a_feed_moves_its_index_as_it_applies_pages(redis: aioredis.Redis)
         assert now < left
         left = now
     assert len(await entries(redis, KEYS, CUSTOMERS.name)) == len(ids)
+
+
+async def test_a_pass_begins_once_the_index_has_left_the_layout_before_buckets(
+    redis: aioredis.Redis,
+) -> None:
+    """The sweep looks at the buckets only: a key still in the layout before would never be
+    found gone, so a pass moves the index first."""
+    from syncd.engine.scripts import PASS_START
+
+    ids: list[int | str] = list(range(1, 2001))
+    await apply_all(Publisher(redis, "st"), ids)
+    await to_old_layout(redis, KEYS, CUSTOMERS.name, hashtable=True)
+    meta, old = KEYS.index(CUSTOMERS.name), KEYS.seen(CUSTOMERS.name)
+    assert await redis.eval(PASS_START, 2, meta, old, "0") == [0, b"migrating"]
+    assert not await redis.hexists(meta, "pass")
+    while await Publisher(redis, "st").migrate(T, CUSTOMERS.name):
+        pass
+    assert await redis.eval(PASS_START, 2, meta, old, "0") == [1, b"fetch"]

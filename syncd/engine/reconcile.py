@@ -117,8 +117,15 @@ class Reconciler:
         meta = k.index(feed.name)
         progress = Progress()
         flog = log.bind(tenant=self.tenant, feed=feed.name)
-        with redis_errors("the pass"):
-            began, phase = await self._start(keys=[meta], args=[f"{time.time():.3f}"])
+        while True:
+            with redis_errors("the pass"):
+                began, phase = await self._start(
+                    keys=[meta, k.seen(feed.name)], args=[f"{time.time():.3f}"]
+                )
+            if _text(phase) != "migrating":
+                break
+            # The index first moves out of the layout before buckets, where no sweep looks.
+            await self.publisher.migrate(self.tenant, feed.name, chunks=100)
         flog.info("reconcile_started" if int(began) else "reconcile_resumed", phase=_text(phase))
         failures = 0
         while True:

@@ -383,11 +383,13 @@ return {#gone, left}
 
 # A reconciliation pass of a feed begins (or, when one is under way, goes on): a new mark
 # (1 to 255, never the last one), its counts at zero, its cursor at the feed's beginning.
-# Returns whether it began, and the pass's phase.
+# Returns whether it began, and the pass's phase; `migrating` (nothing begun) while keys are
+# left in the layout before buckets, which the sweep would not see.
 PASS_START = r"""#!lua
-local meta = KEYS[1]
+local meta, old = KEYS[1], KEYS[2]
 local phase = redis.call('HGET', meta, 'pass')
 if phase then return {0, phase} end
+if redis.call('EXISTS', old) == 1 then return {0, 'migrating'} end
 local mark = tonumber(redis.call('HGET', meta, 'mark') or '1') % 255 + 1
 redis.call('HDEL', meta, 'pass_cursor', 'sweep')
 redis.call('HSET', meta, 'mark', mark, 'pass', 'fetch', 'pass_started', ARGV[1],
