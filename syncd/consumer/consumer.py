@@ -36,7 +36,7 @@ import structlog
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
 from syncd.consumer import capped, loop, regroup, replay
-from syncd.consumer.deadletter import DEAD_LETTER_LUA, bury
+from syncd.consumer.deadletter import DEAD_LETTER_LUA
 from syncd.consumer.delivery import classify, entry_order
 from syncd.consumer.events import (
     Event,
@@ -45,8 +45,6 @@ from syncd.consumer.events import (
     parse_stream,
     parse_stream_reply,
 )
-from syncd.consumer.events import fields_of as _fields
-from syncd.consumer.events import text as _text
 from syncd.consumer.held import Held
 from syncd.consumer.loop import Handler
 from syncd.keys import DEFAULT_PREFIX
@@ -57,16 +55,6 @@ Start = Literal["beginning", "new"]
 log = structlog.get_logger("syncd.consumer")
 
 _GROUP_START: dict[str, str] = {"beginning": "0", "new": "$"}
-
-# Deleting a consumer destroys its pending entries, so only an idle name is removed; the check
-# and the delete are one script so that nothing is delivered to the name in between.
-# KEYS: stream. ARGV: group, consumer.
-_FORGET_CONSUMER_LUA = """
-if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then
-  return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
-end
-return -1
-"""
 
 
 class Consumer:
@@ -145,7 +133,7 @@ class Consumer:
         self._groups_ready = False
         self._closed = False
         self._dead_letter = redis.register_script(DEAD_LETTER_LUA)
-        self._forget = redis.register_script(_FORGET_CONSUMER_LUA)
+        self._forget = redis.register_script(regroup.FORGET_CONSUMER_LUA)
         self._ack_replayed = redis.register_script(replay.ACK_LUA)
 
     @property
@@ -232,54 +220,32 @@ class Consumer:
             events.extend(await self._read_new_at_most(limit - len(events), block=not events))
         return events
 
-    async def _autoclaim(self, limit: int | None) -> list[tuple[str, str, dict[str, bytes]]]:
-        """Take over entries idle for `claim_idle_ms`: `batch` per stream, `limit` in all."""
-        idle_ms, batch = self.claim_idle_ms, self.batch
-        replies = await capped.autoclaim(
-            self.redis, self._cursors, self.group, self.consumer, idle_ms, batch, limit
+    async def _reclaim(self, limit: int | None) -> list[Event]:
+        """Take over stale entries (`claim_idle_ms`); dead-letter those delivered too often."""
+        claim = await capped.autoclaim(
+            self.redis,
+            self._cursors,
+            self.group,
+            self.consumer,
+            self.claim_idle_ms,
+            self.batch,
+            limit,
         )
-        scan_complete = len(replies) == len(self._reading)
-        claimed: list[tuple[str, str, dict[str, bytes]]] = []
-        for stream, reply in replies:
-            cursor, entries, deleted = _text(reply[0]), reply[1], reply[2] if len(reply) > 2 else []
-            self._cursors[stream] = cursor
-            scan_complete = scan_complete and cursor == "0-0"
-            if deleted:
-                # Trimmed before anyone acknowledged them: Redis already dropped them from the
-                # pending list, and there is no payload left to deliver or dead-letter.
-                log.warning(
-                    "consumer_pending_trimmed",
-                    stream=stream,
-                    group=self.group,
-                    entries=len(deleted),
-                )
-                for entry_id in deleted:
-                    self._held.drop(stream, _text(entry_id))
-            claimed.extend((stream, _text(eid), _fields(f)) for eid, f in entries if f is not None)
+        for stream, entry_id in claim.trimmed:
+            self._held.drop(stream, entry_id)
         # Between scans, wait long enough for entries to become stale; keep going while the last
         # scan stopped early because it hit `batch` (or `limit`).
-        self._reclaim_due = time.monotonic() + (self.claim_idle_ms / 2000 if scan_complete else 0)
-        if scan_complete:
+        self._reclaim_due = time.monotonic() + (self.claim_idle_ms / 2000 if claim.complete else 0)
+        if claim.complete:
             await self._held.forget_taken_over(self.redis, self.group, self.consumer)
-        return claimed
-
-    async def _reclaim(self, limit: int | None) -> list[Event]:
-        claimed = await self._autoclaim(limit)
-        if not claimed:
+        if not claim.entries:
             return []
-
-        # XAUTOCLAIM does not say how often an entry was delivered; XPENDING does, and the
-        # count cannot move until the entries we now own go idle again.
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for stream, entry_id, _ in claimed:
-                pipe.xpending_range(stream, self.group, entry_id, entry_id, 1, self.consumer)
-            pending = await pipe.execute()
+        counts = await capped.deliveries(self.redis, self.group, self.consumer, claim.entries)
         events: list[Event] = []
-        for (stream, entry_id, fields), info in zip(claimed, pending, strict=True):
-            if not info:
+        for (stream, entry_id, fields), deliveries in zip(claim.entries, counts, strict=True):
+            if deliveries is None:
                 self._held.drop(stream, entry_id)
                 continue  # its previous owner acknowledged it after all: it is done
-            deliveries = int(info[0]["times_delivered"])
             if deliveries > self.max_deliveries:
                 await self._bury(stream, entry_id, fields, "max_deliveries", deliveries)
                 continue
@@ -290,7 +256,7 @@ class Consumer:
             "consumer_reclaimed",
             group=self.group,
             consumer=self.consumer,
-            entries=len(claimed),
+            entries=len(claim.entries),
             events=len(events),
         )
         return events
@@ -359,21 +325,17 @@ class Consumer:
     ) -> None:
         noted = self._held.drop(stream, entry_id)
         ref = self._reading[stream]
-        named, named_id, copied = stream, entry_id, fields
-        if ref.origin:  # the copy names the event's own stream and entry id
-            named, named_id, copied = replay.dead_copy(stream, ref, entry_id, fields)
-        await bury(
+        await replay.bury(
             self._dead_letter,
-            named,
+            stream,
             ref,
-            named_id,
-            copied,
+            entry_id,
+            fields,
             group=self.group,
             consumer=self.consumer,
             reason=reason,
             deliveries=deliveries,
             detail=detail or noted,
-            replayed=(stream, entry_id) if ref.origin else None,
         )
 
     def refused(self, reasons: Mapping[tuple[str, str], str]) -> None:
@@ -383,21 +345,11 @@ class Consumer:
 
     async def ack(self, *events: Event) -> int:
         """Acknowledge events in this consumer's group; returns how many were still pending."""
-        ids: dict[str, list[str]] = {}
-        replayed: dict[str, list[str]] = {}
         for event in events:
-            stream, entry_id = replay.pending_entry(event, self.prefix, self.group)
-            (ids if event.replay_id is None else replayed).setdefault(stream, []).append(entry_id)
-            self._held.drop(stream, entry_id)
-        acked = 0
-        for stream, entry_ids in replayed.items():  # rare: one script per replay stream
-            acked += await replay.ack(self._ack_replayed, stream, self.group, entry_ids)
-        if not ids:
-            return acked
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for stream, entry_ids in ids.items():
-                pipe.xack(stream, self.group, *entry_ids)
-            return acked + sum(int(n) for n in await pipe.execute())
+            self._held.drop(*replay.pending_entry(event, self.prefix, self.group))
+        return await replay.ack_events(
+            self.redis, self._ack_replayed, self.prefix, self.group, events
+        )
 
     async def ack_all(self, batch: Iterable[Event]) -> int:
         """Acknowledge every event of a batch; returns how many were still pending."""
