@@ -4,7 +4,8 @@
 This package is syncd's stable public API for consumer authors: the names below keep their
 meaning within a major version (see CHANGELOG.md), and `from syncd.consumer import Consumer,
 Event` works as the README shows. The modules inside (`consumer`, `capped`, `deadletter`,
-`delivery`, `events`, `held`, `loop`, `tail`) are not part of that promise.
+`delivery`, `each`, `events`, `held`, `keyed`, `loop`, `stopping`,
+`tail`...) are not part of that promise.
 
 May use `syncd.redis`, `syncd.keys`, `syncd.catalogue` and `syncd.instants`; knows nothing of
 the engine, the fleet or ServiceTitan.
@@ -12,12 +13,14 @@ the engine, the fleet or ServiceTitan.
 
 from syncd.consumer.consumer import Consumer, Start
 from syncd.consumer.delivery import entry_order, is_newer_or_same
+from syncd.consumer.each import EventHandler
 from syncd.consumer.events import Event, Failed, MalformedEvent, Subscription, parse_stream_reply
 from syncd.consumer.loop import Handler
 
 __all__ = [
     "Consumer",
     "Event",
+    "EventHandler",
     "Failed",
     "Handler",
     "MalformedEvent",

@@ -21,7 +21,8 @@ need a single Redis server; on a Redis Cluster, run one consumer per tenant.
 
 This module holds `Consumer`: its settings, group setup and recovery, reading (taking stale
 entries over, reading new ones) and acknowledging. The loop behind `Consumer.run` is in
-`syncd.consumer.loop`, the dead-letter script in `syncd.consumer.deadletter`, and the replay
+`syncd.consumer.loop`, the one behind `run_each` in `syncd.consumer.each`, a graceful stop in
+`syncd.consumer.stopping`, the dead-letter script in `syncd.consumer.deadletter`, and the replay
 streams (dead letters `syncd dead replay` hands back) in `syncd.consumer.replay`.
 """
 
@@ -35,9 +36,10 @@ from typing import Literal
 import structlog
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
-from syncd.consumer import capped, loop, regroup, replay
+from syncd.consumer import capped, each, loop, regroup, replay
 from syncd.consumer.deadletter import DEAD_LETTER_LUA
 from syncd.consumer.delivery import classify, entry_order
+from syncd.consumer.each import EventHandler
 from syncd.consumer.events import (
     Event,
     MalformedEvent,
@@ -47,6 +49,7 @@ from syncd.consumer.events import (
 )
 from syncd.consumer.held import Held
 from syncd.consumer.loop import Handler
+from syncd.consumer.stopping import Stopping
 from syncd.keys import DEFAULT_PREFIX
 from syncd.redis.conn import RedisClient, socket_timeout_s
 
@@ -69,9 +72,10 @@ class Consumer:
     `block_ms` (at least 1) is capped at 80% of the client's socket timeout, so that waiting
     for events never trips it. After `outage_after` rounds in a row in which the handler
     failed every event, `run` takes the handler's dependencies for down (see `run`). With
-    `read_ahead`, `run` reads the next batch while the handler works on one. Beside each stream
-    it reads the group's replay stream, from its beginning: the dead letters `syncd dead
-    replay` handed back to the group (`Event.replay_id` set).
+    `read_ahead`, `run` reads the next batch while the handler works on one. `concurrency` is
+    how many one-event handler calls `run_each` makes at once. Beside each stream it reads the
+    group's replay stream, from its beginning: the dead letters `syncd dead replay` handed back
+    to the group (`Event.replay_id` set).
     """
 
     def __init__(
@@ -90,14 +94,16 @@ class Consumer:
         handler_timeout: float | None = None,
         outage_after: int = 3,
         read_ahead: bool = False,
+        concurrency: int = 1,
     ) -> None:
         if not group or not consumer:
             raise ValueError("group and consumer names must not be empty")
         if start not in _GROUP_START:
             raise ValueError(f"start must be 'beginning' or 'new', not {start!r}")
-        if min(claim_idle_ms, max_deliveries, batch, block_ms, outage_after) < 1:
+        if min(claim_idle_ms, max_deliveries, batch, block_ms, outage_after, concurrency) < 1:
             raise ValueError(
-                "claim_idle_ms, max_deliveries, batch, block_ms and outage_after must be >= 1"
+                "claim_idle_ms, max_deliveries, batch, block_ms, outage_after and concurrency "
+                "must be >= 1"
             )
         if handler_timeout is not None and handler_timeout <= 0:
             raise ValueError("handler_timeout must be > 0 seconds (or None: no limit)")
@@ -118,6 +124,8 @@ class Consumer:
         self.handler_timeout = handler_timeout
         self.outage_after = outage_after
         self.read_ahead = read_ahead
+        self.concurrency = concurrency
+        self.stopping = Stopping()
         timeout_s = socket_timeout_s(redis)
         self.block_ms = block_ms if timeout_s is None else min(block_ms, int(timeout_s * 800) or 1)
         self._streams = {name: parse_stream(name, prefix) for name in names}
@@ -366,8 +374,9 @@ class Consumer:
                 return batch
         raise StopAsyncIteration
 
-    async def run(self, handler: Handler, *, stop: asyncio.Event) -> None:
-        """Hand events to `handler` and acknowledge each one it handled, until `stop`.
+    async def run(self, handler: Handler, *, stop: asyncio.Event | None = None) -> None:
+        """Hand events to `handler` and acknowledge each one it handled, until `stop` is set or
+        `stop()` is called.
 
         Per event, not per batch: the handler returns the events that failed (or raises, and is
         then called once per event of the batch). Failed events stay pending and come back
@@ -383,14 +392,45 @@ class Consumer:
 
         Redis errors (restarts, failovers, resharding, a destroyed group) are logged and
         retried with backoff; a lost group is created again (see `recover_groups`). Nothing
-        ends the loop but `stop`, `close()` or cancellation. `stop` is checked between rounds,
-        so stopping takes up to `block_ms` plus the handler's time.
+        ends the loop but `stop`, `stop()`, `close()` or cancellation. The `stop` event is
+        checked between rounds, so stopping by it takes up to `block_ms` plus the handler's
+        time; `stop()` cuts a blocked read short and bounds the handler's time.
 
         With `read_ahead`, the next batch is read while the handler works on one (batches
         still come one at a time, in order, each acknowledged after its call); a batch read
         ahead is handled after `stop` too, and is the first probe when an outage begins.
         """
         await loop.run(self, handler, stop=stop)
+
+    async def run_each(self, handler: EventHandler) -> None:
+        """Hand events to `handler` one at a time, up to `concurrency` calls at once, and
+        acknowledge each event once its call returned None, until `stop()` or `close()`.
+
+        Never two calls for one key at once, and a key's events in stream order (a key is a
+        record key in one stream); events of different keys run side by side. Reading goes on
+        while fewer than `batch` events wait for a call; they are pending under this consumer's
+        name, so `claim_idle_ms` must exceed the longest wait plus call. Failures take the way they
+        take under `run`: a failed event (raised, timed out after `handler_timeout`, or
+        returned as `Failed(event, reason)`) comes back after `claim_idle_ms`, to the dead
+        stream after `max_deliveries`; `outage_after` failed calls in a row (`Failed` not
+        counted) hold the failed events through an outage of the handler's dependencies.
+        Redis errors are logged and retried with backoff.
+        """
+        await each.run_each(self, handler)
+
+    async def stop(self, deadline: float | None = 30.0) -> None:
+        """Stop `run` or `run_each` gracefully and return once it returned.
+
+        Reading stops at once, a read blocked in XREADGROUP included. Handler calls in flight
+        get `deadline` seconds (None: as long as they take) to finish and have their events
+        acknowledged; those still running then are cancelled, and their events stay pending
+        and come back after `claim_idle_ms`, as do events read and not handed out yet. Nothing
+        is lost. Calling it again may shorten the deadline. The consumer stays stopped: `run`
+        and `run_each` return at once from then on. A handler that stops its own consumer
+        starts this as a task: awaited there, it would wait for that very call.
+        """
+        self.stopping.request(deadline)
+        await self.stopping.stopped()
 
     async def read_new(self, count: int) -> list[Event]:
         """Up to `count` events never delivered to the group, without waiting."""
