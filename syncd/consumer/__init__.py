@@ -4,11 +4,11 @@
 This package is syncd's stable public API for consumer authors: the names below keep their
 meaning within a major version (see CHANGELOG.md), and `from syncd.consumer import Consumer,
 Event` works as the README shows. The modules inside (`consumer`, `capped`, `deadletter`,
-`delivery`, `each`, `events`, `held`, `keyed`, `loop`, `stopping`,
-`tail`...) are not part of that promise.
+`delivery`, `each`, `events`, `held`, `keyed`, `loop`, `metrics`, `stopping`,
+`tail`, ...) are not part of that promise.
 
-May use `syncd.redis`, `syncd.keys`, `syncd.catalogue` and `syncd.instants`; knows nothing of
-the engine, the fleet or ServiceTitan.
+May use `syncd.redis`, `syncd.keys`, `syncd.catalogue`, `syncd.instants` and `syncd.lines`;
+knows nothing of the engine, the fleet, ServiceTitan or the ops server.
 """
 
 from syncd.consumer.consumer import Consumer, Start
@@ -16,9 +16,11 @@ from syncd.consumer.delivery import entry_order, is_newer_or_same
 from syncd.consumer.each import EventHandler
 from syncd.consumer.events import Event, Failed, MalformedEvent, Subscription, parse_stream_reply
 from syncd.consumer.loop import Handler
+from syncd.consumer.metrics import ConsumerMetrics
 
 __all__ = [
     "Consumer",
+    "ConsumerMetrics",
     "Event",
     "EventHandler",
     "Failed",

@@ -49,6 +49,7 @@ from syncd.consumer.events import (
 )
 from syncd.consumer.held import Held
 from syncd.consumer.loop import Handler
+from syncd.consumer.metrics import ConsumerMetrics, sample_lag
 from syncd.consumer.stopping import Stopping
 from syncd.keys import DEFAULT_PREFIX
 from syncd.redis.conn import RedisClient, socket_timeout_s
@@ -73,9 +74,10 @@ class Consumer:
     for events never trips it. After `outage_after` rounds in a row in which the handler
     failed every event, `run` takes the handler's dependencies for down (see `run`). With
     `read_ahead`, `run` reads the next batch while the handler works on one. `concurrency` is
-    how many one-event handler calls `run_each` makes at once. Beside each stream it reads the
-    group's replay stream, from its beginning: the dead letters `syncd dead replay` handed back
-    to the group (`Event.replay_id` set).
+    how many one-event handler calls `run_each` makes at once. With `metrics`, the consumer
+    counts what it does there (see `ConsumerMetrics`). Beside each stream it reads the group's
+    replay stream, from its beginning: the dead letters `syncd dead replay` handed back to the
+    group (`Event.replay_id` set).
     """
 
     def __init__(
@@ -95,6 +97,7 @@ class Consumer:
         outage_after: int = 3,
         read_ahead: bool = False,
         concurrency: int = 1,
+        metrics: ConsumerMetrics | None = None,
     ) -> None:
         if not group or not consumer:
             raise ValueError("group and consumer names must not be empty")
@@ -125,7 +128,9 @@ class Consumer:
         self.outage_after = outage_after
         self.read_ahead = read_ahead
         self.concurrency = concurrency
+        self.metrics = metrics
         self.stopping = Stopping()
+        self._lag_due = 0.0
         timeout_s = socket_timeout_s(redis)
         self.block_ms = block_ms if timeout_s is None else min(block_ms, int(timeout_s * 800) or 1)
         self._streams = {name: parse_stream(name, prefix) for name in names}
@@ -219,6 +224,10 @@ class Consumer:
         self._groups_ready = True
 
     async def _read(self, limit: int | None) -> list[Event]:
+        if self.metrics is not None and time.monotonic() >= self._lag_due:
+            self._lag_due = time.monotonic() + self.metrics.lag_interval
+            feeds = {stream: ref.feed for stream, ref in self._reading.items()}
+            await sample_lag(self.redis, self.group, feeds, self.metrics)
         events: list[Event] = []
         if time.monotonic() >= self._reclaim_due:
             events.extend(await self._reclaim(limit))
@@ -333,7 +342,7 @@ class Consumer:
     ) -> None:
         noted = self._held.drop(stream, entry_id)
         ref = self._reading[stream]
-        await replay.bury(
+        buried = await replay.bury(
             self._dead_letter,
             stream,
             ref,
@@ -345,6 +354,8 @@ class Consumer:
             deliveries=deliveries,
             detail=detail or noted,
         )
+        if buried and self.metrics is not None:
+            self.metrics.dead_lettered(self.group, ref.feed, reason)
 
     def refused(self, reasons: Mapping[tuple[str, str], str]) -> None:
         """Note why the handler failed events it holds ((stream, entry id) -> reason): should

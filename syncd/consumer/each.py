@@ -14,6 +14,7 @@ count, along with one new event; the first success ends the outage.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Literal, Protocol
 
@@ -183,6 +184,7 @@ class _Each:
     async def _call(self, event: Event) -> Outcome:
         """Hand `event` to the handler and acknowledge it when the handler succeeded."""
         source = self.source
+        started = time.monotonic()
         try:
             result = await timed(source, self.handler(event))
         except asyncio.CancelledError:
@@ -190,6 +192,9 @@ class _Each:
         except Exception as exc:
             log_failure(source, exc, event)
             return self._failed(event, "failed")
+        finally:
+            if source.metrics is not None:
+                source.metrics.observe(source.group, time.monotonic() - started)
         if result is None:
             return await self._ack(event)
         if isinstance(result, Failed) and (result.stream, result.id) == (event.stream, event.id):
@@ -209,6 +214,8 @@ class _Each:
         return self._failed(event, "failed")
 
     def _failed(self, event: Event, outcome: Outcome) -> Outcome:
+        if self.source.metrics is not None:
+            self.source.metrics.failed(self.source.group, [event])
         return outcome
 
     async def _ack(self, event: Event) -> Outcome:
@@ -227,4 +234,6 @@ class _Each:
                 effect="handled, still pending: it comes back after claim_idle_ms",
             )
             return "handled"
+        if source.metrics is not None:
+            source.metrics.handled(source.group, [event])
         return "handled"

@@ -12,6 +12,7 @@ shares its pieces (errors, keeping held events, timing a call).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any, Protocol, TypeVar
@@ -27,6 +28,7 @@ from syncd.consumer.delivery import (
 )
 from syncd.consumer.events import Event, Failed
 from syncd.consumer.events import text as _text
+from syncd.consumer.metrics import ConsumerMetrics
 from syncd.consumer.replay import pending_entry
 from syncd.consumer.stopping import Stopping, cancel, wait_any
 from syncd.redis.conn import RedisClient
@@ -75,6 +77,7 @@ class Source(Protocol):
     outage_after: int
     read_ahead: bool
     stopping: Stopping
+    metrics: ConsumerMetrics | None
 
     @property
     def closed(self) -> bool: ...
@@ -199,6 +202,9 @@ async def _round(source: Source, handler: Handler, batch: list[Event], state: _R
     done = [e for e in batch if e not in failed]
     await source.ack(*done)
     source.refused(reasons)
+    if source.metrics is not None:
+        source.metrics.handled(source.group, done)
+        source.metrics.failed(source.group, failed)
     # Events refused for reasons of their own say nothing of the handler's dependencies.
     own = all((e.stream, e.id) in reasons for e in failed)
     if done or not failed or own:
@@ -311,7 +317,12 @@ async def _apply(
 
 
 async def _call(source: Source, handler: Handler, batch: list[Event]) -> Failures:
-    return await timed(source, handler(batch))
+    started = time.monotonic()
+    try:
+        return await timed(source, handler(batch))
+    finally:
+        if source.metrics is not None:
+            source.metrics.observe(source.group, time.monotonic() - started)
 
 
 async def timed(source: Source, call: Awaitable[T]) -> T:
