@@ -133,14 +133,17 @@ async def _run(source: Source, handler: Handler, stop: asyncio.Event, halt: Stop
                         break
                     held = state.held = await keep(source, state.held)
                     if ahead is not None:  # new events, read before the outage showed: the probe
-                        got, ahead = await halt.interruptible(ahead), None
+                        # Taken first: a read ahead that failed must not be awaited again.
+                        reading, ahead = ahead, None
+                        got = await halt.interruptible(reading)
                     else:
                         probe = _probe(source) if len(held) < source.batch else _nothing()
                         got = await halt.interruptible(probe)
                     batch = held + (got or [])
                 else:
                     # Consumer.stop cuts a blocked read short (None); what was read is handled.
-                    got, ahead = await halt.interruptible(ahead or source.read()), None
+                    next_read, ahead = ahead or source.read(), None
+                    got = await halt.interruptible(next_read)
                     if got is None:
                         break
                     batch = got
