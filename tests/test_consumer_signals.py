@@ -127,7 +127,7 @@ async def test_sigterm_stops_gracefully_and_a_restart_handles_the_rest_once(
 
     assert code == 0, output
     assert "stopped by SIGTERM" in output
-    assert took < 5.0  # the calls in flight (0.2 s), not the 30 s blocked read
+    assert took < 10.0  # the calls in flight (0.2 s), not the 30 s blocked read
     started, done = first.lines("start"), first.lines("done")
     assert sorted(started) == sorted(done)  # every call in flight finished within the grace
     assert len(done) == len(set(done))
@@ -160,7 +160,7 @@ async def test_a_second_signal_cancels_the_calls_in_flight(
     code, output, took = await stuck.exit()
 
     assert code == 0, output
-    assert took < 5.0
+    assert took < 10.0  # not the hour the calls would take
     assert stuck.lines("done") == []
     started = set(stuck.lines("start"))
     assert len(started) == 4
