@@ -50,6 +50,11 @@ def test_a_short_record_is_left_whole() -> None:
     assert line == HEAD + 'name="Acme"'
 
 
+def test_a_deleted_record_is_its_key_and_no_summary() -> None:
+    line = render_text(event(data=b"", op="deleted"), 100)
+    assert line == HEAD.replace("updated", "deleted").rstrip()
+
+
 def test_a_terminal_narrower_than_the_head_still_gets_lines_that_fit() -> None:
     line = render_text(event(), 30)
     assert len(line) == 30

@@ -279,6 +279,8 @@ def render_text(event: Event, width: int | None = None) -> str:
     ms = int(event.id.partition("-")[0])
     when = dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
     head = clean(f"{when} {event.id:<15} {event.tenant} {event.feed} {event.op:<7} {event.key}")
+    if event.deleted:  # no record: gone upstream
+        return head if width is None else fit(head, width)
     if width is None:
         return f"{head}  {summarize(event.data)}".rstrip()
     # The summary takes what the head leaves; a head wider than the terminal is cut too.
