@@ -74,8 +74,8 @@ def shell_lines(block: str) -> Iterator[str]:
 
 
 def _alternatives(line: str) -> list[str]:
-    """A synopsis `(a | b)` as one line per alternative."""
-    m = re.search(r"\(([^()]*\|[^()]*)\)", line)
+    """A synopsis `(a | b)`, or a word `a|b`, as one line per alternative."""
+    m = re.search(r"\(([^()]*\|[^()]*)\)", line) or re.search(r"(?<!\S)([\w-]+(?:\|[\w-]+)+)", line)
     if m is None:
         return [line]
     out = []

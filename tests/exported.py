@@ -55,6 +55,8 @@ def every_event_metrics() -> Metrics:
     m.set_feeds_paused(1, 1)
     m.set_fleet(2, 1)
     m.set_rate_limit(1, 20.0)
+    m.passes.due(1, "crm.customers", 3600.0, None, 1_700_000_000.0)
+    m.passes.completed(1, "crm.customers", 2, 3, 1_700_000_100.0)
     m.set_status_source(lambda: EngineStatus([TenantStatus(1, 10.0, 1, True, True)]))
     return m
 
@@ -64,6 +66,7 @@ async def scrape_daemon(redis_url: str, workdir: Path) -> str:
     (before that, the per-page histograms have no series yet)."""
     async with run_simulator(tenants=[9701], records=30, page_size=10) as sim:
         data = config_dict(redis_url, sim.url, sim.app_key, [9701], ["crm.customers"])
+        data["feeds"] = {"crm.customers": {"reconcile_interval": 3600.0}}
         port = free_port()
         data["ops"] = {"listen": f"127.0.0.1:{port}"}
         path = workdir / "syncd.toml"

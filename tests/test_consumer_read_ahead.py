@@ -8,8 +8,10 @@ import asyncio
 
 import pytest
 import redis.asyncio as aioredis
+from structlog.testing import capture_logs
 
 from syncd.consumer import Event
+from syncd.testing.redis_server import running
 from tests.test_consumer import CUSTOMERS, publish
 from tests.test_consumer_faults import Runner, dead_keys, make, until
 
@@ -104,3 +106,32 @@ async def test_cancelling_run_cancels_the_read_ahead(
     runner.task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(runner.task, 30)
+
+
+async def test_a_read_ahead_that_failed_is_not_awaited_again() -> None:
+    # The read ahead loses its server while the handler works: its error is handled once, and
+    # reading goes on once the server is back (it used to await the failed read forever).
+    with running() as server:
+        client = aioredis.Redis.from_url(server.url)
+        keys: list[str] = []
+
+        async def handler(batch: list[Event]) -> None:
+            if not keys:
+                server.stop(keep_data=True)
+            keys.extend(e.key for e in batch)
+
+        try:
+            await publish(client, CUSTOMERS, 1)
+            runner = Runner(make(client, read_ahead=True, block_ms=5_000), handler)
+            with capture_logs() as logs:
+                await until(lambda: keys == ["1"], "the first event")
+                await until(
+                    lambda: any(e["event"] == "consumer_redis_unavailable" for e in logs),
+                    "the failed read ahead noticed",
+                )
+                server.start()
+                await publish(client, CUSTOMERS, 2)
+                await until(lambda: keys == ["1", "2"] and runner.alive(), "event 2")
+                await runner.finish()
+        finally:
+            await client.aclose()

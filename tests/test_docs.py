@@ -11,6 +11,7 @@ import io
 import re
 import tomllib
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import msgspec
@@ -20,7 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from syncd import config
 from syncd.cli.demo import demo_config
 from syncd.cli.main import build_parser
-from syncd.consumer import Consumer
+from syncd.consumer import Consumer, ConsumerMetrics
+from syncd.mirror import ops as mirror_ops
 from syncd.ops.metrics import EngineStatus, Metrics, TenantStatus
 from syncd.simulator.options import DEFAULT_APP_KEY, DEFAULT_TENANTS, SimOptions
 from tests.docs_helpers import (
@@ -195,9 +197,18 @@ def exported_metrics() -> set[str]:
     m.set_fleet(2, 1, disagreements=1, unpolled=1, name_clash=True)
     m.set_rate_limit(1, 20.0)
     m.set_status_source(lambda: EngineStatus([TenantStatus(1, 10.0, 1, True, False)]))
+    m.passes.due(1, "crm.customers", 60.0, None, 0.0)
+    m.passes.completed(1, "crm.customers", 1, 1, 1.0)
+    # The consumer library's (your consumers', the mirror's) and the mirror's own.
+    consumer = ConsumerMetrics()
+    consumer.observe("g", 0.1)
+    state = SimpleNamespace(applied=1, refused=0, batches=1, newest_ms=0, ready=True)
+    texts = [m.render().decode(), mirror_ops.render(state, consumer).decode()]
     names = set()
-    for family in text_string_to_metric_families(m.render().decode()):
+    for family in (f for text in texts for f in text_string_to_metric_families(text)):
         names.add(family.name)
+        if family.type == "counter":  # the parser names a counter family without `_total`
+            names.add(family.name + "_total")
         names.update(s.name for s in family.samples)
     return names
 

@@ -64,6 +64,26 @@ def test_the_map_names_every_package() -> None:
         assert f"`{package}/`" in section, package
 
 
+def test_the_map_names_every_module_of_the_library() -> None:
+    # Each in its package's row; the simulator and the test servers are mapped as a whole.
+    doc = (ROOT / "docs" / "development.md").read_text()
+    start = doc.index("## The code: a map\n")
+    section = doc[start : doc.index("\n## ", start + 1)]
+    rows = {
+        line.split("|")[1].strip().strip("`/"): line
+        for line in section.splitlines()
+        if line.startswith("| ")
+    }
+    missing = [
+        str(p.relative_to(ROOT))
+        for p in _modules()
+        if p.name not in ("__init__.py", "__main__.py")
+        and p.parent.name not in ("simulator", "testing")
+        and f"`{p.stem}`" not in rows[p.parent.name if p.parent != PACKAGE else "shared"]
+    ]
+    assert missing == []
+
+
 def test_the_consumer_api_is_the_documented_surface() -> None:
     readme = (ROOT / "README.md").read_text()
     stable = readme[readme.index("The names `syncd.consumer` exports") :][:400]

@@ -5,7 +5,9 @@ rest is applied; a PostgreSQL that is down or read-only pauses it, acknowledging
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
+import time
 import urllib.parse
 from pathlib import Path
 
@@ -72,6 +74,64 @@ async def test_after_daemon_runs_the_tables_equal_the_ground_truth(
                 for key, record in (await truth(sim.url, tenant, feed)).items()
             }
             assert await table(pg_url, feed) == expected, feed
+
+
+async def test_records_deleted_upstream_are_marked_deleted_in_the_tables(
+    redis: aioredis.Redis, redis_server: RedisServer, pg_url: str
+) -> None:
+    """A reconciliation pass finds records gone upstream; their rows get `deleted_at`."""
+    import io
+
+    import aiohttp
+
+    from syncd.cli.reconcile import reconcile
+
+    async with run_simulator(tenants=[TENANT], records=120, page_size=40, seed=9) as sim:
+        data = mirror_config(
+            redis_server.url, pg_url, [TENANT], [CUSTOMERS], sim.url, sim.app_key, batch=25
+        )
+        data["mirror"]["listen"] = "127.0.0.1:0"
+        subs = [Subscription(TENANT, [CUSTOMERS])]
+        async with running_mirror(data) as mirror:
+            assert await Daemon(settings(data), once=True).run() == 0
+            async with (
+                aiohttp.ClientSession() as s,
+                s.post(
+                    f"{sim.url}/_sim/tenants/{TENANT}/feeds/{CUSTOMERS}/mutate",
+                    params={"count": "6", "kind": "delete"},
+                ) as resp,
+            ):
+                gone = {str(k) for k in (await resp.json())["keys"]}
+            out = io.StringIO()
+            code = await reconcile(
+                settings(data), TENANT, CUSTOMERS, share=1.0, out=out, progress=False
+            )
+            assert code == 0, out.getvalue()
+            await until(lambda: caught_up(redis, subs), "the mirror to catch up", timeout=60)
+            assert mirror.refused == 0
+            # Its ops endpoint: the mirror's series and the consumer's.
+            assert mirror.ops is not None
+            base = f"http://127.0.0.1:{mirror.ops.port}"
+            async with aiohttp.ClientSession() as s:
+                async with s.get(base + "/metrics") as resp:
+                    text = await resp.text()
+                async with s.get(base + "/readyz") as resp:
+                    assert resp.status == 200
+            assert f"syncd_mirror_events_applied_total {mirror.applied}\n" in text
+            assert mirror.applied == 120 + 6
+            assert 'syncd_consumer_events_handled_total{group="syncd-mirror"' in text
+            found = re.search(r"^syncd_mirror_newest_applied_timestamp_seconds (\S+)$", text, re.M)
+            assert found is not None
+            newest = float(found.group(1))
+            assert 0 <= time.time() - newest < 60
+        rows = await table(pg_url, CUSTOMERS)
+        deleted = {key for (_, key), row in rows.items() if isinstance(row, tuple)}
+        assert deleted == gone
+        live = {
+            (TENANT, key): record
+            for key, record in (await truth(sim.url, TENANT, CUSTOMERS)).items()
+        }
+        assert {k: v for k, v in rows.items() if k[1] not in gone} == live
 
 
 BAD = {

@@ -26,6 +26,11 @@ from syncd.testing.redis_server import RedisServer
 PASSWORD = "demo-redis-pass-77"
 DEADLINE_S = 90.0
 ROOT = Path(__file__).resolve().parent.parent
+COLUMNS = 100
+# An event line of the demo's view: publication time, entry id, tenant, feed, op, key.
+EVENT_LINE = re.compile(
+    r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} \d+-\d+ +\d+ \S+ (created|updated|upsert) "
+)
 
 
 def descendants(root: int) -> dict[int, list[str]]:
@@ -91,7 +96,7 @@ class Demo:
             [*(command or (sys.executable, "-m", "syncd")), "demo", *args],
             stdout=self.out,
             stderr=self.err,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": str(COLUMNS)},
             cwd=cwd,
         )
 
@@ -157,6 +162,11 @@ async def test_sigterm_stops_children_and_removes_keys_without_printing_the_pass
         assert PASSWORD not in out
         assert "demo:***@127.0.0.1" in out
         assert "Traceback" not in out
+        # The view: readable lines that fit the terminal, warnings included; no JSON.
+        events = [line for line in out.splitlines() if EVENT_LINE.match(line)]
+        assert events
+        assert max(len(line) for line in events) <= COLUMNS
+        assert not [line for line in out.splitlines() if line.startswith("{")]
     finally:
         demo.close()
 

@@ -266,6 +266,14 @@ async def test_the_daemon_runs_a_pass_every_reconcile_interval(
             assert sorted(ops(events, "deleted")) == sorted(gone)
             # Only the feed with an interval is reconciled.
             assert await redis.hget(state, "jpm.jobs:pass_finished") is None
+            m = daemon.metrics
+            assert m.sample("syncd_feed_reconcile_deleted_total", {"feed": FEED}) == 4
+            assert m.sample("syncd_feed_reconcile_passes_total", {"feed": FEED}) >= 2
+            assert m.sample("syncd_feed_reconcile_interval_seconds", {"feed": FEED}) == 1.0
+            oldest = m.sample("syncd_feed_oldest_reconcile_seconds", {"feed": FEED})
+            assert oldest is not None
+            assert 0 <= oldest < 30
+            assert m.sample("syncd_feed_reconcile_passes_total", {"feed": "jpm.jobs"}) is None
         finally:
             running.cancel()
             with pytest.raises(asyncio.CancelledError):

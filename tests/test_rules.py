@@ -33,6 +33,7 @@ ALERTS = {
     "SyncdFleetConfigDisagrees",
     "SyncdFleetFeedsUnpolled",
     "SyncdFleetInstanceNameClash",
+    "SyncdReconcileOverdue",
 }
 
 

@@ -13,7 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from syncd.consumer import Event
-from syncd.consumer.tail import render_pretty, summarize, tail
+from syncd.consumer.tail import render_text, summarize, tail
 from syncd.keys import Keys
 
 TENANT = 123456
@@ -40,7 +40,7 @@ async def run_tail(redis: aioredis.Redis, **options: Any) -> tuple[int, list[str
         "feeds": None,
         "group": None,
         "from_start": True,
-        "pretty": False,
+        "fmt": "json",
         "stop": asyncio.Event(),
         **options,
     }
@@ -113,10 +113,10 @@ async def test_stop_ends_tail(redis: aioredis.Redis) -> None:
     assert await task == (0, [])
 
 
-async def test_pretty_lines(redis: aioredis.Redis) -> None:
+async def test_text_lines(redis: aioredis.Redis) -> None:
     entry_id = await publish(redis, CUSTOMERS, "1", ACME)
 
-    _, (line,) = await run_tail(redis, pretty=True, limit=1)
+    _, (line,) = await run_tail(redis, fmt="text", width=200, limit=1)
 
     pattern = (
         r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} "
@@ -126,7 +126,7 @@ async def test_pretty_lines(redis: aioredis.Redis) -> None:
     assert re.fullmatch(pattern, line)
 
 
-def test_pretty_time_is_the_entry_time() -> None:
+def test_text_time_is_the_entry_time() -> None:
     event = Event(
         stream=CUSTOMERS,
         id="1714564800123-4",
@@ -138,7 +138,7 @@ def test_pretty_time_is_the_entry_time() -> None:
         modified_on=None,
         deliveries=0,
     )
-    assert render_pretty(event) == (
+    assert render_text(event) == (
         f"2024-05-01 12:00:00.123 1714564800123-4 {TENANT} crm.customers updated 42"
     )
 
@@ -149,7 +149,7 @@ def test_pretty_time_is_the_entry_time() -> None:
         (b'{"id":1,"name":"A","address":{"city":"X"},"note":null}', 'name="A" address={...}'),
         (b'{"technicianId":3,"jobId":4}', "technicianId=3 jobId=4"),
         (b'{"text":"line\\nbreak"}', 'text="line\\nbreak"'),
-        (b'{"name":"' + b"x" * 60 + b'"}', 'name="' + "x" * 36 + "..."),
+        (b'{"name":"' + b"x" * 60 + b'"}', 'name="' + "x" * 38 + "…"),
         (b"[1,2]", "[1,2]"),
         (b"oops", "<not JSON> oops"),
         (msgspec.json.encode({f"field{i}": i for i in range(30)}), None),
@@ -160,7 +160,7 @@ def test_summarize(data: bytes, summary: str | None) -> None:
     if summary is None:
         assert len(result) == 100
         assert result.startswith("field0=0 field1=1 ")
-        assert result.endswith("...")
+        assert result.endswith("…")
     else:
         assert result == summary
 

@@ -294,7 +294,9 @@ async def tail_command(
     from_start: bool,
     out: TextIO,
     count: int | None = None,
+    fmt: str | None = None,
 ) -> int:
+    """`syncd tail`: `fmt` "text" or "json" (None: text on a terminal, else JSON lines)."""
     from syncd.consumer.tail import OutputFailed, tail
 
     t = _tenant(settings, tenant)
@@ -315,7 +317,7 @@ async def tail_command(
             group=group,
             from_start=from_start,
             out=out,
-            pretty=out.isatty(),
+            fmt="json" if fmt == "json" or (fmt is None and not out.isatty()) else "text",
             stop=stop,
             limit=count,
         )

@@ -19,13 +19,14 @@ from typing import TextIO
 from redis.exceptions import RedisError
 
 from syncd import catalogue, log, redact
-from syncd.cli.dead_output import as_json, clean, json_line, render_show, render_table, shown
+from syncd.cli.dead_output import as_json, json_line, render_show, render_table, shown
 from syncd.config import ConfigError, Settings, load_settings
 from syncd.consumer import deadstream
 from syncd.consumer.deadstream import DeadLetter, Selection
 from syncd.consumer.events import text as _text
 from syncd.consumer.replay import ENTRY_ID, MOVE_LUA
 from syncd.keys import Keys
+from syncd.lines import clean
 from syncd.redis.conn import RedisClient, connect
 
 # What `list` shows when not told.

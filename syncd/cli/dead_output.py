@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import unicodedata
 from typing import Any, TextIO
 
 import msgspec
@@ -18,6 +17,8 @@ import msgspec
 from syncd import redact
 from syncd.consumer.deadstream import DeadLetter
 from syncd.consumer.events import text as _text
+from syncd.lines import clean
+from syncd.lines import fit as _cut
 
 # How much of a record `list` shows, and how wide its other columns may grow.
 EXCERPT_CHARS = 60
@@ -29,29 +30,9 @@ _SHOWN_FIRST = (
 )
 
 
-def clean(text: str, *, keep_newlines: bool = False) -> str:
-    """`text` with control and formatting characters (ANSI escapes, bidi overrides, carriage
-    returns) escaped as `\\xNN` / `\\uNNNN`, so that a terminal shows them instead of obeying
-    them."""
-    out = []
-    for char in text:
-        if char == "\n" and keep_newlines:
-            out.append(char)
-        elif unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp", "Cs"):
-            code = ord(char)
-            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
-        else:
-            out.append(char)
-    return "".join(out)
-
-
 def shown(text: str) -> str:
     """A value as an operator may see it: secrets masked, control characters escaped."""
     return clean(redact.redact(text))
-
-
-def _cut(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _masked(value: Any) -> Any:

@@ -124,7 +124,7 @@ async def _run(cfg: config.Config) -> int:
                 group=None,
                 from_start=True,
                 out=sys.stdout,
-                pretty=True,
+                fmt="text",
                 stop=stop,
             )
         )
@@ -185,7 +185,8 @@ def main(args: argparse.Namespace) -> int:
                 cfg.servicetitan, api_url=sim.url, auth_url=sim.auth_url
             ),
         )
-        log.configure(cfg.log.level, cfg.log.format)
+        # The warnings among the events, in the same readable lines (not JSON).
+        log.configure(cfg.log.level, "text")
         print(
             f"syncd demo: simulator {sim.url}, Redis {redact_url(redis_url)}, tenants {tenants}; "
             "Ctrl-C stops",

@@ -18,7 +18,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TextIO
+from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 import msgspec
 
@@ -34,6 +34,9 @@ from syncd.cli.doctor_facts import (
 from syncd.config import CREDENTIALS_VARIABLE, ConfigError, load, resolve
 from syncd.redis import checks as redischeck
 from syncd.redis.checks import NodeSettings
+
+if TYPE_CHECKING:  # imported when used: psycopg comes with the postgres extra only
+    from syncd.mirror.check import PostgresFacts
 
 Status = Literal["ok", "warn", "fail"]
 
@@ -308,6 +311,52 @@ def judge_clock(samples: Sequence[ClockSample]) -> Line:
     return Line("clock", status, f"{detail}; {CLOCK_WHY}", "synchronise this host's clock (NTP)")
 
 
+def judge_postgres(f: PostgresFacts | str) -> Line:
+    """The mirror's PostgreSQL (`[mirror] url`); a str: why it could not be looked at."""
+    if isinstance(f, str):
+        return Line("mirror postgres", "fail", f, "pip install 'syncd[postgres]'")
+    if f.error is not None:
+        return Line(
+            "mirror postgres",
+            "fail",
+            f"{f.where}: {f.error}",
+            "check [mirror] url and its password (password_file, password_env), and that the"
+            " server takes connections from this host (pg_hba.conf)",
+        )
+    major = f"PostgreSQL {f.server_version // 10000}"
+    if f.server_version < f.min_version:
+        return Line(
+            "mirror postgres",
+            "fail",
+            f"{f.where}: {major}",
+            "the mirror needs PostgreSQL 15 or newer",
+        )
+    if f.read_only:
+        return Line(
+            "mirror postgres",
+            "fail",
+            f"{f.where}: {major} takes no writes (a standby, or read-only by default)",
+            "point [mirror] url at the primary",
+        )
+    if f.newest_table_version > f.code_version:
+        return Line(
+            "mirror postgres",
+            "fail",
+            f"{f.where}: tables at version {f.newest_table_version}, this syncd knows"
+            f" {f.code_version}",
+            "run the newer syncd's mirror, or a schema of its own ([mirror] schema)",
+        )
+    if not f.can_create and (not f.schema_exists or f.newest_table_version < f.code_version):
+        return Line(
+            "mirror postgres",
+            "fail",
+            f"{f.where}: the user may not create the mirror's schema or tables",
+            "GRANT CREATE ON DATABASE (or ON SCHEMA) to the mirror's user",
+        )
+    state = f"tables at version {f.newest_table_version}" if f.schema_exists else "no schema yet"
+    return Line("mirror postgres", "ok", f"{f.where}: {major}, writable, {state}")
+
+
 def exit_code(lines: Sequence[Line], *, config_usable: bool = True) -> int:
     if not config_usable:
         return EXIT_CONFIG
@@ -397,10 +446,20 @@ async def diagnose(path: str, environ: Mapping[str, str] | None = None) -> tuple
         facts.gather_api(settings),
     )
     lines += judge_redis(redis_facts, allow_eviction=rc.allow_eviction, prefix=rc.key_prefix)
+    if settings.config.mirror is not None:
+        lines.append(judge_postgres(await _postgres(settings)))
     for t in tenants:
         lines += judge_tenant(t)
     lines.append(judge_clock(samples))
     return lines, exit_code(lines, config_usable=refused is None)
+
+
+async def _postgres(settings: Any) -> PostgresFacts | str:
+    try:
+        from syncd.mirror.check import gather_postgres
+    except ImportError:  # psycopg: the postgres extra
+        return "[mirror] is configured, but psycopg is not installed"
+    return await gather_postgres(settings)
 
 
 def run(path: str, *, as_json: bool, out: TextIO, environ: Mapping[str, str] | None = None) -> int:

@@ -118,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--group", help="read as this consumer group and acknowledge what is printed")
     tl.add_argument("--from-start", action="store_true", help="from the streams' beginning")
     tl.add_argument(
+        "--format",
+        choices=("text", "json"),
+        help="text: readable lines cut to the terminal's width; json: one JSON object per "
+        "line (default: text on a terminal, else json)",
+    )
+    tl.add_argument(
         "--count",
         type=_positive,
         metavar="N",
@@ -265,7 +271,14 @@ def cmd_operator(args: argparse.Namespace) -> int:
         )
     return commands.run(
         commands.tail_command(
-            settings, args.tenant, args.feed, args.group, args.from_start, sys.stdout, args.count
+            settings,
+            args.tenant,
+            args.feed,
+            args.group,
+            args.from_start,
+            sys.stdout,
+            args.count,
+            args.format,
         )
     )
 

@@ -216,6 +216,13 @@ def _check_mirror(cfg: Config, m: MirrorConfig, name: str) -> None:
             raise fail(name, f"mirror.{key}", f"must be > 0, got {value}")
     if m.batch > 10_000:
         raise fail(name, "mirror.batch", f"must be at most 10000 events, got {m.batch}")
+    if m.listen is not None:
+        try:
+            check_listen(m.listen)
+        except ValueError as exc:
+            raise fail(name, "mirror.listen", str(exc)) from None
+        if m.listen == cfg.ops.listen:
+            raise fail(name, "mirror.listen", "the same address as ops.listen: the daemon's")
     configured = {t.id: t for t in cfg.tenants}
     if m.tenants is not None and not m.tenants:
         raise fail(name, "mirror.tenants", "empty: list at least one, or leave the key out for all")

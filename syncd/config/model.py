@@ -229,6 +229,7 @@ class MirrorConfig(_Base, frozen=True):
     claim_idle: float = 60.0  # seconds before events a dead mirror held are taken over
     max_deliveries: int = 5  # a record refused this often goes to the dead stream
     connect_timeout: float = 10.0  # seconds to reach PostgreSQL
+    listen: str | None = None  # ops endpoint: /metrics, /healthz, /readyz ("127.0.0.1:9109")
 
     def __repr__(self) -> str:
         return _masked_repr(self, urls=("url",))

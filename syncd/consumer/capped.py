@@ -10,15 +10,28 @@ wait with XREAD, which takes nothing either."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
+import structlog
 from redis.exceptions import ResponseError
 
 from syncd.consumer.delivery import shares_of
-from syncd.consumer.events import parse_stream_reply, text
+from syncd.consumer.events import fields_of, parse_stream_reply, text
 from syncd.redis.conn import RedisClient
 
+log = structlog.get_logger("syncd.consumer")
+
 Entries = list[tuple[str, list[tuple[str, dict[str, bytes]]]]]
+
+
+class Claimed(NamedTuple):
+    """What one XAUTOCLAIM pass took over: entries as (stream, entry id, fields), entries
+    trimmed while pending as (stream, entry id), and whether the scan reached every stream's
+    end."""
+
+    entries: list[tuple[str, str, dict[str, bytes]]]
+    trimmed: list[tuple[str, str]]
+    complete: bool
 
 
 async def autoclaim(
@@ -29,10 +42,52 @@ async def autoclaim(
     min_idle_ms: int,
     batch: int,
     limit: int | None,
+) -> Claimed:
+    """Take over entries idle for `min_idle_ms` in the streams of `cursors` (stream -> where
+    its last scan stopped, moved on here): up to `batch` entries of each stream, in one round
+    trip; with `limit`, no more than that in all, one stream after the other (streams after
+    the limit is reached left out, and the scan then incomplete)."""
+    replies = await _autoclaim(redis, cursors, group, consumer, min_idle_ms, batch, limit)
+    complete = len(replies) == len(cursors)
+    entries: list[tuple[str, str, dict[str, bytes]]] = []
+    trimmed: list[tuple[str, str]] = []
+    for stream, reply in replies:
+        cursor, taken, deleted = text(reply[0]), reply[1], reply[2] if len(reply) > 2 else []
+        cursors[stream] = cursor
+        complete = complete and cursor == "0-0"
+        if deleted:
+            # Trimmed before anyone acknowledged them: Redis already dropped them from the
+            # pending list, and there is no payload left to deliver or dead-letter.
+            log.warning(
+                "consumer_pending_trimmed", stream=stream, group=group, entries=len(deleted)
+            )
+            trimmed.extend((stream, text(entry_id)) for entry_id in deleted)
+        entries.extend((stream, text(eid), fields_of(f)) for eid, f in taken if f is not None)
+    return Claimed(entries, trimmed, complete)
+
+
+async def deliveries(
+    redis: RedisClient, group: str, consumer: str, entries: list[tuple[str, str, Any]]
+) -> list[int | None]:
+    """How often each of `entries` (stream, entry id, ...) was delivered, None for one no
+    longer pending for `consumer`. XAUTOCLAIM does not say; XPENDING does, and the count cannot
+    move until the entries `consumer` now owns go idle again."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for stream, entry_id, _ in entries:
+            pipe.xpending_range(stream, group, entry_id, entry_id, 1, consumer)
+        pending = await pipe.execute()
+    return [int(info[0]["times_delivered"]) if info else None for info in pending]
+
+
+async def _autoclaim(
+    redis: RedisClient,
+    cursors: dict[str, str],
+    group: str,
+    consumer: str,
+    min_idle_ms: int,
+    batch: int,
+    limit: int | None,
 ) -> list[tuple[str, Any]]:
-    """XAUTOCLAIM's replies, per stream of `cursors` (stream -> where its last scan stopped):
-    up to `batch` entries of each stream, in one round trip; with `limit`, no more than that
-    in all, one stream after the other (streams after the limit is reached left out)."""
     if limit is None:
         async with redis.pipeline(transaction=False) as pipe:
             for stream, cursor in cursors.items():

@@ -21,7 +21,8 @@ need a single Redis server; on a Redis Cluster, run one consumer per tenant.
 
 This module holds `Consumer`: its settings, group setup and recovery, reading (taking stale
 entries over, reading new ones) and acknowledging. The loop behind `Consumer.run` is in
-`syncd.consumer.loop`, the dead-letter script in `syncd.consumer.deadletter`, and the replay
+`syncd.consumer.loop`, the one behind `run_each` in `syncd.consumer.each`, a graceful stop in
+`syncd.consumer.stopping`, the dead-letter script in `syncd.consumer.deadletter`, and the replay
 streams (dead letters `syncd dead replay` hands back) in `syncd.consumer.replay`.
 """
 
@@ -35,9 +36,10 @@ from typing import Literal
 import structlog
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
-from syncd.consumer import capped, loop, regroup, replay
-from syncd.consumer.deadletter import DEAD_LETTER_LUA, bury
+from syncd.consumer import capped, each, loop, regroup, replay
+from syncd.consumer.deadletter import DEAD_LETTER_LUA
 from syncd.consumer.delivery import classify, entry_order
+from syncd.consumer.each import EventHandler
 from syncd.consumer.events import (
     Event,
     MalformedEvent,
@@ -45,10 +47,10 @@ from syncd.consumer.events import (
     parse_stream,
     parse_stream_reply,
 )
-from syncd.consumer.events import fields_of as _fields
-from syncd.consumer.events import text as _text
 from syncd.consumer.held import Held
 from syncd.consumer.loop import Handler
+from syncd.consumer.metrics import ConsumerMetrics, sample_lag
+from syncd.consumer.stopping import Stopping
 from syncd.keys import DEFAULT_PREFIX
 from syncd.redis.conn import RedisClient, socket_timeout_s
 
@@ -57,16 +59,6 @@ Start = Literal["beginning", "new"]
 log = structlog.get_logger("syncd.consumer")
 
 _GROUP_START: dict[str, str] = {"beginning": "0", "new": "$"}
-
-# Deleting a consumer destroys its pending entries, so only an idle name is removed; the check
-# and the delete are one script so that nothing is delivered to the name in between.
-# KEYS: stream. ARGV: group, consumer.
-_FORGET_CONSUMER_LUA = """
-if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then
-  return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
-end
-return -1
-"""
 
 
 class Consumer:
@@ -81,9 +73,11 @@ class Consumer:
     `block_ms` (at least 1) is capped at 80% of the client's socket timeout, so that waiting
     for events never trips it. After `outage_after` rounds in a row in which the handler
     failed every event, `run` takes the handler's dependencies for down (see `run`). With
-    `read_ahead`, `run` reads the next batch while the handler works on one. Beside each stream
-    it reads the group's replay stream, from its beginning: the dead letters `syncd dead
-    replay` handed back to the group (`Event.replay_id` set).
+    `read_ahead`, `run` reads the next batch while the handler works on one. `concurrency` is
+    how many one-event handler calls `run_each` makes at once. With `metrics`, the consumer
+    counts what it does there (see `ConsumerMetrics`). Beside each stream it reads the group's
+    replay stream, from its beginning: the dead letters `syncd dead replay` handed back to the
+    group (`Event.replay_id` set).
     """
 
     def __init__(
@@ -102,14 +96,17 @@ class Consumer:
         handler_timeout: float | None = None,
         outage_after: int = 3,
         read_ahead: bool = False,
+        concurrency: int = 1,
+        metrics: ConsumerMetrics | None = None,
     ) -> None:
         if not group or not consumer:
             raise ValueError("group and consumer names must not be empty")
         if start not in _GROUP_START:
             raise ValueError(f"start must be 'beginning' or 'new', not {start!r}")
-        if min(claim_idle_ms, max_deliveries, batch, block_ms, outage_after) < 1:
+        if min(claim_idle_ms, max_deliveries, batch, block_ms, outage_after, concurrency) < 1:
             raise ValueError(
-                "claim_idle_ms, max_deliveries, batch, block_ms and outage_after must be >= 1"
+                "claim_idle_ms, max_deliveries, batch, block_ms, outage_after and concurrency "
+                "must be >= 1"
             )
         if handler_timeout is not None and handler_timeout <= 0:
             raise ValueError("handler_timeout must be > 0 seconds (or None: no limit)")
@@ -130,6 +127,10 @@ class Consumer:
         self.handler_timeout = handler_timeout
         self.outage_after = outage_after
         self.read_ahead = read_ahead
+        self.concurrency = concurrency
+        self.metrics = metrics
+        self.stopping = Stopping()
+        self._lag_due = 0.0
         timeout_s = socket_timeout_s(redis)
         self.block_ms = block_ms if timeout_s is None else min(block_ms, int(timeout_s * 800) or 1)
         self._streams = {name: parse_stream(name, prefix) for name in names}
@@ -145,7 +146,7 @@ class Consumer:
         self._groups_ready = False
         self._closed = False
         self._dead_letter = redis.register_script(DEAD_LETTER_LUA)
-        self._forget = redis.register_script(_FORGET_CONSUMER_LUA)
+        self._forget = redis.register_script(regroup.FORGET_CONSUMER_LUA)
         self._ack_replayed = redis.register_script(replay.ACK_LUA)
 
     @property
@@ -223,6 +224,10 @@ class Consumer:
         self._groups_ready = True
 
     async def _read(self, limit: int | None) -> list[Event]:
+        if self.metrics is not None and time.monotonic() >= self._lag_due:
+            self._lag_due = time.monotonic() + self.metrics.lag_interval
+            feeds = {stream: ref.feed for stream, ref in self._reading.items()}
+            await sample_lag(self.redis, self.group, feeds, self.metrics)
         events: list[Event] = []
         if time.monotonic() >= self._reclaim_due:
             events.extend(await self._reclaim(limit))
@@ -232,54 +237,32 @@ class Consumer:
             events.extend(await self._read_new_at_most(limit - len(events), block=not events))
         return events
 
-    async def _autoclaim(self, limit: int | None) -> list[tuple[str, str, dict[str, bytes]]]:
-        """Take over entries idle for `claim_idle_ms`: `batch` per stream, `limit` in all."""
-        idle_ms, batch = self.claim_idle_ms, self.batch
-        replies = await capped.autoclaim(
-            self.redis, self._cursors, self.group, self.consumer, idle_ms, batch, limit
+    async def _reclaim(self, limit: int | None) -> list[Event]:
+        """Take over stale entries (`claim_idle_ms`); dead-letter those delivered too often."""
+        claim = await capped.autoclaim(
+            self.redis,
+            self._cursors,
+            self.group,
+            self.consumer,
+            self.claim_idle_ms,
+            self.batch,
+            limit,
         )
-        scan_complete = len(replies) == len(self._reading)
-        claimed: list[tuple[str, str, dict[str, bytes]]] = []
-        for stream, reply in replies:
-            cursor, entries, deleted = _text(reply[0]), reply[1], reply[2] if len(reply) > 2 else []
-            self._cursors[stream] = cursor
-            scan_complete = scan_complete and cursor == "0-0"
-            if deleted:
-                # Trimmed before anyone acknowledged them: Redis already dropped them from the
-                # pending list, and there is no payload left to deliver or dead-letter.
-                log.warning(
-                    "consumer_pending_trimmed",
-                    stream=stream,
-                    group=self.group,
-                    entries=len(deleted),
-                )
-                for entry_id in deleted:
-                    self._held.drop(stream, _text(entry_id))
-            claimed.extend((stream, _text(eid), _fields(f)) for eid, f in entries if f is not None)
+        for stream, entry_id in claim.trimmed:
+            self._held.drop(stream, entry_id)
         # Between scans, wait long enough for entries to become stale; keep going while the last
         # scan stopped early because it hit `batch` (or `limit`).
-        self._reclaim_due = time.monotonic() + (self.claim_idle_ms / 2000 if scan_complete else 0)
-        if scan_complete:
+        self._reclaim_due = time.monotonic() + (self.claim_idle_ms / 2000 if claim.complete else 0)
+        if claim.complete:
             await self._held.forget_taken_over(self.redis, self.group, self.consumer)
-        return claimed
-
-    async def _reclaim(self, limit: int | None) -> list[Event]:
-        claimed = await self._autoclaim(limit)
-        if not claimed:
+        if not claim.entries:
             return []
-
-        # XAUTOCLAIM does not say how often an entry was delivered; XPENDING does, and the
-        # count cannot move until the entries we now own go idle again.
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for stream, entry_id, _ in claimed:
-                pipe.xpending_range(stream, self.group, entry_id, entry_id, 1, self.consumer)
-            pending = await pipe.execute()
+        counts = await capped.deliveries(self.redis, self.group, self.consumer, claim.entries)
         events: list[Event] = []
-        for (stream, entry_id, fields), info in zip(claimed, pending, strict=True):
-            if not info:
+        for (stream, entry_id, fields), deliveries in zip(claim.entries, counts, strict=True):
+            if deliveries is None:
                 self._held.drop(stream, entry_id)
                 continue  # its previous owner acknowledged it after all: it is done
-            deliveries = int(info[0]["times_delivered"])
             if deliveries > self.max_deliveries:
                 await self._bury(stream, entry_id, fields, "max_deliveries", deliveries)
                 continue
@@ -290,7 +273,7 @@ class Consumer:
             "consumer_reclaimed",
             group=self.group,
             consumer=self.consumer,
-            entries=len(claimed),
+            entries=len(claim.entries),
             events=len(events),
         )
         return events
@@ -359,22 +342,20 @@ class Consumer:
     ) -> None:
         noted = self._held.drop(stream, entry_id)
         ref = self._reading[stream]
-        named, named_id, copied = stream, entry_id, fields
-        if ref.origin:  # the copy names the event's own stream and entry id
-            named, named_id, copied = replay.dead_copy(stream, ref, entry_id, fields)
-        await bury(
+        buried = await replay.bury(
             self._dead_letter,
-            named,
+            stream,
             ref,
-            named_id,
-            copied,
+            entry_id,
+            fields,
             group=self.group,
             consumer=self.consumer,
             reason=reason,
             deliveries=deliveries,
             detail=detail or noted,
-            replayed=(stream, entry_id) if ref.origin else None,
         )
+        if buried and self.metrics is not None:
+            self.metrics.dead_lettered(self.group, ref.feed, reason)
 
     def refused(self, reasons: Mapping[tuple[str, str], str]) -> None:
         """Note why the handler failed events it holds ((stream, entry id) -> reason): should
@@ -383,21 +364,11 @@ class Consumer:
 
     async def ack(self, *events: Event) -> int:
         """Acknowledge events in this consumer's group; returns how many were still pending."""
-        ids: dict[str, list[str]] = {}
-        replayed: dict[str, list[str]] = {}
         for event in events:
-            stream, entry_id = replay.pending_entry(event, self.prefix, self.group)
-            (ids if event.replay_id is None else replayed).setdefault(stream, []).append(entry_id)
-            self._held.drop(stream, entry_id)
-        acked = 0
-        for stream, entry_ids in replayed.items():  # rare: one script per replay stream
-            acked += await replay.ack(self._ack_replayed, stream, self.group, entry_ids)
-        if not ids:
-            return acked
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for stream, entry_ids in ids.items():
-                pipe.xack(stream, self.group, *entry_ids)
-            return acked + sum(int(n) for n in await pipe.execute())
+            self._held.drop(*replay.pending_entry(event, self.prefix, self.group))
+        return await replay.ack_events(
+            self.redis, self._ack_replayed, self.prefix, self.group, events
+        )
 
     async def ack_all(self, batch: Iterable[Event]) -> int:
         """Acknowledge every event of a batch; returns how many were still pending."""
@@ -414,8 +385,9 @@ class Consumer:
                 return batch
         raise StopAsyncIteration
 
-    async def run(self, handler: Handler, *, stop: asyncio.Event) -> None:
-        """Hand events to `handler` and acknowledge each one it handled, until `stop`.
+    async def run(self, handler: Handler, *, stop: asyncio.Event | None = None) -> None:
+        """Hand events to `handler` and acknowledge each one it handled, until `stop` is set or
+        `stop()` is called.
 
         Per event, not per batch: the handler returns the events that failed (or raises, and is
         then called once per event of the batch). Failed events stay pending and come back
@@ -431,14 +403,45 @@ class Consumer:
 
         Redis errors (restarts, failovers, resharding, a destroyed group) are logged and
         retried with backoff; a lost group is created again (see `recover_groups`). Nothing
-        ends the loop but `stop`, `close()` or cancellation. `stop` is checked between rounds,
-        so stopping takes up to `block_ms` plus the handler's time.
+        ends the loop but `stop`, `stop()`, `close()` or cancellation. The `stop` event is
+        checked between rounds, so stopping by it takes up to `block_ms` plus the handler's
+        time; `stop()` cuts a blocked read short and bounds the handler's time.
 
         With `read_ahead`, the next batch is read while the handler works on one (batches
         still come one at a time, in order, each acknowledged after its call); a batch read
         ahead is handled after `stop` too, and is the first probe when an outage begins.
         """
         await loop.run(self, handler, stop=stop)
+
+    async def run_each(self, handler: EventHandler) -> None:
+        """Hand events to `handler` one at a time, up to `concurrency` calls at once, and
+        acknowledge each event once its call returned None, until `stop()` or `close()`.
+
+        Never two calls for one key at once, and a key's events in stream order (a key is a
+        record key in one stream); events of different keys run side by side. Reading goes on
+        while fewer than `batch` events wait for a call; they are pending under this consumer's
+        name, so `claim_idle_ms` must exceed the longest wait plus call. Failures take the way they
+        take under `run`: a failed event (raised, timed out after `handler_timeout`, or
+        returned as `Failed(event, reason)`) comes back after `claim_idle_ms`, to the dead
+        stream after `max_deliveries`; `outage_after` failed calls in a row (`Failed` not
+        counted) hold the failed events through an outage of the handler's dependencies.
+        Redis errors are logged and retried with backoff.
+        """
+        await each.run_each(self, handler)
+
+    async def stop(self, deadline: float | None = 30.0) -> None:
+        """Stop `run` or `run_each` gracefully and return once it returned.
+
+        Reading stops at once, a read blocked in XREADGROUP included. Handler calls in flight
+        get `deadline` seconds (None: as long as they take) to finish and have their events
+        acknowledged; those still running then are cancelled, and their events stay pending
+        and come back after `claim_idle_ms`, as do events read and not handed out yet. Nothing
+        is lost. Calling it again may shorten the deadline. The consumer stays stopped: `run`
+        and `run_each` return at once from then on. A handler that stops its own consumer
+        starts this as a task: awaited there, it would wait for that very call.
+        """
+        self.stopping.request(deadline)
+        await self.stopping.stopped()
 
     async def read_new(self, count: int) -> list[Event]:
         """Up to `count` events never delivered to the group, without waiting."""

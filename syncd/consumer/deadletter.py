@@ -56,13 +56,14 @@ async def bury(
     deliveries: int,
     detail: str = "",
     replayed: tuple[str, str] | None = None,
-) -> None:
+) -> bool:
     """Dead-letter one pending entry of `stream` (`ref` is that stream's parsed name), or
     with `replayed`, the (replay stream, entry id) in which it was handed back to the group:
     that entry is the one acknowledged (and deleted), the copy names `stream` and `entry_id`.
 
     The copy holds `fields` and, over any of the same name, `feed`, `reason`, `stream`,
-    `entry_id`, `group`, `consumer`, `deliveries` and `detail` (when given).
+    `entry_id`, `group`, `consumer`, `deliveries` and `detail` (when given). Returns whether
+    this call copied it (not when it was no longer pending, nor when the script failed).
     """
     meta: dict[str, str | bytes] = {
         "feed": ref.feed,
@@ -81,11 +82,11 @@ async def bury(
     for name, value in payload.items():
         args.extend((name, value))
     try:
-        await script(keys=[pending, ref.dead], args=args)
+        acked = await script(keys=[pending, ref.dead], args=args)
     except ResponseError as exc:
         # Left pending: it is taken over and tried again after claim_idle_ms.
         log.error("consumer_dead_letter_failed", stream=stream, entry_id=entry_id, error=str(exc))
-        return
+        return False
     log.warning(
         "consumer_dead_lettered",
         stream=stream,
@@ -95,3 +96,4 @@ async def bury(
         deliveries=deliveries,
         **({"replay_id": pending_id} if replayed else {}),
     )
+    return bool(acked)

@@ -4,16 +4,18 @@ errors with backoff.
 
 It drives a consumer only through the `Source` protocol below (`Consumer` is one), so reading,
 group setup and acknowledging stay in `syncd.consumer.consumer`, and the decisions it makes
-(`classify`, `failed_events`, `Backoff`) in `syncd.consumer.delivery`.
+(`classify`, `failed_events`, `Backoff`) in `syncd.consumer.delivery`. `Consumer.stop` ends it
+through `syncd.consumer.stopping`; the loop for one-event handlers (`syncd.consumer.each`)
+shares its pieces (errors, keeping held events, timing a call).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import structlog
 
@@ -26,10 +28,14 @@ from syncd.consumer.delivery import (
 )
 from syncd.consumer.events import Event, Failed
 from syncd.consumer.events import text as _text
+from syncd.consumer.metrics import ConsumerMetrics
 from syncd.consumer.replay import pending_entry
+from syncd.consumer.stopping import Stopping, cancel, wait_any
 from syncd.redis.conn import RedisClient
 
 log = structlog.get_logger("syncd.consumer")
+
+T = TypeVar("T")
 
 _BACKOFF_MIN_S = 0.5
 _BACKOFF_MAX_S = 30.0
@@ -70,6 +76,8 @@ class Source(Protocol):
     handler_timeout: float | None
     outage_after: int
     read_ahead: bool
+    stopping: Stopping
+    metrics: ConsumerMetrics | None
 
     @property
     def closed(self) -> bool: ...
@@ -85,7 +93,7 @@ class Source(Protocol):
     async def recover_groups(self, exc: BaseException | None = None) -> None: ...
 
 
-class _CancelGuard:
+class CancelGuard:
     """Raises CancelledError once the task was asked to cancel, even when that request got lost.
 
     On Python 3.11 a cancellation that arrives while redis-py sends a command is dropped
@@ -103,54 +111,82 @@ class _CancelGuard:
             raise asyncio.CancelledError
 
 
-async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
-    # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns normally when it is
-    # cancelled in the loop turn in which the awaited call completes, dropping the cancellation.
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(seconds):
-            await stop.wait()
-
-
-async def run(source: Source, handler: Handler, *, stop: asyncio.Event) -> None:
+async def run(source: Source, handler: Handler, *, stop: asyncio.Event | None) -> None:
     """`Consumer.run`: see there for what it promises."""
+    with source.stopping.running():
+        await _run(source, handler, stop or asyncio.Event(), source.stopping)
+
+
+async def _run(source: Source, handler: Handler, stop: asyncio.Event, halt: Stopping) -> None:
     state = _Rounds()
-    guard = _CancelGuard()
+    guard = CancelGuard()
     # With read_ahead, the next batch, read while the handler works on this one. Once read, its
     # events are delivered: they are handled (after `stop` too) rather than left pending.
     ahead: asyncio.Task[list[Event]] | None = None
     try:
-        while not source.closed and (not stop.is_set() or ahead is not None):
+        while not source.closed and (not (stop.is_set() or halt.requested) or ahead is not None):
             guard.check()
             try:
                 if state.held:
-                    await _sleep_unless(stop, state.backoff.next())
-                    if stop.is_set():
+                    await wait_any((stop, halt.event), state.backoff.next())
+                    if stop.is_set() or halt.requested:
                         break
-                    held = state.held = await _keep(source, state.held)
+                    held = state.held = await keep(source, state.held)
                     if ahead is not None:  # new events, read before the outage showed: the probe
-                        batch, ahead = held + await ahead, None
+                        # Taken first: a read ahead that failed must not be awaited again.
+                        reading, ahead = ahead, None
+                        got = await halt.interruptible(reading)
                     else:
-                        batch = held + (await _probe(source) if len(held) < source.batch else [])
+                        probe = _probe(source) if len(held) < source.batch else _nothing()
+                        got = await halt.interruptible(probe)
+                    batch = held + (got or [])
                 else:
-                    batch, ahead = await (ahead if ahead is not None else source.read()), None
+                    # Consumer.stop cuts a blocked read short (None); what was read is handled.
+                    next_read, ahead = ahead or source.read(), None
+                    got = await halt.interruptible(next_read)
+                    if got is None:
+                        break
+                    batch = got
                 guard.check()
                 if not batch:
                     continue
-                if source.read_ahead and not state.held and not stop.is_set():
+                if (
+                    source.read_ahead
+                    and not state.held
+                    and not stop.is_set()
+                    and not halt.requested
+                ):
                     ahead = asyncio.create_task(source.read())
-                if await _round(source, handler, batch, state):
+                ended, went_on = await halt.bounded(_round(source, handler, batch, state))
+                if not ended:
+                    log_cut(source, len(batch))
+                    break
+                if went_on:
                     continue
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                await _on_error(source, exc, state.backoff)
+                await on_error(source, exc, state.backoff)
             guard.check()
-            await _sleep_unless(stop, state.backoff.next())
+            await wait_any((stop, halt.event), state.backoff.next())
     finally:
         if ahead is not None:  # cancelled, or stopped while holding: its events stay pending
-            ahead.cancel()
-            with contextlib.suppress(BaseException):
-                await ahead
+            await cancel(ahead)
+
+
+async def _nothing() -> list[Event]:
+    return []
+
+
+def log_cut(source: Source, events: int) -> None:
+    """Handler calls still running at a stop's deadline were cancelled."""
+    log.warning(
+        "consumer_stop_cancelled_handler",
+        group=source.group,
+        consumer=source.consumer,
+        events=events,
+        effect="their events stay pending and come back after claim_idle_ms",
+    )
 
 
 class _Rounds:
@@ -169,6 +205,9 @@ async def _round(source: Source, handler: Handler, batch: list[Event], state: _R
     done = [e for e in batch if e not in failed]
     await source.ack(*done)
     source.refused(reasons)
+    if source.metrics is not None:
+        source.metrics.handled(source.group, done)
+        source.metrics.failed(source.group, failed)
     # Events refused for reasons of their own say nothing of the handler's dependencies.
     own = all((e.stream, e.id) in reasons for e in failed)
     if done or not failed or own:
@@ -192,7 +231,7 @@ async def _round(source: Source, handler: Handler, batch: list[Event], state: _R
     return True
 
 
-async def _on_error(source: Source, exc: Exception, backoff: Backoff) -> None:
+async def on_error(source: Source, exc: Exception, backoff: Backoff) -> None:
     kind = classify(exc)
     if kind == "nogroup":
         try:
@@ -217,7 +256,7 @@ async def _probe(source: Source) -> list[Event]:
     return await source.read_new(count=1)
 
 
-async def _keep(source: Source, held: list[Event]) -> list[Event]:
+async def keep(source: Source, held: list[Event]) -> list[Event]:
     """Reset the idle time of held events so that no one takes them over; XCLAIM with
     JUSTID leaves their delivery count alone. Returns those still ours."""
     kept: list[Event] = []
@@ -251,11 +290,11 @@ async def _apply(
     except UnknownResult as exc:
         # Not an error of some event but of the handler's code: calling it per event would
         # only repeat it. The whole batch stays pending.
-        _log_refused(source, exc, batch)
+        log_refused(source, exc, batch)
         return list(batch), {}
     except Exception as exc:
         if len(batch) == 1:
-            _log_failure(source, exc, batch[0])
+            log_failure(source, exc, batch[0])
             return list(batch), {}
         log.warning(
             "consumer_batch_failed",
@@ -270,10 +309,10 @@ async def _apply(
         try:
             one, why = await _failures(source, handler, [event])
         except UnknownResult as exc:
-            _log_refused(source, exc, [event])
+            log_refused(source, exc, [event])
             one, why = [event], {}
         except Exception as exc:
-            _log_failure(source, exc, event)
+            log_failure(source, exc, event)
             one, why = [event], {}
         failed.extend(one)
         reasons.update(why)
@@ -281,16 +320,29 @@ async def _apply(
 
 
 async def _call(source: Source, handler: Handler, batch: list[Event]) -> Failures:
-    if source.handler_timeout is None:
-        return await handler(batch)
+    started = time.monotonic()
     try:
-        async with asyncio.timeout(source.handler_timeout):  # not wait_for: see _sleep_unless
-            return await handler(batch)
+        return await timed(source, handler(batch))
+    finally:
+        if source.metrics is not None:
+            source.metrics.observe(source.group, time.monotonic() - started)
+
+
+async def timed(source: Source, call: Awaitable[T]) -> T:
+    """A handler's call, failed with TimeoutError past `handler_timeout`."""
+    if source.handler_timeout is None:
+        return await call
+    try:
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns normally when it is
+        # cancelled in the loop turn in which the awaited call completes, dropping the
+        # cancellation.
+        async with asyncio.timeout(source.handler_timeout):
+            return await call
     except TimeoutError:
         raise TimeoutError(f"handler took more than {source.handler_timeout}s") from None
 
 
-def _log_refused(source: Source, exc: UnknownResult, batch: list[Event]) -> None:
+def log_refused(source: Source, exc: UnknownResult, batch: list[Event]) -> None:
     log.error(
         "consumer_handler_result_refused",
         group=source.group,
@@ -302,7 +354,7 @@ def _log_refused(source: Source, exc: UnknownResult, batch: list[Event]) -> None
     )
 
 
-def _log_failure(source: Source, exc: Exception, event: Event) -> None:
+def log_failure(source: Source, exc: Exception, event: Event) -> None:
     log.error(
         "consumer_handler_failed",
         exc_info=exc,

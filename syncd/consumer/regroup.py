@@ -7,6 +7,8 @@ acknowledged) on an event stream are not delivered again and are reported
 (`consumer_pending_lost`). A replay stream loses nothing: acknowledging deletes its entries,
 so what it holds is what the group has still to handle, and the group created again at its
 beginning delivers all of it.
+
+Also here: the script that removes a consumer's name from a group when it holds nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +25,16 @@ from syncd.consumer.held import Held
 from syncd.redis.conn import RedisClient
 
 log = structlog.get_logger("syncd.consumer")
+
+# Deleting a consumer destroys its pending entries, so only an idle name is removed; the check
+# and the delete are one script so that nothing is delivered to the name in between.
+# KEYS: stream. ARGV: group, consumer.
+FORGET_CONSUMER_LUA = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then
+  return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+end
+return -1
+"""
 
 
 async def recreate(

@@ -19,13 +19,15 @@ dead-letters it again under its own names.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import msgspec
 
+from syncd.consumer import deadletter
 from syncd.consumer.deadletter import BURIAL_FIELDS, Script
 from syncd.consumer.events import Event, MalformedEvent, StreamRef, text
 from syncd.keys import Keys
+from syncd.redis.conn import RedisClient
 
 ENTRY_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 """A stream entry id, as XADD makes them."""
@@ -153,3 +155,57 @@ def pending_entry(event: Event, prefix: str, group: str) -> tuple[str, str]:
 async def ack(script: Script, stream: str, group: str, entry_ids: list[str]) -> int:
     """Acknowledge and delete entries of a replay stream; returns how many were pending."""
     return int(await script(keys=[stream], args=[group, *entry_ids]))
+
+
+async def ack_events(
+    redis: RedisClient, script: Script, prefix: str, group: str, events: Iterable[Event]
+) -> int:
+    """Acknowledge events in `group`, each where it is pending (see `pending_entry`); returns
+    how many were still pending."""
+    ids: dict[str, list[str]] = {}
+    replayed: dict[str, list[str]] = {}
+    for event in events:
+        stream, entry_id = pending_entry(event, prefix, group)
+        (ids if event.replay_id is None else replayed).setdefault(stream, []).append(entry_id)
+    acked = 0
+    for stream, entry_ids in replayed.items():  # rare: one script per replay stream
+        acked += await ack(script, stream, group, entry_ids)
+    if not ids:
+        return acked
+    async with redis.pipeline(transaction=False) as pipe:
+        for stream, entry_ids in ids.items():
+            pipe.xack(stream, group, *entry_ids)
+        return acked + sum(int(n) for n in await pipe.execute())
+
+
+async def bury(
+    script: Script,
+    stream: str,
+    ref: StreamRef,
+    entry_id: str,
+    fields: dict[str, bytes],
+    *,
+    group: str,
+    consumer: str,
+    reason: str,
+    deliveries: int,
+    detail: str = "",
+) -> bool:
+    """`deadletter.bury` for an entry of an event stream or of a replay stream: the copy of a
+    replayed one names the event's own stream and entry id. Returns whether it was copied."""
+    named, named_id, copied = stream, entry_id, fields
+    if ref.origin:
+        named, named_id, copied = dead_copy(stream, ref, entry_id, fields)
+    return await deadletter.bury(
+        script,
+        named,
+        ref,
+        named_id,
+        copied,
+        group=group,
+        consumer=consumer,
+        reason=reason,
+        deliveries=deliveries,
+        detail=detail,
+        replayed=(stream, entry_id) if ref.origin else None,
+    )

@@ -1,4 +1,5 @@
-"""`syncd tail`: print a tenant's change events as they arrive, as JSON lines or readable lines.
+"""`syncd tail`: print a tenant's change events as they arrive, as JSON lines (`json`) or as
+readable lines cut to the terminal's width (`text`, also the demo's view).
 
 Without a group, tail only watches (XREAD) and changes nothing in Redis. With a group it joins
 that consumer group under its own consumer name and acknowledges each event once its line was
@@ -20,13 +21,14 @@ import os
 import select
 import socket
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 import msgspec
 import structlog
 from redis.typing import KeyT, StreamIdT
 
 from syncd.consumer import Consumer, Event, MalformedEvent, Subscription, parse_stream_reply
+from syncd.lines import clean, fit, terminal_width
 from syncd.redis.conn import RedisClient
 
 log = structlog.get_logger("syncd.tail")
@@ -39,6 +41,7 @@ _SUMMARY_CHARS = 100
 _VALUE_CHARS = 40
 _PIPE_CHECK_S = 0.1
 
+Format = Literal["text", "json"]
 Render = Callable[[Event], str]
 
 
@@ -61,18 +64,20 @@ async def tail(
     group: str | None,
     from_start: bool,
     out: TextIO,
-    pretty: bool,
+    fmt: Format,
     stop: asyncio.Event,
     limit: int | None = None,
+    width: int | None = None,
 ) -> int:
     """Print the tenant's events (all catalogue feeds when `feeds` is empty) until stop or limit.
 
     `from_start` reads each stream from its beginning; otherwise only events added from now on.
     With `group`, `from_start` only applies when the group does not exist yet: an existing group
-    goes on from its own position. Returns the number of events printed.
+    goes on from its own position. `fmt="text"` cuts lines to `width` characters (None: the
+    terminal's width, read anew for each line). Returns the number of events printed.
     """
     subscription = Subscription(tenant, feeds or None)
-    render = render_pretty if pretty else render_json
+    render = _text_renderer(width) if fmt == "text" else render_json
     watcher = asyncio.create_task(_watch_output(out, stop))
     try:
         if group is None:
@@ -260,24 +265,38 @@ def _embeddable(data: bytes) -> Any:
     return msgspec.Raw(data)
 
 
-def render_pretty(event: Event) -> str:
-    """A readable line: publication time, id, tenant, feed, op, key and a summary of the record."""
+def _text_renderer(width: int | None) -> Render:
+    def render(event: Event) -> str:
+        return render_text(event, width or terminal_width())
+
+    return render
+
+
+def render_text(event: Event, width: int | None = None) -> str:
+    """A readable line: publication time, id, tenant, feed, op, key and a summary of the record,
+    the summary filling `width` characters and cut there with an ellipsis (without a width,
+    cut at 100). Control characters are escaped: a record's text must not drive the terminal."""
     ms = int(event.id.partition("-")[0])
     when = dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
-    return (
-        f"{when} {event.id:<15} {event.tenant} {event.feed} {event.op:<7} "
-        f"{event.key}  {summarize(event.data)}"
-    ).rstrip()
+    head = clean(f"{when} {event.id:<15} {event.tenant} {event.feed} {event.op:<7} {event.key}")
+    if event.deleted:  # no record: gone upstream
+        return head if width is None else fit(head, width)
+    if width is None:
+        return f"{head}  {summarize(event.data)}".rstrip()
+    # The summary takes what the head leaves; a head wider than the terminal is cut too.
+    room = max(1, width - len(head) - 2)
+    return fit(f"{head}  {summarize(event.data, room)}".rstrip(), width)
 
 
 def summarize(data: bytes, width: int = _SUMMARY_CHARS) -> str:
-    """The record's top-level fields as `name=value`, cut to about `width` characters."""
+    """The record's top-level fields as `name=value`, control characters escaped, cut to
+    `width` characters with an ellipsis."""
     try:
         record = msgspec.json.decode(data)
     except msgspec.DecodeError:
-        return _cut("<not JSON> " + data.decode("utf-8", "replace"), width)
+        return fit(clean("<not JSON> " + data.decode("utf-8", "replace")), width)
     if not isinstance(record, dict):
-        return _cut(msgspec.json.encode(record).decode(), width)
+        return fit(clean(msgspec.json.encode(record).decode()), width)
     parts = []
     for name, value in record.items():
         if value is None or name == "id":
@@ -287,13 +306,9 @@ def summarize(data: bytes, width: int = _SUMMARY_CHARS) -> str:
         elif isinstance(value, list):
             shown = f"[{len(value)}]"
         else:
-            shown = _cut(msgspec.json.encode(value).decode(), _VALUE_CHARS)
+            shown = fit(msgspec.json.encode(value).decode(), _VALUE_CHARS)
         parts.append(f"{name}={shown}")
-    return _cut(" ".join(parts), width)
-
-
-def _cut(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 3] + "..."
+    return fit(clean(" ".join(parts)), width)
 
 
 def _id_order(entry_id: str) -> tuple[int, int]:

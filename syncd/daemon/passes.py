@@ -71,7 +71,9 @@ class Passes(DaemonState):
         for (feed, interval), finished, going in zip(
             intervals.items(), state, under_way, strict=True
         ):
-            if going or finished is None or now - float(finished) >= interval:
+            last = None if finished is None else float(finished)
+            self.metrics.passes.due(t.settings.id, feed, interval, last, now)
+            if going or last is None or now - last >= interval:
                 due.append(feed)
         return due
 
@@ -87,6 +89,10 @@ class Passes(DaemonState):
             include_recent_changes=t.settings.include_recent_changes,
         )
         try:
-            await reconciler.run(catalogue.feed(feed))  # logs reconcile_finished with figures
+            figures = await reconciler.run(catalogue.feed(feed))
         except PassFailed as exc:
             log.warning("reconcile_failed", tenant=t.settings.id, feed=feed, error=str(exc))
+            return
+        self.metrics.passes.completed(
+            t.settings.id, feed, figures.drift, figures.deleted, figures.finished
+        )

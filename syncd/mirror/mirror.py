@@ -24,9 +24,10 @@ import structlog
 
 from syncd.config import Settings
 from syncd.config.urls import redact_url
-from syncd.consumer import Consumer, Event, Failed, Subscription
+from syncd.consumer import Consumer, ConsumerMetrics, Event, Failed, Subscription
 from syncd.consumer.delivery import Backoff
 from syncd.mirror.apply import apply_rows, prepare
+from syncd.mirror.ops import MirrorOps
 from syncd.mirror.rows import Row, row_of
 from syncd.mirror.schema import Connection, SchemaTooNew, migrate
 from syncd.ops.sdnotify import Notifier, watchdog_interval
@@ -81,6 +82,10 @@ class Mirror:
         self.applied = 0  # events applied (committed), refused ones not included
         self.refused = 0  # refusals returned to the library (one event may count each delivery)
         self.batches = 0
+        self.newest_ms = 0  # the newest entry applied (its id's milliseconds)
+        self.ready = False  # PostgreSQL in use and the tables migrated
+        self.metrics = ConsumerMetrics()
+        self.ops: MirrorOps | None = None
         self._conn: Connection | None = None
         self._signals = 0
 
@@ -127,7 +132,11 @@ class Mirror:
             block_ms=min(_BLOCK_MS, claim_idle_ms),
             # Redis' and the client's share of a batch overlaps PostgreSQL's.
             read_ahead=True,
+            metrics=self.metrics,
         )
+        if self.config.listen is not None:
+            self.ops = MirrorOps(self.config.listen, self, self.metrics)
+            await self.ops.start()
         helpers = [asyncio.create_task(self._watchdog()), asyncio.create_task(self._progress())]
         # Ready at once: a PostgreSQL that is down at start is waited for, not a failed start.
         self.notifier.ready("connecting to PostgreSQL")
@@ -154,6 +163,8 @@ class Mirror:
             for helper in helpers:
                 helper.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
+            if self.ops is not None:
+                await self.ops.stop()
             await self._close()
             await redis.aclose()
             self.notifier.close()
@@ -167,6 +178,7 @@ class Mirror:
             try:
                 conn = await self._connection()
                 self.tables = await migrate(conn, self.config.schema, self.feeds)
+                self.ready = True
                 return True
             except (psycopg.Error, OSError, TimeoutError) as exc:
                 await self._unavailable(exc, backoff, phase="start")
@@ -206,6 +218,7 @@ class Mirror:
 
     async def _unavailable(self, exc: BaseException, backoff: Backoff, **fields: Any) -> None:
         """Log why PostgreSQL cannot be used, drop the connection and wait before retrying."""
+        self.ready = False
         await self._close()
         delay = backoff.next()
         self.notifier.status("waiting for PostgreSQL (see the log: mirror_postgres_unavailable)")
@@ -244,6 +257,9 @@ class Mirror:
                 await self._unavailable(exc, backoff, events=len(batch))
                 if self.stop.is_set():
                     return list(batch)
+        self.ready = True
+        if batch:
+            self.newest_ms = max(self.newest_ms, max(int(e.id.partition("-")[0]) for e in batch))
         if backoff.delay > _BACKOFF_MIN_S:  # it had to wait: say it is back
             self.notifier.status(f"mirroring {len(self.feeds)} feeds into {self.config.schema}")
             log.info("mirror_postgres_available", events=len(batch))
