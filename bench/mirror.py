@@ -248,9 +248,7 @@ async def run_row_by_row(
     return elapsed, timed.seconds
 
 
-async def steady(
-    s: Any, subs: list[Subscription], rate: int, seconds: float
-) -> dict[str, Any]:
+async def steady(s: Any, subs: list[Subscription], rate: int, seconds: float) -> dict[str, Any]:
     """`syncd mirror` keeping up with `rate` events/s published for `seconds` (its group has
     caught up before): each event's lag, from its stream entry's time to the first moment the
     mirror had committed it (sampled every 5 ms)."""
