@@ -6,6 +6,7 @@ runs from a wheel installed into a fresh environment, away from the checkout.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -92,6 +93,9 @@ class Demo:
         # Files rather than pipes: nobody has to keep reading them. Closed by close().
         self.out = tempfile.TemporaryFile()  # noqa: SIM115
         self.err = tempfile.TemporaryFile()  # noqa: SIM115
+        # The machine's PostgreSQL is left alone: a test gives the demo a database of its own.
+        if "--postgres-url" not in args:
+            args = (*args, "--no-postgres")
         self.proc = subprocess.Popen(
             [*(command or (sys.executable, "-m", "syncd")), "demo", *args],
             stdout=self.out,
@@ -167,6 +171,35 @@ async def test_sigterm_stops_children_and_removes_keys_without_printing_the_pass
         assert events
         assert max(len(line) for line in events) <= COLUMNS
         assert not [line for line in out.splitlines() if line.startswith("{")]
+    finally:
+        demo.close()
+
+
+async def test_the_demo_fills_tables_in_postgresql(
+    redis: aioredis.Redis, redis_server: RedisServer, pg_url: str
+) -> None:
+    """With a PostgreSQL, the demo's events fill tables too (the mirror, in the same process)."""
+    import psycopg
+
+    demo = Demo("--redis-url", redis_server.url, "--postgres-url", pg_url)
+    try:
+        await demo.wait_for_events()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DEADLINE_S
+        rows = 0
+        while rows < 300:  # the demo's simulator: 300 records per feed and tenant
+            assert demo.proc.poll() is None, demo.output()[-2000:]
+            assert loop.time() < deadline, f"{rows} rows: " + demo.output()[-2000:]
+            await asyncio.sleep(0.3)
+            with contextlib.suppress(psycopg.errors.UndefinedTable):
+                async with await psycopg.AsyncConnection.connect(pg_url) as c:
+                    cur = await c.execute("SELECT count(*) FROM demo.crm_customers")
+                    got = await cur.fetchone()
+                    rows = int(got[0]) if got else 0
+        assert "tables in schema demo" in demo.output()
+        demo.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(demo.proc.wait, DEADLINE_S) == 0
+        assert "Traceback" not in demo.output()
     finally:
         demo.close()
 

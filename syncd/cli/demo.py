@@ -3,7 +3,8 @@
 Starts the simulator in a child process (mutating records as it goes), uses the Redis on
 127.0.0.1:6379 when one answers (else, or with `--private-redis`, starts a private one), runs the
 daemon on `syncd/data/demo.toml` (package data: a wheel has it too), and prints the events as
-they arrive until Ctrl-C or SIGTERM.
+they arrive until Ctrl-C or SIGTERM. With a PostgreSQL (`syncd.cli.demo_postgres`), the events
+fill tables too, through the mirror running in the same process.
 
 On its way out the demo deletes its `demo:*` keys and stops its children (the simulator, a
 private Redis and its temporary directory), on an exception or a signal too. A watchdog process
@@ -27,6 +28,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from syncd import config, log
+from syncd.cli import demo_postgres
 from syncd.config.urls import redact_url
 from syncd.consumer.tail import tail
 from syncd.daemon import Daemon
@@ -110,6 +112,13 @@ async def _clear(client: aioredis.Redis, prefix: str, tenants: list[int]) -> Non
 async def _run(cfg: config.Config) -> int:
     settings = config.resolve(cfg)
     daemon = Daemon(settings)
+    mirror: asyncio.Task[int] | None = None
+    mirroring = None
+    if cfg.mirror is not None:
+        from syncd.mirror import Mirror
+
+        mirroring = Mirror(settings, name="demo")
+        mirror = asyncio.create_task(mirroring.serve())
     client = aioredis.Redis.from_url(cfg.redis.url)
     tenants = [t.id for t in settings.tenants]
     await _clear(client, cfg.redis.key_prefix, tenants)
@@ -138,6 +147,9 @@ async def _run(cfg: config.Config) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: None)
         stop.set()
+        if mirroring is not None and mirror is not None:
+            mirroring.stop.set()
+            viewers.append(mirror)
         await asyncio.gather(*viewers, return_exceptions=True)
         with contextlib.suppress(Exception):
             await _clear(client, cfg.redis.key_prefix, tenants)
@@ -185,11 +197,17 @@ def main(args: argparse.Namespace) -> int:
                 cfg.servicetitan, api_url=sim.url, auth_url=sim.auth_url
             ),
         )
+        pg_url, pg_says = (None, "no tables (--no-postgres)")
+        if not args.no_postgres:
+            pg_url, pg_says = demo_postgres.find(args.postgres_url)
+        if pg_url is not None:
+            cfg = demo_postgres.with_mirror(cfg, pg_url)
         # The warnings among the events, in the same readable lines (not JSON).
         log.configure(cfg.log.level, "text")
+        where = f"PostgreSQL {redact_url(pg_url)}: {pg_says}" if pg_url else pg_says
         print(
-            f"syncd demo: simulator {sim.url}, Redis {redact_url(redis_url)}, tenants {tenants}; "
-            "Ctrl-C stops",
+            f"syncd demo: simulator {sim.url}, Redis {redact_url(redis_url)}, tenants {tenants};"
+            f" {where}; Ctrl-C stops",
             file=sys.stderr,
             flush=True,
         )

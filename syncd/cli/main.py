@@ -148,6 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start a private Redis even when one answers on 127.0.0.1:6379",
     )
+    demo.add_argument(
+        "--postgres-url",
+        default=None,
+        help="PostgreSQL database the demo's mirror fills (default: syncdemo on 127.0.0.1:5432"
+        " when one answers)",
+    )
+    demo.add_argument(
+        "--no-postgres", action="store_true", help="no tables, even when PostgreSQL answers"
+    )
     return parser
 
 
