@@ -8,6 +8,7 @@ with `--once`."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import structlog
@@ -32,14 +33,19 @@ class Passes(DaemonState):
                 await self._passes_once()
             except Exception as exc:
                 log.warning("reconcile_failed", error=f"{type(exc).__name__}: {exc}")
-            # Every PASS_CHECK_S, or a quarter of the shortest interval when that is shorter.
+            # Every PASS_CHECK_S, or a quarter of the shortest interval when that is shorter;
+            # at once when a tenant starts being polled here (startup, reload, the fleet).
             intervals = [
                 self.settings.reconcile_interval(f)
                 for t in self.settings.tenants
                 for f in t.feeds
                 if self.settings.reconcile_interval(f) > 0
             ]
-            await asyncio.sleep(max(0.1, min([PASS_CHECK_S, *(i / 4 for i in intervals)])))
+            wait = max(0.1, min([PASS_CHECK_S, *(i / 4 for i in intervals)]))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self.passes_wake.wait()
+            self.passes_wake.clear()
 
     async def _passes_once(self) -> None:
         """Run every pass that is due now, one after the other."""

@@ -108,6 +108,7 @@ class DaemonState:
         self.redis_persistence: str | None = None  # stated by /readyz while Redis saves nothing
         self.memory_advice: str | None = None  # set while polling is paused on Redis memory
         self._next_sweep = 0.0  # when upkeep next removes idle consumer names (monotonic)
+        self.passes_wake = asyncio.Event()  # set: a tenant was added, look for due passes
 
     async def _wait_for_redis(self, call: Callable[[], Awaitable[_T]]) -> _T:
         """Run `call` until Redis answers; at startup an outage waits rather than exits."""

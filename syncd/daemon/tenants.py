@@ -100,6 +100,7 @@ class TenantStarts(DaemonState):
         self.metrics.set_feeds(t.id, start.intervals(), start.last_ok)
         self.metrics.set_rate_limit(t.id, t.requests_per_second)
         self.scheduler.add_tenant(t, tokens, start.feeds, start.delays)
+        self.passes_wake.set()
         log.info("tenant_added", tenant=t.id, feeds=len(t.feeds), resumed=start.resumed)
 
 
