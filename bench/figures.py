@@ -521,10 +521,94 @@ def block_mirror(results: Results) -> str:
             f"{f['row_by_row_events_per_s']:,}",
             f"{cpu['row_by_row']['client']:.2f} s / {cpu['row_by_row']['postgres']:.2f} s",
         ),
-        "",
-        _sources(results, ["mirror"]),
     ]
+    steady = f.get("steady")
+    if steady:
+        lines += [
+            "",
+            f"In steady state, {steady['rate']:,} events/s published for {steady['seconds']:g} s "
+            f"to a mirror that had caught up: each event's lag from its stream entry to its "
+            f"commit was {steady['lag_p50_ms']:,} ms at the median, {steady['lag_p99_ms']:,} ms "
+            f"at p99 and {steady['lag_max_ms']:,} ms at most (target: p99 at most 1 s).",
+        ]
+    lines += ["", _sources(results, ["mirror"])]
     return "\n".join(lines)
+
+
+def block_reconcile(results: Results) -> str:
+    """A reconciliation pass of a big feed (bench.reconcile)."""
+    f = _get(results, "reconcile")
+    return "\n".join(
+        [
+            "| figure | result |",
+            "|---|---|",
+            _row("records in the feed / deleted upstream", f"{f['records']:,} / {f['deletes']:,}"),
+            _row(
+                "pass time (fetch and sweep), records/s",
+                f"{f['pass_s']:.1f} s, {f['pass_records_per_s']:,}",
+            ),
+            _row("deletes found / drift", f"{f['deleted']:,} / {f['drift']:,}"),
+            _row("index, bytes per key", f"{f['index_bytes_per_key']:.1f}"),
+            _row(
+                "Redis memory: before / the pass's extra at its peak",
+                f"{f['redis_used_memory_before_mb']:,.0f} MB"
+                f" / {f['redis_extra_memory_peak_mb']:.1f} MB",
+            ),
+            _row(
+                "longest Redis block (slow log, latency monitor)",
+                f"{f['longest_block_ms']:.1f} ms ({f['slowlog_longest_command']})",
+            ),
+            _row(
+                "requests the pass sent (at `--share 1`)",
+                f"{f['requests']:,} ({f['requests_per_s']:.1f}/s)",
+            ),
+            "",
+            _sources(results, ["reconcile"]),
+        ]
+    )
+
+
+def block_peer(results: Results) -> str:
+    """tap-service-titan and a Singer PostgreSQL target beside syncd and its mirror."""
+    f = _get(results, "peer")
+    tap, ours = f["tap"], f["syncd"]
+    first, again = tap["first_run"], tap["run_after_change"]
+    mine = ours["first_sync"]
+    lag = ours["after_change"]
+    return "\n".join(
+        [
+            f"{f['records']:,} `{f['feed']}` records of one simulated tenant into PostgreSQL "
+            f"{f['postgres_version'].split()[0]}, on a {_machine(results, ['peer'])}:",
+            "",
+            "| | tap-service-titan + target-postgres | syncd `run --once` + `syncd mirror` |",
+            "|---|---|---|",
+            _row(
+                "records/s into PostgreSQL",
+                f"{first['records_per_s']:,}",
+                f"{mine['records_per_s']:,}",
+            ),
+            _row(
+                "time to the first row",
+                f"{first['first_row_s']:.1f} s",
+                f"{mine['first_row_s']:.1f} s",
+            ),
+            _row(
+                "client CPU seconds",
+                f"{first['tap_cpu_s'] + first['target_cpu_s']:.1f}",
+                f"{mine['run_once_cpu_s'] + mine['mirror_cpu_s']:.1f}",
+            ),
+            _row(
+                "a change seen in PostgreSQL",
+                f"not by a run {again['seconds_since_change']:.0f} s after it (the export hides"
+                f" changes for {f['simulator_recent_delay_s']:.0f} s without includeRecentChanges)",
+                f"{lag['lag_median_s']:.1f} s at the median (polled every"
+                f" {lag['poll_interval_s']:g} s; {lag['after_poll_median_s'] * 1000:.0f} ms from"
+                " the poll to the row)",
+            ),
+            "",
+            _sources(results, ["peer"]),
+        ]
+    )
 
 
 BLOCKS: dict[str, Callable[[Results], str]] = {
@@ -533,6 +617,8 @@ BLOCKS: dict[str, Callable[[Results], str]] = {
     "fleet": block_fleet,
     "loop": block_loop,
     "mirror": block_mirror,
+    "reconcile": block_reconcile,
+    "peer": block_peer,
 }
 
 _BLOCK = re.compile(
