@@ -40,7 +40,7 @@ def test_a_hand_edit_is_replaced_and_the_text_around_kept() -> None:
     assert edited != fresh
     assert figures.render(edited, results) == fresh
     assert fresh.startswith("# Benchmarks\n\nBefore.\n\n<!-- bench:begin results -->\n")
-    assert fresh.endswith("<!-- bench:end mirror -->\n\nAfter.\n")
+    assert fresh.endswith("<!-- bench:end peer -->\n\nAfter.\n")
 
 
 def test_check_fails_on_a_stale_doc_and_the_writer_fixes_it(
