@@ -1,0 +1,102 @@
+"""Reconciliation passes and the index at their edges: races between a page's precheck and its
+script, buckets far over their load, index values the layout before buckets left malformed.
+Direct on the scripts and the publisher, on a real Redis."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from syncd import catalogue
+from syncd.engine.publisher import Publisher
+from syncd.engine.scripts import PASS_START, SWEEP
+from syncd.keys import Keys
+from syncd.servicetitan.page import Page, decode_page
+from tests.index_helpers import entries
+
+FEED = catalogue.feed("crm.customers")
+T = 4242
+KEYS = Keys("st", T)
+
+
+def page_of(ids: list[Any], cursor: str, *, more: bool = False, version: int = 0) -> Page:
+    records = [
+        {"id": i, "v": version, "modifiedOn": f"2024-03-01T10:00:{n % 60:02d}.{n:07d}Z"}
+        for n, i in enumerate(ids)
+    ]
+    body = json.dumps({"hasMore": more, "continueFrom": cursor, "data": records}).encode()
+    return decode_page(body, FEED)
+
+
+async def start_pass(r: aioredis.Redis) -> list[Any]:
+    got: list[Any] = await r.eval(
+        PASS_START, 2, KEYS.index(FEED.name), KEYS.seen(FEED.name), "1700000000.000"
+    )
+    return got
+
+
+async def sweep_all(r: aioredis.Redis, budget: int = 2000) -> list[bytes]:
+    """The sweep to its end: the keys it reported deleted."""
+    meta, stream = KEYS.index(FEED.name), KEYS.stream(FEED.name)
+    before = await r.xlen(stream)
+    for _ in range(10_000):
+        at = await r.hget(meta, "sweep")
+        result = await r.eval(
+            SWEEP,
+            3,
+            meta,
+            stream,
+            KEYS.state,
+            int(at or 0),
+            budget,
+            "2030-01-01T00:00:00.000000Z",
+            "2030-01-01T00:00:00.0000000Z",
+            FEED.name,
+            "1700000001.000",
+        )
+        assert int(result[0]) == 0, result
+        if int(result[1]):
+            break
+    fresh = (await r.xrange(stream))[before:]
+    assert all(f[b"op"] == b"deleted" for _, f in fresh)
+    return [f[b"key"] for _, f in fresh]
+
+
+async def test_a_pass_page_looked_up_before_a_new_pass_began_is_not_its_first_page(
+    redis: aioredis.Redis,
+) -> None:
+    """Two processes run passes (the daemon's and `syncd reconcile`, say). One looks up the
+    index for its first page while no pass is under way (the last one has just ended); before
+    its script runs, the other begins the next pass. The page's records were judged against the
+    last pass's mark: unchanged and marked, they were not sent. Applied as the new pass's first
+    page, they would never be marked by it, and the sweep would report all of them deleted
+    though every one of them is upstream."""
+    ids = list(range(1, 101))
+    pub = Publisher(redis, "st", precheck_min=0)
+    assert (await pub.apply(T, FEED.name, None, page_of(ids, "c1"))).published == 100
+    # A pass runs to its end: every key is seen, none deleted.
+    assert (await start_pass(redis))[0] == 1
+    assert (await pub.apply(T, FEED.name, None, page_of(ids, "p1"), reconcile=True)).applied
+    assert await sweep_all(redis) == []
+    # The other process: its first page of a pass, looked up now ...
+    other = Publisher(redis, "st", precheck_min=0)
+    prepared = await other.prepare(
+        T, FEED.name, None, page_of(ids, "q1"), change_detection=True, reconcile=True
+    )
+    # ... the next pass begins ...
+    assert (await start_pass(redis))[0] == 1
+    # ... and the page's script runs.
+    result = await other.run_chunks(prepared)
+    if int(result[0]) == 0:
+        # Taken as the new pass's page (it drained the feed): its keys must be marked.
+        deleted = await sweep_all(redis)
+        assert deleted == [], f"{len(deleted)} keys still upstream reported deleted"
+    # Whatever happened to that page, a pass that runs on is right about every key.
+    while (await redis.hget(KEYS.index(FEED.name), "pass")) == b"fetch":
+        cursor = await redis.hget(KEYS.index(FEED.name), "pass_cursor")
+        expected = None if cursor is None else cursor.decode()
+        await pub.apply(T, FEED.name, expected, page_of(ids, "p2"), reconcile=True)
+    assert await sweep_all(redis) == []
+    assert len(await entries(redis, KEYS, FEED.name)) == 100
