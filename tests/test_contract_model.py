@@ -383,7 +383,7 @@ class ContractMachine(RuleBasedStateMachine):
             return
         ran = data.draw(st.integers(1, len(prepared) - 1), label="chunks run")
         self.run(pub.run_chunks(prepared, range(ran)))
-        sent = {str(key) for n in range(ran) for key in prepared.chunk(n)[13::4]}
+        sent = {str(key) for n in range(ran) for key in prepared.chunk(n)[14::4]}
         self.model.apply_part(expected, recs, sent)
 
     @precondition(lambda self: self.passes == 0)

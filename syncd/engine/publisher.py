@@ -331,6 +331,8 @@ class Publisher:
             index.LOAD,
             "1" if reconcile else "0",
             0,  # records in the page: the last chunk's
+            # The mark the precheck judged against: a pass's page is refused under another.
+            "" if olds is None else olds[0],
         ]
         page_keys = [k.cursors, idx, seen, k.stream(feed), k.dead, k.state, k.dead_seen(feed)]
         return Prepared(

@@ -173,7 +173,10 @@ end
 #
 # A reconciliation pass's page (ARGV[12] = '1') is fenced by the pass's own cursor (in the
 # index's metadata) and only while the pass is fetching; it publishes what changed like any
-# page (counted as drift) and marks every key it holds. Its last page starts the sweep.
+# page (counted as drift) and marks every key it holds. Its last page starts the sweep. The
+# records its precheck dropped as unchanged and marked were judged against the mark it looked
+# up (ARGV[14]; '' when it looked nothing up): under another mark (a pass begun since) they
+# would stay unmarked, so the page is refused like one the fence keeps out.
 APPLY_PAGE = (
     r"""#!lua
 local cursors, meta, old, stream, dead, state, dead_seen =
@@ -185,6 +188,7 @@ local stale = tonumber(ARGV[9])
 local KEPT = tonumber(ARGV[10])
 local LOAD = tonumber(ARGV[11])
 local pass, page_records = ARGV[12] == '1', tonumber(ARGV[13])
+local looked_up = ARGV[14]
 """
     + INDEX_LIB
     + r"""
@@ -207,8 +211,12 @@ elseif stored ~= string.sub(expected, 2) then
   if stored then return {1, stored} end
   return {1}
 end
+if pass and looked_up ~= '' and tonumber(looked_up) ~= select(4, meta_of(meta)) then
+  if stored then return {1, stored} end
+  return {1}
+end
 
-local base = 14
+local base = 15
 local W = 4
 local published, unchanged = 0, 0
 local has_old = false
