@@ -100,3 +100,55 @@ async def test_a_pass_page_looked_up_before_a_new_pass_began_is_not_its_first_pa
         await pub.apply(T, FEED.name, expected, page_of(ids, "p2"), reconcile=True)
     assert await sweep_all(redis) == []
     assert len(await entries(redis, KEYS, FEED.name)) == 100
+
+
+# --- Buckets far over their load ---------------------------------------------------------------
+#
+# A decimal key is its own hash: ids that share their low bits (multiples of 256 here) share
+# a bucket until the index has grown past them, however many there are. The scripts must
+# still work on such a bucket whole (Lua's `unpack` takes a few thousand values at most).
+
+STRIDE = 256
+
+
+async def test_a_sweep_deletes_a_bucket_of_thousands_of_keys_once(redis: aioredis.Redis) -> None:
+    ids = [STRIDE * k for k in range(1, 10_001)]
+    pub = Publisher(redis, "st", precheck_min=10**9)
+    cursor = None
+    for n in range(0, len(ids), 1000):
+        page = page_of(ids[n : n + 1000], f"c{n}")
+        assert (await pub.apply(T, FEED.name, cursor, page)).applied
+        cursor = f"c{n}"
+    assert await redis.hlen(KEYS.bucket(FEED.name, 0)) == len(ids)
+    # Every record is gone upstream: the pass's one page is empty.
+    assert (await start_pass(redis))[0] == 1
+    assert (await pub.apply(T, FEED.name, None, page_of([], "p1"), reconcile=True)).applied
+    meta, stream = KEYS.index(FEED.name), KEYS.stream(FEED.name)
+    before = await redis.xlen(stream)
+    for _ in range(3):  # a sweep refused by Redis is run again, as the reconciler does
+        try:
+            await sweep_all(redis)
+            break
+        except aioredis.ResponseError:
+            continue
+    deleted = [f[b"key"] for _, f in (await redis.xrange(stream))[before:]]
+    assert len(deleted) == len(set(deleted)), "a key was reported deleted more than once"
+    assert sorted(int(k) for k in deleted) == ids
+    assert await redis.hget(meta, "pass") is None
+    assert await entries(redis, KEYS, FEED.name) == {}
+
+
+async def test_an_index_splits_a_bucket_of_thousands_of_keys(redis: aioredis.Redis) -> None:
+    # 48 x 256 keys: the index reaches level 8, where bucket 0 (every key) splits in two.
+    ids = [STRIDE * k for k in range(1, 13_001)]
+    pub = Publisher(redis, "st", precheck_min=10**9)
+    cursor = None
+    for n in range(0, len(ids), 1000):
+        page = page_of(ids[n : n + 1000], f"c{n}")
+        assert (await pub.apply(T, FEED.name, cursor, page)).applied, n
+        cursor = f"c{n}"
+    meta = await redis.hgetall(KEYS.index(FEED.name))
+    assert int(meta[b"count"]) == len(ids)
+    assert int(meta[b"level"]) == 8
+    assert len(await entries(redis, KEYS, FEED.name)) == len(ids)
+    assert await redis.xlen(KEYS.stream(FEED.name)) == len(ids)
