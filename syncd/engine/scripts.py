@@ -56,6 +56,14 @@ local function meta_of(meta)
   return tonumber(m[1] or 0), tonumber(m[2] or 0), tonumber(m[3] or 0), tonumber(m[4] or 1)
 end
 
+-- A command on `key` with many arguments, a few thousand a call: Lua's unpack takes no more
+-- (a bucket whose keys share their low bits holds as many keys as share them).
+local function in_slices(command, key, args)
+  for i = 1, #args, 4000 do
+    redis.call(command, key, unpack(args, i, math.min(#args, i + 3999)))
+  end
+end
+
 -- Linear hashing: split bucket `split` (its keys whose bucket one level up differs move to
 -- bucket split + 2^level) while the index holds more than `load` keys a bucket.
 local function grow(prefix, count, level, split, load)
@@ -72,8 +80,8 @@ local function grow(prefix, count, level, split, load)
       end
     end
     if #gone > 0 then
-      redis.call('HSET', bucket_name(prefix, split + high), unpack(moved))
-      redis.call('HDEL', src, unpack(gone))
+      in_slices('HSET', bucket_name(prefix, split + high), moved)
+      in_slices('HDEL', src, gone)
     end
     split = split + 1
     if split == high then level, split = level + 1, 0 end
@@ -378,7 +386,7 @@ for i = 1, #items, 2 do
   if redis.call('HSETNX', bkey, key, converted(items[i + 1], M)) == 1 then count = count + 1 end
   gone[#gone + 1] = key
 end
-if #gone > 0 then redis.call('HDEL', old, unpack(gone)) end
+in_slices('HDEL', old, gone)
 level, split = grow(prefix, count, level, split, LOAD)
 local left = redis.call('HLEN', old)
 redis.call('HSET', meta, 'level', level, 'split', split, 'count', count, 'mark', mark,
@@ -437,7 +445,7 @@ while pos < buckets and looked < budget do
       gone[#gone + 1] = all[i]
     end
   end
-  if #gone > 0 then redis.call('HDEL', name, unpack(gone)) end
+  in_slices('HDEL', name, gone)
   deleted = deleted + #gone
   looked = looked + #all / 2
   pos = pos + 1
