@@ -14,7 +14,7 @@ from syncd.engine.publisher import Publisher
 from syncd.engine.scripts import PASS_START, SWEEP
 from syncd.keys import Keys
 from syncd.servicetitan.page import Page, decode_page
-from tests.index_helpers import entries
+from tests.index_helpers import entries, to_old_layout
 
 FEED = catalogue.feed("crm.customers")
 T = 4242
@@ -152,3 +152,40 @@ async def test_an_index_splits_a_bucket_of_thousands_of_keys(redis: aioredis.Red
     assert int(meta[b"level"]) == 8
     assert len(await entries(redis, KEYS, FEED.name)) == len(ids)
     assert await redis.xlen(KEYS.stream(FEED.name)) == len(ids)
+
+
+# --- Values of the layout before buckets, malformed -------------------------------------------
+
+
+async def test_a_malformed_value_of_the_layout_before_buckets_does_not_stop_the_feed(
+    redis: aioredis.Redis,
+) -> None:
+    """A `seen` value whose instant text is not one, or shorter than a fingerprint (a hand
+    edit, a restore gone wrong): the key still moves (read as having no instant), pages
+    holding it apply, and a pass can begin."""
+    ids = list(range(1, 41))
+    pub = Publisher(redis, "st", precheck_min=0, migrate_chunks=0)
+    assert (await pub.apply(T, FEED.name, None, page_of(ids, "c1"))).published == 40
+    await to_old_layout(redis, KEYS, FEED.name)
+    seen = KEYS.seen(FEED.name)
+    good = await redis.hget(seen, "1")
+    assert good is not None
+    await redis.hset(seen, "2", good[:8] + b"not-an-instant")
+    await redis.hset(seen, "3", good[:8] + b"2024-03-01Tab:cd:ef")
+    await redis.hset(seen, "4", good[:8] + b"|" + good[:8])
+    await redis.hset(seen, "6", b"short")
+    # A page holding them applies (against no instant, other content is newer: published) ...
+    page = page_of([2, 3, 4], "c2", version=1)
+    applied = await pub.apply(T, FEED.name, "c1", page)
+    assert (applied.applied, applied.published) == (True, 3)
+    # ... the rest moves ...
+    while await pub.migrate(T, FEED.name, chunks=1, per_script=7):
+        pass
+    assert not await redis.exists(seen)
+    got = await entries(redis, KEYS, FEED.name)
+    assert len(got) == 40
+    assert all(len(e.fingerprint) == 8 for e in got.values())
+    # ... and a pass begins, sees every key, deletes none.
+    assert (await start_pass(redis))[0] == 1
+    assert (await pub.apply(T, FEED.name, None, page_of(ids, "p1"), reconcile=True)).applied
+    assert await sweep_all(redis) == []
