@@ -161,15 +161,17 @@ local function packed_of(text)
   return be32(xh + carry) .. be32(lo - carry * 4294967296)
 end
 
--- A value of the layout before buckets, as an index value marked `m`.
+-- A value of the layout before buckets, as an index value marked `m`. One that is not such a
+-- value (instant text that is not one, shorter than a fingerprint: a hand edit, say) reads as
+-- a fingerprint without an instant, so the key's next version is published, never refused.
 local function converted(v, m)
   local fp, rest = string.sub(v, 1, FP), string.sub(v, FP + 1)
-  if rest == '' then return fp .. m end
+  if #fp < FP then fp = fp .. string.rep('\0', FP - #fp) end
+  local text, earlier = rest, ''
   local bar = string.find(rest, '|', 1, true)
-  if bar then
-    return fp .. m .. packed_of(string.sub(rest, 1, bar - 1)) .. string.sub(rest, bar + 1)
-  end
-  return fp .. m .. packed_of(rest)
+  if bar then text, earlier = string.sub(rest, 1, bar - 1), string.sub(rest, bar + 1) end
+  if not string.find(text, '^%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%d%d*$') then return fp .. m end
+  return fp .. m .. packed_of(text) .. earlier
 end
 """
 
