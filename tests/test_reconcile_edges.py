@@ -189,3 +189,47 @@ async def test_a_malformed_value_of_the_layout_before_buckets_does_not_stop_the_
     assert (await start_pass(redis))[0] == 1
     assert (await pub.apply(T, FEED.name, None, page_of(ids, "p1"), reconcile=True)).applied
     assert await sweep_all(redis) == []
+
+
+# --- The deleted event's version --------------------------------------------------------------
+
+
+async def test_a_deleted_event_is_newer_than_the_last_version_even_one_dated_ahead(
+    redis: aioredis.Redis,
+) -> None:
+    """The README: a delete is a version like any other, newer than every version published
+    before it. A record dated ahead of the sweep's clock (a client's clock, a skewed host) must
+    not outrank its own deletion: consumers and the mirror would keep it for ever."""
+    from syncd.consumer import Event
+
+    body = json.dumps(
+        {
+            "hasMore": False,
+            "continueFrom": "c1",
+            "data": [
+                {"id": 1, "modifiedOn": "2099-05-01T00:00:00.1234567Z"},
+                {"id": 2, "modifiedOn": "2024-05-01T00:00:00Z"},
+                {"id": 3},
+            ],
+        }
+    ).encode()
+    pub = Publisher(redis, "st", precheck_min=0)
+    assert (await pub.apply(T, FEED.name, None, decode_page(body, FEED))).published == 3
+    assert (await start_pass(redis))[0] == 1
+    assert (await pub.apply(T, FEED.name, None, page_of([], "p1"), reconcile=True)).applied
+    assert sorted(await sweep_all(redis)) == [b"1", b"2", b"3"]
+    stream = KEYS.stream(FEED.name)
+    latest: dict[str, Event] = {}
+    for entry_id, fields in await redis.xrange(stream):
+        event = Event.from_entry(
+            stream,
+            entry_id.decode(),
+            {k.decode(): v for k, v in fields.items()},
+            tenant=T,
+            feed=FEED.name,
+            deliveries=1,
+        )
+        if event.key in latest:
+            assert event.version > latest[event.key].version, event
+        latest[event.key] = event
+    assert all(e.deleted for e in latest.values())
