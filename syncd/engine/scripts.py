@@ -417,7 +417,8 @@ return {1, 'fetch'}
 
 # The sweep at the end of a pass: from bucket ARGV[1] (which must be where the sweep is: the
 # fence), the buckets in order until about ARGV[2] keys were looked at; every key not marked
-# by the pass is gone upstream: one `deleted` event each, and its index entry goes. Keys only
+# by the pass is gone upstream: one `deleted` event each (its `modified_at` the sweep's instant
+# ARGV[4], or the key's newest when that is later), and its index entry goes. Keys only
 # move to higher buckets when the index grows, so none is missed; those met twice are marked.
 # At the last bucket the pass ends and its figures go to the feed's state.
 SWEEP = (
@@ -441,9 +442,17 @@ while pos < buckets and looked < budget do
   local all = redis.call('HGETALL', name)
   local gone = {}
   for i = 1, #all, 2 do
-    if string.sub(all[i + 1], FP + 1, FP + 1) ~= M then
+    local v = all[i + 1]
+    if string.sub(v, FP + 1, FP + 1) ~= M then
+      -- Never older than the key's newest instant (one dated ahead of this clock): a delete
+      -- outranks every version before it, the entry id deciding between equal instants.
+      local key_at = at
+      if #v >= FP + 1 + TS then
+        local newest = fixed_of(string.sub(v, FP + 2, FP + 1 + TS))
+        if newest > key_at then key_at = newest end
+      end
       redis.call('XADD', stream, '*', 'op', 'deleted', 'key', all[i], 'data', '',
-                 'modified_on', on, 'modified_at', at)
+                 'modified_on', on, 'modified_at', key_at)
       gone[#gone + 1] = all[i]
     end
   end
