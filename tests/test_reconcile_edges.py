@@ -233,3 +233,32 @@ async def test_a_deleted_event_is_newer_than_the_last_version_even_one_dated_ahe
             assert event.version > latest[event.key].version, event
         latest[event.key] = event
     assert all(e.deleted for e in latest.values())
+
+
+# --- The daemon's passes ----------------------------------------------------------------------
+
+
+async def test_the_pass_of_a_tenant_no_longer_polled_here_ends(redis: aioredis.Redis) -> None:
+    """A tenant removed while its pass waits for spare budget (a reload dropped it, its fleet
+    lease went to another instance): the pass stops, else it would wait for ever and no pass
+    of any other tenant would run again (the daemon runs one pass at a time)."""
+    import asyncio
+    import time
+    from types import SimpleNamespace
+
+    from syncd.daemon.passes import Passes
+    from syncd.engine.ratelimit import TokenBucket
+
+    passes = Passes.__new__(Passes)
+    passes.publisher = Publisher(redis, "st")
+    passes.scheduler = SimpleNamespace(client=None, clock=time.monotonic, stopping=False)
+    t = SimpleNamespace(
+        bucket=TokenBucket(rate=10.0, burst=2.0),
+        inflight=0,
+        removed=True,
+        tokens=SimpleNamespace(tenant=T),
+        settings=SimpleNamespace(id=T, include_recent_changes=True),
+    )
+    await asyncio.wait_for(passes._run_pass(t, FEED.name), timeout=5)  # type: ignore[arg-type]
+    # The pass stays where it was, for whoever polls the tenant now.
+    assert await redis.hget(KEYS.index(FEED.name), "pass") == b"fetch"
