@@ -86,12 +86,16 @@ class Passes(DaemonState):
     async def _run_pass(self, t: TenantState, feed: str) -> None:
         assert self.scheduler is not None
         assert self.publisher is not None
-        busy = lambda: t.inflight > 0 or t.removed  # noqa: E731
         reconciler = Reconciler(
             self.publisher,
             self.scheduler.client,
             t.tokens,
-            pace=on_spare(t.bucket, busy, clock=self.scheduler.clock),
+            pace=on_spare(
+                t.bucket,
+                lambda: t.inflight > 0,
+                gone=lambda: t.removed,
+                clock=self.scheduler.clock,
+            ),
             include_recent_changes=t.settings.include_recent_changes,
         )
         try:

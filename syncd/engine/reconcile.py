@@ -220,15 +220,20 @@ def on_spare(
     bucket: TokenBucket,
     busy: Callable[[], bool],
     *,
+    gone: Callable[[], bool] = lambda: False,
     clock: Callable[[], float] = time.monotonic,
     poll_s: float = 0.05,
 ) -> Callable[[], Awaitable[None]]:
     """A pace that takes a token of a tenant's own `bucket` (read at `clock`, the
     scheduler's) only while the tenant's polls leave it full and none is under way (`busy`):
-    a pass never takes a token a poll wanted."""
+    a pass never takes a token a poll wanted. Once the tenant is `gone` from this process (a
+    reload dropped it, another instance holds its lease), its bucket fills no one's requests
+    any more: the pass stops (PassFailed), where it is, for whoever polls the tenant now."""
 
     async def pace() -> None:
-        while busy() or not bucket.spare(clock()):
+        while gone() or busy() or not bucket.spare(clock()):
+            if gone():
+                raise PassFailed("the tenant is no longer polled here; the pass stays where it is")
             await anyio.sleep(poll_s)
 
     return pace
