@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 
 from syncd import catalogue
@@ -238,27 +239,82 @@ async def test_a_deleted_event_is_newer_than_the_last_version_even_one_dated_ahe
 # --- The daemon's passes ----------------------------------------------------------------------
 
 
-async def test_the_pass_of_a_tenant_no_longer_polled_here_ends(redis: aioredis.Redis) -> None:
-    """A tenant removed while its pass waits for spare budget (a reload dropped it, its fleet
-    lease went to another instance): the pass stops, else it would wait for ever and no pass
-    of any other tenant would run again (the daemon runs one pass at a time)."""
-    import asyncio
+def daemon_passes(r: aioredis.Redis, **tenant: Any) -> tuple[Any, Any]:
+    """The daemon's passes (syncd.daemon.passes) on `r`, with one tenant of `tenant`'s state
+    (its feed polled as usual unless said otherwise), whose API must not be asked."""
     import time
     from types import SimpleNamespace
 
     from syncd.daemon.passes import Passes
     from syncd.engine.ratelimit import TokenBucket
 
+    async def fetch(*_: Any, **__: Any) -> Any:
+        raise AssertionError("the pass asked the API")
+
     passes = Passes.__new__(Passes)
-    passes.publisher = Publisher(redis, "st")
-    passes.scheduler = SimpleNamespace(client=None, clock=time.monotonic, stopping=False)
+    passes.publisher = Publisher(r, "st")
+    passes.scheduler = SimpleNamespace(
+        client=SimpleNamespace(fetch=fetch),
+        clock=time.monotonic,
+        stopping=False,
+        memory_full=tenant.pop("memory_full", False),
+    )
+    feed = SimpleNamespace(paused=tenant.pop("paused", None))
     t = SimpleNamespace(
         bucket=TokenBucket(rate=10.0, burst=2.0),
         inflight=0,
-        removed=True,
+        removed=False,
+        paused_until=0.0,
+        feeds={FEED.name: feed},
         tokens=SimpleNamespace(tenant=T),
         settings=SimpleNamespace(id=T, include_recent_changes=True),
     )
-    await asyncio.wait_for(passes._run_pass(t, FEED.name), timeout=5)  # type: ignore[arg-type]
+    for name, value in tenant.items():
+        setattr(t, name, value)
+    return passes, t
+
+
+async def test_the_pass_of_a_tenant_no_longer_polled_here_ends(redis: aioredis.Redis) -> None:
+    """A tenant removed while its pass waits for spare budget (a reload dropped it, its fleet
+    lease went to another instance): the pass stops, else it would wait for ever and no pass
+    of any other tenant would run again (the daemon runs one pass at a time)."""
+    import asyncio
+
+    passes, t = daemon_passes(redis, removed=True)
+    await asyncio.wait_for(passes._run_pass(t, FEED.name), timeout=5)
     # The pass stays where it was, for whoever polls the tenant now.
     assert await redis.hget(KEYS.index(FEED.name), "pass") == b"fetch"
+
+
+@pytest.mark.parametrize(
+    "held",
+    [
+        {"paused": "group g lags 5000 events"},  # backpressure on the feed
+        {"memory_full": True},  # Redis near maxmemory: all polling paused
+        {"paused_until": 1e18},  # the API answered 429: the tenant waits out its Retry-After
+    ],
+)
+@pytest.mark.parametrize("phase", ["fetch", "sweep"])
+async def test_the_daemon_holds_a_pass_while_the_tenant_or_feed_is_held(
+    redis: aioredis.Redis, held: dict[str, Any], phase: str
+) -> None:
+    """What holds a feed's polls holds its pass: it asks nothing of the API a 429 told to wait,
+    and publishes nothing (drift, deletes) while consumers lag or Redis is short of memory."""
+    import asyncio
+
+    pub = Publisher(redis, "st", precheck_min=0)
+    assert (await pub.apply(T, FEED.name, None, page_of([1, 2, 3], "c1"))).published == 3
+    assert (await start_pass(redis))[0] == 1
+    if phase == "sweep":
+        assert (await pub.apply(T, FEED.name, None, page_of([], "p1"), reconcile=True)).applied
+    before = await redis.xlen(KEYS.stream(FEED.name))
+    passes, t = daemon_passes(redis, **held)
+    if phase == "sweep" and "paused_until" in held:
+        # A 429 is the API's: the sweep asks nothing of it, and goes on.
+        await asyncio.wait_for(passes._run_pass(t, FEED.name), timeout=5)
+        assert await redis.xlen(KEYS.stream(FEED.name)) == before + 3
+        return
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(passes._run_pass(t, FEED.name), timeout=1.0)
+    assert await redis.xlen(KEYS.stream(FEED.name)) == before
+    assert await redis.hget(KEYS.index(FEED.name), "pass") == phase.encode()
