@@ -2,8 +2,9 @@
 interval (`syncd.engine.reconcile`), one pass at a time, for the tenants this instance polls
 (in a fleet, the ones it owns: a pass a lost tenant's new owner finds under way goes on where
 it was). A pass only spends what the tenant's polls leave over of its request budget: a token
-of the tenant's own bucket when the bucket is full and no poll is under way. Passes do not run
-with `--once`."""
+of the tenant's own bucket when the bucket is full and no poll is under way. What holds the
+feed's polls holds its pass (a 429's wait, backpressure, Redis short of memory), and a pass of
+a tenant or feed no longer polled here stops where it is. Passes do not run with `--once`."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import structlog
 from syncd import catalogue
 from syncd.daemon.state import DaemonState
 from syncd.engine.due import TenantState
-from syncd.engine.reconcile import PassFailed, Reconciler, on_spare
+from syncd.engine.reconcile import PassFailed, Reconciler, on_spare, while_held
 
 log = structlog.get_logger("syncd.daemon")
 
@@ -86,16 +87,26 @@ class Passes(DaemonState):
     async def _run_pass(self, t: TenantState, feed: str) -> None:
         assert self.scheduler is not None
         assert self.publisher is not None
+        scheduler = self.scheduler
+
+        def gone() -> bool:
+            return t.removed or feed not in t.feeds
+
+        def held() -> bool:
+            # What holds the feed's polls: backpressure on it, Redis short of memory.
+            fs = t.feeds.get(feed)
+            return scheduler.memory_full or (fs is not None and fs.paused is not None)
+
+        def busy() -> bool:
+            # A poll under way, the tenant waiting out a 429, or the feed held.
+            return t.inflight > 0 or t.paused_until > scheduler.clock() or held()
+
         reconciler = Reconciler(
             self.publisher,
-            self.scheduler.client,
+            scheduler.client,
             t.tokens,
-            pace=on_spare(
-                t.bucket,
-                lambda: t.inflight > 0,
-                gone=lambda: t.removed,
-                clock=self.scheduler.clock,
-            ),
+            pace=on_spare(t.bucket, busy, gone=gone, clock=scheduler.clock),
+            hold=while_held(held, gone=gone),
             include_recent_changes=t.settings.include_recent_changes,
         )
         try:

@@ -92,12 +92,14 @@ class Reconciler:
         tokens: TokenProvider,
         *,
         pace: Callable[[], Awaitable[None]],
+        hold: Callable[[], Awaitable[None]] | None = None,
         include_recent_changes: bool = True,
         sweep_budget: int = SWEEP_BUDGET,
         rng: random.Random | None = None,
     ) -> None:
         """`pace` waits before each request of a pass for its share of the tenant's budget
-        (`paced_at` a rate of its own, or what the tenant's polls leave over)."""
+        (`paced_at` a rate of its own, or what the tenant's polls leave over); `hold`, before
+        each sweep script, while the feed may not publish (`while_held`)."""
         self.publisher = publisher
         self.client = client
         self.tokens = tokens
@@ -105,6 +107,7 @@ class Reconciler:
         self.include_recent_changes = include_recent_changes
         self.sweep_budget = sweep_budget
         self.pace = pace
+        self.hold = hold
         self.rng = rng or random.Random()
         self._start = publisher.redis.register_script(PASS_START)
         self._sweep = publisher.redis.register_script(SWEEP)
@@ -183,6 +186,8 @@ class Reconciler:
                 progress.records += page.fetched
             return "fetch"
         # The sweep, from where it is (another process may be sweeping too: the fence).
+        if self.hold is not None:
+            await self.hold()
         now = time.time()
         on = dt.datetime.fromtimestamp(now, dt.UTC).isoformat(timespec="microseconds")
         on = on.replace("+00:00", "Z")
@@ -216,6 +221,24 @@ def paced_at(rate: float) -> Callable[[], Awaitable[None]]:
     return pace
 
 
+def while_held(
+    held: Callable[[], bool],
+    *,
+    gone: Callable[[], bool] = lambda: False,
+    poll_s: float = 0.05,
+) -> Callable[[], Awaitable[None]]:
+    """A wait while what holds the feed's polls holds (`held`: backpressure, Redis short of
+    memory); a pass stops (PassFailed) once its tenant or feed is `gone` from this process."""
+
+    async def hold() -> None:
+        while gone() or held():
+            if gone():
+                raise PassFailed("the feed is no longer polled here; the pass stays where it is")
+            await anyio.sleep(poll_s)
+
+    return hold
+
+
 def on_spare(
     bucket: TokenBucket,
     busy: Callable[[], bool],
@@ -225,15 +248,16 @@ def on_spare(
     poll_s: float = 0.05,
 ) -> Callable[[], Awaitable[None]]:
     """A pace that takes a token of a tenant's own `bucket` (read at `clock`, the
-    scheduler's) only while the tenant's polls leave it full and none is under way (`busy`):
-    a pass never takes a token a poll wanted. Once the tenant is `gone` from this process (a
-    reload dropped it, another instance holds its lease), its bucket fills no one's requests
-    any more: the pass stops (PassFailed), where it is, for whoever polls the tenant now."""
+    scheduler's) only while the tenant's polls leave it full and none is under way nor held
+    (`busy`): a pass never takes a token a poll wanted, nor one a poll may not take. Once the
+    tenant is `gone` from this process (a reload dropped it, another instance holds its
+    lease), its bucket fills no one's requests any more: the pass stops (PassFailed), where
+    it is, for whoever polls the tenant now."""
 
     async def pace() -> None:
         while gone() or busy() or not bucket.spare(clock()):
             if gone():
-                raise PassFailed("the tenant is no longer polled here; the pass stays where it is")
+                raise PassFailed("the feed is no longer polled here; the pass stays where it is")
             await anyio.sleep(poll_s)
 
     return pace
