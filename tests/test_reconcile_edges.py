@@ -103,6 +103,17 @@ async def test_a_pass_page_looked_up_before_a_new_pass_began_is_not_its_first_pa
     assert len(await entries(redis, KEYS, FEED.name)) == 100
 
 
+
+async def test_a_pass_page_without_records_is_not_refused_for_its_mark(
+    redis: aioredis.Redis,
+) -> None:
+    """An empty page looks up no key, and judges none: whatever mark it holds, it applies."""
+    pub = Publisher(redis, "st", precheck_min=0)
+    assert (await pub.apply(T, FEED.name, None, page_of([1, 2], "c1"))).published == 2
+    assert (await start_pass(redis))[0] == 1
+    assert (await pub.apply(T, FEED.name, None, page_of([], "p1"), reconcile=True)).applied
+    assert sorted(await sweep_all(redis)) == [b"1", b"2"]
+
 # --- Buckets far over their load ---------------------------------------------------------------
 #
 # A decimal key is its own hash: ids that share their low bits (multiples of 256 here) share

@@ -331,8 +331,9 @@ class Publisher:
             index.LOAD,
             "1" if reconcile else "0",
             0,  # records in the page: the last chunk's
-            # The mark the precheck judged against: a pass's page is refused under another.
-            "" if olds is None else olds[0],
+            # The mark the precheck judged records against (none looked up, none judged: ""):
+            # a pass's page is refused under another.
+            "" if olds is None or not page.keys else olds[0],
         ]
         page_keys = [k.cursors, idx, seen, k.stream(feed), k.dead, k.state, k.dead_seen(feed)]
         return Prepared(
