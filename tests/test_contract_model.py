@@ -451,6 +451,50 @@ class ContractMachine(RuleBasedStateMachine):
         assert all(f[b"op"] == b"deleted" for _, f in fresh)
         self.model.swept([f[b"key"].decode() for _, f in fresh], bool(int(result[1])))
 
+    # Many keys at once: the index splits buckets (during a sweep too); ids of a stride share
+    # their low bits, and so a bucket, until the index has grown past them.
+
+    def _many(self, data: st.DataObject) -> list[Record]:
+        n = data.draw(st.integers(20, 120), label="keys")
+        start = data.draw(st.integers(10, 300), label="first id")
+        step = data.draw(st.sampled_from([1, 2, 64, 97]), label="stride")
+        v = data.draw(st.integers(0, 2), label="v")
+        instant = data.draw(st.one_of(st.none(), st.integers(0, 9)), label="instant")
+        recs = []
+        for j in range(n):
+            parts: list[object] = [start + step * j]
+            if len(self.feed.key_fields) == 2:
+                parts.append(data.draw(st.sampled_from([1, 2]), label="job"))
+            body: dict[str, Any] = dict(zip(self.feed.key_fields, parts, strict=True))
+            body["v"] = v
+            if instant is not None:
+                body["modifiedOn"] = spell(instant, 0)
+            timed = instant if self.feed.timestamp_field == "modifiedOn" else None
+            recs.append(Record(json.dumps(body).encode(), reference_key(parts), timed))
+        return recs
+
+    @rule(i=st.integers(0, 1), data=st.data())
+    def many_keys(self, i: int, data: st.DataObject) -> None:
+        expected = self.believed[i]
+        recs = self._many(data)
+        self.tokens += 1
+        cf = f"c{self.tokens}"
+        self.history.setdefault(expected, []).append((recs, cf))
+        self._apply(i, expected, recs, cf)
+
+    @rule(i=st.integers(0, 1), more=st.booleans(), data=st.data())
+    def pass_page_of_many_keys(self, i: int, more: bool, data: st.DataObject) -> None:
+        expected = self.model.pass_cursor
+        recs = self._many(data)
+        self.history.setdefault(None, []).append((recs, "unused"))  # their instants, known
+        self.tokens += 1
+        cf = f"p{self.tokens}"
+        self.pass_pages.append(cf)
+        page = decode_page(envelope(recs, cf, more), self.feed)
+        got = self.run(self.pubs[i].apply(TENANT, self.feed.name, expected, page, reconcile=True))
+        want = self.model.apply(expected, recs, cf, reconcile=True, more=more)
+        assert got == want, f"pass page from {expected!r}: got {got}, model says {want}"
+
     @rule(per_script=st.integers(1, 3))
     def index_moves_a_few_keys(self, per_script: int) -> None:
         self.run(self.pubs[0].migrate(TENANT, self.feed.name, chunks=1, per_script=per_script))
