@@ -103,7 +103,6 @@ async def test_a_pass_page_looked_up_before_a_new_pass_began_is_not_its_first_pa
     assert len(await entries(redis, KEYS, FEED.name)) == 100
 
 
-
 async def test_a_pass_page_without_records_is_not_refused_for_its_mark(
     redis: aioredis.Redis,
 ) -> None:
@@ -113,6 +112,7 @@ async def test_a_pass_page_without_records_is_not_refused_for_its_mark(
     assert (await start_pass(redis))[0] == 1
     assert (await pub.apply(T, FEED.name, None, page_of([], "p1"), reconcile=True)).applied
     assert sorted(await sweep_all(redis)) == [b"1", b"2"]
+
 
 # --- Buckets far over their load ---------------------------------------------------------------
 #
@@ -329,3 +329,39 @@ async def test_the_daemon_holds_a_pass_while_the_tenant_or_feed_is_held(
         await asyncio.wait_for(passes._run_pass(t, FEED.name), timeout=1.0)
     assert await redis.xlen(KEYS.stream(FEED.name)) == before
     assert await redis.hget(KEYS.index(FEED.name), "pass") == phase.encode()
+
+
+# --- An API that makes no progress ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cursor", ["same", "alternate"])
+async def test_a_pass_on_an_api_that_makes_no_progress_gives_up(
+    redis: aioredis.Redis, redis_server: Any, monkeypatch: pytest.MonkeyPatch, cursor: str
+) -> None:
+    """`hasMore: true`, no records, and a continueFrom asked with before (the simulator's
+    `no_progress` quirk): the incremental polls call that no progress; a pass must too, and
+    give up (resumable), rather than ask the same pages for ever (and, in the daemon, hold
+    every other pass back)."""
+    import asyncio
+    import io
+
+    from syncd.cli.reconcile import reconcile
+    from syncd.daemon import Daemon
+    from syncd.engine import reconcile as reconcile_module
+    from syncd.testing.simulator import run_simulator
+    from tests.engine_helpers import config_dict, settings
+
+    monkeypatch.setattr(reconcile_module, "backoff", lambda *_, **__: 0.01)
+    tenant = 9201
+    async with run_simulator(tenants=[tenant], records=60, page_size=20, seed=2) as sim:
+        data = config_dict(redis_server.url, sim.url, sim.app_key, [tenant], [FEED.name])
+        assert await Daemon(settings(data), once=True).run() == 0
+        sim.set_quirks(tenant, no_progress=1.0, no_progress_cursor=cursor)
+        out = io.StringIO()
+        run = reconcile(settings(data), tenant, FEED.name, share=1.0, out=out, progress=False)
+        code = await asyncio.wait_for(run, timeout=30)
+    assert code == 1
+    assert "pass not completed" in out.getvalue()
+    keys = Keys("st", tenant)
+    assert await redis.hget(keys.index(FEED.name), "pass") == b"fetch"
+    assert not [f for _, f in await redis.xrange(keys.stream(FEED.name)) if f[b"op"] == b"deleted"]
