@@ -23,6 +23,7 @@ import anyio
 import structlog
 
 from syncd.catalogue import Feed
+from syncd.engine.policy import NoProgress, follow, page_progress
 from syncd.engine.publisher import Publisher, redis_errors
 from syncd.engine.ratelimit import TokenBucket, backoff
 from syncd.engine.scripts import PASS_START, SWEEP
@@ -76,6 +77,10 @@ class Progress:
     records: int = 0
     swept: int = 0
     buckets: int = 0
+    # Cursors this run of `hasMore: true` pages asked with, and its empty pages in a row
+    # (syncd.engine.policy.follow): a pass must make progress like a feed's polls.
+    trail: tuple[str, ...] = ()
+    empty_run: int = 0
 
 
 class PassFailed(Exception):
@@ -178,12 +183,24 @@ class Reconciler:
             page = await self.client.fetch(
                 self.tokens, feed, expected, include_recent_changes=self.include_recent_changes
             )
+            stall = page_progress(
+                expected, page.has_more, page.fetched, page.continue_from, progress.trail
+            )
+            if stall is not None:  # asked again, it would answer the same: a failure
+                raise TransientError(_no_progress(stall))
             applied = await self.publisher.apply(
                 self.tenant, feed.name, expected, page, reconcile=True
             )
-            if applied.applied:
-                progress.pages += 1
-                progress.records += page.fetched
+            if not applied.applied:  # another process moved the pass on: its cursors now
+                progress.trail, progress.empty_run = (), 0
+                return "fetch"
+            progress.pages += 1
+            progress.records += page.fetched
+            progress.trail, progress.empty_run, stall = follow(
+                progress.trail, progress.empty_run, expected, page.has_more, page.fetched
+            )
+            if stall is not None:  # moving on, but only through empty pages: back off
+                raise TransientError(_no_progress(stall))
             return "fetch"
         # The sweep, from where it is (another process may be sweeping too: the fence).
         if self.hold is not None:
@@ -261,6 +278,16 @@ def on_spare(
             await anyio.sleep(poll_s)
 
     return pace
+
+
+def _no_progress(stall: NoProgress) -> str:
+    if stall.empty_pages:
+        what = f"{stall.empty_pages} pages in a row without a record"
+    elif stall.cursor_missing:
+        what = "no continueFrom"
+    else:
+        what = "a continueFrom asked with before"
+    return f"no progress: hasMore {str(stall.has_more).lower()}, {what}"
 
 
 def _text(value: Any) -> str:
