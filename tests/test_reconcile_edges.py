@@ -365,3 +365,48 @@ async def test_a_pass_on_an_api_that_makes_no_progress_gives_up(
     keys = Keys("st", tenant)
     assert await redis.hget(keys.index(FEED.name), "pass") == b"fetch"
     assert not [f for _, f in await redis.xrange(keys.stream(FEED.name)) if f[b"op"] == b"deleted"]
+
+
+# --- Changes the API does not show yet --------------------------------------------------------
+
+
+async def test_a_record_changed_shortly_before_a_pass_without_recent_changes_is_not_deleted(
+    redis: aioredis.Redis, redis_server: Any
+) -> None:
+    """`include_recent_changes = false`: the API shows a change only once it is some minutes
+    old (`recent_delay`), and meanwhile the record's version before it is gone from the export
+    too (a change moves the record to the export's end). A pass that drains before a record's
+    change shows must not take the record for deleted: it is upstream, only hidden, and its
+    `deleted` event would outrank the `created` one published once the change shows."""
+    import asyncio
+    import io
+
+    from syncd.cli.reconcile import reconcile
+    from syncd.daemon import Daemon
+    from syncd.testing.simulator import run_simulator
+    from tests.engine_helpers import config_dict, settings
+
+    tenant = 9202
+    async with run_simulator(
+        tenants=[tenant], records=60, page_size=20, seed=3, recent_delay=4.0
+    ) as sim:
+        data = config_dict(
+            redis_server.url,
+            sim.url,
+            sim.app_key,
+            [tenant],
+            [FEED.name],
+            include_recent_changes=False,
+        )
+        assert await Daemon(settings(data), once=True).run() == 0
+        await asyncio.sleep(4.5)  # the first records' creation shows
+        assert await Daemon(settings(data), once=True).run() == 0
+        changed = sim.mutate(tenant, FEED.name, "update", 5)
+        out = io.StringIO()
+        code = await reconcile(
+            settings(data), tenant, FEED.name, share=1.0, out=out, progress=False, as_json=True
+        )
+        assert code == 0, out.getvalue()
+    events = await redis.xrange(Keys("st", tenant).stream(FEED.name))
+    deleted = sorted(f[b"key"].decode() for _, f in events if f[b"op"] == b"deleted")
+    assert deleted == [], f"changed {sorted(changed)}, reported deleted {deleted}"
