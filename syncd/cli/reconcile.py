@@ -64,7 +64,6 @@ async def reconcile(
                 client,
                 tokens,
                 pace=paced_at(max(t.requests_per_second * share, 0.1)),
-                include_recent_changes=t.include_recent_changes,
             )
             for name in feeds:
                 started = time.monotonic()

@@ -107,7 +107,6 @@ class Passes(DaemonState):
             t.tokens,
             pace=on_spare(t.bucket, busy, gone=gone, clock=scheduler.clock),
             hold=while_held(held, gone=gone),
-            include_recent_changes=t.settings.include_recent_changes,
         )
         try:
             figures = await reconciler.run(catalogue.feed(feed))

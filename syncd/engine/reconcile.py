@@ -98,7 +98,6 @@ class Reconciler:
         *,
         pace: Callable[[], Awaitable[None]],
         hold: Callable[[], Awaitable[None]] | None = None,
-        include_recent_changes: bool = True,
         sweep_budget: int = SWEEP_BUDGET,
         rng: random.Random | None = None,
     ) -> None:
@@ -109,7 +108,6 @@ class Reconciler:
         self.client = client
         self.tokens = tokens
         self.tenant = tokens.tenant
-        self.include_recent_changes = include_recent_changes
         self.sweep_budget = sweep_budget
         self.pace = pace
         self.hold = hold
@@ -180,9 +178,10 @@ class Reconciler:
         if _text(phase) == "fetch":
             await self.pace()
             expected = None if cursor is None else _text(cursor)
-            page = await self.client.fetch(
-                self.tokens, feed, expected, include_recent_changes=self.include_recent_changes
-            )
+            # With recent changes whatever the tenant's polls use: without them the API hides a
+            # record changed in the last minutes (its version before is gone from the export
+            # already), and a pass draining then would take it for deleted.
+            page = await self.client.fetch(self.tokens, feed, expected, include_recent_changes=True)
             stall = page_progress(
                 expected, page.has_more, page.fetched, page.continue_from, progress.trail
             )
