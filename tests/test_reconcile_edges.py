@@ -278,7 +278,7 @@ def daemon_passes(r: aioredis.Redis, **tenant: Any) -> tuple[Any, Any]:
         paused_until=0.0,
         feeds={FEED.name: feed},
         tokens=SimpleNamespace(tenant=T),
-        settings=SimpleNamespace(id=T),
+        settings=SimpleNamespace(id=T, include_recent_changes=True),
     )
     for name, value in tenant.items():
         setattr(t, name, value)
