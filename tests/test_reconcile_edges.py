@@ -413,3 +413,60 @@ async def test_a_record_changed_shortly_before_a_pass_without_recent_changes_is_
     events = await redis.xrange(Keys("st", tenant).stream(FEED.name))
     deleted = sorted(f[b"key"].decode() for _, f in events if f[b"op"] == b"deleted")
     assert deleted == [], f"changed {sorted(changed)}, reported deleted {deleted}"
+
+
+async def test_a_key_without_timestamps_that_comes_back_after_its_delete_is_newer(
+    redis: aioredis.Redis,
+) -> None:
+    """Job history has no timestamp: its events' modified_at is empty and the entry id alone
+    orders a key's versions. A `deleted` event dated by the sweep's clock would outrank every
+    version of the key published after it: a key that comes back (`created` again, as the
+    README says) would stay deleted for every consumer and the mirror."""
+    from syncd.consumer import Event
+
+    history = catalogue.feed("jpm.job-history")
+    stream = KEYS.stream(history.name)
+
+    def jobs(ids: list[int], cursor: str, v: int) -> Page:
+        body = {
+            "hasMore": False,
+            "continueFrom": cursor,
+            "data": [{"jobId": i, "v": v} for i in ids],
+        }
+        return decode_page(json.dumps(body).encode(), history)
+
+    pub = Publisher(redis, "st", precheck_min=0)
+    assert (await pub.apply(T, history.name, None, jobs([1, 2], "c1", 0))).published == 2
+    meta, old = KEYS.index(history.name), KEYS.seen(history.name)
+    assert (await redis.eval(PASS_START, 2, meta, old, "1700000000.000"))[0] == 1
+    assert (await pub.apply(T, history.name, None, jobs([2], "p1", 0), reconcile=True)).applied
+    result = await redis.eval(
+        SWEEP,
+        3,
+        meta,
+        stream,
+        KEYS.state,
+        0,
+        100,
+        "2030-01-01T00:00:00.000000Z",
+        "2030-01-01T00:00:00.0000000Z",
+        history.name,
+        "1700000001.000",
+    )
+    assert int(result[2]) == 1
+    # Job 1 comes back.
+    assert (await pub.apply(T, history.name, "c1", jobs([1], "c2", 1))).published == 1
+    events = [
+        Event.from_entry(
+            stream,
+            entry_id.decode(),
+            {k.decode(): v for k, v in fields.items()},
+            tenant=T,
+            feed=history.name,
+            deliveries=1,
+        )
+        for entry_id, fields in await redis.xrange(stream)
+    ]
+    ones = [e for e in events if e.key == "1"]
+    assert [e.op for e in ones] == ["created", "deleted", "created"]
+    assert ones[0].version < ones[1].version < ones[2].version
