@@ -418,7 +418,8 @@ return {1, 'fetch'}
 # The sweep at the end of a pass: from bucket ARGV[1] (which must be where the sweep is: the
 # fence), the buckets in order until about ARGV[2] keys were looked at; every key not marked
 # by the pass is gone upstream: one `deleted` event each (its `modified_at` the sweep's instant
-# ARGV[4], or the key's newest when that is later), and its index entry goes. Keys only
+# ARGV[4], or the key's newest when that is later; empty, like every version of its key, for a
+# key that never had one), and its index entry goes. Keys only
 # move to higher buckets when the index grows, so none is missed; those met twice are marked.
 # At the last bucket the pass ends and its figures go to the feed's state.
 SWEEP = (
@@ -445,11 +446,13 @@ while pos < buckets and looked < budget do
     local v = all[i + 1]
     if string.sub(v, FP + 1, FP + 1) ~= M then
       -- Never older than the key's newest instant (one dated ahead of this clock): a delete
-      -- outranks every version before it, the entry id deciding between equal instants.
-      local key_at = at
+      -- outranks every version before it, the entry id deciding between equal instants. A
+      -- key that never had one is ordered by entry ids alone, its delete too: dated, the
+      -- delete would outrank every version published after it (a key that comes back).
+      local key_at = ''
       if #v >= FP + 1 + TS then
-        local newest = fixed_of(string.sub(v, FP + 2, FP + 1 + TS))
-        if newest > key_at then key_at = newest end
+        key_at = fixed_of(string.sub(v, FP + 2, FP + 1 + TS))
+        if at > key_at then key_at = at end
       end
       redis.call('XADD', stream, '*', 'op', 'deleted', 'key', all[i], 'data', '',
                  'modified_on', on, 'modified_at', key_at)
