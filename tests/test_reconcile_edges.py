@@ -271,7 +271,7 @@ def daemon_passes(r: aioredis.Redis, **tenant: Any) -> tuple[Any, Any]:
         client=SimpleNamespace(fetch=fetch),
         clock=time.monotonic,
         stopping=False,
-        memory_full=tenant.pop("memory_full", False),
+        held=tenant.pop("memory_full", False),  # all polling held (Redis short of memory)
     )
     feed = SimpleNamespace(paused=tenant.pop("paused", None))
     t = SimpleNamespace(

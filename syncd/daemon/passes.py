@@ -93,9 +93,10 @@ class Passes(DaemonState):
             return t.removed or feed not in t.feeds
 
         def held() -> bool:
-            # What holds the feed's polls: backpressure on it, Redis short of memory.
+            # What holds the feed's polls: backpressure on it; all polling held (Redis short of
+            # memory or unreachable, replicas behind).
             fs = t.feeds.get(feed)
-            return scheduler.memory_full or (fs is not None and fs.paused is not None)
+            return scheduler.held or (fs is not None and fs.paused is not None)
 
         def busy() -> bool:
             # A poll under way, the tenant waiting out a 429, or the feed held.
