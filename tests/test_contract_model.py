@@ -225,6 +225,16 @@ class Model:
                 if self.phase is not None:
                     self.marked.add(key)
 
+    def apply_pass_part(self, expected: str | None, recs: list[Record], sent: set[str]) -> None:
+        """The first chunks of a pass's page: as `apply_part`, behind the pass's cursor; every
+        key they hold is marked."""
+        if self.phase != "fetch" or self.pass_cursor != expected:
+            return
+        for key, rec in kept_versions(recs)[0]:
+            if key in sent:
+                self._version(key, rec)
+                self.marked.add(key)
+
 
 def kept_versions(recs: list[Record]) -> tuple[list[tuple[str, Record]], int]:
     """The version kept of each key of a page, in page order (of the kept version), and how
@@ -421,6 +431,24 @@ class ContractMachine(RuleBasedStateMachine):
         got = self.run(self.pubs[i].apply(TENANT, self.feed.name, expected, page, reconcile=True))
         want = self.model.apply(expected, recs, cf, reconcile=True, more=more)
         assert got == want, f"pass page from {expected!r}: got {got}, model says {want}"
+
+    @rule(i=st.integers(0, 1), more=st.booleans(), data=st.data())
+    def pass_page_cut_between_chunks(self, i: int, more: bool, data: st.DataObject) -> None:
+        """A pass's page whose first chunks ran and the rest never did (a crash, Redis full):
+        its cursor stays, and the page is fetched again."""
+        expected = self.model.pass_cursor
+        recs = data.draw(st.lists(records(self.feed), max_size=8), label="records")
+        self.tokens += 1
+        cf = f"p{self.tokens}"
+        page = decode_page(envelope(recs, cf, more), self.feed)
+        pub = self.pubs[i]
+        prepared = self.run(pub.prepare(TENANT, self.feed.name, expected, page, reconcile=True))
+        if len(prepared) < 2:
+            return
+        ran = data.draw(st.integers(1, len(prepared) - 1), label="chunks run")
+        self.run(pub.run_chunks(prepared, range(ran)))
+        sent = {str(key) for n in range(ran) for key in prepared.chunk(n)[14::4]}
+        self.model.apply_pass_part(expected, recs, sent)
 
     @rule(budget=st.integers(1, 40))
     def sweep_step(self, budget: int) -> None:
