@@ -49,7 +49,7 @@ T = TypeVar("T")
 PRECHECK_MIN = 32
 
 # The precheck asks for at most this many keys a command.
-PRECHECK_CHUNK = 1_000
+PRECHECK_CHUNK = 2_500
 
 # Pages with at least this many records are made ready for their scripts in a worker thread.
 THREAD_MIN_RECORDS = 10_000
@@ -213,8 +213,8 @@ class Publisher:
         self._lookup_script = redis_client.register_script(LOOKUP)
         self._migrate = redis_client.register_script(MIGRATE_INDEX)
         self._settle = redis_client.register_script(SETTLE)
-        # Feeds whose last precheck found none of its keys in the index (a first sync): their
-        # next page skips it, until a script finds an unchanged record again.
+        # Feeds whose last page was mostly new records (a first sync, a backfill): their next
+        # page skips the precheck, which would find next to nothing, until a page is not.
         self._fresh: set[tuple[int, str]] = set()
 
     @property
@@ -267,8 +267,13 @@ class Publisher:
         if int(result[0]) != 0:
             stored = _text(result[1]) if len(result) > 1 else None
             return Applied(False, stored=stored)
-        if int(result[2]):
-            self._fresh.discard((tenant, feed))
+        if not reconcile:
+            # Unchanged or stale: records a precheck would have kept from the scripts.
+            repeated = int(result[2]) + int(result[3]) + prepared.skipped
+            if repeated * 2 < len(page.keys):
+                self._fresh.add((tenant, feed))
+            else:
+                self._fresh.discard((tenant, feed))
         if int(result[5]) and self.migrate_chunks:
             await self.migrate(tenant, feed, self.migrate_chunks)
         return Applied(
@@ -299,14 +304,12 @@ class Publisher:
         if (
             change_detection
             and len(page.keys) >= self.precheck_min
-            and (tenant, feed) not in self._fresh
+            and (reconcile or (tenant, feed) not in self._fresh)
         ):
             # Look first, send only what may be published: a re-export then ships keys, not
             # megabytes of unchanged records. The script checks every record it gets again,
             # and the fence makes sure nothing moved in between.
             olds = await self._lookup(idx, seen, page.keys)
-            if not any(olds[1]):
-                self._fresh.add((tenant, feed))
         build = functools.partial(
             _records, page, olds, self.chunk_records if change_detection else 0, self.chunk_bytes
         )
