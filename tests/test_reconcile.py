@@ -278,3 +278,18 @@ async def test_the_daemon_runs_a_pass_every_reconcile_interval(
             running.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await running
+
+
+async def test_reconcile_without_redis_says_so_without_a_traceback(
+    redis_server: RedisServer,
+) -> None:
+    from syncd.testing.redis_server import free_port
+
+    data = config_dict(
+        f"redis://127.0.0.1:{free_port()}/0", "http://127.0.0.1:1", "k", [9105], [FEED]
+    )
+    out = io.StringIO()
+    code = await reconcile(settings(data), 9105, FEED, share=1.0, out=out, progress=False)
+    assert code == 1
+    assert "pass not completed" in out.getvalue()
+    assert "run again to resume" in out.getvalue()

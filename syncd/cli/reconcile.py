@@ -20,7 +20,7 @@ from syncd.daemon import redis_client
 from syncd.daemon.state import http_session
 from syncd.engine.publisher import Publisher
 from syncd.engine.reconcile import PassFailed, PassFigures, Progress, Reconciler, paced_at
-from syncd.errors import AuthFailed, BadRequest, FeedUnavailable
+from syncd.errors import AuthFailed, BadRequest, FeedUnavailable, TransientError
 from syncd.servicetitan.auth import TokenProvider
 from syncd.servicetitan.client import ExportClient
 
@@ -74,7 +74,7 @@ async def reconcile(
 
                 try:
                     figures = await reconciler.run(catalogue.feed(name), show)
-                except (PassFailed, AuthFailed, BadRequest, FeedUnavailable) as exc:
+                except (PassFailed, AuthFailed, BadRequest, FeedUnavailable, TransientError) as exc:
                     failed += 1
                     if progress:
                         out.write("\n")
