@@ -40,7 +40,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sim_args = [
         *("--records", str(args.records), "--page-size", "5000"),
         *("--tenants", str(TENANT), "--feeds", FEED),
-        *("--rate-limit", "1000", "--cache-mb", "4096", "--prerender"),
+        *("--rate-limit", "1000", "--cache-mb", "4096"),
+        *(["--prerender"] if args.prerender else []),
     ]
     work = common.Workdir("reconcile")
     common.log(f"reconcile: {args.records:,} records, {args.deletes:,} deleted")
@@ -125,6 +126,12 @@ def parser() -> argparse.ArgumentParser:
         "--records", type=int, default=common.env_int("BENCH_RECONCILE_RECORDS", 1_000_000)
     )
     p.add_argument("--deletes", type=int, default=1000)
+    p.add_argument(
+        "--no-prerender",
+        dest="prerender",
+        action="store_false",
+        help="render pages as they are asked (pre-rendering a million records takes minutes)",
+    )
     return p
 
 
