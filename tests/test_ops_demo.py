@@ -251,7 +251,9 @@ async def test_sigkill_of_the_demo_takes_its_children_and_temp_dir() -> None:
 
 def _builds_wheels() -> bool:
     """Whether setuptools can build a wheel here without build isolation: its own
-    `bdist_wheel` (setuptools 70.1 and later), or the wheel package's."""
+    `bdist_wheel` (setuptools 70.1 and later), or the wheel package's; none without setuptools."""
+    if importlib.util.find_spec("setuptools") is None:
+        return False
     if importlib.util.find_spec("wheel") is not None:
         return True
     return importlib.util.find_spec("setuptools.command.bdist_wheel") is not None
@@ -265,7 +267,7 @@ def wheel_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not _builds_wheels():
         pytest.skip(
             "this environment cannot build a wheel without isolation (it needs setuptools"
-            " >= 70.1 or the wheel package, as the locked environment has)"
+            " >= 70.1, or setuptools and the wheel package, as the locked environment has)"
         )
     base = tmp_path_factory.mktemp("wheel")
     src = base / "src"
