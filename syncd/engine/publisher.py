@@ -301,11 +301,8 @@ class Publisher:
         k = self.keys(tenant)
         idx, seen = k.index(feed), k.seen(feed)
         olds = None
-        if (
-            change_detection
-            and len(page.keys) >= self.precheck_min
-            and (reconcile or (tenant, feed) not in self._fresh)
-        ):
+        fresh = not reconcile and (tenant, feed) in self._fresh
+        if change_detection and len(page.keys) >= self.precheck_min and not fresh:
             # Look first, send only what may be published: a re-export then ships keys, not
             # megabytes of unchanged records. The script checks every record it gets again,
             # and the fence makes sure nothing moved in between.
@@ -324,7 +321,8 @@ class Publisher:
             feed,
             "" if expected is None else "=" + expected,
             "",  # the new cursor: the last chunk's
-            "1" if change_detection else "0",
+            # A feed whose last page was mostly new: keys are offered to the index as new.
+            ("2" if fresh else "1") if change_detection else "0",
             0,  # records in the chunk
             0,  # dead letters: the last chunk's
             f"{time.time():.3f}",

@@ -192,7 +192,9 @@ APPLY_PAGE = (
 local cursors, meta, old, stream, dead, state, dead_seen =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local feed, expected, new_cursor = ARGV[1], ARGV[2], ARGV[3]
-local detect = ARGV[4] == '1'
+-- '1': change detection; '2': the same, for a page whose keys are mostly new (a first sync):
+-- each is first offered to its bucket as new, and only a key already there is compared.
+local detect, fresh = ARGV[4] ~= '0', ARGV[4] == '2'
 local n, ndead, now, more = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], ARGV[8]
 local stale = tonumber(ARGV[9])
 local KEPT = tonumber(ARGV[10])
@@ -244,53 +246,65 @@ if detect then
     local at = string.sub(new, FP + TS + 1)
     if at == '' and ts ~= '' then at = ARGV[p + 2] end
     local bkey = bucket_key(prefix, key, low, split)
-    local cur = redis.call('HGET', bkey, key)
-    local moving = false
-    if not cur and has_old then
-      local v1 = redis.call('HGET', old, key)
-      if v1 then cur, moving = converted(v1, M), true end
-    end
-    local op = 'created'
-    local value = fp .. M .. ts
-    if ARGV[p + 3] == '' then  -- only to be marked: whatever the index holds now stays
-      op, value = nil, nil
-      if cur then
-        unchanged = unchanged + 1
-        if moving or string.sub(cur, FP + 1, FP + 1) ~= M then
-          value = string.sub(cur, 1, FP) .. M .. string.sub(cur, FP + 2)
-        end
-      end
-    elseif cur then
-      op = 'updated'
-      local old_fp = string.sub(cur, 1, FP)
-      local old_ts = string.sub(cur, FP + 2, FP + 1 + TS)
-      local earlier = string.sub(cur, FP + 2 + TS)
-      if old_fp == fp
-          or (ts ~= '' and old_ts ~= ''
-              and (before(ts, old_ts) or (ts == old_ts and holds(earlier, fp)))) then
-        if old_fp == fp then unchanged = unchanged + 1 else stale = stale + 1 end
-        op = nil
-        value = nil  -- the index keeps what it has, marked
-        if moving or string.sub(cur, FP + 1, FP + 1) ~= M then
-          value = old_fp .. M .. string.sub(cur, FP + 2)
-        end
-      elseif ts == '' and old_ts ~= '' then
-        value = fp .. M .. old_ts  -- a record without a timestamp keeps its key's newest
-        at = fixed_of(old_ts)
-      elseif ts ~= '' and ts == old_ts then
-        value = value .. string.sub(old_fp .. earlier, 1, FP * KEPT)
+    local done = false
+    if fresh and not has_old and ARGV[p + 3] ~= '' then
+      if redis.call('HSETNX', bkey, key, fp .. M .. ts) == 1 then
+        redis.call('XADD', stream, '*', 'op', 'created', 'key', key, 'data', ARGV[p + 3],
+                   'modified_on', ARGV[p + 2], 'modified_at', at)
+        published = published + 1
+        count = count + 1
+        done = true
       end
     end
-    if not cur and value then count = count + 1 end
-    if op then
-      redis.call('XADD', stream, '*', 'op', op, 'key', key, 'data', ARGV[p + 3],
-                 'modified_on', ARGV[p + 2], 'modified_at', at)
-      published = published + 1
-    end
-    if value then redis.call('HSET', bkey, key, value) end
-    if moving then
-      redis.call('HDEL', old, key)
-      count = count + 1
+    if not done then
+      local cur = redis.call('HGET', bkey, key)
+      local moving = false
+      if not cur and has_old then
+        local v1 = redis.call('HGET', old, key)
+        if v1 then cur, moving = converted(v1, M), true end
+      end
+      local op = 'created'
+      local value = fp .. M .. ts
+      if ARGV[p + 3] == '' then  -- only to be marked: whatever the index holds now stays
+        op, value = nil, nil
+        if cur then
+          unchanged = unchanged + 1
+          if moving or string.sub(cur, FP + 1, FP + 1) ~= M then
+            value = string.sub(cur, 1, FP) .. M .. string.sub(cur, FP + 2)
+          end
+        end
+      elseif cur then
+        op = 'updated'
+        local old_fp = string.sub(cur, 1, FP)
+        local old_ts = string.sub(cur, FP + 2, FP + 1 + TS)
+        local earlier = string.sub(cur, FP + 2 + TS)
+        if old_fp == fp
+            or (ts ~= '' and old_ts ~= ''
+                and (before(ts, old_ts) or (ts == old_ts and holds(earlier, fp)))) then
+          if old_fp == fp then unchanged = unchanged + 1 else stale = stale + 1 end
+          op = nil
+          value = nil  -- the index keeps what it has, marked
+          if moving or string.sub(cur, FP + 1, FP + 1) ~= M then
+            value = old_fp .. M .. string.sub(cur, FP + 2)
+          end
+        elseif ts == '' and old_ts ~= '' then
+          value = fp .. M .. old_ts  -- a record without a timestamp keeps its key's newest
+          at = fixed_of(old_ts)
+        elseif ts ~= '' and ts == old_ts then
+          value = value .. string.sub(old_fp .. earlier, 1, FP * KEPT)
+        end
+      end
+      if not cur and value then count = count + 1 end
+      if op then
+        redis.call('XADD', stream, '*', 'op', op, 'key', key, 'data', ARGV[p + 3],
+                   'modified_on', ARGV[p + 2], 'modified_at', at)
+        published = published + 1
+      end
+      if value then redis.call('HSET', bkey, key, value) end
+      if moving then
+        redis.call('HDEL', old, key)
+        count = count + 1
+      end
     end
   end
   if count ~= counted then

@@ -19,6 +19,7 @@ import decimal
 import functools
 import hashlib
 import json
+import operator
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +28,7 @@ import msgspec
 
 from syncd.catalogue import Feed, encode_key, key_part
 from syncd.errors import TransientError
-from syncd.instants import PACKED_BYTES, fixed_width, packed_instant
+from syncd.instants import FRACTION_DIGITS, PACKED_BYTES, fixed_width, packed_instant
 from syncd.instants import sortable_instant as sortable_instant  # re-exported
 
 
@@ -77,12 +78,13 @@ _DATETIMES = list[dt.datetime]
 def instant_columns(values: list[str]) -> tuple[list[bytes], list[bytes]]:
     """Each timestamp's `packed_instant` and its event `modified_at` where that differs from
     the text sent (b"" when the same or when there is no timestamp), fast for what
-    ServiceTitan sends.
+    ServiceTitan sends: UTC, `Z`, up to seven fractional digits, trailing zeros trimmed.
 
     msgspec checks a whole page's timestamps in one call (format, ranges, calendar) and reads
-    them to the microsecond. Those already in the `modified_at` form (`...ss.fffffffZ`) take
-    their seventh fractional digit from the text: msgspec rounds it away, up or down
-    depending on its version, which the sixth digit tells. The rest take the general path.
+    them to the microsecond, exactly for up to six fractional digits. Those with seven
+    (`...ss.fffffffZ`, already in the `modified_at` form) take their seventh digit from the
+    text: msgspec rounds it away, up or down depending on its version, which the sixth digit
+    tells. Anything else (an offset, a lowercase `z`) takes the general path.
     """
     try:
         whens = msgspec.convert(values, _DATETIMES)
@@ -91,22 +93,31 @@ def instant_columns(values: list[str]) -> tuple[list[bytes], list[bytes]]:
     start = _PACK_START
     packed: list[bytes] = []
     ats: list[bytes] = []
+    pack, at = packed.append, ats.append
     for when, v in zip(whens, values, strict=True):
-        if len(v) == 28 and v[27] == "Z" and v[10] == "T" and v[19] == ".":
-            since = when - start
-            micro = since.microseconds
-            # Ticks of the value as read, then its seventh digit; read rounded up: minus 10.
-            ticks = ((since.days * 86_400 + since.seconds) * 1_000_000 + micro) * 10 + (
-                ord(v[26]) - 48
-            )
+        n = len(v)
+        if n < 20 or v[-1] != "Z" or v[10] != "T" or (n != 20 and (n < 22 or v[19] != ".")):
+            one, fixed = _instant_columns([v])  # an offset, no zone, a lowercase `z`, ...
+            pack(one[0])
+            at(fixed[0])
+            continue
+        since = when - start
+        micro = since.microseconds
+        # Ticks of the value as read (exact up to six fractional digits).
+        ticks = ((since.days * 86_400 + since.seconds) * 1_000_000 + micro) * 10
+        if n == 28:
+            ticks += ord(v[26]) - 48  # the seventh digit; read rounded up: minus 10
             if micro % 10 != ord(v[25]) - 48:
                 ticks -= 10
-            packed.append(ticks.to_bytes(PACKED_BYTES, "big"))
-            ats.append(b"")
-        else:
-            one, at = _instant_columns([v])
-            packed.append(one[0])
-            ats.append(at[0])
+            pack(ticks.to_bytes(PACKED_BYTES, "big"))
+            at(b"")
+        elif n < 28:
+            pack(ticks.to_bytes(PACKED_BYTES, "big"))
+            at(f"{v[:19]}.{v[20:-1].ljust(FRACTION_DIGITS, '0')}Z".encode())
+        else:  # more than seven fractional digits
+            one, fixed = _instant_columns([v])
+            pack(one[0])
+            at(fixed[0])
     return packed, ats
 
 
@@ -166,6 +177,74 @@ def decode_page(body: bytes, feed: Feed, fetch_s: float = 0.0) -> Page:
         with contextlib.suppress(msgspec.ValidationError):  # some record is not an object
             heads = many.decode(body).data
     keys_f, ts_field = feed.key_fields, feed.timestamp_field
+    columns = None if heads is None or lenient else _columns(heads, raws, keys_f, ts_field)
+    if columns is not None:  # every record has a key: a column at a time
+        keys, fps, mods, odd_stamps = columns
+        datas, dead = raws, []
+    else:
+        keys, fps, mods, datas, dead, odd_stamps = _one_by_one(
+            raws, heads, one, lenient, keys_f, ts_field
+        )
+    if ts_field is None or odd_stamps == len(keys):
+        mods = [""] * len(keys)
+        instants = ats = [b""] * len(keys)
+    elif odd_stamps == 0:
+        instants, ats = instant_columns(mods)
+    else:
+        instants, ats = _instant_columns(mods)
+    superseded = 0
+    if len(set(keys)) < len(keys):
+        keep = newest_per_key(keys, instants)
+        superseded = len(keys) - len(keep)
+        keys = [keys[i] for i in keep]
+        fps = [fps[i] for i in keep]
+        mods = [mods[i] for i in keep]
+        instants = [instants[i] for i in keep]
+        ats = [ats[i] for i in keep]
+        datas = [datas[i] for i in keep]
+    return Page(
+        env.hasMore, continue_from, keys, fps, mods, datas, dead, fetch_s, instants, superseded, ats
+    )
+
+
+def _columns(
+    heads: list[Any], raws: list[bytes], keys_f: tuple[str, ...], ts_field: str | None
+) -> tuple[list[str], list[bytes], list[str], int] | None:
+    """Keys, fingerprints and timestamps of a page whose every record was read in one pass,
+    or None when some record has no usable key (the page is then looked at one record at a
+    time, which dead-letters it)."""
+    if len(keys_f) == 1:
+        part = key_part
+        values = list(map(operator.attrgetter(keys_f[0]), heads))
+        keys = [str(v) if type(v) is int else part(v) for v in values]
+    else:
+        fields = operator.attrgetter(*keys_f)
+        keys = [encode_key(fields(head)) for head in heads]
+    if None in keys:
+        return None
+    blake2b = hashlib.blake2b
+    # The fingerprint: a short digest of the record's exact bytes.
+    fps = [blake2b(data, digest_size=FINGERPRINT_BYTES).digest() for data in raws]
+    if ts_field is None:
+        return keys, fps, [], 0
+    mods = list(map(operator.attrgetter(ts_field), heads))
+    odd_stamps = len(mods) - sum(type(ts) is str for ts in mods)
+    if odd_stamps:  # timestamps that are not strings
+        mods = [ts if type(ts) is str else "" for ts in mods]
+    return keys, fps, mods, odd_stamps
+
+
+def _one_by_one(
+    raws: list[bytes],
+    heads: list[Any] | None,
+    one: msgspec.json.Decoder[Any],
+    lenient: bool,
+    keys_f: tuple[str, ...],
+    ts_field: str | None,
+) -> tuple[list[str], list[bytes], list[str], list[bytes], list[tuple[str, bytes]], int]:
+    """Keys, fingerprints, timestamps and data of the records that have a key, the dead
+    letters, and how many timestamps are not strings: a record at a time (`heads`: each
+    record's key and timestamp fields, None: decode each on its own)."""
     single = keys_f[0] if len(keys_f) == 1 else None
     no_key = f"record has no key ({'+'.join(keys_f)})"
     keys: list[str] = []
@@ -204,26 +283,7 @@ def decode_page(body: bytes, feed: Feed, fetch_s: float = 0.0) -> Page:
                 odd_stamps += 1
             mods.append(ts)
         datas.append(data)
-    if ts_field is None or odd_stamps == len(keys):
-        mods = [""] * len(keys)
-        instants = ats = [b""] * len(keys)
-    elif odd_stamps == 0:
-        instants, ats = instant_columns(mods)
-    else:
-        instants, ats = _instant_columns(mods)
-    superseded = 0
-    if len(set(keys)) < len(keys):
-        keep = newest_per_key(keys, instants)
-        superseded = len(keys) - len(keep)
-        keys = [keys[i] for i in keep]
-        fps = [fps[i] for i in keep]
-        mods = [mods[i] for i in keep]
-        instants = [instants[i] for i in keep]
-        ats = [ats[i] for i in keep]
-        datas = [datas[i] for i in keep]
-    return Page(
-        env.hasMore, continue_from, keys, fps, mods, datas, dead, fetch_s, instants, superseded, ats
-    )
+    return keys, fps, mods, datas, dead, odd_stamps
 
 
 # An escaped UTF-16 surrogate: alone (half of an emoji cut off), msgspec refuses the whole page.

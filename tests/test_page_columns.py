@@ -1,0 +1,97 @@
+"""The page decoder's fast paths give what the general ones give: timestamps a page at a time
+(`instant_columns`) against one at a time, and records a column at a time (`_columns`)
+against one by one."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from syncd.catalogue import feeds
+from syncd.instants import packed_instant, sortable_instant
+from syncd.servicetitan import page as page_mod
+from syncd.servicetitan.page import decode_page, instant_columns
+
+MOMENTS = st.datetimes(min_value=dt.datetime(1, 1, 2), max_value=dt.datetime(9999, 12, 30))
+
+
+@st.composite
+def timestamps(draw: st.DrawFn) -> str:
+    """ServiceTitan's form (UTC, `Z`, 0 to 7 fractional digits, zeros trimmed) and others:
+    more digits, offsets, no zone, a lowercase `z`, a space, garbage."""
+    when = draw(MOMENTS)
+    head = when.strftime("%Y-%m-%dT%H:%M:%S")
+    digits = draw(st.integers(0, 9))
+    frac = "".join(draw(st.lists(st.sampled_from("0123456789"), min_size=digits, max_size=digits)))
+    if draw(st.booleans()):
+        frac = frac.rstrip("0")
+    text = head + ("." + frac if frac else "")
+    zone = draw(st.sampled_from(["Z", "Z", "Z", "z", "", "+00:00", "-05:30", "+14:00"]))
+    text += zone
+    if draw(st.integers(0, 20)) == 0:
+        text = text.replace("T", " ")
+    if draw(st.integers(0, 30)) == 0:
+        text = draw(st.sampled_from(["", "garbage", "2024-02-30T00:00:00Z", "2024-01-01"]))
+    return text
+
+
+@settings(max_examples=300)
+@given(st.lists(timestamps(), max_size=20))
+def test_instant_columns_read_every_timestamp_as_the_general_path_does(values: list[str]) -> None:
+    assert instant_columns(values) == page_mod._instant_columns(values)
+
+
+def test_trimmed_fractions_keep_every_digit() -> None:
+    values = ["2024-05-01T12:00:02Z", "2024-05-01T12:00:02.4Z", "2024-05-01T12:00:02.123456Z"]
+    packed, ats = instant_columns(values)
+    assert ats == [
+        b"2024-05-01T12:00:02.0000000Z",
+        b"2024-05-01T12:00:02.4000000Z",
+        b"2024-05-01T12:00:02.1234560Z",
+    ]
+    assert packed == [packed_instant(sortable_instant(v)) for v in values]
+    assert packed[0] < packed[2] < packed[1]
+
+
+RECORD_KEYS = st.one_of(
+    st.integers(-(2**63), 2**63 - 1),
+    st.text(max_size=6),
+    st.none(),
+    st.booleans(),
+    st.floats(allow_nan=False, allow_infinity=False),
+)
+
+
+@settings(max_examples=200)
+@given(
+    st.lists(
+        st.fixed_dictionaries(
+            {"id": RECORD_KEYS, "modifiedOn": st.one_of(timestamps(), st.integers(), st.none())},
+            optional={"name": st.text(max_size=5)},
+        ),
+        max_size=12,
+    )
+)
+def test_records_a_column_at_a_time_read_as_one_by_one(records: list[dict[str, object]]) -> None:
+    feed = feeds()["crm.customers"]
+    body = json.dumps({"hasMore": False, "continueFrom": "c", "data": records}).encode()
+    page = decode_page(body, feed)
+    one, many = page_mod._decoders(feed)
+    raws = [json.dumps(r).encode() for r in records]
+    heads = many.decode(body).data
+    keys, fps, mods, datas, dead, odd = page_mod._one_by_one(
+        raws, heads, one, False, feed.key_fields, feed.timestamp_field
+    )
+    columns = page_mod._columns(heads, raws, feed.key_fields, feed.timestamp_field)
+    if columns is None:
+        assert dead, "the columns give up only on a record without a key"
+    else:
+        assert (keys, fps, mods, odd) == columns
+        assert datas == raws
+        assert not dead
+    # Whichever path it took, the page holds each record with a key once, newest version wins.
+    assert len(page.keys) + len(page.dead) + page.superseded == len(records)
+    assert set(page.keys) == set(keys)
