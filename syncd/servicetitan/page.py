@@ -22,7 +22,7 @@ import json
 import operator
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
@@ -180,7 +180,7 @@ def decode_page(body: bytes, feed: Feed, fetch_s: float = 0.0) -> Page:
     columns = None if heads is None or lenient else _columns(heads, raws, keys_f, ts_field)
     if columns is not None:  # every record has a key: a column at a time
         keys, fps, mods, odd_stamps = columns
-        datas, dead = raws, []
+        datas, dead = raws, list[tuple[str, bytes]]()
     else:
         keys, fps, mods, datas, dead, odd_stamps = _one_by_one(
             raws, heads, one, lenient, keys_f, ts_field
@@ -216,12 +216,13 @@ def _columns(
     if len(keys_f) == 1:
         part = key_part
         values = list(map(operator.attrgetter(keys_f[0]), heads))
-        keys = [str(v) if type(v) is int else part(v) for v in values]
+        found = [str(v) if type(v) is int else part(v) for v in values]
     else:
         fields = operator.attrgetter(*keys_f)
-        keys = [encode_key(fields(head)) for head in heads]
-    if None in keys:
+        found = [encode_key(fields(head)) for head in heads]
+    if None in found:
         return None
+    keys = cast(list[str], found)
     blake2b = hashlib.blake2b
     # The fingerprint: a short digest of the record's exact bytes.
     fps = [blake2b(data, digest_size=FINGERPRINT_BYTES).digest() for data in raws]
