@@ -67,23 +67,28 @@ def _pages(result: common.DaemonResult) -> dict[str, int]:
 
 
 def _run_child(command: list[str], timeout: float) -> tuple[str, float, float, float]:
-    """Run a child to completion: (stdout, wall s, cpu s, peak RSS MB) via wait4(); it is
-    killed after `timeout` seconds."""
+    """Run a child to completion: (stdout, wall s, cpu s via wait4(), peak RSS MB as its
+    VmHWM read while it runs); it is killed after `timeout` seconds."""
     started = time.monotonic()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, cwd=common.ROOT)
     killer = threading.Timer(timeout, proc.kill)
     killer.start()
+    peak = common.HighWater(proc.pid)
+    peak.start()
     try:
         assert proc.stdout is not None
         out = proc.stdout.read().decode()
+        # Its peak once more before it is reaped (it has closed its output by now).
+        peak.mb = max(peak.mb, common.high_water_mb(proc.pid))
         _, status, usage = os.wait4(proc.pid, 0)
     finally:
         killer.cancel()
+        peak.done.set()
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.monotonic() - started
     if proc.returncode != 0:
         raise RuntimeError(f"{command[:4]} exited with {proc.returncode}")
-    return out, wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+    return out, wall, usage.ru_utime + usage.ru_stime, peak.mb or usage.ru_maxrss / 1024
 
 
 def _redis_benchmark(port: int, payload_size: int, requests: int = 200_000) -> dict[str, Any]:

@@ -176,6 +176,35 @@ def used_memory(client: redis.Redis) -> int:
     return int(client.info("memory")["used_memory"])
 
 
+def high_water_mb(pid: int) -> float:
+    """A process's peak RSS since it started its program (VmHWM; 0.0 once it is gone).
+
+    Not wait4()'s ru_maxrss: after fork and exec that is at least the parent's RSS at the fork
+    (a child of a bench process that grew to 250 MB reports 250 MB however little it used)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+class HighWater(threading.Thread):
+    """Reads a child's VmHWM four times a second until `done`: its peak RSS (`mb`)."""
+
+    def __init__(self, pid: int, every: float = 0.25) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.every, self.mb = pid, every, 0.0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            self.mb = max(self.mb, high_water_mb(self.pid))
+            self.done.wait(self.every)
+
+
 def process_cpu(pid: int | None) -> float:
     """User + system CPU seconds of a running process (0.0 when it is gone)."""
     if pid is None:
@@ -444,6 +473,7 @@ class Daemon:
         self._spy: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
         self.rss_samples: list[tuple[float, float]] = []  # (seconds since start, RSS MB)
+        self.peak_hwm_mb = 0.0  # the process's peak RSS, as last read (VmHWM)
         self._sampler: threading.Thread | None = None
 
     def start(self) -> Daemon:
@@ -487,7 +517,8 @@ class Daemon:
             self._spy = None
 
     def _sample_rss(self, every: float = 0.25) -> None:
-        """RSS twice to four times a second while the process lives: when the peak happens."""
+        """RSS twice to four times a second while the process lives: when the peak happens;
+        and its peak RSS so far (`peak_hwm_mb`)."""
         assert self.ps is not None
         while self.running():
             try:
@@ -495,6 +526,7 @@ class Daemon:
             except psutil.Error:
                 return
             self.rss_samples.append((time.monotonic() - self.started, rss))
+            self.peak_hwm_mb = max(self.peak_hwm_mb, high_water_mb(self.ps.pid))
             time.sleep(every)
 
     def rss_peak_at(self) -> tuple[float, float]:
@@ -582,7 +614,7 @@ class Daemon:
             cpu_s=usage.ru_utime + usage.ru_stime,
             user_s=usage.ru_utime,
             system_s=usage.ru_stime,
-            peak_rss_mb=usage.ru_maxrss / 1024,
+            peak_rss_mb=self.peak_hwm_mb or usage.ru_maxrss / 1024,
             events=self.events(),
         )
 
