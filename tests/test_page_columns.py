@@ -7,11 +7,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from syncd.catalogue import feeds
-from syncd.instants import packed_instant, sortable_instant
+from syncd.instants import packed_instant, sortable_instant, utc_instant
 from syncd.servicetitan import page as page_mod
 from syncd.servicetitan.page import decode_page, instant_columns
 
@@ -95,3 +96,23 @@ def test_records_a_column_at_a_time_read_as_one_by_one(records: list[dict[str, o
     # Whichever path it took, the page holds each record with a key once, newest version wins.
     assert len(page.keys) + len(page.dead) + page.superseded == len(records)
     assert set(page.keys) == set(keys)
+
+
+# Digits of other scripts spell no instant: read as one, a fullwidth year failed the page for
+# good, and a fullwidth hour or fraction went into the event's `modified_at`.
+ODD = [
+    "\uff12\uff10\uff12\uff14-01-01T00:00:00Z",  # fullwidth year
+    "2024-01-01T\uff11\uff12:00:00Z",  # fullwidth hour
+    "2024-01-01T00:00:00.\u0665Z",  # Arabic-Indic fraction digit
+]
+
+
+@pytest.mark.parametrize("stamp", ODD)
+def test_a_timestamp_of_non_ascii_digits_is_no_timestamp(stamp: str) -> None:
+    body = json.dumps(
+        {"hasMore": False, "continueFrom": "c", "data": [{"id": 1, "modifiedOn": stamp}]}
+    ).encode()
+    page = decode_page(body, feeds()["crm.customers"])
+    assert page.keys == ["1"]
+    assert page.instants == [b""]
+    assert utc_instant(stamp) == ""

@@ -204,6 +204,8 @@ async def test_a_pass_killed_again_and_again_reports_each_delete_once(
         data["defaults"]["requests_per_second"] = 40.0
         assert await Daemon(settings(data), once=True).run() == 0
         gone = await mutate(sim.url, tenant, "delete", 120)
+        # The pass's 30 pages at 10 requests/s take seconds: long enough to be killed twice.
+        data["defaults"]["requests_per_second"] = 10.0
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "syncd.toml"
             path.write_text(to_toml(data))

@@ -249,8 +249,16 @@ if detect then
     local done = false
     if fresh and not has_old and ARGV[p + 3] ~= '' then
       if redis.call('HSETNX', bkey, key, fp .. M .. ts) == 1 then
-        redis.call('XADD', stream, '*', 'op', 'created', 'key', key, 'data', ARGV[p + 3],
-                   'modified_on', ARGV[p + 2], 'modified_at', at)
+        -- The index before the event here: an event that fails (Redis does not undo a
+        -- script's earlier writes) takes its key out of the index again, or the page applied
+        -- again would find the key unchanged and its event would be lost.
+        local added = redis.pcall('XADD', stream, '*', 'op', 'created', 'key', key,
+                                  'data', ARGV[p + 3], 'modified_on', ARGV[p + 2],
+                                  'modified_at', at)
+        if type(added) == 'table' and added.err then
+          redis.call('HDEL', bkey, key)
+          return redis.error_reply(added.err)
+        end
         published = published + 1
         count = count + 1
         done = true
