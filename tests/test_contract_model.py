@@ -32,8 +32,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from syncd import catalogue
 from syncd.engine.index import SAME_INSTANT_KEPT
+from syncd.engine.pass_scripts import PASS_START, SWEEP
 from syncd.engine.publisher import Applied, Publisher
-from syncd.engine.scripts import PASS_START, SWEEP
 from syncd.errors import RedisFull
 from syncd.keys import Keys
 from syncd.servicetitan.page import decode_page

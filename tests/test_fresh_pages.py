@@ -27,8 +27,8 @@ from hypothesis import strategies as st
 
 from syncd import catalogue
 from syncd.engine import index
+from syncd.engine.pass_scripts import PASS_START, SWEEP
 from syncd.engine.publisher import Applied, Publisher
-from syncd.engine.scripts import PASS_START, SWEEP
 from syncd.errors import TransientError
 from syncd.instants import packed_instant
 from syncd.keys import Keys

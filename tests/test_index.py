@@ -302,7 +302,7 @@ async def test_a_pass_begins_once_the_index_has_left_the_layout_before_buckets(
 ) -> None:
     """The sweep looks at the buckets only: a key still in the layout before would never be
     found gone, so a pass moves the index first."""
-    from syncd.engine.scripts import PASS_START
+    from syncd.engine.pass_scripts import PASS_START
 
     ids: list[int | str] = list(range(1, 2001))
     await apply_all(Publisher(redis, "st"), ids)

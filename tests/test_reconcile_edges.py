@@ -11,8 +11,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from syncd import catalogue
+from syncd.engine.pass_scripts import PASS_START, SWEEP
 from syncd.engine.publisher import Publisher
-from syncd.engine.scripts import PASS_START, SWEEP
 from syncd.keys import Keys
 from syncd.servicetitan.page import Page, decode_page
 from tests.index_helpers import entries, to_old_layout

@@ -23,10 +23,10 @@ import anyio
 import structlog
 
 from syncd.catalogue import Feed
+from syncd.engine.pass_scripts import PASS_START, SWEEP
 from syncd.engine.policy import NoProgress, follow, page_progress
 from syncd.engine.publisher import Publisher, redis_errors
 from syncd.engine.ratelimit import TokenBucket, backoff
-from syncd.engine.scripts import PASS_START, SWEEP
 from syncd.errors import RateLimited, TransientError
 from syncd.instants import utc_instant
 from syncd.servicetitan.auth import TokenProvider
