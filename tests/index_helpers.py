@@ -1,6 +1,6 @@
 """The index as an installation of an earlier layout holds it: one `seen` hash per feed, key ->
 fingerprint, sortable instant text, `|` and earlier fingerprints (what `syncd.engine.scripts`
-reads until its keys have moved)."""
+reads until its keys have moved); instants in several spellings."""
 
 from __future__ import annotations
 
@@ -60,3 +60,18 @@ async def to_old_layout(
         if hashtable:
             await r.config_set("hash-max-listpack-entries", 128)
     return len(found)
+
+
+# Instants are tenths of a second after 2024-01-01T10:00:00Z, 0.5 s apart; each is written in
+# one of several spellings that name the same instant.
+def spell(instant: int, style: int) -> str:
+    seconds, half = divmod(instant, 2)
+    frac = ".5" if half else ""
+    return [
+        f"2024-01-01T10:00:0{seconds}{frac}Z",
+        f"2024-01-01T10:00:0{seconds}.{'5' if half else '0'}000000Z",
+        f"2024-01-01T10:00:0{seconds}{frac}",  # no zone: UTC
+        f"2024-01-01T12:00:0{seconds}{frac}+02:00",
+        f"2024-01-01T08:30:0{seconds}{frac}-01:30",
+        f"2024-01-01T10:00:0{seconds}{'.50' if half else '.000'}+00:00",
+    ][style]

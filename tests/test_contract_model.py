@@ -38,7 +38,7 @@ from syncd.errors import RedisFull
 from syncd.keys import Keys
 from syncd.servicetitan.page import decode_page
 from syncd.testing.redis_server import RedisServer
-from tests.index_helpers import to_old_layout
+from tests.index_helpers import spell, to_old_layout
 
 EXAMPLES = int(os.environ.get("SYNCD_MODEL_EXAMPLES", "20"))
 STEPS = int(os.environ.get("SYNCD_MODEL_STEPS", "25"))
@@ -53,21 +53,6 @@ R = TypeVar("R")
 
 
 # --- What ServiceTitan may send ------------------------------------------------------------
-
-
-# Instants are tenths of a second after 2024-01-01T10:00:00Z, 0.5 s apart; each is written in
-# one of several spellings that name the same instant.
-def spell(instant: int, style: int) -> str:
-    seconds, half = divmod(instant, 2)
-    frac = ".5" if half else ""
-    return [
-        f"2024-01-01T10:00:0{seconds}{frac}Z",
-        f"2024-01-01T10:00:0{seconds}.{'5' if half else '0'}000000Z",
-        f"2024-01-01T10:00:0{seconds}{frac}",  # no zone: UTC
-        f"2024-01-01T12:00:0{seconds}{frac}+02:00",
-        f"2024-01-01T08:30:0{seconds}{frac}-01:30",
-        f"2024-01-01T10:00:0{seconds}{'.50' if half else '.000'}+00:00",
-    ][style]
 
 
 @dataclass(frozen=True)
