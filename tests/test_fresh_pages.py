@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Coroutine
 from typing import Any
 
 import pytest
@@ -243,6 +244,16 @@ async def run_steps(
             assert logical(a) == logical(b), f"after {step[0]}"
 
 
+def run(coro: Coroutine[Any, Any, None]) -> None:
+    """Run `coro` on a loop of its own, never made current: asyncio.run would leave the thread
+    without one, which older pytest-asyncio versions need for the async tests that follow."""
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(coro)
+    finally:
+        loop.close()
+
+
 @settings(
     max_examples=120,
     deadline=None,
@@ -271,7 +282,7 @@ def test_the_fresh_path_leaves_redis_as_the_full_comparison_does(
         finally:
             await r.aclose()
 
-    asyncio.run(main())
+    run(main())
 
 
 def test_a_fresh_page_repeating_keys_of_earlier_pages_publishes_each_change_once(
@@ -321,7 +332,7 @@ def test_a_fresh_page_repeating_keys_of_earlier_pages_publishes_each_change_once
         finally:
             await r.aclose()
 
-    asyncio.run(main())
+    run(main())
 
 
 # A page script that fails part-way (a Redis command error: Redis does not undo a script's
