@@ -175,13 +175,17 @@ async def test_run_each_leaves_events_it_did_not_start_pending_and_loses_none(
     left = await pending_ids(redis, CUSTOMERS, "billing")
     assert set(left) == set(ids) - set(handled)
 
-    # Another consumer takes the rest over: every event handled once, none twice.
-    await asyncio.sleep(0.15)
-    rest = make(redis, "c2", concurrency=4, claim_idle_ms=100, block_ms=50)
+    # Another consumer takes the rest over: every event handled once, none twice. Its events
+    # wait their turn for up to a few handler times (longer on a loaded machine): it claims
+    # only those idle for longer than that, or it would claim its own again.
+    await asyncio.sleep(1.05)
+    rest = make(redis, "c2", concurrency=4, claim_idle_ms=1000, block_ms=50)
     task = start(rest, "each", slow)
-    await until(lambda: len(handled) == len(ids), "the rest handled by the other consumer")
-    await rest.stop()
-    await task
+    try:
+        await until(lambda: len(handled) == len(ids), "the rest handled by the other consumer")
+    finally:
+        await rest.stop()
+        await task
     assert sorted(handled) == sorted(ids)
     assert await pending_ids(redis, CUSTOMERS, "billing") == {}
 
