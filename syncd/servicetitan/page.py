@@ -96,8 +96,14 @@ def instant_columns(values: list[str]) -> tuple[list[bytes], list[bytes]]:
     pack, at = packed.append, ats.append
     for when, v in zip(whens, values, strict=True):
         n = len(v)
-        if n < 20 or v[-1] != "Z" or v[10] != "T" or (n != 20 and (n < 22 or v[19] != ".")):
-            one, fixed = _instant_columns([v])  # an offset, no zone, a lowercase `z`, ...
+        if (
+            not 20 <= n <= 28
+            or v[-1] != "Z"
+            or v[10] != "T"
+            or (n != 20 and (n < 22 or v[19] != "."))
+        ):
+            # An offset, no zone, a lowercase `z`, more than seven fractional digits, ...
+            one, fixed = _instant_columns([v])
             pack(one[0])
             at(fixed[0])
             continue
@@ -111,13 +117,9 @@ def instant_columns(values: list[str]) -> tuple[list[bytes], list[bytes]]:
                 ticks -= 10
             pack(ticks.to_bytes(PACKED_BYTES, "big"))
             at(b"")
-        elif n < 28:
+        else:
             pack(ticks.to_bytes(PACKED_BYTES, "big"))
             at(f"{v[:19]}.{v[20:-1].ljust(FRACTION_DIGITS, '0')}Z".encode())
-        else:  # more than seven fractional digits
-            one, fixed = _instant_columns([v])
-            pack(one[0])
-            at(fixed[0])
     return packed, ats
 
 
