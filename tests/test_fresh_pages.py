@@ -35,7 +35,7 @@ from syncd.instants import packed_instant
 from syncd.keys import Keys
 from syncd.servicetitan.page import decode_page
 from syncd.testing.redis_server import RedisServer
-from tests.index_helpers import buckets, spell, to_old_layout
+from tests.index_helpers import buckets, entries, spell, to_old_layout
 
 TENANT = 5
 SIDES = ("fa", "fb")  # fa: always fresh; fb: never
@@ -364,3 +364,32 @@ async def test_a_script_failing_at_its_first_event_loses_no_event(
     assert applied.applied
     events = [f for _, f in await redis.xrange(k.stream(ERR_FEED.name))]
     assert sorted(e[b"key"] for e in events if e[b"op"] == b"created") == [b"1", b"2"]
+
+
+# A stream two entries short of its last possible id: the third XADD of a page fails.
+LAST_IDS = "18446744073709551615-18446744073709551613"
+
+
+@pytest.mark.parametrize("fresh", [False, True], ids=["full-comparison", "fresh"])
+async def test_a_script_failing_part_way_keeps_the_index_count_true(
+    redis: aioredis.Redis, fresh: bool
+) -> None:
+    pub = Publisher(redis, "st", precheck_min=10**9)
+    k = Keys("st", ERR_TENANT)
+    stream = k.stream(ERR_FEED.name)
+    await redis.xadd(stream, {"op": "filler"}, id=LAST_IDS)
+    if fresh:
+        pub._fresh.add((ERR_TENANT, ERR_FEED.name))
+    recs = [{"id": n, "modifiedOn": "2024-01-01T00:00:00Z"} for n in range(1, 6)]
+    body = json.dumps({"hasMore": False, "continueFrom": "c1", "data": recs}).encode()
+    with pytest.raises(TransientError):
+        await pub.apply(ERR_TENANT, ERR_FEED.name, None, decode_page(body, ERR_FEED))
+    indexed = await entries(redis, k, ERR_FEED.name)
+    published = [f[b"key"] for _, f in await redis.xrange(stream) if f[b"op"] == b"created"]
+    assert sorted(indexed) == sorted(published) == [b"1", b"2"]  # each with its event, no more
+    assert int(await redis.hget(k.index(ERR_FEED.name), "count")) == 2
+    await redis.delete(stream)  # the operator repairs it; the page comes again
+    applied = await pub.apply(ERR_TENANT, ERR_FEED.name, None, decode_page(body, ERR_FEED))
+    assert applied.applied
+    assert sorted(await entries(redis, k, ERR_FEED.name)) == [b"1", b"2", b"3", b"4", b"5"]
+    assert int(await redis.hget(k.index(ERR_FEED.name), "count")) == 5

@@ -236,6 +236,14 @@ if detect then
   local level, split, count, mark = meta_of(meta)
   local M = string.char(mark)
   local counted = count
+  -- An event that fails (a command error: Redis keeps a script's earlier writes) ends the
+  -- script with the index's count of keys still true for the keys written before it.
+  local function failed(err)
+    if count ~= counted then
+      redis.call('HSET', meta, 'level', level, 'split', split, 'count', count, 'mark', mark)
+    end
+    return redis.error_reply(err)
+  end
   has_old = redis.call('EXISTS', old) == 1
   local prefix = meta .. ':'
   local low = 2 ^ level
@@ -257,7 +265,7 @@ if detect then
                                   'modified_at', at)
         if type(added) == 'table' and added.err then
           redis.call('HDEL', bkey, key)
-          return redis.error_reply(added.err)
+          return failed(added.err)
         end
         published = published + 1
         count = count + 1
@@ -302,12 +310,13 @@ if detect then
           value = value .. string.sub(old_fp .. earlier, 1, FP * KEPT)
         end
       end
-      if not cur and value then count = count + 1 end
       if op then
-        redis.call('XADD', stream, '*', 'op', op, 'key', key, 'data', ARGV[p + 3],
-                   'modified_on', ARGV[p + 2], 'modified_at', at)
+        local added = redis.pcall('XADD', stream, '*', 'op', op, 'key', key, 'data', ARGV[p + 3],
+                                  'modified_on', ARGV[p + 2], 'modified_at', at)
+        if type(added) == 'table' and added.err then return failed(added.err) end
         published = published + 1
       end
+      if not cur and value then count = count + 1 end
       if value then redis.call('HSET', bkey, key, value) end
       if moving then
         redis.call('HDEL', old, key)
