@@ -262,6 +262,16 @@ def test_relative_links_and_anchors_resolve(path: Path) -> None:
     assert not broken, f"{path.name}: {broken}"
 
 
+# Words a draft leaves behind: a reader finds no answer where they stand.
+PLACEHOLDER = re.compile(r"(?i)to be filled|\bTODO\b|\bTBD\b|\bFIXME\b|\bXXX\b")
+
+
+@pytest.mark.parametrize("path", [*DOCS, ROOT / "CHANGELOG.md"], ids=str)
+def test_no_placeholder_is_left(path: Path) -> None:
+    left = [line for line in path.read_text().splitlines() if PLACEHOLDER.search(line)]
+    assert not left, f"{path.name}: {left}"
+
+
 def test_anchors_are_github_s() -> None:
     from tests.docs_helpers import slug
 
