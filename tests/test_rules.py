@@ -3,10 +3,13 @@ exports."""
 
 from __future__ import annotations
 
+import functools
+import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -14,7 +17,8 @@ from tests.exported import FLEET_ONLY, daemon_names, exported_by_metrics, names_
 
 __all__ = ["daemon_names"]  # a fixture, used by name
 
-CONTRIB = Path(__file__).resolve().parent.parent / "contrib" / "prometheus"
+ROOT = Path(__file__).resolve().parent.parent
+CONTRIB = ROOT / "contrib" / "prometheus"
 RULES = CONTRIB / "syncd-rules.yml"
 RULE_TESTS = CONTRIB / "syncd-rules.test.yml"
 ALERTS = {
@@ -37,13 +41,44 @@ ALERTS = {
 }
 
 
+LOCKED = ROOT / "lock" / "debian.txt"
+
+
+def locked_version(package: str) -> str:
+    """The upstream version lock/debian.txt pins for a Debian package."""
+    for line in LOCKED.read_text().splitlines():
+        name, _, version = line.partition(" ")
+        if name == package:
+            return version.strip()
+    raise LookupError(f"{package} is not in {LOCKED}")
+
+
+def version_of(path: str) -> str:
+    """The upstream version of a promtool ("promtool, version 2.42.0+ds (...)": 2.42.0)."""
+    done = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30)
+    found = re.search(r"^promtool, version (\d[\d.]*)", done.stdout + done.stderr, re.M)
+    return found.group(1).rstrip(".") if found else "of unknown version"
+
+
+def unavailable(why: str) -> NoReturn:
+    """Skip, saying why; under CI a missing or unlocked promtool is a failure, not a skip."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(why)
+    pytest.skip(why)
+
+
+@functools.cache
 def promtool() -> str:
     path = shutil.which("promtool")
+    locked = locked_version("prometheus")
     if path is None:
-        pytest.skip(
-            "promtool not found: `make test` installs it (Debian package prometheus) where it"
-            " runs as root with apt-get; elsewhere install it to test the alerting rules"
+        unavailable(
+            f"promtool not found: `make test` installs it (Debian package prometheus {locked},"
+            " lock/debian.txt) where it runs as root with apt-get; elsewhere install it to"
+            " test the alerting rules"
         )
+    elif (have := version_of(path)) != locked:
+        unavailable(f"promtool {have} is not the {locked} of lock/debian.txt")
     return path
 
 
