@@ -95,6 +95,9 @@ test-latest: $(UV) $(STAMP) $(LATEST)/bin/python promtool
 # The lock installs, syncd starts and a part of the suite passes on every supported Python the
 # machine has (lock/pythons; the whole locked suite runs on $(PYTHON)).
 check-pythons: check-lock
+	@for v in $$(sed -n 's/^SUPPORTED="\(.*\)"/\1/p' lock/pythons); do \
+		lock/pythons $$v >/dev/null || echo "WARNING: Python $$v (supported) is not here: not checked"; \
+	done
 	@for py in $$(lock/pythons); do \
 		env=$$(mktemp -d) && $$py -m venv $$env && \
 		$$env/bin/python -m pip install --quiet --require-hashes --no-deps --only-binary :all: -r $(LOCK) && \
