@@ -57,6 +57,12 @@ class Keys:
         return f"{self.base}:replay:{feed}:{group}"
 
     @property
+    def missed(self) -> str:
+        """Hash: `<feed>:<group>` -> how many events of the feed's stream were trimmed before
+        the group read them, as consumers last reported it (`syncd.consumer.trimmed`)."""
+        return f"{self.base}:missed"
+
+    @property
     def state(self) -> str:
         """Hash: per-feed operational state (last poll, last error), for `syncd status`."""
         return f"{self.base}:state"

@@ -89,6 +89,7 @@ def test_nothing_yet_is_still_valid_text() -> None:
         "syncd_consumer_events_handled",
         "syncd_consumer_events_failed",
         "syncd_consumer_events_dead_lettered",
+        "syncd_consumer_events_missed",
         "syncd_consumer_lag_events",
         "syncd_consumer_pending_events",
         "syncd_consumer_handler_seconds",

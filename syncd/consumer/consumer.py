@@ -36,7 +36,7 @@ from typing import Literal
 import structlog
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
-from syncd.consumer import capped, each, loop, regroup, replay
+from syncd.consumer import capped, each, loop, regroup, replay, trimmed
 from syncd.consumer.deadletter import DEAD_LETTER_LUA
 from syncd.consumer.delivery import classify, entry_order
 from syncd.consumer.each import EventHandler
@@ -59,6 +59,8 @@ Start = Literal["beginning", "new"]
 log = structlog.get_logger("syncd.consumer")
 
 _GROUP_START: dict[str, str] = {"beginning": "0", "new": "$"}
+# How often a consumer without metrics looks for events trimmed before its group read them.
+LAG_INTERVAL_S = 15.0
 
 
 class Consumer:
@@ -131,6 +133,7 @@ class Consumer:
         self.metrics = metrics
         self.stopping = Stopping()
         self._lag_due = 0.0
+        self._trims = trimmed.TrimWatch(prefix, group, metrics)
         timeout_s = socket_timeout_s(redis)
         self.block_ms = block_ms if timeout_s is None else min(block_ms, int(timeout_s * 800) or 1)
         self._streams = {name: parse_stream(name, prefix) for name in names}
@@ -224,10 +227,13 @@ class Consumer:
         self._groups_ready = True
 
     async def _read(self, limit: int | None) -> list[Event]:
-        if self.metrics is not None and time.monotonic() >= self._lag_due:
-            self._lag_due = time.monotonic() + self.metrics.lag_interval
-            feeds = {stream: ref.feed for stream, ref in self._reading.items()}
-            await sample_lag(self.redis, self.group, feeds, self.metrics)
+        if time.monotonic() >= self._lag_due:  # and a look for events trimmed unread
+            lag_interval = LAG_INTERVAL_S if self.metrics is None else self.metrics.lag_interval
+            self._lag_due = time.monotonic() + lag_interval
+            await self._trims.check(self.redis, self._streams)
+            if self.metrics is not None:
+                feeds = {stream: ref.feed for stream, ref in self._reading.items()}
+                await sample_lag(self.redis, self.group, feeds, self.metrics)
         events: list[Event] = []
         if time.monotonic() >= self._reclaim_due:
             events.extend(await self._reclaim(limit))

@@ -31,6 +31,7 @@ _HELP = {
     "events_handled_total": "Events the handler handled and the consumer acknowledged.",
     "events_failed_total": "Deliveries the handler failed (raised, timed out or returned).",
     "events_dead_lettered_total": "Events moved to the dead stream, by reason.",
+    "events_missed_total": "Events trimmed from a stream before the group read them.",
     "lag_events": "Events in the streams not yet delivered to the group (XINFO GROUPS lag).",
     "pending_events": "Events delivered to the group and not acknowledged yet.",
     "handler_seconds": "Time of each handler call (a batch, or one event with run_each).",
@@ -71,6 +72,7 @@ class ConsumerMetrics:
             "events_handled_total": {},
             "events_failed_total": {},
             "events_dead_lettered_total": {},
+            "events_missed_total": {},
         }
         # (group, stream) -> (feed, lag or None when Redis cannot tell, pending)
         self._streams: dict[tuple[str, str], tuple[str, int | None, int]] = {}
@@ -85,6 +87,11 @@ class ConsumerMetrics:
     def dead_lettered(self, group: str, feed: str, reason: str) -> None:
         series = self._counters["events_dead_lettered_total"]
         series[(group, feed, reason)] = series.get((group, feed, reason), 0) + 1
+
+    def missed(self, group: str, feed: str, count: int) -> None:
+        """`count` events of `feed` were trimmed before `group` read them."""
+        series = self._counters["events_missed_total"]
+        series[(group, feed)] = series.get((group, feed), 0) + count
 
     def observe(self, group: str, seconds: float) -> None:
         """One handler call took `seconds`."""
@@ -109,7 +116,7 @@ class ConsumerMetrics:
     def render(self) -> str:
         """Every series in Prometheus' text exposition format (version 0.0.4)."""
         out: list[str] = []
-        for name in ("events_handled_total", "events_failed_total", "events_dead_lettered_total"):
+        for name in self._counters:
             out.append(_header(name, "counter"))
             out.extend(_line(name, _LABELS[name], key, v) for key, v in self._series(name).items())
         for name in ("lag_events", "pending_events"):
@@ -150,6 +157,7 @@ _LABELS: dict[str, tuple[str, ...]] = {
     "events_handled_total": ("group", "feed"),
     "events_failed_total": ("group", "feed"),
     "events_dead_lettered_total": ("group", "feed", "reason"),
+    "events_missed_total": ("group", "feed"),
     "lag_events": ("group", "feed"),
     "pending_events": ("group", "feed"),
 }
