@@ -351,6 +351,35 @@ async def test_purge(redis: aioredis.Redis, syncd: Run, buried: dict[str, str]) 
     assert await dead_ids(redis) == []
 
 
+async def test_replay_and_purge_say_what_they_did_in_json(
+    redis: aioredis.Redis, syncd: Run, buried: dict[str, str]
+) -> None:
+    replayed = await syncd("replay", "--id", buried["event"], "--json")
+    assert replayed.returncode == 0, replayed.stderr
+    assert json.loads(replayed.stdout) == {
+        "tenant": TENANT,
+        "replayed": [
+            {
+                "id": buried["event"],
+                "feed": "crm.customers",
+                "key": "666",
+                "group": "billing",
+                "to": KEYS.replay("crm.customers", "billing"),
+            }
+        ],
+        "gone": [],
+    }
+    purged = await syncd("purge", "--reason", "record has no key", "--yes", "--json")
+    assert purged.returncode == 0, purged.stderr
+    assert json.loads(purged.stdout) == {
+        "tenant": TENANT,
+        "deleted": [buried["record"]],
+        "gone": [],
+    }
+    nothing = await syncd("purge", "--all", "--yes", "--json")
+    assert json.loads(nothing.stdout) == {"tenant": TENANT, "deleted": [], "gone": []}
+
+
 async def test_under_the_readme_acl_user(
     redis: aioredis.Redis, redis_server: RedisServer, tmp_path: Path, buried: dict[str, str]
 ) -> None:

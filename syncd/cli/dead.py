@@ -14,7 +14,7 @@ import datetime as dt
 import re
 import sys
 import time
-from typing import TextIO
+from typing import Any, TextIO
 
 from redis.exceptions import RedisError
 
@@ -158,6 +158,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         filters(action, None)
         if name == "purge":
             action.add_argument("--yes", action="store_true", help="do not ask")
+        action.add_argument("--json", action="store_true", help="what was done as one JSON object")
 
 
 def _selection(args: argparse.Namespace) -> Selection:
@@ -219,7 +220,7 @@ async def run(settings: Settings, args: argparse.Namespace, out: TextIO, err: Te
             return await _show(r, dead, args, out)
         letters = await _chosen(r, dead, args)
         if args.dead_command == "replay":
-            return await _replay(r, dead, prefix, args.tenant, letters, out)
+            return await _replay(r, dead, prefix, args, letters, out)
         return await _purge(r, dead, args, letters, out)
     finally:
         await r.aclose()
@@ -278,8 +279,14 @@ async def _chosen(r: RedisClient, dead: str, args: argparse.Namespace) -> list[D
 
 
 async def _replay(
-    r: RedisClient, dead: str, prefix: str, tenant: int, letters: list[DeadLetter], out: TextIO
+    r: RedisClient,
+    dead: str,
+    prefix: str,
+    args: argparse.Namespace,
+    letters: list[DeadLetter],
+    out: TextIO,
 ) -> int:
+    tenant = args.tenant
     refused = [
         why for letter in letters if (why := deadstream.unreplayable(letter, prefix, tenant))
     ]
@@ -293,16 +300,24 @@ async def _replay(
     script = r.register_script(MOVE_LUA)
     moved: dict[tuple[str, str], int] = {}  # (replay stream, group) -> events moved there
     gone: list[str] = []
+    done: list[dict[str, Any]] = []
     for letter in letters:
         if await deadstream.hand_back(script, dead, letter, prefix) == 1:
             where = (deadstream.replay_stream(letter, prefix), letter.group or "")
             moved[where] = moved.get(where, 0) + 1
+            row = as_json(letter)
+            done.append({k: row[k] for k in ("id", "feed", "key", "group")} | {"to": where[0]})
+            if args.json:
+                continue
             out.write(
                 f"replayed {letter.id} ({shown(letter.feed)} key "
                 f"{shown(letter.get('key') or '')}) to group {shown(letter.group or '')}\n"
             )
         else:
             gone.append(letter.id)
+    if args.json:
+        out.write(json_line({"tenant": tenant, "replayed": done, "gone": gone}) + "\n")
+        return 0
     for (stream, group), count in moved.items():
         waiting = await _group_reads(r, stream, group)
         note = "" if waiting else (
@@ -330,7 +345,10 @@ async def _purge(
     r: RedisClient, dead: str, args: argparse.Namespace, letters: list[DeadLetter], out: TextIO
 ) -> int:
     if not letters:
-        out.write("no dead letters match: nothing deleted\n")
+        if args.json:
+            out.write(json_line({"tenant": args.tenant, "deleted": [], "gone": []}) + "\n")
+        else:
+            out.write("no dead letters match: nothing deleted\n")
         return 0
     if not args.yes:
         if not sys.stdin.isatty():
@@ -343,7 +361,16 @@ async def _purge(
         if answer.strip().lower() not in ("y", "yes"):
             out.write("nothing deleted\n")
             return 0
-    deleted = await deadstream.delete(r, dead, [letter.id for letter in letters])
+    ids = [letter.id for letter in letters]
+    if args.json:  # each id on its own, to say which were there
+        deleted_ids = await deadstream.delete_each(r, dead, ids)
+        held = set(deleted_ids)
+        gone_ids = [i for i in dict.fromkeys(ids) if i not in held]
+        out.write(
+            json_line({"tenant": args.tenant, "deleted": deleted_ids, "gone": gone_ids}) + "\n"
+        )
+        return 0
+    deleted = await deadstream.delete(r, dead, ids)
     gone = len(letters) - deleted
     out.write(
         f"deleted {deleted} dead letter(s) of tenant {args.tenant}"

@@ -182,6 +182,20 @@ async def hand_back(script: Script, dead: str, letter: DeadLetter, prefix: str) 
     return int(await script(keys=[dead, replay], args=[letter.id, stream, group]))
 
 
+async def delete_each(redis: RedisClient, dead: str, ids: Iterable[str]) -> list[str]:
+    """Delete entries of dead stream `dead`; returns those it held (one XDEL each, pipelined)."""
+    wanted = list(dict.fromkeys(ids))
+    held: list[str] = []
+    for at in range(0, len(wanted), _DELETE_CHUNK):
+        chunk = wanted[at : at + _DELETE_CHUNK]
+        async with redis.pipeline(transaction=False) as pipe:
+            for entry_id in chunk:
+                pipe.xdel(dead, entry_id)
+            replies = await pipe.execute()
+        held.extend(i for i, n in zip(chunk, replies, strict=True) if int(n))
+    return held
+
+
 async def delete(redis: RedisClient, dead: str, ids: Iterable[str]) -> int:
     """Delete entries of dead stream `dead`; returns how many it held."""
     wanted = list(dict.fromkeys(ids))
