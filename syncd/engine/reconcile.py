@@ -28,7 +28,6 @@ from syncd.engine.policy import NoProgress, follow, page_progress
 from syncd.engine.publisher import Publisher, redis_errors
 from syncd.engine.ratelimit import TokenBucket, backoff
 from syncd.errors import RateLimited, TransientError
-from syncd.instants import utc_instant
 from syncd.servicetitan.auth import TokenProvider
 from syncd.servicetitan.client import ExportClient
 
@@ -215,7 +214,6 @@ class Reconciler:
                     int(sweep or 0),
                     self.sweep_budget,
                     on,
-                    utc_instant(on),
                     feed.name,
                     f"{now:.3f}",
                 ],
