@@ -26,7 +26,7 @@ import functools
 import hashlib
 import itertools
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -36,9 +36,10 @@ import structlog
 
 from syncd.engine import index
 from syncd.engine.scripts import APPLY_PAGE, LOOKUP, MIGRATE_INDEX, SETTLE
-from syncd.errors import RedisFull, ReplicasBehind, TransientError
+from syncd.errors import ReplicasBehind, TransientError
 from syncd.keys import Keys
 from syncd.redis.conn import RedisClient, RedisCluster
+from syncd.redis.errors import redis_errors as redis_errors  # re-exported
 from syncd.servicetitan.page import Page
 
 log = structlog.get_logger("syncd.publisher")
@@ -429,6 +430,13 @@ class Publisher:
                 return None if raw is None else _text(raw)
             return await self._waited(functools.partial(self._settle_on, tenant, feed))
 
+    async def replicated(self, write: Callable[[Any], Awaitable[T]], what: str) -> T:
+        """`write(client)`; with `wait_replicas` on one connection, then WAITed for as a page
+        is (ReplicasBehind naming `what`)."""
+        if not self.waits:
+            return await write(self.redis)
+        return await self._waited(lambda conn: _named(write(conn), what))
+
     async def _settle_on(self, tenant: int, feed: str, conn: Any) -> tuple[str | None, str]:
         """The stored cursor, read on `conn` with a write for the WAIT after it to cover."""
         k = self.keys(tenant)
@@ -482,16 +490,5 @@ class Publisher:
             )
 
 
-@contextlib.contextmanager
-def redis_errors(what: str) -> Iterator[None]:
-    """Redis' errors as the engine's: out of memory (RedisFull), refused or failing
-    (TransientError). A script is refused before its first write (its flags make OOM checked up
-    front), so nothing was written; a page is fetched again later."""
-    try:
-        yield
-    except redis.exceptions.ResponseError as exc:
-        if isinstance(exc, redis.exceptions.OutOfMemoryError) or str(exc).startswith("OOM"):
-            raise RedisFull(f"redis is out of memory: {exc}") from None
-        raise TransientError(f"redis refused {what}: {exc}") from None
-    except redis.exceptions.RedisError as exc:
-        raise TransientError(f"redis: {type(exc).__name__}: {exc}") from None
+async def _named(result: Awaitable[T], what: str) -> tuple[T, str]:
+    return await result, what

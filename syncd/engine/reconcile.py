@@ -207,17 +207,17 @@ class Reconciler:
         on = dt.datetime.fromtimestamp(now, dt.UTC).isoformat(timespec="microseconds")
         on = on.replace("+00:00", "Z")
         progress.buckets = (1 << int(level or 0)) + int(split or 0)
-        with redis_errors("the sweep"):
-            result = await self._sweep(
-                keys=[meta, k.stream(feed.name), k.state],
-                args=[
-                    int(sweep or 0),
-                    self.sweep_budget,
-                    on,
-                    feed.name,
-                    f"{now:.3f}",
-                ],
+        args: list[str | int] = [int(sweep or 0), self.sweep_budget, on, feed.name, f"{now:.3f}"]
+
+        async def step(client: Any) -> Any:
+            return await self._sweep(
+                keys=[meta, k.stream(feed.name), k.state], args=args, client=client
             )
+
+        # With `wait_replicas`, each step's deletes are on enough replicas before the next:
+        # the window in which a failover can make a sweep publish a delete again is a page's.
+        with redis_errors("the sweep"):
+            result = await self.publisher.replicated(step, "the sweep")
         if int(result[0]) == 0:
             progress.swept = int(result[3])
             return "done" if int(result[1]) else "sweep"
