@@ -497,7 +497,8 @@ def block_loop(results: Results) -> str:
 
 
 def block_mirror(results: Results) -> str:
-    """The mirror's backfill into PostgreSQL beside a row-by-row upsert (bench.mirror)."""
+    """The mirror's backfill into PostgreSQL beside the same through asyncpg and a row-by-row
+    upsert (bench.mirror)."""
     f = _get(results, "mirror")
     cpu = f["cpu_s_per_100k"]
     before, after = f["load_average_1m"]
@@ -516,12 +517,40 @@ def block_mirror(results: Results) -> str:
             f"{f['copy_events_per_s']:,} (target: 50,000)",
             f"{cpu['copy']['client']:.2f} s / {cpu['copy']['postgres']:.2f} s",
         ),
+    ]
+    if "asyncpg" in cpu:
+        lines.append(
+            _row(
+                f"the same through asyncpg {f['asyncpg']} instead of psycopg {f['psycopg']}: "
+                "binary COPY (`copy_records_to_table`), the same upserts",
+                f"{f['asyncpg_events_per_s']:,}",
+                f"{cpu['asyncpg']['client']:.2f} s / {cpu['asyncpg']['postgres']:.2f} s",
+            )
+        )
+    lines.append(
         _row(
             "row by row: one `INSERT ... ON CONFLICT` per event",
             f"{f['row_by_row_events_per_s']:,}",
             f"{cpu['row_by_row']['client']:.2f} s / {cpu['row_by_row']['postgres']:.2f} s",
-        ),
-    ]
+        )
+    )
+    vs = f.get("asyncpg_vs_psycopg")
+    if vs:
+        same = {
+            True: "the same rows as",
+            False: "NOT the same rows as",
+            None: "rows not compared with",
+        }
+        lines += [
+            "",
+            f"asyncpg / psycopg, the medians of {len(f['rounds']['asyncpg'])} runs each taken in "
+            f"turns (the best runs above follow the machine's other load, which changed from "
+            f"run to run): {vs['events_per_s']:.2f}x the events/s, {vs['client_cpu']:.2f}x the "
+            f"mirror's CPU and {vs['postgres_cpu']:.2f}x PostgreSQL's per event; asyncpg's tables "
+            f"held {same[f.get('asyncpg_same_rows')]} the mirror's.",
+        ]
+    elif f.get("asyncpg_skipped"):
+        lines += ["", f"The asyncpg contender was skipped: {f['asyncpg_skipped']}."]
     steady = f.get("steady")
     if steady:
         lines += [

@@ -9,8 +9,16 @@ until its group has read and acknowledged every event:
 - `copy`: `syncd mirror` itself (`syncd.mirror.Mirror`): each batch staged with COPY and upserted
   with one `INSERT ... SELECT DISTINCT ON ... ON CONFLICT` per feed, one transaction per batch,
   the next batch read while one is applied (`read_ahead`);
+- `asyncpg`: the same `syncd mirror` (consumer, settings, tables, read-ahead) with its handler
+  replaced by one on asyncpg instead of psycopg 3: the batch staged with asyncpg's binary COPY
+  (`copy_records_to_table`) into the same temporary staging table, then the mirror's own upsert
+  statements (`syncd.mirror.apply`), in one transaction and a savepoint as `apply_rows` does;
+  skipped, with the reason, when asyncpg is not installed (it is in the `bench` extra);
 - `row_by_row`: the same consumer, tables and transactions, each event its own `INSERT ... ON
   CONFLICT DO UPDATE ... WHERE` (the README's statement), one round trip per event.
+
+`copy` and `asyncpg` differ in the driver alone and run in turns (which goes first alternates
+from round to round), so that the machine's other load falls on both.
 
 PostgreSQL is a private server (`syncd.testing.postgres_server`) with its durable defaults
 (fsync, synchronous commit); Redis is private too. Reported per contender: events/s, the share of
@@ -48,12 +56,21 @@ from psycopg import sql
 
 from bench import common
 from syncd import config
-from syncd.consumer import Consumer, Event, Subscription
+from syncd.consumer import Consumer, Event, Failed, Subscription
 from syncd.mirror import Mirror
-from syncd.mirror.rows import row_of
+from syncd.mirror.apply import _CREATE_STAGE, _UPSERT, STAGE
+from syncd.mirror.rows import Row, row_of
 from syncd.mirror.schema import migrate
 from syncd.testing import postgres_server
 from syncd.testing.groups import caught_up
+
+try:
+    import asyncpg
+except ImportError as exc:  # the bench extra not installed: the asyncpg contender is skipped
+    asyncpg = None
+    NO_ASYNCPG = f"asyncpg is not installed ({exc}); pip install -e '.[bench]'"
+else:
+    NO_ASYNCPG = ""
 
 TARGET_EVENTS_PER_S = 50_000
 TARGET_LAG_P99_MS = 1000
@@ -201,6 +218,70 @@ async def run_copy(s: Any, subs: list[Subscription], r: aioredis.Redis) -> tuple
     return elapsed, timed.seconds
 
 
+async def run_asyncpg(s: Any, subs: list[Subscription], r: aioredis.Redis) -> tuple[float, float]:
+    """`syncd mirror` as in `run_copy`, its batches applied through asyncpg: binary COPY
+    (`copy_records_to_table`) into the same staging table, then the mirror's upserts."""
+    mirror = Mirror(s, name="bench")
+    m = s.config.mirror
+    # The mirror's own statements, as text, with asyncpg's placeholder.
+    create_stage = _CREATE_STAGE.as_string(None)
+    conn = await asyncpg.connect(
+        m.url,
+        server_settings={"application_name": "syncd-mirror-asyncpg", "work_mem": "64MB"},
+    )
+    await conn.execute(create_stage)
+    upserts: dict[str, str] = {}
+
+    async def handle(batch: list[Event]) -> list[Event | Failed] | None:
+        # As Mirror.handle: each event's row, then the batch in one transaction.
+        rows: list[Row] = []
+        failed: list[Event | Failed] = []
+        for event in batch:
+            row = row_of(event)
+            if isinstance(row, str):
+                failed.append(Failed(event, row))
+            else:
+                rows.append(row)
+        if rows:
+            for feed in {row.feed for row in rows} - upserts.keys():
+                upserts[feed] = (
+                    sql.SQL(_UPSERT)
+                    .format(
+                        table=sql.Identifier(m.schema, mirror.tables[feed]),
+                        stage=sql.Identifier(STAGE),
+                    )
+                    .as_string(None)
+                    .replace("%s", "$1")
+                )
+            # A transaction and, inside it, a savepoint: what apply_rows does for a batch.
+            async with conn.transaction(), conn.transaction():
+                await conn.copy_records_to_table(STAGE, records=rows, columns=Row._fields)
+                for feed in sorted({row.feed for row in rows}):
+                    await conn.execute(upserts[feed], feed)
+        if batch:
+            mirror.newest_ms = max(
+                mirror.newest_ms, max(int(e.id.partition("-")[0]) for e in batch)
+            )
+        mirror.batches += 1
+        mirror.applied += len(rows)
+        return failed or None
+
+    timed = Timed(handle)
+    mirror.handle = timed  # type: ignore[method-assign]
+    try:
+        t0 = time.perf_counter()
+        task = asyncio.create_task(mirror.serve())
+        streams = [stream for sub in subs for stream in sub.streams()]
+        while not await caught_up(r, streams, m.group):
+            await asyncio.sleep(0.02)
+        elapsed = time.perf_counter() - t0
+        mirror.stop.set()
+        assert await task == 0
+    finally:
+        await conn.close()
+    return elapsed, timed.seconds
+
+
 async def run_row_by_row(
     s: Any, subs: list[Subscription], r: aioredis.Redis
 ) -> tuple[float, float]:
@@ -316,6 +397,37 @@ async def steady(s: Any, subs: list[Subscription], rate: int, seconds: float) ->
     return result
 
 
+def same_rows(conn: psycopg.Connection[Any], a: str, b: str, table: str) -> bool:
+    """Whether `a.table` and `b.table` hold the same rows."""
+    query = sql.SQL(
+        "SELECT count(*) FROM ((TABLE {a} EXCEPT ALL TABLE {b}) UNION ALL "
+        "(TABLE {b} EXCEPT ALL TABLE {a})) AS differing"
+    ).format(a=sql.Identifier(a, table), b=sql.Identifier(b, table))
+    differing = conn.execute(query).fetchone()
+    return differing is not None and differing[0] == 0
+
+
+def versus(rounds: dict[str, list[dict[str, Any]]], a: str, b: str) -> dict[str, float]:
+    """`a` / `b`: the ratios of the medians of their runs, of events/s and of the CPU seconds
+    per event of this process and of PostgreSQL. Medians rather than best runs: the machine's
+    other load changes from one run to the next."""
+
+    def median(name: str, key: str) -> float:
+        runs = rounds[name]
+        if key == "events_per_s":
+            return statistics.median(r[key] for r in runs)
+        return statistics.median(r[key] / r["events"] for r in runs)
+
+    return {
+        label: round(median(a, key) / median(b, key), 2)
+        for label, key in (
+            ("events_per_s", "events_per_s"),
+            ("client_cpu", "client_cpu_s"),
+            ("postgres_cpu", "postgres_cpu_s"),
+        )
+    }
+
+
 async def measure(
     name: str, run: Any, s: Any, subs: list[Subscription], events: int, pg: Any
 ) -> dict[str, Any]:
@@ -348,12 +460,28 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             version = common.redis_version(client)
             db = pg.create_database("syncd_bench")
             url = pg.url(db)
-            rounds: dict[str, list[dict[str, Any]]] = {"copy": [], "row_by_row": []}
+            drivers: list[tuple[str, Any]] = [("copy", run_copy)]
+            if asyncpg is not None:
+                drivers.append(("asyncpg", run_asyncpg))
+            else:
+                common.log(f"asyncpg: skipped: {NO_ASYNCPG}")
+            rounds: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in drivers}
+            rounds["row_by_row"] = []
             for n in range(args.rounds):
-                for name, run in (("copy", run_copy), ("row_by_row", run_row_by_row)):
+                # psycopg and asyncpg in turns, the first of them alternating between rounds.
+                turn = drivers if n % 2 == 0 else drivers[::-1]
+                for name, run in [*turn, ("row_by_row", run_row_by_row)]:
                     group = schema = f"{name}_{n}"
                     s = settings(rs.url, url, args.tenants, group, schema)
                     rounds[name].append(await measure(name, run, s, subs, args.events, pg))
+            # Before the steady state adds events to copy_0: asyncpg's tables hold the same rows.
+            same = None
+            if "asyncpg" in rounds:
+                with psycopg.connect(url) as conn:
+                    same = all(
+                        same_rows(conn, "copy_0", "asyncpg_0", table)
+                        for table in ("crm_customers", "jpm_jobs")
+                    )
             # Steady state: the first copy round's group, caught up, keeps up with new events.
             quiet = settings(rs.url, url, args.tenants, "copy_0", "copy_0")
             lag = await steady(quiet, subs, args.steady_rate, args.steady_seconds)
@@ -373,6 +501,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     figures: dict[str, Any] = {
         "postgres_version": server[0] if server else "",
         "psycopg": psycopg.__version__,
+        "asyncpg": asyncpg.__version__ if asyncpg is not None else None,
+        "asyncpg_skipped": NO_ASYNCPG or None,
         "synchronous_commit": sync[0] if sync else "",
         "tenants": args.tenants,
         "feeds": FEEDS,
@@ -382,6 +512,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "copy_events_per_s": best["copy"],
         "row_by_row_events_per_s": best["row_by_row"],
         "speedup": round(best["copy"] / best["row_by_row"], 1),
+        "asyncpg_events_per_s": best.get("asyncpg"),
+        # Its tables hold what the mirror's hold, row for row.
+        "asyncpg_same_rows": same,
         "cpu_s_per_100k": {
             name: {
                 "client": per_100k(name, "client_cpu_s"),
@@ -389,6 +522,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             }
             for name in rounds
         },
+        # asyncpg / psycopg (`copy`), the medians of their runs.
+        "asyncpg_vs_psycopg": versus(rounds, "asyncpg", "copy") if "asyncpg" in rounds else None,
         "steady": lag,
         "target_lag_p99_ms": TARGET_LAG_P99_MS,
         "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
