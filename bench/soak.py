@@ -16,6 +16,9 @@ throwaway database. Meanwhile faults are drawn at random from the seed, in two l
 - the API: 429 storms (injected 429s or a tiny rate limit) and 5xx storms for some tenants,
   every access token expired at once.
 
+The instances run a reconciliation pass of each feed every minute through all of it, and once
+the faults stop one more pass per tenant (`syncd reconcile`) publishes what was deleted since.
+
 Then faults and changes stop, everything drains (bounded), and the events and the table are
 judged against the simulator's truth (bench/soak_verdict.py): nothing lost, nothing published
 twice, nothing back in time, the table equal to the truth. Prints the timeline and the
@@ -56,6 +59,8 @@ from syncd.testing.simulator import SimulatorProcess
 from syncd.testing.tcpproxy import Proxy, port_rewriter
 
 FEEDS = ["crm.customers", "jpm.jobs"]
+# Each feed's reconciliation pass runs this often in the instances, faults and all.
+RECONCILE_S = 60.0
 PREFIX = "st"
 GROUP = "soak"
 INSTANCES = ("a", "b", "c")
@@ -326,6 +331,8 @@ class Soak:
         tenants = data.pop("tenants")
         data["fleet"] = {"enabled": True, "lease": self.args.lease}
         data["streams"] = {"groups": [GROUP]}
+        # Reconciliation passes through the faults: the deletes reach the table.
+        data["defaults"]["reconcile_interval"] = RECONCILE_S
         data["tenants"] = tenants
         return data
 
@@ -521,6 +528,28 @@ class Soak:
                 break
             await asyncio.sleep(0.5)
 
+    async def final_passes(self) -> None:
+        """A pass of every tenant (`syncd reconcile`) once the faults and changes stopped: what
+        was deleted since the instances' last passes is published before the verdict."""
+        path = self.work / f"{INSTANCES[0]}.toml"
+
+        async def one(tenant: int) -> None:
+            command = [sys.executable, "-m", "syncd", "reconcile", "--config", str(path)]
+            command += ["--tenant", str(tenant), "--share", "1"]
+            started = self.now()
+            done = await asyncio.to_thread(
+                subprocess.run, command, capture_output=True, text=True, timeout=600, check=False
+            )
+            if done.returncode != 0:
+                self.harness_errors.append(
+                    f"reconcile {tenant}: exit {done.returncode}: {done.stderr.strip()[-400:]}"
+                )
+                self.note("HARNESS", self.harness_errors[-1])
+            else:
+                self.note("final-pass", f"tenant {tenant}", started)
+
+        await asyncio.gather(*(one(t) for t in self.tenants))
+
     # -- drain and judge -----------------------------------------------------------------------
 
     def connect(self) -> None:
@@ -588,8 +617,12 @@ class Soak:
                     unread += int(g["pending"])
                     if events and entry_order(delivered) < entry_order(events[-1].id):
                         unread += 1
-        missing = behind.count("lost") + behind.count("not_last")
-        status = f"{missing} current versions not yet last in their stream, {unread} unread"
+        missing = (
+            behind.count("lost") + behind.count("not_last") + behind.count("deletions_unpublished")
+        )
+        status = (
+            f"{missing} current versions (or deletes) not yet last in their stream, {unread} unread"
+        )
         return missing == 0 and unread == 0, status
 
     async def drain(self) -> tuple[bool, float]:
@@ -714,6 +747,7 @@ async def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         common.log(f"{s.now():7.1f}s  no new faults or changes: the running ones finish")
         await asyncio.gather(*lanes, changes)
         await s.heal()
+        await s.final_passes()
         drained, drain_s = await s.drain()
         common.log(f"{s.now():7.1f}s  drained: {drained}, after {drain_s:.1f}s")
         watch.cancel()  # no restarts from here on
