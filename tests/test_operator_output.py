@@ -57,6 +57,29 @@ async def test_status_shows_why_a_feed_is_paused(
     ]
 
 
+async def test_status_shows_the_last_pass_whole(
+    redis: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    state = f"st:{{{TENANT}}}:state"
+    await redis.hset(
+        state,
+        mapping={
+            "jpm.jobs:pass_finished": "1796000000.000",
+            "jpm.jobs:pass_seen": 1234567,
+            "jpm.jobs:pass_drift": 89012,
+            "jpm.jobs:pass_deleted": 345678,
+        },
+    )
+    data = config_dict(redis_server.url, "http://127.0.0.1:9", "app-key", [TENANT], FEEDS)
+    out = io.StringIO()
+    commands.render_table(await commands.collect_status(settings(data), redis), out)
+    header, *lines = out.getvalue().splitlines()
+    at = header.index("last pass (seen, drift, deleted)")
+    cells = {line.split()[1]: line[at:].split("  ")[0] for line in lines}
+    assert cells["crm.customers"] == "-"
+    assert cells["jpm.jobs"].endswith(" (1234567, 89012, 345678)"), cells  # nothing cut
+
+
 def test_a_429_without_a_usable_wait_says_so() -> None:
     assert str(RateLimited(None)) == "rate limited (api), no usable Retry-After, backing off"
     assert str(RateLimited(None, where="token")) == (

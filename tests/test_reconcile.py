@@ -272,6 +272,8 @@ async def test_the_daemon_runs_a_pass_every_reconcile_interval(
             assert m.sample("syncd_feed_reconcile_deleted_total", {"feed": FEED}) == 4
             assert m.sample("syncd_feed_reconcile_passes_total", {"feed": FEED}) >= 2
             assert m.sample("syncd_feed_reconcile_interval_seconds", {"feed": FEED}) == 1.0
+            live = len(await truth(sim.url, tenant, FEED))
+            assert m.sample("syncd_feed_reconcile_seen_keys", {"feed": FEED}) == live
             oldest = m.sample("syncd_feed_oldest_reconcile_seconds", {"feed": FEED})
             assert oldest is not None
             assert 0 <= oldest < 30

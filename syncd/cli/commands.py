@@ -113,7 +113,7 @@ def render_table(rows: list[dict[str, Any]], out: TextIO, *, owner: bool = False
         ("tenant_dead_letters", 8),
         ("cursor", 14),
         ("paused", 24),
-        ("last_pass", 34),
+        ("last_pass", 52),
         ("last_error", 40),
     ]
     titles = {
@@ -121,7 +121,7 @@ def render_table(rows: list[dict[str, Any]], out: TextIO, *, owner: bool = False
         "stale_records": "stale",
         "tenant_dead_letters": "dead",
         "last_success": "last ok",
-        "last_pass": "last pass (drift, deleted)",
+        "last_pass": "last pass (seen, drift, deleted)",
     }
     out.write("  ".join(titles.get(c, c).ljust(w) for c, w in cols).rstrip() + "\n")
     for row in rows:
@@ -129,7 +129,7 @@ def render_table(rows: list[dict[str, Any]], out: TextIO, *, owner: bool = False
         for c, w in cols:
             v = row.get(c)
             if c == "last_pass" and v is not None:
-                v = f"{v['finished']} ({v['drift']}, {v['deleted']})"
+                v = f"{v['finished']} ({v['seen']}, {v['drift']}, {v['deleted']})"
             text = "-" if v is None else str(v)
             cells.append((text[: w - 1] + "…" if len(text) > w else text).ljust(w))
         out.write("  ".join(cells).rstrip() + "\n")

@@ -69,17 +69,17 @@ class Passes(DaemonState):
         if not intervals:
             return []
         keys = self.publisher.keys(t.settings.id)
-        state = await self.publisher.redis.hmget(
-            keys.state, [f"{f}:pass_finished" for f in intervals]
-        )
+        fields = [(f"{f}:pass_finished", f"{f}:pass_seen") for f in intervals]
+        state = await self.publisher.redis.hmget(keys.state, [n for pair in fields for n in pair])
         under_way = [await self.publisher.redis.hexists(keys.index(f), "pass") for f in intervals]
         now = time.time()
         due = []
-        for (feed, interval), finished, going in zip(
-            intervals.items(), state, under_way, strict=True
+        for (feed, interval), finished, seen, going in zip(
+            intervals.items(), state[::2], state[1::2], under_way, strict=True
         ):
             last = None if finished is None else float(finished)
-            self.metrics.passes.due(t.settings.id, feed, interval, last, now)
+            keys_seen = None if seen is None else int(seen)
+            self.metrics.passes.due(t.settings.id, feed, interval, last, now, keys_seen)
             if going or last is None or now - last >= interval:
                 due.append(feed)
         return due
@@ -115,5 +115,5 @@ class Passes(DaemonState):
             log.warning("reconcile_failed", tenant=t.settings.id, feed=feed, error=str(exc))
             return
         self.metrics.passes.completed(
-            t.settings.id, feed, figures.drift, figures.deleted, figures.finished
+            t.settings.id, feed, figures.drift, figures.deleted, figures.finished, figures.seen
         )

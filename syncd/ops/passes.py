@@ -1,6 +1,7 @@
 """The series of reconciliation passes, per feed, for the feeds with a `reconcile_interval`:
-drift and deletes found, passes completed, and the pass furthest behind its interval among the
-tenants this instance polls (5 series per such feed; none for the others)."""
+drift and deletes found, passes completed, keys the last passes left in the index, and the pass
+furthest behind its interval among the tenants this instance polls (6 series per such feed;
+none for the others)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,13 @@ class PassMetrics:
             "gauge",
             f,
         )
+        self.seen = Family(
+            "syncd_feed_reconcile_seen_keys",
+            "Keys the last completed pass of the feed left in the index (seen upstream, or"
+            " published while it ran), summed over the tenants this instance polls.",
+            "gauge",
+            f,
+        )
         self.interval = Family(
             "syncd_feed_reconcile_interval_seconds",
             "The feed's reconcile_interval.",
@@ -42,14 +50,23 @@ class PassMetrics:
         )
         # (tenant, feed) -> unix time of its last completed pass, or when it was first due.
         self._last: dict[tuple[str, str], float] = {}
+        self._seen: dict[tuple[str, str], int] = {}  # (tenant, feed) -> its last pass's keys
         self._intervals: dict[str, float] = {}
 
     def due(
-        self, tenant: int, feed: str, interval: float, finished: float | None, now: float
+        self,
+        tenant: int,
+        feed: str,
+        interval: float,
+        finished: float | None,
+        now: float,
+        seen: int | None = None,
     ) -> None:
         """A feed of a tenant has passes every `interval` seconds; its last completed at
-        `finished` (None: never, counted from now on)."""
+        `finished` (None: never, counted from now on), leaving `seen` keys in the index."""
         key = (str(tenant), feed)
+        if seen is not None:
+            self._seen[key] = seen
         if finished is not None:
             self._last[key] = finished
         else:
@@ -58,8 +75,11 @@ class PassMetrics:
         for family in (self.drift, self.deleted, self.passes):
             family.values.setdefault((feed,), 0)
 
-    def completed(self, tenant: int, feed: str, drift: int, deleted: int, finished: float) -> None:
+    def completed(
+        self, tenant: int, feed: str, drift: int, deleted: int, finished: float, seen: int = 0
+    ) -> None:
         self._last[(str(tenant), feed)] = finished
+        self._seen[(str(tenant), feed)] = seen
         self.drift.inc((feed,), drift)
         self.deleted.inc((feed,), deleted)
         self.passes.inc((feed,), 1)
@@ -68,6 +88,8 @@ class PassMetrics:
         t = str(tenant)
         for key in [k for k in self._last if k[0] == t]:
             del self._last[key]
+        for key in [k for k in self._seen if k[0] == t]:
+            del self._seen[key]
 
     def snapshot(self, now: float) -> list[tuple[Family, dict[Key, float]]]:
         oldest: dict[Key, float] = {}
@@ -76,10 +98,14 @@ class PassMetrics:
             if age > oldest.get((feed,), -1.0):
                 oldest[(feed,)] = round(age, 3)
         intervals: dict[Key, float] = {(f,): i for f, i in self._intervals.items()}
+        seen: dict[Key, float] = {(f,): 0 for f in self._intervals}
+        for (_, feed), keys in self._seen.items():
+            seen[(feed,)] = seen.get((feed,), 0) + keys
         return [
             (self.drift, self.drift.values.copy()),
             (self.deleted, self.deleted.values.copy()),
             (self.passes, self.passes.values.copy()),
             (self.oldest, oldest),
+            (self.seen, seen),
             (self.interval, intervals),
         ]
