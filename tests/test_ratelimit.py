@@ -137,3 +137,34 @@ def test_next_due(outcome: Outcome, failures: int, low: float, high: float) -> N
 def test_resume_delay(last_ok: float | None, more: bool, low: float, high: float) -> None:
     delay = resume_delay(1000.0, last_ok, more, 300.0, random.Random(3))
     assert low <= delay <= high
+
+
+def test_spare_takes_only_from_a_full_bucket() -> None:
+    b = TokenBucket(rate=10, burst=3, updated=0.0)
+    assert b.spare(0.0)  # full: one is spare
+    assert not b.spare(0.0)  # not full any more
+    assert not b.spare(0.05)  # half a token back: still not full
+    assert b.spare(0.1 / PACE + 1e-6)  # full again
+    assert b.try_acquire(1.0) == 0.0  # a poll took one: nothing spare until it is back
+    assert not b.spare(1.0)
+    b.throttled(2.0)  # a 429: nothing saved up, nothing spare
+    assert not b.spare(2.0)
+
+
+def test_a_pass_on_spare_tokens_never_delays_polls_that_leave_some() -> None:
+    """Polls every 0.5 s at 10 requests/s (burst 3) leave tokens over; a pass taking every
+    spare token, a millisecond at a time, must not make any poll wait."""
+
+    def poll_waits(with_pass: bool) -> list[float]:
+        b = TokenBucket(rate=10, burst=3, updated=0.0)
+        waits, taken = [], 0
+        for ms in range(10_000):
+            now = ms / 1000
+            if ms % 500 == 0:
+                waits.append(b.try_acquire(now))
+            elif with_pass and b.spare(now):
+                taken += 1
+        assert not with_pass or taken > 20  # the pass did spend what was left over
+        return waits
+
+    assert poll_waits(with_pass=True) == poll_waits(with_pass=False) == [0.0] * 20

@@ -516,3 +516,30 @@ async def test_a_key_that_comes_back_as_it_was_after_its_delete_is_newer(
     assert [e.op for e in ones] == ["created", "deleted", "created"]
     assert ones[1].modified_on == on  # when it was found gone
     assert ones[0].version < ones[1].version < ones[2].version
+
+
+async def test_on_spare_waits_while_the_tenant_is_busy_and_stops_when_it_is_gone() -> None:
+    import asyncio
+
+    from syncd.engine.ratelimit import TokenBucket
+    from syncd.engine.reconcile import PassFailed, on_spare
+
+    bucket = TokenBucket(rate=10, burst=2, updated=0.0)
+    state = {"busy": True, "gone": False}
+    pace = on_spare(
+        bucket,
+        lambda: state["busy"],
+        gone=lambda: state["gone"],
+        clock=lambda: 100.0,  # the bucket full all along
+        poll_s=0.01,
+    )
+    waiting = asyncio.create_task(pace())
+    await asyncio.sleep(0.1)
+    assert not waiting.done()  # a poll under way (or held): no token taken
+    assert bucket.tokens == 2
+    state["busy"] = False
+    await asyncio.wait_for(waiting, 1)
+    assert bucket.tokens == 1  # one spare token, taken once the tenant was idle
+    state["gone"] = True
+    with pytest.raises(PassFailed):
+        await asyncio.wait_for(pace(), 1)
