@@ -451,6 +451,7 @@ class ContractMachine(RuleBasedStateMachine):
                 int(at or 0),
                 budget,
                 "2026-12-07T10:00:00.000000Z",
+                "2026-12-07T10:00:00.0000000Z",
                 self.feed.name,
                 "1700000001.000",
             )

@@ -227,7 +227,7 @@ async def run_steps(
                 at = await r.hget(k.index(name), "sweep")
                 await r.eval(
                     SWEEP, 3, k.index(name), k.stream(name), k.state, int(at or 0), step[1],
-                    "2026-12-07T10:00:00.000000Z", name,
+                    "2026-12-07T10:00:00.000000Z", "2026-12-07T10:00:00.0000000Z", name,
                     "1700000001.000",
                 )  # fmt: skip
         elif kind == "old":

@@ -71,9 +71,7 @@ class Event(msgspec.Struct, frozen=True):
     @property
     def deleted(self) -> bool:
         """Whether the record is gone upstream (found by a reconciliation pass): delete it by
-        `key`. Such an event carries no record; `modified_on` is when it was found gone, and
-        its version is its key's newest instant, after every version before it by its entry
-        id."""
+        `key`. Such an event carries no record; its version is the time it was found gone."""
         return self.op == "deleted"
 
     def json(self) -> Any:

@@ -24,16 +24,16 @@ return {1, 'fetch'}
 
 # The sweep at the end of a pass: from bucket ARGV[1] (which must be where the sweep is: the
 # fence), the buckets in order until about ARGV[2] keys were looked at; every key not marked
-# by the pass is gone upstream: one `deleted` event each (its `modified_on` the sweep's time
-# ARGV[3], its `modified_at` the key's newest instant: empty, like every version of its key, for
-# a key that never had one), and its index entry goes. Keys only
+# by the pass is gone upstream: one `deleted` event each (its `modified_at` the sweep's instant
+# ARGV[4], or the key's newest when that is later; empty, like every version of its key, for a
+# key that never had one), and its index entry goes. Keys only
 # move to higher buckets when the index grows, so none is missed; those met twice are marked.
 # At the last bucket the pass ends and its figures go to the feed's state.
 SWEEP = (
     r"""#!lua
 local meta, stream, state = KEYS[1], KEYS[2], KEYS[3]
-local from, budget, on, feed, now = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4],
-  ARGV[5]
+local from, budget, on, at, feed, now = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4],
+  ARGV[5], ARGV[6]
 """
     + INDEX_LIB
     + r"""
@@ -52,14 +52,15 @@ while pos < buckets and looked < budget do
   for i = 1, #all, 2 do
     local v = all[i + 1]
     if string.sub(v, FP + 1, FP + 1) ~= M then
-      -- Dated at the key's newest instant, the entry id ordering it after every version
-      -- published before it. Dated later (by this clock), it would also outrank every version
-      -- published after it with an instant from before: a key that comes back as it was
-      -- (missing from the pass's pages by a fault upstream, or restored) would stay deleted
-      -- for every consumer, and no later pass would repair it. A key that never had an
-      -- instant is ordered by entry ids alone, its delete too.
+      -- Never older than the key's newest instant (one dated ahead of this clock): a delete
+      -- outranks every version before it, the entry id deciding between equal instants. A
+      -- key that never had one is ordered by entry ids alone, its delete too: dated, the
+      -- delete would outrank every version published after it (a key that comes back).
       local key_at = ''
-      if #v >= FP + 1 + TS then key_at = fixed_of(string.sub(v, FP + 2, FP + 1 + TS)) end
+      if #v >= FP + 1 + TS then
+        key_at = fixed_of(string.sub(v, FP + 2, FP + 1 + TS))
+        if at > key_at then key_at = at end
+      end
       redis.call('XADD', stream, '*', 'op', 'deleted', 'key', all[i], 'data', '',
                  'modified_on', on, 'modified_at', key_at)
       gone[#gone + 1] = all[i]

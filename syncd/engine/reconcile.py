@@ -28,6 +28,7 @@ from syncd.engine.policy import NoProgress, follow, page_progress
 from syncd.engine.publisher import Publisher, redis_errors
 from syncd.engine.ratelimit import TokenBucket, backoff
 from syncd.errors import RateLimited, TransientError
+from syncd.instants import utc_instant
 from syncd.servicetitan.auth import TokenProvider
 from syncd.servicetitan.client import ExportClient
 
@@ -207,7 +208,15 @@ class Reconciler:
         on = dt.datetime.fromtimestamp(now, dt.UTC).isoformat(timespec="microseconds")
         on = on.replace("+00:00", "Z")
         progress.buckets = (1 << int(level or 0)) + int(split or 0)
-        args: list[str | int] = [int(sweep or 0), self.sweep_budget, on, feed.name, f"{now:.3f}"]
+        at = utc_instant(on)
+        args: list[str | int] = [
+            int(sweep or 0),
+            self.sweep_budget,
+            on,
+            at,
+            feed.name,
+            f"{now:.3f}",
+        ]
 
         async def step(client: Any) -> Any:
             return await self._sweep(
