@@ -19,7 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from bench.common import to_toml
-from syncd.cli.commands import collect_status
+from syncd.cli.commands import CommandError, collect_status
 from syncd.cli.reconcile import reconcile
 from syncd.consumer import Event
 from syncd.daemon import Daemon
@@ -297,3 +297,21 @@ async def test_reconcile_without_redis_says_so_without_a_traceback(
     assert code == 1
     assert "pass not completed" in out.getvalue()
     assert "run again to resume" in out.getvalue()
+
+
+async def test_a_tenant_s_feeds_without_change_detection_are_skipped_unless_named(
+    redis: aioredis.Redis, redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tenant = 9106
+    async with run_simulator(tenants=[tenant], records=50, page_size=50, seed=5) as sim:
+        data = config_dict(redis_server.url, sim.url, sim.app_key, [tenant], [FEED, "jpm.jobs"])
+        data["feeds"] = {"jpm.jobs": {"change_detection": False}}
+        assert await Daemon(settings(data), once=True).run() == 0
+        out = io.StringIO()
+        assert (
+            await reconcile(settings(data), tenant, None, share=1.0, out=out, progress=False) == 0
+        )
+        assert "skipped jpm.jobs: change_detection is off" in capsys.readouterr().err
+        assert await redis.hget(Keys("st", tenant).state, f"{FEED}:pass_finished")
+        with pytest.raises(CommandError, match=r"jpm\.jobs: change_detection is off"):
+            await reconcile(settings(data), tenant, "jpm.jobs", share=1.0, out=out, progress=False)

@@ -10,6 +10,7 @@ drained every key published before and not seen is published as `deleted`. A pas
 from __future__ import annotations
 
 import json
+import sys
 import time
 from typing import TextIO
 
@@ -46,17 +47,29 @@ async def reconcile(
     t = _tenant(settings, tenant)
     feeds = _feeds(t, feed)
     undetected = [f for f in feeds if not settings.feed_options(f).change_detection]
-    if undetected:
+    if undetected and feed is not None:
         raise CommandError(
             f"{', '.join(undetected)}: change_detection is off, so syncd keeps no index to "
             "reconcile against"
         )
+    if undetected:  # the tenant's other feeds are reconciled
+        print(
+            f"syncd: skipped {', '.join(undetected)}: change_detection is off, so syncd keeps "
+            "no index to reconcile against",
+            file=sys.stderr,
+        )
+        feeds = [f for f in feeds if f not in undetected]
     cfg = settings.config
     r = redis_client(cfg, settings.sentinel_password)
     failed = 0
     try:
         async with http_session(settings) as session:
-            publisher = Publisher(r, cfg.redis.key_prefix)
+            publisher = Publisher(
+                r,
+                cfg.redis.key_prefix,
+                wait_replicas=cfg.redis.wait_replicas,
+                wait_timeout=cfg.redis.wait_timeout,
+            )
             client = ExportClient(session, settings.api_url, settings.app_key)
             tokens = TokenProvider(session, settings.auth_url, t.id, t.client_id, t.client_secret)
             reconciler = Reconciler(
