@@ -497,3 +497,37 @@ async def test_on_spare_waits_while_the_tenant_is_busy_and_stops_when_it_is_gone
     state["gone"] = True
     with pytest.raises(PassFailed):
         await asyncio.wait_for(pace(), 1)
+
+
+async def test_a_sweep_step_from_a_stale_position_is_refused_and_publishes_nothing(
+    redis: aioredis.Redis,
+) -> None:
+    """Two processes sweep one pass (a takeover mid-sweep): a step sent from where the sweep
+    was before the other's step is refused by the fence, with where it is now, and writes
+    nothing: no key is reported deleted twice."""
+    pub = Publisher(redis, "st", precheck_min=0)
+    ids = list(range(1, 301))
+    assert (await pub.apply(T, FEED.name, None, page_of(ids, "c1"))).published == 300
+    assert int((await start_pass(redis))[0]) == 1
+    seen = page_of(ids[::2], "p1")  # the pass sees every other key: 150 are gone
+    assert (await pub.apply(T, FEED.name, None, seen, reconcile=True)).applied
+    meta, stream = KEYS.index(FEED.name), KEYS.stream(FEED.name)
+
+    async def step(at: int) -> list[Any]:
+        got: list[Any] = await redis.eval(
+            SWEEP, 3, meta, stream, KEYS.state, at, 40, "2030-01-01T00:00:00.000000Z",
+            "2030-01-01T00:00:00.0000000Z", FEED.name, "1700000001.000",
+        )  # fmt: skip
+        return got
+
+    first = await step(0)
+    assert int(first[0]) == 0
+    assert int(first[3]) > 0
+    before = await redis.xlen(stream)
+    stale = await step(0)  # the other process, from where the sweep was
+    assert [int(v) for v in stale] == [1, int(first[3])]
+    assert await redis.xlen(stream) == before
+    rest = await sweep_all(redis, budget=40)
+    events = [f for _, f in await redis.xrange(stream) if f[b"op"] == b"deleted"]
+    assert len(events) == len({f[b"key"] for f in events}) == 150
+    assert len(rest) == 150 - int(first[2])
