@@ -59,8 +59,9 @@ Start = Literal["beginning", "new"]
 log = structlog.get_logger("syncd.consumer")
 
 _GROUP_START: dict[str, str] = {"beginning": "0", "new": "$"}
-# How often a consumer without metrics looks for events trimmed before its group read them.
-LAG_INTERVAL_S = 15.0
+# How often a consumer looks for events trimmed before its group read them (three commands a
+# stream it reads, pipelined), the first time before its first read.
+TRIM_CHECK_S = 60.0
 
 
 class Consumer:
@@ -134,6 +135,7 @@ class Consumer:
         self.stopping = Stopping()
         self._lag_due = 0.0
         self._trims = trimmed.TrimWatch(prefix, group, metrics)
+        self._trims_due = 0.0
         timeout_s = socket_timeout_s(redis)
         self.block_ms = block_ms if timeout_s is None else min(block_ms, int(timeout_s * 800) or 1)
         self._streams = {name: parse_stream(name, prefix) for name in names}
@@ -227,13 +229,13 @@ class Consumer:
         self._groups_ready = True
 
     async def _read(self, limit: int | None) -> list[Event]:
-        if time.monotonic() >= self._lag_due:  # and a look for events trimmed unread
-            lag_interval = LAG_INTERVAL_S if self.metrics is None else self.metrics.lag_interval
-            self._lag_due = time.monotonic() + lag_interval
+        if time.monotonic() >= self._trims_due:
+            self._trims_due = time.monotonic() + TRIM_CHECK_S
             await self._trims.check(self.redis, self._streams)
-            if self.metrics is not None:
-                feeds = {stream: ref.feed for stream, ref in self._reading.items()}
-                await sample_lag(self.redis, self.group, feeds, self.metrics)
+        if self.metrics is not None and time.monotonic() >= self._lag_due:
+            self._lag_due = time.monotonic() + self.metrics.lag_interval
+            feeds = {stream: ref.feed for stream, ref in self._reading.items()}
+            await sample_lag(self.redis, self.group, feeds, self.metrics)
         events: list[Event] = []
         if time.monotonic() >= self._reclaim_due:
             events.extend(await self._reclaim(limit))
