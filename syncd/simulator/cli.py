@@ -72,6 +72,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--fault-token", type=_probability, default=0.0, help="share of token endpoint 5xx")
     add("--token-throttle", type=int, default=d.token_throttle, help="grants/client/minute")
     add("--cache-mb", type=int, default=d.cache_mb, help="memory budget for rendered pages")
+    add(
+        "--record-cache-mb", type=int, default=d.record_cache_mb,
+        help="memory budget for rendered records, which pages rendered again reuse",
+    )  # fmt: skip
     add("--prerender", action="store_true", help="render every first-pass page at startup")
     add("--log-requests", action="store_true", help="log every request to stderr")
     _add_quirk_arguments(parser)
@@ -236,6 +240,7 @@ def options_from_args(args: argparse.Namespace) -> SimOptions:
         log_requests=args.log_requests,
         prerender=args.prerender,
         cache_mb=args.cache_mb,
+        record_cache_mb=args.record_cache_mb,
         quirks=quirks,
         tenant_quirks=tenant_quirks,
     )

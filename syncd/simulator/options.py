@@ -40,6 +40,7 @@ class SimOptions:
     log_requests: bool = False
     prerender: bool = False
     cache_mb: int = 1024  # budget for rendered pages
+    record_cache_mb: int = 256  # budget for rendered records (pages rendered again reuse them)
     quirks: Quirks = DEFAULT_QUIRKS  # for every tenant without its own
     tenant_quirks: tuple[tuple[int, Quirks], ...] = ()  # (tenant, its quirks) at start
 

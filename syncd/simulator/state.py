@@ -25,7 +25,6 @@ from syncd.simulator.options import SimOptions
 from syncd.simulator.pages import Page, Pager
 from syncd.simulator.quirks import Quirks
 
-_RECORD_CACHE_BYTES = 256 * 1024 * 1024
 _SCOPE = (
     "tn.acc.invoices:r tn.crm.customers:r tn.dsp.appointments:r tn.eqs.installedequipment:r "
     "tn.inv.purchaseorders:r tn.jpm.jobs:r tn.mem.memberships:r tn.pay.payrolls:r "
@@ -128,7 +127,7 @@ class SimState:
         self.feeds: dict[str, Feed] = {name: every[name] for name in names}
         self.tenants = tuple(options.tenants)
         self.codec = CursorCodec(options.seed)
-        self.record_cache: SizedCache[bytes] = SizedCache(_RECORD_CACHE_BYTES)
+        self.record_cache: SizedCache[bytes] = SizedCache(options.record_cache_mb * 1024 * 1024)
         self.pager = Pager(
             self.codec,
             options.page_size,
