@@ -597,6 +597,39 @@ def block_reconcile(results: Results) -> str:
     )
 
 
+def block_pass_budget(results: Results) -> str:
+    """What passes take from a tenant's polls (bench.pass_budget)."""
+    f = _get(results, "pass_budget")
+    a, b = f["without_passes"], f["with_passes"]
+    s = f["setup"]
+
+    def row(name: str, key: str, fmt: str) -> str:
+        return _row(name, f"{format(a[key], fmt)} | {format(b[key], fmt)}")
+
+    return "\n".join(
+        [
+            f"One tenant, {s['tenant_feeds']} feeds of {s['records_per_feed']:,} records each "
+            f"polled every {s['poll_interval_s']:.0f} s at {s['requests_per_second']:.0f} "
+            f"requests/s; passes of `{s['pass_feed']}` ({s['pages_per_pass']} pages each) back "
+            "to back in the second window.",
+            "",
+            "| figure | without passes | with passes |",
+            "|---|---|---|",
+            row("polls/s", "poll_requests_per_s", ".2f"),
+            row("poll lateness p50, s", "lateness_p50_s", ".4f"),
+            row("poll lateness p99, s", "lateness_p99_s", ".4f"),
+            row("other requests/s (the passes')", "other_requests_per_s", ".2f"),
+            row("requests/s in all", "requests_per_s", ".2f"),
+            "",
+            f"The polls kept {f['poll_rate_ratio']:.3f}x their rate while passes took "
+            f"{f['pass_requests_per_s']:.2f} requests/s of the tenant's spare budget "
+            "(lateness buckets start at 10 ms: values below are interpolated within it).",
+            "",
+            _sources(results, ["pass_budget"]),
+        ]
+    )
+
+
 def block_peer(results: Results) -> str:
     """tap-service-titan and a Singer PostgreSQL target beside syncd and its mirror."""
     f = _get(results, "peer")
@@ -647,6 +680,7 @@ BLOCKS: dict[str, Callable[[Results], str]] = {
     "loop": block_loop,
     "mirror": block_mirror,
     "reconcile": block_reconcile,
+    "pass_budget": block_pass_budget,
     "peer": block_peer,
 }
 
