@@ -58,9 +58,15 @@ class Keys:
 
     @property
     def missed(self) -> str:
-        """Hash: `<feed>:<group>` -> how many events of the feed's stream were trimmed before
-        the group read them, as consumers last reported it (`syncd.consumer.trimmed`)."""
+        """Hash: `<feed>:<group>` (`missed_field`) -> how many events of the feed's stream were
+        trimmed before the group read them, as consumers last reported it
+        (`syncd.consumer.trimmed`); the field goes when the group is created again."""
         return f"{self.base}:missed"
+
+    @staticmethod
+    def missed_field(feed: str, group: str) -> str:
+        """A group's field in `missed` (feed names hold no colon, group names may)."""
+        return f"{feed}:{group}"
 
     @property
     def state(self) -> str:

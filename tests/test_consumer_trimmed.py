@@ -124,3 +124,66 @@ async def test_a_trim_of_what_was_read_says_nothing(client: aioredis.Redis) -> N
         later = Consumer(client, GROUP, "b", streams=CUSTOMERS)
         assert [e.key for e in await later.read()] == ["7"]
     assert not [e for e in logs if e["event"] == "consumer_events_missed"]
+
+
+async def test_a_group_created_after_the_stream_s_start_was_trimmed_is_told(
+    client: aioredis.Redis,
+) -> None:
+    for key in range(10):
+        await publish(client, CUSTOMERS, key)
+    await client.xtrim(CUSTOMERS, maxlen=4, approximate=False)
+    with capture_logs() as logs:
+        late = Consumer(client, GROUP, "a", streams=CUSTOMERS, block_ms=1)
+        assert [e.key for e in await late.read()] == ["6", "7", "8", "9"]
+    said = [e for e in logs if e["event"] == "consumer_events_missed"]
+    assert [e["missed"] for e in said] == [6]
+
+
+async def test_a_stream_created_again_has_its_own_gaps(client: aioredis.Redis) -> None:
+    async def gap_of_8(name: str) -> None:
+        for key in range(5):
+            await publish(client, CUSTOMERS, key)
+        first = Consumer(client, GROUP, name, streams=CUSTOMERS, block_ms=1)
+        await first.ack_all(await first.read())
+        for key in range(5, 15):
+            await publish(client, CUSTOMERS, key)
+        await client.xtrim(CUSTOMERS, maxlen=2, approximate=False)
+        await Consumer(client, GROUP, name + "2", streams=CUSTOMERS, block_ms=1).read()
+
+    with capture_logs() as logs:
+        await gap_of_8("a")
+        await client.delete(CUSTOMERS)  # the stream and its group gone: all of it anew
+        await gap_of_8("b")
+    said = [e for e in logs if e["event"] == "consumer_events_missed"]
+    assert [e["missed"] for e in said] == [8, 8]
+
+
+async def test_a_gap_redis_cannot_note_is_said_once_all_the_same(
+    redis: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    """A consumer whose Redis user may not write the `missed` hash (or a Redis out of memory)
+    says each gap once in its process, not at every look."""
+    for key in range(5):
+        await publish(redis, CUSTOMERS, key)
+    first = Consumer(redis, GROUP, "a", streams=CUSTOMERS, block_ms=1)
+    await first.ack_all(await first.read())
+    for key in range(5, 15):
+        await publish(redis, CUSTOMERS, key)
+    await redis.xtrim(CUSTOMERS, maxlen=2, approximate=False)
+    await redis.execute_command(
+        "ACL", "SETUSER", "nohset", "on", ">pw", "~*", "+@all", "-hset", "-hget"
+    )
+    limited = aioredis.Redis.from_url(redis_server.url, username="nohset", password="pw")
+    try:
+        metrics = ConsumerMetrics()
+        c = Consumer(limited, GROUP, "b", streams=CUSTOMERS, metrics=metrics, block_ms=1)
+        refs = c._streams
+        with capture_logs() as logs:
+            for _ in range(3):
+                await c._trims.check(limited, refs)
+        said = [e for e in logs if e["event"] == "consumer_events_missed"]
+        assert [e["missed"] for e in said] == [8]
+        assert metrics.value("syncd_consumer_events_missed_total") == 8
+    finally:
+        await limited.aclose()
+        await redis.execute_command("ACL", "DELUSER", "nohset")

@@ -315,3 +315,7 @@ async def test_a_tenant_s_feeds_without_change_detection_are_skipped_unless_name
         assert await redis.hget(Keys("st", tenant).state, f"{FEED}:pass_finished")
         with pytest.raises(CommandError, match=r"jpm\.jobs: change_detection is off"):
             await reconcile(settings(data), tenant, "jpm.jobs", share=1.0, out=out, progress=False)
+        # No feed left to reconcile: a failure, not a pass that did nothing.
+        data["feeds"][FEED] = {"change_detection": False}
+        with pytest.raises(CommandError, match="nothing to reconcile"):
+            await reconcile(settings(data), tenant, None, share=1.0, out=out, progress=False)

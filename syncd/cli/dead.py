@@ -357,9 +357,14 @@ async def _purge(
                 "confirm with --yes (standard input is not a terminal to ask on)"
             )
         question = f"delete {len(letters)} dead letter(s) of tenant {args.tenant}? [y/N] "
-        answer = await asyncio.to_thread(input, question)
+        sys.stderr.write(question)  # not on standard output, which --json keeps JSON
+        sys.stderr.flush()
+        answer = await asyncio.to_thread(sys.stdin.readline)
         if answer.strip().lower() not in ("y", "yes"):
-            out.write("nothing deleted\n")
+            if args.json:
+                out.write(json_line({"tenant": args.tenant, "deleted": [], "gone": []}) + "\n")
+            else:
+                out.write("nothing deleted\n")
             return 0
     ids = [letter.id for letter in letters]
     if args.json:  # each id on its own, to say which were there

@@ -59,6 +59,11 @@ async def reconcile(
             file=sys.stderr,
         )
         feeds = [f for f in feeds if f not in undetected]
+        if not feeds:
+            raise CommandError(
+                f"tenant {tenant}: no feed has change_detection on, so there is nothing to "
+                "reconcile"
+            )
     cfg = settings.config
     r = redis_client(cfg, settings.sentinel_password)
     failed = 0

@@ -34,7 +34,7 @@ from collections.abc import Iterable, Mapping
 from typing import Literal
 
 import structlog
-from redis.exceptions import AuthenticationError, RedisError, ResponseError
+from redis.exceptions import AuthenticationError, RedisError
 
 from syncd.consumer import capped, each, loop, regroup, replay, trimmed
 from syncd.consumer.deadletter import DEAD_LETTER_LUA
@@ -169,20 +169,7 @@ class Consumer:
         await self._create_groups(_GROUP_START[self.start])
 
     async def _create_groups(self, start: str) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for stream, ref in self._reading.items():
-                # Everything in a replay stream is addressed to the group: read from its start.
-                pipe.xgroup_create(
-                    stream, self.group, id="0" if ref.origin else start, mkstream=True
-                )
-            replies = await pipe.execute(raise_on_error=False)
-        for (stream, ref), reply in zip(self._reading.items(), replies, strict=True):
-            if isinstance(reply, ResponseError) and str(reply).startswith("BUSYGROUP"):
-                continue
-            if isinstance(reply, Exception):
-                raise reply
-            if not ref.origin:
-                log.info("consumer_group_created", stream=stream, group=self.group, start=start)
+        await regroup.create(self.redis, self.group, self._reading, start, self.prefix)
         self._groups_ready = True
 
     async def read(self, limit: int | None = None) -> list[Event]:
@@ -223,7 +210,14 @@ class Consumer:
         """
         log.warning("consumer_group_missing", group=self.group, error=str(exc or ""))
         await regroup.recreate(
-            self.redis, self.group, self.consumer, self.start, self._reading, self._seen, self._held
+            self.redis,
+            self.group,
+            self.consumer,
+            self.start,
+            self._reading,
+            self._seen,
+            self._held,
+            self.prefix,
         )
         self._cursors = dict.fromkeys(self._reading, "0-0")
         self._groups_ready = True

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 import structlog
 from redis.exceptions import ResponseError
 
+from syncd.consumer import trimmed
 from syncd.consumer.delivery import regroup_at
 from syncd.consumer.events import StreamRef
 from syncd.consumer.events import fields_of as _fields
@@ -37,6 +38,28 @@ return -1
 """
 
 
+async def create(
+    redis: RedisClient, group: str, streams: Mapping[str, StreamRef], start: str, prefix: str
+) -> None:
+    """Create `group` on each of `streams` where it is missing (the stream too): at `start`
+    ("0" or "$"), a replay stream at its start (all it holds is addressed to the group)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for stream, ref in streams.items():
+            at = "0" if ref.origin else start
+            # From the start having read nothing: what Redis counts the group read is exact.
+            read = 0 if at == "0" else None
+            pipe.xgroup_create(stream, group, id=at, mkstream=True, entries_read=read)
+        replies = await pipe.execute(raise_on_error=False)
+    for (stream, ref), reply in zip(streams.items(), replies, strict=True):
+        if isinstance(reply, ResponseError) and str(reply).startswith("BUSYGROUP"):
+            continue
+        if isinstance(reply, Exception):
+            raise reply
+        if not ref.origin:
+            log.info("consumer_group_created", stream=stream, group=group, start=start)
+            await trimmed.forget(redis, prefix, ref, group)
+
+
 async def recreate(
     redis: RedisClient,
     group: str,
@@ -45,6 +68,7 @@ async def recreate(
     streams: Mapping[str, StreamRef],
     seen: Mapping[str, tuple[str, dict[str, bytes]]],
     held: Held,
+    prefix: str,
 ) -> None:
     """Create `group` again on each of `streams` where it is missing, given the newest entry
     `consumer` was handed on each (`seen`, with its fields) and what it holds (`held`);
@@ -66,7 +90,8 @@ async def recreate(
             start_here = start
         position, effect = regroup_at(newest, still_there, length, start_here)
         try:
-            await redis.xgroup_create(stream, group, id=position, mkstream=True)
+            read = 0 if position == "0" else None  # from the start: Redis counts exactly
+            await redis.xgroup_create(stream, group, id=position, mkstream=True, entries_read=read)
         except ResponseError as err:
             if not str(err).startswith("BUSYGROUP"):
                 raise
@@ -91,3 +116,4 @@ async def recreate(
         )
         if not ref.origin:
             held.report_lost(stream, group, consumer, f"created again at {position}")
+            await trimmed.forget(redis, prefix, ref, group)

@@ -18,6 +18,7 @@ many events and where) and, with metrics, `syncd_consumer_events_missed_total`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -86,7 +87,7 @@ async def missed(
 ) -> list[Missed]:
     """What `group` missed on `streams` that was not said before. A stream or group that is
     not there, an ACL refusing a command or a Redis that cannot answer now: nothing found."""
-    fields = {s: f"{ref.feed}:{group}" for s, ref in streams.items()}
+    fields = {s: Keys.missed_field(ref.feed, group) for s, ref in streams.items()}
     try:
         async with redis.pipeline(transaction=False) as pipe:
             for stream, ref in streams.items():
@@ -114,6 +115,13 @@ async def missed(
     return found
 
 
+async def forget(redis: RedisClient, prefix: str, ref: StreamRef, group: str) -> None:
+    """A group created anew on a stream has missed nothing yet: what was said of an earlier
+    one there goes (best effort: a field left over only hides gaps as large as it)."""
+    with contextlib.suppress(RedisError):
+        await redis.hdel(Keys(prefix, ref.tenant).missed, Keys.missed_field(ref.feed, group))
+
+
 class TrimWatch:
     """Looks for what one group missed now and then; says and counts what is new."""
 
@@ -121,10 +129,21 @@ class TrimWatch:
         self.prefix = prefix
         self.group = group
         self.metrics = metrics
+        # What this process said, per field: where Redis could not note it (out of memory, an
+        # ACL without HSET), a gap is still said once here.
+        self._said: dict[tuple[int, str], int] = {}
 
     async def check(self, redis: RedisClient, streams: Mapping[str, StreamRef]) -> list[Missed]:
         """Look on `streams`; what is new is logged, counted, noted in Redis and returned."""
-        found = await missed(redis, self.prefix, self.group, streams)
+        found = []
+        for m in await missed(redis, self.prefix, self.group, streams):
+            said = self._said.get((m.ref.tenant, m.field), 0)
+            if m.total <= said:
+                continue
+            if said > m.total - m.count:  # said here, not noted in Redis: only the rest is new
+                m = dataclasses.replace(m, count=m.total - said)
+            self._said[(m.ref.tenant, m.field)] = m.total
+            found.append(m)
         for m in found:
             log.warning(
                 "consumer_events_missed",

@@ -49,8 +49,7 @@ class TenantStarts(DaemonState):
         groups = self.settings.config.streams.groups  # fixed until a restart
         if groups and new:
             keys = Keys(self.settings.config.redis.key_prefix, t.id)
-            streams = [keys.stream(f) for f in new]
-            await call(lambda: upkeep.ensure_groups(r, streams, groups))
+            await call(lambda: upkeep.ensure_groups(r, keys, list(new), groups))
         now = time.time()
         delays, successes = {}, {}
         for feed in t.feeds:

@@ -22,6 +22,7 @@ from typing import Any
 
 import structlog
 
+from syncd.keys import Keys
 from syncd.redis.conn import RedisClient, RedisCluster
 
 log = structlog.get_logger("syncd.upkeep")
@@ -85,18 +86,24 @@ def trim_point(
     return wanted if wanted > ZERO else None
 
 
-async def ensure_groups(r: RedisClient, streams: list[str], groups: list[str]) -> None:
-    """Create each configured group on each stream (from its start), if missing."""
-    if not groups or not streams:
+async def ensure_groups(r: RedisClient, keys: Keys, feeds: list[str], groups: list[str]) -> None:
+    """Create each configured group on each feed's stream (from its start, having read
+    nothing: what Redis then counts the group read is exact), if missing; a group created
+    anew has missed nothing yet (`Keys.missed`)."""
+    if not groups or not feeds:
         return
+    pairs = [(feed, group) for feed in feeds for group in groups]
     async with r.pipeline(transaction=False) as pipe:
-        for stream in streams:
-            for group in groups:
-                pipe.xgroup_create(stream, group, id="0", mkstream=True)
+        for feed, group in pairs:
+            pipe.xgroup_create(keys.stream(feed), group, id="0", mkstream=True, entries_read=0)
         results = await pipe.execute(raise_on_error=False)
     for res in results:
         if isinstance(res, Exception) and "BUSYGROUP" not in str(res):
             raise res
+    created = [Keys.missed_field(f, g) for (f, g), res in zip(pairs, results, strict=True)
+               if not isinstance(res, Exception)]  # fmt: skip
+    if created:
+        await r.hdel(keys.missed, *created)
 
 
 @dataclass(frozen=True, slots=True)
