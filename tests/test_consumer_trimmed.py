@@ -126,19 +126,6 @@ async def test_a_trim_of_what_was_read_says_nothing(client: aioredis.Redis) -> N
     assert not [e for e in logs if e["event"] == "consumer_events_missed"]
 
 
-async def test_a_group_created_after_the_stream_s_start_was_trimmed_is_told(
-    client: aioredis.Redis,
-) -> None:
-    for key in range(10):
-        await publish(client, CUSTOMERS, key)
-    await client.xtrim(CUSTOMERS, maxlen=4, approximate=False)
-    with capture_logs() as logs:
-        late = Consumer(client, GROUP, "a", streams=CUSTOMERS, block_ms=1)
-        assert [e.key for e in await late.read()] == ["6", "7", "8", "9"]
-    said = [e for e in logs if e["event"] == "consumer_events_missed"]
-    assert [e["missed"] for e in said] == [6]
-
-
 async def test_a_stream_created_again_has_its_own_gaps(client: aioredis.Redis) -> None:
     async def gap_of_8(name: str) -> None:
         for key in range(5):

@@ -45,10 +45,7 @@ async def create(
     ("0" or "$"), a replay stream at its start (all it holds is addressed to the group)."""
     async with redis.pipeline(transaction=False) as pipe:
         for stream, ref in streams.items():
-            at = "0" if ref.origin else start
-            # From the start having read nothing: what Redis counts the group read is exact.
-            read = 0 if at == "0" else None
-            pipe.xgroup_create(stream, group, id=at, mkstream=True, entries_read=read)
+            pipe.xgroup_create(stream, group, id="0" if ref.origin else start, mkstream=True)
         replies = await pipe.execute(raise_on_error=False)
     for (stream, ref), reply in zip(streams.items(), replies, strict=True):
         if isinstance(reply, ResponseError) and str(reply).startswith("BUSYGROUP"):
@@ -90,8 +87,7 @@ async def recreate(
             start_here = start
         position, effect = regroup_at(newest, still_there, length, start_here)
         try:
-            read = 0 if position == "0" else None  # from the start: Redis counts exactly
-            await redis.xgroup_create(stream, group, id=position, mkstream=True, entries_read=read)
+            await redis.xgroup_create(stream, group, id=position, mkstream=True)
         except ResponseError as err:
             if not str(err).startswith("BUSYGROUP"):
                 raise

@@ -1,14 +1,16 @@
 """Events a group can never read: trimmed from its stream before the group was handed them.
 
-Retention never trims past a group syncd knows of, but an unlisted group under
-`protect_unlisted = false`, an `XTRIM` by hand, a group created after the stream's beginning was
-trimmed or a Redis restored from an older backup leaves a gap between entries the group was
-handed. Redis counts what a group read (`entries-read`; a trimmed entry it jumped over is not
-counted) and what a stream was ever given (`entries-added`): what the group neither read nor
-can still read was trimmed unread. That is known exactly where the group's position is before
-the first entry the stream holds (all it holds is still to read) or at its last (nothing is),
-and only where Redis can tell what the group read (not after a group was set to an arbitrary
-id). Only trims are seen: syncd deletes no single entry from an event stream.
+Retention never trims past a group syncd knows of, but an unlisted group under `protect_unlisted
+= false`, an `XTRIM` by hand or a Redis restored from an older backup leaves a gap between
+entries the group was handed. Redis counts what a group read (`entries-read`; a trimmed entry it
+jumped over is not counted) and what a stream was ever given (`entries-added`): what the group
+neither read nor can still read was trimmed unread. That is known exactly where the group's
+position is before the first entry the stream holds (all it holds is still to read) or at its
+last (nothing is), and only where Redis can tell what the group read (not after a group was set
+to an arbitrary id). Only trims are seen: syncd deletes no single entry from an event stream.
+Not seen either: what was trimmed before the group was created (Redis counts such a group as
+having read from the first entry ever added; telling it the group read nothing, ENTRIESREAD 0,
+is not kept through AOF or replication, which would then report a gap that is not there).
 
 Each gap is said once, consumers of a group sharing what was said in the tenant's `missed`
 hash (`Keys.missed`): `consumer_events_missed` (a warning naming the group, tenant, feed, how

@@ -87,15 +87,14 @@ def trim_point(
 
 
 async def ensure_groups(r: RedisClient, keys: Keys, feeds: list[str], groups: list[str]) -> None:
-    """Create each configured group on each feed's stream (from its start, having read
-    nothing: what Redis then counts the group read is exact), if missing; a group created
-    anew has missed nothing yet (`Keys.missed`)."""
+    """Create each configured group on each feed's stream (from its start), if missing; a
+    group created anew has missed nothing yet (`Keys.missed`)."""
     if not groups or not feeds:
         return
     pairs = [(feed, group) for feed in feeds for group in groups]
     async with r.pipeline(transaction=False) as pipe:
         for feed, group in pairs:
-            pipe.xgroup_create(keys.stream(feed), group, id="0", mkstream=True, entries_read=0)
+            pipe.xgroup_create(keys.stream(feed), group, id="0", mkstream=True)
         results = await pipe.execute(raise_on_error=False)
     for res in results:
         if isinstance(res, Exception) and "BUSYGROUP" not in str(res):
