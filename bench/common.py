@@ -666,6 +666,12 @@ def histogram(text: str, name: str) -> list[tuple[float, float]]:
     return sorted(out)
 
 
+def histogram_between(text0: str, text1: str, name: str) -> list[tuple[float, float]]:
+    """The cumulative buckets of histogram `name` between two scrapes (`text0` first)."""
+    before = dict(histogram(text0, name))
+    return [(bound, count - before.get(bound, 0.0)) for bound, count in histogram(text1, name)]
+
+
 def histogram_quantile(buckets: list[tuple[float, float]], q: float) -> tuple[float, float]:
     """(interpolated quantile, upper bound of its bucket), as Prometheus computes it."""
     if not buckets or buckets[-1][1] <= 0:

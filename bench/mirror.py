@@ -59,7 +59,7 @@ from syncd import config
 from syncd.consumer import Consumer, Event, Failed, Subscription
 from syncd.mirror import Mirror
 from syncd.mirror.apply import _CREATE_STAGE, _UPSERT, STAGE
-from syncd.mirror.rows import Row, row_of
+from syncd.mirror.rows import Row, row_of, rows_of
 from syncd.mirror.schema import migrate
 from syncd.testing import postgres_server
 from syncd.testing.groups import caught_up
@@ -234,14 +234,8 @@ async def run_asyncpg(s: Any, subs: list[Subscription], r: aioredis.Redis) -> tu
 
     async def handle(batch: list[Event]) -> list[Event | Failed] | None:
         # As Mirror.handle: each event's row, then the batch in one transaction.
-        rows: list[Row] = []
-        failed: list[Event | Failed] = []
-        for event in batch:
-            row = row_of(event)
-            if isinstance(row, str):
-                failed.append(Failed(event, row))
-            else:
-                rows.append(row)
+        pairs, failed = rows_of(batch)
+        rows = [row for _, row in pairs]
         if rows:
             for feed in {row.feed for row in rows} - upserts.keys():
                 upserts[feed] = (

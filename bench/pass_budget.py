@@ -72,8 +72,7 @@ def _window(
         wall = time.monotonic() - t0
     finally:
         result = daemon.stop(timeout=60)
-    h0 = dict(common.histogram(text0, LATENESS))
-    buckets = [(b, n - h0.get(b, 0.0)) for b, n in common.histogram(text1, LATENESS)]
+    buckets = common.histogram_between(text0, text1, LATENESS)
     p50, _ = common.histogram_quantile(buckets, 0.50)
     p99, _ = common.histogram_quantile(buckets, 0.99)
     finished = [e for e in result.find("reconcile_finished") if e.get("feed") == PASS_FEED]

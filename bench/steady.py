@@ -167,9 +167,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             work.cleanup()
 
     wall = t1 - t0
-    h0 = dict(common.histogram(text0, LATENESS))
-    h1 = common.histogram(text1, LATENESS)
-    window_hist = [(bound, count - h0.get(bound, 0.0)) for bound, count in h1]
+    window_hist = common.histogram_between(text0, text1, LATENESS)
     p50, p50_bucket = common.histogram_quantile(window_hist, 0.50)
     p99, p99_bucket = common.histogram_quantile(window_hist, 0.99)
     polls = window_hist[-1][1] if window_hist else 0.0

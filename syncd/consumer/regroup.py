@@ -47,6 +47,7 @@ async def create(
         for stream, ref in streams.items():
             pipe.xgroup_create(stream, group, id="0" if ref.origin else start, mkstream=True)
         replies = await pipe.execute(raise_on_error=False)
+    created: list[StreamRef] = []
     for (stream, ref), reply in zip(streams.items(), replies, strict=True):
         if isinstance(reply, ResponseError) and str(reply).startswith("BUSYGROUP"):
             continue
@@ -54,7 +55,8 @@ async def create(
             raise reply
         if not ref.origin:
             log.info("consumer_group_created", stream=stream, group=group, start=start)
-            await trimmed.forget(redis, prefix, ref, group)
+            created.append(ref)
+    await trimmed.forget(redis, prefix, created, group)
 
 
 async def recreate(
@@ -112,4 +114,4 @@ async def recreate(
         )
         if not ref.origin:
             held.report_lost(stream, group, consumer, f"created again at {position}")
-            await trimmed.forget(redis, prefix, ref, group)
+            await trimmed.forget(redis, prefix, [ref], group)

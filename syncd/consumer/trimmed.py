@@ -117,11 +117,16 @@ async def missed(
     return found
 
 
-async def forget(redis: RedisClient, prefix: str, ref: StreamRef, group: str) -> None:
-    """A group created anew on a stream has missed nothing yet: what was said of an earlier
-    one there goes (best effort: a field left over only hides gaps as large as it)."""
+async def forget(redis: RedisClient, prefix: str, refs: list[StreamRef], group: str) -> None:
+    """A group created anew on these streams has missed nothing yet: what was said of an
+    earlier one there goes (best effort: a field left over only hides gaps as large as it)."""
+    if not refs:
+        return
     with contextlib.suppress(RedisError):
-        await redis.hdel(Keys(prefix, ref.tenant).missed, Keys.missed_field(ref.feed, group))
+        async with redis.pipeline(transaction=False) as pipe:
+            for ref in refs:
+                pipe.hdel(Keys(prefix, ref.tenant).missed, Keys.missed_field(ref.feed, group))
+            await pipe.execute()
 
 
 class TrimWatch:

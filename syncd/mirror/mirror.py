@@ -28,7 +28,7 @@ from syncd.consumer import Consumer, ConsumerMetrics, Event, Failed, Subscriptio
 from syncd.consumer.delivery import Backoff
 from syncd.mirror.apply import apply_rows, prepare
 from syncd.mirror.ops import MirrorOps
-from syncd.mirror.rows import Row, row_of
+from syncd.mirror.rows import rows_of
 from syncd.mirror.schema import Connection, SchemaTooNew, migrate
 from syncd.ops.sdnotify import Notifier, watchdog_interval
 from syncd.redis.conn import connect
@@ -237,14 +237,7 @@ class Mirror:
         """The consumer's handler: apply `batch` in one transaction (committed on return); the
         events PostgreSQL refused, with why. While PostgreSQL cannot be used it waits (with
         backoff) instead; stopped meanwhile, it fails the whole batch, acknowledging nothing."""
-        rows: list[tuple[Event, Row]] = []
-        failed: list[Event | Failed] = []
-        for event in batch:
-            row = row_of(event)
-            if isinstance(row, str):
-                failed.append(Failed(event, row))
-            else:
-                rows.append((event, row))
+        rows, failed = rows_of(batch)
         backoff = Backoff(_BACKOFF_MIN_S, _BACKOFF_MAX_S)
         while True:
             try:

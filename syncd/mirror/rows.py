@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Literal, NamedTuple
 
-from syncd.consumer import Event
+from syncd.consumer import Event, Failed
 
-__all__ = ["ErrorKind", "Row", "error_kind", "refusal", "row_of"]
+__all__ = ["ErrorKind", "Row", "error_kind", "refusal", "row_of", "rows_of"]
 
 ErrorKind = Literal["record", "unavailable"]
 
@@ -61,6 +61,19 @@ def row_of(event: Event) -> Row | str:
         int(seq or 0),
         data,
     )
+
+
+def rows_of(batch: list[Event]) -> tuple[list[tuple[Event, Row]], list[Event | Failed]]:
+    """A batch's events with their rows, and those that cannot be rows (with why)."""
+    rows: list[tuple[Event, Row]] = []
+    failed: list[Event | Failed] = []
+    for event in batch:
+        row = row_of(event)
+        if isinstance(row, str):
+            failed.append(Failed(event, row))
+        else:
+            rows.append((event, row))
+    return rows, failed
 
 
 def error_kind(sqlstate: str | None) -> ErrorKind:
