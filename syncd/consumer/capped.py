@@ -16,12 +16,12 @@ import structlog
 from redis.exceptions import ResponseError
 
 from syncd.consumer.delivery import shares_of
-from syncd.consumer.events import fields_of, parse_stream_reply, text
+from syncd.consumer.events import RawEntry, fields_of, raw_stream_reply, text
 from syncd.redis.conn import RedisClient
 
 log = structlog.get_logger("syncd.consumer")
 
-Entries = list[tuple[str, list[tuple[str, dict[str, bytes]]]]]
+Entries = list[tuple[str, list[RawEntry]]]
 
 
 class Claimed(NamedTuple):
@@ -128,7 +128,7 @@ async def read_new(
         for stream, count in shares.items():
             pipe.xreadgroup(group, consumer, {stream: ">"}, count=count)
         replies = await pipe.execute()
-    return [pair for reply in replies for pair in parse_stream_reply(reply)]
+    return [pair for reply in replies for pair in raw_stream_reply(reply)]
 
 
 async def _shares(

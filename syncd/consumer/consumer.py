@@ -43,9 +43,13 @@ from syncd.consumer.each import EventHandler
 from syncd.consumer.events import (
     Event,
     MalformedEvent,
+    RawEntry,
     Subscription,
+    event_of_raw,
+    fields_of,
     parse_stream,
-    parse_stream_reply,
+    raw_stream_reply,
+    text,
 )
 from syncd.consumer.held import Held
 from syncd.consumer.loop import Handler
@@ -288,19 +292,26 @@ class Consumer:
             count=count or self.batch,
             block=self.block_ms if block else None,
         )
-        return await self._new_events(parse_stream_reply(reply))
+        return await self._new_events(raw_stream_reply(reply))
 
-    async def _new_events(
-        self, entries: Iterable[tuple[str, list[tuple[str, dict[str, bytes]]]]]
-    ) -> list[Event]:
+    async def _new_events(self, entries: Iterable[tuple[str, list[RawEntry]]]) -> list[Event]:
         events: list[Event] = []
         for stream, items in entries:
-            if items:  # new entries come in stream order, after all the group delivered before
-                self._seen[stream] = items[-1]
-            for entry_id, fields in items:
-                event = await self._event(stream, entry_id, fields, 1, seen=False)
-                if event is not None:
-                    events.append(event)
+            if not items:
+                continue
+            # New entries come in stream order, after all the group delivered before.
+            self._seen[stream] = (text(items[-1][0]), fields_of(items[-1][1]))
+            ref = self._reading[stream]
+            tenant, feed, held = ref.tenant, ref.feed, self._held.of(stream)
+            for entry_id, raw in items:
+                event = None if ref.origin else event_of_raw(stream, entry_id, raw, tenant, feed)
+                if event is None:
+                    event = await self._event(stream, text(entry_id), fields_of(raw), 1, seen=False)
+                    if event is None:
+                        continue
+                else:
+                    held.setdefault(event.id, "")
+                events.append(event)
         return events
 
     async def _read_new_at_most(self, limit: int, *, block: bool) -> list[Event]:
@@ -366,11 +377,11 @@ class Consumer:
 
     async def ack(self, *events: Event) -> int:
         """Acknowledge events in this consumer's group; returns how many were still pending."""
-        for event in events:
-            self._held.drop(*replay.pending_entry(event, self.prefix, self.group))
-        return await replay.ack_events(
-            self.redis, self._ack_replayed, self.prefix, self.group, events
-        )
+        ids, replayed = replay.pending_by_stream(events, self.prefix, self.group)
+        for where in (ids, replayed):
+            for stream, entry_ids in where.items():
+                self._held.drop_all(stream, entry_ids)
+        return await replay.ack_events(self.redis, self._ack_replayed, self.group, ids, replayed)
 
     async def ack_all(self, batch: Iterable[Event]) -> int:
         """Acknowledge every event of a batch; returns how many were still pending."""

@@ -19,6 +19,7 @@ __all__ = [
     "Subscription",
     "parse_stream",
     "parse_stream_reply",
+    "raw_stream_reply",
 ]
 
 T = TypeVar("T")
@@ -209,6 +210,19 @@ def parse_stream_reply(reply: Any) -> list[tuple[str, list[tuple[str, dict[str, 
     Accepts every reply shape redis-py produces (RESP2 or RESP3, legacy or unified responses,
     with or without decode_responses).
     """
+    return [
+        (stream, [(text(eid), fields_of(raw)) for eid, raw in entries])
+        for stream, entries in raw_stream_reply(reply)
+    ]
+
+
+RawEntry = tuple[bytes | str, Mapping[Any, Any]]
+"""A stream entry as redis-py hands it over: its id and its fields, each bytes or str."""
+
+
+def raw_stream_reply(reply: Any) -> list[tuple[str, list[RawEntry]]]:
+    """`parse_stream_reply` without turning each entry's fields into a dict of its own (see
+    `event_of_raw`, which reads most entries as they are)."""
     if not reply:
         return []
     pairs = reply.items() if isinstance(reply, dict) else reply
@@ -217,6 +231,31 @@ def parse_stream_reply(reply: Any) -> list[tuple[str, list[tuple[str, dict[str, 
         # RESP3 replies come wrapped in one more list by redis-py's legacy parser.
         if entries and isinstance(entries[0], list):
             entries = entries[0]
-        parsed = [(text(eid), fields_of(raw)) for eid, raw in entries or () if raw is not None]
-        out.append((text(stream), parsed))
+        out.append((text(stream), [entry for entry in entries or () if entry[1] is not None]))
     return out
+
+
+def event_of_raw(
+    stream: str, entry_id: bytes | str, raw: Mapping[Any, Any], tenant: int, feed: str
+) -> Event | None:
+    """The event of an entry of an event stream as redis-py hands it over, read without
+    copying its fields, when it is as syncd writes it (bytes, `op`, `key`, `data` and
+    `modified_at` present); None for any other, which `Event.from_entry` reads (or refuses)
+    from `fields_of(raw)`. Every entry a consumer reads passes here: kept to lookups."""
+    get = raw.get
+    op, key, data, at = get(b"op"), get(b"key"), get(b"data"), get(b"modified_at")
+    if op is None or key is None or data is None or at is None or type(data) is not bytes:
+        return None
+    on = get(b"modified_on")
+    return Event(
+        stream,
+        entry_id.decode("utf-8", "replace") if type(entry_id) is bytes else str(entry_id),
+        tenant,
+        feed,
+        op.decode("utf-8", "replace"),
+        key.decode("utf-8", "replace"),
+        data,
+        on.decode("utf-8", "replace") if on else None,
+        1,
+        at.decode("utf-8", "replace") or None,
+    )

@@ -38,6 +38,10 @@ class Held:
     def add(self, stream: str, entry_id: str) -> None:
         self._ids[stream].setdefault(entry_id, "")
 
+    def of(self, stream: str) -> dict[str, str]:
+        """The entries held on `stream` (entry id -> reason), to add to in place."""
+        return self._ids[stream]
+
     def refused(self, reasons: Mapping[tuple[str, str], str]) -> None:
         """Note why the handler failed these held entries ((stream, entry id) -> reason)."""
         for (stream, entry_id), reason in reasons.items():
@@ -48,6 +52,13 @@ class Held:
     def drop(self, stream: str, entry_id: str) -> str:
         """Forget an entry; returns the reason noted for it ("" for none)."""
         return self._ids[stream].pop(entry_id, "") if stream in self._ids else ""
+
+    def drop_all(self, stream: str, entry_ids: Iterable[str]) -> None:
+        """Forget entries of `stream`."""
+        held = self._ids.get(stream)
+        if held is not None:
+            for entry_id in entry_ids:
+                held.pop(entry_id, None)
 
     def ids(self, stream: str) -> list[str]:
         return list(self._ids[stream])

@@ -157,16 +157,31 @@ async def ack(script: Script, stream: str, group: str, entry_ids: list[str]) -> 
     return int(await script(keys=[stream], args=[group, *entry_ids]))
 
 
-async def ack_events(
-    redis: RedisClient, script: Script, prefix: str, group: str, events: Iterable[Event]
-) -> int:
-    """Acknowledge events in `group`, each where it is pending (see `pending_entry`); returns
-    how many were still pending."""
+def pending_by_stream(
+    events: Iterable[Event], prefix: str, group: str
+) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Where `events` are pending (see `pending_entry`): entry ids per event stream, and per
+    replay stream for those handed back."""
     ids: dict[str, list[str]] = {}
     replayed: dict[str, list[str]] = {}
     for event in events:
-        stream, entry_id = pending_entry(event, prefix, group)
-        (ids if event.replay_id is None else replayed).setdefault(stream, []).append(entry_id)
+        if event.replay_id is None:
+            ids.setdefault(event.stream, []).append(event.id)
+        else:
+            stream, entry_id = pending_entry(event, prefix, group)
+            replayed.setdefault(stream, []).append(entry_id)
+    return ids, replayed
+
+
+async def ack_events(
+    redis: RedisClient,
+    script: Script,
+    group: str,
+    ids: dict[str, list[str]],
+    replayed: dict[str, list[str]],
+) -> int:
+    """Acknowledge entries in `group`, as `pending_by_stream` gives them; returns how many
+    were still pending."""
     acked = 0
     for stream, entry_ids in replayed.items():  # rare: one script per replay stream
         acked += await ack(script, stream, group, entry_ids)
