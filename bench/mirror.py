@@ -154,7 +154,9 @@ def fill(client: redis.Redis, tenants: int, events: int, seed: int = 1) -> list[
     return [Subscription(t, FEEDS) for t in range(1, tenants + 1)]
 
 
-def settings(redis_url: str, pg_url: str, tenants: int, group: str, schema: str) -> Any:
+def settings(
+    redis_url: str, pg_url: str, tenants: int, group: str, schema: str, workers: int | None = None
+) -> Any:
     data = {
         "redis": {"url": redis_url},
         "servicetitan": {"app_key": "k", "api_url": "http://127.0.0.1:1"},
@@ -164,6 +166,8 @@ def settings(redis_url: str, pg_url: str, tenants: int, group: str, schema: str)
         ],
         "mirror": {"url": pg_url, "group": group, "schema": schema, "batch": BATCH},
     }
+    if workers is not None:
+        data["mirror"]["workers"] = workers
     return config.resolve(config.parse(data, "bench.toml"), environ={})
 
 
@@ -194,10 +198,10 @@ class Timed:
         self.handler = handler
         self.seconds = 0.0
 
-    async def __call__(self, batch: list[Event]) -> Any:
+    async def __call__(self, batch: list[Event], **kwargs: Any) -> Any:
         t0 = time.perf_counter()
         try:
-            return await self.handler(batch)
+            return await self.handler(batch, **kwargs)
         finally:
             self.seconds += time.perf_counter() - t0
 
@@ -225,15 +229,18 @@ async def run_asyncpg(s: Any, subs: list[Subscription], r: aioredis.Redis) -> tu
     m = s.config.mirror
     # The mirror's own statements, as text, with asyncpg's placeholder.
     create_stage = _CREATE_STAGE.as_string(None)
-    conn = await asyncpg.connect(
-        m.url,
-        server_settings={"application_name": "syncd-mirror-asyncpg", "work_mem": "64MB"},
-    )
-    await conn.execute(create_stage)
+    conns: dict[int, Any] = {}  # a connection per worker, as the mirror's
     upserts: dict[str, str] = {}
 
-    async def handle(batch: list[Event]) -> list[Event | Failed] | None:
+    async def handle(batch: list[Event], worker: int = 0) -> list[Event | Failed] | None:
         # As Mirror.handle: each event's row, then the batch in one transaction.
+        conn = conns.get(worker)
+        if conn is None:
+            conn = conns[worker] = await asyncpg.connect(
+                m.url,
+                server_settings={"application_name": "syncd-mirror-asyncpg", "work_mem": "64MB"},
+            )
+            await conn.execute(create_stage)
         pairs, failed = rows_of(batch)
         rows = [row for _, row in pairs]
         if rows:
@@ -272,7 +279,8 @@ async def run_asyncpg(s: Any, subs: list[Subscription], r: aioredis.Redis) -> tu
         mirror.stop.set()
         assert await task == 0
     finally:
-        await conn.close()
+        for conn in conns.values():
+            await conn.close()
     return elapsed, timed.seconds
 
 

@@ -68,6 +68,18 @@ class Keys:
         """A group's field in `missed` (feed names hold no colon, group names may)."""
         return f"{feed}:{group}"
 
+    def reasons(self, group: str) -> str:
+        """Hash: `reason_field` -> why a consumer of `group` last failed that pending entry
+        (`Failed(event, reason)`), for whichever consumer of the group dead-letters it (its
+        `detail`); a field goes when the entry is acknowledged or dead-lettered, the hash a week
+        after its last write."""
+        return f"{self.base}:reasons:{group}"
+
+    def reason_field(self, stream: str, entry_id: str) -> str:
+        """An entry's field in `reasons`: the stream's name after the tenant's part (the feed,
+        or `replay:<feed>:<group>`), a space, the entry id (which holds no space)."""
+        return f"{stream.removeprefix(self.base + ':')} {entry_id}"
+
     @property
     def state(self) -> str:
         """Hash: per-feed operational state (last poll, last error), for `syncd status`."""

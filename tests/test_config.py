@@ -192,6 +192,8 @@ def test_credentials_directory_expansion(tmp_path: Path) -> None:
         (lambda t: t + MIRROR + "group = 'a b'\n", "mirror.group: not a usable group name"),
         (lambda t: t + MIRROR + "batch = 0\n", "mirror.batch: must be > 0"),
         (lambda t: t + MIRROR + "batch = 20000\n", "mirror.batch: must be at most 10000"),
+        (lambda t: t + MIRROR + "workers = 0\n", "mirror.workers: must be 1 to 16, got 0"),
+        (lambda t: t + MIRROR + "workers = 17\n", "mirror.workers: must be 1 to 16, got 17"),
         (lambda t: t + MIRROR + "tenants = [1003]\n", "mirror.tenants[0]: tenant 1003 is not"),
         (lambda t: t + MIRROR + "tenants = []\n", "mirror.tenants: empty"),
         (

@@ -418,8 +418,8 @@ async def test_dead_letter_script_is_idempotent(redis: aioredis.Redis) -> None:
     c = make(redis)
     (event,) = await c.read()
     fields = {"op": b"created", "key": b"1", "data": b"{}"}
-    await c._bury(CUSTOMERS, entry_id, fields, "max_deliveries", 6)
-    await c._bury(CUSTOMERS, entry_id, fields, "max_deliveries", 6)  # a retried call
+    await c._settle.bury(CUSTOMERS, entry_id, fields, "max_deliveries", 6)
+    await c._settle.bury(CUSTOMERS, entry_id, fields, "max_deliveries", 6)  # a retried call
     assert await dead_keys(redis) == ["1"]
     assert event.key == "1"
 

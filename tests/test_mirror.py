@@ -265,6 +265,29 @@ async def test_two_mirrors_in_one_group_share_the_work_and_the_newest_wins(
         assert await table(pg_url, feed) == newest[feed], feed
 
 
+async def test_one_mirror_applies_batches_on_its_workers_and_the_newest_wins(
+    redis: aioredis.Redis, redis_server: RedisServer, pg_url: str
+) -> None:
+    newest: dict[tuple[int, str], object] = {}
+    for n in range(600):  # a key's versions in publication order, interleaved across keys
+        key = str(n % 17)
+        at = f"2024-05-01T1{n // 3600}:{n // 60 % 60:02d}:{n % 60:02d}.0000000Z"
+        await publish(redis, TENANT, CUSTOMERS, key, {"n": n}, at)
+        newest[(TENANT, key)] = {"n": n}
+    data = mirror_config(redis_server.url, pg_url, [TENANT], [CUSTOMERS], batch=3, workers=3)
+    subs = [Subscription(TENANT, [CUSTOMERS])]
+    async with running_mirror(data, "m1"):
+        await until(lambda: caught_up(redis, subs), "the mirror to catch up")
+        async with await psycopg.AsyncConnection.connect(pg_url) as c:
+            cur = await c.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'syncd-mirror'"
+            )
+            assert await cur.fetchone() == (3,)  # a connection per worker
+        consumers = await redis.xinfo_consumers(subs[0].streams()[0], GROUP)
+        assert sorted(c["name"] for c in consumers) == [b"m1", b"m1.2", b"m1.3"]
+    assert await table(pg_url, CUSTOMERS) == newest
+
+
 async def test_systemd_hears_ready_at_once_and_why_it_waits(
     redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -216,6 +216,8 @@ def _check_mirror(cfg: Config, m: MirrorConfig, name: str) -> None:
             raise fail(name, f"mirror.{key}", f"must be > 0, got {value}")
     if m.batch > 10_000:
         raise fail(name, "mirror.batch", f"must be at most 10000 events, got {m.batch}")
+    if not 1 <= m.workers <= 16:
+        raise fail(name, "mirror.workers", f"must be 1 to 16, got {m.workers}")
     if m.listen is not None:
         try:
             check_listen(m.listen)

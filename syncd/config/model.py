@@ -226,6 +226,9 @@ class MirrorConfig(_Base, frozen=True):
     tenants: list[int] | None = None  # default: every configured tenant
     feeds: list[str] | None = None  # default: each tenant's configured feeds
     batch: int = 1000  # events read per stream per round, applied in one transaction
+    # Consumers in the group (each with its own PostgreSQL connection) applying batches side
+    # by side: `<name>`, `<name>.2`...
+    workers: int = 2
     claim_idle: float = 60.0  # seconds before events a dead mirror held are taken over
     max_deliveries: int = 5  # a record refused this often goes to the dead stream
     connect_timeout: float = 10.0  # seconds to reach PostgreSQL

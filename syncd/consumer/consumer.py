@@ -36,8 +36,7 @@ from typing import Literal
 import structlog
 from redis.exceptions import AuthenticationError, RedisError
 
-from syncd.consumer import capped, each, loop, regroup, replay, trimmed
-from syncd.consumer.deadletter import DEAD_LETTER_LUA
+from syncd.consumer import capped, each, loop, reasons, regroup, replay, trimmed
 from syncd.consumer.delivery import classify, entry_order
 from syncd.consumer.each import EventHandler
 from syncd.consumer.events import (
@@ -54,6 +53,7 @@ from syncd.consumer.events import (
 from syncd.consumer.held import Held
 from syncd.consumer.loop import Handler
 from syncd.consumer.metrics import ConsumerMetrics, sample_lag
+from syncd.consumer.settle import Settle
 from syncd.consumer.stopping import Stopping
 from syncd.keys import DEFAULT_PREFIX
 from syncd.redis.conn import RedisClient, socket_timeout_s
@@ -154,9 +154,8 @@ class Consumer:
         self._reclaim_due = 0.0
         self._groups_ready = False
         self._closed = False
-        self._dead_letter = redis.register_script(DEAD_LETTER_LUA)
+        self._settle = Settle(redis, prefix, group, consumer, self._reading, self._held, metrics)
         self._forget = redis.register_script(regroup.FORGET_CONSUMER_LUA)
-        self._ack_replayed = redis.register_script(replay.ACK_LUA)
 
     @property
     def streams(self) -> list[str]:
@@ -264,17 +263,25 @@ class Consumer:
         if not claim.entries:
             return []
         counts = await capped.deliveries(self.redis, self.group, self.consumer, claim.entries)
+        # Why a consumer of the group failed those delivered before, when it said.
+        again = [(s, i) for (s, i, _), n in zip(claim.entries, counts, strict=True) if n and n > 1]
+        said = await reasons.lookup(self.redis, self.prefix, self.group, self._reading, again)
         events: list[Event] = []
         for (stream, entry_id, fields), deliveries in zip(claim.entries, counts, strict=True):
             if deliveries is None:
                 self._held.drop(stream, entry_id)
                 continue  # its previous owner acknowledged it after all: it is done
+            reason = said.get((stream, entry_id), "")
             if deliveries > self.max_deliveries:
-                await self._bury(stream, entry_id, fields, "max_deliveries", deliveries)
+                await self._settle.bury(
+                    stream, entry_id, fields, "max_deliveries", deliveries, reason
+                )
                 continue
             event = await self._event(stream, entry_id, fields, deliveries)
             if event is not None:
                 events.append(event)
+                if reason:
+                    self._held.refused({(stream, entry_id): reason})
         log.info(
             "consumer_reclaimed",
             group=self.group,
@@ -339,49 +346,20 @@ class Consumer:
         try:
             event = replay.event_of(stream, ref, entry_id, fields, deliveries)
         except MalformedEvent as exc:
-            await self._bury(stream, entry_id, fields, "malformed", deliveries, str(exc))
+            await self._settle.bury(stream, entry_id, fields, "malformed", deliveries, str(exc))
             return None
         self._held.add(stream, entry_id)
         return event
 
-    async def _bury(
-        self,
-        stream: str,
-        entry_id: str,
-        fields: dict[str, bytes],
-        reason: str,
-        deliveries: int,
-        detail: str = "",
-    ) -> None:
-        noted = self._held.drop(stream, entry_id)
-        ref = self._reading[stream]
-        buried = await replay.bury(
-            self._dead_letter,
-            stream,
-            ref,
-            entry_id,
-            fields,
-            group=self.group,
-            consumer=self.consumer,
-            reason=reason,
-            deliveries=deliveries,
-            detail=detail or noted,
-        )
-        if buried and self.metrics is not None:
-            self.metrics.dead_lettered(self.group, ref.feed, reason)
-
-    def refused(self, reasons: Mapping[tuple[str, str], str]) -> None:
-        """Note why the handler failed events it holds ((stream, entry id) -> reason): should
-        they reach the dead stream, the reason goes with them (`detail`)."""
-        self._held.refused(reasons)
+    async def refused(self, why: Mapping[tuple[str, str], str]) -> None:
+        """Note why the handler failed events it holds ((stream, entry id) -> reason), here and
+        in Redis for the group (`syncd.consumer.reasons`): should they reach the dead stream,
+        by whichever consumer of the group, the reason goes with them (`detail`)."""
+        await self._settle.refused(why)
 
     async def ack(self, *events: Event) -> int:
         """Acknowledge events in this consumer's group; returns how many were still pending."""
-        ids, replayed = replay.pending_by_stream(events, self.prefix, self.group)
-        for where in (ids, replayed):
-            for stream, entry_ids in where.items():
-                self._held.drop_all(stream, entry_ids)
-        return await replay.ack_events(self.redis, self._ack_replayed, self.group, ids, replayed)
+        return await self._settle.ack(events)
 
     async def ack_all(self, batch: Iterable[Event]) -> int:
         """Acknowledge every event of a batch; returns how many were still pending."""

@@ -198,7 +198,7 @@ class _Each:
         if result is None:
             return await self._ack(event)
         if isinstance(result, Failed) and (result.stream, result.id) == (event.stream, event.id):
-            source.refused({(event.stream, event.id): result.reason})
+            await source.refused({(event.stream, event.id): result.reason})
             return self._failed(event, "refused")
         kind = type(result).__name__
         log.error(

@@ -53,12 +53,12 @@ class Held:
         """Forget an entry; returns the reason noted for it ("" for none)."""
         return self._ids[stream].pop(entry_id, "") if stream in self._ids else ""
 
-    def drop_all(self, stream: str, entry_ids: Iterable[str]) -> None:
-        """Forget entries of `stream`."""
+    def drop_all(self, stream: str, entry_ids: Iterable[str]) -> list[str]:
+        """Forget entries of `stream`; returns those a reason was noted for."""
         held = self._ids.get(stream)
-        if held is not None:
-            for entry_id in entry_ids:
-                held.pop(entry_id, None)
+        if held is None:
+            return []
+        return [entry_id for entry_id in entry_ids if held.pop(entry_id, "")]
 
     def ids(self, stream: str) -> list[str]:
         return list(self._ids[stream])

@@ -88,7 +88,7 @@ class Source(Protocol):
 
     async def ack(self, *events: Event) -> int: ...
 
-    def refused(self, reasons: Reasons) -> None: ...
+    async def refused(self, why: Reasons) -> None: ...
 
     async def recover_groups(self, exc: BaseException | None = None) -> None: ...
 
@@ -204,7 +204,7 @@ async def _round(source: Source, handler: Handler, batch: list[Event], state: _R
     failed, reasons = await _apply(source, handler, batch)
     done = [e for e in batch if e not in failed]
     await source.ack(*done)
-    source.refused(reasons)
+    await source.refused(reasons)
     if source.metrics is not None:
         source.metrics.handled(source.group, done)
         source.metrics.failed(source.group, failed)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
 import socket
 import time
@@ -86,7 +87,7 @@ class Mirror:
         self.ready = False  # PostgreSQL in use and the tables migrated
         self.metrics = ConsumerMetrics()
         self.ops: MirrorOps | None = None
-        self._conn: Connection | None = None
+        self._conns: dict[int, Connection] = {}  # each worker's connection
         self._signals = 0
 
     async def run(self) -> int:
@@ -118,22 +119,25 @@ class Mirror:
         pw = self.settings.sentinel_password
         redis = connect(cfg.redis, pw.reveal() if pw else None)
         claim_idle_ms = max(1, int(self.config.claim_idle * 1000))
-        consumer = Consumer(
-            redis,
-            self.config.group,
-            self.name,
-            streams=self.subscriptions,
-            prefix=cfg.redis.key_prefix,
-            claim_idle_ms=claim_idle_ms,
-            max_deliveries=self.config.max_deliveries,
-            batch=self.config.batch,
-            # Waiting for new events no longer than events take to go stale: refused ones come
-            # back on time on a quiet stream too.
-            block_ms=min(_BLOCK_MS, claim_idle_ms),
-            # Redis' and the client's share of a batch overlaps PostgreSQL's.
-            read_ahead=True,
-            metrics=self.metrics,
-        )
+        consumers = [
+            Consumer(
+                redis,
+                self.config.group,
+                self.worker_name(worker),
+                streams=self.subscriptions,
+                prefix=cfg.redis.key_prefix,
+                claim_idle_ms=claim_idle_ms,
+                max_deliveries=self.config.max_deliveries,
+                batch=self.config.batch,
+                # Waiting for new events no longer than events take to go stale: refused ones
+                # come back on time on a quiet stream too.
+                block_ms=min(_BLOCK_MS, claim_idle_ms),
+                # Redis' and the client's share of a batch overlaps PostgreSQL's.
+                read_ahead=True,
+                metrics=self.metrics,
+            )
+            for worker in range(self.config.workers)
+        ]
         if self.config.listen is not None:
             self.ops = MirrorOps(self.config.listen, self, self.metrics)
             await self.ops.start()
@@ -156,8 +160,15 @@ class Mirror:
                 tenants=len(self.subscriptions),
                 feeds=len(self.feeds),
             )
-            async with consumer:
-                await consumer.run(self.handle, stop=self.stop)
+            async with contextlib.AsyncExitStack() as stack:
+                for consumer in consumers:
+                    await stack.enter_async_context(consumer)
+                # One batch a worker at a time, each in its own transaction on its own
+                # connection: one worker's COPY and commit overlap the other's upserts.
+                async with asyncio.TaskGroup() as workers:
+                    for worker, consumer in enumerate(consumers):
+                        handler = functools.partial(self.handle, worker=worker)
+                        workers.create_task(consumer.run(handler, stop=self.stop))
             return EXIT_OK
         finally:
             for helper in helpers:
@@ -184,8 +195,13 @@ class Mirror:
                 await self._unavailable(exc, backoff, phase="start")
         return False
 
-    async def _connection(self) -> Connection:
-        if self._conn is None or self._conn.closed:
+    def worker_name(self, worker: int) -> str:
+        """The consumer name of a worker: the mirror's name, then `<name>.2`, `<name>.3`..."""
+        return self.name if worker == 0 else f"{self.name}.{worker + 1}"
+
+    async def _connection(self, worker: int = 0) -> Connection:
+        conn = self._conns.get(worker)
+        if conn is None or conn.closed:
             m, secret = self.config, self.settings.mirror_password
             options: dict[str, Any] = {
                 "application_name": "syncd-mirror",
@@ -207,19 +223,25 @@ class Mirror:
             except BaseException:
                 await conn.close()
                 raise
-            self._conn = conn
-        return self._conn
+            self._conns[worker] = conn
+        return conn
 
-    async def _close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                await conn.close()
+    async def _close(self, worker: int | None = None) -> None:
+        """Close a worker's connection (None: every worker's)."""
+        workers = list(self._conns) if worker is None else [worker]
+        for w in workers:
+            conn = self._conns.pop(w, None)
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
 
-    async def _unavailable(self, exc: BaseException, backoff: Backoff, **fields: Any) -> None:
-        """Log why PostgreSQL cannot be used, drop the connection and wait before retrying."""
+    async def _unavailable(
+        self, exc: BaseException, backoff: Backoff, worker: int = 0, **fields: Any
+    ) -> None:
+        """Log why PostgreSQL cannot be used, drop the worker's connection and wait before
+        retrying."""
         self.ready = False
-        await self._close()
+        await self._close(worker)
         delay = backoff.next()
         self.notifier.status("waiting for PostgreSQL (see the log: mirror_postgres_unavailable)")
         log.warning(
@@ -233,21 +255,22 @@ class Mirror:
             async with asyncio.timeout(delay):
                 await self.stop.wait()
 
-    async def handle(self, batch: list[Event]) -> list[Event | Failed] | None:
-        """The consumer's handler: apply `batch` in one transaction (committed on return); the
-        events PostgreSQL refused, with why. While PostgreSQL cannot be used it waits (with
-        backoff) instead; stopped meanwhile, it fails the whole batch, acknowledging nothing."""
+    async def handle(self, batch: list[Event], worker: int = 0) -> list[Event | Failed] | None:
+        """A worker's handler: apply `batch` in one transaction (committed on return) on the
+        worker's connection; the events PostgreSQL refused, with why. While PostgreSQL cannot
+        be used it waits (with backoff) instead; stopped meanwhile, it fails the whole batch,
+        acknowledging nothing."""
         rows, failed = rows_of(batch)
         backoff = Backoff(_BACKOFF_MIN_S, _BACKOFF_MAX_S)
         while True:
             try:
-                conn = await self._connection()
+                conn = await self._connection(worker)
                 async with asyncio.timeout(_APPLY_TIMEOUT_S):
                     schema = self.config.schema
                     refused = await apply_rows(conn, schema, self.tables, [r for _, r in rows])
                 break
             except (psycopg.Error, OSError, TimeoutError) as exc:
-                await self._unavailable(exc, backoff, events=len(batch))
+                await self._unavailable(exc, backoff, worker, events=len(batch))
                 if self.stop.is_set():
                     return list(batch)
         self.ready = True
