@@ -513,7 +513,8 @@ def block_mirror(results: Results) -> str:
         "| contender | events/s | CPU s per 100,000 events: mirror / PostgreSQL |",
         "|---|---|---|",
         _row(
-            "`syncd mirror`: COPY to a staging table, one upsert per feed and batch",
+            f"`syncd mirror` ({f.get('workers', 1)} workers, `[mirror] workers`): COPY to a "
+            "staging table, one upsert per feed and batch, each batch one transaction",
             f"{f['copy_events_per_s']:,} (target: 50,000)",
             f"{cpu['copy']['client']:.2f} s / {cpu['copy']['postgres']:.2f} s",
         ),

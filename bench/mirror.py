@@ -509,6 +509,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "tenants": args.tenants,
         "feeds": FEEDS,
         "batch": BATCH,
+        # Batches applied at once (the mirror's default): each worker a consumer with its own
+        # connection, the asyncpg contender's too.
+        "workers": quiet.config.mirror.workers,
         "rows_per_table": tables[0] if tables else 0,
         "rounds": rounds,
         "copy_events_per_s": best["copy"],
