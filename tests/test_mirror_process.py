@@ -43,6 +43,21 @@ def test_without_its_section_the_mirror_exits_2(tmp_path: Path) -> None:
     assert f"{config}: mirror: missing: add a [mirror] section" in done.stderr
 
 
+def test_a_name_its_workers_would_take_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "syncd.toml"
+    config.write_text(
+        to_toml(mirror_config("redis://127.0.0.1:1/0", "postgresql://x/db", [1], FEEDS))
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "syncd", "mirror", "--config", str(config), "--name", "db.2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "--name db.2: ends in .<number>, as the mirror's workers are named" in done.stderr
+
+
 def start(config: Path, log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         return subprocess.Popen(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import select
 import stat
 import sys
@@ -202,6 +203,8 @@ def cmd_mirror(args: argparse.Namespace) -> int:
         return _fail(f"{args.config}: mirror: missing: add a [mirror] section with its url", 2)
     if args.name is not None and not args.name.strip():
         return _fail("--name: empty name", 2)
+    if args.name is not None and re.fullmatch(r".*\.[0-9]+", args.name):
+        return _fail(f"--name {args.name}: ends in .<number>, as the mirror's workers are named", 2)
     try:
         from syncd.mirror import Mirror
     except ImportError as exc:
