@@ -255,6 +255,8 @@ class Consumer:
         )
         for stream, entry_id in claim.trimmed:
             self._held.drop(stream, entry_id)
+        if claim.trimmed:  # gone: any reason kept for them is of no more use
+            await reasons.forget(self.redis, self.prefix, self.group, self._reading, claim.trimmed)
         # Between scans, wait long enough for entries to become stale; keep going while the last
         # scan stopped early because it hit `batch` (or `limit`).
         self._reclaim_due = time.monotonic() + (self.claim_idle_ms / 2000 if claim.complete else 0)
@@ -352,7 +354,8 @@ class Consumer:
         return event
 
     async def refused(self, why: Mapping[tuple[str, str], str]) -> None:
-        """Note why the handler failed events it holds ((stream, entry id) -> reason), here and
+        """Note why the handler failed events it holds ((stream, entry id) -> reason, where
+        each is pending: `replay.pending_entry`), here and
         in Redis for the group (`syncd.consumer.reasons`): should they reach the dead stream,
         by whichever consumer of the group, the reason goes with them (`detail`)."""
         await self._settle.refused(why)
@@ -360,6 +363,12 @@ class Consumer:
     async def ack(self, *events: Event) -> int:
         """Acknowledge events in this consumer's group; returns how many were still pending."""
         return await self._settle.ack(events)
+
+    async def hold(self, events: Iterable[Event]) -> list[Event]:
+        """Keep events this consumer was handed from being taken over while its handler still
+        works on them (longer than `claim_idle_ms`): their idle time starts again (XCLAIM
+        JUSTID: their delivery count stays). Returns those still its own."""
+        return await loop.keep(self, list(events))
 
     async def ack_all(self, batch: Iterable[Event]) -> int:
         """Acknowledge every event of a batch; returns how many were still pending."""

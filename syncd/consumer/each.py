@@ -32,6 +32,7 @@ from syncd.consumer.loop import (
     on_error,
     timed,
 )
+from syncd.consumer.replay import pending_entry
 from syncd.consumer.stopping import cancel, wait_any
 
 log = structlog.get_logger("syncd.consumer")
@@ -198,7 +199,8 @@ class _Each:
         if result is None:
             return await self._ack(event)
         if isinstance(result, Failed) and (result.stream, result.id) == (event.stream, event.id):
-            await source.refused({(event.stream, event.id): result.reason})
+            where = pending_entry(event, source.prefix, source.group)
+            await source.refused({where: result.reason})
             return self._failed(event, "refused")
         kind = type(result).__name__
         log.error(

@@ -29,7 +29,7 @@ from syncd.consumer.delivery import (
 from syncd.consumer.events import Event, Failed
 from syncd.consumer.events import text as _text
 from syncd.consumer.metrics import ConsumerMetrics
-from syncd.consumer.replay import pending_entry
+from syncd.consumer.replay import pending_entry, pending_reasons
 from syncd.consumer.stopping import Stopping, cancel, wait_any
 from syncd.redis.conn import RedisClient
 
@@ -204,7 +204,7 @@ async def _round(source: Source, handler: Handler, batch: list[Event], state: _R
     failed, reasons = await _apply(source, handler, batch)
     done = [e for e in batch if e not in failed]
     await source.ack(*done)
-    await source.refused(reasons)
+    await source.refused(pending_reasons(failed, reasons, source.prefix, source.group))
     if source.metrics is not None:
         source.metrics.handled(source.group, done)
         source.metrics.failed(source.group, failed)

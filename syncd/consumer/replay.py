@@ -157,6 +157,18 @@ async def ack(script: Script, stream: str, group: str, entry_ids: list[str]) -> 
     return int(await script(keys=[stream], args=[group, *entry_ids]))
 
 
+def pending_reasons(
+    events: Iterable[Event], reasons: Mapping[tuple[str, str], str], prefix: str, group: str
+) -> dict[tuple[str, str], str]:
+    """`reasons` ((event stream, entry id) -> reason) keyed by where each of `events` is
+    pending (`pending_entry`): a replayed event's replay stream and entry there."""
+    return {
+        pending_entry(event, prefix, group): reasons[event.stream, event.id]
+        for event in events
+        if (event.stream, event.id) in reasons
+    }
+
+
 def pending_by_stream(
     events: Iterable[Event], prefix: str, group: str
 ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:

@@ -82,6 +82,6 @@ class Settle:
         )
         if buried and self.metrics is not None:
             self.metrics.dead_lettered(self.group, ref.feed, reason)
-        if reason == "max_deliveries":  # a reason kept for it is of no more use
+        if buried and reason == "max_deliveries":  # a reason kept for it is of no more use
             where = [(stream, entry_id)]
             await reasons.forget(self.redis, self.prefix, self.group, self.reading, where)

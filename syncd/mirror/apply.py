@@ -97,7 +97,7 @@ async def apply_rows(
         for feed in dict.fromkeys(row.feed for row in rows)
     }
     async with conn.transaction():
-        return await _part(conn, upserts, list(enumerate(rows)), whole=True)
+        return sorted(await _part(conn, upserts, list(enumerate(rows)), whole=True))
 
 
 async def _part(
@@ -128,8 +128,17 @@ async def _part(
             diag = exc.diag
             primary = diag.message_primary or str(exc)
             return [(part[0][0], refusal(exc.sqlstate, primary, diag.message_detail))]
+    # Halves in the order the upserts take row locks (feeds, then keys): a half applied keeps
+    # its locks until COMMIT, and one taken in another order could deadlock with a mirror
+    # applying a batch beside this one.
+    part = sorted(part, key=_lock_order)
     middle = len(part) // 2
     return await _part(conn, upserts, part[:middle]) + await _part(conn, upserts, part[middle:])
+
+
+def _lock_order(item: tuple[int, Row]) -> tuple[str, int, str]:
+    row = item[1]
+    return row.feed, row.tenant, row.key
 
 
 async def _stage(conn: Connection, rows: Sequence[Row]) -> None:

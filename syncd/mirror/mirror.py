@@ -22,14 +22,15 @@ from typing import Any
 
 import psycopg
 import structlog
+from redis.exceptions import RedisError
 
 from syncd.config import Settings
 from syncd.config.urls import redact_url
 from syncd.consumer import Consumer, ConsumerMetrics, Event, Failed, Subscription
 from syncd.consumer.delivery import Backoff
-from syncd.mirror.apply import apply_rows, prepare
+from syncd.mirror.apply import Refused, apply_rows, prepare
 from syncd.mirror.ops import MirrorOps
-from syncd.mirror.rows import rows_of
+from syncd.mirror.rows import Row, rows_of
 from syncd.mirror.schema import Connection, SchemaTooNew, migrate
 from syncd.ops.sdnotify import Notifier, watchdog_interval
 from syncd.redis.conn import connect
@@ -88,6 +89,7 @@ class Mirror:
         self.metrics = ConsumerMetrics()
         self.ops: MirrorOps | None = None
         self._conns: dict[int, Connection] = {}  # each worker's connection
+        self._consumers: list[Consumer] = []  # each worker's consumer
         self._signals = 0
 
     async def run(self) -> int:
@@ -138,6 +140,7 @@ class Mirror:
             )
             for worker in range(self.config.workers)
         ]
+        self._consumers = consumers
         if self.config.listen is not None:
             self.ops = MirrorOps(self.config.listen, self, self.metrics)
             await self.ops.start()
@@ -262,17 +265,14 @@ class Mirror:
         acknowledging nothing."""
         rows, failed = rows_of(batch)
         backoff = Backoff(_BACKOFF_MIN_S, _BACKOFF_MAX_S)
-        while True:
-            try:
-                conn = await self._connection(worker)
-                async with asyncio.timeout(_APPLY_TIMEOUT_S):
-                    schema = self.config.schema
-                    refused = await apply_rows(conn, schema, self.tables, [r for _, r in rows])
-                break
-            except (psycopg.Error, OSError, TimeoutError) as exc:
-                await self._unavailable(exc, backoff, worker, events=len(batch))
-                if self.stop.is_set():
-                    return list(batch)
+        keeper = asyncio.create_task(self._hold(batch, worker))
+        try:
+            refused = await self._apply(rows, backoff, worker)
+        finally:
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
+        if refused is None:  # stopped while PostgreSQL could not be used
+            return list(batch)
         self.ready = True
         if batch:
             self.newest_ms = max(self.newest_ms, max(int(e.id.partition("-")[0]) for e in batch))
@@ -296,6 +296,34 @@ class Mirror:
         self.applied += len(rows) - len(refused)
         self.refused += len(failed)
         return failed or None
+
+    async def _apply(
+        self, rows: list[tuple[Event, Row]], backoff: Backoff, worker: int
+    ) -> Refused | None:
+        """Apply `rows` on the worker's connection, waiting (with backoff) while PostgreSQL
+        cannot be used; the refused rows, or None when stopped meanwhile."""
+        while True:
+            try:
+                conn = await self._connection(worker)
+                async with asyncio.timeout(_APPLY_TIMEOUT_S):
+                    schema = self.config.schema
+                    return await apply_rows(conn, schema, self.tables, [r for _, r in rows])
+            except (psycopg.Error, OSError, TimeoutError) as exc:
+                await self._unavailable(exc, backoff, worker, events=len(rows))
+                if self.stop.is_set():
+                    return None
+
+    async def _hold(self, batch: list[Event], worker: int) -> None:
+        """While a worker applies `batch` (or waits for PostgreSQL), keep its events from the
+        group's other consumers, this mirror's other workers among them: their idle time
+        starts again every third of `claim_idle`, their delivery count stays."""
+        if worker >= len(self._consumers):
+            return
+        consumer = self._consumers[worker]
+        while True:
+            await asyncio.sleep(self.config.claim_idle / 3)
+            with contextlib.suppress(RedisError):
+                await consumer.hold(batch)
 
     async def _watchdog(self) -> None:
         """WATCHDOG=1 while the event loop turns (a mirror waiting for PostgreSQL is alive)."""
