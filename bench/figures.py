@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -515,7 +516,9 @@ def block_mirror(results: Results) -> str:
         _row(
             f"`syncd mirror` ({f.get('workers', 1)} workers, `[mirror] workers`): COPY to a "
             "staging table, one upsert per feed and batch, each batch one transaction",
-            f"{f['copy_events_per_s']:,} (target: 50,000)",
+            f"{f['copy_events_per_s']:,} (median "
+            f"{statistics.median(r['events_per_s'] for r in f['rounds']['copy']):,.0f}; "
+            "target: 50,000)",
             f"{cpu['copy']['client']:.2f} s / {cpu['copy']['postgres']:.2f} s",
         ),
     ]
