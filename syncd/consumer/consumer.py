@@ -36,7 +36,7 @@ from typing import Literal
 import structlog
 from redis.exceptions import AuthenticationError, RedisError
 
-from syncd.consumer import capped, each, loop, reasons, regroup, replay, trimmed
+from syncd.consumer import capped, each, loop, regroup, replay, trimmed
 from syncd.consumer.delivery import classify, entry_order
 from syncd.consumer.each import EventHandler
 from syncd.consumer.events import (
@@ -256,7 +256,7 @@ class Consumer:
         for stream, entry_id in claim.trimmed:
             self._held.drop(stream, entry_id)
         if claim.trimmed:  # gone: any reason kept for them is of no more use
-            await reasons.forget(self.redis, self.prefix, self.group, self._reading, claim.trimmed)
+            await self._settle.reasons.forget(claim.trimmed)
         # Between scans, wait long enough for entries to become stale; keep going while the last
         # scan stopped early because it hit `batch` (or `limit`).
         self._reclaim_due = time.monotonic() + (self.claim_idle_ms / 2000 if claim.complete else 0)
@@ -267,7 +267,7 @@ class Consumer:
         counts = await capped.deliveries(self.redis, self.group, self.consumer, claim.entries)
         # Why a consumer of the group failed those delivered before, when it said.
         again = [(s, i) for (s, i, _), n in zip(claim.entries, counts, strict=True) if n and n > 1]
-        said = await reasons.lookup(self.redis, self.prefix, self.group, self._reading, again)
+        said = await self._settle.reasons.lookup(again)
         events: list[Event] = []
         for (stream, entry_id, fields), deliveries in zip(claim.entries, counts, strict=True):
             if deliveries is None:

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from syncd.consumer import reasons, replay
+from syncd.consumer import replay
 from syncd.consumer.deadletter import DEAD_LETTER_LUA
 from syncd.consumer.events import Event, StreamRef
 from syncd.consumer.held import Held
 from syncd.consumer.metrics import ConsumerMetrics
+from syncd.consumer.reasons import Reasons
 from syncd.redis.conn import RedisClient
 
 
@@ -34,6 +35,7 @@ class Settle:
         self.reading = reading
         self.held = held
         self.metrics = metrics
+        self.reasons = Reasons(redis, prefix, group, reading)
         self._dead_letter = redis.register_script(DEAD_LETTER_LUA)
         self._ack_replayed = redis.register_script(replay.ACK_LUA)
 
@@ -48,13 +50,13 @@ class Settle:
         ]
         acked = await replay.ack_events(self.redis, self._ack_replayed, self.group, ids, replayed)
         if noted:  # failed before, with a reason: kept in Redis too
-            await reasons.forget(self.redis, self.prefix, self.group, self.reading, noted)
+            await self.reasons.forget(noted)
         return acked
 
     async def refused(self, why: Mapping[tuple[str, str], str]) -> None:
         """Note why the handler failed held entries, here and for the group."""
         self.held.refused(why)
-        await reasons.keep(self.redis, self.prefix, self.group, self.reading, why)
+        await self.reasons.keep(why)
 
     async def bury(
         self,
@@ -84,4 +86,4 @@ class Settle:
             self.metrics.dead_lettered(self.group, ref.feed, reason)
         if buried and reason == "max_deliveries":  # a reason kept for it is of no more use
             where = [(stream, entry_id)]
-            await reasons.forget(self.redis, self.prefix, self.group, self.reading, where)
+            await self.reasons.forget(where)
