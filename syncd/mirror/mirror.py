@@ -1,13 +1,14 @@
-"""`syncd mirror`: the shell around `apply`. It reads the configured streams as a member of a
-consumer group, applies each batch in one PostgreSQL transaction and lets the consumer library
-acknowledge it only after COMMIT; lifecycle, signals and systemd notifications as the daemon's.
+"""`syncd mirror`: the shell around `apply`. Its workers (`[mirror] workers`) read the
+configured streams as members of one consumer group, each applies its batch in one PostgreSQL
+transaction on its own connection and lets the consumer library acknowledge it only after
+COMMIT; lifecycle, signals and systemd notifications as the daemon's.
 
 A record PostgreSQL refuses is returned to the library as `Failed(event, reason)`: it comes
 back, and after `max_deliveries` goes to the tenant's dead stream with the reason, while the
 rest of its batch is applied. A PostgreSQL that is down, refuses writes (read-only, disk full)
 or fails otherwise holds the batch: the connection is dropped and the whole batch tried again
-on a new one with backoff, nothing acknowledged meanwhile, until it succeeds or the mirror is
-stopped.
+on a new one with backoff, nothing acknowledged meanwhile and the batch kept from the group's
+other consumers (`Consumer.hold`), until it succeeds or the mirror is stopped.
 """
 
 from __future__ import annotations
