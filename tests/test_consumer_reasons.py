@@ -5,6 +5,7 @@ as by `Event.from_entry`."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -21,7 +22,10 @@ REASONS = KEYS.reasons("billing")
 
 
 async def fail_once_with_a_reason(redis: aioredis.Redis) -> None:
-    """Consumer c1 fails key 2 with REASON, then stops: the event stays pending under it."""
+    """Keys 1 to 3 published; consumer c1 fails key 2 with REASON, then stops: the event stays
+    pending under it."""
+    for key in (1, 2, 3):
+        await publish(redis, CUSTOMERS, key)
 
     async def refuse(batch: list[Event]) -> list[Failed]:
         return [Failed(e, REASON) for e in batch if e.key == "2"]
@@ -38,21 +42,28 @@ async def fail_once_with_a_reason(redis: aioredis.Redis) -> None:
     }
 
 
+async def dead_letter_from_c2(
+    redis: aioredis.Redis, handler: Callable[[list[Event]], Awaitable[list[Event]]]
+) -> dict[bytes, bytes]:
+    """Consumer c2 runs `handler` (which fails events without a reason) until one event is in
+    the dead stream (two deliveries at most); that dead letter's fields."""
+    second = make(redis, "c2", claim_idle_ms=100, max_deliveries=2, outage_after=99)
+    runner = Runner(second, handler)
+    await until(lambda: redis.xlen(KEYS.dead), "the event in the dead stream")
+    await runner.finish()
+    ((_, dead),) = await redis.xrange(KEYS.dead)
+    return dead
+
+
 async def test_the_reason_reaches_the_dead_letter_from_another_consumer(
     redis: aioredis.Redis,
 ) -> None:
-    for key in (1, 2, 3):
-        await publish(redis, CUSTOMERS, key)
     await fail_once_with_a_reason(redis)
 
     async def fail_without_a_reason(batch: list[Event]) -> list[Event]:
         return [e for e in batch if e.key == "2"]
 
-    second = make(redis, "c2", claim_idle_ms=100, max_deliveries=2, outage_after=99)
-    runner = Runner(second, fail_without_a_reason)
-    await until(lambda: redis.xlen(KEYS.dead), "the event in the dead stream")
-    await runner.finish()
-    ((_, dead),) = await redis.xrange(KEYS.dead)
+    dead = await dead_letter_from_c2(redis, fail_without_a_reason)
     assert dead[b"key"] == b"2"
     assert dead[b"consumer"] == b"c2"
     assert dead[b"reason"] == b"max_deliveries"
@@ -63,8 +74,6 @@ async def test_the_reason_reaches_the_dead_letter_from_another_consumer(
 async def test_the_reason_goes_when_another_consumer_handles_the_event(
     redis: aioredis.Redis,
 ) -> None:
-    for key in (1, 2, 3):
-        await publish(redis, CUSTOMERS, key)
     await fail_once_with_a_reason(redis)
     handled: list[str] = []
 

@@ -13,7 +13,12 @@ from syncd.consumer import Event, Failed
 from syncd.consumer.replay import MOVE_LUA
 from tests.test_consumer import CUSTOMERS, KEYS, publish
 from tests.test_consumer_faults import Runner, make, until
-from tests.test_consumer_reasons import REASON, REASONS, fail_once_with_a_reason
+from tests.test_consumer_reasons import (
+    REASON,
+    REASONS,
+    dead_letter_from_c2,
+    fail_once_with_a_reason,
+)
 
 REPLAY = KEYS.replay("crm.customers", "billing")
 
@@ -24,8 +29,6 @@ async def test_reason_of_an_entry_trimmed_while_pending_is_not_left_behind(
     """Retention trims an entry a handler refused while it is still pending: XAUTOCLAIM reports
     it deleted and the consumer drops it (consumer_pending_trimmed), but its reason stays in
     the group's hash forever (every later write refreshes the hash's week)."""
-    for key in (1, 2, 3):
-        await publish(redis, CUSTOMERS, key)
     await fail_once_with_a_reason(redis)  # key 2 pending, its reason kept
     third = (await redis.xrange(CUSTOMERS))[2][0]
     await redis.xtrim(CUSTOMERS, minid=third, approximate=False)  # retention: entries 1 and 2 gone
@@ -99,11 +102,7 @@ async def test_a_replayed_event_failed_again_is_dead_lettered_with_its_reason(
     async def fail_without_a_reason(batch: list[Event]) -> list[Event]:
         return list(batch)
 
-    c2 = make(redis, "c2", claim_idle_ms=100, max_deliveries=2, outage_after=99)
-    runner = Runner(c2, fail_without_a_reason)
-    await until(lambda: redis.xlen(KEYS.dead), "the replayed event dead again")
-    await runner.finish()
-    ((_, dead),) = await redis.xrange(KEYS.dead)
+    dead = await dead_letter_from_c2(redis, fail_without_a_reason)
     assert dead[b"reason"] == b"max_deliveries"
     assert dead.get(b"detail") == REASON.encode()
     assert await redis.hgetall(REASONS) == {}
@@ -115,8 +114,6 @@ async def test_a_dead_letter_refused_for_lack_of_memory_keeps_the_reason(
     """The dead-letter script fails (Redis out of memory: XADD refused): the entry stays
     pending and is buried on a later pass, but Settle.bury deleted the kept reason anyway, so
     the dead letter finally written lacks it."""
-    for key in (1, 2, 3):
-        await publish(redis, CUSTOMERS, key)
     await fail_once_with_a_reason(redis)
     second = make(redis, "c2", claim_idle_ms=50, max_deliveries=1)
     await second.ensure_groups()

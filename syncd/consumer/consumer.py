@@ -355,9 +355,9 @@ class Consumer:
 
     async def refused(self, why: Mapping[tuple[str, str], str]) -> None:
         """Note why the handler failed events it holds ((stream, entry id) -> reason, where
-        each is pending: `replay.pending_entry`), here and
-        in Redis for the group (`syncd.consumer.reasons`): should they reach the dead stream,
-        by whichever consumer of the group, the reason goes with them (`detail`)."""
+        each is pending: `replay.pending_entry`), here and in Redis for the group
+        (`syncd.consumer.reasons`): should they reach the dead stream, by whichever consumer of
+        the group, the reason goes with them (`detail`)."""
         await self._settle.refused(why)
 
     async def ack(self, *events: Event) -> int:
