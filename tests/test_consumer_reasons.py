@@ -5,6 +5,7 @@ as by `Event.from_entry`."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -146,3 +147,28 @@ def test_an_entry_read_fast_is_the_event_from_entry_makes(raw: dict[Any, Any], f
             deliveries=1,
         )
         assert event == expected
+
+
+async def test_a_handler_slower_than_claim_idle_keeps_its_batch(redis: aioredis.Redis) -> None:
+    """While `run`'s handler works on a batch for several times `claim_idle_ms`, another
+    consumer of the group takes none of it over: each event is delivered once."""
+    await publish(redis, CUSTOMERS, 1)
+    started = asyncio.Event()
+    handled: list[str] = []
+
+    async def slow(batch: list[Event]) -> None:
+        started.set()
+        await asyncio.sleep(0.8)  # 8 x claim_idle_ms
+        handled.extend(e.key for e in batch)
+
+    async def other(batch: list[Event]) -> None:
+        handled.extend("other " + e.key for e in batch)
+
+    first = Runner(make(redis, "c1", claim_idle_ms=100), slow)
+    await asyncio.wait_for(started.wait(), 10)
+    second = Runner(make(redis, "c2", claim_idle_ms=100), other)
+    await until(lambda: bool(handled), "the slow handler to finish")
+    await second.finish()
+    await first.finish()
+    assert handled == ["1"]
+    assert (await redis.xinfo_groups(CUSTOMERS))[0]["pending"] == 0

@@ -74,8 +74,9 @@ class Consumer:
     `streams` takes stream names (`st:{123}:crm.customers`), `Subscription`s, or a mix. The group
     is created on each stream when missing, positioned at the stream's beginning or, with
     `start="new"`, at its end; an existing group keeps its position. `batch` caps the entries
-    read per stream per call. `claim_idle_ms` must exceed the longest time a handler needs,
-    or other consumers take its events over while it still works on them; `handler_timeout`
+    read per stream per call. After `claim_idle_ms` other consumers take over the events of a
+    consumer that stopped working on them (a handler under `run` keeps its batch while it
+    works; under `run_each` `claim_idle_ms` must exceed a call plus its wait); `handler_timeout`
     (seconds) bounds each handler call in `run`, a call that takes longer fails its events.
     `block_ms` (at least 1) is capped at 80% of the client's socket timeout, so that waiting
     for events never trips it. After `outage_after` rounds in a row in which the handler

@@ -12,12 +12,14 @@ shares its pieces (errors, keeping held events, timing a call).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any, Protocol, TypeVar
 
 import structlog
+from redis.exceptions import RedisError
 
 from syncd.consumer.delivery import (
     Backoff,
@@ -73,6 +75,7 @@ class Source(Protocol):
     group: str
     consumer: str
     batch: int
+    claim_idle_ms: int
     handler_timeout: float | None
     outage_after: int
     read_ahead: bool
@@ -272,6 +275,17 @@ async def keep(source: Source, held: list[Event]) -> list[Event]:
     return kept
 
 
+async def _keep_while_handled(source: Source, batch: list[Event]) -> None:
+    """While the handler works on `batch` (longer than `claim_idle_ms`: it waits out an outage
+    of its own dependencies, say), keep its events from the group's other consumers: every
+    third of `claim_idle_ms` their idle time starts again (`keep`: the delivery count stays).
+    A consumer that dies stops keeping them, and they are taken over as before."""
+    while True:
+        await asyncio.sleep(source.claim_idle_ms / 3000)
+        with contextlib.suppress(RedisError):
+            await keep(source, batch)
+
+
 async def _failures(
     source: Source, handler: Handler, batch: list[Event]
 ) -> tuple[list[Event], Reasons]:
@@ -321,9 +335,12 @@ async def _apply(
 
 async def _call(source: Source, handler: Handler, batch: list[Event]) -> Failures:
     started = time.monotonic()
+    keeper = asyncio.create_task(_keep_while_handled(source, batch))
     try:
         return await timed(source, handler(batch))
     finally:
+        keeper.cancel()
+        await asyncio.gather(keeper, return_exceptions=True)
         if source.metrics is not None:
             source.metrics.observe(source.group, time.monotonic() - started)
 

@@ -8,7 +8,8 @@ back, and after `max_deliveries` goes to the tenant's dead stream with the reaso
 rest of its batch is applied. A PostgreSQL that is down, refuses writes (read-only, disk full)
 or fails otherwise holds the batch: the connection is dropped and the whole batch tried again
 on a new one with backoff, nothing acknowledged meanwhile and the batch kept from the group's
-other consumers (`Consumer.hold`), until it succeeds or the mirror is stopped.
+other consumers (the library keeps a batch while its handler runs), until it succeeds or the
+mirror is stopped.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from typing import Any
 
 import psycopg
 import structlog
-from redis.exceptions import RedisError
 
 from syncd.config import Settings
 from syncd.config.urls import redact_url
@@ -90,7 +90,6 @@ class Mirror:
         self.metrics = ConsumerMetrics()
         self.ops: MirrorOps | None = None
         self._conns: dict[int, Connection] = {}  # each worker's connection
-        self._consumers: list[Consumer] = []  # each worker's consumer
         self._signals = 0
 
     async def run(self) -> int:
@@ -141,7 +140,6 @@ class Mirror:
             )
             for worker in range(self.config.workers)
         ]
-        self._consumers = consumers
         if self.config.listen is not None:
             self.ops = MirrorOps(self.config.listen, self, self.metrics)
             await self.ops.start()
@@ -266,12 +264,9 @@ class Mirror:
         acknowledging nothing."""
         rows, failed = rows_of(batch)
         backoff = Backoff(_BACKOFF_MIN_S, _BACKOFF_MAX_S)
-        keeper = asyncio.create_task(self._hold(batch, worker))
-        try:
-            refused = await self._apply(rows, backoff, worker)
-        finally:
-            keeper.cancel()
-            await asyncio.gather(keeper, return_exceptions=True)
+        # Meanwhile the consumer library keeps the batch from the group's other consumers,
+        # this mirror's other workers among them, however long PostgreSQL takes.
+        refused = await self._apply(rows, backoff, worker)
         if refused is None:  # stopped while PostgreSQL could not be used
             return list(batch)
         self.ready = True
@@ -313,18 +308,6 @@ class Mirror:
                 await self._unavailable(exc, backoff, worker, events=len(rows))
                 if self.stop.is_set():
                     return None
-
-    async def _hold(self, batch: list[Event], worker: int) -> None:
-        """While a worker applies `batch` (or waits for PostgreSQL), keep its events from the
-        group's other consumers, this mirror's other workers among them: their idle time
-        starts again every third of `claim_idle`, their delivery count stays."""
-        if worker >= len(self._consumers):
-            return
-        consumer = self._consumers[worker]
-        while True:
-            await asyncio.sleep(self.config.claim_idle / 3)
-            with contextlib.suppress(RedisError):
-                await consumer.hold(batch)
 
     async def _watchdog(self) -> None:
         """WATCHDOG=1 while the event loop turns (a mirror waiting for PostgreSQL is alive)."""
