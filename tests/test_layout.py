@@ -56,6 +56,18 @@ def test_every_module_opens_with_a_docstring() -> None:
     assert missing == []
 
 
+def test_no_module_waits_with_asyncio_wait_for() -> None:
+    """On Python 3.11, asyncio.wait_for returns the awaited result, swallowing a cancellation,
+    when both come in one step: a task cancelled then runs on. asyncio.timeout does not."""
+    calls = [
+        f"{p.relative_to(ROOT)}:{node.lineno}"
+        for p in _modules()
+        for node in ast.walk(ast.parse(p.read_text()))
+        if isinstance(node, ast.Attribute) and node.attr == "wait_for"
+    ]
+    assert calls == []
+
+
 def test_the_map_names_every_package() -> None:
     doc = (ROOT / "docs" / "development.md").read_text()
     start = doc.index("## The code: a map\n")

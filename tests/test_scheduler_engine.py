@@ -15,6 +15,7 @@ from structlog.testing import capture_logs
 
 from syncd.config import Secret
 from syncd.daemon import Daemon
+from syncd.engine.scheduler import Scheduler
 from syncd.errors import TransientError
 from syncd.servicetitan.auth import TokenProvider
 from syncd.testing.redis_server import RedisServer
@@ -346,3 +347,18 @@ async def test_stop_during_startup_with_a_silent_redis() -> None:
     finally:
         os.kill(server.proc.pid, signal.SIGCONT)
         server.stop()
+
+
+async def test_a_cancel_that_comes_with_a_wake_is_not_lost() -> None:
+    """Whatever wakes the dispatcher (a poll that ends, stop()) in the same step as the
+    scheduler's task is cancelled: the cancellation still ends the run, rather than being
+    swallowed (which left a cancelled daemon polling on)."""
+    sched = Scheduler(None, None)  # type: ignore[arg-type]
+    running = asyncio.create_task(sched.run(grace=0))
+    for _ in range(10):  # the dispatcher is asleep, nothing being due
+        await asyncio.sleep(0)
+    assert not running.done()
+    sched.stop()
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running

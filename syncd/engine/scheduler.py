@@ -224,8 +224,11 @@ class Scheduler(Holds):
 
     async def _sleep(self, timeout: float) -> None:
         self._wake.clear()
+        # Not asyncio.wait_for: on Python 3.11 it returns, swallowing a cancellation, when the
+        # wake comes in the same step as the cancel (a poll ending as the daemon is cancelled).
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+            async with asyncio.timeout(timeout):
+                await self._wake.wait()
 
     def _start(self, fs: FeedState, now: float) -> None:
         self.pool.started(fs.tenant.id)

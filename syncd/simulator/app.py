@@ -273,7 +273,8 @@ async def _hang(request: web.Request, state: SimState) -> web.Response:
         if transport is None or transport.is_closing():
             break
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(state.stopping.wait(), _HANG_POLL_S)
+            async with asyncio.timeout(_HANG_POLL_S):
+                await state.stopping.wait()
     return problem(504)
 
 
