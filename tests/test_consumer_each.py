@@ -213,3 +213,35 @@ async def test_a_result_that_is_not_none_nor_failed_acknowledges_nothing(
 async def test_concurrency_must_be_positive(redis: aioredis.Redis) -> None:
     with pytest.raises(ValueError, match="concurrency"):
         make(redis, concurrency=0)
+
+
+async def test_a_call_slower_than_claim_idle_keeps_its_event(redis: aioredis.Redis) -> None:
+    """While a one-event call runs for several times `claim_idle_ms` (and another event of its
+    key waits for it), the consumer keeps both: their delivery count stays at one (no
+    consumer takes them over, this one included), none reaches the dead stream however low
+    `max_deliveries` is, and another consumer of the group gets neither."""
+    await publish_versions(redis, 1, 2)
+    started = asyncio.Event()
+    handled: list[tuple[str, int]] = []
+    deliveries: list[int] = []
+
+    async def slow(event: Event) -> None:
+        started.set()
+        await asyncio.sleep(0.8)  # 8 x claim_idle_ms
+        pending = await redis.xpending_range(CUSTOMERS, "billing", "-", "+", 10)
+        deliveries.extend(p["times_delivered"] for p in pending)
+        handled.append(("slow", msgspec.json.decode(event.data)["version"]))
+
+    async def other(event: Event) -> None:
+        handled.append(("other", msgspec.json.decode(event.data)["version"]))
+
+    first = Each(make(redis, "c1", claim_idle_ms=100, max_deliveries=2), slow)
+    await asyncio.wait_for(started.wait(), 10)
+    second = Each(make(redis, "c2", claim_idle_ms=100, max_deliveries=2), other)
+    await until(lambda: len(handled) == 2, "the slow calls to finish")
+    await second.finish()
+    await first.finish()
+    assert handled == [("slow", 1), ("slow", 2)]
+    assert deliveries == [1, 1, 1]  # both events while the first ran, the second's alone
+    assert await dead_keys(redis) == []
+    assert (await redis.xinfo_groups(CUSTOMERS))[0]["pending"] == 0

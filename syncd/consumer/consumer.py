@@ -75,8 +75,8 @@ class Consumer:
     is created on each stream when missing, positioned at the stream's beginning or, with
     `start="new"`, at its end; an existing group keeps its position. `batch` caps the entries
     read per stream per call. After `claim_idle_ms` other consumers take over the events of a
-    consumer that stopped working on them (a handler under `run` keeps its batch while it
-    works; under `run_each` `claim_idle_ms` must exceed a call plus its wait); `handler_timeout`
+    consumer that stopped working on them (`run` and `run_each` keep the events their handler
+    works on, or that wait for a call, however long it takes); `handler_timeout`
     (seconds) bounds each handler call in `run`, a call that takes longer fails its events.
     `block_ms` (at least 1) is capped at 80% of the client's socket timeout, so that waiting
     for events never trips it. After `outage_after` rounds in a row in which the handler
@@ -421,7 +421,8 @@ class Consumer:
         Never two calls for one key at once, and a key's events in stream order (a key is a
         record key in one stream); events of different keys run side by side. Reading goes on
         while fewer than `batch` events wait for a call; they are pending under this consumer's
-        name, so `claim_idle_ms` must exceed the longest wait plus call. Failures take the way they
+        name, which keeps them, and those of its calls, from the group's other consumers (every
+        third of `claim_idle_ms`, their delivery count left alone). Failures take the way they
         take under `run`: a failed event (raised, timed out after `handler_timeout`, or
         returned as `Failed(event, reason)`) comes back after `claim_idle_ms`, to the dead
         stream after `max_deliveries`; `outage_after` failed calls in a row (`Failed` not
