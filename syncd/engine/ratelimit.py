@@ -60,6 +60,12 @@ class TokenBucket:
             return 0.0
         return (1.0 - self.tokens) / (self.current * PACE)
 
+    def give_back(self, now: float) -> None:
+        """A token taken for a request that was not made (its page was fetched ahead, on a
+        token of its own) returns to the bucket."""
+        self._refill(now)
+        self.tokens = min(self.burst, self.tokens + 1.0)
+
     def spare(self, now: float) -> bool:
         """Take a token only if the bucket is full, all but that token: what the tenant's own
         requests leave over (a reconciliation pass spends nothing else). Whether it took one."""

@@ -22,6 +22,7 @@ import anyio.abc
 import structlog
 
 from syncd.config import TenantSettings
+from syncd.engine.ahead import FetchAhead, FetchingAhead
 from syncd.engine.due import FeedSpec, FeedState, TenantState, Timetable
 from syncd.engine.fairshare import Pool
 from syncd.engine.holds import Holds
@@ -63,7 +64,7 @@ log = structlog.get_logger("syncd.scheduler")
 TICK_S = 1.0
 
 
-class Scheduler(Holds):
+class Scheduler(Holds, FetchingAhead):
     """Polls every feed of every tenant; publishes each page through the publisher."""
 
     def __init__(
@@ -99,6 +100,7 @@ class Scheduler(Holds):
         self._init_holds()
         self.crashed = False
         self._active: set[FeedState] = set()
+        self._ahead = FetchAhead()
         self.last_progress = time.monotonic()
         self.pages = 0
 
@@ -128,6 +130,7 @@ class Scheduler(Holds):
         """Apply a tenant's new settings and feed list; returns (added, removed) feed names."""
         self.pool.add(settings.id, settings.max_in_flight)
         changes = self.timetable.reconfigure_tenant(settings, feeds, self.clock())
+        self._ahead.forget_tenant(settings.id)
         self._wake.set()
         return changes
 
@@ -139,6 +142,7 @@ class Scheduler(Holds):
     def remove_tenant(self, tenant: int) -> None:
         """Stop scheduling a tenant; its polls under way finish."""
         self.timetable.remove_tenant(tenant)
+        self._ahead.forget_tenant(tenant)
         self.pool.remove(tenant)
         if self.metrics is not None:
             self.metrics.forget_tenant(tenant)
@@ -168,6 +172,7 @@ class Scheduler(Holds):
             self._stopping.set()
         finally:
             self._tasks = None
+            await self._ahead.close()
 
     def stop(self) -> None:
         """Stop taking new work; polls under way may finish (see run())."""
@@ -253,6 +258,8 @@ class Scheduler(Holds):
                 if not (fs.removed or fs.tenant.removed):
                     self.timetable.push(fs, self.clock() + self.rules.backoff_max)
         finally:
+            # A page fetched ahead goes on only after a poll that moved the feed to its cursor.
+            self._ahead.drop_unless(fs, fs.cursor if fs.failures == 0 else None)
             self._active.discard(fs)
             self.pool.finished(fs.tenant.id)
             self.timetable.done(fs)
@@ -278,29 +285,26 @@ class Scheduler(Holds):
                 fs.settled, at_redis = True, False
             expected = fs.cursor
             sent = expected if expected is not None else t.settings.start
-            page = await self.client.fetch(
-                t.tokens, fs.feed, sent, include_recent_changes=t.settings.include_recent_changes
-            )
+            task = self._ahead.take(fs, sent)
+            ahead = None if task is None else await task
+            if ahead is not None:
+                # Fetched while the page before was applied, on a token of its own.
+                t.bucket.give_back(self.clock())
+                page = ahead
+            else:
+                page = await self._fetch(fs, sent)
             at_redis = True
             stall = page_progress(sent, page.has_more, page.fetched, page.continue_from, fs.trail)
             if stall is not None:
                 # Not applied: nothing to resume from, or a cursor that would be asked again.
                 self._no_progress(fs, stall, flog)
                 return
+            self._fetch_ahead(fs, page)
             applied = await self.publisher.apply(
                 t.id, fs.name, expected, page, change_detection=fs.change_detection
             )
         except RateLimited as exc:
-            now = self.clock()
-            t.paused_until, wait = rate_limit_pause(
-                t.paused_until, now, exc.retry_after, fs.failures, self.rules, self.rng
-            )
-            if exc.where == "api":
-                t.bucket.throttled(now)
-            self.timetable.arm(t)
-            flog.warning("rate_limited", retry_after_s=exc.retry_after, where=exc.where)
-            if self.metrics is not None:
-                self.metrics.rate_limited(t.id, wait)
+            wait = self._rate_limited(fs, exc, flog)
             self._after(fs, Outcome("rate_limited", wait), error=str(exc))
             return
         except FeedUnavailable as exc:
@@ -367,6 +371,7 @@ class Scheduler(Holds):
                 published=applied.published,
                 unchanged=applied.unchanged,
                 has_more=page.has_more,
+                fetched_ahead=ahead is not None,
                 fetch_s=round(page.fetch_s, 3),
             )
         fs.trail, fs.empty_run, endless = follow(
@@ -381,6 +386,21 @@ class Scheduler(Holds):
             flog.info("feed_progress_resumed")
         if decision.newly_drained:
             flog.info("feed_drained")
+
+    def _rate_limited(self, fs: FeedState, exc: RateLimited, flog: structlog.BoundLogger) -> float:
+        """A 429 (or Redis' BUSY) pauses the feed's tenant: the wait."""
+        t = fs.tenant
+        now = self.clock()
+        t.paused_until, wait = rate_limit_pause(
+            t.paused_until, now, exc.retry_after, fs.failures, self.rules, self.rng
+        )
+        if exc.where == "api":
+            t.bucket.throttled(now)
+        self.timetable.arm(t)
+        flog.warning("rate_limited", retry_after_s=exc.retry_after, where=exc.where)
+        if self.metrics is not None:
+            self.metrics.rate_limited(t.id, wait)
+        return wait
 
     def _no_progress(self, fs: FeedState, stall: NoProgress, flog: structlog.BoundLogger) -> None:
         if stall.empty_pages:
