@@ -33,7 +33,7 @@ log = structlog.get_logger("syncd.scheduler")
 
 # Pages fetched ahead at once, across every tenant: each is held (its bytes, its records) until
 # its feed's next poll takes it.
-AHEAD_MAX = 8
+AHEAD_MAX = 4
 # How long a shutdown waits for the fetches ahead it cancelled to end.
 CLOSE_WITHIN_S = 5.0
 
