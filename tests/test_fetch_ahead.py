@@ -43,8 +43,7 @@ GO = AheadFacts(
     tenant_paused=False,
     feed_paused=False,
     outstanding=0,
-    free_workers=3,
-    tenant_at_cap=False,
+    worker_spare=True,
 )
 
 
@@ -61,8 +60,7 @@ GO = AheadFacts(
         ({"tenant_paused": True}, False),  # a 429's wait is not over
         ({"feed_paused": True}, False),
         ({"outstanding": AHEAD_MAX}, False),  # memory: a page held each
-        ({"free_workers": 0}, False),
-        ({"tenant_at_cap": True}, False),  # max_in_flight is the tenant's, ahead or not
+        ({"worker_spare": False}, False),  # max_in_flight, shares: as for any poll
     ],
 )
 def test_when_a_page_is_fetched_ahead(change: dict[str, Any], fetch: bool) -> None:

@@ -192,3 +192,25 @@ def test_bookkeeping_stays_exact_through_any_sequence() -> None:
         assert pool.owed == owed
         assert pool.busy == len(running) <= 16
         assert pool.share == fair_share(16, len(caps))
+
+
+def test_a_worker_is_spare_for_work_beyond_polls_only_as_next_would_give_it() -> None:
+    """Work beyond a tenant's polls (a page fetched ahead) takes a worker only when `next`
+    would give the tenant one and no tenant is waiting for one."""
+    pool = Pool(6)
+    for t in (1, 2, 3):
+        pool.add(t, 3)
+    pool.started(1)
+    assert pool.spare_for(1)  # below its share of 2
+    pool.started(1)
+    assert pool.spare_for(1)  # at its share; 4 free, 4 owed to 2 and 3: borrowing leaves 3
+    pool.started(1)
+    assert not pool.spare_for(1)  # at max_in_flight
+    pool.started(2)
+    pool.started(2)
+    assert not pool.spare_for(2)  # 1 free, owed to 3, idle as 3 is
+    pool.want(3)
+    assert not pool.spare_for(3)  # 3 waits for it: its poll first
+    assert pool.next() == 3
+    pool.started(3)
+    assert not pool.spare_for(3)  # none free

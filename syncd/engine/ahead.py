@@ -50,8 +50,9 @@ class AheadFacts:
     tenant_paused: bool  # a 429's wait is not over
     feed_paused: bool  # removed, or held back by backpressure
     outstanding: int  # pages fetched ahead and not taken yet
-    free_workers: int
-    tenant_at_cap: bool  # the tenant holds its max_in_flight
+    # The pool lets the tenant have a worker now (below max_in_flight, its share or what it
+    # may borrow, no other tenant waiting for one).
+    worker_spare: bool
 
 
 def may_fetch_ahead(f: AheadFacts, limit: int = AHEAD_MAX) -> bool:
@@ -65,8 +66,7 @@ def may_fetch_ahead(f: AheadFacts, limit: int = AHEAD_MAX) -> bool:
         and not f.tenant_paused
         and not f.feed_paused
         and f.outstanding < limit
-        and f.free_workers > 0
-        and not f.tenant_at_cap
+        and f.worker_spare
     )
 
 
@@ -195,8 +195,7 @@ class FetchingAhead(abc.ABC):
             tenant_paused=t.paused_until > self.clock(),
             feed_paused=fs.removed or t.removed or fs.paused is not None,
             outstanding=len(self._ahead),
-            free_workers=self.pool.free,
-            tenant_at_cap=self.pool.at_cap(t.id),
+            worker_spare=self.pool.spare_for(t.id),
         )
         if not may_fetch_ahead(facts) or t.bucket.try_acquire(self.clock()) > 0:
             return

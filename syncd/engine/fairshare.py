@@ -144,6 +144,15 @@ class Pool:
             return tenant
         return None
 
+    def spare_for(self, tenant: int) -> bool:
+        """Whether the tenant may take a worker for work beyond its polls (a page fetched
+        ahead) now: one is free, no tenant waits for one, and `next` would let it have it."""
+        if self.free < 1 or self.waiting() or self.at_cap(tenant):
+            return False
+        if self._held.get(tenant, 0) < self.share:
+            return True
+        return may_borrow(self.free, self._owed, self.workers)
+
     def started(self, tenant: int) -> None:
         """A poll of the tenant took a worker."""
         before = self._unused(tenant)
