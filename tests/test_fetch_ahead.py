@@ -127,24 +127,37 @@ async def test_a_failed_fetch_ahead_reaches_its_poll_and_close_cancels_the_rest(
     assert ended == [one, two]
 
 
-@pytest.mark.parametrize("max_in_flight", [1, 2])
+@pytest.mark.parametrize(
+    ("max_in_flight", "rate"),
+    [(1, 10.0), (2, 10.0), (2, 60.0)],
+)
 async def test_a_backfill_fetches_ahead_within_the_tenants_limits(
-    redis: aioredis.Redis, redis_server: RedisServer, max_in_flight: int
+    redis: aioredis.Redis, redis_server: RedisServer, max_in_flight: int, rate: float
 ) -> None:
-    """Every page after the first is fetched while the one before is applied (unless the
-    tenant's max_in_flight leaves no room): one request a page, never more in flight than
+    """Pages are fetched while the one before is applied, unless the tenant's max_in_flight
+    leaves no room (every page after the first when neither it nor the rate holds them back:
+    at 60 requests/s the burst of 10 tokens covers the 8 pages, each a token net, the poll
+    giving back the one it did not use): one request a page, never more in flight than
     max_in_flight, never over the request rate (the simulator answers 429 over it), and every
     record published once."""
     tenant = 7301
-    async with run_simulator(tenants=[tenant], records=600, page_size=30, rate_limit=12) as sim:
+    records = 210 if rate == 60.0 else 600
+    async with run_simulator(
+        tenants=[tenant], records=records, page_size=30, rate_limit=rate * 1.2
+    ) as sim:
         data = config_dict(redis_server.url, sim.url, sim.app_key, [tenant], [CUSTOMERS])
-        data["defaults"].update(requests_per_second=10.0, max_in_flight=max_in_flight)
+        data["defaults"].update(requests_per_second=rate, max_in_flight=max_in_flight)
         with capture_logs() as logs:
             assert await asyncio.wait_for(Daemon(settings(data), once=True).run(), 60) == 0
         pages = [e for e in logs if e["event"] == "page_applied"]
-        assert len(pages) >= 20  # 600 records, 30 a page, pages overlapping a little
+        assert len(pages) >= records // 30  # 30 a page, pages overlapping a little
         ahead = sum(e["fetched_ahead"] for e in pages)
-        assert ahead == (len(pages) - 1 if max_in_flight > 1 else 0)
+        if max_in_flight == 1:
+            assert ahead == 0
+        elif rate == 60.0:
+            assert ahead == len(pages) - 1
+        else:  # a token a page: a page is fetched ahead when one is left (the burst's first)
+            assert ahead > 0
         stats = (await sim_stats(sim.url))["tenants"][str(tenant)]
         assert stats["requests"] == len(pages)
         assert stats["rate_limited"] == 0
