@@ -116,3 +116,31 @@ def test_a_timestamp_of_non_ascii_digits_is_no_timestamp(stamp: str) -> None:
     assert page.keys == ["1"]
     assert page.instants == [b""]
     assert utc_instant(stamp) == ""
+
+
+@settings(max_examples=200)
+@given(
+    st.lists(
+        st.fixed_dictionaries(
+            {"id": st.integers(0, 30), "modifiedOn": st.one_of(timestamps(), st.integers())}
+        ),
+        max_size=12,
+    ),
+    st.data(),
+)
+def test_the_stamps_of_some_records_are_those_of_the_whole_page(
+    records: list[dict[str, object]], data: st.DataObject
+) -> None:
+    """A re-export reads the timestamps of its changed records only (`stamps_of`): what it
+    reads is what reading the whole page gives, duplicate keys and odd timestamps included."""
+    feed = feeds()["crm.customers"]
+    body = json.dumps({"hasMore": False, "continueFrom": "c", "data": records}).encode()
+    some = decode_page(body, feed)
+    indexes = data.draw(st.lists(st.integers(0, max(len(some.keys) - 1, 0)), max_size=6))
+    indexes = [i for i in indexes if i < len(some.keys)]
+    partial = some.stamps_of(indexes)
+    whole = decode_page(body, feed)
+    instants, ats = whole.instants, whole.modified_at
+    assert partial == ([instants[i] for i in indexes], [ats[i] for i in indexes])
+    assert whole.stamps_of(indexes) == partial
+    assert (some.instants, some.modified_at) == (instants, ats)

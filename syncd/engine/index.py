@@ -125,14 +125,10 @@ def precheck(
     mark_byte = bytes([mark])
     at = FINGERPRINT_BYTES
     # Most records of a re-export are unchanged: drop those in one comprehension first.
-    changed = [
-        i
-        for i, old in enumerate(olds)
-        if old is None or not old.startswith(fps[i]) or old[at : at + 1] != mark_byte
-    ]
+    judged = changed(olds, fps, mark)
     pick: list[int] = []
     stale = 0
-    for i in changed:
+    for i in judged:
         old, instant = olds[i], instants[i]
         if (
             old is not None
@@ -143,4 +139,16 @@ def precheck(
             stale += 1
         else:
             pick.append(i)
-    return pick, len(olds) - len(changed), stale
+    return pick, len(olds) - len(judged), stale
+
+
+def changed(olds: list[bytes | None], fps: list[bytes], mark: int) -> list[int]:
+    """The records of a page whose index value is not theirs already (fingerprint and mark):
+    those `precheck` judges; every other one is unchanged."""
+    mark_byte = bytes([mark])
+    at = FINGERPRINT_BYTES
+    return [
+        i
+        for i, old in enumerate(olds)
+        if old is None or not old.startswith(fps[i]) or old[at : at + 1] != mark_byte
+    ]

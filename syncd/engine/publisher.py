@@ -130,18 +130,20 @@ def _records(
     data), those the precheck against `olds` (the index's mark and each record's value; None:
     not looked at) did not drop; where chunks end (`chunk_records` 0: one chunk); how many
     were unchanged and stale."""
-    keys, fps, mods, instants, ats, datas = (
-        page.keys,
-        page.fingerprints,
-        page.modified,
-        page.instants,
-        page.modified_at,
-        page.data,
-    )
+    keys, fps, mods, datas = page.keys, page.fingerprints, page.modified, page.data
     skipped = stale = 0
-    if olds is not None:
+    if olds is None:
+        instants, ats = page.instants, page.modified_at
+    else:
         mark, values = olds
-        pick, skipped, stale = index.precheck(values, fps, instants, mark)
+        # The timestamps of the records whose index value differs only: in a re-export, few.
+        changed = index.changed(values, fps, mark)
+        skipped = len(values) - len(changed)
+        c_instants, c_ats = page.stamps_of(changed)
+        c_values, c_fps = [values[i] for i in changed], [fps[i] for i in changed]
+        kept, _, stale = index.precheck(c_values, c_fps, c_instants, mark)
+        pick = [changed[j] for j in kept]
+        instants, ats = [c_instants[j] for j in kept], [c_ats[j] for j in kept]
         # Unchanged but for the mark (a reconciliation pass is under way): only marked, so the
         # record's bytes are not sent.
         marks_only = [i for i in pick if (old := values[i]) is not None and old.startswith(fps[i])]
@@ -149,8 +151,6 @@ def _records(
             keys = [keys[i] for i in pick]
             fps = [fps[i] for i in pick]
             mods = [mods[i] for i in pick]
-            instants = [instants[i] for i in pick]
-            ats = [ats[i] for i in pick]
             blank = set(marks_only)
             datas = [b"" if i in blank else datas[i] for i in pick]
     # Per record: key, what the index would keep (fingerprint, packed instant) and the event's

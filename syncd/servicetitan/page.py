@@ -21,7 +21,7 @@ import hashlib
 import json
 import operator
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, cast
 
 import msgspec
@@ -52,7 +52,11 @@ FINGERPRINT_BYTES = 8
 class Page:
     """One decoded page. Usable records are parallel lists (cheaper than an object each), one
     entry per key (`keys` has no duplicates); `dead` holds (reason, raw bytes) of records that
-    cannot become events; `superseded` counts versions dropped for a newer one in the page."""
+    cannot become events; `superseded` counts versions dropped for a newer one in the page.
+
+    Each record's packed instant (`instants`) and event `modified_at` (`modified_at`: b"" where
+    it is the timestamp as sent, or there is none) are read from `modified` when first asked
+    for; `stamps_of` reads those of a few records only (a re-export's changed ones)."""
 
     has_more: bool
     continue_from: str
@@ -62,14 +66,46 @@ class Page:
     data: list[bytes]
     dead: list[tuple[str, bytes]]
     fetch_s: float = 0.0
-    instants: list[bytes] = field(default_factory=list)  # packed_instant of each record
     superseded: int = 0
-    # The event's `modified_at` where it differs from `modified` (b"": the same, or none).
-    modified_at: list[bytes] = field(default_factory=list)
+    # (instants, modified_at) of every record once read (None: not yet).
+    stamps: tuple[list[bytes], list[bytes]] | None = None
 
     @property
     def fetched(self) -> int:
         return len(self.keys) + len(self.dead) + self.superseded
+
+    @property
+    def instants(self) -> list[bytes]:
+        """The `packed_instant` of each record's timestamp (b"" without one)."""
+        return self._stamps()[0]
+
+    @property
+    def modified_at(self) -> list[bytes]:
+        """The event's `modified_at` where it differs from `modified` (b"": the same, or none)."""
+        return self._stamps()[1]
+
+    def stamps_of(self, indexes: list[int]) -> tuple[list[bytes], list[bytes]]:
+        """`instants` and `modified_at` of the records at `indexes`, in that order."""
+        if self.stamps is not None:
+            instants, ats = self.stamps
+            return [instants[i] for i in indexes], [ats[i] for i in indexes]
+        modified = self.modified
+        return stamp_columns([modified[i] for i in indexes])
+
+    def _stamps(self) -> tuple[list[bytes], list[bytes]]:
+        if self.stamps is None:
+            object.__setattr__(self, "stamps", stamp_columns(self.modified))
+        assert self.stamps is not None
+        return self.stamps
+
+
+def stamp_columns(values: list[str]) -> tuple[list[bytes], list[bytes]]:
+    """`instant_columns` of timestamps as sent, "" standing for none (b"" in both columns)."""
+    if "" not in values:
+        return instant_columns(values)
+    if values.count("") == len(values):
+        return [b""] * len(values), [b""] * len(values)
+    return _instant_columns(values)
 
 
 _DATETIMES = list[dt.datetime]
@@ -189,23 +225,19 @@ def decode_page(body: bytes, feed: Feed, fetch_s: float = 0.0) -> Page:
         )
     if ts_field is None or odd_stamps == len(keys):
         mods = [""] * len(keys)
-        instants = ats = [b""] * len(keys)
-    elif odd_stamps == 0:
-        instants, ats = instant_columns(mods)
-    else:
-        instants, ats = _instant_columns(mods)
     superseded = 0
+    stamps = None  # read when first needed (a re-export needs those of the changed records)
     if len(set(keys)) < len(keys):
+        instants, ats = stamp_columns(mods)
         keep = newest_per_key(keys, instants)
         superseded = len(keys) - len(keep)
         keys = [keys[i] for i in keep]
         fps = [fps[i] for i in keep]
         mods = [mods[i] for i in keep]
-        instants = [instants[i] for i in keep]
-        ats = [ats[i] for i in keep]
+        stamps = [instants[i] for i in keep], [ats[i] for i in keep]
         datas = [datas[i] for i in keep]
     return Page(
-        env.hasMore, continue_from, keys, fps, mods, datas, dead, fetch_s, instants, superseded, ats
+        env.hasMore, continue_from, keys, fps, mods, datas, dead, fetch_s, superseded, stamps
     )
 
 
