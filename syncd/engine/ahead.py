@@ -97,11 +97,24 @@ class FetchAhead:
         became of it (cancelled before it began too)."""
         self.drop(fs)
 
+        done = False
+
+        def end() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                ended()
+
         async def run() -> Page | None:
-            return await fetch()
+            try:
+                return await fetch()
+            finally:
+                # At once, not in a callback of the task's: a poll taking the page may run
+                # before those, and must find the worker back already.
+                end()
 
         task = asyncio.ensure_future(run())
-        task.add_done_callback(lambda done: _ended(done, ended))
+        task.add_done_callback(lambda finished: _ended(finished, end))  # cancelled unstarted
         self._pages[fs] = _Ahead(cursor, task)
 
     def take(self, fs: FeedState, cursor: str | None) -> asyncio.Task[Page | None] | None:
