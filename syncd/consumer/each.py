@@ -14,13 +14,11 @@ count, along with one new event; the first success ends the outage.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Literal, Protocol
 
 import structlog
-from redis.exceptions import RedisError
 
 from syncd.consumer.delivery import Backoff
 from syncd.consumer.events import Event, Failed
@@ -29,6 +27,7 @@ from syncd.consumer.loop import (
     CancelGuard,
     Source,
     keep,
+    keep_while_handled,
     log_cut,
     log_failure,
     on_error,
@@ -79,7 +78,14 @@ class _Each:
         self.retrying = False  # in an outage: the held events (and a probe) are being retried
 
     async def run(self) -> None:
-        keeper = asyncio.create_task(self._keep())
+        # While calls run longer than `claim_idle_ms` (or events wait that long for theirs),
+        # their events are kept from the group's other consumers; not the failed events: they
+        # are to come back after claim_idle_ms.
+        keeper = asyncio.create_task(
+            keep_while_handled(
+                self.source, lambda: [*self.calls.values(), *self.queue.waiting_events()]
+            )
+        )
         try:
             await self._loop()
             await self._drain()
@@ -114,20 +120,6 @@ class _Each:
             for task in [*self.calls, *([self.reader] if self.reader is not None else [])]:
                 await cancel(task)
             raise
-
-    async def _keep(self) -> None:
-        """While calls run longer than `claim_idle_ms` (or events wait that long for theirs),
-        keep every event this consumer holds from the group's other consumers: every third of
-        `claim_idle_ms` their idle time starts again (`keep`: the delivery count stays). A
-        consumer that dies stops keeping them, and they are taken over as before."""
-        source = self.source
-        while True:
-            await asyncio.sleep(source.claim_idle_ms / 3000)
-            # Not the failed events: they are to come back after claim_idle_ms.
-            held = [*self.calls.values(), *self.queue.waiting_events()]
-            if held:
-                with contextlib.suppress(RedisError):
-                    await keep(source, held)
 
     async def _drain(self) -> None:
         """Stop reading at once; let the calls running finish until the stop's deadline, then

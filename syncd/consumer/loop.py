@@ -275,15 +275,17 @@ async def keep(source: Source, held: list[Event]) -> list[Event]:
     return kept
 
 
-async def _keep_while_handled(source: Source, batch: list[Event]) -> None:
-    """While the handler works on `batch` (longer than `claim_idle_ms`: it waits out an outage
-    of its own dependencies, say), keep its events from the group's other consumers: every
-    third of `claim_idle_ms` their idle time starts again (`keep`: the delivery count stays).
-    A consumer that dies stops keeping them, and they are taken over as before."""
+async def keep_while_handled(source: Source, held: Callable[[], list[Event]]) -> None:
+    """While a handler works on events (longer than `claim_idle_ms`: it waits out an outage
+    of its own dependencies, say), keep those `held()` names from the group's other consumers:
+    every third of `claim_idle_ms` their idle time starts again (`keep`: the delivery count
+    stays). A consumer that dies stops keeping them, and they are taken over as before."""
     while True:
         await asyncio.sleep(source.claim_idle_ms / 3000)
-        with contextlib.suppress(RedisError):
-            await keep(source, batch)
+        events = held()
+        if events:
+            with contextlib.suppress(RedisError):
+                await keep(source, events)
 
 
 async def _failures(
@@ -335,7 +337,7 @@ async def _apply(
 
 async def _call(source: Source, handler: Handler, batch: list[Event]) -> Failures:
     started = time.monotonic()
-    keeper = asyncio.create_task(_keep_while_handled(source, batch))
+    keeper = asyncio.create_task(keep_while_handled(source, lambda: batch))
     try:
         return await timed(source, handler(batch))
     finally:
